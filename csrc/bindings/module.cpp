@@ -1,0 +1,60 @@
+// attnkit._C: the thin binding (DESIGN rule 2). Each entry point checks dtype, shape, strides
+// and aliasing, fills one params struct, releases the GIL and calls one kernel. No maths here.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <string>
+
+#include "attnkit/params.h"
+#include "cpu/kernels.h"
+#include "cpu/threading.h"
+#include "ops.h"
+#include "tensor.h"
+
+#ifndef ATTNKIT_VERSION
+#define ATTNKIT_VERSION "0.0.0+unknown"
+#endif
+
+namespace py = pybind11;
+using namespace attnkit;
+
+namespace {
+
+py::list isa_list_py() {
+  py::list out;
+  const cpu::IsaInfo* list = cpu::isa_list();
+  for (int i = 0; i < cpu::kNumIsas; ++i) {
+    py::dict d;
+    d["name"] = list[i].name;
+    d["compiled"] = list[i].compiled;
+    d["supported"] = list[i].supported;
+    d["verified"] = list[i].verified;
+    out.append(d);
+  }
+  return out;
+}
+
+void select_isa_py(const std::string& name) {
+  const char* err = cpu::select_isa(name.c_str());
+  if (err[0] != '\0') throw py::value_error("ATTNKIT_CPU=" + name + ": " + err);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "attnkit native kernels (internal; use the attnkit package API)";
+  m.attr("__version__") = ATTNKIT_VERSION;
+
+  m.def("_isa_list", &isa_list_py, "Compiled ISA variants with support/verification flags.");
+  m.def("_select_isa", &select_isa_py, py::arg("name"),
+        "Select the CPU kernel variant ('auto', 'scalar', 'avx2', 'avx512').");
+  m.def("_active_isa", [] { return std::string(cpu::active_kernels()->isa); });
+  m.def("_openmp", &openmp_enabled);
+  m.def("_in_forked_child", &in_forked_child);
+  m.def("_set_num_threads", &set_num_threads_override, py::arg("n"));
+  m.def("_num_threads_override", &num_threads_override);
+  m.def("_resolve_num_threads", &resolve_num_threads);
+
+  bind_ops(m);
+}

@@ -1,0 +1,8 @@
+// Registration of the kernel entry points (one file per kernel family in bindings/).
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace attnkit {
+void bind_ops(pybind11::module_& m);
+void bind_softmax(pybind11::module_& m);
+}  // namespace attnkit

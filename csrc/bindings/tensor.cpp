@@ -1,0 +1,192 @@
+#include "tensor.h"
+
+#include <cstring>
+
+namespace attnkit {
+
+int64_t itemsize(DType t) {
+  switch (t) {
+    case DType::f64:
+    case DType::i64:
+      return 8;
+    case DType::f32:
+    case DType::i32:
+      return 4;
+    case DType::f16:
+    case DType::bf16:
+      return 2;
+    case DType::boolean:
+      return 1;
+  }
+  return 1;
+}
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::f32:
+      return "float32";
+    case DType::f64:
+      return "float64";
+    case DType::f16:
+      return "float16";
+    case DType::bf16:
+      return "bfloat16";
+    case DType::boolean:
+      return "bool";
+    case DType::i32:
+      return "int32";
+    case DType::i64:
+      return "int64";
+  }
+  return "?";
+}
+
+std::string shape_str(const Tensor& t) {
+  std::string s = "(";
+  for (int d = 0; d < t.ndim; ++d) {
+    if (d) s += ", ";
+    s += std::to_string(t.shape[d]);
+  }
+  if (t.ndim == 1) s += ",";
+  return s + ")";
+}
+
+void Tensor::byte_extent(uintptr_t* lo, uintptr_t* hi) const {
+  intptr_t min_off = 0, max_off = 0;
+  for (int d = 0; d < ndim; ++d) {
+    if (shape[d] == 0) {
+      *lo = *hi = reinterpret_cast<uintptr_t>(data);
+      return;
+    }
+    const intptr_t span = intptr_t(strides[d]) * intptr_t(shape[d] - 1) * intptr_t(itemsize(dtype));
+    if (span < 0)
+      min_off += span;
+    else
+      max_off += span;
+  }
+  *lo = reinterpret_cast<uintptr_t>(data) + min_off;
+  *hi = reinterpret_cast<uintptr_t>(data) + max_off + itemsize(dtype);
+}
+
+bool may_overlap(const Tensor& a, const Tensor& b) {
+  if (!a.data || !b.data) return false;
+  uintptr_t alo, ahi, blo, bhi;
+  a.byte_extent(&alo, &ahi);
+  b.byte_extent(&blo, &bhi);
+  if (alo == ahi || blo == bhi) return false;
+  return alo < bhi && blo < ahi;
+}
+
+bool same_view(const Tensor& a, const Tensor& b) {
+  if (a.data != b.data || a.ndim != b.ndim || a.dtype != b.dtype) return false;
+  for (int d = 0; d < a.ndim; ++d)
+    if (a.shape[d] != b.shape[d] || (a.shape[d] > 1 && a.strides[d] != b.strides[d])) return false;
+  return true;
+}
+
+void throw_value(const std::string& msg) { throw py::value_error(msg); }
+void throw_type(const std::string& msg) { throw py::type_error(msg); }
+
+void check_status(Status s, const char* fn) {
+  switch (s) {
+    case Status::ok:
+      return;
+    case Status::out_of_memory:
+      throw std::bad_alloc();
+    case Status::invalid_argument:
+      throw_value(std::string(fn) + ": the kernel rejected its arguments");
+    case Status::not_implemented:
+      PyErr_SetString(PyExc_NotImplementedError,
+                      (std::string(fn) + ": not implemented for this combination of arguments").c_str());
+      throw py::error_already_set();
+  }
+}
+
+static bool numpy_dtype(const py::dtype& dt, DType* out) {
+  const char kind = dt.kind();
+  const auto size = dt.itemsize();
+  if (kind == 'f' && size == 4) return *out = DType::f32, true;
+  if (kind == 'f' && size == 8) return *out = DType::f64, true;
+  if (kind == 'f' && size == 2) return *out = DType::f16, true;
+  if (kind == 'b' && size == 1) return *out = DType::boolean, true;
+  if (kind == 'i' && size == 4) return *out = DType::i32, true;
+  if (kind == 'i' && size == 8) return *out = DType::i64, true;
+  // ml_dtypes.bfloat16 registers a numpy dtype named "bfloat16".
+  if (size == 2 && py::str(dt.attr("name")).cast<std::string>() == "bfloat16")
+    return *out = DType::bf16, true;
+  return false;
+}
+
+static bool dtype_from_string(const std::string& s, DType* out) {
+  static const struct {
+    const char* name;
+    DType t;
+  } table[] = {{"float32", DType::f32}, {"float64", DType::f64}, {"float16", DType::f16},
+               {"bfloat16", DType::bf16}, {"bool", DType::boolean}, {"int32", DType::i32},
+               {"int64", DType::i64}};
+  for (const auto& e : table)
+    if (s == e.name) return *out = e.t, true;
+  return false;
+}
+
+Tensor to_tensor(py::handle obj, const char* fn, const char* arg, bool need_writeable) {
+  Tensor t;
+  const std::string where = std::string(fn) + ": " + arg;
+  if (py::isinstance<py::array>(obj)) {
+    py::array a = py::reinterpret_borrow<py::array>(obj);
+    if (!numpy_dtype(a.dtype(), &t.dtype))
+      throw_type(where + " has unsupported dtype " + py::str(a.dtype()).cast<std::string>());
+    if (a.ndim() > kMaxTensorDims)
+      throw_value(where + " has " + std::to_string(a.ndim()) + " dimensions; at most " +
+                  std::to_string(kMaxTensorDims) + " are supported");
+    t.ndim = int(a.ndim());
+    t.data = const_cast<void*>(a.data());
+    const int64_t isz = itemsize(t.dtype);
+    for (int d = 0; d < t.ndim; ++d) {
+      t.shape[d] = a.shape(d);
+      const int64_t sb = a.strides(d);
+      if (sb % isz != 0)
+        throw_value(where + " has a stride of " + std::to_string(sb) +
+                    " bytes, not a multiple of its item size; pass np.ascontiguousarray(" +
+                    arg + ")");
+      t.strides[d] = sb / isz;
+    }
+    if (reinterpret_cast<uintptr_t>(t.data) % uintptr_t(isz) != 0 && t.numel() > 0)
+      throw_value(where + " is not aligned to its item size; pass np.ascontiguousarray(" +
+                  std::string(arg) + ")");
+    t.writeable = a.writeable();
+  } else if (py::isinstance<py::tuple>(obj) && py::len(obj) == 5) {
+    // Raw descriptor from attnkit.torch (already validated there).
+    py::tuple tup = py::reinterpret_borrow<py::tuple>(obj);
+    t.data = reinterpret_cast<void*>(tup[0].cast<uintptr_t>());
+    py::tuple shape = tup[1].cast<py::tuple>(), strides = tup[2].cast<py::tuple>();
+    if (!dtype_from_string(tup[3].cast<std::string>(), &t.dtype))
+      throw_type(where + " has unsupported dtype " + tup[3].cast<std::string>());
+    if (py::len(shape) > size_t(kMaxTensorDims) || py::len(shape) != py::len(strides))
+      throw_value(where + ": bad tensor descriptor");
+    t.ndim = int(py::len(shape));
+    for (int d = 0; d < t.ndim; ++d) {
+      t.shape[d] = shape[d].cast<int64_t>();
+      t.strides[d] = strides[d].cast<int64_t>();
+    }
+    t.writeable = tup[4].cast<bool>();
+  } else {
+    throw_type(where + " must be a numpy.ndarray, got " +
+               py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
+  }
+  for (int d = 0; d < t.ndim; ++d)
+    if (t.shape[d] < 0) throw_value(where + " has a negative dimension");
+  if (need_writeable && !t.writeable) throw_value(where + " is read-only");
+  return t;
+}
+
+Tensor to_tensor_or_none(py::handle obj, const char* fn, const char* arg, bool need_writeable) {
+  if (obj.is_none()) {
+    Tensor t;
+    t.ndim = -1;
+    return t;
+  }
+  return to_tensor(obj, fn, arg, need_writeable);
+}
+
+}  // namespace attnkit

@@ -1,0 +1,53 @@
+// Python objects -> plain tensor descriptions, with the checks every entry point shares.
+// Accepts numpy.ndarray (ml_dtypes.bfloat16 included) and the raw tuples attnkit.torch builds:
+// (data_ptr: int, shape: tuple, strides_in_elements: tuple, dtype: str, writeable: bool).
+#pragma once
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "attnkit/dtype.h"
+#include "attnkit/error.h"
+
+namespace attnkit {
+namespace py = pybind11;
+
+constexpr int kMaxTensorDims = 16;
+
+struct Tensor {
+  void* data = nullptr;
+  DType dtype = DType::f32;
+  int ndim = 0;
+  int64_t shape[kMaxTensorDims] = {};
+  int64_t strides[kMaxTensorDims] = {};  // in elements
+  bool writeable = false;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int d = 0; d < ndim; ++d) n *= shape[d];
+    return n;
+  }
+  // [lo, hi) byte range the elements can touch (empty tensors touch nothing).
+  void byte_extent(uintptr_t* lo, uintptr_t* hi) const;
+};
+
+int64_t itemsize(DType t);
+const char* dtype_name(DType t);
+std::string shape_str(const Tensor& t);
+
+// `fn` and `arg` name the function and argument in error messages.
+Tensor to_tensor(py::handle obj, const char* fn, const char* arg, bool need_writeable);
+// Optional argument: None -> nullptr-data tensor with ndim -1.
+Tensor to_tensor_or_none(py::handle obj, const char* fn, const char* arg, bool need_writeable);
+
+// True if the byte ranges of a and b intersect (a conservative "may share memory").
+bool may_overlap(const Tensor& a, const Tensor& b);
+bool same_view(const Tensor& a, const Tensor& b);
+
+[[noreturn]] void throw_value(const std::string& msg);
+[[noreturn]] void throw_type(const std::string& msg);
+// Turns a kernel status into a Python exception.
+void check_status(Status s, const char* fn);
+
+}  // namespace attnkit

@@ -1,0 +1,56 @@
+// Small helpers every kernel object shares. Everything here is in the per-ISA namespace (ODR).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+
+#include "attnkit/dtype.h"
+#include "attnkit/error.h"
+#include "attnkit/params.h"
+
+namespace attnkit {
+namespace cpu {
+namespace ATTNKIT_ISA_NS {
+
+constexpr size_t kScratchAlign = 64;  // one cache line; also enough for any vector load
+
+// An owned, 64-byte aligned scratch buffer (kernels avoid std containers: their out-of-line
+// template code would be shared between ISA variants, see DESIGN rule 4).
+template <class T>
+struct Scratch {
+  T* ptr = nullptr;
+  Scratch() = default;
+  explicit Scratch(size_t count) { reset(count); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() { std::free(ptr); }
+  bool reset(size_t count) {
+    std::free(ptr);
+    size_t bytes = (count * sizeof(T) + kScratchAlign - 1) / kScratchAlign * kScratchAlign;
+    ptr = static_cast<T*>(std::aligned_alloc(kScratchAlign, bytes ? bytes : kScratchAlign));
+    return ptr != nullptr;
+  }
+  T* get() const { return ptr; }
+  T& operator[](size_t i) const { return ptr[i]; }
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Offset of the `index`-th element of an ndim-dimensional index space (C order).
+inline int64_t unravel_offset(int64_t index, int ndim, const int64_t* shape,
+                              const int64_t* strides) {
+  int64_t off = 0;
+  for (int d = ndim - 1; d >= 0; --d) {
+    int64_t i = index % shape[d];
+    index /= shape[d];
+    off += i * strides[d];
+  }
+  return off;
+}
+
+}  // namespace ATTNKIT_ISA_NS
+}  // namespace cpu
+}  // namespace attnkit

@@ -1,0 +1,28 @@
+// The kernel table of one ISA variant (compiled once per ISA, like the kernels it lists).
+#include "kernels.h"
+
+namespace attnkit {
+namespace cpu {
+namespace ATTNKIT_ISA_NS {
+
+Status softmax(const SoftmaxParams&);
+Status gemm(const GemmParams&);
+Status attention_fwd(const AttentionParams&);
+Status attention_bwd(const AttentionBwdParams&);
+
+const KernelTable* kernel_table() {
+  static const KernelTable table = {
+#if defined(ATTNKIT_ISA_AVX512)
+      "avx512",
+#elif defined(ATTNKIT_ISA_AVX2)
+      "avx2",
+#else
+      "scalar",
+#endif
+      &softmax, &gemm, &attention_fwd, &attention_bwd};
+  return &table;
+}
+
+}  // namespace ATTNKIT_ISA_NS
+}  // namespace cpu
+}  // namespace attnkit

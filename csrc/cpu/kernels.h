@@ -1,0 +1,44 @@
+// The table of CPU kernels one ISA variant provides. Each variant's kernel_table.cpp fills
+// one; dispatch.cpp picks a table once at import. Declarations only (no inline code).
+#pragma once
+#include "attnkit/error.h"
+#include "attnkit/params.h"
+
+namespace attnkit {
+namespace cpu {
+
+struct KernelTable {
+  const char* isa;  // "scalar", "avx2", "avx512"
+  Status (*softmax)(const SoftmaxParams&);
+  Status (*gemm)(const GemmParams&);
+  Status (*attention_fwd)(const AttentionParams&);
+  Status (*attention_bwd)(const AttentionBwdParams&);
+};
+
+// One accessor per compiled variant (defined in that variant's kernel_table.cpp).
+namespace scalar {
+const KernelTable* kernel_table();
+}
+namespace avx2 {
+const KernelTable* kernel_table();
+}
+namespace avx512 {
+const KernelTable* kernel_table();
+}
+
+// dispatch.cpp (compiled without -m flags)
+struct IsaInfo {
+  const char* name;
+  bool compiled;   // built into this module
+  bool supported;  // this CPU and OS can run it
+  bool verified;   // its tests have passed on a real CPU of that kind
+};
+constexpr int kNumIsas = 3;                      // scalar, avx2, avx512 (in that order)
+const IsaInfo* isa_list();                       // kNumIsas entries
+const KernelTable* active_kernels();             // chosen at import, see select_isa
+// Choose a variant by name ("auto" = the best verified one the CPU supports). Returns an
+// empty string on success, else the reason it cannot be used.
+const char* select_isa(const char* name);
+
+}  // namespace cpu
+}  // namespace attnkit

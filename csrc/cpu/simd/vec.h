@@ -1,0 +1,31 @@
+// The one SIMD vocabulary of attnkit (DESIGN rule 3/4). Kernels include this header inside
+// their per-ISA namespace and write everything in terms of Vec<T>; they never test __AVX2__.
+//
+// The build defines exactly one of ATTNKIT_ISA_AVX512, ATTNKIT_ISA_AVX2, ATTNKIT_ISA_SCALAR per
+// kernel object, and ATTNKIT_ISA_NS, the namespace that object's symbols live in.
+//
+// Every Vec<T> offers:
+//   N                          lanes
+//   load(p) / store(p)         unaligned full-width
+//   stream(p) (float)          non-temporal store to an N*4-byte aligned p; stream_fence() after
+//   load_partial(p, n)         first n lanes, the rest zero; never touches p[n..N)
+//   store_partial(p, n)        first n lanes only
+//   set1(x), zero(), broadcast(p)
+//   + - * /, fma(a, b, c) = a*b + c, fnma(a, b, c) = c - a*b
+//   max(a, b), min(a, b)       NaN in b wins (x86 semantics: the second operand is returned
+//                              when either is NaN), so write max(limit, x) to keep a NaN x
+//   hsum(), hmax()
+//   Mask: a < b, a <= b, a == b, is_nan(a); select(mask, if_true, if_false)
+// Vec<float> also has round() (to nearest even) and pow2i(n) = 2^n for integral n in [-126, 127],
+// and the storage conversions load_cvt / store_cvt for float, f16_t and bf16_t.
+#pragma once
+
+#if defined(ATTNKIT_ISA_AVX512)
+#include "vec_avx512.h"
+#elif defined(ATTNKIT_ISA_AVX2)
+#include "vec_avx2.h"
+#elif defined(ATTNKIT_ISA_SCALAR)
+#include "vec_scalar.h"
+#else
+#error "vec.h: the build must define ATTNKIT_ISA_AVX512, ATTNKIT_ISA_AVX2 or ATTNKIT_ISA_SCALAR"
+#endif

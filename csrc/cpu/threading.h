@@ -1,0 +1,61 @@
+// OpenMP helpers shared by the kernels (DESIGN rule 7).
+//
+// The thread count of a call is resolved once, in the binding, by resolve_num_threads() and
+// travels in the params struct; kernels never call omp_set_num_threads. Every parallel region
+// is written `#pragma omp parallel num_threads(nt) if (nt > 1)`: the `if` matters after fork(),
+// where libgomp's pool is gone and a team of more than one thread would hang (see threading.cpp).
+#pragma once
+#include <cstdint>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace attnkit {
+
+// Baseline functions (threading.cpp, built without ISA flags).
+int resolve_num_threads();       // the override, else omp_get_max_threads(); 1 in a forked child
+void set_num_threads_override(int n);  // n <= 0 clears the override
+int num_threads_override();
+bool openmp_enabled();
+bool in_forked_child();
+
+#ifdef ATTNKIT_ISA_NS  // the helpers below belong to one ISA variant (ODR)
+namespace cpu {
+namespace ATTNKIT_ISA_NS {
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+inline int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+// Problems below this many "work units" (roughly flops or bytes touched) run on one thread:
+// waking the pool costs a few microseconds.
+constexpr int64_t kSerialWork = 1 << 15;
+
+inline int threads_for(int64_t work, int requested) {
+  if (requested < 1) return 1;
+  return work < kSerialWork ? 1 : requested;
+}
+
+// Contiguous split of [0, n) into `parts` near-equal ranges; returns range `part`.
+inline void split_range(int64_t n, int parts, int part, int64_t* begin, int64_t* end) {
+  int64_t base = n / parts, rem = n % parts;
+  *begin = part * base + (part < rem ? part : rem);
+  *end = *begin + base + (part < rem ? 1 : 0);
+}
+
+}  // namespace ATTNKIT_ISA_NS
+}  // namespace cpu
+#endif
+}  // namespace attnkit

@@ -1,0 +1,122 @@
+// Plain-data descriptions of every kernel call (DESIGN rule 1). The binding fills these from
+// Python arrays; CPU and CUDA kernels read nothing else. All strides are in elements, int64.
+// No inline functions here: the per-ISA objects include this header (ODR, DESIGN rule 4).
+#pragma once
+#include <cstdint>
+
+#include "attnkit/dtype.h"
+
+namespace attnkit {
+
+constexpr int kMaxDims = 16;  // outer (batch) dims a kernel iterates over (numpy arrays may have more)
+
+// softmax(x) along one axis of length n. The other axes are "outer" dims.
+struct SoftmaxParams {
+  const void* x = nullptr;
+  void* out = nullptr;
+  DType dtype = DType::f32;  // x and out share it
+  int64_t n = 0;             // length of the softmax axis
+  int64_t x_stride = 1;      // stride along the softmax axis
+  int64_t out_stride = 1;
+  int32_t outer_ndim = 0;
+  int64_t outer_shape[kMaxDims] = {};
+  int64_t x_outer_strides[kMaxDims] = {};
+  int64_t out_outer_strides[kMaxDims] = {};
+  int32_t num_threads = 1;
+};
+
+// c[batch][i][j] = sum_p a[batch][i][p] * b[batch][p][j] for a (M,K), b (K,N), c (M,N).
+// Batch dims broadcast through stride 0. c never overlaps a or b (checked by the binding).
+struct GemmParams {
+  const void* a = nullptr;
+  const void* b = nullptr;
+  void* c = nullptr;
+  DType dtype = DType::f32;  // a, b and c share it
+  int64_t m = 0, n = 0, k = 0;
+  int64_t rs_a = 0, cs_a = 0;  // row / column stride of a
+  int64_t rs_b = 0, cs_b = 0;
+  int64_t rs_c = 0, cs_c = 0;
+  int32_t batch_ndim = 0;
+  int64_t batch_shape[kMaxDims] = {};
+  int64_t a_batch_strides[kMaxDims] = {};
+  int64_t b_batch_strides[kMaxDims] = {};
+  int64_t c_batch_strides[kMaxDims] = {};
+  int32_t num_threads = 1;
+};
+
+// Scaled dot-product attention over (batch, head, seq, dim) operands, addressed by strides.
+// Shapes: q (B, H, Sq, D); k (B, Hkv, Sk, D); v (B, Hkv, Sk, Dv); out (B, H, Sq, Dv);
+// lse (B, H, Sq) fp32. H is a multiple of Hkv (GQA/MQA); query head h reads kv head h / (H/Hkv).
+//
+// Sequence addressing, one of:
+//   dense:  row s of batch b is at  base + b*stride[0] + head*stride[1] + s*stride[2]
+//   varlen: cu_seqlens_q/k hold B+1 token offsets; row s of sequence b is token cu[b] + s
+//           (stride[0] is ignored), seqlen_q/k are the longest sequence
+//   paged:  block_table (B, max_blocks) names the page of each page_size rows of k and v;
+//           row s of batch b is at page block_table[b][s / page_size], row s % page_size,
+//           and stride[0] of k/v is the page stride.
+// seqlens_k (optional, B entries) caps the number of keys each batch attends to (kv cache).
+struct AttentionParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;  // optional output, natural-log log-sum-exp of the scaled scores
+
+  DType q_dtype = DType::f32;   // out has q's dtype
+  DType kv_dtype = DType::f32;  // k and v share it; f32 q may meet f16/bf16 k/v
+
+  int64_t batch = 0, num_heads = 0, num_kv_heads = 0;
+  int64_t seqlen_q = 0, seqlen_k = 0, head_dim = 0, head_dim_v = 0;
+
+  int64_t q_stride[3] = {};  // batch, head, seq (the dim stride is 1)
+  int64_t k_stride[3] = {};
+  int64_t v_stride[3] = {};
+  int64_t out_stride[3] = {};
+  int64_t lse_stride[3] = {};
+
+  const int64_t* cu_seqlens_q = nullptr;
+  const int64_t* cu_seqlens_k = nullptr;
+  const int64_t* seqlens_k = nullptr;
+  const int64_t* block_table = nullptr;
+  int64_t block_table_stride = 0;
+  int64_t page_size = 0;
+
+  // Mask indexed (b, h, i, j), stride 0 on broadcast dims. boolean: true = attend.
+  // Float dtypes: added to the score; -inf entries count as masked out.
+  const void* mask = nullptr;
+  DType mask_dtype = DType::boolean;
+  int64_t mask_stride[4] = {};
+
+  float scale = 1.0f;
+  float softcap = 0.0f;  // 0 = off; else s = softcap * tanh(s / softcap)
+  const float* alibi_slopes = nullptr;  // slope of (b, h) at b*alibi_stride[0] + h*alibi_stride[1]
+  int64_t alibi_stride[2] = {};
+  bool causal = false;
+  bool bottom_right = false;  // causal/window alignment: offset Sk - Sq instead of 0
+  int64_t window_left = -1;   // -1 = unbounded
+  int64_t window_right = -1;
+
+  // Dropout on the attention probabilities (counter-based RNG, regenerated in backward).
+  float dropout_p = 0.0f;
+  uint64_t dropout_seed = 0;
+  uint64_t dropout_offset = 0;
+
+  int32_t num_threads = 1;
+};
+
+// Gradients of attention, FlashAttention-2 style: P is recomputed from q, k and the saved lse.
+// dq/dk/dv have the shapes (and their own strides) of q/k/v; out/dout that of out.
+struct AttentionBwdParams {
+  AttentionParams fwd;  // q, k, v, out (the forward output), lse (input here), options
+  const void* dout = nullptr;
+  int64_t dout_stride[3] = {};
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  int64_t dq_stride[3] = {};
+  int64_t dk_stride[3] = {};
+  int64_t dv_stride[3] = {};
+};
+
+}  // namespace attnkit

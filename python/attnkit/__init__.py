@@ -1,0 +1,17 @@
+"""attnkit: attention, softmax and matmul kernels for CPUs, with a NumPy API.
+
+The hot paths are C++ kernels (SIMD intrinsics chosen at run time, OpenMP threads).
+``attnkit.torch`` and ``attnkit.transformers`` make it a drop-in attention backend.
+"""
+from ._runtime import get_num_threads, info, set_num_threads
+from ._softmax import softmax
+
+__version__ = info()["version"]
+
+__all__ = [
+    "softmax",
+    "set_num_threads",
+    "get_num_threads",
+    "info",
+    "__version__",
+]

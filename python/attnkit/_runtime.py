@@ -1,0 +1,95 @@
+"""Loading the native module, ISA selection, threads and `info()`."""
+import os
+import threading
+
+from . import _C
+
+_isa_lock = threading.Lock()
+
+
+def _select_from_env():
+    name = os.environ.get("ATTNKIT_CPU", "auto").strip().lower() or "auto"
+    try:
+        _C._select_isa(name)
+    except ValueError as e:
+        raise RuntimeError(
+            f"attnkit: cannot use the CPU kernel variant requested by {e}. "
+            "Unset ATTNKIT_CPU to let attnkit choose."
+        ) from None
+
+
+_select_from_env()
+
+
+def set_num_threads(n):
+    """Set the number of threads attnkit's kernels use.
+
+    ``n`` is a positive int; ``None`` or ``0`` removes the override, so the count follows
+    OpenMP again (``OMP_NUM_THREADS``, ``omp_set_num_threads`` or threadpoolctl).
+    The setting is process-wide and takes effect on the next call.
+    """
+    if n is None:
+        n = 0
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"set_num_threads: n must be >= 0, got {n}")
+    _C._set_num_threads(n)
+
+
+def get_num_threads():
+    """The number of threads the next kernel call will use.
+
+    That is the value given to :func:`set_num_threads`, else OpenMP's ``omp_get_max_threads()``
+    (1 in a child process forked from a parent that ran kernels: OpenMP cannot be used there).
+    """
+    return _C._resolve_num_threads()
+
+
+def info():
+    """A dict describing this build and machine.
+
+    Keys: ``version``, ``isa`` (the variant in use), ``isas`` (every variant with its
+    ``compiled``/``supported``/``verified`` flags), ``isas_compiled``, ``openmp``, ``threads``,
+    ``cuda_built``, ``cuda_available``.
+    """
+    isas = _C._isa_list()
+    cuda_built, cuda_available, cuda_devices = False, False, 0
+    try:  # the optional CUDA module
+        from . import _cuda  # noqa: F401
+
+        cuda_built = True
+        cuda_devices = _cuda.device_count()
+        cuda_available = cuda_devices > 0
+    except ImportError:
+        pass
+    return {
+        "version": _C.__version__,
+        "isa": _C._active_isa(),
+        "isas": isas,
+        "isas_compiled": [i["name"] for i in isas if i["compiled"]],
+        "unverified_isas": [i["name"] for i in isas if i["compiled"] and not i["verified"]],
+        "openmp": _C._openmp(),
+        "threads": get_num_threads(),
+        "cuda_built": cuda_built,
+        "cuda_available": cuda_available,
+        "cuda_devices": cuda_devices,
+    }
+
+
+class _use_isa:
+    """Context manager (tests only): run kernels with another compiled ISA variant."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        _isa_lock.acquire()
+        self.prev = _C._active_isa()
+        _C._select_isa(self.name)
+        return self
+
+    def __exit__(self, *exc):
+        _C._select_isa(self.prev)
+        _isa_lock.release()
+        return False

@@ -1,0 +1,112 @@
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import attnkit
+
+
+def test_info_keys():
+    info = attnkit.info()
+    for key in ("version", "isa", "isas", "isas_compiled", "openmp", "threads", "cuda_built"):
+        assert key in info
+    assert info["isa"] in info["isas_compiled"]
+    assert "scalar" in info["isas_compiled"]
+    assert info["threads"] >= 1
+    assert info["version"] == attnkit.__version__
+
+
+def test_set_get_num_threads(threads):
+    attnkit.set_num_threads(3)
+    assert attnkit.get_num_threads() == 3
+    assert attnkit.info()["threads"] == 3
+    attnkit.set_num_threads(None)
+    assert attnkit.get_num_threads() >= 1
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        attnkit.set_num_threads(-1)
+    with pytest.raises(TypeError, match="n must be an int"):
+        attnkit.set_num_threads(2.0)
+
+
+def run_py(code, env_extra=None, timeout=120):
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )
+
+
+def test_omp_num_threads_env_applies():
+    r = run_py("import attnkit; print(attnkit.get_num_threads())", {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1"
+
+
+def test_threadpoolctl_applies():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    r = run_py(
+        """
+        import attnkit, threadpoolctl, numpy as np
+        attnkit.softmax(np.zeros((4, 4), np.float32))
+        with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+            print(attnkit.get_num_threads())
+        """,
+        {"OMP_NUM_THREADS": "2"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize("name", ["scalar", "avx2", "avx512"])
+def test_env_forces_isa(name):
+    supported = {i["name"]: i["supported"] and i["compiled"] for i in attnkit.info()["isas"]}
+    r = run_py(
+        """
+        import attnkit, numpy as np
+        x = np.random.default_rng(0).standard_normal((7, 300)).astype(np.float32)
+        y = attnkit.softmax(x)
+        assert abs(y.sum(-1) - 1).max() < 1e-5
+        print(attnkit.info()["isa"])
+        """,
+        {"ATTNKIT_CPU": name},
+    )
+    if supported.get(name):
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == name
+    else:
+        assert r.returncode != 0
+        assert "ATTNKIT_CPU" in r.stderr
+
+
+def test_env_unknown_isa_is_a_clear_error():
+    r = run_py("import attnkit", {"ATTNKIT_CPU": "sse9"})
+    assert r.returncode != 0
+    assert "ATTNKIT_CPU=sse9" in r.stderr and "unknown variant" in r.stderr
+
+
+def _child_softmax(q):
+    x = np.random.default_rng(1).standard_normal((256, 4096)).astype(np.float32)
+    y = attnkit.softmax(x)
+    q.put(float(np.abs(y.sum(-1) - 1).max()))
+
+
+def test_fork_child_does_not_hang():
+    # Run a parallel kernel in the parent first: that is what breaks libgomp after fork().
+    x = np.random.default_rng(0).standard_normal((256, 4096)).astype(np.float32)
+    attnkit.softmax(x)
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_softmax, args=(q,))
+    p.start()
+    p.join(60)
+    hung = p.is_alive()
+    if hung:
+        p.kill()
+    assert not hung, "forked child hung in an OpenMP region"
+    assert p.exitcode == 0
+    assert q.get(timeout=5) < 1e-5
