@@ -8,8 +8,9 @@
 //   pass 3  out = e / sum             (non-temporal stores when the output is large, so the
 //                                      cache lines of `out` are never read: no RFO traffic)
 //
-// Rows longer than kChunk are cut into fixed chunks. Each chunk gets its own (max, sum); the
-// row combines them in chunk order and a last pass recomputes exp(x - max_c) * exp(max_c - M)/S.
+// Rows longer than kChunk are cut into fixed chunks. Each chunk gets its own (max, sum) and
+// leaves exp(x - max_c) in out (fp32) ; the row combines the stats in chunk order and a last
+// pass multiplies by exp(max_c - M) / S (half types recompute the exp instead).
 // Chunk boundaries depend only on n, so a long row split over threads gives the same bits as
 // a row done by one thread (DESIGN rule 6).
 //
@@ -166,14 +167,34 @@ void fill(T* out, int64_t os, int64_t n, float value) {
   for (int64_t i = 0; i < n; ++i) from_f32(value, out + i * os);
 }
 
-// Pass 3 of one chunk of a multi-chunk row: recompute e and write e * f.
+// Where pass 2 of a multi-chunk row leaves exp(x - max_c): straight in `out` when it is
+// contiguous fp32 (pass 3 then only rescales it, from L2 for rows that fit there), else in
+// scratch, and pass 3 recomputes it (half types would lose precision to double rounding).
+template <class T>
+float* exp_home(T* out, int64_t os, float* e) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (os == 1) return out;
+  }
+  return e;
+}
+
+// Pass 3 of one chunk of a multi-chunk row: out = exp(x - max_c) * f_c.
 template <class T>
 void chunk_write(const T* x, int64_t xs, T* out, int64_t os, int64_t n, const ChunkStat& st,
-                 float* buf, float* e, bool stream) {
+                 float* buf, float* e) {
   if (st.max == kNegInf) return fill(out, os, n, 0.0f);
+  float* home = exp_home(out, os, e);
+  if (home != e) {  // e is already in out
+    const VF f = VF::set1(st.sum);
+    float* o = home;
+    int64_t i = 0;
+    for (; i + VF::N <= n; i += VF::N) (VF::load(o + i) * f).store(o + i);
+    for (; i < n; ++i) o[i] *= st.sum;
+    return;
+  }
   const float* xf = chunk_as_f32(x, xs, n, buf);
   exp_and_sum(xf, n, st.max, e);
-  write_scaled(e, st.sum, out, os, n, stream);
+  write_scaled(e, st.sum, out, os, n, false);
 }
 
 // A whole row of at most kChunk elements.
@@ -252,10 +273,10 @@ Status softmax_typed(const SoftmaxParams& p) {
     return Status::ok;
   }
 
-  const bool stream = std::is_same<T, float>::value && p.out_stride == 1 &&
-                      rows * n * int64_t(sizeof(T)) >= kStreamBytes;
   const int64_t nchunks = ceil_div(n, kChunk);
   if (nchunks == 1) {
+    const bool stream = std::is_same<T, float>::value && p.out_stride == 1 &&
+                        rows * n * int64_t(sizeof(T)) >= kStreamBytes;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
       alignas(64) float buf[kChunk];
@@ -289,7 +310,7 @@ Status softmax_typed(const SoftmaxParams& p) {
     for (int64_t item = 0; item < items; ++item) {
       int64_t xo, oo, len;
       chunk_of(item, &xo, &oo, &len);
-      stats[item] = chunk_stat(x + xo, p.x_stride, len, buf, e);
+      stats[item] = chunk_stat(x + xo, p.x_stride, len, buf, exp_home(out + oo, p.out_stride, e));
     }
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
@@ -304,10 +325,9 @@ Status softmax_typed(const SoftmaxParams& p) {
       if (st.max != st.max && st.sum == 0.f)  // all -inf row (marked above): NaN, as torch
         fill(out + oo, p.out_stride, len, __builtin_nanf(""));
       else
-        chunk_write(x + xo, p.x_stride, out + oo, p.out_stride, len, st, buf, e, stream);
+        chunk_write(x + xo, p.x_stride, out + oo, p.out_stride, len, st, buf, e);
     }
   }
-  if (stream) stream_fence();
   return Status::ok;
 }
 

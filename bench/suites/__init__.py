@@ -1,0 +1,1 @@
+"""Benchmark suites. Each module exposes `cases(cfg) -> list[harness.Case]`."""
