@@ -22,7 +22,7 @@ sys.path.insert(0, HERE)
 
 import harness  # noqa: E402
 
-SUITES = ["softmax"]
+SUITES = ["softmax", "matmul"]
 
 
 def parse_args(argv=None):

@@ -3,6 +3,6 @@
 #include <pybind11/pybind11.h>
 
 namespace attnkit {
-void bind_ops(pybind11::module_& m);
 void bind_softmax(pybind11::module_& m);
+void bind_matmul(pybind11::module_& m);
 }  // namespace attnkit

@@ -94,6 +94,6 @@ void bind_softmax(py::module_& m) {
         "softmax(x, out, axis): writes softmax of x along axis into out (validated).");
 }
 
-void bind_ops(py::module_& m) { bind_softmax(m); }
+
 
 }  // namespace attnkit

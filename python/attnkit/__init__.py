@@ -4,12 +4,14 @@ The hot paths are C++ kernels (SIMD intrinsics chosen at run time, OpenMP thread
 ``attnkit.torch`` and ``attnkit.transformers`` make it a drop-in attention backend.
 """
 from ._runtime import get_num_threads, info, set_num_threads
+from ._matmul import matmul
 from ._softmax import softmax
 
 __version__ = info()["version"]
 
 __all__ = [
     "softmax",
+    "matmul",
     "set_num_threads",
     "get_num_threads",
     "info",

@@ -1,0 +1,225 @@
+// Packed GEMM, BLIS style (DESIGN rule 5). Compiled once per ISA.
+//
+//   for jc in N by NC                      B block (KC x NC) packed once, shared by threads
+//     for pc in K by KC                    K is never split across threads (rule 6)
+//       pack B block                       threads pack disjoint panels, then a barrier
+//       for ic in the thread's rows by MC  threads own disjoint (row, column) panel ranges
+//         pack A block (MC x KC)           per thread
+//         for jr, ir: micro-kernel         C (+)= A_panel * B_panel
+//
+// Every C element is accumulated in the same order (k-blocks in order, k within a block in
+// order) whatever the thread count or the split, so results are bit-identical across thread
+// counts. Small or skinny problems read A and/or B in place when their layout allows it: for
+// M = 1..16 with K = N = 4096 packing B would triple the memory traffic of a bandwidth-bound
+// problem. Half-precision operands are converted to fp32 while packing; their C (and any C
+// whose columns are strided) is accumulated in an fp32 workspace and converted at the end.
+#include <cstring>
+#include <type_traits>
+
+#include "common.h"
+#include "gemm/blocking.h"
+#include "gemm/pack.h"
+#include "gemm/ukernel.h"
+#include "threading.h"
+
+namespace attnkit {
+namespace cpu {
+namespace ATTNKIT_ISA_NS {
+namespace {
+
+// Below this many multiply-adds a matmul runs on one thread (~5 us of work).
+constexpr int64_t kSerialMacs = int64_t(1) << 18;
+// At most this many multiply-adds, operands are read in place instead of packed.
+constexpr int64_t kSmallMacs = int64_t(1) << 21;
+// Depth of a k-block when a skinny product streams B in place: each k-block walks kc rows of
+// B side by side, and fewer rows means fewer concurrent streams for the prefetchers. Measured
+// (bench/NOTES.md, M x 4096 x 4096, avx512): kc 256 -> 8.6 GFLOP/s at M=1, 31 at M=16;
+// kc 16 -> 12.7 and 83; kc 8 -> 16 and 66. Tiny M takes 8 (memory-bound), larger M 16.
+inline int64_t skinny_kc(int64_t m) { return m <= 4 ? 8 : 16; }
+
+template <class T, class S>
+struct GemmArgs {
+  const S* a;
+  const S* b;
+  T* c;  // compute-type C: the output itself or the workspace
+  int64_t m, n, k;
+  int64_t rs_a, cs_a, rs_b, cs_b, ldc;
+};
+
+template <class T, class S>
+void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack, T* apack_all, T* tail_all) {
+  using B = Blocking<T>;
+  constexpr int MR = B::MR, NR = B::NR;
+  constexpr bool same = std::is_same<S, T>::value;
+  const int64_t m = g.m, n = g.n, k = g.k;
+  const bool skinny = m <= 2 * MR;
+  const bool small = m * n * k <= kSmallMacs;
+  const bool direct_a = same && g.cs_a == 1 && (small || skinny);
+  const bool direct_b = same && g.cs_b == 1 && (small || skinny);
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int tid = thread_id(), team = team_size();
+    T* apack = apack_all + int64_t(tid) * B::MC * B::KC;
+    T* tail = tail_all + int64_t(tid) * B::KC * NR;
+    // Thread grid tm x tn over (MR-row panels) x (NR-column panels): rows are split first
+    // (each thread then packs only its own A), columns only when there are too few row panels
+    // for every thread. Splitting by panels, not MC blocks, keeps the shares within one panel.
+    const int64_t m_panels = ceil_div(m, MR);
+    int tm = team, tn = 1;
+    while (tm > 1 && m_panels < 2 * tm) {
+      int f = 2;
+      while (tm % f) ++f;
+      tm /= f;
+      tn *= f;
+    }
+    const int ti = tid / tn, tj = tid % tn;
+    int64_t rbeg, rend;
+    split_range(m_panels, tm, ti, &rbeg, &rend);
+    const int64_t row0 = rbeg * MR, row1 = imin(m, rend * MR);
+    for (int64_t jc = 0; jc < n; jc += B::NC) {
+      const int64_t nc = imin(B::NC, n - jc);
+      const int64_t np = ceil_div(nc, NR);
+      int64_t jbeg, jend;
+      split_range(np, tn, tj, &jbeg, &jend);
+      const int64_t kc_step = direct_b && skinny ? skinny_kc(m) : B::KC;
+      for (int64_t pc = 0; pc < k; pc += kc_step) {
+        const int64_t kc = imin(kc_step, k - pc);
+        const bool accumulate = pc > 0;
+        if (!direct_b) {
+          int64_t pbeg, pend;
+          split_range(np, team, tid, &pbeg, &pend);
+          for (int64_t jp = pbeg; jp < pend; ++jp)
+            pack_b_panel<T, S>(g.b + pc * g.rs_b + (jc + jp * NR) * g.cs_b, g.rs_b, g.cs_b, kc,
+                               int(imin(NR, nc - jp * NR)), bpack + jp * kc * NR);
+#pragma omp barrier
+        }
+        for (int64_t ic = row0; ic < row1; ic += B::MC) {
+          const int64_t mc = imin(B::MC, row1 - ic);
+          if (!direct_a)
+            for (int64_t ir = 0; ir < mc; ir += MR)
+              pack_a_panel<T, S>(g.a + (ic + ir) * g.rs_a + pc * g.cs_a, g.rs_a, g.cs_a,
+                                 int(imin(MR, mc - ir)), kc, apack + ir * kc);
+          for (int64_t jp = jbeg; jp < jend; ++jp) {
+            const int nr = int(imin(NR, nc - jp * NR));
+            const T* bp;
+            int64_t ldb;
+            if (!direct_b) {
+              bp = bpack + jp * kc * NR;
+              ldb = NR;
+            } else if (nr == NR) {
+              bp = reinterpret_cast<const T*>(g.b) + pc * g.rs_b + jc + jp * NR;
+              ldb = g.rs_b;
+            } else {  // the N tail of an in-place B: pack it so full vectors can be loaded
+              pack_b_panel<T, S>(g.b + pc * g.rs_b + jc + jp * NR, g.rs_b, 1, kc, nr, tail);
+              bp = tail;
+              ldb = NR;
+            }
+            T* cp = g.c + ic * g.ldc + jc + jp * NR;
+            for (int64_t ir = 0; ir < mc; ir += MR) {
+              const int mr = int(imin(MR, mc - ir));
+              if (direct_a)
+                ukernel_rows<T, false>(mr, kc, reinterpret_cast<const T*>(g.a) + (ic + ir) * g.rs_a + pc,
+                                       g.rs_a, bp, ldb, cp + ir * g.ldc, g.ldc, accumulate, nr);
+              else
+                ukernel_rows<T, true>(mr, kc, apack + ir * kc, 0, bp, ldb, cp + ir * g.ldc, g.ldc,
+                                      accumulate, nr);
+            }
+          }
+        }
+        if (!direct_b) {
+#pragma omp barrier
+        }
+      }
+    }
+  }
+}
+
+// One (M, K) x (K, N) product into C with strides (rs_c, cs_c), S the storage type of a, b, c.
+template <class T, class S>
+Status gemm_one(const S* a, const S* b, S* c, const GemmParams& p, int nt) {
+  using B = Blocking<T>;
+  const int64_t m = p.m, n = p.n, k = p.k;
+  if (m == 0 || n == 0) return Status::ok;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) store_as<T, S>(T(0), c + i * p.rs_c + j * p.cs_c);
+    return Status::ok;
+  }
+  constexpr bool same = std::is_same<S, T>::value;
+  const bool direct_c = same && p.cs_c == 1;
+  Scratch<T> ws, bpack, apack, tail;
+  if (!direct_c && !ws.reset(size_t(m * n))) return Status::out_of_memory;
+  if (!bpack.reset(size_t(B::KC * B::NC)) || !apack.reset(size_t(nt * B::MC * B::KC)) ||
+      !tail.reset(size_t(nt * B::KC * B::NR)))
+    return Status::out_of_memory;
+  GemmArgs<T, S> g{a, b, direct_c ? reinterpret_cast<T*>(c) : ws.get(), m, n, k,
+                   p.rs_a, p.cs_a, p.rs_b, p.cs_b, direct_c ? p.rs_c : n};
+  gemm_blocked<T, S>(g, nt, bpack.get(), apack.get(), tail.get());
+  if (!direct_c) {
+    T* w = ws.get();
+    const int ntc = threads_for(m * n, nt);
+#pragma omp parallel for num_threads(ntc) if (ntc > 1) schedule(static)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) store_as<T, S>(w[i * n + j], c + i * p.rs_c + j * p.cs_c);
+  }
+  return Status::ok;
+}
+
+template <class T, class S>
+Status gemm_typed(const GemmParams& p) {
+  const S* a = static_cast<const S*>(p.a);
+  const S* b = static_cast<const S*>(p.b);
+  S* c = static_cast<S*>(p.c);
+  int64_t batch = 1;
+  for (int d = 0; d < p.batch_ndim; ++d) batch *= p.batch_shape[d];
+  const int64_t macs = p.m * p.n * p.k;
+  if (batch == 0) return Status::ok;
+  const int nt = (macs * batch < kSerialMacs || p.num_threads < 1) ? 1 : p.num_threads;
+  // Many small products: one product per thread at a time. Otherwise each product uses all
+  // threads. Either way every product is computed by the same serial arithmetic.
+  if (batch >= nt && nt > 1 && macs <= kSmallMacs * 4) {
+    Status status = Status::ok;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t bi = 0; bi < batch; ++bi) {
+      Status s = gemm_one<T, S>(a + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.a_batch_strides),
+                                b + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.b_batch_strides),
+                                c + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.c_batch_strides),
+                                p, 1);
+      if (s != Status::ok) {
+#pragma omp critical(attnkit_gemm_status)
+        status = s;
+      }
+    }
+    return status;
+  }
+  for (int64_t bi = 0; bi < batch; ++bi) {
+    Status s = gemm_one<T, S>(a + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.a_batch_strides),
+                              b + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.b_batch_strides),
+                              c + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.c_batch_strides),
+                              p, nt);
+    if (s != Status::ok) return s;
+  }
+  return Status::ok;
+}
+
+}  // namespace
+
+Status gemm(const GemmParams& p) {
+  switch (p.dtype) {
+    case DType::f32:
+      return gemm_typed<float, float>(p);
+    case DType::f64:
+      return gemm_typed<double, double>(p);
+    case DType::f16:
+      return gemm_typed<float, f16_t>(p);
+    case DType::bf16:
+      return gemm_typed<float, bf16_t>(p);
+    default:
+      return Status::invalid_argument;
+  }
+}
+
+}  // namespace ATTNKIT_ISA_NS
+}  // namespace cpu
+}  // namespace attnkit

@@ -1,0 +1,154 @@
+import numpy as np
+import pytest
+import torch
+
+import attnkit
+from conftest import poisoned
+from reference import FLOAT_DTYPES, assert_close, bfloat16, dtype_id, from_torch, randn, to64, to_torch
+
+SIZES = [1, 2, 5, 13, 17, 63, 65, 127, 255, 257, 1000]
+
+
+def reference(a, b):
+    a64, b64 = to64(a), to64(b)
+    return np.matmul(a64, b64), float(np.max(np.matmul(np.abs(a64), np.abs(b64)), initial=1.0))
+
+
+def torch_matmul(a, b):
+    return from_torch(torch.matmul(to_torch(a), to_torch(b)), a.dtype)
+
+
+def check(a, b, got):
+    ref, scale = reference(a, b)
+    assert got.dtype == a.dtype
+    assert_close(got, ref, a.dtype, torch_result=torch_matmul(a, b), scale=scale, what="matmul")
+
+
+@pytest.mark.parametrize("m", SIZES)
+def test_square_and_odd_sizes_f32(isa, rng, m):
+    for k, n in [(m, m), (17, 65), (257, 13)]:
+        a, b = randn(rng, (m, k), np.float32), randn(rng, (k, n), np.float32)
+        check(a, b, attnkit.matmul(a, b))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("mkn", [(1, 1, 1), (5, 7, 3), (13, 300, 17), (63, 65, 127), (200, 513, 129)])
+def test_dtypes(isa, rng, dtype, mkn):
+    m, k, n = mkn
+    a, b = randn(rng, (m, k), dtype), randn(rng, (k, n), dtype)
+    check(a, b, attnkit.matmul(a, b))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_transposed_and_strided_views(isa, rng, dtype):
+    A = randn(rng, (130, 90), dtype)
+    B = randn(rng, (90, 70), dtype)
+    views = [
+        (A, B),
+        (A.T.copy().T, B),                  # Fortran-ordered A
+        (A[::2], B),                        # row step
+        (A[:, ::-1], B[::-1]),              # negative strides
+        (A, B.T.copy().T),                  # Fortran-ordered B
+        (A[:, :45], B[:45, ::3]),           # column step in B
+    ]
+    at = randn(rng, (90, 130), dtype).T     # a.T view
+    bt = randn(rng, (70, 90), dtype).T      # b.T view
+    views += [(at, B), (A, bt), (at, bt)]
+    for a, b in views:
+        check(a, b, attnkit.matmul(a, b))
+
+
+def test_skinny_shapes(isa, rng):
+    for m in (1, 4, 16, 33):
+        a, b = randn(rng, (m, 4096), np.float32), randn(rng, (4096, 700), np.float32)
+        check(a, b, attnkit.matmul(a, b))
+        check(a, b[:, :699], attnkit.matmul(a, b[:, :699]))  # N tail with B read in place
+
+
+def test_one_dimensional_promotion(rng):
+    a = randn(rng, (7,), np.float32)
+    b = randn(rng, (7, 5), np.float32)
+    got = attnkit.matmul(a, b)
+    assert got.shape == (5,)
+    check(a[None], b, got[None])
+    c = randn(rng, (3, 7), np.float32)
+    got = attnkit.matmul(c, a)
+    assert got.shape == (3,)
+    got = attnkit.matmul(a, a)
+    assert got.shape == () and np.allclose(got, np.dot(a.astype(np.float64), a), rtol=1e-5)
+    batched = randn(rng, (4, 3, 7), np.float32)
+    got = attnkit.matmul(batched, a)
+    assert got.shape == (4, 3)
+    assert got.shape == np.matmul(batched, a).shape
+
+
+def test_batch_broadcasting(isa, rng):
+    for sa, sb in [((2, 1, 5, 7), (3, 7, 4)), ((6, 5, 7), (7, 4)), ((5, 7), (2, 3, 7, 4)),
+                   ((64, 128, 64), (64, 64, 128)), ((1, 3, 1, 9, 8), (2, 1, 4, 8, 6))]:
+        a, b = randn(rng, sa, np.float32), randn(rng, sb, np.float32)
+        got = attnkit.matmul(a, b)
+        assert got.shape == np.matmul(a, b).shape
+        check(a, b, got)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_out(isa, rng, dtype):
+    a, b = randn(rng, (33, 20), dtype), randn(rng, (20, 47), dtype)
+    out = poisoned((33, 47), dtype)
+    assert attnkit.matmul(a, b, out=out) is out
+    check(a, b, out)
+    big = poisoned((47, 66), dtype)  # transposed, strided out
+    view = big[:, ::2].T
+    attnkit.matmul(a, b, out=view)
+    check(a, b, view)
+    assert np.isnan(big[:, 1::2].astype(np.float64)).all()
+
+
+def test_empty_dims_and_zero_k(rng):
+    for sa, sb in [((0, 5), (5, 3)), ((4, 5), (5, 0)), ((2, 0, 5), (5, 3))]:
+        a, b = np.ones(sa, np.float32), np.ones(sb, np.float32)
+        assert attnkit.matmul(a, b).shape == np.matmul(a, b).shape
+    for dtype in FLOAT_DTYPES:
+        a, b = np.ones((4, 0), dtype), np.ones((0, 3), dtype)
+        out = poisoned((4, 3), dtype)
+        attnkit.matmul(a, b, out=out)
+        assert (out.astype(np.float64) == 0).all()
+
+
+def test_bit_identical_across_threads(threads, rng):
+    for sa, sb in [((300, 700), (700, 500)), ((7, 4096), (4096, 300)), ((16, 64, 32), (16, 32, 48)),
+                   ((1000, 1000), (1000, 1000))]:
+        a, b = randn(rng, sa, np.float32), randn(rng, sb, np.float32)
+        outs = []
+        for nt in (1, 2, 3):
+            attnkit.set_num_threads(nt)
+            outs.append(attnkit.matmul(a, b))
+        assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2]), (sa, sb)
+
+
+def test_bad_inputs():
+    a = np.ones((3, 4), np.float32)
+    with pytest.raises(TypeError, match="a must be a numpy.ndarray"):
+        attnkit.matmul([[1.0]], a)
+    with pytest.raises(TypeError, match="b must be a numpy.ndarray"):
+        attnkit.matmul(a, 2.0)
+    with pytest.raises(ValueError, match=r"shapes \(3, 4\) and \(3, 4\) are not aligned"):
+        attnkit.matmul(a, a)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        attnkit.matmul(np.ones((2, 3, 4), np.float32), np.ones((3, 4, 5), np.float32))
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        attnkit.matmul(np.ones((), np.float32), a)
+    with pytest.raises(TypeError, match="a has dtype float32 but b has float64"):
+        attnkit.matmul(a, np.ones((4, 2)))
+    with pytest.raises(TypeError, match="a has dtype int64"):
+        attnkit.matmul(np.ones((3, 4), np.int64), np.ones((4, 2), np.int64))
+    with pytest.raises(ValueError, match=r"out has shape \(3, 3\) but the result has \(3, 2\)"):
+        attnkit.matmul(a, np.ones((4, 2), np.float32), out=np.empty((3, 3), np.float32))
+    with pytest.raises(TypeError, match="out has dtype float64"):
+        attnkit.matmul(a, np.ones((4, 2), np.float32), out=np.empty((3, 2)))
+    buf = np.ones((8, 8), np.float32)
+    with pytest.raises(ValueError, match="out overlaps an input"):
+        attnkit.matmul(buf[:4, :4], buf[4:, 4:], out=buf[:4, 4:])
+    with pytest.raises(ValueError, match="overlapping elements"):
+        out = np.lib.stride_tricks.as_strided(np.empty(4, np.float32), (3, 4), (0, 4))
+        attnkit.matmul(a, np.ones((4, 4), np.float32), out=out)
