@@ -58,4 +58,5 @@ PYBIND11_MODULE(_C, m) {
 
   bind_softmax(m);
   bind_matmul(m);
+  bind_attention(m);
 }

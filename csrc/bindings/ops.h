@@ -5,4 +5,5 @@
 namespace attnkit {
 void bind_softmax(pybind11::module_& m);
 void bind_matmul(pybind11::module_& m);
+void bind_attention(pybind11::module_& m);
 }  // namespace attnkit

@@ -1,0 +1,156 @@
+// Pieces every attention kernel shares (forward, backward, decode): sequence addressing,
+// the allowed key range of a query row, the score modifiers in their fixed order, and K/V
+// packing. Per-ISA namespace (included by per-ISA objects only).
+//
+// Score pipeline for query row i and key j (one place, so every kernel agrees):
+//   1. s = scale * q_i . k_j
+//   2. softcap: s = softcap * tanh(s / softcap)
+//   3. ALiBi:   s -= slope[b, h] * |i + off - j|
+//   4. causal / window bounds and a bool mask (or a float mask's -inf) set s = -inf
+//   5. a float mask is added
+// off = 0 (top-left) or Sk - Sq (bottom-right); the window allows
+// i + off - left <= j <= i + off + right; causal allows j <= i + off.
+#pragma once
+#include <math.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common.h"
+#include "gemm/blocking.h"
+#include "simd/math.h"
+#include "simd/scalar_cvt.h"
+#include "simd/vec.h"
+
+namespace attnkit {
+namespace cpu {
+namespace ATTNKIT_ISA_NS {
+
+constexpr float kNegInfF = -__builtin_inff();
+
+// One sequence of a (possibly varlen / paged / cache-limited) batch.
+struct SeqView {
+  int64_t b;
+  int64_t sq, sk;        // query rows and keys of this sequence
+  int64_t q_tok, k_tok;  // first token index of this sequence (varlen), else 0
+  int64_t off;           // i + off is the key position aligned with query row i
+};
+
+inline SeqView seq_view(const AttentionParams& p, int64_t b) {
+  SeqView s;
+  s.b = b;
+  if (p.cu_seqlens_q) {
+    s.q_tok = p.cu_seqlens_q[b];
+    s.sq = p.cu_seqlens_q[b + 1] - s.q_tok;
+  } else {
+    s.q_tok = 0;
+    s.sq = p.seqlen_q;
+  }
+  if (p.cu_seqlens_k) {
+    s.k_tok = p.cu_seqlens_k[b];
+    s.sk = p.cu_seqlens_k[b + 1] - s.k_tok;
+  } else {
+    s.k_tok = 0;
+    s.sk = p.seqlen_k;
+  }
+  if (p.seqlens_k) s.sk = p.seqlens_k[b];
+  s.off = p.bottom_right ? s.sk - s.sq : 0;
+  return s;
+}
+
+// Element offsets of rows (the head dim is contiguous).
+inline int64_t q_offset(const AttentionParams& p, const SeqView& s, int64_t h, int64_t i) {
+  return (p.cu_seqlens_q ? 0 : s.b * p.q_stride[0]) + h * p.q_stride[1] + (s.q_tok + i) * p.q_stride[2];
+}
+inline int64_t out_offset(const AttentionParams& p, const SeqView& s, int64_t h, int64_t i,
+                          const int64_t* stride) {
+  return (p.cu_seqlens_q ? 0 : s.b * stride[0]) + h * stride[1] + (s.q_tok + i) * stride[2];
+}
+inline int64_t kv_offset(const AttentionParams& p, const SeqView& s, int64_t g, int64_t j,
+                         const int64_t* stride) {
+  if (p.block_table) {
+    const int64_t page = p.block_table[s.b * p.block_table_stride + j / p.page_size];
+    return page * stride[0] + (j % p.page_size) * stride[2] + g * stride[1];
+  }
+  return (p.cu_seqlens_k ? 0 : s.b * stride[0]) + g * stride[1] + (s.k_tok + j) * stride[2];
+}
+
+// Keys row i may attend: [lo, hi] (inclusive), clipped to [0, sk). Empty when lo > hi.
+struct KeyRange {
+  int64_t lo, hi;
+};
+inline KeyRange key_range(const AttentionParams& p, const SeqView& s, int64_t i) {
+  int64_t lo = 0, hi = s.sk - 1;
+  const int64_t c = i + s.off;
+  if (p.causal && c < hi) hi = c;
+  if (p.window_right >= 0 && c + p.window_right < hi) hi = c + p.window_right;
+  if (p.window_left >= 0 && c - p.window_left > lo) lo = c - p.window_left;
+  return {lo, hi};
+}
+
+inline float alibi_slope(const AttentionParams& p, int64_t b, int64_t h) {
+  return p.alibi_slopes ? p.alibi_slopes[b * p.alibi_stride[0] + h * p.alibi_stride[1]] : 0.0f;
+}
+
+// Mask value of (b, h, i, j) as an additive fp32: 0 / -inf for bool, the value for floats.
+inline float mask_value(const AttentionParams& p, int64_t off) {
+  const char* m = static_cast<const char*>(p.mask);
+  switch (p.mask_dtype) {
+    case DType::boolean:
+      return m[off] ? 0.0f : kNegInfF;
+    case DType::f32:
+      return reinterpret_cast<const float*>(m)[off];
+    case DType::f64:
+      return static_cast<float>(reinterpret_cast<const double*>(m)[off]);
+    case DType::f16:
+      return to_f32(reinterpret_cast<const f16_t*>(m)[off]);
+    case DType::bf16:
+      return to_f32(reinterpret_cast<const bf16_t*>(m)[off]);
+    default:
+      return 0.0f;
+  }
+}
+inline int64_t mask_offset(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
+  return b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + j * p.mask_stride[3];
+}
+
+// Fills add[0..n) with the mask of keys j0.. for row i (additive; -inf = masked out).
+inline void mask_row(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j0,
+                     int64_t n, float* add) {
+  const int64_t base = mask_offset(p, b, h, i, j0), sj = p.mask_stride[3];
+  if (p.mask_dtype == DType::boolean && sj == 1) {
+    const uint8_t* m = static_cast<const uint8_t*>(p.mask) + base;
+    for (int64_t j = 0; j < n; ++j) add[j] = m[j] ? 0.0f : kNegInfF;
+    return;
+  }
+  if (p.mask_dtype == DType::f32 && sj == 1) {
+    const float* m = static_cast<const float*>(p.mask) + base;
+    for (int64_t j = 0; j < n; ++j) add[j] = m[j];
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) add[j] = mask_value(p, base + j * sj);
+}
+
+// True when a bool mask excludes every key j0..j0+n of rows i0..i0+m (the block is skipped).
+inline bool mask_block_empty(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
+                             int64_t m, int64_t j0, int64_t n) {
+  if (!p.mask || p.mask_dtype != DType::boolean) return false;
+  const uint8_t* base = static_cast<const uint8_t*>(p.mask);
+  const int64_t si = p.mask_stride[2], sj = p.mask_stride[3];
+  const int64_t rows = si == 0 ? 1 : m;  // a mask broadcast over rows needs one look
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint8_t* r = base + mask_offset(p, b, h, i0 + i, j0);
+    for (int64_t j = 0; j < n; ++j)
+      if (r[j * sj]) return false;
+  }
+  return true;
+}
+
+template <class S>
+inline const S* typed(const void* p) {
+  return static_cast<const S*>(p);
+}
+
+}  // namespace ATTNKIT_ISA_NS
+}  // namespace cpu
+}  // namespace attnkit

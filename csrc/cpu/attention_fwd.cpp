@@ -1,0 +1,516 @@
+// Fused attention forward, FlashAttention-2 style on the CPU. Compiled once per ISA.
+//
+// Work item = (batch, query head, block of kBlockM query rows). For each block of kBlockN keys:
+//   S = Q K^T                 GEMM micro-kernel: A = query rows in place (or converted to
+//                             fp32), B = K packed in NR-key panels
+//   online softmax per row    scale, softcap, ALiBi, bounds and masks, running max m and sum l
+//                             (the -inf guard below), P = exp(S - m) written over S
+//   O = alpha O + P V         GEMM micro-kernel: A = P in place, B = V packed in NR-column panels
+// and finally out = O / l, lse = m + log l. No Sq x Sk matrix exists: per-thread scratch is
+// one S tile (kBlockM x kBlockN), one O tile (kBlockM x Dv) and the packed K/V of the current
+// (batch, kv head) group (see PackCache).
+//
+// Threads: items are ordered (batch, kv head, query head of the group, query block) and cut
+// into one contiguous range per thread by estimated cost (the number of key blocks each item
+// visits), which balances causal masks where later blocks do more work. Each thread packs a
+// group's K/V once and reuses it for every query block and every head of that GQA group.
+// Every output row is computed by one thread in a fixed order: bit-identical for any thread
+// count.
+#include <math.h>
+
+#include <atomic>
+#include <type_traits>
+
+#include "attention_common.h"
+#include "common.h"
+#include "gemm/blocking.h"
+#include "gemm/pack.h"
+#include "gemm/ukernel.h"
+#include "simd/math.h"
+#include "simd/vec.h"
+#include "threading.h"
+
+namespace attnkit {
+namespace cpu {
+namespace ATTNKIT_ISA_NS {
+
+
+namespace {
+
+template <class T>
+struct Tiles {
+  // 48 rows = 4 micro-panels of 12 (AVX-512) or 8 of 6 (AVX2). 256 keys per block: the
+  // per-row work of a block (max/sum reductions, the rescale of O, one scalar exp) is fixed,
+  // and at 64 keys it cost more than the exps themselves (bench/NOTES.md: 157 -> 168 GFLOP/s
+  // at B1 H12 S1024 D64). S tile 48 x 256 x 4 B = 48 KB lives in L2.
+  static constexpr int64_t kBlockM = Blocking<T>::MR >= 6 ? 48 : 32;
+  static constexpr int64_t kBlockN = 256;
+  static constexpr int NR = Blocking<T>::NR;
+  static constexpr int64_t kBlockNPad = (kBlockN + NR - 1) / NR * NR;
+};
+
+// Per-thread packed K/V of one (batch, kv head) group, by key block. Holds every block of the
+// group when that fits in kPackCacheBytes (then each block is packed once per thread), else
+// one block that is repacked on use.
+constexpr int64_t kPackCacheBytes = int64_t(16) << 20;
+
+template <class T>
+struct PackCache {
+  int64_t b = -1, g = -1;
+  int64_t slots = 0, block_elems_k = 0, block_elems_v = 0;
+  Scratch<T> k, v;
+  Scratch<int64_t> tag;   // key block held by each slot (-1: none)
+  Scratch<uint8_t> nonfinite;  // the V block holds inf/NaN (see pv_with_nonfinite)
+};
+
+template <class T>
+struct Workspace {
+  Scratch<T> qf, s, o, m, l;
+  Scratch<float> add;
+  PackCache<T> cache;
+  bool ok = true;
+};
+
+struct Item {
+  int64_t b, h, i0;  // batch, query head, first query row of the block
+  int64_t cost;      // key blocks visited (at least 1)
+};
+
+template <class T, class S>
+void pack_kv_block(const AttentionParams& p, const SeqView& s, int64_t g, int64_t j0, int64_t bn,
+                   T* kb, T* vb, uint8_t* nonfinite) {
+  constexpr int NR = Tiles<T>::NR;
+  constexpr int64_t BNp = Tiles<T>::kBlockNPad;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, Dvp = round_up(Dv, NR);
+  const S* K = typed<S>(p.k);
+  const S* V = typed<S>(p.v);
+  bool bad = false;
+  for (int64_t jj = 0; jj < BNp; ++jj) {
+    T* kpanel = kb + (jj / NR) * D * NR + (jj % NR);
+    if (jj >= bn) {
+      for (int64_t d = 0; d < D; ++d) kpanel[d * NR] = T(0);
+      for (int64_t d = 0; d < Dvp; ++d) vb[(d / NR) * BNp * NR + jj * NR + d % NR] = T(0);
+      continue;
+    }
+    const S* krow = K + kv_offset(p, s, g, j0 + jj, p.k_stride);
+    for (int64_t d = 0; d < D; ++d) kpanel[d * NR] = load_as<T>(krow + d);
+    const S* vrow = V + kv_offset(p, s, g, j0 + jj, p.v_stride);
+    for (int64_t d = 0; d < Dvp; ++d) {
+      const T x = d < Dv ? load_as<T>(vrow + d) : T(0);
+      bad |= !(x - x == T(0));  // inf or NaN
+      vb[(d / NR) * BNp * NR + jj * NR + d % NR] = x;
+    }
+  }
+  *nonfinite = bad;
+}
+
+template <class T, class S>
+bool ensure_packed(const AttentionParams& p, const SeqView& s, int64_t g, int64_t kb,
+                   PackCache<T>& c, const T** kblk, const T** vblk, bool* nonfinite) {
+  constexpr int64_t BN = Tiles<T>::kBlockN;
+  if (c.b != s.b || c.g != g) {
+    c.b = s.b;
+    c.g = g;
+    for (int64_t i = 0; i < c.slots; ++i) c.tag[i] = -1;
+  }
+  const int64_t slot = c.slots > 1 ? kb : 0;
+  T* kp = c.k.get() + slot * c.block_elems_k;
+  T* vp = c.v.get() + slot * c.block_elems_v;
+  if (c.tag[slot] != kb) {
+    const int64_t j0 = kb * BN;
+    pack_kv_block<T, S>(p, s, g, j0, imin(BN, s.sk - j0), kp, vp, &c.nonfinite[slot]);
+    c.tag[slot] = kb;
+  }
+  *kblk = kp;
+  *vblk = vp;
+  *nonfinite = c.nonfinite[slot];
+  return true;
+}
+
+// The score pipeline and online-softmax update of one row of the S tile (see
+// attention_common.h for the order of operations). Returns nothing; updates m, l, the O row,
+// and leaves P = exp(S - m_new) in srow[0..bn).
+struct RowCtx {
+  float scale, softcap, inv_softcap, slope;
+  float c;        // i + off
+  int64_t j0, bn;
+  int64_t lo, hi;  // allowed keys of this row
+  bool bounds;     // some key of the block may be outside [lo, hi]
+  const float* add;  // mask row (additive, -inf = masked) or nullptr
+  bool float_mask;
+};
+
+// fp32 rows: vectorized.
+// No modifier and a positive scale: max(scale * s) = scale * max(s), and exp(scale*s - m)
+// takes one FMA, so the scores are read twice instead of written back and read again.
+inline bool plain_row(const RowCtx& rc) {
+  return rc.softcap == 0.0f && rc.slope == 0.0f && !rc.bounds && !rc.add && rc.scale > 0.0f &&
+         rc.bn % Vec<float>::N == 0;
+}
+
+inline void row_update_plain(const RowCtx& rc, float* srow, float* m, float* l, float* orow,
+                             int64_t dvp) {
+  using V = Vec<float>;
+  V vmax0 = V::set1(kNegInfF), vmax1 = vmax0;
+  int64_t j = 0;
+  for (; j + 2 * V::N <= rc.bn; j += 2 * V::N) {
+    vmax0 = max(vmax0, V::load(srow + j));
+    vmax1 = max(vmax1, V::load(srow + j + V::N));
+  }
+  for (; j < rc.bn; j += V::N) vmax0 = max(vmax0, V::load(srow + j));
+  const float m_old = *m;
+  const float bmax = max(vmax0, vmax1).hmax() * rc.scale;
+  const float m_new = bmax > m_old ? bmax : m_old;  // finite: no score is masked here
+  const V vscale = V::set1(rc.scale), vneg_m = V::set1(-m_new);
+  V vsum0 = V::zero(), vsum1 = V::zero();
+  for (j = 0; j + 2 * V::N <= rc.bn; j += 2 * V::N) {
+    const V e0 = vexp(fma(V::load(srow + j), vscale, vneg_m));
+    const V e1 = vexp(fma(V::load(srow + j + V::N), vscale, vneg_m));
+    e0.store(srow + j);
+    e1.store(srow + j + V::N);
+    vsum0 = vsum0 + e0;
+    vsum1 = vsum1 + e1;
+  }
+  for (; j < rc.bn; j += V::N) {
+    const V e0 = vexp(fma(V::load(srow + j), vscale, vneg_m));
+    e0.store(srow + j);
+    vsum0 = vsum0 + e0;
+  }
+  const float alpha = expf(m_old - m_new);
+  *l = *l * alpha + (vsum0 + vsum1).hsum();
+  *m = m_new;
+  if (alpha != 1.0f) {
+    const V va = V::set1(alpha);
+    for (int64_t d = 0; d < dvp; d += V::N) (V::load(orow + d) * va).store(orow + d);
+  }
+}
+
+inline void row_update(const RowCtx& rc, float* srow, float* m, float* l, float* orow,
+                       int64_t dvp) {
+  using V = Vec<float>;
+  if (plain_row(rc)) return row_update_plain(rc, srow, m, l, orow, dvp);
+  const V vscale = V::set1(rc.scale), ninf = V::set1(kNegInfF);
+  const V vlo = V::set1(float(rc.lo - rc.j0)), vhi = V::set1(float(rc.hi - rc.j0));
+  const V vc = V::set1(rc.c - float(rc.j0));
+  V vmax = ninf;
+  for (int64_t j = 0; j < rc.bn; j += V::N) {
+    const int w = int(imin(V::N, rc.bn - j));
+    V x = V::load(srow + j) * vscale;
+    if (rc.softcap > 0.0f) x = V::set1(rc.softcap) * vtanh(x * V::set1(rc.inv_softcap));
+    const V jv = V::iota(float(j));  // key index relative to j0
+    if (rc.slope != 0.0f) x = fnma(V::set1(rc.slope), abs(vc - jv), x);
+    if (rc.bounds) x = select((jv < vlo) | (vhi < jv), ninf, x);
+    if (rc.add) {
+      const V a = w == V::N ? V::load(rc.add + j) : V::load_partial(rc.add + j, w);
+      x = rc.float_mask ? select(a == ninf, ninf, x + a) : select(a == ninf, ninf, x);
+    }
+    if (w < V::N) x = select(jv < V::set1(float(rc.bn)), x, ninf);
+    x.store(srow + j);  // the tile is padded to a whole number of vectors
+    vmax = max(vmax, x);
+  }
+  const float m_old = *m;
+  const float bmax = vmax.hmax();
+  const float m_new = bmax > m_old ? bmax : m_old;
+  // -inf guard: while every key seen so far is masked, m stays -inf and exp(s - m) would be
+  // exp(-inf + inf) = NaN. Such a row contributes nothing yet: P = 0, and m, l, O stay.
+  if (m_new == kNegInfF) {
+    for (int64_t j = 0; j < rc.bn; ++j) srow[j] = 0.0f;
+    return;
+  }
+  const V vm = V::set1(m_new);
+  V vsum = V::zero();
+  for (int64_t j = 0; j < rc.bn; j += V::N) {
+    V e = vexp(V::load(srow + j) - vm);
+    if (rc.bn - j < V::N) e = select(V::iota(float(j)) < V::set1(float(rc.bn)), e, V::zero());
+    e.store(srow + j);
+    vsum = vsum + e;
+  }
+  const float alpha = expf(m_old - m_new);  // 0 on the first unmasked block (m_old = -inf)
+  *l = *l * alpha + vsum.hsum();
+  *m = m_new;
+  if (alpha != 1.0f) {
+    const V va = V::set1(alpha);
+    for (int64_t d = 0; d < dvp; d += V::N) (V::load(orow + d) * va).store(orow + d);
+  }
+}
+
+// fp64 rows: the same pipeline, scalar (float64 is the correctness path, e.g. gradcheck).
+inline void row_update(const RowCtx& rc, double* srow, double* m, double* l, double* orow,
+                       int64_t dvp) {
+  double vmax = -__builtin_inf();
+  for (int64_t j = 0; j < rc.bn; ++j) {
+    double x = srow[j] * double(rc.scale);
+    if (rc.softcap > 0.0f) x = double(rc.softcap) * tanh(x / double(rc.softcap));
+    if (rc.slope != 0.0f) x -= double(rc.slope) * fabs(double(rc.c) - double(rc.j0 + j));
+    const int64_t jg = rc.j0 + j;
+    if (rc.bounds && (jg < rc.lo || jg > rc.hi)) x = -__builtin_inf();
+    if (rc.add) {
+      const float a = rc.add[j];
+      if (a == kNegInfF)
+        x = -__builtin_inf();
+      else if (rc.float_mask)
+        x += double(a);
+    }
+    srow[j] = x;
+    vmax = x > vmax ? x : vmax;
+  }
+  const double m_old = *m, m_new = vmax > m_old ? vmax : m_old;
+  if (m_new == -__builtin_inf()) {  // -inf guard, as in the fp32 path
+    for (int64_t j = 0; j < rc.bn; ++j) srow[j] = 0.0;
+    return;
+  }
+  double sum = 0.0;
+  for (int64_t j = 0; j < rc.bn; ++j) {
+    srow[j] = exp(srow[j] - m_new);
+    sum += srow[j];
+  }
+  const double alpha = exp(m_old - m_new);
+  *l = *l * alpha + sum;
+  *m = m_new;
+  if (alpha != 1.0)
+    for (int64_t d = 0; d < dvp; ++d) orow[d] *= alpha;
+}
+
+// O += P V for a V block that holds inf/NaN: keys with P == 0 (masked) are skipped, so a
+// NaN in a masked-out V row never reaches the output (0 * NaN would).
+template <class T>
+void pv_with_nonfinite(const T* P, int64_t ldp, int64_t bm, int64_t bn, const T* vb, T* O,
+                       int64_t ldo, int64_t dvp) {
+  constexpr int NR = Tiles<T>::NR;
+  constexpr int64_t BNp = Tiles<T>::kBlockNPad;
+  for (int64_t r = 0; r < bm; ++r)
+    for (int64_t j = 0; j < bn; ++j) {
+      const T pj = P[r * ldp + j];
+      if (pj == T(0)) continue;
+      for (int64_t d = 0; d < dvp; ++d) O[r * ldo + d] += pj * vb[(d / NR) * BNp * NR + j * NR + d % NR];
+    }
+}
+
+template <class T, class SQ, class SKV>
+void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
+  using Tl = Tiles<T>;
+  constexpr int MR = Blocking<T>::MR, NR = Tl::NR;
+  constexpr int64_t BN = Tl::kBlockN, BNp = Tl::kBlockNPad;
+  const SeqView s = seq_view(p, it.b);
+  const int64_t h = it.h, g = h / (p.num_heads / p.num_kv_heads);
+  const int64_t i0 = it.i0, bm = imin(Tl::kBlockM, s.sq - i0);
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, Dvp = round_up(Dv, NR);
+  T *S = w.s.get(), *O = w.o.get(), *m = w.m.get(), *l = w.l.get();
+
+  // Query rows: read in place when they are fp32 already, else converted into qf.
+  const T* A;
+  int64_t rs_a;
+  const SQ* Q = typed<SQ>(p.q);
+  if constexpr (std::is_same<SQ, T>::value) {
+    A = Q + q_offset(p, s, h, i0);
+    rs_a = p.q_stride[2];
+  } else {
+    for (int64_t r = 0; r < bm; ++r) {
+      const SQ* qr = Q + q_offset(p, s, h, i0 + r);
+      for (int64_t d = 0; d < D; ++d) w.qf[r * D + d] = load_as<T>(qr + d);
+    }
+    A = w.qf.get();
+    rs_a = D;
+  }
+
+  // Allowed key ranges; the blocks any row needs.
+  int64_t lo_min = s.sk, hi_max = -1;
+  for (int64_t r = 0; r < bm; ++r) {
+    m[r] = -T(__builtin_inf());
+    l[r] = T(0);
+    for (int64_t d = 0; d < Dvp; ++d) O[r * Dvp + d] = T(0);
+    const KeyRange kr = key_range(p, s, i0 + r);
+    if (kr.lo > kr.hi) continue;
+    lo_min = imin(lo_min, kr.lo);
+    hi_max = imax(hi_max, kr.hi);
+  }
+  RowCtx rc;
+  rc.scale = p.scale;
+  rc.softcap = p.softcap;
+  rc.inv_softcap = p.softcap > 0.0f ? 1.0f / p.softcap : 0.0f;
+  rc.slope = alibi_slope(p, s.b, h);
+  rc.float_mask = p.mask && p.mask_dtype != DType::boolean;
+  for (int64_t kb = lo_min / BN; hi_max >= 0 && kb <= hi_max / BN; ++kb) {
+    const int64_t j0 = kb * BN, bn = imin(BN, s.sk - j0);
+    if (mask_block_empty(p, s.b, h, i0, bm, j0, bn)) continue;
+    const T *kblk, *vblk;
+    bool v_nonfinite;
+    ensure_packed<T, SKV>(p, s, g, kb, w.cache, &kblk, &vblk, &v_nonfinite);
+    // S = Q K^T
+    for (int64_t ir = 0; ir < bm; ir += MR) {
+      const int mr = int(imin(MR, bm - ir));
+      for (int64_t jp = 0; jp < bn; jp += NR)
+        ukernel_rows<T, false>(mr, D, A + ir * rs_a, rs_a, kblk + (jp / NR) * D * NR, NR,
+                               S + ir * BNp + jp, BNp, false, NR);
+    }
+    // Softmax update row by row.
+    rc.j0 = j0;
+    rc.bn = bn;
+    for (int64_t r = 0; r < bm; ++r) {
+      const int64_t i = i0 + r;
+      const KeyRange kr = key_range(p, s, i);
+      rc.lo = kr.lo;
+      rc.hi = kr.hi;
+      rc.bounds = kr.lo > j0 || kr.hi < j0 + bn - 1;
+      rc.c = float(i + s.off);
+      if (p.mask) {
+        // A mask broadcast over query rows (key padding) is the same for every row.
+        if (r == 0 || p.mask_stride[2] != 0) mask_row(p, s.b, h, i, j0, bn, w.add.get());
+        rc.add = w.add.get();
+      } else {
+        rc.add = nullptr;
+      }
+      row_update(rc, S + r * BNp, m + r, l + r, O + r * Dvp, Dvp);
+    }
+    // O += P V
+    if (v_nonfinite) {
+      pv_with_nonfinite<T>(S, BNp, bm, bn, vblk, O, Dvp, Dvp);
+      continue;
+    }
+    for (int64_t ir = 0; ir < bm; ir += MR) {
+      const int mr = int(imin(MR, bm - ir));
+      for (int64_t c = 0; c < Dvp; c += NR)
+        ukernel_rows<T, false>(mr, bn, S + ir * BNp, BNp, vblk + (c / NR) * BNp * NR, NR,
+                               O + ir * Dvp + c, Dvp, true, NR);
+    }
+  }
+
+  // out = O / l; a row that saw no allowed key (l == 0) gives 0 and lse = -inf, as torch SDPA.
+  SQ* out = static_cast<SQ*>(p.out);
+  for (int64_t r = 0; r < bm; ++r) {
+    const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
+    SQ* orow = out + out_offset(p, s, h, i0 + r, p.out_stride);
+    for (int64_t d = 0; d < Dv; ++d) store_as<T, SQ>(O[r * Dvp + d] * inv, orow + d);
+    if (p.lse)
+      p.lse[out_offset(p, s, h, i0 + r, p.lse_stride)] =
+          l[r] > T(0) ? float(m[r] + T(log(double(l[r])))) : kNegInfF;
+  }
+}
+
+template <class T>
+bool init_workspace(const AttentionParams& p, Workspace<T>& w, int64_t max_sk) {
+  using Tl = Tiles<T>;
+  constexpr int NR = Tl::NR;
+  const int64_t BM = Tl::kBlockM, BNp = Tl::kBlockNPad;
+  const int64_t D = p.head_dim, Dvp = round_up(p.head_dim_v, NR);
+  PackCache<T>& c = w.cache;
+  c.block_elems_k = BNp * D;
+  c.block_elems_v = BNp * Dvp;
+  const int64_t nblocks = imax(1, ceil_div(max_sk, Tl::kBlockN));
+  const int64_t group_bytes = nblocks * (c.block_elems_k + c.block_elems_v) * int64_t(sizeof(T));
+  c.slots = group_bytes <= kPackCacheBytes ? nblocks : 1;
+  return w.qf.reset(size_t(BM * D)) && w.s.reset(size_t(BM * BNp)) && w.o.reset(size_t(BM * Dvp)) &&
+         w.m.reset(size_t(BM)) && w.l.reset(size_t(BM)) && w.add.reset(size_t(Tl::kBlockN)) &&
+         c.k.reset(size_t(c.slots * c.block_elems_k)) && c.v.reset(size_t(c.slots * c.block_elems_v)) &&
+         c.tag.reset(size_t(c.slots)) && c.nonfinite.reset(size_t(c.slots));
+}
+
+template <class T, class SQ, class SKV>
+Status attention_typed(const AttentionParams& p) {
+  using Tl = Tiles<T>;
+  const int64_t BM = Tl::kBlockM, BN = Tl::kBlockN;
+  const int64_t G = p.num_heads / p.num_kv_heads;
+  // Items in (batch, kv head, head of group, query block) order, with their cost.
+  int64_t n_items = 0, max_sk = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SeqView s = seq_view(p, b);
+    n_items += p.num_heads * ceil_div(s.sq, BM);
+    max_sk = imax(max_sk, s.sk);
+  }
+  if (n_items == 0) return Status::ok;
+  Scratch<Item> items;
+  Scratch<int64_t> prefix;
+  if (!items.reset(size_t(n_items)) || !prefix.reset(size_t(n_items + 1))) return Status::out_of_memory;
+  int64_t n = 0;
+  double flops = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SeqView s = seq_view(p, b);
+    for (int64_t g = 0; g < p.num_kv_heads; ++g)
+      for (int64_t hh = 0; hh < G; ++hh)
+        for (int64_t i0 = 0; i0 < s.sq; i0 += BM) {
+          const int64_t bm = imin(BM, s.sq - i0);
+          const KeyRange first = key_range(p, s, i0), last = key_range(p, s, i0 + bm - 1);
+          const int64_t lo = imax(0, first.lo), hi = imin(s.sk - 1, last.hi);
+          const int64_t blocks = hi >= lo ? hi / BN - lo / BN + 1 : 0;
+          items[n] = {b, g * G + hh, i0, 1 + blocks};
+          flops += double(bm) * double(blocks * BN) * double(p.head_dim + p.head_dim_v);
+          ++n;
+        }
+  }
+  prefix[0] = 0;
+  for (int64_t i = 0; i < n_items; ++i) prefix[i + 1] = prefix[i] + items[i].cost;
+  const int nt = threads_for(int64_t(flops / 16), p.num_threads);
+  std::atomic<bool> failed{false};
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int tid = thread_id(), team = team_size();
+    // This thread's items: those whose cost prefix starts in [tid, tid+1) * total / team.
+    const int64_t total = prefix[n_items];
+    const int64_t c0 = total * tid / team, c1 = total * (tid + 1) / team;
+    int64_t lo = 0, hi = n_items;
+    while (lo < hi) {  // first item with prefix >= c0
+      const int64_t mid = (lo + hi) / 2;
+      if (prefix[mid] < c0) lo = mid + 1; else hi = mid;
+    }
+    int64_t begin = lo;
+    lo = begin, hi = n_items;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (prefix[mid] < c1) lo = mid + 1; else hi = mid;
+    }
+    const int64_t end = tid == team - 1 ? n_items : lo;
+    if (begin < end) {
+      Workspace<T> w;
+      if (!init_workspace<T>(p, w, max_sk)) {
+        failed = true;
+      } else {
+        for (int64_t i = begin; i < end; ++i) run_item<T, SQ, SKV>(p, items[i], w);
+      }
+    }
+  }
+  return failed ? Status::out_of_memory : Status::ok;
+}
+
+template <class T, class SQ>
+Status dispatch_kv(const AttentionParams& p) {
+  switch (p.kv_dtype) {
+    case DType::f32:
+      if constexpr (std::is_same<T, float>::value) return attention_typed<T, SQ, float>(p);
+      break;
+    case DType::f16:
+      if constexpr (std::is_same<T, float>::value) return attention_typed<T, SQ, f16_t>(p);
+      break;
+    case DType::bf16:
+      if constexpr (std::is_same<T, float>::value) return attention_typed<T, SQ, bf16_t>(p);
+      break;
+    case DType::f64:
+      if constexpr (std::is_same<T, double>::value) return attention_typed<T, SQ, double>(p);
+      break;
+    default:
+      break;
+  }
+  return Status::invalid_argument;
+}
+
+}  // namespace
+
+Status attention_fwd(const AttentionParams& p) {
+  if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0) return Status::invalid_argument;
+  switch (p.q_dtype) {
+    case DType::f32:
+      return dispatch_kv<float, float>(p);
+    case DType::f16:
+      return dispatch_kv<float, f16_t>(p);
+    case DType::bf16:
+      return dispatch_kv<float, bf16_t>(p);
+    case DType::f64:
+      return dispatch_kv<double, double>(p);
+    default:
+      return Status::invalid_argument;
+  }
+}
+
+}  // namespace ATTNKIT_ISA_NS
+}  // namespace cpu
+}  // namespace attnkit

@@ -1,0 +1,298 @@
+"""NumPy API of the attention kernels: argument checking, layouts, defaults, broadcasting.
+
+Everything here produces canonical (B, H, S, D) *views* for the binding; nothing is copied
+except where documented (a head dim that is not contiguous; int32 index arrays widened to
+int64; ALiBi slopes converted to float32).
+"""
+import math
+import numbers
+
+import numpy as np
+
+from . import _C
+from ._validate import check_array, check_out
+
+_FLOAT = ("float32", "float64", "float16", "bfloat16")
+
+
+def _dtype_name(a):
+    return np.dtype(a.dtype).name
+
+
+def _check_float(a, fn, name):
+    if _dtype_name(a) not in _FLOAT:
+        raise TypeError(
+            f"{fn}: {name} has dtype {a.dtype}; expected float32, float64, float16 or bfloat16"
+        )
+
+
+def check_qkv_dtypes(q, k, v, fn):
+    _check_float(q, fn, "q")
+    if k.dtype != v.dtype:
+        raise TypeError(f"{fn}: k has dtype {k.dtype} but v has {v.dtype}")
+    kd, qd = _dtype_name(k), _dtype_name(q)
+    if not (kd == qd or (qd == "float32" and kd in ("float16", "bfloat16"))):
+        raise TypeError(
+            f"{fn}: q has dtype {q.dtype} but k/v have {k.dtype}; k/v must have q's dtype, or be "
+            "float16/bfloat16 when q is float32"
+        )
+
+
+def _rows_contiguous(a):
+    """The kernels need unit stride along the head dim; anything else is copied (documented)."""
+    if a.shape[-1] > 1 and a.strides[-1] != a.itemsize:
+        return np.ascontiguousarray(a)
+    return a
+
+
+def resolve_scale(scale, head_dim, fn):
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{fn}: scale must be a real number or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{fn}: scale must be finite, got {scale}")
+    return scale
+
+
+def resolve_softcap(softcap, fn):
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"{fn}: softcap must be a real number or None, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"{fn}: softcap must be a finite number > 0 (0 or None: off), got {softcap}")
+    return softcap
+
+
+def resolve_window(window, fn):
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"{fn}: window must be a (left, right) pair of ints, got {window!r}")
+    out = []
+    for w in window:
+        if isinstance(w, bool) or not isinstance(w, (numbers.Integral,)):
+            raise TypeError(f"{fn}: window entries must be ints (-1 = unbounded), got {window!r}")
+        if w < -1:
+            raise ValueError(f"{fn}: window entries must be >= -1 (-1 = unbounded), got {window!r}")
+        out.append(int(w))
+    return out[0], out[1]
+
+
+def resolve_align(causal_align, fn):
+    if causal_align not in ("top_left", "bottom_right"):
+        raise ValueError(
+            f"{fn}: causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}"
+        )
+    return causal_align == "bottom_right"
+
+
+def resolve_alibi(alibi_slopes, batch, heads, fn):
+    if alibi_slopes is None:
+        return None
+    check_array(alibi_slopes, fn, "alibi_slopes")
+    a = np.asarray(alibi_slopes)
+    if a.dtype.kind != "f" and _dtype_name(a) != "bfloat16":
+        raise TypeError(f"{fn}: alibi_slopes must be a float array, got {a.dtype}")
+    if a.shape == (heads,):
+        a = a[None, :]
+    elif a.shape != (batch, heads):
+        raise ValueError(
+            f"{fn}: alibi_slopes has shape {a.shape}; expected ({heads},) or ({batch}, {heads})"
+        )
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{fn}: alibi_slopes must be finite")
+    return np.broadcast_to(a, (batch, heads))
+
+
+def resolve_mask(mask, shape, fn):
+    """Broadcast a bool/float mask to (B, H, Sq, Sk) as a view (stride 0 where broadcast)."""
+    if mask is None:
+        return None
+    check_array(mask, fn, "mask")
+    if mask.dtype != np.bool_ and _dtype_name(mask) not in _FLOAT:
+        raise TypeError(f"{fn}: mask must be bool (True = attend) or float (added), got {mask.dtype}")
+    if mask.ndim > 4:
+        raise ValueError(f"{fn}: mask has {mask.ndim} dims; it must broadcast to (B, H, Sq, Sk) = {shape}")
+    try:
+        return np.broadcast_to(mask, shape)
+    except ValueError:
+        raise ValueError(
+            f"{fn}: mask of shape {mask.shape} does not broadcast to (B, H, Sq, Sk) = {shape}"
+        ) from None
+
+
+def _check_bool(x, fn, name):
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{fn}: {name} must be a bool, got {type(x).__name__}")
+    return bool(x)
+
+
+def _int64_index(a, fn, name, ndim):
+    check_array(a, fn, name)
+    if a.dtype not in (np.int32, np.int64):
+        raise TypeError(f"{fn}: {name} must be int32 or int64, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{fn}: {name} must be {ndim}-D, got shape {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def attention(q, k, v, *, mask=None, causal=False, causal_align="top_left", scale=None,
+              window=None, alibi_slopes=None, softcap=None, layout="bhsd", return_lse=False,
+              out=None):
+    """Scaled dot-product attention, fused (FlashAttention-style; no Sq x Sk matrix).
+
+    Parameters
+    ----------
+    q, k, v : numpy.ndarray
+        ``layout="bhsd"``: q (B, H, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) (torch SDPA's
+        layout). ``layout="bshd"``: (B, S, H, D) (FlashAttention's). H must be a multiple of Hkv
+        (GQA/MQA). dtypes: float32, float64, float16, ``ml_dtypes.bfloat16`` (half types are
+        computed in fp32); k/v may be float16/bfloat16 under a float32 q. Any strides are read
+        in place, except that a head dim with non-unit stride is copied first.
+    mask : numpy.ndarray, optional
+        Broadcastable to (B, H, Sq, Sk), whatever the layout. bool: True = attend. float: added
+        to the scores (-inf entries count as masked out). Broadcast dims are never expanded.
+    causal : bool
+        Causal masking; ``causal_align="top_left"`` (torch's ``is_causal``) or
+        ``"bottom_right"`` (FlashAttention's, key j allowed when j <= i + Sk - Sq).
+    scale : float, optional
+        Defaults to 1 / sqrt(D).
+    window : (int, int), optional
+        Sliding window (left, right); key j is allowed when i + off - left <= j <= i + off + right
+        (off as for causal_align); -1 = unbounded.
+    alibi_slopes : numpy.ndarray, optional
+        (H,) or (B, H): scores get ``- slope * |i + off - j|``.
+    softcap : float, optional
+        Scores become ``softcap * tanh(s / softcap)`` before masking.
+    return_lse : bool
+        Also return the natural-log log-sum-exp of each row's scaled scores, (B, H, Sq) float32.
+    out : numpy.ndarray, optional
+        Written in place; shape (B, H, Sq, Dv) (bhsd) or (B, Sq, H, Dv) (bshd), q's dtype.
+
+    Order of score operations: scale, softcap, ALiBi, causal/window/bool mask (-inf), float mask
+    (added). A row with no allowed key gives output 0 and lse -inf. NaN in masked-out K/V rows
+    never reaches the output.
+
+    Returns
+    -------
+    out, or (out, lse) with ``return_lse=True``.
+    """
+    fn = "attention"
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        check_array(a, fn, name)
+        if a.ndim != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D ({layout}), got shape {a.shape}")
+    if layout not in ("bhsd", "bshd"):
+        raise ValueError(f"{fn}: layout must be 'bhsd' or 'bshd', got {layout!r}")
+    check_qkv_dtypes(q, k, v, fn)
+    if layout == "bshd":
+        qc, kc, vc = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    else:
+        qc, kc, vc = q, k, v
+    B, H, Sq, D = qc.shape
+    Bk, Hkv, Sk, Dk = kc.shape
+    Dv = vc.shape[3]
+    names = "(B, S, H, D)" if layout == "bshd" else "(B, H, S, D)"
+    if Bk != B or vc.shape[0] != B:
+        raise ValueError(f"{fn}: q, k and v must have the same batch size, got {q.shape}, {k.shape}, {v.shape}")
+    if Dk != D:
+        raise ValueError(f"{fn}: k has head_dim {Dk} but q has {D}")
+    if vc.shape[1] != Hkv or vc.shape[2] != Sk:
+        raise ValueError(f"{fn}: v has shape {v.shape} but k has {k.shape}; {names} must agree but for D")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"{fn}: q has {H} heads, which is not a multiple of k/v's {Hkv} (GQA needs H % Hkv == 0)")
+    if D == 0 or Dv == 0:
+        raise ValueError(f"{fn}: head dims must be at least 1, got D={D}, Dv={Dv}")
+    causal = _check_bool(causal, fn, "causal")
+    return_lse = _check_bool(return_lse, fn, "return_lse")
+    bottom_right = resolve_align(causal_align, fn)
+    scale = resolve_scale(scale, D, fn)
+    softcap = resolve_softcap(softcap, fn)
+    wl, wr = resolve_window(window, fn)
+    alibi = resolve_alibi(alibi_slopes, B, H, fn)
+    maskc = resolve_mask(mask, (B, H, Sq, Sk), fn)
+
+    out_shape = (B, Sq, H, Dv) if layout == "bshd" else (B, H, Sq, Dv)
+    if out is None:
+        out = np.empty(out_shape, dtype=q.dtype)
+    else:
+        check_out(out, fn)
+        if out.shape != out_shape:
+            raise ValueError(f"{fn}: out has shape {out.shape} but the result has {out_shape}")
+        if out.dtype != q.dtype:
+            raise TypeError(f"{fn}: out has dtype {out.dtype} but q has {q.dtype}")
+    outc = out.transpose(0, 2, 1, 3) if layout == "bshd" else out
+    lse = np.empty((B, H, Sq), np.float32) if return_lse else None
+    if outc.shape[-1] > 1 and outc.strides[-1] != outc.itemsize:
+        raise ValueError(f"{fn}: out must be contiguous along its last dim")
+    _C.attention(_rows_contiguous(qc), _rows_contiguous(kc), _rows_contiguous(vc), outc, lse,
+                 maskc, alibi, None, None, None, None, B, scale, softcap, causal, bottom_right,
+                 wl, wr)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False,
+                     causal_align="bottom_right", scale=None, window=None, alibi_slopes=None,
+                     softcap=None, return_lse=False, out=None):
+    """Attention over packed variable-length sequences (FlashAttention's varlen layout).
+
+    q is (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); sequence b owns query
+    tokens ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and keys ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``
+    (int32 or int64 prefix sums starting at 0 and ending at the totals). Sequences may be empty.
+    Options as in :func:`attention` (no ``mask``); causal alignment defaults to bottom-right.
+    Returns out (total_q, H, Dv), and with ``return_lse=True`` also lse (H, total_q) float32.
+    """
+    fn = "attention_varlen"
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        check_array(a, fn, name)
+        if a.ndim != 3:
+            raise ValueError(f"{fn}: {name} must be 3-D (total_tokens, heads, dim), got shape {a.shape}")
+    check_qkv_dtypes(q, k, v, fn)
+    cu_q = _int64_index(cu_seqlens_q, fn, "cu_seqlens_q", 1)
+    cu_k = _int64_index(cu_seqlens_k, fn, "cu_seqlens_k", 1)
+    if cu_q.shape != cu_k.shape or cu_q.shape[0] < 1:
+        raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must have the same length >= 1, "
+                         f"got {cu_q.shape[0]} and {cu_k.shape[0]}")
+    batch = cu_q.shape[0] - 1
+    for name, cu, total in (("cu_seqlens_q", cu_q, q.shape[0]), ("cu_seqlens_k", cu_k, k.shape[0])):
+        if cu[0] != 0 or (np.diff(cu) < 0).any() or cu[-1] != total:
+            raise ValueError(f"{fn}: {name} must be non-decreasing from 0 to the token count "
+                             f"{total}, got {cu.tolist() if cu.size < 20 else cu}")
+    Tq, H, D = q.shape
+    Tk, Hkv, Dk = k.shape
+    Dv = v.shape[2]
+    if Dk != D:
+        raise ValueError(f"{fn}: k has head_dim {Dk} but q has {D}")
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"{fn}: v has shape {v.shape} but k has {k.shape}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"{fn}: q has {H} heads, which is not a multiple of k/v's {Hkv}")
+    if D == 0 or Dv == 0:
+        raise ValueError(f"{fn}: head dims must be at least 1")
+    causal = _check_bool(causal, fn, "causal")
+    return_lse = _check_bool(return_lse, fn, "return_lse")
+    bottom_right = resolve_align(causal_align, fn)
+    scale = resolve_scale(scale, D, fn)
+    softcap = resolve_softcap(softcap, fn)
+    wl, wr = resolve_window(window, fn)
+    alibi = resolve_alibi(alibi_slopes, batch, H, fn)
+    if out is None:
+        out = np.empty((Tq, H, Dv), dtype=q.dtype)
+    else:
+        check_out(out, fn)
+        if out.shape != (Tq, H, Dv) or out.dtype != q.dtype:
+            raise ValueError(f"{fn}: out must have shape {(Tq, H, Dv)} and dtype {q.dtype}, "
+                             f"got {out.shape} {out.dtype}")
+    lse = np.empty((H, Tq), np.float32) if return_lse else None
+    as4 = lambda a: _rows_contiguous(a).transpose(1, 0, 2)[None]  # (1, H, T, D) view
+    if out.shape[-1] > 1 and out.strides[-1] != out.itemsize:
+        raise ValueError(f"{fn}: out must be contiguous along its last dim")
+    _C.attention(as4(q), as4(k), as4(v), out.transpose(1, 0, 2)[None],
+                 None if lse is None else lse[None], None, alibi, cu_q, cu_k, None, None, batch,
+                 scale, softcap, causal, bottom_right, wl, wr)
+    return (out, lse) if return_lse else out
