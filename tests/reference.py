@@ -118,3 +118,74 @@ def from_torch(t, dtype):
     if t.dtype == torch.bfloat16:
         return t.contiguous().view(torch.int16).numpy().view(bfloat16)
     return t.detach().contiguous().numpy().astype(dtype)
+
+
+def attention_ref(q, k, v, *, mask=None, causal=False, bottom_right=False, scale=None,
+                  window=None, alibi=None, softcap=None):
+    """Float64 attention over (B, H, Sq, D) / (B, Hkv, Sk, D) with attnkit's full semantics.
+
+    Returns (out, lse); a row with no allowed key gives out 0 and lse -inf.
+    """
+    q, k, v = to64(q), to64(k), to64(v)
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if Sk == 0:
+        return np.zeros((B, H, Sq, v.shape[3])), np.full((B, H, Sq), -np.inf)
+    G = H // Hkv
+    k = np.repeat(k, G, axis=1)
+    v = np.repeat(v, G, axis=1)
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    s = np.einsum("bhid,bhjd->bhij", q, k) * scale
+    if softcap:
+        s = softcap * np.tanh(s / softcap)
+    off = Sk - Sq if bottom_right else 0
+    i = np.arange(Sq)[:, None] + off
+    j = np.arange(Sk)[None, :]
+    if alibi is not None:
+        slopes = np.broadcast_to(to64(alibi).reshape((-1, H) if np.ndim(alibi) == 2 else (1, H)), (B, H))
+        s = s - slopes[:, :, None, None] * np.abs(i - j)[None, None]
+    allowed = np.ones((Sq, Sk), bool)
+    if causal:
+        allowed &= j <= i
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            allowed &= j >= i - left
+        if right >= 0:
+            allowed &= j <= i + right
+    allowed = np.broadcast_to(allowed, s.shape).copy()
+    add = None
+    if mask is not None:
+        m = np.broadcast_to(mask, s.shape)
+        if m.dtype == np.bool_:
+            allowed &= m
+        else:
+            m = to64(m)
+            allowed &= m != -np.inf
+            add = m
+    with np.errstate(invalid="ignore"):
+        s = np.where(allowed, s, -np.inf)
+        if add is not None:
+            s = np.where(allowed, s + add, -np.inf)
+        mx = np.max(s, axis=-1, keepdims=True)
+        empty = ~np.isfinite(mx) & (mx < 0)  # all -inf
+        mx = np.where(empty, 0.0, mx)
+        p = np.exp(s - mx)
+        l = p.sum(-1, keepdims=True)
+        pv = np.where(allowed, p, 0.0)
+        out = np.einsum("bhij,bhjd->bhid", pv, v) if np.isfinite(v).all() else _masked_pv(pv, v)
+        out = np.where(empty, 0.0, out / np.where(empty, 1.0, l))
+        lse = np.where(empty[..., 0], -np.inf, (mx + np.log(np.where(empty, 1.0, l)))[..., 0])
+    return out, lse
+
+
+def _masked_pv(p, v):
+    """P @ V where P == 0 entries skip their V row (so NaN there does not propagate)."""
+    out = np.zeros(p.shape[:-1] + (v.shape[-1],))
+    B, H, Sq, Sk = p.shape
+    for b in range(B):
+        for h in range(H):
+            for i in range(Sq):
+                nz = p[b, h, i] != 0
+                out[b, h, i] = p[b, h, i, nz] @ v[b, h, nz]
+    return out

@@ -26,7 +26,7 @@ bool is_float(DType t) {
 
 void check_rows_contiguous(const Tensor& t, const char* name) {
   require(t.ndim == 4, std::string(name) + " must be 4-D here, got " + shape_str(t));
-  require(t.shape[3] <= 1 || t.strides[3] == 1,
+  require(t.shape[3] <= 1 || t.strides[3] == 1 || t.numel() == 0,
           std::string(name) + " must be contiguous along its last (head) dim");
 }
 

@@ -228,7 +228,7 @@ def attention(q, k, v, *, mask=None, causal=False, causal_align="top_left", scal
             raise TypeError(f"{fn}: out has dtype {out.dtype} but q has {q.dtype}")
     outc = out.transpose(0, 2, 1, 3) if layout == "bshd" else out
     lse = np.empty((B, H, Sq), np.float32) if return_lse else None
-    if outc.shape[-1] > 1 and outc.strides[-1] != outc.itemsize:
+    if outc.size and outc.shape[-1] > 1 and outc.strides[-1] != outc.itemsize:
         raise ValueError(f"{fn}: out must be contiguous along its last dim")
     _C.attention(_rows_contiguous(qc), _rows_contiguous(kc), _rows_contiguous(vc), outc, lse,
                  maskc, alibi, None, None, None, None, B, scale, softcap, causal, bottom_right,
@@ -290,7 +290,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False,
                              f"got {out.shape} {out.dtype}")
     lse = np.empty((H, Tq), np.float32) if return_lse else None
     as4 = lambda a: _rows_contiguous(a).transpose(1, 0, 2)[None]  # (1, H, T, D) view
-    if out.shape[-1] > 1 and out.strides[-1] != out.itemsize:
+    if out.size and out.shape[-1] > 1 and out.strides[-1] != out.itemsize:
         raise ValueError(f"{fn}: out must be contiguous along its last dim")
     _C.attention(as4(q), as4(k), as4(v), out.transpose(1, 0, 2)[None],
                  None if lse is None else lse[None], None, alibi, cu_q, cu_k, None, None, batch,

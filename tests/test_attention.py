@@ -1,0 +1,375 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnkit
+from conftest import poisoned
+from reference import (
+    FLOAT_DTYPES,
+    assert_close,
+    attention_ref,
+    bfloat16,
+    dtype_id,
+    from_torch,
+    randn,
+    to64,
+    to_torch,
+)
+
+
+def make_qkv(rng, B, H, Hkv, Sq, Sk, D, Dv=None, dtype=np.float32, kv_dtype=None):
+    Dv = D if Dv is None else Dv
+    q = randn(rng, (B, H, Sq, D), dtype)
+    k = randn(rng, (B, Hkv, Sk, D), kv_dtype or dtype)
+    v = randn(rng, (B, Hkv, Sk, Dv), kv_dtype or dtype)
+    return q, k, v
+
+
+def torch_sdpa(q, k, v, mask=None, causal=False, scale=None):
+    """torch SDPA in the inputs' dtype (for the 2x-torch-error rule)."""
+    tq, tk, tv = to_torch(q), to_torch(k), to_torch(v)
+    tm = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask)).to(tq.dtype if mask.dtype != np.bool_ else torch.bool)
+    o = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=tm, is_causal=causal, scale=scale,
+                                       enable_gqa=tq.shape[1] != tk.shape[1])
+    return from_torch(o, q.dtype)
+
+
+def check(q, k, v, got, *, use_torch=False, lse=None, **kw):
+    ref, ref_lse = attention_ref(q, k, v, **kw)
+    scale = max(1.0, float(np.nanmax(np.abs(to64(v))))) if v.size else 1.0
+    tres = None
+    if use_torch:
+        tres = torch_sdpa(q, k, v, mask=kw.get("mask"), causal=kw.get("causal", False),
+                          scale=kw.get("scale"))
+    assert_close(got, ref, q.dtype, torch_result=tres, scale=scale, what="attention out")
+    if lse is not None:
+        assert lse.dtype == np.float32
+        assert_close(lse, ref_lse, np.float32, scale=max(1.0, float(np.nanmax(np.abs(ref_lse[np.isfinite(ref_lse)]), initial=1.0))), what="lse")
+
+
+@pytest.mark.parametrize("D", [1, 8, 40, 59, 64, 80, 96, 111, 128, 160, 256])
+def test_head_dims(isa, rng, D):
+    q, k, v = make_qkv(rng, 1, 2, 2, 17, 113, D)
+    check(q, k, v, attnkit.attention(q, k, v), use_torch=True)
+    o, lse = attnkit.attention(q, k, v, causal=True, return_lse=True)
+    check(q, k, v, o, lse=lse, use_torch=True, causal=True)
+
+
+@pytest.mark.parametrize("D,Dv", [(64, 32), (40, 96), (7, 1), (128, 256)])
+def test_dv_differs(isa, rng, D, Dv):
+    q, k, v = make_qkv(rng, 2, 2, 1, 33, 70, D, Dv)
+    check(q, k, v, attnkit.attention(q, k, v), use_torch=True)
+
+
+SEQS = [(1, 1), (2, 17), (17, 2), (113, 128), (128, 113), (1, 1023), (1023, 17), (128, 1023)]
+
+
+@pytest.mark.parametrize("sq,sk", SEQS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_lengths_and_causal(isa, rng, sq, sk, causal):
+    q, k, v = make_qkv(rng, 1, 2, 2, sq, sk, 64)
+    check(q, k, v, attnkit.attention(q, k, v, causal=causal), use_torch=True, causal=causal)
+    o, lse = attnkit.attention(q, k, v, causal=causal, causal_align="bottom_right", return_lse=True)
+    check(q, k, v, o, lse=lse, causal=causal, bottom_right=True)
+
+
+@pytest.mark.parametrize("H,Hkv", [(8, 2), (8, 1), (6, 6)])
+def test_gqa_mqa(isa, rng, H, Hkv):
+    q, k, v = make_qkv(rng, 2, H, Hkv, 50, 77, 32)
+    check(q, k, v, attnkit.attention(q, k, v), use_torch=True)
+    check(q, k, v, attnkit.attention(q, k, v, causal=True), use_torch=True, causal=True)
+
+
+def masks(rng, B, H, Sq, Sk):
+    lens = rng.integers(1, Sk + 1, size=B)
+    keypad = (np.arange(Sk)[None, :] < lens[:, None])[:, None, None, :]
+    full_bool = rng.random((B, H, Sq, Sk)) < 0.7
+    full_bool[:, :, 0, :] = False  # a fully masked row
+    addf = (rng.standard_normal((B, 1, Sq, Sk)) * 2).astype(np.float32)
+    addf_inf = addf.copy()
+    addf_inf[..., ::3] = -np.inf
+    return {
+        "keypad": keypad,
+        "bool": full_bool,
+        "float": addf,
+        "float_inf": addf_inf,
+        "2d": rng.random((Sq, Sk)) < 0.5,
+        "broadcast_rows": np.broadcast_to(rng.random((1, 1, 1, Sk)) < 0.8, (B, H, 1, Sk)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["keypad", "bool", "float", "float_inf", "2d", "broadcast_rows"])
+def test_masks(isa, rng, kind):
+    B, H, Sq, Sk = 3, 4, 37, 300
+    q, k, v = make_qkv(rng, B, H, 2, Sq, Sk, 48)
+    mask = masks(rng, B, H, Sq, Sk)[kind]
+    o, lse = attnkit.attention(q, k, v, mask=mask, return_lse=True)
+    use_torch = kind in ("keypad", "float", "2d")  # torch gives NaN for fully masked bool rows
+    check(q, k, v, o, lse=lse, mask=mask, use_torch=use_torch)
+
+
+def test_fully_masked_rows_give_zero(isa, rng):
+    q, k, v = make_qkv(rng, 1, 2, 2, 10, 20, 16)
+    mask = np.ones((1, 2, 10, 20), bool)
+    mask[0, 1, 3] = False
+    o, lse = attnkit.attention(q, k, v, mask=mask, return_lse=True)
+    assert (o[0, 1, 3] == 0).all() and lse[0, 1, 3] == -np.inf
+    # Sq > Sk with bottom-right causal: the first rows see no key at all
+    q, k, v = make_qkv(rng, 1, 1, 1, 9, 4, 8)
+    o, lse = attnkit.attention(q, k, v, causal=True, causal_align="bottom_right", return_lse=True)
+    assert (o[0, 0, :5] == 0).all() and np.isneginf(lse[0, 0, :5]).all()
+    check(q, k, v, o, lse=lse, causal=True, bottom_right=True)
+
+
+@pytest.mark.parametrize("window", [(0, 0), (16, 0), (5, 7), (-1, 3), (40, -1)])
+@pytest.mark.parametrize("align", ["top_left", "bottom_right"])
+def test_windows(isa, rng, window, align):
+    q, k, v = make_qkv(rng, 1, 2, 1, 70, 300, 32)
+    for causal in (False, True):
+        o, lse = attnkit.attention(q, k, v, window=window, causal=causal, causal_align=align, return_lse=True)
+        check(q, k, v, o, lse=lse, window=window, causal=causal, bottom_right=align == "bottom_right")
+
+
+def test_alibi_and_softcap(isa, rng):
+    B, H = 2, 4
+    q, k, v = make_qkv(rng, B, H, 2, 60, 90, 40)
+    slopes = (2.0 ** -np.arange(1, H + 1)).astype(np.float32)
+    for causal in (False, True):
+        o = attnkit.attention(q, k, v, alibi_slopes=slopes, causal=causal)
+        check(q, k, v, o, alibi=slopes, causal=causal)
+    slopes_bh = rng.random((B, H)).astype(np.float32)
+    check(q, k, v, attnkit.attention(q, k, v, alibi_slopes=slopes_bh), alibi=slopes_bh)
+    qs = q * 6  # large scores so the cap matters
+    for cap in (5.0, 30.0):
+        check(qs, k, v, attnkit.attention(qs, k, v, softcap=cap), softcap=cap)
+
+
+def test_feature_combinations(isa, rng):
+    B, H, Sq, Sk = 2, 4, 45, 200
+    q, k, v = make_qkv(rng, B, H, 2, Sq, Sk, 64, 32)
+    m = masks(rng, B, H, Sq, Sk)
+    slopes = rng.random(H).astype(np.float32)
+    for mask in (m["keypad"], m["float_inf"]):
+        kw = dict(mask=mask, causal=True, window=(30, -1), softcap=8.0, scale=0.2)
+        o, lse = attnkit.attention(q * 3, k, v, alibi_slopes=slopes, causal_align="bottom_right", return_lse=True, **kw)
+        check(q * 3, k, v, o, lse=lse, alibi=slopes, bottom_right=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_dtypes(isa, rng, dtype):
+    q, k, v = make_qkv(rng, 2, 4, 2, 70, 130, 64, dtype=dtype)
+    o = attnkit.attention(q, k, v, causal=True)
+    assert o.dtype == dtype
+    check(q, k, v, o, use_torch=True, causal=True)
+
+
+@pytest.mark.parametrize("kv", ["float16", "bfloat16"])
+def test_half_kv_under_f32_q(isa, rng, kv):
+    if kv == "bfloat16" and bfloat16 is None:
+        pytest.skip("ml_dtypes not installed")
+    kvd = np.float16 if kv == "float16" else bfloat16
+    q, k, v = make_qkv(rng, 1, 4, 2, 30, 99, 64, dtype=np.float32, kv_dtype=kvd)
+    o = attnkit.attention(q, k, v)
+    assert o.dtype == np.float32
+    ref, _ = attention_ref(q, k, v)
+    assert_close(o, ref, np.float32, scale=float(np.abs(to64(v)).max()))
+
+
+def test_layouts_and_views(isa, rng):
+    B, H, S, D = 2, 4, 40, 32
+    q, k, v = make_qkv(rng, B, H, H, S, S, D)
+    # bshd: the same data in (B, S, H, D)
+    qs, ks, vs = (np.ascontiguousarray(a.transpose(0, 2, 1, 3)) for a in (q, k, v))
+    o = attnkit.attention(qs, ks, vs, layout="bshd", causal=True)
+    assert o.shape == (B, S, H, D)
+    check(q, k, v, o.transpose(0, 2, 1, 3), causal=True)
+    # bshd views of a fused qkv projection (B, S, 3, H, D): strided, no copy needed
+    qkv = randn(rng, (B, S, 3, H, D), np.float32)
+    o = attnkit.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], layout="bshd")
+    check(*(qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3)), o.transpose(0, 2, 1, 3))
+    # strided batch/head/seq views and a non-contiguous head dim (copied)
+    big = randn(rng, (B * 2, H, S * 2, D * 2), np.float32)
+    qv, kv_, vv = big[::2, :, ::2, :D], big[1::2, :, 1::2, D:], big[::2, :, 1::2, ::2]
+    check(qv, kv_, vv, attnkit.attention(qv, kv_, vv))
+    # reversed sequence order (negative strides)
+    check(q[:, :, ::-1], k[:, :, ::-1], v, attnkit.attention(q[:, :, ::-1], k[:, :, ::-1], v))
+
+
+def test_out_and_poison(isa, rng):
+    q, k, v = make_qkv(rng, 1, 2, 2, 20, 30, 16)
+    out = poisoned((1, 2, 20, 16), np.float32)
+    assert attnkit.attention(q, k, v, out=out) is out
+    check(q, k, v, out)
+    out = poisoned((1, 20, 2, 16), np.float32)
+    assert attnkit.attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), layout="bshd", out=out) is out
+    check(q, k, v, out.transpose(0, 2, 1, 3))
+
+
+def test_empty_keys_and_queries(isa, rng):
+    q, k, v = make_qkv(rng, 2, 2, 2, 5, 0, 8)
+    o, lse = attnkit.attention(q, k, v, return_lse=True)
+    assert (o == 0).all() and np.isneginf(lse).all()
+    q, k, v = make_qkv(rng, 2, 2, 2, 0, 5, 8)
+    assert attnkit.attention(q, k, v).shape == (2, 2, 0, 8)
+
+
+def test_nan_in_masked_kv_does_not_leak(isa, rng):
+    q, k, v = make_qkv(rng, 1, 2, 2, 12, 300, 16)
+    k[0, :, 250:] = np.nan
+    v[0, :, 250:] = np.nan
+    v[0, :, 100] = np.inf
+    mask = np.ones((1, 1, 12, 300), bool)
+    mask[..., 250:] = False
+    mask[..., 100] = False
+    o = attnkit.attention(q, k, v, mask=mask)
+    assert np.isfinite(o).all()
+    check(q, k, v, o, mask=mask)
+    # an unmasked inf in V propagates as in torch
+    assert not np.isfinite(attnkit.attention(q, k[:, :, :150], v[:, :, :150])).all()
+
+
+def test_bit_identical_across_threads(threads, rng):
+    q, k, v = make_qkv(rng, 2, 8, 2, 300, 300, 64)
+    mask = masks(rng, 2, 8, 300, 300)["keypad"]
+    for kw in (dict(), dict(causal=True), dict(mask=mask, window=(50, 10))):
+        outs = []
+        for nt in (1, 2, 3):
+            attnkit.set_num_threads(nt)
+            outs.append(attnkit.attention(q, k, v, return_lse=True, **kw))
+        for o in outs[1:]:
+            assert np.array_equal(o[0], outs[0][0]) and np.array_equal(o[1], outs[0][1])
+
+
+# ---- varlen ----
+
+
+def varlen_case(rng, lens_q, lens_k, H=4, Hkv=2, D=32, dtype=np.float32):
+    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
+    q = randn(rng, (cu_q[-1], H, D), dtype)
+    k = randn(rng, (cu_k[-1], Hkv, D), dtype)
+    v = randn(rng, (cu_k[-1], Hkv, D), dtype)
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_matches_per_sequence(isa, rng, causal):
+    lens_q = [5, 0, 70, 1, 33]
+    lens_k = [9, 4, 70, 0, 100]
+    q, k, v, cu_q, cu_k = varlen_case(rng, lens_q, lens_k)
+    slopes = rng.random(4).astype(np.float32)
+    o, lse = attnkit.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, return_lse=True,
+                                      window=(20, 5), alibi_slopes=slopes, softcap=10.0)
+    assert o.shape == (q.shape[0], 4, 32) and lse.shape == (4, q.shape[0])
+    for b in range(len(lens_q)):
+        qs = q[cu_q[b]:cu_q[b + 1]].transpose(1, 0, 2)[None]
+        ks = k[cu_k[b]:cu_k[b + 1]].transpose(1, 0, 2)[None]
+        vs = v[cu_k[b]:cu_k[b + 1]].transpose(1, 0, 2)[None]
+        ob = o[cu_q[b]:cu_q[b + 1]].transpose(1, 0, 2)[None]
+        lb = lse[:, cu_q[b]:cu_q[b + 1]][None]
+        if qs.shape[2] == 0:
+            continue
+        check(qs, ks, vs, ob, lse=lb, causal=causal, bottom_right=True, window=(20, 5),
+              alibi=slopes, softcap=10.0)
+
+
+def test_varlen_errors(rng):
+    q, k, v, cu_q, cu_k = varlen_case(rng, [3, 4], [3, 4])
+    with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+        attnkit.attention_varlen(q, k, v, cu_q[::-1].copy(), cu_k)
+    with pytest.raises(ValueError, match="cu_seqlens_k must be non-decreasing from 0 to the token count"):
+        attnkit.attention_varlen(q, k, v, cu_q, cu_k + 1)
+    with pytest.raises(TypeError, match="cu_seqlens_q must be int32 or int64"):
+        attnkit.attention_varlen(q, k, v, cu_q.astype(np.float32), cu_k)
+    with pytest.raises(ValueError, match="same length"):
+        attnkit.attention_varlen(q, k, v, cu_q, cu_k[:2])
+
+
+# ---- errors ----
+
+
+def test_bad_inputs(rng):
+    q, k, v = make_qkv(rng, 1, 4, 2, 8, 9, 16)
+    A = attnkit.attention
+    with pytest.raises(TypeError, match="q must be a numpy.ndarray"):
+        A(q.tolist(), k, v)
+    with pytest.raises(ValueError, match="k must be 4-D"):
+        A(q, k[0], v)
+    with pytest.raises(ValueError, match="k has head_dim 8 but q has 16"):
+        A(q, k[..., :8], v)
+    with pytest.raises(ValueError, match="not a multiple"):
+        A(q[:, :3], k, v)
+    with pytest.raises(ValueError, match="v has shape"):
+        A(q, k, v[:, :, :5])
+    with pytest.raises(ValueError, match="same batch size"):
+        A(q, np.concatenate([k, k]), np.concatenate([v, v]))
+    with pytest.raises(TypeError, match="k has dtype float32 but v has float64"):
+        A(q, k, v.astype(np.float64))
+    with pytest.raises(TypeError, match="k/v must have q's dtype"):
+        A(q.astype(np.float16), k, v)
+    with pytest.raises(TypeError, match="q has dtype int32"):
+        A(q.astype(np.int32), k.astype(np.int32), v.astype(np.int32))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        A(q, k, v, mask=np.ones((3, 9), bool))
+    with pytest.raises(TypeError, match="mask must be bool"):
+        A(q, k, v, mask=np.ones((8, 9), np.int32))
+    with pytest.raises(ValueError, match="scale must be finite"):
+        A(q, k, v, scale=float("nan"))
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        A(q, k, v, scale="1")
+    with pytest.raises(TypeError, match="window must be a"):
+        A(q, k, v, window=5)
+    with pytest.raises(TypeError, match="window entries must be ints"):
+        A(q, k, v, window=(1.5, 2))
+    with pytest.raises(ValueError, match="window entries must be >= -1"):
+        A(q, k, v, window=(-2, 2))
+    with pytest.raises(ValueError, match=r"alibi_slopes has shape \(3,\)"):
+        A(q, k, v, alibi_slopes=np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="softcap must be a finite number"):
+        A(q, k, v, softcap=-1.0)
+    with pytest.raises(ValueError, match="causal_align must be"):
+        A(q, k, v, causal=True, causal_align="center")
+    with pytest.raises(ValueError, match="layout must be"):
+        A(q, k, v, layout="sbhd")
+    with pytest.raises(ValueError, match="out has shape"):
+        A(q, k, v, out=np.empty((1, 4, 8, 8), np.float32))
+    with pytest.raises(TypeError, match="out has dtype"):
+        A(q, k, v, out=np.empty((1, 4, 8, 16), np.float64))
+    with pytest.raises(ValueError, match="out overlaps an input"):
+        A(q, q[:, :2], q[:, :2], out=q)  # k and v are views of out
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        A(q, k, v, causal=1)
+
+
+def test_peak_memory_does_not_materialize_scores(rng):
+    psutil = pytest.importorskip("psutil")
+    import gc
+
+    S, D = 16384, 64
+    q = randn(rng, (1, 1, S, D), np.float32)
+    k = randn(rng, (1, 1, S, D), np.float32)
+    v = randn(rng, (1, 1, S, D), np.float32)
+    out = np.empty_like(q)
+    gc.collect()
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    peak = [before]
+    import threading
+
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            stop.wait(0.002)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    attnkit.attention(q, k, v, out=out, causal=True)
+    stop.set()
+    t.join()
+    grown = (peak[0] - before) / 2**20
+    # An S x S fp32 score matrix would be 1024 MB.
+    assert grown < 64, f"RSS grew by {grown:.1f} MB during attention"
+    assert np.isfinite(out).all()
