@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "attention_common.h"
+#include "attention_rows.h"
 #include "common.h"
 #include "gemm/blocking.h"
 #include "gemm/pack.h"
@@ -33,6 +34,9 @@
 namespace attnkit {
 namespace cpu {
 namespace ATTNKIT_ISA_NS {
+
+bool decode_applies(const AttentionParams& p);   // attention_decode.cpp
+Status attention_decode(const AttentionParams& p);
 
 
 namespace {
@@ -125,150 +129,6 @@ bool ensure_packed(const AttentionParams& p, const SeqView& s, int64_t g, int64_
   *vblk = vp;
   *nonfinite = c.nonfinite[slot];
   return true;
-}
-
-// The score pipeline and online-softmax update of one row of the S tile (see
-// attention_common.h for the order of operations). Returns nothing; updates m, l, the O row,
-// and leaves P = exp(S - m_new) in srow[0..bn).
-struct RowCtx {
-  float scale, softcap, inv_softcap, slope;
-  float c;        // i + off
-  int64_t j0, bn;
-  int64_t lo, hi;  // allowed keys of this row
-  bool bounds;     // some key of the block may be outside [lo, hi]
-  const float* add;  // mask row (additive, -inf = masked) or nullptr
-  bool float_mask;
-};
-
-// fp32 rows: vectorized.
-// No modifier and a positive scale: max(scale * s) = scale * max(s), and exp(scale*s - m)
-// takes one FMA, so the scores are read twice instead of written back and read again.
-inline bool plain_row(const RowCtx& rc) {
-  return rc.softcap == 0.0f && rc.slope == 0.0f && !rc.bounds && !rc.add && rc.scale > 0.0f &&
-         rc.bn % Vec<float>::N == 0;
-}
-
-inline void row_update_plain(const RowCtx& rc, float* srow, float* m, float* l, float* orow,
-                             int64_t dvp) {
-  using V = Vec<float>;
-  V vmax0 = V::set1(kNegInfF), vmax1 = vmax0;
-  int64_t j = 0;
-  for (; j + 2 * V::N <= rc.bn; j += 2 * V::N) {
-    vmax0 = max(vmax0, V::load(srow + j));
-    vmax1 = max(vmax1, V::load(srow + j + V::N));
-  }
-  for (; j < rc.bn; j += V::N) vmax0 = max(vmax0, V::load(srow + j));
-  const float m_old = *m;
-  const float bmax = max(vmax0, vmax1).hmax() * rc.scale;
-  const float m_new = bmax > m_old ? bmax : m_old;  // finite: no score is masked here
-  const V vscale = V::set1(rc.scale), vneg_m = V::set1(-m_new);
-  V vsum0 = V::zero(), vsum1 = V::zero();
-  for (j = 0; j + 2 * V::N <= rc.bn; j += 2 * V::N) {
-    const V e0 = vexp(fma(V::load(srow + j), vscale, vneg_m));
-    const V e1 = vexp(fma(V::load(srow + j + V::N), vscale, vneg_m));
-    e0.store(srow + j);
-    e1.store(srow + j + V::N);
-    vsum0 = vsum0 + e0;
-    vsum1 = vsum1 + e1;
-  }
-  for (; j < rc.bn; j += V::N) {
-    const V e0 = vexp(fma(V::load(srow + j), vscale, vneg_m));
-    e0.store(srow + j);
-    vsum0 = vsum0 + e0;
-  }
-  const float alpha = expf(m_old - m_new);
-  *l = *l * alpha + (vsum0 + vsum1).hsum();
-  *m = m_new;
-  if (alpha != 1.0f) {
-    const V va = V::set1(alpha);
-    for (int64_t d = 0; d < dvp; d += V::N) (V::load(orow + d) * va).store(orow + d);
-  }
-}
-
-inline void row_update(const RowCtx& rc, float* srow, float* m, float* l, float* orow,
-                       int64_t dvp) {
-  using V = Vec<float>;
-  if (plain_row(rc)) return row_update_plain(rc, srow, m, l, orow, dvp);
-  const V vscale = V::set1(rc.scale), ninf = V::set1(kNegInfF);
-  const V vlo = V::set1(float(rc.lo - rc.j0)), vhi = V::set1(float(rc.hi - rc.j0));
-  const V vc = V::set1(rc.c - float(rc.j0));
-  V vmax = ninf;
-  for (int64_t j = 0; j < rc.bn; j += V::N) {
-    const int w = int(imin(V::N, rc.bn - j));
-    V x = V::load(srow + j) * vscale;
-    if (rc.softcap > 0.0f) x = V::set1(rc.softcap) * vtanh(x * V::set1(rc.inv_softcap));
-    const V jv = V::iota(float(j));  // key index relative to j0
-    if (rc.slope != 0.0f) x = fnma(V::set1(rc.slope), abs(vc - jv), x);
-    if (rc.bounds) x = select((jv < vlo) | (vhi < jv), ninf, x);
-    if (rc.add) {
-      const V a = w == V::N ? V::load(rc.add + j) : V::load_partial(rc.add + j, w);
-      x = rc.float_mask ? select(a == ninf, ninf, x + a) : select(a == ninf, ninf, x);
-    }
-    if (w < V::N) x = select(jv < V::set1(float(rc.bn)), x, ninf);
-    x.store(srow + j);  // the tile is padded to a whole number of vectors
-    vmax = max(vmax, x);
-  }
-  const float m_old = *m;
-  const float bmax = vmax.hmax();
-  const float m_new = bmax > m_old ? bmax : m_old;
-  // -inf guard: while every key seen so far is masked, m stays -inf and exp(s - m) would be
-  // exp(-inf + inf) = NaN. Such a row contributes nothing yet: P = 0, and m, l, O stay.
-  if (m_new == kNegInfF) {
-    for (int64_t j = 0; j < rc.bn; ++j) srow[j] = 0.0f;
-    return;
-  }
-  const V vm = V::set1(m_new);
-  V vsum = V::zero();
-  for (int64_t j = 0; j < rc.bn; j += V::N) {
-    V e = vexp(V::load(srow + j) - vm);
-    if (rc.bn - j < V::N) e = select(V::iota(float(j)) < V::set1(float(rc.bn)), e, V::zero());
-    e.store(srow + j);
-    vsum = vsum + e;
-  }
-  const float alpha = expf(m_old - m_new);  // 0 on the first unmasked block (m_old = -inf)
-  *l = *l * alpha + vsum.hsum();
-  *m = m_new;
-  if (alpha != 1.0f) {
-    const V va = V::set1(alpha);
-    for (int64_t d = 0; d < dvp; d += V::N) (V::load(orow + d) * va).store(orow + d);
-  }
-}
-
-// fp64 rows: the same pipeline, scalar (float64 is the correctness path, e.g. gradcheck).
-inline void row_update(const RowCtx& rc, double* srow, double* m, double* l, double* orow,
-                       int64_t dvp) {
-  double vmax = -__builtin_inf();
-  for (int64_t j = 0; j < rc.bn; ++j) {
-    double x = srow[j] * double(rc.scale);
-    if (rc.softcap > 0.0f) x = double(rc.softcap) * tanh(x / double(rc.softcap));
-    if (rc.slope != 0.0f) x -= double(rc.slope) * fabs(double(rc.c) - double(rc.j0 + j));
-    const int64_t jg = rc.j0 + j;
-    if (rc.bounds && (jg < rc.lo || jg > rc.hi)) x = -__builtin_inf();
-    if (rc.add) {
-      const float a = rc.add[j];
-      if (a == kNegInfF)
-        x = -__builtin_inf();
-      else if (rc.float_mask)
-        x += double(a);
-    }
-    srow[j] = x;
-    vmax = x > vmax ? x : vmax;
-  }
-  const double m_old = *m, m_new = vmax > m_old ? vmax : m_old;
-  if (m_new == -__builtin_inf()) {  // -inf guard, as in the fp32 path
-    for (int64_t j = 0; j < rc.bn; ++j) srow[j] = 0.0;
-    return;
-  }
-  double sum = 0.0;
-  for (int64_t j = 0; j < rc.bn; ++j) {
-    srow[j] = exp(srow[j] - m_new);
-    sum += srow[j];
-  }
-  const double alpha = exp(m_old - m_new);
-  *l = *l * alpha + sum;
-  *m = m_new;
-  if (alpha != 1.0)
-    for (int64_t d = 0; d < dvp; ++d) orow[d] *= alpha;
 }
 
 // O += P V for a V block that holds inf/NaN: keys with P == 0 (masked) are skipped, so a
@@ -497,6 +357,8 @@ Status dispatch_kv(const AttentionParams& p) {
 
 Status attention_fwd(const AttentionParams& p) {
   if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0) return Status::invalid_argument;
+  // Few query rows per KV head: the memory-bound decode kernel (chosen by shape only).
+  if (decode_applies(p)) return attention_decode(p);
   switch (p.q_dtype) {
     case DType::f32:
       return dispatch_kv<float, float>(p);

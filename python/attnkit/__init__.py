@@ -4,7 +4,7 @@ The hot paths are C++ kernels (SIMD intrinsics chosen at run time, OpenMP thread
 ``attnkit.torch`` and ``attnkit.transformers`` make it a drop-in attention backend.
 """
 from ._runtime import get_num_threads, info, set_num_threads
-from ._attention import attention, attention_varlen
+from ._attention import attention, attention_varlen, attention_with_kvcache
 from ._matmul import matmul
 from ._softmax import softmax
 
@@ -15,6 +15,7 @@ __all__ = [
     "matmul",
     "attention",
     "attention_varlen",
+    "attention_with_kvcache",
     "set_num_threads",
     "get_num_threads",
     "info",

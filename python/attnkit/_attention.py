@@ -296,3 +296,137 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False,
                  None if lse is None else lse[None], None, alibi, cu_q, cu_k, None, None, batch,
                  scale, softcap, causal, bottom_right, wl, wr)
     return (out, lse) if return_lse else out
+
+
+def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens,
+                           block_table=None, causal=True, scale=None, window=None,
+                           alibi_slopes=None, softcap=None, return_lse=False, out=None):
+    """Attention of new query tokens against a KV cache, like FlashAttention's
+    ``flash_attn_with_kvcache``; the memory-bound decode kernel serves small ``Sq``.
+
+    Parameters
+    ----------
+    q : numpy.ndarray
+        (B, Sq, H, D), float32 / float16 / bfloat16.
+    k_cache, v_cache : numpy.ndarray
+        Contiguous caches (B, Smax, Hkv, D) and (B, Smax, Hkv, Dv), or paged caches
+        (num_blocks, page_size, Hkv, D) addressed through ``block_table``. Same dtype as q, or
+        float16/bfloat16 under a float32 q (converted in registers, never copied).
+    k, v : numpy.ndarray, optional
+        New keys/values (B, Sq_new, Hkv, D/Dv), written **in place** into the caches at
+        positions ``cache_seqlens[b] ...`` before attending. Everything is checked before the
+        first write: on any error the caches are left untouched.
+    cache_seqlens : int or numpy.ndarray
+        (B,) int32/int64: tokens already in each sequence's cache. Sequence b then attends to
+        ``cache_seqlens[b] + Sq_new`` keys (it is not modified).
+    block_table : numpy.ndarray, optional
+        (B, max_blocks_per_seq) int32: page index of each block of ``page_size`` positions.
+    causal : bool
+        Causal with bottom-right alignment (query i sees keys up to its own position).
+    scale, window, alibi_slopes, softcap, return_lse
+        As in :func:`attention`.
+    out : numpy.ndarray, optional
+        (B, Sq, H, Dv), q's dtype, written in place.
+
+    Returns out (B, Sq, H, Dv), and with ``return_lse=True`` also lse (B, H, Sq) float32.
+    """
+    fn = "attention_with_kvcache"
+    for name, a in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_array(a, fn, name)
+        if a.ndim != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D, got shape {a.shape}")
+    if _dtype_name(q) == "float64":
+        raise TypeError(f"{fn}: q has dtype float64; the KV-cache path takes float32, float16 or bfloat16")
+    check_qkv_dtypes(q, k_cache, v_cache, fn)
+    B, Sq, H, D = q.shape
+    paged = block_table is not None
+    if paged:
+        bt = _int64_index(block_table, fn, "block_table", 2)
+        if bt.shape[0] != B:
+            raise ValueError(f"{fn}: block_table has {bt.shape[0]} rows but q has batch {B}")
+        num_blocks, page_size = k_cache.shape[:2]
+        if page_size == 0:
+            raise ValueError(f"{fn}: k_cache has page_size 0")
+        capacity = bt.shape[1] * page_size
+    else:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"{fn}: k_cache has batch {k_cache.shape[0]} but q has {B}")
+        capacity = k_cache.shape[1]
+    Hkv, Dk = k_cache.shape[2], k_cache.shape[3]
+    Dv = v_cache.shape[3]
+    if Dk != D:
+        raise ValueError(f"{fn}: k_cache has head_dim {Dk} but q has {D}")
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"{fn}: v_cache has shape {v_cache.shape} but k_cache has {k_cache.shape}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"{fn}: q has {H} heads, which is not a multiple of the caches' {Hkv}")
+    if isinstance(cache_seqlens, (numbers.Integral,)) and not isinstance(cache_seqlens, bool):
+        seqlens = np.full(B, int(cache_seqlens), np.int64)
+    else:
+        seqlens = _int64_index(cache_seqlens, fn, "cache_seqlens", 1)
+        if seqlens.shape != (B,):
+            raise ValueError(f"{fn}: cache_seqlens has shape {seqlens.shape}; expected ({B},)")
+    if (seqlens < 0).any():
+        raise ValueError(f"{fn}: cache_seqlens must be >= 0, got {seqlens.tolist()}")
+    if (k is None) != (v is None):
+        raise ValueError(f"{fn}: pass both k and v to append, or neither")
+    s_new = 0
+    if k is not None:
+        for name, a, cache in (("k", k, k_cache), ("v", v, v_cache)):
+            check_array(a, fn, name)
+            if a.dtype != cache.dtype:
+                raise TypeError(f"{fn}: {name} has dtype {a.dtype} but its cache has {cache.dtype}")
+        s_new = k.shape[1] if k.ndim == 4 else -1
+        if k.shape != (B, s_new, Hkv, D) or v.shape != (B, s_new, Hkv, Dv):
+            raise ValueError(f"{fn}: k and v must be (B, Sq_new, Hkv, D/Dv) = ({B}, n, {Hkv}, {D}/{Dv}), "
+                             f"got {k.shape} and {v.shape}")
+    total = seqlens + s_new
+    if (total > capacity).any():
+        b = int(np.argmax(total > capacity))
+        raise ValueError(f"{fn}: sequence {b} would hold {int(total[b])} tokens but the cache holds "
+                         f"{capacity}")
+    if paged:
+        used = -(-total // page_size)  # pages each sequence touches
+        for b in range(B):
+            pages = bt[b, : used[b]]
+            if ((pages < 0) | (pages >= num_blocks)).any():
+                j = int(np.argmax((pages < 0) | (pages >= num_blocks)))
+                raise ValueError(f"{fn}: block_table[{b}, {j}] = {int(pages[j])} is not a page "
+                                 f"index in [0, {num_blocks})")
+    causal = _check_bool(causal, fn, "causal")
+    return_lse = _check_bool(return_lse, fn, "return_lse")
+    scale = resolve_scale(scale, D, fn)
+    softcap = resolve_softcap(softcap, fn)
+    wl, wr = resolve_window(window, fn)
+    alibi = resolve_alibi(alibi_slopes, B, H, fn)
+    if out is None:
+        out = np.empty((B, Sq, H, Dv), dtype=q.dtype)
+    else:
+        check_out(out, fn)
+        if out.shape != (B, Sq, H, Dv) or out.dtype != q.dtype:
+            raise ValueError(f"{fn}: out must have shape {(B, Sq, H, Dv)} and dtype {q.dtype}, "
+                             f"got {out.shape} {out.dtype}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if k is not None and not cache.flags.writeable:
+            raise ValueError(f"{fn}: {name} is read-only but k/v were given to append")
+    # All checks passed: append (numpy assignment with in-range indices cannot fail midway).
+    if k is not None and s_new > 0:
+        pos = seqlens[:, None] + np.arange(s_new)[None, :]  # (B, s_new)
+        if paged:
+            page = bt[np.arange(B)[:, None], pos // page_size]
+            k_cache[page, pos % page_size] = k
+            v_cache[page, pos % page_size] = v
+        else:
+            rows = np.arange(B)[:, None]
+            k_cache[rows, pos] = k
+            v_cache[rows, pos] = v
+    lse = np.empty((B, H, Sq), np.float32) if return_lse else None
+    qc = _rows_contiguous(q).transpose(0, 2, 1, 3)
+    kc = k_cache.transpose(0, 2, 1, 3)
+    vc = v_cache.transpose(0, 2, 1, 3)
+    if kc.shape[-1] > 1 and kc.strides[-1] != kc.itemsize or vc.shape[-1] > 1 and vc.strides[-1] != vc.itemsize:
+        raise ValueError(f"{fn}: the caches must be contiguous along their last dim")
+    outc = out.transpose(0, 2, 1, 3)
+    _C.attention(qc, kc, vc, outc, lse, None, alibi, None, None, total, bt if paged else None, B,
+                 scale, softcap, causal, True, wl, wr)
+    return (out, lse) if return_lse else out

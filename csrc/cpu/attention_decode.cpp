@@ -1,0 +1,466 @@
+// Decode attention: few query rows against a long KV cache. Compiled once per ISA.
+//
+// Limits (B1 H32 Sq1 Sk4096 D128 fp32): 2 x 64 MB of K/V read once for 67 MFLOP, i.e. ~4 ms at
+// 30 GB/s and ~0.4 ms of FMA work: memory-bound, so the kernel is built around reading every
+// K/V element exactly once per call:
+//   * GQA-aware: a work item holds every query row of its KV heads, all G heads x Sq rows
+//     ("rows" below), so each K/V row is loaded once and used by all of them.
+//   * Memory order: with a head-major cache (B, Hkv, S, D) an item is one KV head; with a
+//     position-major cache (B, S, Hkv, D), FlashAttention's and HF's decode layout, an item
+//     takes every KV head of a range of positions and walks positions outermost, so it reads
+//     one contiguous (Hkv x D) row after another. Per head, that layout is a 16 KB stride
+//     (B1 H32 D128): 12 GB/s; walked by position: see bench/NOTES.md.
+//   * Split-KV (flash-decoding): for position-major caches, or when batch x kv_heads is
+//     small, the keys are cut into chunks whose size depends only on Sk and D; chunk partials
+//     (m, l, O) are combined in chunk order through their log-sum-exp, so results do not
+//     depend on the thread count.
+//   * K/V are read in place (f16 via F16C, bf16 by widening), in fp32 registers; scores are dot
+//     products over D, then the same row pipeline as prefill (attention_rows.h), then
+//     O += P V row by row of V.
+#include <math.h>
+
+#include <atomic>
+#include <type_traits>
+
+#include "attention_common.h"
+#include "attention_rows.h"
+#include "common.h"
+#include "gemm/pack.h"
+#include "simd/vec.h"
+#include "threading.h"
+
+namespace attnkit {
+namespace cpu {
+namespace ATTNKIT_ISA_NS {
+namespace {
+
+using VF = Vec<float>;
+
+constexpr int64_t kMaxRows = 32;      // decode path: G x Sq query rows per KV head at most
+constexpr int64_t kMaxQueryRows = 16;  // and at most this many query positions
+constexpr int64_t kKeyBlock = 64;      // keys scored before one softmax update
+// Split-KV: a chunk holds at least this many bytes of K (so the per-chunk fixed cost stays
+// small) and a sequence is cut into at most kMaxChunks chunks. Both depend only on Sk and D.
+constexpr int64_t kMinChunkBytes = 64 << 10;
+constexpr int64_t kMaxChunks = 16;
+// Items (batch x kv heads) below which the keys are split.
+constexpr int64_t kSplitBelowGroups = 8;
+
+int64_t chunk_keys(int64_t sk, int64_t d) {
+  const int64_t min_keys = round_up(imax(1, kMinChunkBytes / (d * 4)), kKeyBlock);
+  return imax(min_keys, round_up(ceil_div(sk, kMaxChunks), kKeyBlock));
+}
+
+struct DecodeItem {
+  int64_t b, g0, ng;  // batch, first KV head, KV heads
+  int64_t chunk;      // key chunk, or -1: all keys
+  int64_t cost;
+};
+
+struct DecodeWork {
+  Scratch<float> qf, s, o, m, l, add;
+};
+
+// Rows of the item: for each of its KV heads g0 + t, G heads x sq queries, rows_per_head each.
+// s[r][j] = q_r . k_j for keys j0..j0+n, every head of the item, reading position by position.
+template <class SKV>
+void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng, int64_t rph,
+            int64_t j0, int64_t n, const float* qf, float* s, int64_t lds) {
+  const int64_t D = p.head_dim;
+  const SKV* K = typed<SKV>(p.k);
+  int64_t j = 0;
+  // Fewer than four rows per head (MHA decode): four positions share each loaded q vector.
+  if (rph < 4) {
+    for (; j + 4 <= n; j += 4)
+      for (int64_t t = 0; t < ng; ++t) {
+        const SKV* k0 = K + kv_offset(p, sv, g0 + t, j0 + j, p.k_stride);
+        const SKV* k1 = K + kv_offset(p, sv, g0 + t, j0 + j + 1, p.k_stride);
+        const SKV* k2 = K + kv_offset(p, sv, g0 + t, j0 + j + 2, p.k_stride);
+        const SKV* k3 = K + kv_offset(p, sv, g0 + t, j0 + j + 3, p.k_stride);
+        for (int64_t r = t * rph; r < (t + 1) * rph; ++r) {
+          const float* q0 = qf + r * D;
+          VF a0 = VF::zero(), a1 = a0, a2 = a0, a3 = a0;
+          int64_t d = 0;
+          for (; d + VF::N <= D; d += VF::N) {
+            const VF qv = VF::load(q0 + d);
+            a0 = fma(qv, load_cvt(k0 + d), a0);
+            a1 = fma(qv, load_cvt(k1 + d), a1);
+            a2 = fma(qv, load_cvt(k2 + d), a2);
+            a3 = fma(qv, load_cvt(k3 + d), a3);
+          }
+          if (d < D) {
+            const int w = int(D - d);
+            const VF qv = VF::load_partial(q0 + d, w);
+            a0 = fma(qv, load_cvt_partial(k0 + d, w), a0);
+            a1 = fma(qv, load_cvt_partial(k1 + d, w), a1);
+            a2 = fma(qv, load_cvt_partial(k2 + d, w), a2);
+            a3 = fma(qv, load_cvt_partial(k3 + d, w), a3);
+          }
+          float* sr = s + r * lds + j;
+          sr[0] = a0.hsum();
+          sr[1] = a1.hsum();
+          sr[2] = a2.hsum();
+          sr[3] = a3.hsum();
+        }
+      }
+  }
+  for (; j < n; ++j) {
+    for (int64_t t = 0; t < ng; ++t) {
+      const SKV* krow = K + kv_offset(p, sv, g0 + t, j0 + j, p.k_stride);
+      const int64_t rbeg = t * rph, rend = rbeg + rph;
+      int64_t r = rbeg;
+      for (; r + 4 <= rend; r += 4) {  // four rows share each loaded K vector
+        VF a0 = VF::zero(), a1 = a0, a2 = a0, a3 = a0;
+        const float* q0 = qf + r * D;
+        int64_t d = 0;
+        for (; d + VF::N <= D; d += VF::N) {
+          const VF kv = load_cvt(krow + d);
+          a0 = fma(VF::load(q0 + d), kv, a0);
+          a1 = fma(VF::load(q0 + D + d), kv, a1);
+          a2 = fma(VF::load(q0 + 2 * D + d), kv, a2);
+          a3 = fma(VF::load(q0 + 3 * D + d), kv, a3);
+        }
+        if (d < D) {
+          const int w = int(D - d);
+          const VF kv = load_cvt_partial(krow + d, w);
+          a0 = fma(VF::load_partial(q0 + d, w), kv, a0);
+          a1 = fma(VF::load_partial(q0 + D + d, w), kv, a1);
+          a2 = fma(VF::load_partial(q0 + 2 * D + d, w), kv, a2);
+          a3 = fma(VF::load_partial(q0 + 3 * D + d, w), kv, a3);
+        }
+        s[r * lds + j] = a0.hsum();
+        s[(r + 1) * lds + j] = a1.hsum();
+        s[(r + 2) * lds + j] = a2.hsum();
+        s[(r + 3) * lds + j] = a3.hsum();
+      }
+      for (; r < rend; ++r) {
+        VF a0 = VF::zero(), a1 = a0;
+        const float* q0 = qf + r * D;
+        int64_t d = 0;
+        for (; d + 2 * VF::N <= D; d += 2 * VF::N) {
+          a0 = fma(VF::load(q0 + d), load_cvt(krow + d), a0);
+          a1 = fma(VF::load(q0 + d + VF::N), load_cvt(krow + d + VF::N), a1);
+        }
+        for (; d + VF::N <= D; d += VF::N) a0 = fma(VF::load(q0 + d), load_cvt(krow + d), a0);
+        if (d < D)
+          a1 = fma(VF::load_partial(q0 + d, int(D - d)), load_cvt_partial(krow + d, int(D - d)), a1);
+        s[r * lds + j] = (a0 + a1).hsum();
+      }
+    }
+  }
+}
+
+// One position of one KV head into rows [rbeg, rend), skipping rows whose P is 0.
+template <class SKV>
+void accumulate_one(const AttentionParams& p, const SeqView& sv, int64_t g, int64_t rbeg,
+                    int64_t rend, int64_t pos, const float* P, int64_t ldp, int64_t j, float* O,
+                    int64_t ldo, const SKV* Vm) {
+  const int64_t Dv = p.head_dim_v;
+  const SKV* vrow = Vm + kv_offset(p, sv, g, pos, p.v_stride);
+  for (int64_t d = 0; d < Dv; d += VF::N) {
+    const int w = int(imin(VF::N, Dv - d));
+    const VF vv = w == VF::N ? load_cvt(vrow + d) : load_cvt_partial(vrow + d, w);
+    for (int64_t r = rbeg; r < rend; ++r) {
+      const float pr = P[r * ldp + j];
+      if (pr == 0.0f) continue;
+      float* o = O + r * ldo + d;
+      fma(VF::set1(pr), vv, VF::load(o)).store(o);
+    }
+  }
+}
+
+// O[r] += sum_j P[r][j] V_j. Positions go four at a time so each O vector is loaded and
+// stored once per four V rows (O traffic, not V, bounded the first version: bench/NOTES.md).
+// A key whose P is 0 for some row of its head (masked there) takes the careful path that skips
+// those rows, so NaN/inf in a masked-out V row never reaches them.
+template <class SKV>
+void accumulate_pv(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
+                   int64_t rph, int64_t j0, int64_t n, const float* P, int64_t ldp, float* O,
+                   int64_t ldo) {
+  const int64_t Dv = p.head_dim_v;
+  const SKV* Vm = typed<SKV>(p.v);
+  auto has_zero = [&](int64_t rbeg, int64_t rend, int64_t j) {
+    for (int64_t r = rbeg; r < rend; ++r)
+      if (P[r * ldp + j] == 0.0f) return true;
+    return false;
+  };
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    for (int64_t t = 0; t < ng; ++t) {
+      const int64_t rbeg = t * rph, rend = rbeg + rph;
+      if (has_zero(rbeg, rend, j) || has_zero(rbeg, rend, j + 1) || has_zero(rbeg, rend, j + 2) ||
+          has_zero(rbeg, rend, j + 3))
+        continue;  // done one position at a time below
+      const SKV* v0 = Vm + kv_offset(p, sv, g0 + t, j0 + j, p.v_stride);
+      const SKV* v1 = Vm + kv_offset(p, sv, g0 + t, j0 + j + 1, p.v_stride);
+      const SKV* v2 = Vm + kv_offset(p, sv, g0 + t, j0 + j + 2, p.v_stride);
+      const SKV* v3 = Vm + kv_offset(p, sv, g0 + t, j0 + j + 3, p.v_stride);
+      for (int64_t d = 0; d < Dv; d += VF::N) {
+        const int w = int(imin(VF::N, Dv - d));
+        VF x0, x1, x2, x3;
+        if (w == VF::N) {
+          x0 = load_cvt(v0 + d), x1 = load_cvt(v1 + d), x2 = load_cvt(v2 + d), x3 = load_cvt(v3 + d);
+        } else {
+          x0 = load_cvt_partial(v0 + d, w), x1 = load_cvt_partial(v1 + d, w);
+          x2 = load_cvt_partial(v2 + d, w), x3 = load_cvt_partial(v3 + d, w);
+        }
+        for (int64_t r = rbeg; r < rend; ++r) {
+          const float* pr = P + r * ldp + j;
+          float* o = O + r * ldo + d;  // O rows are padded to whole vectors
+          VF acc = VF::load(o);
+          acc = fma(VF::set1(pr[0]), x0, acc);
+          acc = fma(VF::set1(pr[1]), x1, acc);
+          acc = fma(VF::set1(pr[2]), x2, acc);
+          acc = fma(VF::set1(pr[3]), x3, acc);
+          acc.store(o);
+        }
+      }
+    }
+    // Heads with a zero P among the four positions: one position at a time, skipping zeros.
+    for (int64_t t = 0; t < ng; ++t) {
+      const int64_t rbeg = t * rph, rend = rbeg + rph;
+      if (!(has_zero(rbeg, rend, j) || has_zero(rbeg, rend, j + 1) || has_zero(rbeg, rend, j + 2) ||
+            has_zero(rbeg, rend, j + 3)))
+        continue;
+      for (int64_t jj = j; jj < j + 4; ++jj) accumulate_one(p, sv, g0 + t, rbeg, rend, j0 + jj, P, ldp, jj, O, ldo, Vm);
+    }
+  }
+  for (; j < n; ++j)
+    for (int64_t t = 0; t < ng; ++t)
+      accumulate_one(p, sv, g0 + t, t * rph, t * rph + rph, j0 + j, P, ldp, j, O, ldo, Vm);
+}
+
+// Query row r of an item: KV head g0 + r / (G * sq), query head (g0 + r / (G*sq)) * G + ...
+struct RowId {
+  int64_t h, i;
+};
+inline RowId row_id(int64_t g0, int64_t G, int64_t sq, int64_t r) {
+  const int64_t rph = G * sq;
+  return {(g0 + r / rph) * G + (r % rph) / sq, r % sq};
+}
+
+template <class SQ, class SKV>
+void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len, DecodeWork& w,
+              float* part_m, float* part_l, float* part_o) {
+  const SeqView sv = seq_view(p, it.b);
+  const int64_t G = p.num_heads / p.num_kv_heads, sq = sv.sq, rph = G * sq, R = it.ng * rph;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, Dvp = round_up(Dv, VF::N);
+  float *qf = w.qf.get(), *S = w.s.get(), *O = w.o.get(), *m = w.m.get(), *l = w.l.get();
+  const SQ* Q = typed<SQ>(p.q);
+  int64_t lo_min = sv.sk, hi_max = -1;
+  for (int64_t r = 0; r < R; ++r) {
+    const RowId id = row_id(it.g0, G, sq, r);
+    const SQ* qr = Q + q_offset(p, sv, id.h, id.i);
+    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_f32(qr[d]);
+    m[r] = kNegInfF;
+    l[r] = 0.0f;
+    for (int64_t d = 0; d < Dvp; ++d) O[r * Dvp + d] = 0.0f;
+    const KeyRange kr = key_range(p, sv, id.i);
+    if (kr.lo > kr.hi) continue;
+    lo_min = imin(lo_min, kr.lo);
+    hi_max = imax(hi_max, kr.hi);
+  }
+  int64_t k_begin = 0, k_end = sv.sk;
+  if (it.chunk >= 0) {
+    k_begin = it.chunk * chunk_len;
+    k_end = imin(sv.sk, k_begin + chunk_len);
+  }
+  k_begin = imax(k_begin, lo_min);
+  k_end = imin(k_end, hi_max + 1);
+  RowCtx rc;
+  rc.scale = p.scale;
+  rc.softcap = p.softcap;
+  rc.inv_softcap = p.softcap > 0.0f ? 1.0f / p.softcap : 0.0f;
+  rc.float_mask = p.mask && p.mask_dtype != DType::boolean;
+  const int64_t lds = kKeyBlock;
+  for (int64_t j0 = k_begin; j0 < k_end; j0 += kKeyBlock) {
+    const int64_t n = imin(kKeyBlock, k_end - j0);
+    scores<SKV>(p, sv, it.g0, it.ng, rph, j0, n, qf, S, lds);
+    rc.j0 = j0;
+    rc.bn = n;
+    for (int64_t r = 0; r < R; ++r) {
+      const RowId id = row_id(it.g0, G, sq, r);
+      const KeyRange kr = key_range(p, sv, id.i);
+      rc.lo = kr.lo;
+      rc.hi = kr.hi;
+      rc.bounds = kr.lo > j0 || kr.hi < j0 + n - 1;
+      rc.c = float(id.i + sv.off);
+      rc.slope = alibi_slope(p, sv.b, id.h);
+      if (p.mask) {
+        mask_row(p, sv.b, id.h, id.i, j0, n, w.add.get());
+        rc.add = w.add.get();
+      } else {
+        rc.add = nullptr;
+      }
+      row_update(rc, S + r * lds, m + r, l + r, O + r * Dvp, Dvp);
+    }
+    accumulate_pv<SKV>(p, sv, it.g0, it.ng, rph, j0, n, S, lds, O, Dvp);
+  }
+  if (part_o) {  // split: leave the chunk's partial result
+    for (int64_t r = 0; r < R; ++r) {
+      part_m[r] = m[r];
+      part_l[r] = l[r];
+      for (int64_t d = 0; d < Dv; ++d) part_o[r * Dv + d] = O[r * Dvp + d];
+    }
+    return;
+  }
+  SQ* out = static_cast<SQ*>(p.out);
+  for (int64_t r = 0; r < R; ++r) {
+    const RowId id = row_id(it.g0, G, sq, r);
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    SQ* orow = out + out_offset(p, sv, id.h, id.i, p.out_stride);
+    for (int64_t d = 0; d < Dv; ++d) from_f32(O[r * Dvp + d] * inv, orow + d);
+    if (p.lse)
+      p.lse[out_offset(p, sv, id.h, id.i, p.lse_stride)] = l[r] > 0.0f ? m[r] + logf(l[r]) : kNegInfF;
+  }
+}
+
+// Combine the chunk partials of one item family (b, g0..g0+ng) in chunk order; partial c of
+// row r is at [c * stride + r].
+template <class SQ>
+void combine(const AttentionParams& p, const DecodeItem& it, int64_t nchunks, int64_t stride,
+             const float* pm, const float* pl, const float* po, float* acc, float* wgt) {
+  const SeqView sv = seq_view(p, it.b);
+  const int64_t G = p.num_heads / p.num_kv_heads, sq = sv.sq, R = it.ng * G * sq;
+  const int64_t Dv = p.head_dim_v;
+  SQ* out = static_cast<SQ*>(p.out);
+  for (int64_t r = 0; r < R; ++r) {
+    const RowId id = row_id(it.g0, G, sq, r);
+    float M = kNegInfF;
+    for (int64_t c = 0; c < nchunks; ++c) M = pm[c * stride + r] > M ? pm[c * stride + r] : M;
+    float L = 0.0f;
+    for (int64_t c = 0; c < nchunks; ++c) {
+      // A chunk with no allowed key (l = 0, m = -inf) weighs 0; so does everything when M is
+      // -inf (the row saw no key at all).
+      wgt[c] = pl[c * stride + r] > 0.0f ? expf(pm[c * stride + r] - M) : 0.0f;
+      L += pl[c * stride + r] * wgt[c];
+    }
+    for (int64_t d = 0; d < Dv; ++d) acc[d] = 0.0f;
+    for (int64_t c = 0; c < nchunks; ++c) {
+      if (wgt[c] == 0.0f) continue;
+      const float* o = po + (c * stride + r) * Dv;
+      const VF wc = VF::set1(wgt[c]);
+      int64_t d = 0;
+      for (; d + VF::N <= Dv; d += VF::N) fma(VF::load(o + d), wc, VF::load(acc + d)).store(acc + d);
+      for (; d < Dv; ++d) acc[d] += o[d] * wgt[c];
+    }
+    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    SQ* orow = out + out_offset(p, sv, id.h, id.i, p.out_stride);
+    for (int64_t d = 0; d < Dv; ++d) from_f32(acc[d] * inv, orow + d);
+    if (p.lse) p.lse[out_offset(p, sv, id.h, id.i, p.lse_stride)] = L > 0.0f ? M + logf(L) : kNegInfF;
+  }
+}
+
+template <class SQ, class SKV>
+Status decode_typed(const AttentionParams& p) {
+  const int64_t G = p.num_heads / p.num_kv_heads;
+  // Position-major caches (head stride below row stride) are walked position by position with
+  // all KV heads in one item; head-major ones one KV head per item.
+  const bool position_major = p.num_kv_heads > 1 && p.k_stride[1] < p.k_stride[2];
+  const int64_t sets = position_major ? 1 : p.num_kv_heads;
+  const int64_t heads_per_item = position_major ? p.num_kv_heads : 1;
+  const bool split = position_major || p.batch * p.num_kv_heads < kSplitBelowGroups;
+  // Chunk length from the longest sequence: depends only on (Sk, D), never on threads.
+  const int64_t clen = chunk_keys(imax(1, p.seqlen_k), p.head_dim);
+  const int64_t nchunks = split ? ceil_div(imax(1, p.seqlen_k), clen) : 1;
+  const int64_t rows_max = heads_per_item * G * p.seqlen_q, Dv = p.head_dim_v;
+  const int64_t n_items = p.batch * sets * nchunks;
+  Scratch<DecodeItem> items;
+  Scratch<int64_t> prefix;
+  Scratch<float> pm, pl, po;
+  if (!items.reset(size_t(n_items)) || !prefix.reset(size_t(n_items + 1))) return Status::out_of_memory;
+  if (split && (!pm.reset(size_t(n_items * rows_max)) || !pl.reset(size_t(n_items * rows_max)) ||
+                !po.reset(size_t(n_items * rows_max * Dv))))
+    return Status::out_of_memory;
+  int64_t n = 0, bytes = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SeqView sv = seq_view(p, b);
+    for (int64_t st = 0; st < sets; ++st)
+      for (int64_t c = 0; c < nchunks; ++c) {
+        const int64_t keys = split ? imax(0, imin(clen, sv.sk - c * clen)) : sv.sk;
+        const int64_t kv_bytes = keys * heads_per_item * (p.head_dim + Dv) * 4;
+        items[n++] = {b, st * heads_per_item, heads_per_item, split ? c : -1, 1 + kv_bytes / 256};
+        bytes += kv_bytes;
+      }
+  }
+  prefix[0] = 0;
+  for (int64_t i = 0; i < n_items; ++i) prefix[i + 1] = prefix[i] + items[i].cost;
+  const int nt = threads_for(bytes / 4, p.num_threads);
+  std::atomic<bool> failed{false};
+  const int64_t D = p.head_dim, Dvp = round_up(Dv, VF::N);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int tid = thread_id(), team = team_size();
+    const int64_t total = prefix[n_items];
+    const int64_t c0 = total * tid / team, c1 = total * (tid + 1) / team;
+    int64_t begin = 0, end = 0;
+    for (int64_t i = 0; i < n_items; ++i) {  // items whose cost prefix starts in [c0, c1)
+      if (prefix[i] < c0) begin = i + 1;
+      if (prefix[i] < c1) end = i + 1;
+    }
+    if (tid == team - 1) end = n_items;
+    DecodeWork w;
+    if (begin < end) {
+      if (!w.qf.reset(size_t(rows_max * D)) || !w.s.reset(size_t(rows_max * kKeyBlock)) ||
+          !w.o.reset(size_t(rows_max * Dvp)) || !w.m.reset(size_t(rows_max)) ||
+          !w.l.reset(size_t(rows_max)) || !w.add.reset(size_t(kKeyBlock))) {
+        failed = true;
+      } else {
+        for (int64_t i = begin; i < end; ++i)
+          run_item<SQ, SKV>(p, items[i], clen, w, split ? pm.get() + i * rows_max : nullptr,
+                            split ? pl.get() + i * rows_max : nullptr,
+                            split ? po.get() + i * rows_max * Dv : nullptr);
+      }
+    }
+    if (split) {
+#pragma omp barrier
+      Scratch<float> acc{size_t(Dv)}, wgt{size_t(nchunks)};
+#pragma omp for schedule(static)
+      for (int64_t f = 0; f < p.batch * sets; ++f) {
+        const int64_t i0 = f * nchunks;
+        combine<SQ>(p, items[i0], nchunks, rows_max, pm.get() + i0 * rows_max,
+                    pl.get() + i0 * rows_max, po.get() + i0 * rows_max * Dv, acc.get(), wgt.get());
+      }
+    }
+  }
+  return failed ? Status::out_of_memory : Status::ok;
+}
+
+template <class SQ>
+Status decode_kv(const AttentionParams& p) {
+  switch (p.kv_dtype) {
+    case DType::f32:
+      return decode_typed<SQ, float>(p);
+    case DType::f16:
+      return decode_typed<SQ, f16_t>(p);
+    case DType::bf16:
+      return decode_typed<SQ, bf16_t>(p);
+    default:
+      return Status::invalid_argument;
+  }
+}
+
+}  // namespace
+
+bool decode_applies(const AttentionParams& p) {
+  if (p.q_dtype == DType::f64 || p.kv_dtype == DType::f64) return false;
+  const int64_t G = p.num_heads / p.num_kv_heads;
+  return p.seqlen_q <= kMaxQueryRows && G * p.seqlen_q <= kMaxRows;
+}
+
+Status attention_decode(const AttentionParams& p) {
+  switch (p.q_dtype) {
+    case DType::f32:
+      return decode_kv<float>(p);
+    case DType::f16:
+      return decode_kv<f16_t>(p);
+    case DType::bf16:
+      return decode_kv<bf16_t>(p);
+    default:
+      return Status::invalid_argument;
+  }
+}
+
+}  // namespace ATTNKIT_ISA_NS
+}  // namespace cpu
+}  // namespace attnkit
