@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "attnkit/params.h"
+#include "attnkit/philox.h"
 #include "cpu/kernels.h"
 #include "cpu/threading.h"
 #include "ops.h"
@@ -52,7 +53,8 @@ void prepare(Prepared& pr, py::handle q_o, py::handle k_o, py::handle v_o, py::h
              py::handle lse_o, py::handle mask_o, py::handle alibi_o, py::handle cu_q_o,
              py::handle cu_k_o, py::handle seqlens_k_o, py::handle block_table_o, int64_t batch,
              double scale, double softcap, bool causal, bool bottom_right, int64_t window_left,
-             int64_t window_right, bool out_writeable) {
+             int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset,
+             bool out_writeable) {
   Tensor q = to_tensor(q_o, kFn, "q", false), k = to_tensor(k_o, kFn, "k", false),
          v = to_tensor(v_o, kFn, "v", false), out = to_tensor(out_o, kFn, "out", out_writeable);
   check_rows_contiguous(q, "q");
@@ -204,12 +206,16 @@ void prepare(Prepared& pr, py::handle q_o, py::handle k_o, py::handle v_o, py::h
   require(std::isfinite(scale), "scale must be finite");
   require(std::isfinite(softcap) && softcap >= 0, "softcap must be a finite number >= 0");
   require(window_left >= -1 && window_right >= -1, "window entries must be >= -1");
-  p.scale = float(scale);
-  p.softcap = float(softcap);
+  p.scale = scale;
+  p.softcap = softcap;
   p.causal = causal;
   p.bottom_right = bottom_right;
   p.window_left = window_left;
   p.window_right = window_right;
+  require(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1)");
+  p.dropout_p = float(dropout_p);
+  p.dropout_seed = seed;
+  p.dropout_offset = offset;
   if (out_writeable)
     for (const Tensor* t : {&q, &k, &v})
       require(!may_overlap(out, *t), "out overlaps an input (q, k or v); pass a separate array");
@@ -220,16 +226,88 @@ void attention_entry(py::handle q, py::handle k, py::handle v, py::handle out, p
                      py::handle mask, py::handle alibi, py::handle cu_q, py::handle cu_k,
                      py::handle seqlens_k, py::handle block_table, int64_t batch, double scale,
                      double softcap, bool causal, bool bottom_right, int64_t window_left,
-                     int64_t window_right) {
+                     int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset) {
   Prepared pr;
   prepare(pr, q, k, v, out, lse, mask, alibi, cu_q, cu_k, seqlens_k, block_table, batch, scale,
-          softcap, causal, bottom_right, window_left, window_right, true);
+          softcap, causal, bottom_right, window_left, window_right, dropout_p, seed, offset, true);
   Status s;
   {
     py::gil_scoped_release release;
     s = cpu::active_kernels()->attention_fwd(pr.p);
   }
   check_status(s, kFn);
+}
+
+// Gradients. dq/dk/dv are written in place with q/k/v's shapes; out/lse are the forward's.
+void attention_backward_entry(py::handle dout_o, py::handle q, py::handle k, py::handle v,
+                              py::handle out, py::handle lse, py::handle dq_o, py::handle dk_o,
+                              py::handle dv_o, py::handle mask, py::handle alibi, py::handle cu_q,
+                              py::handle cu_k, int64_t batch, double scale, double softcap,
+                              bool causal, bool bottom_right, int64_t window_left,
+                              int64_t window_right, double dropout_p, uint64_t seed,
+                              uint64_t offset) {
+  Prepared pr;
+  require(!lse.is_none(), "lse (from the forward with return_lse=True) is required");
+  prepare(pr, q, k, v, out, lse, mask, alibi, cu_q, cu_k, py::none(), py::none(), batch, scale,
+          softcap, causal, bottom_right, window_left, window_right, dropout_p, seed, offset, false);
+  AttentionBwdParams bp;
+  bp.fwd = pr.p;
+  Tensor qt = to_tensor(q, kFn, "q", false), kt = to_tensor(k, kFn, "k", false),
+         vt = to_tensor(v, kFn, "v", false), ot = to_tensor(out, kFn, "out", false);
+  Tensor dout = to_tensor(dout_o, kFn, "dout", false);
+  Tensor dq = to_tensor(dq_o, kFn, "dq", true), dk = to_tensor(dk_o, kFn, "dk", true),
+         dv = to_tensor(dv_o, kFn, "dv", true);
+  if (kt.dtype != qt.dtype)
+    throw_type("attention_backward: k/v must have q's dtype (mixed-precision k/v are forward-only)");
+  auto same = [](const Tensor& a, const Tensor& b) {
+    if (a.ndim != b.ndim || a.dtype != b.dtype) return false;
+    for (int d = 0; d < a.ndim; ++d)
+      if (a.shape[d] != b.shape[d]) return false;
+    return true;
+  };
+  require(same(dout, ot), "dout must have out's shape and dtype " + shape_str(ot));
+  require(same(dq, qt) && same(dk, kt) && same(dv, vt), "dq/dk/dv must have the shapes of q/k/v");
+  for (const Tensor* t : {&dout, &dq, &dk, &dv})
+    require(t->ndim == 4 && (t->shape[3] <= 1 || t->strides[3] == 1 || t->numel() == 0),
+            "gradients must be contiguous along the head dim");
+  for (const Tensor* g : {&dq, &dk, &dv}) {
+    for (const Tensor* t : {&qt, &kt, &vt, &ot, &dout})
+      require(!may_overlap(*g, *t), "a gradient output overlaps an input");
+  }
+  require(!may_overlap(dq, dk) && !may_overlap(dq, dv) && !may_overlap(dk, dv),
+          "dq, dk and dv must not overlap");
+  bp.dout = dout.data;
+  bp.dq = dq.data;
+  bp.dk = dk.data;
+  bp.dv = dv.data;
+  for (int i = 0; i < 3; ++i) {
+    bp.dout_stride[i] = dout.strides[i];
+    bp.dq_stride[i] = dq.strides[i];
+    bp.dk_stride[i] = dk.strides[i];
+    bp.dv_stride[i] = dv.strides[i];
+  }
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = cpu::active_kernels()->attention_bwd(bp);
+  }
+  check_status(st, "attention_backward");
+}
+
+// The dropout keep-mask (B, H, Sq, Sk) the kernels draw for (seed, offset): a debug/test aid.
+void dropout_mask_entry(py::handle out_o, double p, uint64_t seed, uint64_t offset, int64_t num_heads) {
+  Tensor out = to_tensor(out_o, "dropout_mask", "out", true);
+  require(out.dtype == DType::boolean && out.ndim == 4, "out must be a 4-D bool array");
+  uint8_t* o = static_cast<uint8_t*>(out.data);
+  for (int64_t b = 0; b < out.shape[0]; ++b)
+    for (int64_t h = 0; h < out.shape[1]; ++h)
+      for (int64_t i = 0; i < out.shape[2]; ++i) {
+        const DropoutRow dr = dropout_row(seed, offset, b, h, num_heads, i, float(p));
+        uint8_t* row = o + b * out.strides[0] + h * out.strides[1] + i * out.strides[2];
+        std::vector<uint8_t> keep(size_t(out.shape[3]));
+        dropout_keep(dr, 0, out.shape[3], keep.data());
+        for (int64_t j = 0; j < out.shape[3]; ++j) row[j * out.strides[3]] = keep[size_t(j)];
+      }
 }
 
 }  // namespace
@@ -239,8 +317,18 @@ void bind_attention(py::module_& m) {
         py::arg("lse"), py::arg("mask"), py::arg("alibi"), py::arg("cu_seqlens_q"),
         py::arg("cu_seqlens_k"), py::arg("seqlens_k"), py::arg("block_table"), py::arg("batch"),
         py::arg("scale"), py::arg("softcap"), py::arg("causal"), py::arg("bottom_right"),
-        py::arg("window_left"), py::arg("window_right"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("dropout_p") = 0.0,
+        py::arg("seed") = 0, py::arg("offset") = 0,
         "Attention forward on canonical (B, H, S, D) views (validated).");
+  m.def("attention_backward", &attention_backward_entry, py::arg("dout"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"),
+        py::arg("dv"), py::arg("mask"), py::arg("alibi"), py::arg("cu_seqlens_q"),
+        py::arg("cu_seqlens_k"), py::arg("batch"), py::arg("scale"), py::arg("softcap"),
+        py::arg("causal"), py::arg("bottom_right"), py::arg("window_left"),
+        py::arg("window_right"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0,
+        py::arg("offset") = 0, "Attention backward on canonical views (validated).");
+  m.def("dropout_mask", &dropout_mask_entry, py::arg("out"), py::arg("p"), py::arg("seed"),
+        py::arg("offset"), py::arg("num_heads"), "Fill a bool (B,H,Sq,Sk) array with the keep mask.");
 }
 
 }  // namespace attnkit

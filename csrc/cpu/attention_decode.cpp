@@ -270,7 +270,7 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
   RowCtx rc;
   rc.scale = p.scale;
   rc.softcap = p.softcap;
-  rc.inv_softcap = p.softcap > 0.0f ? 1.0f / p.softcap : 0.0f;
+  rc.inv_softcap = p.softcap > 0.0 ? 1.0 / p.softcap : 0.0;
   rc.float_mask = p.mask && p.mask_dtype != DType::boolean;
   const int64_t lds = kKeyBlock;
   for (int64_t j0 = k_begin; j0 < k_end; j0 += kKeyBlock) {
@@ -284,7 +284,7 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
       rc.lo = kr.lo;
       rc.hi = kr.hi;
       rc.bounds = kr.lo > j0 || kr.hi < j0 + n - 1;
-      rc.c = float(id.i + sv.off);
+      rc.c = double(id.i + sv.off);
       rc.slope = alibi_slope(p, sv.b, id.h);
       if (p.mask) {
         mask_row(p, sv.b, id.h, id.i, j0, n, w.add.get());
@@ -444,6 +444,7 @@ Status decode_kv(const AttentionParams& p) {
 
 bool decode_applies(const AttentionParams& p) {
   if (p.q_dtype == DType::f64 || p.kv_dtype == DType::f64) return false;
+  if (p.dropout_p > 0.0f) return false;  // training shapes: the prefill kernel applies dropout
   const int64_t G = p.num_heads / p.num_kv_heads;
   return p.seqlen_q <= kMaxQueryRows && G * p.seqlen_q <= kMaxRows;
 }

@@ -71,6 +71,7 @@ template <class T>
 struct Workspace {
   Scratch<T> qf, s, o, m, l;
   Scratch<float> add;
+  Scratch<uint8_t> keep;  // dropout decisions of one row
   PackCache<T> cache;
   bool ok = true;
 };
@@ -187,7 +188,7 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
   RowCtx rc;
   rc.scale = p.scale;
   rc.softcap = p.softcap;
-  rc.inv_softcap = p.softcap > 0.0f ? 1.0f / p.softcap : 0.0f;
+  rc.inv_softcap = p.softcap > 0.0 ? 1.0 / p.softcap : 0.0;
   rc.slope = alibi_slope(p, s.b, h);
   rc.float_mask = p.mask && p.mask_dtype != DType::boolean;
   for (int64_t kb = lo_min / BN; hi_max >= 0 && kb <= hi_max / BN; ++kb) {
@@ -212,7 +213,7 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
       rc.lo = kr.lo;
       rc.hi = kr.hi;
       rc.bounds = kr.lo > j0 || kr.hi < j0 + bn - 1;
-      rc.c = float(i + s.off);
+      rc.c = double(i + s.off);
       if (p.mask) {
         // A mask broadcast over query rows (key padding) is the same for every row.
         if (r == 0 || p.mask_stride[2] != 0) mask_row(p, s.b, h, i, j0, bn, w.add.get());
@@ -221,6 +222,7 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
         rc.add = nullptr;
       }
       row_update(rc, S + r * BNp, m + r, l + r, O + r * Dvp, Dvp);
+      if (p.dropout_p > 0.0f) dropout_row_apply<T>(p, s.b, h, i, j0, bn, S + r * BNp, w.keep.get());
     }
     // O += P V
     if (v_nonfinite) {
@@ -260,7 +262,7 @@ bool init_workspace(const AttentionParams& p, Workspace<T>& w, int64_t max_sk) {
   const int64_t group_bytes = nblocks * (c.block_elems_k + c.block_elems_v) * int64_t(sizeof(T));
   c.slots = group_bytes <= kPackCacheBytes ? nblocks : 1;
   return w.qf.reset(size_t(BM * D)) && w.s.reset(size_t(BM * BNp)) && w.o.reset(size_t(BM * Dvp)) &&
-         w.m.reset(size_t(BM)) && w.l.reset(size_t(BM)) && w.add.reset(size_t(Tl::kBlockN)) &&
+         w.m.reset(size_t(BM)) && w.l.reset(size_t(BM)) && w.add.reset(size_t(Tl::kBlockN)) && w.keep.reset(size_t(Tl::kBlockN)) &&
          c.k.reset(size_t(c.slots * c.block_elems_k)) && c.v.reset(size_t(c.slots * c.block_elems_v)) &&
          c.tag.reset(size_t(c.slots)) && c.nonfinite.reset(size_t(c.slots));
 }

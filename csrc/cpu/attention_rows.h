@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "attention_common.h"
+#include "attnkit/philox.h"
 #include "simd/math.h"
 #include "simd/vec.h"
 
@@ -19,8 +20,8 @@ namespace ATTNKIT_ISA_NS {
 // attention_common.h for the order of operations). Returns nothing; updates m, l, the O row,
 // and leaves P = exp(S - m_new) in srow[0..bn).
 struct RowCtx {
-  float scale, softcap, inv_softcap, slope;
-  float c;        // i + off
+  double scale, softcap, inv_softcap, slope;  // double for the float64 path; fp32 rounds once
+  double c;       // i + off
   int64_t j0, bn;
   int64_t lo, hi;  // allowed keys of this row
   bool bounds;     // some key of the block may be outside [lo, hi]
@@ -29,10 +30,34 @@ struct RowCtx {
 };
 
 // fp32 rows: vectorized.
+// The RowCtx of query row i of head h against keys j0..j0+bn (fills add_buf with the mask).
+inline RowCtx row_ctx(const AttentionParams& p, const SeqView& s, int64_t h, int64_t i, int64_t j0,
+                      int64_t bn, float* add_buf) {
+  RowCtx rc;
+  rc.scale = p.scale;
+  rc.softcap = p.softcap;
+  rc.inv_softcap = p.softcap > 0.0 ? 1.0 / p.softcap : 0.0;
+  rc.slope = alibi_slope(p, s.b, h);
+  rc.float_mask = p.mask && p.mask_dtype != DType::boolean;
+  const KeyRange kr = key_range(p, s, i);
+  rc.lo = kr.lo;
+  rc.hi = kr.hi;
+  rc.j0 = j0;
+  rc.bn = bn;
+  rc.bounds = kr.lo > j0 || kr.hi < j0 + bn - 1;
+  rc.c = double(i + s.off);
+  rc.add = nullptr;
+  if (p.mask) {
+    mask_row(p, s.b, h, i, j0, bn, add_buf);
+    rc.add = add_buf;
+  }
+  return rc;
+}
+
 // No modifier and a positive scale: max(scale * s) = scale * max(s), and exp(scale*s - m)
 // takes one FMA, so the scores are read twice instead of written back and read again.
 inline bool plain_row(const RowCtx& rc) {
-  return rc.softcap == 0.0f && rc.slope == 0.0f && !rc.bounds && !rc.add && rc.scale > 0.0f &&
+  return rc.softcap == 0.0 && rc.slope == 0.0 && !rc.bounds && !rc.add && rc.scale > 0.0 &&
          rc.bn % Vec<float>::N == 0;
 }
 
@@ -47,9 +72,9 @@ inline void row_update_plain(const RowCtx& rc, float* srow, float* m, float* l, 
   }
   for (; j < rc.bn; j += V::N) vmax0 = max(vmax0, V::load(srow + j));
   const float m_old = *m;
-  const float bmax = max(vmax0, vmax1).hmax() * rc.scale;
+  const float bmax = max(vmax0, vmax1).hmax() * float(rc.scale);
   const float m_new = bmax > m_old ? bmax : m_old;  // finite: no score is masked here
-  const V vscale = V::set1(rc.scale), vneg_m = V::set1(-m_new);
+  const V vscale = V::set1(float(rc.scale)), vneg_m = V::set1(-m_new);
   V vsum0 = V::zero(), vsum1 = V::zero();
   for (j = 0; j + 2 * V::N <= rc.bn; j += 2 * V::N) {
     const V e0 = vexp(fma(V::load(srow + j), vscale, vneg_m));
@@ -73,20 +98,20 @@ inline void row_update_plain(const RowCtx& rc, float* srow, float* m, float* l, 
   }
 }
 
-inline void row_update(const RowCtx& rc, float* srow, float* m, float* l, float* orow,
-                       int64_t dvp) {
+// Steps 1-5 of the score pipeline on srow[0..bn) (raw q.k in, final scores out); lanes past bn
+// become -inf. Returns the row max (a NaN may or may not surface in it; exp() then spreads it).
+inline float score_row(const RowCtx& rc, float* srow) {
   using V = Vec<float>;
-  if (plain_row(rc)) return row_update_plain(rc, srow, m, l, orow, dvp);
-  const V vscale = V::set1(rc.scale), ninf = V::set1(kNegInfF);
+  const V vscale = V::set1(float(rc.scale)), ninf = V::set1(kNegInfF);
   const V vlo = V::set1(float(rc.lo - rc.j0)), vhi = V::set1(float(rc.hi - rc.j0));
-  const V vc = V::set1(rc.c - float(rc.j0));
+  const V vc = V::set1(float(rc.c - double(rc.j0)));
   V vmax = ninf;
   for (int64_t j = 0; j < rc.bn; j += V::N) {
     const int w = int(imin(V::N, rc.bn - j));
     V x = V::load(srow + j) * vscale;
-    if (rc.softcap > 0.0f) x = V::set1(rc.softcap) * vtanh(x * V::set1(rc.inv_softcap));
+    if (rc.softcap > 0.0) x = V::set1(float(rc.softcap)) * vtanh(x * V::set1(float(rc.inv_softcap)));
     const V jv = V::iota(float(j));  // key index relative to j0
-    if (rc.slope != 0.0f) x = fnma(V::set1(rc.slope), abs(vc - jv), x);
+    if (rc.slope != 0.0) x = fnma(V::set1(float(rc.slope)), abs(vc - jv), x);
     if (rc.bounds) x = select((jv < vlo) | (vhi < jv), ninf, x);
     if (rc.add) {
       const V a = w == V::N ? V::load(rc.add + j) : V::load_partial(rc.add + j, w);
@@ -96,8 +121,15 @@ inline void row_update(const RowCtx& rc, float* srow, float* m, float* l, float*
     x.store(srow + j);  // the tile is padded to a whole number of vectors
     vmax = max(vmax, x);
   }
+  return vmax.hmax();
+}
+
+inline void row_update(const RowCtx& rc, float* srow, float* m, float* l, float* orow,
+                       int64_t dvp) {
+  using V = Vec<float>;
+  if (plain_row(rc)) return row_update_plain(rc, srow, m, l, orow, dvp);
   const float m_old = *m;
-  const float bmax = vmax.hmax();
+  const float bmax = score_row(rc, srow);
   const float m_new = bmax > m_old ? bmax : m_old;
   // -inf guard: while every key seen so far is masked, m stays -inf and exp(s - m) would be
   // exp(-inf + inf) = NaN. Such a row contributes nothing yet: P = 0, and m, l, O stay.
@@ -123,13 +155,12 @@ inline void row_update(const RowCtx& rc, float* srow, float* m, float* l, float*
 }
 
 // fp64 rows: the same pipeline, scalar (float64 is the correctness path, e.g. gradcheck).
-inline void row_update(const RowCtx& rc, double* srow, double* m, double* l, double* orow,
-                       int64_t dvp) {
+inline double score_row(const RowCtx& rc, double* srow) {
   double vmax = -__builtin_inf();
   for (int64_t j = 0; j < rc.bn; ++j) {
-    double x = srow[j] * double(rc.scale);
-    if (rc.softcap > 0.0f) x = double(rc.softcap) * tanh(x / double(rc.softcap));
-    if (rc.slope != 0.0f) x -= double(rc.slope) * fabs(double(rc.c) - double(rc.j0 + j));
+    double x = srow[j] * rc.scale;
+    if (rc.softcap > 0.0) x = rc.softcap * tanh(x / rc.softcap);
+    if (rc.slope != 0.0) x -= rc.slope * fabs(rc.c - double(rc.j0 + j));
     const int64_t jg = rc.j0 + j;
     if (rc.bounds && (jg < rc.lo || jg > rc.hi)) x = -__builtin_inf();
     if (rc.add) {
@@ -142,6 +173,12 @@ inline void row_update(const RowCtx& rc, double* srow, double* m, double* l, dou
     srow[j] = x;
     vmax = x > vmax ? x : vmax;
   }
+  return vmax;
+}
+
+inline void row_update(const RowCtx& rc, double* srow, double* m, double* l, double* orow,
+                       int64_t dvp) {
+  const double vmax = score_row(rc, srow);
   const double m_old = *m, m_new = vmax > m_old ? vmax : m_old;
   if (m_new == -__builtin_inf()) {  // -inf guard, as in the fp32 path
     for (int64_t j = 0; j < rc.bn; ++j) srow[j] = 0.0;
@@ -157,6 +194,17 @@ inline void row_update(const RowCtx& rc, double* srow, double* m, double* l, dou
   *m = m_new;
   if (alpha != 1.0)
     for (int64_t d = 0; d < dvp; ++d) orow[d] *= alpha;
+}
+
+// Dropout on a row of P (after the softmax update, which keeps the undropped sum in l):
+// kept entries are scaled by 1 / (1 - p), dropped ones become 0.
+template <class T>
+inline void dropout_row_apply(const AttentionParams& p, int64_t b, int64_t h, int64_t i,
+                              int64_t j0, int64_t n, T* srow, uint8_t* keep) {
+  const DropoutRow dr = dropout_row(p.dropout_seed, p.dropout_offset, b, h, p.num_heads, i, p.dropout_p);
+  dropout_keep(dr, j0, n, keep);
+  const T inv = T(1) / (T(1) - T(p.dropout_p));
+  for (int64_t j = 0; j < n; ++j) srow[j] = keep[j] ? srow[j] * inv : T(0);
 }
 
 }  // namespace ATTNKIT_ISA_NS

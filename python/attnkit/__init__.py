@@ -4,7 +4,13 @@ The hot paths are C++ kernels (SIMD intrinsics chosen at run time, OpenMP thread
 ``attnkit.torch`` and ``attnkit.transformers`` make it a drop-in attention backend.
 """
 from ._runtime import get_num_threads, info, set_num_threads
-from ._attention import attention, attention_varlen, attention_with_kvcache
+from ._attention import (
+    attention,
+    attention_backward,
+    attention_varlen,
+    attention_with_kvcache,
+    dropout_mask,
+)
 from ._matmul import matmul
 from ._softmax import softmax
 
@@ -16,6 +22,8 @@ __all__ = [
     "attention",
     "attention_varlen",
     "attention_with_kvcache",
+    "attention_backward",
+    "dropout_mask",
     "set_num_threads",
     "get_num_threads",
     "info",

@@ -141,9 +141,79 @@ def _int64_index(a, fn, name, ndim):
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
+def resolve_dropout(dropout_p, dropout_seed, fn):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"{fn}: dropout_p must be a float, got {type(dropout_p).__name__}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+    if isinstance(dropout_seed, bool) or not isinstance(dropout_seed, numbers.Integral):
+        raise TypeError(f"{fn}: dropout_seed must be an int, got {type(dropout_seed).__name__}")
+    return dropout_p, int(dropout_seed) & (2**64 - 1)
+
+
+class _Call:
+    """Canonical (B, H, S, D) views and resolved options of one attention call."""
+
+
+def _resolve(fn, q, k, v, *, mask, causal, causal_align, scale, window, alibi_slopes, softcap,
+             layout, dropout_p, dropout_seed):
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        check_array(a, fn, name)
+        if a.ndim != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D ({layout}), got shape {a.shape}")
+    if layout not in ("bhsd", "bshd"):
+        raise ValueError(f"{fn}: layout must be 'bhsd' or 'bshd', got {layout!r}")
+    check_qkv_dtypes(q, k, v, fn)
+    c = _Call()
+    c.layout = layout
+    if layout == "bshd":
+        qc, kc, vc = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    else:
+        qc, kc, vc = q, k, v
+    B, H, Sq, D = qc.shape
+    Bk, Hkv, Sk, Dk = kc.shape
+    Dv = vc.shape[3]
+    names = "(B, S, H, D)" if layout == "bshd" else "(B, H, S, D)"
+    if Bk != B or vc.shape[0] != B:
+        raise ValueError(f"{fn}: q, k and v must have the same batch size, got {q.shape}, {k.shape}, {v.shape}")
+    if Dk != D:
+        raise ValueError(f"{fn}: k has head_dim {Dk} but q has {D}")
+    if vc.shape[1] != Hkv or vc.shape[2] != Sk:
+        raise ValueError(f"{fn}: v has shape {v.shape} but k has {k.shape}; {names} must agree but for D")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"{fn}: q has {H} heads, which is not a multiple of k/v's {Hkv} (GQA needs H % Hkv == 0)")
+    if D == 0 or Dv == 0:
+        raise ValueError(f"{fn}: head dims must be at least 1, got D={D}, Dv={Dv}")
+    c.B, c.H, c.Sq, c.D, c.Hkv, c.Sk, c.Dv = B, H, Sq, D, Hkv, Sk, Dv
+    c.q, c.k, c.v = _rows_contiguous(qc), _rows_contiguous(kc), _rows_contiguous(vc)
+    c.causal = _check_bool(causal, fn, "causal")
+    c.bottom_right = resolve_align(causal_align, fn)
+    c.scale = resolve_scale(scale, D, fn)
+    c.softcap = resolve_softcap(softcap, fn)
+    c.wl, c.wr = resolve_window(window, fn)
+    c.alibi = resolve_alibi(alibi_slopes, B, H, fn)
+    c.mask = resolve_mask(mask, (B, H, Sq, Sk), fn)
+    c.dropout_p, c.seed = resolve_dropout(dropout_p, dropout_seed, fn)
+    c.out_shape = (B, Sq, H, Dv) if layout == "bshd" else (B, H, Sq, Dv)
+    return c
+
+
+def _canonical(a, layout):
+    return a.transpose(0, 2, 1, 3) if layout == "bshd" else a
+
+
+def _check_result_array(a, fn, name, shape, dtype):
+    check_array(a, fn, name) if name != "out" else check_out(a, fn)
+    if a.shape != shape:
+        raise ValueError(f"{fn}: {name} has shape {a.shape} but the result has {shape}")
+    if a.dtype != dtype:
+        raise TypeError(f"{fn}: {name} has dtype {a.dtype} but q has {dtype}")
+
+
 def attention(q, k, v, *, mask=None, causal=False, causal_align="top_left", scale=None,
               window=None, alibi_slopes=None, softcap=None, layout="bhsd", return_lse=False,
-              out=None):
+              dropout_p=0.0, dropout_seed=0, out=None):
     """Scaled dot-product attention, fused (FlashAttention-style; no Sq x Sk matrix).
 
     Parameters
@@ -171,6 +241,10 @@ def attention(q, k, v, *, mask=None, causal=False, causal_align="top_left", scal
         Scores become ``softcap * tanh(s / softcap)`` before masking.
     return_lse : bool
         Also return the natural-log log-sum-exp of each row's scaled scores, (B, H, Sq) float32.
+    dropout_p, dropout_seed : float, int
+        Dropout on the attention probabilities, drawn by a counter-based (Philox) RNG from
+        ``dropout_seed``: the same seed gives the same mask (see :func:`dropout_mask`), which
+        :func:`attention_backward` regenerates. Kept entries are scaled by 1 / (1 - p).
     out : numpy.ndarray, optional
         Written in place; shape (B, H, Sq, Dv) (bhsd) or (B, Sq, H, Dv) (bshd), q's dtype.
 
@@ -183,57 +257,66 @@ def attention(q, k, v, *, mask=None, causal=False, causal_align="top_left", scal
     out, or (out, lse) with ``return_lse=True``.
     """
     fn = "attention"
-    for name, a in (("q", q), ("k", k), ("v", v)):
-        check_array(a, fn, name)
-        if a.ndim != 4:
-            raise ValueError(f"{fn}: {name} must be 4-D ({layout}), got shape {a.shape}")
-    if layout not in ("bhsd", "bshd"):
-        raise ValueError(f"{fn}: layout must be 'bhsd' or 'bshd', got {layout!r}")
-    check_qkv_dtypes(q, k, v, fn)
-    if layout == "bshd":
-        qc, kc, vc = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    else:
-        qc, kc, vc = q, k, v
-    B, H, Sq, D = qc.shape
-    Bk, Hkv, Sk, Dk = kc.shape
-    Dv = vc.shape[3]
-    names = "(B, S, H, D)" if layout == "bshd" else "(B, H, S, D)"
-    if Bk != B or vc.shape[0] != B:
-        raise ValueError(f"{fn}: q, k and v must have the same batch size, got {q.shape}, {k.shape}, {v.shape}")
-    if Dk != D:
-        raise ValueError(f"{fn}: k has head_dim {Dk} but q has {D}")
-    if vc.shape[1] != Hkv or vc.shape[2] != Sk:
-        raise ValueError(f"{fn}: v has shape {v.shape} but k has {k.shape}; {names} must agree but for D")
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"{fn}: q has {H} heads, which is not a multiple of k/v's {Hkv} (GQA needs H % Hkv == 0)")
-    if D == 0 or Dv == 0:
-        raise ValueError(f"{fn}: head dims must be at least 1, got D={D}, Dv={Dv}")
-    causal = _check_bool(causal, fn, "causal")
+    c = _resolve(fn, q, k, v, mask=mask, causal=causal, causal_align=causal_align, scale=scale,
+                 window=window, alibi_slopes=alibi_slopes, softcap=softcap, layout=layout,
+                 dropout_p=dropout_p, dropout_seed=dropout_seed)
     return_lse = _check_bool(return_lse, fn, "return_lse")
-    bottom_right = resolve_align(causal_align, fn)
-    scale = resolve_scale(scale, D, fn)
-    softcap = resolve_softcap(softcap, fn)
-    wl, wr = resolve_window(window, fn)
-    alibi = resolve_alibi(alibi_slopes, B, H, fn)
-    maskc = resolve_mask(mask, (B, H, Sq, Sk), fn)
-
-    out_shape = (B, Sq, H, Dv) if layout == "bshd" else (B, H, Sq, Dv)
     if out is None:
-        out = np.empty(out_shape, dtype=q.dtype)
+        out = np.empty(c.out_shape, dtype=q.dtype)
     else:
-        check_out(out, fn)
-        if out.shape != out_shape:
-            raise ValueError(f"{fn}: out has shape {out.shape} but the result has {out_shape}")
-        if out.dtype != q.dtype:
-            raise TypeError(f"{fn}: out has dtype {out.dtype} but q has {q.dtype}")
-    outc = out.transpose(0, 2, 1, 3) if layout == "bshd" else out
-    lse = np.empty((B, H, Sq), np.float32) if return_lse else None
+        _check_result_array(out, fn, "out", c.out_shape, q.dtype)
+    outc = _canonical(out, layout)
     if outc.size and outc.shape[-1] > 1 and outc.strides[-1] != outc.itemsize:
         raise ValueError(f"{fn}: out must be contiguous along its last dim")
-    _C.attention(_rows_contiguous(qc), _rows_contiguous(kc), _rows_contiguous(vc), outc, lse,
-                 maskc, alibi, None, None, None, None, B, scale, softcap, causal, bottom_right,
-                 wl, wr)
+    lse = np.empty((c.B, c.H, c.Sq), np.float32) if return_lse else None
+    _C.attention(c.q, c.k, c.v, outc, lse, c.mask, c.alibi, None, None, None, None, c.B, c.scale,
+                 c.softcap, c.causal, c.bottom_right, c.wl, c.wr, c.dropout_p, c.seed, 0)
     return (out, lse) if return_lse else out
+
+
+def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False,
+                       causal_align="top_left", scale=None, window=None, alibi_slopes=None,
+                       softcap=None, layout="bhsd", dropout_p=0.0, dropout_seed=0):
+    """Gradients (dq, dk, dv) of :func:`attention`, FlashAttention-2 style.
+
+    ``out`` and ``lse`` are the forward's results (``return_lse=True``); every option must be the
+    forward's. P is recomputed from q, k and lse (no Sq x Sk matrix); accumulation is in fp32
+    (float64 inputs: in float64, with the lse recomputed in float64). For GQA, dk/dv sum over the
+    query heads of each group. With dropout, the same ``dropout_seed`` regenerates the forward's
+    mask. k/v must have q's dtype here. Results are bit-identical for any thread count.
+    """
+    fn = "attention_backward"
+    c = _resolve(fn, q, k, v, mask=mask, causal=causal, causal_align=causal_align, scale=scale,
+                 window=window, alibi_slopes=alibi_slopes, softcap=softcap, layout=layout,
+                 dropout_p=dropout_p, dropout_seed=dropout_seed)
+    if k.dtype != q.dtype:
+        raise TypeError(f"{fn}: k/v have dtype {k.dtype} but q has {q.dtype}; the backward needs one dtype")
+    for name, a in (("dout", dout), ("out", out)):
+        check_array(a, fn, name)
+        if a.shape != c.out_shape or a.dtype != q.dtype:
+            raise ValueError(f"{fn}: {name} must have shape {c.out_shape} and dtype {q.dtype}, "
+                             f"got {a.shape} {a.dtype}")
+    check_array(lse, fn, "lse")
+    if lse.shape != (c.B, c.H, c.Sq) or lse.dtype != np.float32:
+        raise ValueError(f"{fn}: lse must be float32 of shape {(c.B, c.H, c.Sq)}, got {lse.shape} {lse.dtype}")
+    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    _C.attention_backward(_rows_contiguous(_canonical(dout, layout)), c.q, c.k, c.v,
+                          _rows_contiguous(_canonical(out, layout)), lse,
+                          _canonical(dq, layout), _canonical(dk, layout), _canonical(dv, layout),
+                          c.mask, c.alibi, None, None, c.B, c.scale, c.softcap, c.causal,
+                          c.bottom_right, c.wl, c.wr, c.dropout_p, c.seed, 0)
+    return dq, dk, dv
+
+
+def dropout_mask(shape, dropout_p, dropout_seed):
+    """The keep-mask (bool, True = kept) that attention draws for ``(dropout_p, dropout_seed)``
+    on a (B, H, Sq, Sk) problem: for tests and debugging of dropout at small sizes."""
+    if len(shape) != 4:
+        raise ValueError(f"dropout_mask: shape must be (B, H, Sq, Sk), got {shape}")
+    p, seed = resolve_dropout(dropout_p, dropout_seed, "dropout_mask")
+    out = np.empty(shape, np.bool_)
+    _C.dropout_mask(out, p, seed, 0, shape[1])
+    return out
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False,
@@ -294,7 +377,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False,
         raise ValueError(f"{fn}: out must be contiguous along its last dim")
     _C.attention(as4(q), as4(k), as4(v), out.transpose(1, 0, 2)[None],
                  None if lse is None else lse[None], None, alibi, cu_q, cu_k, None, None, batch,
-                 scale, softcap, causal, bottom_right, wl, wr)
+                 scale, softcap, causal, bottom_right, wl, wr, 0.0, 0, 0)
     return (out, lse) if return_lse else out
 
 
@@ -428,5 +511,5 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
         raise ValueError(f"{fn}: the caches must be contiguous along their last dim")
     outc = out.transpose(0, 2, 1, 3)
     _C.attention(qc, kc, vc, outc, lse, None, alibi, None, None, total, bt if paged else None, B,
-                 scale, softcap, causal, True, wl, wr)
+                 scale, softcap, causal, True, wl, wr, 0.0, 0, 0)
     return (out, lse) if return_lse else out

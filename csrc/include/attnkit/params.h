@@ -88,8 +88,8 @@ struct AttentionParams {
   DType mask_dtype = DType::boolean;
   int64_t mask_stride[4] = {};
 
-  float scale = 1.0f;
-  float softcap = 0.0f;  // 0 = off; else s = softcap * tanh(s / softcap)
+  double scale = 1.0;     // double so float64 attention is exact; fp32 kernels round it once
+  double softcap = 0.0;   // 0 = off; else s = softcap * tanh(s / softcap)
   const float* alibi_slopes = nullptr;  // slope of (b, h) at b*alibi_stride[0] + h*alibi_stride[1]
   int64_t alibi_stride[2] = {};
   bool causal = false;

@@ -1,0 +1,492 @@
+// Attention backward, FlashAttention-2 style: P is recomputed from q, k and the forward's
+// log-sum-exp, never stored. Compiled once per ISA.
+//
+// Per key block j (K_j, V_j packed once) and query block i of every head of the GQA group:
+//   S   = Q_i K_j^T, final scores by the shared pipeline, P = exp(S - lse_i)
+//   dP  = dO_i V_j^T
+//   dS  = P * (dP - D_i),  D_i = rowsum(dO_i * O_i)      (dropout: dP and P carry Z / (1-p))
+//   dV_j += P^T dO_i,  dK_j += dS^T Q_i,  dQ_i += dS K_j  (five micro-kernel GEMMs)
+// with dS also multiplied by the softcap derivative and the scale.
+//
+// Determinism without atomics: a work item is (batch, kv head, chunk of query rows) and owns
+// dQ of its rows outright; dK/dV of a key block are summed inside the item over the group's
+// heads in order. With one chunk per sequence (enough batch x kv heads to share out) the item
+// writes dK/dV directly; with several (chunk count fixed by the shape, never the thread
+// count), each item leaves partial dK/dV that are summed in chunk order afterwards.
+#include <math.h>
+
+#include <atomic>
+#include <type_traits>
+
+#include "attention_common.h"
+#include "attention_rows.h"
+#include "attnkit/philox.h"
+#include "common.h"
+#include "gemm/blocking.h"
+#include "gemm/pack.h"
+#include "gemm/ukernel.h"
+#include "simd/math.h"
+#include "simd/vec.h"
+#include "threading.h"
+
+namespace attnkit {
+namespace cpu {
+namespace ATTNKIT_ISA_NS {
+namespace {
+
+template <class T>
+struct BwdTiles {
+  // 96 query rows: the dK/dV GEMMs run along the rows (k = rows), so more rows per tile means
+  // longer micro-kernel loops there. 64 keys keep the per-block dK/dV accumulators in L2.
+  static constexpr int64_t kBlockM = Blocking<T>::MR >= 6 ? 96 : 32;
+  static constexpr int64_t kBlockN = 64;
+  static constexpr int NR = Blocking<T>::NR, MR = Blocking<T>::MR;
+  static constexpr int64_t kBlockNPad = (kBlockN + NR - 1) / NR * NR;
+};
+
+constexpr int64_t kOwnGroups = 8;    // batch x kv heads at which items stop splitting queries
+constexpr int64_t kMaxChunks = 8;
+
+struct BwdItem {
+  int64_t b, g, r0, r1;  // query rows [r0, r1) of sequence b, every head of kv group g
+  int64_t chunk;
+  int64_t cost;
+};
+
+template <class T>
+struct BwdWork {
+  Scratch<T> qf, dof, lse, drow, dq;        // per item: G x rows (x D / Dv)
+  Scratch<T> kt, vt, krow, dk, dv;          // per key block
+  Scratch<T> s, dp, sraw, apack;            // per tile
+  Scratch<float> add;
+  Scratch<uint8_t> keep;
+  Scratch<T> zbuf;  // dropout factor Z / (1-p) of one row
+};
+
+template <class T>
+bool init_work(const AttentionParams& p, BwdWork<T>& w, int64_t max_rows) {
+  using Tl = BwdTiles<T>;
+  const int64_t G = p.num_heads / p.num_kv_heads;
+  const int64_t Dp = round_up(p.head_dim, Tl::NR), Dvp = round_up(p.head_dim_v, Tl::NR);
+  const int64_t BNp = Tl::kBlockNPad, BM = Tl::kBlockM;
+  const size_t rows = size_t(G * max_rows);
+  return w.qf.reset(rows * Dp) && w.dof.reset(rows * Dvp) && w.lse.reset(rows) &&
+         w.drow.reset(rows) && w.dq.reset(rows * Dp) && w.kt.reset(size_t(BNp * Dp)) &&
+         w.vt.reset(size_t(BNp * Dvp)) && w.krow.reset(size_t(BNp * Dp)) &&
+         w.dk.reset(size_t(BNp * Dp)) && w.dv.reset(size_t(BNp * Dvp)) &&
+         w.s.reset(size_t(BM * BNp)) && w.dp.reset(size_t(BM * BNp)) &&
+         w.sraw.reset(size_t(BM * BNp)) && w.apack.reset(size_t(BNp * BM)) &&
+         w.add.reset(size_t(Tl::kBlockN)) && w.keep.reset(size_t(Tl::kBlockN)) &&
+         w.zbuf.reset(size_t(BNp));
+}
+
+// Packs keys j0..j0+bn: K^T and V^T in NR-key panels ([key/NR][dim][NR], the B operand of
+// S = Q K^T and dP = dO V^T) and K row-major padded (the B operand of dQ += dS K).
+// Returns true when K holds inf/NaN.
+template <class T, class S>
+bool pack_block(const AttentionParams& p, const SeqView& sv, int64_t g, int64_t j0, int64_t bn,
+                BwdWork<T>& w) {
+  using Tl = BwdTiles<T>;
+  constexpr int NR = Tl::NR;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, Dp = round_up(D, NR), Dvp = round_up(Dv, NR);
+  const S* K = typed<S>(p.k);
+  const S* V = typed<S>(p.v);
+  bool bad = false;
+  for (int64_t jj = 0; jj < Tl::kBlockNPad; ++jj) {
+    T* kt = w.kt.get() + (jj / NR) * D * NR + jj % NR;
+    T* vt = w.vt.get() + (jj / NR) * Dv * NR + jj % NR;
+    T* kr = w.krow.get() + jj * Dp;
+    if (jj >= bn) {
+      for (int64_t d = 0; d < D; ++d) kt[d * NR] = T(0);
+      for (int64_t d = 0; d < Dv; ++d) vt[d * NR] = T(0);
+      for (int64_t d = 0; d < Dp; ++d) kr[d] = T(0);
+      continue;
+    }
+    const S* ks = K + kv_offset(p, sv, g, j0 + jj, p.k_stride);
+    const S* vs = V + kv_offset(p, sv, g, j0 + jj, p.v_stride);
+    for (int64_t d = 0; d < D; ++d) {
+      const T x = load_as<T>(ks + d);
+      bad |= !(x - x == T(0));
+      kt[d * NR] = x;
+      kr[d] = x;
+    }
+    for (int64_t d = D; d < Dp; ++d) kr[d] = T(0);
+    for (int64_t d = 0; d < Dv; ++d) vt[d * NR] = load_as<T>(vs + d);
+  }
+  return bad;
+}
+
+// C (M x n, ld ldc) += X^T (M x k) * B (k x n, ld ldb) where X is a (k x M) tile with row
+// stride ldx: X^T is packed into micro-panels first (X = P or dS, k = query rows).
+template <class T>
+void gemm_tn(const T* X, int64_t ldx, int64_t k, int64_t M, const T* B, int64_t ldb, int64_t n,
+             T* C, int64_t ldc, T* apack) {
+  constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR;
+  for (int64_t i = 0; i < M; i += MR) {
+    const int mr = int(imin(MR, M - i));
+    pack_a_panel<T, T>(X + i, 1, ldx, mr, k, apack);
+    for (int64_t c = 0; c < n; c += NR)
+      ukernel_rows<T, true>(mr, k, apack, 0, B + c, ldb, C + i * ldc + c, ldc, true, NR);
+  }
+}
+
+// C (bm x n) += A (bm x k, ld lda) * B (k x n, ld ldb), A in place.
+template <class T>
+void gemm_nn(const T* A, int64_t lda, int64_t bm, int64_t k, const T* B, int64_t ldb, int64_t n,
+             T* C, int64_t ldc, bool accumulate) {
+  constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR;
+  for (int64_t i = 0; i < bm; i += MR) {
+    const int mr = int(imin(MR, bm - i));
+    for (int64_t c = 0; c < n; c += NR)
+      ukernel_rows<T, false>(mr, k, A + i * lda, lda, B + c, ldb, C + i * ldc + c, ldc, accumulate, NR);
+  }
+}
+
+// S = A (bm x kd) * panels^T, panels in [key/NR][kd][NR] (keys padded to BNp).
+template <class T>
+void gemm_panels(const T* A, int64_t lda, int64_t bm, int64_t kd, const T* panels, int64_t bnp,
+                 T* S, int64_t lds) {
+  constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR;
+  for (int64_t i = 0; i < bm; i += MR) {
+    const int mr = int(imin(MR, bm - i));
+    for (int64_t jp = 0; jp < bnp; jp += NR)
+      ukernel_rows<T, false>(mr, kd, A + i * lda, lda, panels + (jp / NR) * kd * NR, NR,
+                             S + i * lds + jp, lds, false, NR);
+  }
+}
+
+template <class T, class SQ, class SKV>
+void load_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdItem& it,
+               const SeqView& sv, BwdWork<T>& w) {
+  constexpr int NR = BwdTiles<T>::NR;
+  const int64_t G = p.num_heads / p.num_kv_heads, rows = it.r1 - it.r0;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, Dp = round_up(D, NR), Dvp = round_up(Dv, NR);
+  const SQ* Q = typed<SQ>(p.q);
+  const SQ* O = typed<SQ>(p.out);
+  const SQ* dO = static_cast<const SQ*>(bp.dout);
+  for (int64_t hh = 0; hh < G; ++hh) {
+    const int64_t h = it.g * G + hh;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = it.r0 + r, row = hh * rows + r;
+      const SQ* qr = Q + q_offset(p, sv, h, i);
+      const SQ* orow = O + out_offset(p, sv, h, i, p.out_stride);
+      const SQ* dorow = dO + out_offset(p, sv, h, i, bp.dout_stride);
+      T* qf = w.qf.get() + row * Dp;
+      T* df = w.dof.get() + row * Dvp;
+      for (int64_t d = 0; d < Dp; ++d) qf[d] = d < D ? load_as<T>(qr + d) : T(0);
+      T dsum = T(0);
+      for (int64_t d = 0; d < Dvp; ++d) {
+        df[d] = d < Dv ? load_as<T>(dorow + d) : T(0);
+        if (d < Dv) dsum += df[d] * load_as<T>(orow + d);
+      }
+      w.drow[row] = dsum;
+      const float l = p.lse[out_offset(p, sv, h, i, p.lse_stride)];
+      w.lse[row] = T(l);
+      T* dq = w.dq.get() + row * Dp;
+      for (int64_t d = 0; d < Dp; ++d) dq[d] = T(0);
+    }
+  }
+}
+
+// float64: recompute each row's log-sum-exp in double (the stored lse is fp32), so float64
+// gradients are exact to float64 (gradcheck). Key blocks outermost: each is packed once.
+template <class T, class SKV>
+void recompute_lse(const AttentionParams& p, const BwdItem& it, const SeqView& sv, BwdWork<T>& w) {
+  using Tl = BwdTiles<T>;
+  const int64_t G = p.num_heads / p.num_kv_heads, rows = it.r1 - it.r0;
+  const int64_t D = p.head_dim, Dp = round_up(D, Tl::NR), BN = Tl::kBlockN, BNp = Tl::kBlockNPad;
+  T* m = w.lse.get();
+  T* l = w.zbuf.get();  // free until the main loop; holds one sum per row of a head at a time
+  for (int64_t hh = 0; hh < G; ++hh) {
+    const int64_t h = it.g * G + hh;
+    for (int64_t r0 = 0; r0 < rows; r0 += BNp) {  // zbuf holds BNp sums
+      const int64_t nr = imin(BNp, rows - r0);
+      for (int64_t r = 0; r < nr; ++r) m[hh * rows + r0 + r] = -T(__builtin_inf()), l[r] = T(0);
+      for (int64_t j0 = 0; j0 < sv.sk; j0 += BN) {
+        const int64_t bn = imin(BN, sv.sk - j0);
+        pack_block<T, SKV>(p, sv, it.g, j0, bn, w);
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = it.r0 + r0 + r;
+          T* srow = w.s.get();
+          gemm_panels<T>(w.qf.get() + (hh * rows + r0 + r) * Dp, Dp, 1, D, w.kt.get(), BNp, srow, BNp);
+          RowCtx rc = row_ctx(p, sv, h, i, j0, bn, w.add.get());
+          const T mx = T(score_row(rc, srow));
+          T& mr = m[hh * rows + r0 + r];
+          const T mn = mx > mr ? mx : mr;
+          if (mn == -T(__builtin_inf())) continue;
+          T sum = T(0);
+          for (int64_t j = 0; j < bn; ++j) sum += T(exp(double(srow[j] - mn)));
+          l[r] = l[r] * T(exp(double(mr - mn))) + sum;
+          mr = mn;
+        }
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        T& mr = m[hh * rows + r0 + r];
+        mr = l[r] > T(0) ? mr + T(log(double(l[r]))) : -T(__builtin_inf());
+      }
+    }
+  }
+}
+
+// One row of the tile: srow holds the final scores, dprow dO.V. On return srow holds P (with
+// dropout's Z / (1-p) when zbuf is given) for dV, and dprow dS * scale for dK and dQ:
+//   dS = P * (dP Z' - D_i) [* softcap'(raw)]; masked keys (P == 0) give exactly 0.
+template <class T>
+void grad_row(const AttentionParams& p, T* srow, T* dprow, const T* sraw, int64_t bn, int64_t bnp,
+              T lse, T Di, const T* zbuf) {
+  const bool dead = !(lse > -T(__builtin_inf()));  // the row saw no allowed key: P = 0
+  if constexpr (std::is_same<T, float>::value) {
+    using V = Vec<float>;
+    const V vl = V::set1(dead ? 0.0f : lse), vD = V::set1(Di), vscale = V::set1(float(p.scale));
+    const V vcap_in = V::set1(p.softcap > 0.0 ? float(p.scale / p.softcap) : 0.0f), one = V::set1(1.0f);
+    for (int64_t j = 0; j < bnp; j += V::N) {
+      V P = vexp(V::load(srow + j) - vl);
+      P = select(V::iota(float(j)) < V::set1(float(dead ? 0 : bn)), P, V::zero());
+      V dp = V::load(dprow + j), pk = P;
+      if (zbuf) {
+        const V z = V::load(zbuf + j);
+        pk = P * z;
+        dp = dp * z;
+      }
+      V ds = select(P == V::zero(), V::zero(), P * (dp - vD));
+      if (p.softcap > 0.0f) {
+        const V t = vtanh(V::load(sraw + j) * vcap_in);
+        ds = ds * (one - t * t);
+      }
+      pk.store(srow + j);
+      (ds * vscale).store(dprow + j);
+    }
+  } else {
+    for (int64_t j = 0; j < bnp; ++j) {
+      T P = (dead || j >= bn) ? T(0) : T(exp(double(srow[j] - lse)));
+      if (!(P > T(0))) P = T(0);
+      T dp = dprow[j], pk = P;
+      if (zbuf) {
+        pk = P * zbuf[j];
+        dp = dp * zbuf[j];
+      }
+      T ds = P == T(0) ? T(0) : P * (dp - Di);
+      if (p.softcap > 0.0 && ds != T(0)) {
+        const T t = T(tanh(double(sraw[j]) * p.scale / p.softcap));
+        ds *= T(1) - t * t;
+      }
+      srow[j] = pk;
+      dprow[j] = ds * T(p.scale);
+    }
+  }
+}
+
+template <class T, class SQ, class SKV>
+void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdItem& it,
+              BwdWork<T>& w, T* part_dk, T* part_dv) {
+  using Tl = BwdTiles<T>;
+  constexpr int NR = Tl::NR;
+  const int64_t BM = Tl::kBlockM, BN = Tl::kBlockN, BNp = Tl::kBlockNPad;
+  const SeqView sv = seq_view(p, it.b);
+  const int64_t G = p.num_heads / p.num_kv_heads, rows = it.r1 - it.r0;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, Dp = round_up(D, NR), Dvp = round_up(Dv, NR);
+  load_item<T, SQ, SKV>(p, bp, it, sv, w);
+  if constexpr (std::is_same<T, double>::value) recompute_lse<T, SKV>(p, it, sv, w);
+  const T inv_keep = p.dropout_p > 0.0f ? T(1) / (T(1) - T(p.dropout_p)) : T(1);
+  T *S = w.s.get(), *dP = w.dp.get(), *Sraw = w.sraw.get();
+
+  for (int64_t j0 = 0; j0 < sv.sk; j0 += BN) {
+    const int64_t bn = imin(BN, sv.sk - j0);
+    // Rows of this item that reach the block at all (ranges grow with i).
+    const KeyRange first = key_range(p, sv, it.r0), last = key_range(p, sv, it.r1 - 1);
+    const bool touched = rows > 0 && !(j0 > last.hi || j0 + bn - 1 < first.lo);
+    T* dk = w.dk.get();
+    T* dv = w.dv.get();
+    for (int64_t x = 0; x < BNp * Dp; ++x) dk[x] = T(0);
+    for (int64_t x = 0; x < BNp * Dvp; ++x) dv[x] = T(0);
+    if (touched) {
+      const bool k_nonfinite = pack_block<T, SKV>(p, sv, it.g, j0, bn, w);
+      for (int64_t hh = 0; hh < G; ++hh) {
+        const int64_t h = it.g * G + hh;
+        for (int64_t i0 = it.r0; i0 < it.r1; i0 += BM) {
+          const int64_t bm = imin(BM, it.r1 - i0);
+          const KeyRange a = key_range(p, sv, i0), z = key_range(p, sv, i0 + bm - 1);
+          if (j0 > z.hi || j0 + bn - 1 < a.lo) continue;
+          if (mask_block_empty(p, sv.b, h, i0, bm, j0, bn)) continue;
+          const int64_t row0 = hh * rows + (i0 - it.r0);
+          const T* qf = w.qf.get() + row0 * Dp;
+          const T* df = w.dof.get() + row0 * Dvp;
+          gemm_panels<T>(qf, Dp, bm, D, w.kt.get(), BNp, S, BNp);
+          gemm_panels<T>(df, Dvp, bm, Dv, w.vt.get(), BNp, dP, BNp);
+          if (p.softcap > 0.0f)
+            for (int64_t x = 0; x < bm * BNp; ++x) Sraw[x] = S[x];
+          for (int64_t r = 0; r < bm; ++r) {
+            const int64_t i = i0 + r;
+            T* srow = S + r * BNp;
+            T* dprow = dP + r * BNp;
+            RowCtx rc = row_ctx(p, sv, h, i, j0, bn, w.add.get());
+            score_row(rc, srow);
+            const T lse = w.lse[row0 + r], Di = w.drow[row0 + r];
+            const T* zbuf = nullptr;
+            if (p.dropout_p > 0.0f) {
+              const DropoutRow dr = dropout_row(p.dropout_seed, p.dropout_offset, sv.b, h,
+                                                p.num_heads, i, p.dropout_p);
+              dropout_keep(dr, j0, bn, w.keep.get());
+              for (int64_t j = 0; j < BNp; ++j) w.zbuf[j] = j < bn && w.keep[j] ? inv_keep : T(0);
+              zbuf = w.zbuf.get();
+            }
+            grad_row<T>(p, srow, dprow, Sraw + r * BNp, bn, BNp, lse, Di, zbuf);
+          }
+          gemm_tn<T>(S, BNp, bm, bn, df, Dvp, Dvp, dv, Dvp, w.apack.get());
+          gemm_tn<T>(dP, BNp, bm, bn, qf, Dp, Dp, dk, Dp, w.apack.get());
+          T* dq = w.dq.get() + row0 * Dp;
+          if (!k_nonfinite) {
+            gemm_nn<T>(dP, BNp, bm, bn, w.krow.get(), Dp, Dp, dq, Dp, true);
+          } else {  // skip dS == 0 (masked keys), so NaN in a masked K row stays out of dQ
+            for (int64_t r = 0; r < bm; ++r)
+              for (int64_t j = 0; j < bn; ++j) {
+                const T ds = dP[r * BNp + j];
+                if (ds == T(0)) continue;
+                for (int64_t d = 0; d < D; ++d) dq[r * Dp + d] += ds * w.krow[j * Dp + d];
+              }
+          }
+        }
+      }
+    }
+    // dK/dV of this key block: straight to the output, or to this chunk's partial.
+    for (int64_t jj = 0; jj < bn; ++jj) {
+      if (part_dk) {
+        for (int64_t d = 0; d < D; ++d) part_dk[(j0 + jj) * D + d] = dk[jj * Dp + d];
+        for (int64_t d = 0; d < Dv; ++d) part_dv[(j0 + jj) * Dv + d] = dv[jj * Dvp + d];
+        continue;
+      }
+      SKV* dko = static_cast<SKV*>(bp.dk) + kv_offset(p, sv, it.g, j0 + jj, bp.dk_stride);
+      SKV* dvo = static_cast<SKV*>(bp.dv) + kv_offset(p, sv, it.g, j0 + jj, bp.dv_stride);
+      for (int64_t d = 0; d < D; ++d) store_as<T, SKV>(dk[jj * Dp + d], dko + d);
+      for (int64_t d = 0; d < Dv; ++d) store_as<T, SKV>(dv[jj * Dvp + d], dvo + d);
+    }
+  }
+  // dQ of every row of the item.
+  SQ* dQ = static_cast<SQ*>(bp.dq);
+  for (int64_t hh = 0; hh < G; ++hh)
+    for (int64_t r = 0; r < rows; ++r) {
+      SQ* o = dQ + out_offset(p, sv, it.g * G + hh, it.r0 + r, bp.dq_stride);
+      const T* src = w.dq.get() + (hh * rows + r) * Dp;
+      for (int64_t d = 0; d < D; ++d) store_as<T, SQ>(src[d], o + d);
+    }
+}
+
+template <class T, class SQ, class SKV>
+Status bwd_typed(const AttentionBwdParams& bp) {
+  using Tl = BwdTiles<T>;
+  const AttentionParams& p = bp.fwd;
+  const int64_t BM = Tl::kBlockM;
+  const int64_t groups = p.batch * p.num_kv_heads;
+  // Query chunks per sequence: from the shape only (rule 6), never from the thread count.
+  const int64_t chunks = groups >= kOwnGroups
+                             ? 1
+                             : imax(1, imin(kMaxChunks, ceil_div(p.seqlen_q, 2 * BM)));
+  const int64_t chunk_rows = round_up(ceil_div(imax(1, p.seqlen_q), chunks), BM);
+  int64_t n_items = 0, max_rows = 1;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SeqView sv = seq_view(p, b);
+    n_items += p.num_kv_heads * imax(1, ceil_div(sv.sq, chunk_rows));
+  }
+  Scratch<BwdItem> items;
+  Scratch<int64_t> prefix;
+  if (!items.reset(size_t(n_items)) || !prefix.reset(size_t(n_items + 1))) return Status::out_of_memory;
+  int64_t n = 0;
+  double flops = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SeqView sv = seq_view(p, b);
+    const int64_t nc = imax(1, ceil_div(sv.sq, chunk_rows));
+    for (int64_t g = 0; g < p.num_kv_heads; ++g)
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t r0 = imin(sv.sq, c * chunk_rows), r1 = imin(sv.sq, r0 + chunk_rows);
+        const int64_t cost = 1 + (r1 - r0) * (sv.sk / 64 + 1);
+        items[n++] = {b, g, r0, r1, chunks > 1 ? c : -1, cost};
+        max_rows = imax(max_rows, r1 - r0);
+        flops += double(r1 - r0) * double(sv.sk) * double(p.head_dim + p.head_dim_v) * 5.0;
+      }
+  }
+  prefix[0] = 0;
+  for (int64_t i = 0; i < n_items; ++i) prefix[i + 1] = prefix[i] + items[i].cost;
+  // Partial dK/dV per chunk item, summed in chunk order below.
+  Scratch<T> pdk, pdv;
+  const int64_t Sk = p.seqlen_k, D = p.head_dim, Dv = p.head_dim_v;
+  if (chunks > 1 && (!pdk.reset(size_t(n_items * Sk * D)) || !pdv.reset(size_t(n_items * Sk * Dv))))
+    return Status::out_of_memory;
+  const int nt = threads_for(int64_t(flops / 16), p.num_threads);
+  std::atomic<bool> failed{false};
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int tid = thread_id(), team = team_size();
+    const int64_t total = prefix[n_items];
+    const int64_t c0 = total * tid / team, c1 = total * (tid + 1) / team;
+    int64_t begin = 0, end = 0;
+    for (int64_t i = 0; i < n_items; ++i) {
+      if (prefix[i] < c0) begin = i + 1;
+      if (prefix[i] < c1) end = i + 1;
+    }
+    if (tid == team - 1) end = n_items;
+    if (begin < end) {
+      BwdWork<T> w;
+      if (!init_work<T>(p, w, max_rows)) {
+        failed = true;
+      } else {
+        for (int64_t i = begin; i < end; ++i)
+          run_item<T, SQ, SKV>(p, bp, items[i], w, chunks > 1 ? pdk.get() + i * Sk * D : nullptr,
+                               chunks > 1 ? pdv.get() + i * Sk * Dv : nullptr);
+      }
+    }
+    if (chunks > 1) {
+#pragma omp barrier
+      // Sum the chunk partials of each (batch, kv head) in chunk order.
+#pragma omp for schedule(static)
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        const int64_t b = grp / p.num_kv_heads, g = grp % p.num_kv_heads;
+        int64_t first = -1, count = 0;
+        for (int64_t i = 0; i < n_items; ++i)
+          if (items[i].b == b && items[i].g == g) {
+            if (first < 0) first = i;
+            ++count;
+          }
+        const SeqView sv = seq_view(p, b);
+        for (int64_t j = 0; j < sv.sk; ++j) {
+          SKV* dko = static_cast<SKV*>(bp.dk) + kv_offset(p, sv, g, j, bp.dk_stride);
+          SKV* dvo = static_cast<SKV*>(bp.dv) + kv_offset(p, sv, g, j, bp.dv_stride);
+          for (int64_t d = 0; d < D; ++d) {
+            T acc = T(0);
+            for (int64_t c = 0; c < count; ++c) acc += pdk[(first + c) * Sk * D + j * D + d];
+            store_as<T, SKV>(acc, dko + d);
+          }
+          for (int64_t d = 0; d < Dv; ++d) {
+            T acc = T(0);
+            for (int64_t c = 0; c < count; ++c) acc += pdv[(first + c) * Sk * Dv + j * Dv + d];
+            store_as<T, SKV>(acc, dvo + d);
+          }
+        }
+      }
+    }
+  }
+  return failed ? Status::out_of_memory : Status::ok;
+}
+
+}  // namespace
+
+Status attention_bwd(const AttentionBwdParams& bp) {
+  const AttentionParams& p = bp.fwd;
+  if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0 || p.block_table) return Status::invalid_argument;
+  if (p.kv_dtype != p.q_dtype) return Status::invalid_argument;
+  switch (p.q_dtype) {
+    case DType::f32:
+      return bwd_typed<float, float, float>(bp);
+    case DType::f16:
+      return bwd_typed<float, f16_t, f16_t>(bp);
+    case DType::bf16:
+      return bwd_typed<float, bf16_t, bf16_t>(bp);
+    case DType::f64:
+      return bwd_typed<double, double, double>(bp);
+    default:
+      return Status::invalid_argument;
+  }
+}
+
+}  // namespace ATTNKIT_ISA_NS
+}  // namespace cpu
+}  // namespace attnkit
