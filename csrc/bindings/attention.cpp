@@ -226,10 +226,13 @@ void attention_entry(py::handle q, py::handle k, py::handle v, py::handle out, p
                      py::handle mask, py::handle alibi, py::handle cu_q, py::handle cu_k,
                      py::handle seqlens_k, py::handle block_table, int64_t batch, double scale,
                      double softcap, bool causal, bool bottom_right, int64_t window_left,
-                     int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset) {
+                     int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset,
+                     int num_threads) {
   Prepared pr;
   prepare(pr, q, k, v, out, lse, mask, alibi, cu_q, cu_k, seqlens_k, block_table, batch, scale,
           softcap, causal, bottom_right, window_left, window_right, dropout_p, seed, offset, true);
+  if (num_threads > 0 && num_threads_override() == 0 && !in_forked_child())
+    pr.p.num_threads = num_threads;
   Status s;
   {
     py::gil_scoped_release release;
@@ -245,11 +248,13 @@ void attention_backward_entry(py::handle dout_o, py::handle q, py::handle k, py:
                               py::handle cu_k, int64_t batch, double scale, double softcap,
                               bool causal, bool bottom_right, int64_t window_left,
                               int64_t window_right, double dropout_p, uint64_t seed,
-                              uint64_t offset) {
+                              uint64_t offset, int num_threads) {
   Prepared pr;
   require(!lse.is_none(), "lse (from the forward with return_lse=True) is required");
   prepare(pr, q, k, v, out, lse, mask, alibi, cu_q, cu_k, py::none(), py::none(), batch, scale,
           softcap, causal, bottom_right, window_left, window_right, dropout_p, seed, offset, false);
+  if (num_threads > 0 && num_threads_override() == 0 && !in_forked_child())
+    pr.p.num_threads = num_threads;
   AttentionBwdParams bp;
   bp.fwd = pr.p;
   Tensor qt = to_tensor(q, kFn, "q", false), kt = to_tensor(k, kFn, "k", false),
@@ -318,15 +323,17 @@ void bind_attention(py::module_& m) {
         py::arg("cu_seqlens_k"), py::arg("seqlens_k"), py::arg("block_table"), py::arg("batch"),
         py::arg("scale"), py::arg("softcap"), py::arg("causal"), py::arg("bottom_right"),
         py::arg("window_left"), py::arg("window_right"), py::arg("dropout_p") = 0.0,
-        py::arg("seed") = 0, py::arg("offset") = 0,
-        "Attention forward on canonical (B, H, S, D) views (validated).");
+        py::arg("seed") = 0, py::arg("offset") = 0, py::arg("num_threads") = 0,
+        "Attention forward on canonical (B, H, S, D) views (validated). num_threads > 0 is the "
+        "caller's count (attnkit.torch passes torch's), used unless set_num_threads overrides.");
   m.def("attention_backward", &attention_backward_entry, py::arg("dout"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"),
         py::arg("dv"), py::arg("mask"), py::arg("alibi"), py::arg("cu_seqlens_q"),
         py::arg("cu_seqlens_k"), py::arg("batch"), py::arg("scale"), py::arg("softcap"),
         py::arg("causal"), py::arg("bottom_right"), py::arg("window_left"),
         py::arg("window_right"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0,
-        py::arg("offset") = 0, "Attention backward on canonical views (validated).");
+        py::arg("offset") = 0, py::arg("num_threads") = 0,
+        "Attention backward on canonical views (validated).");
   m.def("dropout_mask", &dropout_mask_entry, py::arg("out"), py::arg("p"), py::arg("seed"),
         py::arg("offset"), py::arg("num_heads"), "Fill a bool (B,H,Sq,Sk) array with the keep mask.");
 }
