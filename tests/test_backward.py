@@ -1,0 +1,157 @@
+"""attention_backward (NumPy API) against float64 autograd."""
+import numpy as np
+import pytest
+import torch
+
+import attnkit
+from reference import assert_close, bfloat16, randn, to64
+
+
+def torch_reference_grads(q, k, v, dout, *, mask=None, causal=False, bottom_right=False,
+                          scale=None, window=None, alibi=None, softcap=None, keep=None, p=0.0):
+    """float64 autograd through an explicit masked-softmax attention (full semantics)."""
+    tq, tk, tv = (torch.tensor(to64(a), requires_grad=True) for a in (q, k, v))
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    kk, vv = tk.repeat_interleave(G, 1), tv.repeat_interleave(G, 1)
+    sc = 1 / np.sqrt(D) if scale is None else scale
+    s = (tq @ kk.transpose(-1, -2)) * sc
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    off = Sk - Sq if bottom_right else 0
+    i = torch.arange(Sq)[:, None] + off
+    j = torch.arange(Sk)[None, :]
+    if alibi is not None:
+        sl = torch.tensor(to64(alibi)).reshape(-1, H)[:, :, None, None]
+        s = s - sl * (i - j).abs()
+    allowed = torch.ones(Sq, Sk, dtype=torch.bool)
+    if causal:
+        allowed &= j <= i
+    if window is not None:
+        if window[0] >= 0:
+            allowed &= j >= i - window[0]
+        if window[1] >= 0:
+            allowed &= j <= i + window[1]
+    allowed = allowed.expand(B, H, Sq, Sk).clone()
+    if mask is not None:
+        m = torch.tensor(np.broadcast_to(mask, (B, H, Sq, Sk)).copy())
+        if m.dtype == torch.bool:
+            allowed &= m
+        else:
+            allowed &= m != -np.inf
+            s = s + torch.where(m == -np.inf, torch.zeros_like(m, dtype=torch.float64), m.double())
+    s = s.masked_fill(~allowed, -np.inf)
+    P = torch.softmax(s, -1).nan_to_num(0.0)
+    if keep is not None:
+        P = P * torch.tensor(keep, dtype=torch.float64) / (1 - p)
+    o = P @ vv
+    o.backward(torch.tensor(to64(dout)))
+    return o.detach().numpy(), tq.grad.numpy(), tk.grad.numpy(), tv.grad.numpy()
+
+
+def run(rng, B, H, Hkv, Sq, Sk, D, Dv=None, dtype=np.float32, **kw):
+    Dv = Dv or D
+    q, k, v = randn(rng, (B, H, Sq, D), dtype), randn(rng, (B, Hkv, Sk, D), dtype), randn(rng, (B, Hkv, Sk, Dv), dtype)
+    ak = {kk: vv for kk, vv in kw.items() if kk not in ("bottom_right", "alibi", "keep", "p")}
+    if kw.get("bottom_right"):
+        ak["causal_align"] = "bottom_right"
+    if kw.get("alibi") is not None:
+        ak["alibi_slopes"] = kw["alibi"]
+    o, lse = attnkit.attention(q, k, v, return_lse=True, **ak)
+    dout = randn(rng, o.shape, dtype)
+    dq, dk, dv = attnkit.attention_backward(dout, q, k, v, o, lse, **ak)
+    tk = {kk: vv for kk, vv in kw.items() if kk not in ("dropout_p", "dropout_seed")}
+    ref_o, rq, rk, rv = torch_reference_grads(q, k, v, dout, **tk)
+    assert_close(o, ref_o, dtype, scale=max(1.0, float(np.abs(to64(v)).max())), what="out")
+    for name, got, ref in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        assert got.shape == ref.shape and got.dtype == q.dtype
+        scale = max(1.0, float(np.abs(ref).max()))
+        assert_close(got, ref, dtype, scale=scale, what=name)
+
+
+@pytest.mark.parametrize("D", [1, 8, 40, 64, 80, 128])
+def test_head_dims(isa, rng, D):
+    run(rng, 1, 2, 2, 70, 90, D)
+    run(rng, 1, 2, 2, 70, 90, D, causal=True)
+
+
+@pytest.mark.parametrize("sq,sk", [(1, 1), (17, 2), (2, 17), (113, 128), (200, 65)])
+def test_lengths(isa, rng, sq, sk):
+    run(rng, 2, 2, 1, sq, sk, 32, 48, causal=True, bottom_right=True)
+    run(rng, 1, 4, 2, sq, sk, 32)
+
+
+def test_gqa_mqa_and_chunked_queries(isa, rng):
+    run(rng, 1, 8, 2, 300, 200, 32)  # B * Hkv small: query chunks with partial dK/dV
+    run(rng, 1, 8, 1, 250, 100, 16, causal=True)
+    run(rng, 4, 4, 4, 40, 60, 16)   # enough groups: items own dK/dV outright
+
+
+def test_masks_windows_alibi_softcap(isa, rng):
+    B, H, Sq, Sk = 2, 4, 60, 90
+    keypad = (np.arange(Sk)[None, :] < np.array([50, 90])[:, None])[:, None, None, :]
+    fmask = randn(rng, (B, 1, Sq, Sk), np.float32)
+    fmask[..., ::4] = -np.inf
+    slopes = rng.random(H).astype(np.float32)
+    run(rng, B, H, 2, Sq, Sk, 32, mask=keypad)
+    run(rng, B, H, 2, Sq, Sk, 32, mask=fmask)
+    run(rng, B, H, 2, Sq, Sk, 32, window=(10, 3), causal=True)
+    run(rng, B, H, 2, Sq, Sk, 32, alibi=slopes, bottom_right=True, causal=True)
+    run(rng, B, H, 2, Sq, Sk, 32, softcap=2.0, scale=1.0)
+    full = np.ones((B, H, Sq, Sk), bool)
+    full[:, :, 5] = False  # a fully masked row: zero gradients there
+    run(rng, B, H, 2, Sq, Sk, 32, mask=full)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
+def test_dtypes(isa, rng, dtype):
+    dt = {"float64": np.float64, "float16": np.float16, "bfloat16": bfloat16}[dtype]
+    if dt is None:
+        pytest.skip("ml_dtypes not installed")
+    run(rng, 1, 2, 2, 50, 70, 32, dtype=dt, causal=True)
+
+
+def test_dropout_gradients_exact_for_realised_mask(isa, rng):
+    B, H, Sq, Sk, p, seed = 1, 2, 40, 50, 0.3, 1234
+    keep = attnkit.dropout_mask((B, H, Sq, Sk), p, seed)
+    assert 0.55 < keep.mean() < 0.85
+    run(rng, B, H, 2, Sq, Sk, 16, dropout_p=p, dropout_seed=seed, keep=keep, p=p)
+
+
+def test_bit_identical_across_threads(threads, rng):
+    for (B, H, Hkv, S) in [(1, 4, 1, 300), (4, 4, 2, 150)]:
+        q, k, v = randn(rng, (B, H, S, 64), np.float32), randn(rng, (B, Hkv, S, 64), np.float32), randn(rng, (B, Hkv, S, 64), np.float32)
+        o, lse = attnkit.attention(q, k, v, causal=True, return_lse=True)
+        do = randn(rng, o.shape, np.float32)
+        res = []
+        for nt in (1, 2, 3):
+            attnkit.set_num_threads(nt)
+            res.append(attnkit.attention_backward(do, q, k, v, o, lse, causal=True))
+        for r in res[1:]:
+            for a, b in zip(r, res[0]):
+                assert np.array_equal(a, b)
+
+
+def test_nan_in_masked_kv_stays_out_of_gradients(isa, rng):
+    q, k, v = randn(rng, (1, 2, 10, 16), np.float32), randn(rng, (1, 2, 80, 16), np.float32), randn(rng, (1, 2, 80, 16), np.float32)
+    k[0, :, 70:] = np.nan
+    v[0, :, 70:] = np.nan
+    mask = np.ones((1, 1, 10, 80), bool)
+    mask[..., 70:] = False
+    o, lse = attnkit.attention(q, k, v, mask=mask, return_lse=True)
+    dq, dk, dv = attnkit.attention_backward(np.ones_like(o), q, k, v, o, lse, mask=mask)
+    assert np.isfinite(dq).all() and np.isfinite(dk[:, :, :70]).all() and np.isfinite(dv).all()
+
+
+def test_bad_inputs(rng):
+    q, k, v = randn(rng, (1, 2, 8, 16), np.float32), randn(rng, (1, 2, 9, 16), np.float32), randn(rng, (1, 2, 9, 16), np.float32)
+    o, lse = attnkit.attention(q, k, v, return_lse=True)
+    with pytest.raises(ValueError, match="dout must have shape"):
+        attnkit.attention_backward(o[:, :, :3], q, k, v, o, lse)
+    with pytest.raises(ValueError, match="lse must be float32"):
+        attnkit.attention_backward(o, q, k, v, o, lse[:, :1])
+    with pytest.raises(TypeError, match="k/v have dtype float16"):
+        attnkit.attention_backward(o, q, k.astype(np.float16), v.astype(np.float16), o, lse)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        attnkit.attention_backward(o, q, k, v, o, lse, dropout_p=1.5)
