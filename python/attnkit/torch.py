@@ -251,6 +251,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         reason = "dropout_p=1.0 (everything dropped)"
     if reason is not None:
         _warn_once(reason)
+    if reason is not None or query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        # Empty inputs: torch's own result (and its rules for them), no work to speak of.
         return _call_torch(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     _check_like_torch(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
