@@ -130,13 +130,23 @@ def matmul_flops(m, n, k, batch=1):
     return 2.0 * batch * m * n * k
 
 
-def attention_flops(b, h, sq, sk, d, dv=None, causal=False):
+def window_pairs(sq, sk, left, right):
+    """(query, key) pairs a top-left aligned sliding window (left, right) allows; -1 = unbounded."""
+    i = np.arange(sq)
+    lo = np.maximum(0, i - left) if left >= 0 else np.zeros_like(i)
+    hi = np.minimum(sk - 1, i + right) if right >= 0 else np.full_like(i, sk - 1)
+    return int(np.maximum(hi - lo + 1, 0).sum())
+
+
+def attention_flops(b, h, sq, sk, d, dv=None, causal=False, window=None):
     """Forward: 2*B*H*Sq*Sk*(D + Dv) (= 4*B*H*Sq*Sk*D), halved for causal (DESIGN.md).
 
-    Masks other than causal are counted dense: the kernel cannot know they are sparse.
+    A sliding `window` (left, right) counts only the pairs it allows (kernels skip the rest).
+    Bool/float masks are counted dense: the kernel cannot know they are sparse.
     """
     dv = d if dv is None else dv
-    f = 2.0 * b * h * sq * sk * (d + dv)
+    pairs = window_pairs(sq, sk, *window) if window is not None else sq * sk
+    f = 2.0 * b * h * pairs * (d + dv)
     return f / 2 if causal else f
 
 

@@ -62,6 +62,14 @@ def summary(results: dict) -> tuple:
         bad += [f"{r['name']} @{run['threads']}t" for r in run["rows"] if r["mismatch"]]
     if bad:
         lines.append(f"\n!!! {len(bad)} case(s) disagree with their reference or failed: {bad}")
+    for run in results["runs"]:
+        per = {}
+        for r in run["rows"]:
+            per[r["suite"]] = per.get(r["suite"], 0.0) + r.get("wall_s", 0.0)
+        if per:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in per.items())
+            lines.append(f"# {run['threads']} threads: ceilings "
+                         f"{run['ceilings'].get('wall_s', 0):.1f} s, {parts} s")
     lines.append(f"# wall time {results['wall_s']:.1f} s")
     return "\n".join(lines), len(bad)
 

@@ -146,7 +146,9 @@ def run_suites(args, cfg, machine) -> list:
     runs = []
     for nt in args.thread_counts:
         with env.ThreadLimit(nt):
+            t_run = time.perf_counter()
             ceilings = harness.measure_ceilings(nt, args.mode)
+            ceilings["wall_s"] = time.perf_counter() - t_run
             print(report.header(machine, nt, env.ThreadLimit.describe(), ceilings, args.mode),
                   flush=True)
             run = {"threads": nt, "threads_by_library": env.ThreadLimit.describe(),
@@ -163,6 +165,7 @@ def run_suites(args, cfg, machine) -> list:
                 for spec in plan[name]:
                     if bar is not None:
                         bar.set_description(spec.name[:40])
+                    t_row = time.perf_counter()
                     try:
                         case = mod.build(spec)
                     except Exception as e:
@@ -171,12 +174,14 @@ def run_suites(args, cfg, machine) -> list:
                         row = harness.run_case(case, ceilings, timing_config(args, spec))
                         del case
                     row["threads"] = nt
+                    row["wall_s"] = time.perf_counter() - t_row
                     run["rows"].append(row)
                     _emit(report.format_row(row), bar)
                     if bar is not None:
                         bar.update()
             if bar is not None:
                 bar.close()
+            run["wall_s"] = time.perf_counter() - t_run
         runs.append(run)
     return runs
 

@@ -21,7 +21,7 @@ def _spec(a, b, sweep):
         else f"{a[0]}x{a[1]}x{b[1]}"
     return Spec(NAME, f"matmul f32 {label}", label, "float32",
                 {"a": list(a), "b": list(b), "dtype": "float32", "sweep": sweep},
-                heavy=a[-2] * a[-1] * b[-1] >= 4096**3)
+                heavy=a[-2] * a[-1] * b[-1] >= 2048**3)
 
 
 def specs(cfg):
