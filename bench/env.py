@@ -97,11 +97,13 @@ class ThreadLimit:
     """
 
     def __init__(self, n: int):
+        """Remember n; nothing changes before __enter__."""
         self.n = n
         self._limiter = None
         self._torch_prev = None
 
     def __enter__(self):
+        """Apply n to threadpoolctl pools, attnkit and torch."""
         import attnkit
 
         try:
@@ -121,6 +123,7 @@ class ThreadLimit:
         return self
 
     def __exit__(self, *exc):
+        """Restore the previous counts."""
         import attnkit
 
         attnkit.set_num_threads(None)

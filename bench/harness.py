@@ -169,6 +169,7 @@ def softmax_bytes(nbytes):
 
 
 def _parallel(fn_for_slice, parts):
+    """Run fn_for_slice(0..parts-1) on that many Python threads and wait."""
     ths = [threading.Thread(target=fn_for_slice, args=(i,)) for i in range(parts)]
     for t in ths:
         t.start()
@@ -187,9 +188,11 @@ class _Null:
     """A do-nothing context manager (threadpoolctl absent)."""
 
     def __enter__(self):
+        """Nothing to set up."""
         return self
 
     def __exit__(self, *a):
+        """Do not swallow exceptions."""
         return False
 
 
@@ -222,9 +225,11 @@ def measure_ceilings(threads: int, mode="quick") -> dict:
     bounds = np.linspace(0, size, parts + 1).astype(np.int64)
 
     def copy_slice(i):
+        """Copy slice i of the buffer."""
         np.copyto(dst[bounds[i] : bounds[i + 1]], src[bounds[i] : bounds[i + 1]])
 
     def read_slice(i):
+        """Read (sum) slice i of the buffer."""
         src[bounds[i] : bounds[i + 1]].sum()
 
     timing = time_interleaved(
@@ -317,6 +322,7 @@ def ceiling_value(ceiling, ceilings: dict):
 
 
 def _short(e: BaseException) -> str:
+    """One line naming an exception, for mismatch messages."""
     msg = str(e).strip().splitlines()
     return f"raised {type(e).__name__}: {msg[0][:160] if msg else ''}"
 

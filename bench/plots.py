@@ -16,6 +16,7 @@ COLORS = {"attnkit": "C0", "attnkit out=": "C0", "attnkit attention": "C9", "tor
 
 
 def _plt():
+    """pyplot on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,6 +26,7 @@ def _plt():
 
 
 def _rate(row, name):
+    """A contender's rate in a row, or None."""
     t = row["timings"].get(name)
     return t["rate"] if t else None
 
@@ -40,12 +42,14 @@ def _series(rows, x):
 
 
 def _title(results, run, what):
+    """Figure title: what, CPU, threads, ISA, commit."""
     m = results["machine"]
     commit = (m.get("git_commit") or "?")[:8]
     return f"{what}\n{m['cpu']}, {run['threads']} threads, {m['attnkit_isa']}, attnkit {commit}"
 
 
 def _line_plot(ax, series, ceiling, ceiling_label, xlabel, ylabel):
+    """Rate vs a log2 x axis per contender, with the ceiling as a dotted line."""
     for name, pts in series.items():
         xs, ys = zip(*pts)
         ax.plot(xs, ys, marker="o", label=name, color=COLORS.get(name),

@@ -27,13 +27,14 @@ def suite_title(suite: str) -> str:
 
 
 def _ms(s):
+    """Seconds as milliseconds, 3 decimals below 10 s."""
     return f"{s * 1e3:.3f}" if s < 10 else f"{s * 1e3:.0f}"
 
 
 def format_row(row: dict) -> str:
     """One table line: subject's median, spread, rate, % of ceiling, ratios, derived numbers."""
     name = row["name"] if len(row["name"]) <= NAME_W else row["name"][: NAME_W - 1] + "~"
-    s = row["timings"].get(row["subject"])
+    s = row["timings"].get(row.get("subject", "attnkit"))
     if s is None:
         line = f"{name:<{NAME_W}} {'-':>10} {'(not timed)':>19}"
     else:
@@ -57,7 +58,7 @@ def summary(results: dict) -> tuple:
     """(text, number of failing rows): skipped suites, mismatches and the wall time."""
     lines, bad = [], []
     for run in results["runs"]:
-        for suite, why in run["skipped"].items():
+        for suite, why in run.get("skipped", {}).items():
             lines.append(f"# skipped {suite} at {run['threads']} threads: {why}")
         bad += [f"{r['name']} @{run['threads']}t" for r in run["rows"] if r["mismatch"]]
     if bad:
@@ -70,11 +71,13 @@ def summary(results: dict) -> tuple:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in per.items())
             lines.append(f"# {run['threads']} threads: ceilings "
                          f"{run['ceilings'].get('wall_s', 0):.1f} s, {parts} s")
-    lines.append(f"# wall time {results['wall_s']:.1f} s")
+    if "wall_s" in results:
+        lines.append(f"# wall time {results['wall_s']:.1f} s")
     return "\n".join(lines), len(bad)
 
 
 def _rows_by_key(results: dict) -> dict:
+    """(threads, name) -> row over every pass of a run."""
     return {(run["threads"], r["name"]): r for run in results["runs"] for r in run["rows"]}
 
 
@@ -91,12 +94,13 @@ def compare_rows(old: dict, new: dict) -> list:
         a = o.get(key)
         if a is None:
             continue
-        sa, sb = a["timings"].get(a["subject"]), b["timings"].get(b["subject"])
+        subj = b.get("subject", "attnkit")  # schema 1 files have no subject/reference keys
+        sa, sb = a["timings"].get(a.get("subject", "attnkit")), b["timings"].get(subj)
         if not sa or not sb:
             continue
-        ref = b["reference"]
+        ref = b.get("reference") or a.get("reference")
         ra, rb = a["timings"].get(ref), b["timings"].get(ref)
-        drift = ra["median_s"] / rb["median_s"] if ra and rb and ref != b["subject"] else None
+        drift = ra["median_s"] / rb["median_s"] if ra and rb and ref != subj else None
         out.append({"threads": key[0], "name": key[1], "old_s": sa["median_s"],
                     "new_s": sb["median_s"], "speedup": sa["median_s"] / sb["median_s"],
                     "ref_drift": drift})

@@ -37,7 +37,14 @@ CORE_SUITES = ["softmax", "matmul", "attention", "decode"]
 
 
 def bench_main(args, capsys=None):
-    """run.main(args) -> (exit status, captured stdout)."""
+    """run.main(args) -> (exit status, captured stdout); one thread unless args say otherwise.
+
+    One thread keeps these functional tests fast on a busy machine: with two threads on two
+    loaded cores every OpenMP barrier can wait a scheduler slice (a tiny GPT-2 forward took
+    100 ms instead of 1 ms).
+    """
+    if "--threads" not in args:
+        args = args + ["--threads", "1"]
     rc = run.main(args)
     out = capsys.readouterr().out if capsys is not None else ""
     return rc, out
@@ -48,7 +55,7 @@ def tiny_run(tmp_path_factory):
     """One tiny run of the core suites with --json and --plot, shared by several tests."""
     d = tmp_path_factory.mktemp("bench")
     path, plots = str(d / "run.json"), str(d / "plots")
-    args = ["--tiny", "--json", path]
+    args = ["--tiny", "--threads", "1", "--json", path]
     for s in CORE_SUITES:
         args += ["--suite", s]
     try:
@@ -63,6 +70,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_tiny_run_passes_and_times_every_contender(tiny_run):
+    """Exit 0, no mismatch, every contender timed with ordered quartiles and a rate."""
     rc, res, _, _ = tiny_run
     assert rc == 0
     rows = res["runs"][0]["rows"]
@@ -77,6 +85,7 @@ def test_tiny_run_passes_and_times_every_contender(tiny_run):
 
 
 def test_json_schema_is_stable(tiny_run):
+    """The documented keys, no more and no fewer, at every level."""
     _, res, _, _ = tiny_run
     assert set(res) == TOP_KEYS
     assert res["schema"] == run.SCHEMA == "attnkit-bench/2"
@@ -94,6 +103,7 @@ def test_json_schema_is_stable(tiny_run):
 
 
 def test_rows_use_the_documented_work_counts(tiny_run):
+    """FLOP and byte counts follow DESIGN.md; rate = work / median."""
     _, res, _, _ = tiny_run
     rows = {r["name"]: r for r in res["runs"][0]["rows"]}
     a = rows["attn f32 B2 H4 S80 D32"]
@@ -109,6 +119,7 @@ def test_rows_use_the_documented_work_counts(tiny_run):
 
 
 def test_plots_are_written(tiny_run):
+    """--plot writes the four PNGs."""
     pytest.importorskip("matplotlib")
     _, _, _, plots = tiny_run
     for stem in ("attention", "decode", "matmul", "softmax"):
@@ -119,6 +130,7 @@ def test_plots_are_written(tiny_run):
 
 
 def test_compare_reports_speedup_per_case(tiny_run, tmp_path, capsys):
+    """--compare: a halved attnkit time shows as 2.00x faster, the rest as 1.00x."""
     _, res, path, _ = tiny_run
     new = copy.deepcopy(res)
     row = new["runs"][0]["rows"][0]
@@ -138,7 +150,33 @@ def test_compare_reports_speedup_per_case(tiny_run, tmp_path, capsys):
     assert others == pytest.approx([1.0] * len(others))
 
 
+def test_compare_reads_schema_1_files(tiny_run, tmp_path, capsys):
+    """A JSON from the first harness (no subject/reference/skipped keys) still compares."""
+    _, res, path, _ = tiny_run
+    old = copy.deepcopy(res)
+    for k in ("schema", "config", "wall_s"):
+        del old[k]
+    for r in old["runs"]:
+        for k in ("skipped", "wall_s", "threads_by_library"):
+            del r[k]
+        for row in r["rows"]:
+            for k in ("subject", "reference", "extra", "work", "wall_s"):
+                del row[k]
+            for t in row["timings"].values():
+                for k in ("q1_s", "q3_s", "rounds"):
+                    del t[k]
+    old_path = tmp_path / "v1.json"
+    old_path.write_text(json.dumps(old))
+    rc, out = bench_main(["--load", path, "--compare", str(old_path)], capsys)
+    assert rc == 0
+    rows = report.compare_rows(old, res)
+    assert len(rows) == len(res["runs"][0]["rows"])
+    assert [r["speedup"] for r in rows] == pytest.approx([1.0] * len(rows))
+    assert all(r["ref_drift"] == pytest.approx(1.0) for r in rows)
+
+
 def test_load_prints_saved_table(tiny_run, capsys):
+    """--load prints every saved row without running anything."""
     _, res, path, _ = tiny_run
     rc, out = bench_main(["--load", path], capsys)
     assert rc == 0
@@ -147,6 +185,7 @@ def test_load_prints_saved_table(tiny_run, capsys):
 
 
 def test_wrong_softmax_is_a_mismatch(monkeypatch, tmp_path, capsys):
+    """A softmax off by 0.01 is flagged on both attnkit contenders, exit 1."""
     good = attnkit.softmax
     monkeypatch.setattr(attnkit, "softmax", lambda x, **kw: good(x, **kw) + 0.01)
     path = tmp_path / "bad.json"
@@ -159,9 +198,11 @@ def test_wrong_softmax_is_a_mismatch(monkeypatch, tmp_path, capsys):
 
 
 def test_wrong_attention_and_raising_contender(monkeypatch, capsys):
+    """A tail bug in attention is flagged; a raising kernel is reported, not timed."""
     good = attnkit.attention
 
     def wrong(q, k, v, **kw):
+        """attention with the last query row zeroed."""
         out = good(q, k, v, **kw)
         out[..., -1, :] = 0  # only the last query row is wrong: a tail bug
         return out
@@ -171,6 +212,7 @@ def test_wrong_attention_and_raising_contender(monkeypatch, capsys):
     assert rc == 1 and "attnkit: max error" in out
 
     def broken(*a, **kw):
+        """A kernel that raises."""
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setattr(attnkit, "attention", broken)
@@ -179,6 +221,7 @@ def test_wrong_attention_and_raising_contender(monkeypatch, capsys):
 
 
 def test_filters_select_cases(capsys):
+    """--dtype and --shape select exactly the matching rows."""
     rc, out = bench_main(["--tiny", "--list", "--suite", "decode", "--dtype", "bf16"], capsys)
     assert rc == 0
     names = [ln.strip() for ln in out.splitlines() if ln.startswith("  ")]
@@ -194,6 +237,7 @@ def test_filters_select_cases(capsys):
 
 
 def test_quick_mode_has_the_issue_cases():
+    """The default (quick) run includes every case named in the issue."""
     cfg = run.Config(mode="quick")
     args = run.parse_args([])
     names = {s.name for m in ("attention", "decode", "backward")
@@ -208,6 +252,7 @@ def test_quick_mode_has_the_issue_cases():
 
 
 def test_two_thread_counts_give_two_runs(tmp_path, capsys):
+    """--threads 1,2: two passes, each at its own count; no bar off a TTY."""
     path = tmp_path / "t.json"
     rc, out = bench_main(["--tiny", "--suite", "softmax", "--shape", "8x4096", "--threads", "1,2",
                           "--json", str(path)], capsys)
@@ -220,6 +265,7 @@ def test_two_thread_counts_give_two_runs(tmp_path, capsys):
 
 
 def test_interleaved_timing_orders_contenders():
+    """A slower callable times slower; settling applies only after NumPy."""
     import time
 
     cfg = harness.TimingConfig(rounds=3, burst_s=0.004, gap_s=0.0, settle=False)
@@ -232,6 +278,7 @@ def test_interleaved_timing_orders_contenders():
 
 
 def test_work_helpers():
+    """The FLOP / byte helpers on hand-checked numbers."""
     assert harness.attention_flops(1, 12, 1024, 1024, 64) == 4 * 12 * 1024 * 1024 * 64
     assert harness.attention_flops(1, 1, 8, 8, 4, causal=True) == 4 * 8 * 8 * 4 / 2
     assert harness.attention_bwd_flops(1, 1, 8, 8, 4) == 2.5 * 4 * 8 * 8 * 4
@@ -284,6 +331,7 @@ def standins(monkeypatch):
     hf = types.ModuleType("attnkit.transformers")
 
     def register():
+        """Register the adapter and the sdpa mask under "attnkit" (undone after the test)."""
         monkeypatch.setitem(AttentionInterface._global_mapping, "attnkit", _hf_adapter_standin)
         monkeypatch.setitem(AttentionMaskInterface._global_mapping, "attnkit", sdpa_mask)
 
@@ -295,6 +343,7 @@ def standins(monkeypatch):
 
 
 def test_api_suites_run_against_standins(standins, tmp_path, capsys):
+    """decode, backward and hf run end to end on stand-ins of the coming APIs."""
     path = tmp_path / "api.json"
     rc, out = bench_main(["--tiny", "--suite", "decode", "--suite", "backward", "--suite", "hf",
                           "--json", str(path)], capsys)
@@ -317,6 +366,7 @@ def test_api_suites_run_against_standins(standins, tmp_path, capsys):
 
 
 def test_wrong_backward_standin_is_a_mismatch(standins, capsys):
+    """Gradients 1% off are flagged on every backward row."""
     import torch
 
     standins.scaled_dot_product_attention = (
@@ -326,6 +376,7 @@ def test_wrong_backward_standin_is_a_mismatch(standins, capsys):
 
 
 def test_missing_api_skips_with_a_notice(monkeypatch, tmp_path, capsys):
+    """Missing attnkit.torch / attnkit.transformers: one-line skip, exit 0."""
     monkeypatch.setitem(sys.modules, "attnkit.torch", None)  # import attnkit.torch now fails
     monkeypatch.setitem(sys.modules, "attnkit.transformers", None)
     path = tmp_path / "skip.json"

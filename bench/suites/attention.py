@@ -41,6 +41,7 @@ def missing():
 
 
 def _spec(b, h, hkv, s, d, variant, dtype="float32", sweep=None, heavy=False, naive=True):
+    """A Spec for one attention row (label words: shape, variant, gqa)."""
     label = shape_label(b, h, s, s, d, hkv) + (f" {variant}" if variant else "")
     if h != hkv:
         label += " gqa"
@@ -58,6 +59,7 @@ def specs(cfg):
     seen, out = set(), []
 
     def add(sp):
+        """Append a spec unless a sweep already has that row."""
         if sp.name not in seen:
             seen.add(sp.name)
             out.append(sp)

@@ -78,6 +78,7 @@ def build(spec):
             return lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
 
         def fwd_bwd():
+            """Forward, then gradients of q, k, v; returns (out, dq, dk, dv)."""
             o = fn(*leaves, **kw)
             return (o.detach(),) + torch.autograd.grad(o, leaves, grad_out)
 

@@ -43,6 +43,7 @@ def kvcache_api():
 
 
 def _spec(b, h, hkv, sk, d, dt, sweep=None):
+    """A Spec for one decode row (one query token, cache of Sk + slack)."""
     label = shape_label(b, h, 1, sk, d, hkv) + (" gqa" if h != hkv else "")
     params = {"B": b, "H": h, "Hkv": hkv, "Sq": 1, "Sk": sk, "Smax": sk + CACHE_SLACK, "D": d,
               "dtype": dt, "q_dtype": "float32", "sweep": sweep}

@@ -38,6 +38,7 @@ def missing():
 
 
 def _model_label(mode):
+    """Short name of the mode's GPT-2 config."""
     layers, embed, heads, vocab = MODEL[mode]
     return f"gpt2 L{layers} E{embed} H{heads} V{vocab}"
 
@@ -117,6 +118,7 @@ def _model_case(spec):
 
 
 def _no_grad(torch, fn):
+    """fn() under torch.inference_mode."""
     with torch.inference_mode():
         return fn()
 
@@ -134,7 +136,8 @@ def _overhead_case(spec):
     b, sq, sk, d = p["B"], p["Sq"], p["Sk"], embed // heads
     gen = torch.Generator().manual_seed(0)
 
-    def heads_view(s):  # (B, S, 3E) -> three (B, H, S, D) views, as GPT2Attention makes them
+    def heads_view(s):
+        """(B, S, 3E) -> three (B, H, S, D) views, as GPT2Attention makes them."""
         parts = torch.randn(b, s, 3 * embed, generator=gen).split(embed, dim=2)
         return [x.view(b, s, heads, d).transpose(1, 2) for x in parts]
 

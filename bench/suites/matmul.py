@@ -17,6 +17,7 @@ def missing():
 
 
 def _spec(a, b, sweep):
+    """A Spec for a @ b; heavy from 2048^3 multiply-adds."""
     label = ("x".join(map(str, a)) + "@" + "x".join(map(str, b))) if len(a) > 2 \
         else f"{a[0]}x{a[1]}x{b[1]}"
     return Spec(NAME, f"matmul f32 {label}", label, "float32",
