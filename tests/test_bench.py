@@ -28,7 +28,7 @@ MACHINE_KEYS = {"cpu", "logical_cpus", "threads", "machine", "hostname", "date",
                 "attnkit_openmp", "git_commit", "git_dirty", "omp_num_threads_env"}
 CONFIG_KEYS = {"mode", "threads", "suites", "shape", "dtype", "rounds", "burst_s", "argv"}
 RUN_KEYS = {"threads", "threads_by_library", "ceilings", "skipped", "rows", "wall_s"}
-CEILING_KEYS = {"sgemm_gflops", "sgemm_n", "copy_gbs", "read_gbs", "buffer_mb", "wall_s"}
+CEILING_KEYS = {"sgemm_gflops", "sgemm_n", "copy_gbs", "read_gbs", "buffer_mb", "stat", "wall_s"}
 ROW_KEYS = {"suite", "name", "params", "unit", "ceiling", "work", "subject", "reference",
             "mismatch", "timings", "speedup", "extra", "threads", "wall_s"}
 TIMING_KEYS = {"median_s", "min_s", "max_s", "q1_s", "q3_s", "calls", "rounds", "rate",
