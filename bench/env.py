@@ -53,6 +53,14 @@ def _version(mod_name) -> Optional[str]:
         return None
 
 
+def loadavg():
+    """1-, 5- and 15-minute load averages (None where the OS has none): other jobs on the machine."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def machine_info(threads: int) -> dict:
     """Everything needed to tell two runs' machines and builds apart."""
     import attnkit
@@ -76,6 +84,7 @@ def machine_info(threads: int) -> dict:
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "loadavg": loadavg(),
     }
 
 

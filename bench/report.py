@@ -13,7 +13,7 @@ def header(machine: dict, threads: int, described: dict, ceilings: dict, mode: s
         f"threads={threads} ({lib})  mode={mode}",
         f"# cpu={machine['cpu']} ({machine['logical_cpus']} logical)  numpy {machine['numpy']}  "
         f"torch {machine['torch']}  transformers {machine['transformers']}  "
-        f"python {machine['python']}",
+        f"python {machine['python']}  load {machine.get('loadavg')}",
         f"# ceilings: sgemm {ceilings['sgemm_gflops']:.1f} GFLOP/s (N={ceilings['sgemm_n']}), "
         f"copy {ceilings['copy_gbs']:.1f} GB/s, read {ceilings['read_gbs']:.1f} GB/s "
         f"({ceilings['buffer_mb']} MB)",
@@ -70,7 +70,8 @@ def summary(results: dict) -> tuple:
         if per:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in per.items())
             lines.append(f"# {run['threads']} threads: ceilings "
-                         f"{run['ceilings'].get('wall_s', 0):.1f} s, {parts} s")
+                         f"{run['ceilings'].get('wall_s', 0):.1f} s, {parts} s; "
+                         f"load average at the end {run.get('loadavg_end')}")
     if "wall_s" in results:
         lines.append(f"# wall time {results['wall_s']:.1f} s")
     return "\n".join(lines), len(bad)

@@ -182,6 +182,7 @@ def run_suites(args, cfg, machine) -> list:
             if bar is not None:
                 bar.close()
             run["wall_s"] = time.perf_counter() - t_run
+            run["loadavg_end"] = env.loadavg()
         runs.append(run)
     return runs
 

@@ -25,9 +25,10 @@ report = importlib.import_module("report")
 TOP_KEYS = {"schema", "machine", "config", "runs", "wall_s"}
 MACHINE_KEYS = {"cpu", "logical_cpus", "threads", "machine", "hostname", "date", "python", "numpy",
                 "torch", "transformers", "attnkit", "attnkit_isa", "attnkit_isas_compiled",
-                "attnkit_openmp", "git_commit", "git_dirty", "omp_num_threads_env"}
+                "attnkit_openmp", "git_commit", "git_dirty", "omp_num_threads_env", "loadavg"}
 CONFIG_KEYS = {"mode", "threads", "suites", "shape", "dtype", "rounds", "burst_s", "argv"}
-RUN_KEYS = {"threads", "threads_by_library", "ceilings", "skipped", "rows", "wall_s"}
+RUN_KEYS = {"threads", "threads_by_library", "ceilings", "skipped", "rows", "wall_s",
+            "loadavg_end"}
 CEILING_KEYS = {"sgemm_gflops", "sgemm_n", "copy_gbs", "read_gbs", "buffer_mb", "stat", "wall_s"}
 ROW_KEYS = {"suite", "name", "params", "unit", "ceiling", "work", "subject", "reference",
             "mismatch", "timings", "speedup", "extra", "threads", "wall_s"}
@@ -157,7 +158,7 @@ def test_compare_reads_schema_1_files(tiny_run, tmp_path, capsys):
     for k in ("schema", "config", "wall_s"):
         del old[k]
     for r in old["runs"]:
-        for k in ("skipped", "wall_s", "threads_by_library"):
+        for k in ("skipped", "wall_s", "threads_by_library", "loadavg_end"):
             del r[k]
         for row in r["rows"]:
             for k in ("subject", "reference", "extra", "work", "wall_s"):
