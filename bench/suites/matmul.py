@@ -1,52 +1,62 @@
-"""matmul: attnkit vs NumPy (OpenBLAS) vs torch (MKL), GFLOP/s vs the sgemm ceiling."""
+"""matmul: attnkit vs NumPy (OpenBLAS) vs torch, GFLOP/s vs the sgemm ceiling."""
 import numpy as np
 
-from harness import Case
-from suites.common import close_enough, torch_or_none
+from harness import Case, Spec, matmul_flops
+from suites.common import close_enough, randn, torch_or_none
 
-SQUARE = [128, 256, 512, 1024, 2048]
-SKINNY = [1, 4, 16]  # M, with K = N = 4096
-BATCHED = [((64, 128, 64), (64, 64, 128))]
+NAME = "matmul"
+SQUARE = {"tiny": [32, 96], "quick": [128, 512, 1024, 2048],
+          "full": [128, 256, 512, 1000, 1024, 2048, 4096]}
+SKINNY = {"tiny": [], "quick": [1], "full": [1, 4, 16, 64]}  # M, with K = N = 4096
+BATCHED = {"tiny": [], "quick": [], "full": [((64, 128, 64), (64, 64, 128))]}
 
 
-def shapes(cfg):
-    out = [(f"{n}x{n}x{n}", (n, n), (n, n)) for n in SQUARE]
-    out += [(f"{m}x4096x4096", (m, 4096), (4096, 4096)) for m in SKINNY]
-    out += [("x".join(map(str, a)) + "@" + "x".join(map(str, b)[1:] if False else map(str, b)), a, b)
-            for a, b in BATCHED]
-    if cfg.full:
-        out += [("4096x4096x4096", (4096, 4096), (4096, 4096)),
-                ("1000x1000x1000", (1000, 1000), (1000, 1000)),
-                ("64x4096x4096", (64, 4096), (4096, 4096))]
+def missing():
+    """attnkit.matmul is part of attnkit from the start."""
+    return None
+
+
+def _spec(a, b, sweep):
+    """A Spec for a @ b; heavy from 2048^3 multiply-adds."""
+    label = ("x".join(map(str, a)) + "@" + "x".join(map(str, b))) if len(a) > 2 \
+        else f"{a[0]}x{a[1]}x{b[1]}"
+    return Spec(NAME, f"matmul f32 {label}", label, "float32",
+                {"a": list(a), "b": list(b), "dtype": "float32", "sweep": sweep},
+                heavy=a[-2] * a[-1] * b[-1] >= 2048**3)
+
+
+def specs(cfg):
+    """Square N (the GFLOP/s-vs-N plot), skinny M (memory-bound) and batched products."""
+    out = [_spec((n, n), (n, n), "square") for n in SQUARE[cfg.mode]]
+    out += [_spec((m, 4096), (4096, 4096), "skinny") for m in SKINNY[cfg.mode]]
+    out += [_spec(a, b, "batched") for a, b in BATCHED[cfg.mode]]
     return out
 
 
-def cases(cfg):
+def build(spec):
+    """attnkit, NumPy and torch writing into preallocated outputs."""
     import attnkit
 
     torch = torch_or_none()
-    res = []
+    sa, sb = tuple(spec.params["a"]), tuple(spec.params["b"])
     rng = np.random.default_rng(0)
-    for label, sa, sb in shapes(cfg):
-        if cfg.shape and label not in cfg.shape:
-            continue
-        a = rng.standard_normal(sa).astype(np.float32)
-        b = rng.standard_normal(sb).astype(np.float32)
-        out = np.empty(np.matmul(a[..., :1, :], b[..., :, :1]).shape[:-2] + (sa[-2], sb[-1]), np.float32)
-        flops = 2.0 * out.size * sa[-1]
-        contenders = {
-            "attnkit": lambda a=a, b=b, out=out: attnkit.matmul(a, b, out=out),
-            "numpy": lambda a=a, b=b, out=out: np.matmul(a, b, out=out),
-        }
-        if torch is not None:
-            ta, tb, tout = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out.copy())
-            contenders["torch"] = lambda ta=ta, tb=tb, tout=tout: torch.matmul(ta, tb, out=tout)
+    a, b = randn(rng, sa), randn(rng, sb)
+    shape = np.broadcast_shapes(sa[:-2], sb[:-2]) + (sa[-2], sb[-1])
+    # One output buffer each: a shared one would make the check compare a buffer with itself.
+    out_ak, out_np = np.empty(shape, np.float32), np.empty(shape, np.float32)
+    contenders = {
+        "attnkit": lambda: attnkit.matmul(a, b, out=out_ak),
+        "numpy": lambda: np.matmul(a, b, out=out_np),
+    }
+    if torch is not None:
+        ta, tb, tout = torch.from_numpy(a), torch.from_numpy(b), torch.empty(shape)
+        contenders["torch"] = lambda: torch.matmul(ta, tb, out=tout)
 
-        def check(x, y, a=a, b=b):
-            scale = float((np.abs(a) @ np.abs(b)).max())
-            return close_enough(np.asarray(x), np.asarray(y), 1e-5, scale=scale)
+    def check(x, y):
+        """fp32 products: error bound scales with sum |a||b| (K-long dot products)."""
+        scale = float((np.abs(a) @ np.abs(b)).max())
+        return close_enough(x, y, 1e-5, scale=scale)
 
-        res.append(Case(suite="matmul", name=f"matmul f32 {label}", contenders=contenders,
-                        work=flops, ceiling="sgemm", check=check,
-                        params={"a": list(sa), "b": list(sb), "dtype": "float32"}))
-    return res
+    flops = matmul_flops(sa[-2], sb[-1], sa[-1], batch=out_ak.size // (sa[-2] * sb[-1]))
+    return Case(suite=NAME, name=spec.name, contenders=contenders, reference="numpy",
+                work=flops, ceiling="sgemm", check=check, params=spec.params)
