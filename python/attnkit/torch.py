@@ -46,7 +46,7 @@ def _warn_once(reason: str) -> None:
 
 def _desc(t: Tensor, writeable: bool = False):
     """A raw (pointer, shape, strides, dtype, writeable) descriptor for the binding."""
-    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), _DTYPES[t.dtype], writeable)
+    return (t.data_ptr(), t.shape, t.stride(), _DTYPES[t.dtype], writeable)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -63,10 +63,8 @@ def _threads() -> int:
 # ---- custom ops -------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("attnkit::sdpa_forward", mutates_args=(), device_types="cpu")
-def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
-                  is_causal: bool, scale: float, seed: Tensor, softcap: float, window_left: int,
-                  window_right: int, bottom_right: bool, bshd_out: bool) -> tuple[Tensor, Tensor]:
+def _forward_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, softcap, window_left,
+                  window_right, bottom_right, bshd_out):
     """(B, H, Sq, D) x (B, Hkv, Sk, D) x (B, Hkv, Sk, Dv) -> out, lse (B, H, Sq) fp32.
 
     ``bshd_out`` returns out as a contiguous (B, Sq, H, Dv) tensor (what transformers wants)."""
@@ -86,6 +84,15 @@ def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], 
     return out, lse
 
 
+@torch.library.custom_op("attnkit::sdpa_forward", mutates_args=(), device_types="cpu")
+def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+                  is_causal: bool, scale: float, seed: Tensor, softcap: float, window_left: int,
+                  window_right: int, bottom_right: bool, bshd_out: bool) -> tuple[Tensor, Tensor]:
+    """The forward as a custom op (what torch.compile traces); see _forward_impl."""
+    return _forward_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, softcap,
+                         window_left, window_right, bottom_right, bshd_out)
+
+
 @_sdpa_forward.register_fake
 def _(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, softcap, window_left, window_right,
       bottom_right, bshd_out):
@@ -98,12 +105,9 @@ def _(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, softcap, window_lef
     return out, q.new_empty((B, H, Sq), dtype=torch.float32)
 
 
-@torch.library.custom_op("attnkit::sdpa_backward", mutates_args=(), device_types="cpu")
-def _sdpa_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
-                   seed: Tensor, softcap: float, window_left: int, window_right: int,
-                   bottom_right: bool, bshd_out: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of _sdpa_forward (out/dout in the layout ``bshd_out`` says)."""
+def _backward_impl(dout, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed, softcap,
+                   window_left, window_right, bottom_right, bshd_out):
+    """Gradients of the forward (out/dout in the layout ``bshd_out`` says)."""
     B, H, Sq, _ = q.shape
     if bshd_out:
         out, dout = out.transpose(1, 2), dout.transpose(1, 2)
@@ -115,6 +119,16 @@ def _sdpa_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                           bottom_right, window_left, window_right, dropout_p,
                           int(seed.item()) if dropout_p > 0 else 0, 0, _threads())
     return dq, dk, dv
+
+
+@torch.library.custom_op("attnkit::sdpa_backward", mutates_args=(), device_types="cpu")
+def _sdpa_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
+                   seed: Tensor, softcap: float, window_left: int, window_right: int,
+                   bottom_right: bool, bshd_out: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward as a custom op; see _backward_impl."""
+    return _backward_impl(dout, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed,
+                          softcap, window_left, window_right, bottom_right, bshd_out)
 
 
 @_sdpa_backward.register_fake
@@ -145,6 +159,38 @@ def _backward(ctx, dout, dlse):
 
 
 _sdpa_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """Eager-mode autograd without the custom-op dispatch (which costs ~100 us of Python per
+    call, measurable in token-by-token generation). Same kernels, same results."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, *opts):
+        out, lse = _forward_impl(q, k, v, *opts)
+        ctx.opts = dict(zip(_OPTIONS, opts))
+        ctx.save_for_backward(q, k, v, out, lse, ctx.opts.pop("attn_mask"), ctx.opts.pop("seed"))
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
+        o = ctx.opts
+        dq, dk, dv = _backward_impl(
+            dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, attn_mask,
+            o["dropout_p"], o["is_causal"], o["scale"], seed, o["softcap"], o["window_left"],
+            o["window_right"], o["bottom_right"], o["bshd_out"])
+        return (dq, dk, dv) + (None,) * len(_OPTIONS)
+
+
+def _run(q, k, v, *opts):
+    """The custom op under torch.compile; a direct call (with autograd when needed) otherwise."""
+    if torch.compiler.is_compiling():
+        return torch.ops.attnkit.sdpa_forward(q, k, v, *opts)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerAttention.apply(q, k, v, *opts)
+    return _forward_impl(q, k, v, *opts)
 
 
 # ---- the public twin of F.scaled_dot_product_attention ----------------------------------------
@@ -204,11 +250,14 @@ def _check_like_torch(query, key, value, attn_mask, dropout_p, is_causal, enable
                                f"query ({H} vs {Hkv})")
 
 
+_NO_SEED = torch.zeros(1, dtype=torch.int64)  # never read: the kernels only use it with dropout
+
+
 def _dropout_seed(dropout_p: float) -> Tensor:
     """A seed drawn from torch's default generator (so torch.manual_seed reproduces masks)."""
     if dropout_p > 0.0:
         return torch.randint(0, 2**62, (1,), dtype=torch.int64)
-    return torch.zeros(1, dtype=torch.int64)
+    return _NO_SEED
 
 
 def attention(query: Tensor, key: Tensor, value: Tensor, *, attn_mask: Optional[Tensor] = None,
@@ -227,7 +276,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, *, attn_mask: Optional[
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     wl, wr = window if window is not None else (-1, -1)
-    out, _ = torch.ops.attnkit.sdpa_forward(
+    out, _ = _run(
         query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale),
         _dropout_seed(dropout_p), float(softcap or 0.0), int(wl), int(wr), bool(bottom_right),
         bool(bshd_out))
