@@ -217,6 +217,7 @@ def test_wrong_attention_and_raising_contender(monkeypatch, capsys):
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setattr(attnkit, "attention", broken)
+    monkeypatch.setattr(attnkit, "attention_with_kvcache", broken)  # the decode suite's entry
     rc, out = bench_main(["--tiny", "--suite", "decode", "--shape", "Sk64"], capsys)
     assert rc == 1 and "raised RuntimeError: kernel exploded" in out and "(not timed)" in out
 
