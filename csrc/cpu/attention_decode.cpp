@@ -267,31 +267,13 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
   }
   k_begin = imax(k_begin, lo_min);
   k_end = imin(k_end, hi_max + 1);
-  RowCtx rc;
-  rc.scale = p.scale;
-  rc.softcap = p.softcap;
-  rc.inv_softcap = p.softcap > 0.0 ? 1.0 / p.softcap : 0.0;
-  rc.float_mask = p.mask && p.mask_dtype != DType::boolean;
   const int64_t lds = kKeyBlock;
   for (int64_t j0 = k_begin; j0 < k_end; j0 += kKeyBlock) {
     const int64_t n = imin(kKeyBlock, k_end - j0);
     scores<SKV>(p, sv, it.g0, it.ng, rph, j0, n, qf, S, lds);
-    rc.j0 = j0;
-    rc.bn = n;
     for (int64_t r = 0; r < R; ++r) {
       const RowId id = row_id(it.g0, G, sq, r);
-      const KeyRange kr = key_range(p, sv, id.i);
-      rc.lo = kr.lo;
-      rc.hi = kr.hi;
-      rc.bounds = kr.lo > j0 || kr.hi < j0 + n - 1;
-      rc.c = double(id.i + sv.off);
-      rc.slope = alibi_slope(p, sv.b, id.h);
-      if (p.mask) {
-        mask_row(p, sv.b, id.h, id.i, j0, n, w.add.get());
-        rc.add = w.add.get();
-      } else {
-        rc.add = nullptr;
-      }
+      const RowCtx rc = row_ctx(p, sv, id.h, id.i, j0, n, w.add.get());
       row_update(rc, S + r * lds, m + r, l + r, O + r * Dvp, Dvp);
     }
     accumulate_pv<SKV>(p, sv, it.g0, it.ng, rph, j0, n, S, lds, O, Dvp);

@@ -185,12 +185,6 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
     lo_min = imin(lo_min, kr.lo);
     hi_max = imax(hi_max, kr.hi);
   }
-  RowCtx rc;
-  rc.scale = p.scale;
-  rc.softcap = p.softcap;
-  rc.inv_softcap = p.softcap > 0.0 ? 1.0 / p.softcap : 0.0;
-  rc.slope = alibi_slope(p, s.b, h);
-  rc.float_mask = p.mask && p.mask_dtype != DType::boolean;
   for (int64_t kb = lo_min / BN; hi_max >= 0 && kb <= hi_max / BN; ++kb) {
     const int64_t j0 = kb * BN, bn = imin(BN, s.sk - j0);
     if (mask_block_empty(p, s.b, h, i0, bm, j0, bn)) continue;
@@ -204,23 +198,11 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
         ukernel_rows<T, false>(mr, D, A + ir * rs_a, rs_a, kblk + (jp / NR) * D * NR, NR,
                                S + ir * BNp + jp, BNp, false, NR);
     }
-    // Softmax update row by row.
-    rc.j0 = j0;
-    rc.bn = bn;
+    // Softmax update row by row. A mask broadcast over query rows (key padding) is the same
+    // for every row: it is read once per block.
     for (int64_t r = 0; r < bm; ++r) {
       const int64_t i = i0 + r;
-      const KeyRange kr = key_range(p, s, i);
-      rc.lo = kr.lo;
-      rc.hi = kr.hi;
-      rc.bounds = kr.lo > j0 || kr.hi < j0 + bn - 1;
-      rc.c = double(i + s.off);
-      if (p.mask) {
-        // A mask broadcast over query rows (key padding) is the same for every row.
-        if (r == 0 || p.mask_stride[2] != 0) mask_row(p, s.b, h, i, j0, bn, w.add.get());
-        rc.add = w.add.get();
-      } else {
-        rc.add = nullptr;
-      }
+      const RowCtx rc = row_ctx(p, s, h, i, j0, bn, w.add.get(), r == 0 || p.mask_stride[2] != 0);
       row_update(rc, S + r * BNp, m + r, l + r, O + r * Dvp, Dvp);
       if (p.dropout_p > 0.0f) dropout_row_apply<T>(p, s.b, h, i, j0, bn, S + r * BNp, w.keep.get());
     }

@@ -30,9 +30,11 @@ struct RowCtx {
 };
 
 // fp32 rows: vectorized.
-// The RowCtx of query row i of head h against keys j0..j0+bn (fills add_buf with the mask).
+// The RowCtx of query row i of head h against keys j0..j0+bn. The mask row goes to add_buf;
+// fill_mask=false keeps what add_buf already holds (a mask broadcast over rows is the same
+// for every row of a block).
 inline RowCtx row_ctx(const AttentionParams& p, const SeqView& s, int64_t h, int64_t i, int64_t j0,
-                      int64_t bn, float* add_buf) {
+                      int64_t bn, float* add_buf, bool fill_mask = true) {
   RowCtx rc;
   rc.scale = p.scale;
   rc.softcap = p.softcap;
@@ -48,7 +50,7 @@ inline RowCtx row_ctx(const AttentionParams& p, const SeqView& s, int64_t h, int
   rc.c = double(i + s.off);
   rc.add = nullptr;
   if (p.mask) {
-    mask_row(p, s.b, h, i, j0, bn, add_buf);
+    if (fill_mask) mask_row(p, s.b, h, i, j0, bn, add_buf);
     rc.add = add_buf;
   }
   return rc;
