@@ -148,7 +148,8 @@ template <class TO>
 cudaError_t launch_combine(const AttentionParams& p, const FwdLaunch& L, cudaStream_t stream) {
   const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
   const int64_t blocks = (rows + kWarpsPerCombineBlock - 1) / kWarpsPerCombineBlock;
-  combine_kernel<TO><<<unsigned(blocks), 32 * kWarpsPerCombineBlock, 0, stream>>>(p, L);
+  auto kernel = combine_kernel<TO>;
+  ATTNKIT_LAUNCH(kernel, unsigned(blocks), 32 * kWarpsPerCombineBlock, 0, stream, p, L);
   return cudaGetLastError();
 }
 
@@ -261,26 +262,18 @@ cudaError_t attention_fwd(AttentionParams p, const KvCacheArgs& kv, const Attent
     int64_t* table = kv.block_table ? reinterpret_cast<int64_t*>(base + plan.off_block_table)
                                     : nullptr;
     if (p.batch > 0) {
-      kv_meta_kernel<<<unsigned(p.batch), 128, 0, stream>>>(kv, p.seqlen_k, p.page_size,
-                                                            p.block_table_stride, seqlens, table);
+      ATTNKIT_LAUNCH(kv_meta_kernel, unsigned(p.batch), 128, 0, stream, kv, p.seqlen_k,
+                     p.page_size, p.block_table_stride, seqlens, table);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     p.seqlens_k = seqlens;
     p.block_table = table;
     if (kv.k_new && kv.n_new > 0 && p.batch > 0 && p.num_kv_heads > 0) {
       const unsigned rows = unsigned(p.batch * kv.n_new * p.num_kv_heads);
-      switch (p.kv_dtype) {
-        case DType::f16:
-        case DType::bf16:
-          kv_append_kernel<uint16_t><<<rows, 128, 0, stream>>>(p, kv);
-          break;
-        case DType::f32:
-          kv_append_kernel<uint32_t><<<rows, 128, 0, stream>>>(p, kv);
-          break;
-        default:
-          kv_append_kernel<uint64_t><<<rows, 128, 0, stream>>>(p, kv);
-          break;
-      }
+      auto kernel = p.kv_dtype == DType::f64   ? kv_append_kernel<uint64_t>
+                    : p.kv_dtype == DType::f32 ? kv_append_kernel<uint32_t>
+                                               : kv_append_kernel<uint16_t>;
+      ATTNKIT_LAUNCH(kernel, rows, 128, 0, stream, p, kv);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
   }

@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(MmaShape<kD>::kThreads, 1)
   constexpr int kThreads = S::kThreads;
   constexpr int kNT = kBlockN / 8;  // S n-tiles per m-tile
   constexpr int kVT = kD / 8;       // O n-tiles per m-tile
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  ATTNKIT_DYNAMIC_SMEM(smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + kBlockM * kStride;
   T* sV = sK + kBlockN * kStride;
@@ -356,11 +356,12 @@ cudaError_t launch_attention_mma(const AttentionParams& p, const FwdLaunch& L,
   const size_t smem = S::smem_bytes(sizeof(T));
   auto kernel = attention_mma_kernel<T, kD>;
   cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned(p.batch * L.head_groups), unsigned(L.num_m_blocks),
                   unsigned(L.num_splits));
-  kernel<<<grid, S::kThreads, smem, stream>>>(p, L);
+  ATTNKIT_LAUNCH(kernel, grid, S::kThreads, smem, stream, p, L);
   return cudaGetLastError();
 }
 

@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(32 * kWarps)
     attention_simt_kernel(const AttentionParams p, const FwdLaunch L) {
   constexpr int kBlockM = kSimtBlockM, kBlockN = kSimtBlockN;
   static_assert(kBlockM == kWarps * kRows && kBlockN == 32, "one key per lane");
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  ATTNKIT_DYNAMIC_SMEM(smem_raw);
   const int D = int(p.head_dim), Dv = int(p.head_dim_v);
   const int kst = D | 1;  // odd stride: lane j reading row j, column d hits bank (j*kst+d)%32
   Acc* sQ = reinterpret_cast<Acc*>(smem_raw);  // [kBlockM][D]
@@ -163,11 +163,12 @@ cudaError_t launch_attention_simt(const AttentionParams& p, const FwdLaunch& L,
   const size_t smem = simt_smem_bytes(p, sizeof(Acc));
   auto kernel = attention_simt_kernel<TQ, TKV, Acc>;
   cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned(p.batch * L.head_groups), unsigned(L.num_m_blocks),
                   unsigned(L.num_splits));
-  kernel<<<grid, 32 * kWarps, smem, stream>>>(p, L);
+  ATTNKIT_LAUNCH(kernel, grid, 32 * kWarps, smem, stream, p, L);
   return cudaGetLastError();
 }
 

@@ -1,6 +1,11 @@
 // Device helpers every CUDA kernel shares: storage <-> compute conversions, warp reductions,
 // and thin wrappers over the PTX instructions the tensor-core kernels use (cp.async,
 // ldmatrix, mma.sync). Kernels include this; nothing here knows Python (DESIGN rule 1).
+//
+// ATTNKIT_CUDA_EMULATE (tests only, see csrc/cuda/emulate/): the same kernel sources are
+// compiled by the host compiler and run on a CPU emulator of the CUDA execution model, so
+// their index math is tested on machines without a GPU. The emulator supplies the PTX
+// wrappers below and the launch / dynamic shared memory macros.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -74,14 +79,6 @@ __device__ __forceinline__ float load_dtype_as_float(const void* base, int64_t o
 }
 
 // ---- math ----
-// 2^x with one MUFU instruction (max rel. error ~2^-22, exact 0 for -inf, NaN stays NaN).
-// Used for softmax probabilities, which fp32 storage and the 1e-5 fp32 tolerance allow.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 template <class Acc>
 __device__ __forceinline__ Acc warp_max(Acc v) {
 #pragma unroll
@@ -94,6 +91,21 @@ __device__ __forceinline__ Acc warp_sum(Acc v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
+}
+
+#ifndef ATTNKIT_CUDA_EMULATE
+// kernel<<<grid, block, smem, stream>>>(args...); `kernel` must be a single token.
+#define ATTNKIT_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+// The block's dynamic shared memory as `unsigned char name[]`, 16-byte aligned.
+#define ATTNKIT_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+
+// 2^x with one MUFU instruction (max rel. error ~2^-22, exact 0 for -inf, NaN stays NaN).
+// Used for softmax probabilities, which fp32 storage and the 1e-5 fp32 tolerance allow.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // ---- PTX wrappers (sm_80+) ----
@@ -109,6 +121,7 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
 
 // Four 8x8 b16 matrices; lane l passes the row address for matrix l / 8, row l % 8, and
 // receives in r[m] the elements (row l / 4, cols 2 (l % 4) + {0, 1}) of matrix m.
@@ -150,6 +163,8 @@ __device__ __forceinline__ void mma_16816<bf16>(float (&d)[4], const uint32_t (&
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+#endif  // !ATTNKIT_CUDA_EMULATE
 
 // Two floats -> one 32-bit register of two 16-bit values (lo in the low half), rounded.
 template <class T>

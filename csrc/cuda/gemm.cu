@@ -9,6 +9,8 @@
 // load with vector copies. Rows padded by 16 bytes keep ldmatrix free of bank conflicts.
 // fp32/fp64: FMA kernel, 64 x 64 x 16 tiles, 4 x 4 outputs per thread (TF32 would miss the
 // fp32 tolerance). Each output is one thread's fixed-order sum: bit-identical run to run.
+#include <algorithm>
+
 #include "common.cuh"
 #include "kernels.h"
 
@@ -27,8 +29,6 @@ __device__ __forceinline__ void batch_offsets(const GemmParams& p, int64_t z, in
     co += idx * p.c_batch_strides[d];
   }
 }
-
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
 
 // ---- tensor-core GEMM ----
 constexpr int kBM = 128, kBN = 128, kBK = 32;
@@ -239,7 +239,9 @@ cudaError_t run(const GemmParams& p, cudaStream_t stream) {
   const unsigned gz = unsigned(batch < 65535 ? batch : 65535);
   if (p.k == 0) {
     const int64_t total = batch * p.m * p.n;
-    fill_zero_kernel<T><<<unsigned(std::min<int64_t>((total + 255) / 256, 65535)), 256, 0, stream>>>(p, batch);
+    const unsigned blocks = unsigned(std::min<int64_t>((total + 255) / 256, 65535));
+    auto kernel = fill_zero_kernel<T>;
+    ATTNKIT_LAUNCH(kernel, blocks, 256, 0, stream, p, batch);
     return cudaGetLastError();
   }
   constexpr bool kTensorCores = sizeof(T) == 2;
@@ -257,12 +259,11 @@ cudaError_t run(const GemmParams& p, cudaStream_t stream) {
                        (b_kmajor ? p.cs_b % 8 == 0 : (p.cs_b == 1 && p.rs_b % 8 == 0));
     bool c_vec = p.cs_c == 1 && p.rs_c % 2 == 0 && reinterpret_cast<uintptr_t>(p.c) % 4 == 0;
     for (int d = 0; d < p.batch_ndim; ++d) c_vec = c_vec && p.c_batch_strides[d] % 2 == 0;
-    if (b_kmajor)
-      gemm_tc_kernel<T, true><<<grid, kTcThreads, 0, stream>>>(p, batch, a_vec, b_vec, c_vec);
-    else
-      gemm_tc_kernel<T, false><<<grid, kTcThreads, 0, stream>>>(p, batch, a_vec, b_vec, c_vec);
+    auto kernel = b_kmajor ? gemm_tc_kernel<T, true> : gemm_tc_kernel<T, false>;
+    ATTNKIT_LAUNCH(kernel, grid, kTcThreads, 0, stream, p, batch, a_vec, b_vec, c_vec);
   } else {
-    gemm_simt_kernel<T><<<grid, 256, 0, stream>>>(p, batch);
+    auto kernel = gemm_simt_kernel<T>;
+    ATTNKIT_LAUNCH(kernel, grid, 256, 0, stream, p, batch);
   }
   return cudaGetLastError();
 }

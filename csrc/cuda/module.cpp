@@ -177,7 +177,11 @@ void bind_attention(py::module_& m);  // attention_binding.cpp
 }  // namespace cuda_binding
 }  // namespace attnkit
 
-PYBIND11_MODULE(_cuda, m) {
+#ifndef ATTNKIT_CUDA_MODULE_NAME
+#define ATTNKIT_CUDA_MODULE_NAME _cuda  // the emulator build (tests) names its copy _cuda_emu
+#endif
+
+PYBIND11_MODULE(ATTNKIT_CUDA_MODULE_NAME, m) {
   m.doc() = "attnkit CUDA kernels (internal; use the attnkit package API with device arrays)";
   m.attr("__version__") = ATTNKIT_VERSION;
   m.attr("compiled_archs") = ATTNKIT_CUDA_ARCHS;

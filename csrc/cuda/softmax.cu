@@ -175,7 +175,8 @@ cudaError_t run(const SoftmaxParams& p, cudaStream_t stream) {
   const bool adjacent_rows = p.outer_ndim > 0 && p.x_outer_strides[p.outer_ndim - 1] == 1 &&
                              p.out_outer_strides[p.outer_ndim - 1] == 1;
   if (p.x_stride != 1 && adjacent_rows && p.n <= 4096) {
-    column_rows<T, Acc><<<grid_for(rows, 256), 256, 0, stream>>>(p, rows);
+    auto kernel = column_rows<T, Acc>;
+    ATTNKIT_LAUNCH(kernel, grid_for(rows, 256), 256, 0, stream, p, rows);
   } else if (p.n <= kWarpMaxN) {
     constexpr int kV = 16 / sizeof(T);
     bool vec = p.x_stride == 1 && p.out_stride == 1 && p.n % kV == 0 &&
@@ -183,13 +184,12 @@ cudaError_t run(const SoftmaxParams& p, cudaStream_t stream) {
                reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
     for (int d = 0; d < p.outer_ndim; ++d)
       vec = vec && p.x_outer_strides[d] % kV == 0 && p.out_outer_strides[d] % kV == 0;
-    if (vec)
-      warp_rows<T, Acc, true><<<grid_for(rows, 4), 128, 0, stream>>>(p, rows);
-    else
-      warp_rows<T, Acc, false><<<grid_for(rows, 4), 128, 0, stream>>>(p, rows);
+    auto kernel = vec ? warp_rows<T, Acc, true> : warp_rows<T, Acc, false>;
+    ATTNKIT_LAUNCH(kernel, grid_for(rows, 4), 128, 0, stream, p, rows);
   } else {
     if (rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    block_rows<T, Acc><<<unsigned(rows), kBlockThreads, 0, stream>>>(p);
+    auto kernel = block_rows<T, Acc>;
+    ATTNKIT_LAUNCH(kernel, unsigned(rows), kBlockThreads, 0, stream, p);
   }
   return cudaGetLastError();
 }
