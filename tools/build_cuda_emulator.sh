@@ -26,7 +26,7 @@ mkdir -p "$OUT/obj"
 PYINC=$($PY -m pybind11 --includes)
 EXT=$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 # -O1: the emulator spends its time in fiber switches, not in the kernels' arithmetic.
-FLAGS="-std=c++17 -O1 -g0 -fPIC -fvisibility=hidden -DATTNKIT_CUDA_EMULATE=1 \
+FLAGS="-std=c++17 -O1 -g0 -fPIC -U_FORTIFY_SOURCE -fvisibility=hidden -DATTNKIT_CUDA_EMULATE=1 \
   -DATTNKIT_CUDA_MODULE_NAME=_cuda_emu -DATTNKIT_CUDA_ARCHS=\"emulated\" \
   -include csrc/cuda/emulate/emulate.h -Icsrc/include -Icsrc -I$CUDA_INC $PYINC \
   -Wno-attributes -Wno-unknown-pragmas"

@@ -1,6 +1,10 @@
-// The fiber scheduler behind emulate.h (see there for the model).
+// The fiber scheduler behind emulate.h (see there for the model). Fibers start with
+// makecontext/swapcontext and then switch with _setjmp/_longjmp, which skips the signal-mask
+// system call of swapcontext: the kernels' warp collectives switch fibers millions of times.
+#undef _FORTIFY_SOURCE  // its longjmp check rejects jumps between (fiber) stacks
 #include "emulate.h"
 
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cstdio>
@@ -21,7 +25,9 @@ struct Copy {
 };
 
 struct Thread {
-  ucontext_t ctx;
+  ucontext_t ctx;  // only to start the fiber
+  jmp_buf jb;      // where it yielded
+  bool started = false;
   std::unique_ptr<char[]> stack;
   Idx idx{0, 0, 0};
   bool done = false;
@@ -43,6 +49,7 @@ struct Block {
   std::vector<Warp> warps;
   std::vector<unsigned char> smem;
   ucontext_t sched;
+  jmp_buf sched_jb;
   int cur = 0;
   uint64_t progress = 0;
   const std::function<void()>* body = nullptr;
@@ -53,7 +60,9 @@ Block* g_block = nullptr;
 Thread& self() { return g_block->threads[size_t(g_block->cur)]; }
 Warp& my_warp() { return g_block->warps[size_t(g_block->cur / 32)]; }
 
-void yield() { swapcontext(&self().ctx, &g_block->sched); }
+void yield() {
+  if (!_setjmp(self().jb)) _longjmp(g_block->sched_jb, 1);
+}
 
 void apply(const std::vector<Copy>& group) {
   for (const Copy& c : group) {
@@ -96,7 +105,7 @@ void thread_main() {
   ++g_block->progress;
   maybe_release_block();
   maybe_release_warp(w);
-  // returning resumes uc_link (the scheduler)
+  _longjmp(g_block->sched_jb, 1);  // never returns: the fiber's stack is abandoned
 }
 
 void run_block(Block& b) {
@@ -109,6 +118,7 @@ void run_block(Block& b) {
   for (int i = 0; i < b.nthreads; ++i) {
     Thread& t = b.threads[size_t(i)];
     t.done = false;
+    t.started = false;
     t.pending.clear();
     t.groups.clear();
     t.idx = {unsigned(i) % b.block_dim.x, (unsigned(i) / b.block_dim.x) % b.block_dim.y,
@@ -124,7 +134,15 @@ void run_block(Block& b) {
     for (int i = 0; i < b.nthreads; ++i) {
       if (b.threads[size_t(i)].done) continue;
       b.cur = i;
-      swapcontext(&b.sched, &b.threads[size_t(i)].ctx);
+      Thread& t = b.threads[size_t(i)];
+      if (!_setjmp(b.sched_jb)) {
+        if (!t.started) {
+          t.started = true;
+          swapcontext(&b.sched, &t.ctx);  // runs until the fiber's first yield (a _longjmp back)
+        } else {
+          _longjmp(t.jb, 1);
+        }
+      }
     }
     if (b.progress == before) {
       std::fprintf(stderr,
