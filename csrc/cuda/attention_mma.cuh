@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(MmaShape<kD>::kThreads, 1)
     cp_async_wait_all();
     __syncthreads();
   }
-  const float scale_log2 = p.scale * kLog2e;
+  const float scale_log2 = p.scale * kLog2e;  // scores in log2 units: exp2 is one MUFU op
   const bool modifiers = p.mask || p.alibi_slopes || p.softcap > 0.0f;
 
   for (int n = bi.n_begin; n < bi.n_end; ++n) {
@@ -152,16 +152,14 @@ __global__ void __launch_bounds__(MmaShape<kD>::kThreads, 1)
       }
     }
 
-    // ---- score pipeline (log2 units) ----
+    // ---- score pipeline ----
+    // Plain tiles keep the raw dot products: with a positive scale, max(scale * s) = scale *
+    // max(s) and exp2(scale * s - m) is one FMA (as FlashAttention-2), so `mul` is applied in
+    // the softmax below. Other tiles run the full pipeline here and leave log2-unit scores.
     const bool inside = tile_inside(p, bi, n, kBlockN);
-    if (inside && !modifiers) {
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[mt][nt][e] *= scale_log2;
-    } else {
+    const bool plain = inside && !modifiers && scale_log2 > 0.0f;
+    const float mul = plain ? scale_log2 : 1.0f;
+    if (!plain) {
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -188,6 +186,7 @@ __global__ void __launch_bounds__(MmaShape<kD>::kThreads, 1)
           mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hh], s[mt][nt][2 * hh + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mx *= mul;  // (mul > 0: rounding is monotonic, so this is the max of the scaled scores)
         const float m_new = fmaxf(row_max[mt][hh], mx);
         // -inf guard: a row with no allowed key so far keeps m = -inf; subtracting 0 instead
         // of -inf keeps exp2(-inf - m) = 0 (not NaN) for its scores and for the rescale.
@@ -204,7 +203,7 @@ __global__ void __launch_bounds__(MmaShape<kD>::kThreads, 1)
         for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float pr = fast_exp2(s[mt][nt][2 * hh + e] - m_use);
+            const float pr = fast_exp2(fmaf(s[mt][nt][2 * hh + e], mul, -m_use));
             s[mt][nt][2 * hh + e] = pr;
             row_sum[mt][hh] += pr;
           }

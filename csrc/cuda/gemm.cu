@@ -159,8 +159,9 @@ __global__ void __launch_bounds__(kTcThreads) gemm_tc_kernel(const GemmParams p,
 // ---- FMA GEMM (fp32 / fp64) ----
 constexpr int kSM = 64, kSN = 64, kSK = 16;
 
+// (256, 2): two blocks per SM; the compiler's own choice (64 registers) spilled on sm_90.
 template <class T>
-__global__ void __launch_bounds__(256) gemm_simt_kernel(const GemmParams p, int64_t batch) {
+__global__ void __launch_bounds__(256, 2) gemm_simt_kernel(const GemmParams p, int64_t batch) {
   __shared__ T sA[kSK][kSM + 1];
   __shared__ T sB[kSK][kSN];
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
