@@ -35,7 +35,9 @@ import sys
 
 import numpy as np
 
-from ._attention import _check_bool, resolve_align, resolve_alibi, resolve_scale, resolve_softcap, resolve_window
+# The module, not its names: _attention.py imports this module for its dispatch line, so at
+# that point it may be only partly initialized; its helpers are looked up at call time.
+from . import _attention as _att
 
 __all__ = ["is_device_array", "softmax", "matmul", "attention", "attention_varlen",
            "attention_with_kvcache"]
@@ -439,7 +441,7 @@ def _alibi(call, alibi_slopes, batch, heads):
     if alibi_slopes is None:
         return None
     if not is_device_array(alibi_slopes):
-        return resolve_alibi(alibi_slopes, batch, heads, fn)
+        return _att.resolve_alibi(alibi_slopes, batch, heads, fn)
     ad = call.describe(alibi_slopes, "alibi_slopes")
     if ad.dtype not in _FLOAT:
         raise TypeError(f"{fn}: alibi_slopes must be a float array, got {ad.dtype}")
@@ -504,12 +506,12 @@ def attention(q, k, v, *, mask=None, causal=False, causal_align="top_left", scal
         raise ValueError(f"{fn}: q has {H} heads, which is not a multiple of k/v's {Hkv} (GQA needs H % Hkv == 0)")
     if D == 0 or Dv == 0:
         raise ValueError(f"{fn}: head dims must be at least 1, got D={D}, Dv={Dv}")
-    causal = _check_bool(causal, fn, "causal")
-    return_lse = _check_bool(return_lse, fn, "return_lse")
-    bottom_right = resolve_align(causal_align, fn)
-    scale = resolve_scale(scale, D, fn)
-    softcap = resolve_softcap(softcap, fn)
-    wl, wr = resolve_window(window, fn)
+    causal = _att._check_bool(causal, fn, "causal")
+    return_lse = _att._check_bool(return_lse, fn, "return_lse")
+    bottom_right = _att.resolve_align(causal_align, fn)
+    scale = _att.resolve_scale(scale, D, fn)
+    softcap = _att.resolve_softcap(softcap, fn)
+    wl, wr = _att.resolve_window(window, fn)
     alibi = _alibi(call, alibi_slopes, B, H)
     maskc = _mask(call, mask, (B, H, Sq, Sk))
     out_shape = (B, Sq, H, Dv) if layout == "bshd" else (B, H, Sq, Dv)
@@ -578,12 +580,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, causa
         raise ValueError(f"{fn}: q has {H} heads, which is not a multiple of k/v's {Hkv}")
     if D == 0 or Dv == 0:
         raise ValueError(f"{fn}: head dims must be at least 1")
-    causal = _check_bool(causal, fn, "causal")
-    return_lse = _check_bool(return_lse, fn, "return_lse")
-    bottom_right = resolve_align(causal_align, fn)
-    scale = resolve_scale(scale, D, fn)
-    softcap = resolve_softcap(softcap, fn)
-    wl, wr = resolve_window(window, fn)
+    causal = _att._check_bool(causal, fn, "causal")
+    return_lse = _att._check_bool(return_lse, fn, "return_lse")
+    bottom_right = _att.resolve_align(causal_align, fn)
+    scale = _att.resolve_scale(scale, D, fn)
+    softcap = _att.resolve_softcap(softcap, fn)
+    wl, wr = _att.resolve_window(window, fn)
     alibi = _alibi(call, alibi_slopes, batch, H)
     if out is None:
         out, od = call.empty((Tq, H, Dv), qd.dtype)
@@ -695,11 +697,11 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
                 if ((row < 0) | (row >= P)).any():
                     j = int(np.nonzero((row < 0) | (row >= P))[0][0])
                     raise ValueError(f"{fn}: block_table[{b}, {j}] = {int(row[j])} is not a page index in [0, {P})")
-    causal = _check_bool(causal, fn, "causal")
-    return_lse = _check_bool(return_lse, fn, "return_lse")
-    scale = resolve_scale(scale, D, fn)
-    softcap = resolve_softcap(softcap, fn)
-    wl, wr = resolve_window(window, fn)
+    causal = _att._check_bool(causal, fn, "causal")
+    return_lse = _att._check_bool(return_lse, fn, "return_lse")
+    scale = _att.resolve_scale(scale, D, fn)
+    softcap = _att.resolve_softcap(softcap, fn)
+    wl, wr = _att.resolve_window(window, fn)
     alibi = _alibi(call, alibi_slopes, B, H)
     out, od = call.out(out, (B, Sq, H, Dv), qd.dtype)
     outc = od.transpose(0, 2, 1, 3)
