@@ -53,7 +53,7 @@ def _build():
     r = subprocess.run(["bash", str(ROOT / "tools" / "build_cuda_emulator.sh")], cwd=ROOT, capture_output=True,
                        text=True, env=dict(os.environ, PYTHON=sys.executable))
     if r.returncode != 0:
-        if "CUDA headers not found" in r.stderr or "No module named pybind11" in r.stderr:
+        if r.returncode == 2:  # a missing prerequisite (the script says which)
             pytest.skip("cannot build the CUDA emulator: " + r.stderr.strip().splitlines()[-1])
         raise RuntimeError("building the CUDA emulator failed:\n" + r.stderr[-4000:])
     path = r.stdout.strip().splitlines()[-1]

@@ -23,7 +23,10 @@ if [ -z "$CUDA_INC" ] || [ ! -f "$CUDA_INC/cuda_fp16.h" ]; then
   exit 2
 fi
 mkdir -p "$OUT/obj"
-PYINC=$($PY -m pybind11 --includes)
+if ! PYINC=$($PY -m pybind11 --includes 2>/dev/null); then
+  echo "build_cuda_emulator: pybind11 is not importable by $PY (pip install pybind11)" >&2
+  exit 2
+fi
 EXT=$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 # -O1: the emulator spends its time in fiber switches, not in the kernels' arithmetic.
 FLAGS="-std=c++17 -O1 -g0 -fPIC -U_FORTIFY_SOURCE -fvisibility=hidden -DATTNKIT_CUDA_EMULATE=1 \

@@ -7,9 +7,12 @@ them the semantics and error messages of the NumPy API, zero-copy:
 * Accepted arrays: ``torch.Tensor`` on a CUDA device, ``cupy.ndarray``, any object with
   ``__cuda_array_interface__`` (v2/v3), and any object with ``__dlpack__`` /
   ``__dlpack_device__`` on a CUDA device. Inputs are read in place (any strides; stride-0
-  broadcasting, transposed and sliced views included); nothing is copied except where noted
-  (a head dim or matrix that is not contiguous along its last axis, for the few kernels that
-  need it; small host index arrays and ALiBi slopes, which are uploaded).
+  broadcasting, transposed and sliced views included); nothing is copied except: attention
+  q/k/v whose head dim is not contiguous (torch / CuPy arrays are copied; KV caches never are,
+  they raise), and small host index arrays and ALiBi slopes, which are uploaded.
+* dtypes: float16 / bfloat16 attention and matmul run on tensor cores (fp32 accumulation);
+  float32 (also q float32 with float16/bfloat16 k/v) and float64 run FMA kernels (no TF32).
+  Head dims up to 256. Compute capability 8.0+ (Ampere, Ada, Hopper).
 * Stream: kernels are queued on the caller's current stream and never synchronize: torch's
   ``torch.cuda.current_stream(device)`` for torch tensors, CuPy's current stream for CuPy
   arrays, the producer's stream for ``__cuda_array_interface__`` objects that name one, else
