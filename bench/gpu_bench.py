@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""GPU benchmark: attnkit's CUDA kernels against torch on the same device, same run.
+
+    python bench/gpu_bench.py                 # about a minute on an H100/H200
+    python bench/gpu_bench.py --json out.json --case attn
+
+Each case first checks attnkit's result against torch's, then times both interleaved (A B A B
+..., DESIGN.md "Measuring"): every round times a burst of calls lasting >= 30 ms per
+contender with CUDA events, the report is the median over rounds. torch attention runs the
+FlashAttention-2 backend where it supports the case (fp16/bf16), else its own choice.
+Rates: attention 4*B*H*Sq*Sk*D FLOPs (halved for causal), matmul 2*M*N*K, softmax and decode
+in bytes moved. ratio = torch time / attnkit time (> 1: attnkit is faster).
+"""
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import attnkit
+from attnkit import _cuda_api as ak
+
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # torch < 2.3
+    SDPBackend = sdpa_kernel = None
+
+
+def burst_ms(fn, n):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def time_pair(fa, fb, rounds, min_burst_ms=30.0):
+    """Median ms per call of fa and fb, timed in alternating bursts (the order flips each round)."""
+    for f in (fa, fb):
+        f()
+        f()
+    torch.cuda.synchronize()
+    one = max(burst_ms(fa, 1), burst_ms(fb, 1), 1e-3)
+    n = max(1, int(min_burst_ms / one))
+    ta, tb = [], []
+    for r in range(rounds):
+        pair = [(fa, ta), (fb, tb)] if r % 2 == 0 else [(fb, tb), (fa, ta)]
+        for f, acc in pair:
+            acc.append(burst_ms(f, n))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def flash(dtype):
+    if sdpa_kernel is None or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    return [SDPBackend.FLASH_ATTENTION]
+
+
+def torch_sdpa(q, k, v, causal, backends):
+    gqa = q.shape[1] != k.shape[1]
+    if backends is None:
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+    def run():
+        with sdpa_kernel(backends):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+    return run
+
+
+def check(a, b, tol, what):
+    scale = max(1.0, b.abs().max().item())
+    err = (a.double() - b.double()).abs().max().item()
+    if not err <= tol * scale:
+        raise AssertionError(f"{what}: attnkit differs from torch by {err:.3e} (scale {scale:.3g})")
+    return err
+
+
+def attn_case(name, B, H, Hkv, S, D, dtype, causal, rounds):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, H, S, D, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype, generator=g)
+    backends = flash(dtype) if Hkv == H else None
+    ours = lambda: ak.attention(q, k, v, causal=causal)
+    theirs = torch_sdpa(q, k, v, causal, backends)
+    check(ours(), theirs(), 2e-2 if dtype == torch.bfloat16 else 5e-3, name)
+    ta, tb = time_pair(ours, theirs, rounds)
+    flops = 4.0 * B * H * S * S * D * (0.5 if causal else 1.0)
+    return dict(case=name, attnkit_ms=ta, torch_ms=tb, rate=flops / ta / 1e9, unit="TFLOP/s",
+                torch_impl="flash" if backends else "sdpa auto")
+
+
+def decode_case(name, B, H, Hkv, S, D, dtype, rounds):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, 1, H, D, device="cuda", dtype=dtype, generator=g)
+    kc = torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype, generator=g)
+    vc = torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype, generator=g)
+    lens = torch.full((B,), S, device="cuda", dtype=torch.int32)
+    kt, vt, qt = kc.transpose(1, 2), vc.transpose(1, 2), q.transpose(1, 2)
+    ours = lambda: ak.attention_with_kvcache(q, kc, vc, cache_seqlens=lens)
+    theirs = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=H != Hkv)
+    check(ours().transpose(1, 2), theirs(), 2e-2, name)
+    ta, tb = time_pair(ours, theirs, rounds)
+    nbytes = 2.0 * B * S * Hkv * D * kc.element_size()
+    return dict(case=name, attnkit_ms=ta, torch_ms=tb, rate=nbytes / ta / 1e6, unit="GB/s", torch_impl="sdpa auto")
+
+
+def softmax_case(name, M, N, dtype, rounds):
+    x = torch.randn(M, N, device="cuda", dtype=dtype)
+    ours, theirs = lambda: ak.softmax(x), lambda: torch.softmax(x, -1)
+    check(ours(), theirs(), 1e-5 if dtype == torch.float32 else 1e-2, name)
+    ta, tb = time_pair(ours, theirs, rounds)
+    return dict(case=name, attnkit_ms=ta, torch_ms=tb, rate=2.0 * x.numel() * x.element_size() / ta / 1e6,
+                unit="GB/s", torch_impl="torch.softmax")
+
+
+def matmul_case(name, M, N, K, dtype, rounds):
+    a = torch.randn(M, K, device="cuda", dtype=dtype)
+    b = torch.randn(K, N, device="cuda", dtype=dtype)
+    torch.backends.cuda.matmul.allow_tf32 = False  # full fp32, as attnkit
+    ours, theirs = lambda: ak.matmul(a, b), lambda: a @ b
+    check(ours(), theirs(), 1e-2 if dtype != torch.float32 else 1e-4, name)
+    ta, tb = time_pair(ours, theirs, rounds)
+    return dict(case=name, attnkit_ms=ta, torch_ms=tb, rate=2.0 * M * N * K / ta / 1e9, unit="TFLOP/s",
+                torch_impl="cuBLAS")
+
+
+CASES = [
+    ("attn bf16 B4 H32 S4096 D128 causal", lambda r: attn_case("attn bf16 B4 H32 S4096 D128 causal", 4, 32, 32, 4096, 128, torch.bfloat16, True, r)),
+    ("attn bf16 B4 H32 S4096 D128", lambda r: attn_case("attn bf16 B4 H32 S4096 D128", 4, 32, 32, 4096, 128, torch.bfloat16, False, r)),
+    ("attn fp16 B8 H16 S2048 D64 causal", lambda r: attn_case("attn fp16 B8 H16 S2048 D64 causal", 8, 16, 16, 2048, 64, torch.float16, True, r)),
+    ("attn bf16 B2 H16 S2048 D256 causal", lambda r: attn_case("attn bf16 B2 H16 S2048 D256 causal", 2, 16, 16, 2048, 256, torch.bfloat16, True, r)),
+    ("attn bf16 GQA32/8 B4 S4096 D128 causal", lambda r: attn_case("attn bf16 GQA32/8 B4 S4096 D128 causal", 4, 32, 8, 4096, 128, torch.bfloat16, True, r)),
+    ("attn fp32 B2 H16 S1024 D64 causal", lambda r: attn_case("attn fp32 B2 H16 S1024 D64 causal", 2, 16, 16, 1024, 64, torch.float32, True, r)),
+    ("decode bf16 B8 H32/8 S8192 D128", lambda r: decode_case("decode bf16 B8 H32/8 S8192 D128", 8, 32, 8, 8192, 128, torch.bfloat16, r)),
+    ("softmax fp32 8192x8192", lambda r: softmax_case("softmax fp32 8192x8192", 8192, 8192, torch.float32, r)),
+    ("softmax bf16 4096x32000", lambda r: softmax_case("softmax bf16 4096x32000", 4096, 32000, torch.bfloat16, r)),
+    ("matmul fp16 4096^3", lambda r: matmul_case("matmul fp16 4096^3", 4096, 4096, 4096, torch.float16, r)),
+    ("matmul fp32 2048^3", lambda r: matmul_case("matmul fp32 2048^3", 2048, 2048, 2048, torch.float32, r)),
+]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", action="append", help="only cases whose name contains this (repeatable)")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available() or not attnkit.info()["cuda_available"]:
+        print("gpu_bench: needs a CUDA device and attnkit built with ATTNKIT_CUDA=ON", file=sys.stderr)
+        return 2
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, attnkit {attnkit.__version__}",
+          flush=True)
+    results, failures = [], []
+    for name, fn in CASES:
+        if args.case and not any(c in name for c in args.case):
+            continue
+        try:
+            res = fn(args.rounds)
+            results.append(res)
+            print(f"  {name}: attnkit {res['attnkit_ms']:.3f} ms, torch {res['torch_ms']:.3f} ms", flush=True)
+        except Exception as e:  # report and go on: one broken case must not hide the others
+            failures.append((name, f"{type(e).__name__}: {e}"))
+            print(f"  {name}: FAILED {type(e).__name__}: {e}", flush=True)
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "results": results, "failures": failures}, f, indent=1)
+    print()
+    print(f"{'case':42s} {'attnkit ms':>10s} {'torch ms':>9s} {'ratio':>6s} {'attnkit rate':>16s}  torch")
+    for r in results:
+        print(f"{r['case']:42s} {r['attnkit_ms']:10.3f} {r['torch_ms']:9.3f} {r['torch_ms'] / r['attnkit_ms']:6.2f} "
+              f"{r['rate']:9.1f} {r['unit']:6s}  {r['torch_impl']}")
+    for name, err in failures:
+        print(f"{name:42s} FAILED: {err}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# On a GPU host: build attnkit with CUDA, run the GPU tests, then the GPU benchmark against
+# torch, printing the benchmark table last. Budget: under 8 minutes on an H100/H200 host with
+# 16 cores. Offline: uses the Python, torch, CMake, ninja, pybind11, scikit-build-core and
+# nvcc already installed (pip is told --no-index --no-deps --no-build-isolation).
+#
+#   bench/gpu_check.sh                    # sm_90 (H100/H200); CUDA_ARCHS="80;90" to change
+# Stage time limits: build 300 s, tests 180 s, benchmark 150 s (each stage is cut, reported
+# and the script goes on, so one slow stage still leaves the others' results).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+ARCHS=${CUDA_ARCHS:-90}
+JOBS=${JOBS:-$(nproc)}
+status=0
+t0=$(date +%s)
+stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
+
+stamp "python: $($PY -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
+
+mkdir -p build
+stamp "build: attnkit with ATTNKIT_CUDA=ON, CUDA architectures $ARCHS, $JOBS jobs"
+export CMAKE_BUILD_PARALLEL_LEVEL=$JOBS
+if ! timeout 300 $PY -m pip install --no-index --no-deps --no-build-isolation -e . \
+      -Ccmake.define.ATTNKIT_CUDA=ON -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$ARCHS" \
+      -Cbuild-dir=build/gpu-check > build/gpu-check.log 2>&1; then
+  tail -40 build/gpu-check.log
+  stamp "build FAILED (log: build/gpu-check.log)"
+  exit 1
+fi
+$PY -c "import attnkit; i = attnkit.info(); print({k: i[k] for k in ('version', 'isa', 'cuda_built', 'cuda_available', 'cuda_devices')})" || status=1
+
+stamp "tests: GPU suite (tests/test_cuda.py) and the device-array unit tests"
+if $PY -c "import pytest" 2>/dev/null; then
+  timeout 180 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_cuda_api.py -rs 2>&1 | tail -25
+  rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || { stamp "tests FAILED or timed out (rc=$rc)"; status=1; }
+else
+  stamp "pytest is not installed here: GPU tests SKIPPED (the benchmark still checks each result against torch)"
+  status=1
+fi
+
+stamp "benchmark: attnkit vs torch (table last)"
+timeout 150 $PY bench/gpu_bench.py --json build/gpu-bench.json || { stamp "benchmark FAILED or timed out"; status=1; }
+stamp "done (status $status)"
+exit $status

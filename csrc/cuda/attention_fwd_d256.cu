@@ -1,0 +1,9 @@
+// Tensor-core attention forward, head-dim bucket 256 (fp16 and bf16). One bucket per file so
+// the build compiles the buckets in parallel.
+#include "attention_mma.cuh"
+
+namespace attnkit {
+namespace cuda {
+ATTNKIT_INSTANTIATE_MMA(256)
+}  // namespace cuda
+}  // namespace attnkit

@@ -1,0 +1,46 @@
+// Launchers of the attention kernel instantiations (internal to csrc/cuda/*.cu).
+#pragma once
+#include "attention_common.cuh"
+#include "kernels.h"
+
+namespace attnkit {
+namespace cuda {
+
+// SIMT kernel tile (attention_simt.cu): 4 warps x 4 rows, one key per lane.
+constexpr int kSimtBlockM = 16;
+constexpr int kSimtBlockN = 32;
+
+size_t simt_smem_bytes(const AttentionParams& p, size_t acc_bytes);
+
+template <class TQ, class TKV, class Acc>
+cudaError_t launch_attention_simt(const AttentionParams& p, const FwdLaunch& L,
+                                  cudaStream_t stream);
+
+// Tile shape of the tensor-core kernel per head-dim bucket (attention_mma.cuh).
+template <int kD>
+struct MmaShape {
+  // Heads up to 128: 32 rows per warp, so each K/V fragment read from smem feeds two MMAs
+  // (at 16 rows per warp ldmatrix bandwidth, not the tensor cores, would set the pace).
+  // Above 128 the O accumulators (kD / 2 fp32 registers per row pair) need the registers.
+  static constexpr int kMT = kD <= 128 ? 2 : 1;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockM = 16 * kMT * kWarps;
+  // 64 keys per tile, but 32 at head dim 128 where 2 x 16 rows x 128 fp32 O accumulators
+  // plus a 64-key S tile exceed 255 registers (ptxas: 350 bytes of spills on sm_90).
+  static constexpr int kBlockN = kD == 128 ? 32 : 64;
+  static constexpr int kStride = kD + 8;  // smem row stride (elements)
+  static constexpr size_t smem_bytes(size_t elem) {
+    return size_t(kBlockM + 2 * kBlockN) * kStride * elem;
+  }
+  static_assert(kD % 16 == 0, "head-dim buckets are multiples of 16");
+  static_assert(kBlockN <= kStride, "rare_pv stages P in the Q tile");
+};
+
+// Defined in attention_mma.cuh, instantiated per head-dim bucket in attention_fwd_d*.cu.
+template <class T, int kD>
+cudaError_t launch_attention_mma(const AttentionParams& p, const FwdLaunch& L,
+                                 cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace attnkit

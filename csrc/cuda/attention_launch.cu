@@ -1,0 +1,325 @@
+// Attention forward on the GPU: the plan (kernel, tile, GQA packing, key splits), the
+// KV-cache metadata check and append, the kernel dispatch (one switch per axis: dtype, then
+// head-dim bucket; DESIGN rule 3) and the combine of split partials (flash-decoding).
+#include <algorithm>
+#include <cstdio>
+
+#include "attention_kernels.h"
+
+namespace attnkit {
+namespace cuda {
+namespace {
+
+constexpr int kWarpsPerCombineBlock = 4;
+constexpr int kMaxSplits = 64;
+
+int mma_bucket(int64_t d) {
+  if (d <= 64) return 64;
+  if (d <= 96) return 96;
+  if (d <= 128) return 128;
+  if (d <= 192) return 192;
+  return 256;
+}
+
+template <int kD>
+void mma_shape(AttentionPlan* plan, size_t elem) {
+  plan->block_m = MmaShape<kD>::kBlockM;
+  plan->block_n = MmaShape<kD>::kBlockN;
+  plan->smem_bytes = MmaShape<kD>::smem_bytes(elem);
+}
+
+size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
+
+// ---- KV cache: check the metadata on the device, then append the new keys/values ----
+
+__device__ __forceinline__ int64_t load_index(const void* base, DType t, int64_t off) {
+  return t == DType::i32 ? int64_t(static_cast<const int32_t*>(base)[off])
+                         : static_cast<const int64_t*>(base)[off];
+}
+
+// One block per batch entry: seqlens_out[b] = cache_seqlens[b] + n_new, or -1 when that
+// overflows the cache or a page the sequence uses is not a valid page index. The attention
+// kernel turns -1 into NaN results for that batch entry, and the append kernel skips it: a
+// device-side check cannot raise without a synchronization, but it never touches memory
+// outside the cache.
+__global__ void kv_meta_kernel(KvCacheArgs kv, int64_t capacity, int64_t page_size,
+                               int64_t max_blocks, int64_t* seqlens_out, int64_t* table_out) {
+  const int64_t b = blockIdx.x;
+  const int64_t len = load_index(kv.cache_seqlens, kv.cache_seqlens_dtype, b * kv.cache_seqlens_stride);
+  const int64_t total = len + kv.n_new;
+  bool bad = len < 0 || total > capacity;
+  if (kv.block_table) {
+    for (int64_t jb = threadIdx.x; jb < max_blocks; jb += blockDim.x) {
+      const int64_t e = load_index(kv.block_table, kv.block_table_dtype,
+                                   b * kv.block_table_strides[0] + jb * kv.block_table_strides[1]);
+      table_out[b * max_blocks + jb] = e;
+      if (jb * page_size < total && (e < 0 || e >= kv.num_pages)) bad = true;
+    }
+  }
+  bad = __syncthreads_or(bad);
+  if (threadIdx.x == 0) seqlens_out[b] = bad ? -1 : total;
+}
+
+// One block per (batch, new token, kv head): copies the new k and v rows into the cache at
+// position cache_seqlens[b] + t. Raw bits (W = the element width) so every dtype shares it.
+template <class W>
+__global__ void kv_append_kernel(const AttentionParams p, const KvCacheArgs kv) {
+  const int64_t row = blockIdx.x;
+  const int64_t hkv = row % p.num_kv_heads;
+  const int64_t t = (row / p.num_kv_heads) % kv.n_new;
+  const int64_t b = row / (p.num_kv_heads * kv.n_new);
+  const int64_t len = p.seqlens_k[b];
+  if (len < 0) return;
+  const int64_t pos = len - kv.n_new + t;
+  int64_t ko, vo;
+  if (p.block_table) {
+    const int64_t page = p.block_table[b * p.block_table_stride + pos / p.page_size];
+    const int64_t in_page = pos % p.page_size;
+    ko = page * p.k_stride[0] + hkv * p.k_stride[1] + in_page * p.k_stride[2];
+    vo = page * p.v_stride[0] + hkv * p.v_stride[1] + in_page * p.v_stride[2];
+  } else {
+    ko = b * p.k_stride[0] + hkv * p.k_stride[1] + pos * p.k_stride[2];
+    vo = b * p.v_stride[0] + hkv * p.v_stride[1] + pos * p.v_stride[2];
+  }
+  const W* ks = static_cast<const W*>(kv.k_new) + b * kv.k_new_stride[0] +
+                hkv * kv.k_new_stride[1] + t * kv.k_new_stride[2];
+  const W* vs = static_cast<const W*>(kv.v_new) + b * kv.v_new_stride[0] +
+                hkv * kv.v_new_stride[1] + t * kv.v_new_stride[2];
+  W* kd = const_cast<W*>(static_cast<const W*>(p.k)) + ko;
+  W* vd = const_cast<W*>(static_cast<const W*>(p.v)) + vo;
+  for (int64_t d = threadIdx.x; d < p.head_dim; d += blockDim.x) kd[d] = ks[d];
+  for (int64_t d = threadIdx.x; d < p.head_dim_v; d += blockDim.x) vd[d] = vs[d];
+}
+
+// ---- combine split partials: one warp per (b, h, i) row, fixed order over the splits ----
+template <class TO>
+__global__ void __launch_bounds__(32 * kWarpsPerCombineBlock)
+    combine_kernel(const AttentionParams p, const FwdLaunch L) {
+  __shared__ float weight[kWarpsPerCombineBlock][kMaxSplits];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kWarpsPerCombineBlock + warp;
+  if (row >= p.batch * p.num_heads * p.seqlen_q) return;  // warp-uniform
+  const int64_t i = row % p.seqlen_q, h = (row / p.seqlen_q) % p.num_heads;
+  const int64_t b = row / (p.seqlen_q * p.num_heads);
+  int64_t q_tok = 0, sq = p.seqlen_q;
+  if (p.cu_seqlens_q) {
+    q_tok = p.cu_seqlens_q[b];
+    sq = p.cu_seqlens_q[b + 1] - q_tok;
+  }
+  if (i >= sq) return;
+  const int S = L.num_splits, Dv = int(p.head_dim_v);
+  const int64_t split_stride = p.batch * p.num_heads * p.seqlen_q;
+  const int64_t ar = (b * p.num_heads + h) * p.seqlen_q + i;
+  // Max over splits (-inf: split saw no allowed key); NaN (poisoned batch) propagates.
+  float mx = neg_inf();
+  bool nan = false;
+  for (int s = lane; s < S; s += 32) {
+    const float v = L.lse_accum[s * split_stride + ar];
+    nan |= v != v;
+    mx = fmaxf(mx, v);
+  }
+  mx = warp_max(mx);
+  nan = __any_sync(0xffffffffu, nan);
+  const float m_use = mx == neg_inf() ? 0.0f : mx;
+  for (int s = lane; s < S; s += 32)
+    weight[warp][s] = fast_exp2((L.lse_accum[s * split_stride + ar] - m_use) * kLog2e);
+  __syncwarp();
+  float sum = 0.0f;
+  for (int s = 0; s < S; ++s) sum += weight[warp][s];  // same order in every lane and run
+  const float inv = sum == 0.0f ? 0.0f : 1.0f / sum;
+  float lse = sum == 0.0f ? neg_inf() : m_use + logf(sum);
+  TO* out = static_cast<TO*>(p.out) + (p.cu_seqlens_q ? 0 : b * p.out_stride[0]) +
+            h * p.out_stride[1] + (q_tok + i) * p.out_stride[2];
+  for (int d = lane; d < Dv; d += 32) {
+    float acc = 0.0f;
+    for (int s = 0; s < S; ++s) {
+      const float w = weight[warp][s];
+      if (w != 0.0f) acc += w * L.o_accum[(s * split_stride + ar) * Dv + d];
+    }
+    out[d] = store_as<TO>(nan ? quiet_nan() : acc * inv);
+  }
+  if (nan) lse = quiet_nan();
+  if (p.lse && lane == 0)
+    p.lse[(p.cu_seqlens_q ? 0 : b * p.lse_stride[0]) + h * p.lse_stride[1] +
+          (q_tok + i) * p.lse_stride[2]] = lse;
+}
+
+template <class TO>
+cudaError_t launch_combine(const AttentionParams& p, const FwdLaunch& L, cudaStream_t stream) {
+  const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
+  const int64_t blocks = (rows + kWarpsPerCombineBlock - 1) / kWarpsPerCombineBlock;
+  auto kernel = combine_kernel<TO>;
+  ATTNKIT_LAUNCH(kernel, unsigned(blocks), 32 * kWarpsPerCombineBlock, 0, stream, p, L);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_mma_bucket(const AttentionParams& p, const FwdLaunch& L, int bucket,
+                              cudaStream_t s) {
+  switch (bucket) {
+    case 64:
+      return launch_attention_mma<T, 64>(p, L, s);
+    case 96:
+      return launch_attention_mma<T, 96>(p, L, s);
+    case 128:
+      return launch_attention_mma<T, 128>(p, L, s);
+    case 192:
+      return launch_attention_mma<T, 192>(p, L, s);
+    case 256:
+      return launch_attention_mma<T, 256>(p, L, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
+                           const DeviceInfo& dev, AttentionPlan* plan) {
+  *plan = AttentionPlan();
+  if (p.head_dim > kMaxHeadDim || p.head_dim_v > kMaxHeadDim)
+    return "head dims above 256 are not supported on CUDA devices";
+  if (p.seqlen_q >= (int64_t(1) << 30) || p.seqlen_k >= (int64_t(1) << 30))
+    return "sequence lengths must be below 2^30 on CUDA devices";
+  if (p.dropout_p != 0.0f) return "dropout is not supported on CUDA devices";
+  const bool half_types = p.q_dtype == DType::f16 || p.q_dtype == DType::bf16;
+  plan->tensor_cores = half_types && p.kv_dtype == p.q_dtype;
+  size_t acc_bytes = p.q_dtype == DType::f64 ? 8 : 4;
+  if (plan->tensor_cores) {
+    plan->head_dim_bucket = mma_bucket(std::max(p.head_dim, p.head_dim_v));
+    switch (plan->head_dim_bucket) {
+      case 64: mma_shape<64>(plan, 2); break;
+      case 96: mma_shape<96>(plan, 2); break;
+      case 128: mma_shape<128>(plan, 2); break;
+      case 192: mma_shape<192>(plan, 2); break;
+      default: mma_shape<256>(plan, 2); break;
+    }
+  } else {
+    if (half_types) return "k/v must have q's dtype";  // binding checks first; defensive
+    plan->block_m = kSimtBlockM;
+    plan->block_n = kSimtBlockN;
+    plan->smem_bytes = simt_smem_bytes(p, acc_bytes);
+  }
+  if (plan->smem_bytes > size_t(dev.max_smem_optin)) {
+    static thread_local char msg[160];
+    snprintf(msg, sizeof msg,
+             "these head dims need %zu bytes of shared memory per block in %s; this GPU allows %d",
+             plan->smem_bytes, p.q_dtype == DType::f64 ? "float64" : "float32",
+             dev.max_smem_optin);
+    return msg;
+  }
+
+  // GQA packing: for short query blocks (decode), stack the query heads of a kv head.
+  const int64_t group = p.num_heads / p.num_kv_heads;
+  plan->pack = (group > 1 && p.seqlen_q < plan->block_m) ? group : 1;
+  plan->head_groups = p.num_heads / plan->pack;
+  plan->num_m_blocks = (plan->pack * p.seqlen_q + plan->block_m - 1) / plan->block_m;
+  if (plan->num_m_blocks == 0) plan->num_m_blocks = 1;
+  if (plan->num_m_blocks > 65535) return "too many query rows for one launch";
+  if (p.batch * plan->head_groups > 0x7fffffff) return "too many (batch, head) pairs";
+
+  // Split the keys (flash-decoding) when the grid cannot fill the GPU: about two blocks per
+  // SM are resident, each split keeps at least 2 key tiles, and at most kMaxSplits.
+  const int64_t blocks = std::max<int64_t>(1, p.batch * plan->head_groups * plan->num_m_blocks);
+  const int64_t tiles = (p.seqlen_k + plan->block_n - 1) / plan->block_n;
+  const int64_t target = 2 * int64_t(dev.sm_count);
+  // float64 partials would be rounded to float32: never split float64.
+  if (blocks < target && tiles >= 4 && p.q_dtype != DType::f64) {
+    const int64_t want = (target + blocks - 1) / blocks;
+    plan->num_splits = int(std::min<int64_t>({want, tiles / 2, kMaxSplits}));
+    plan->num_splits = std::max(plan->num_splits, 1);
+  }
+
+  size_t off = 0;
+  if (plan->num_splits > 1) {
+    const size_t rows = size_t(plan->num_splits) * p.batch * p.num_heads * p.seqlen_q;
+    plan->off_o_accum = off;
+    off = align_up(off + rows * size_t(p.head_dim_v) * sizeof(float));
+    plan->off_lse_accum = off;
+    off = align_up(off + rows * sizeof(float));
+  }
+  if (kv.active) {
+    plan->off_seqlens = off;
+    off = align_up(off + size_t(p.batch) * sizeof(int64_t));
+    if (kv.block_table) {
+      plan->off_block_table = off;
+      off = align_up(off + size_t(p.batch * p.block_table_stride) * sizeof(int64_t));
+    }
+  }
+  plan->scratch_bytes = off;
+  return nullptr;
+}
+
+cudaError_t attention_fwd(AttentionParams p, const KvCacheArgs& kv, const AttentionPlan& plan,
+                          void* scratch, cudaStream_t stream) {
+  char* base = static_cast<char*>(scratch);
+  // A window wider than both sequences bounds nothing; -1 keeps the kernels' int math small.
+  const int64_t span = p.seqlen_q + p.seqlen_k;
+  if (p.window_left > span) p.window_left = -1;
+  if (p.window_right > span) p.window_right = -1;
+  cudaError_t err;
+  if (kv.active) {
+    int64_t* seqlens = reinterpret_cast<int64_t*>(base + plan.off_seqlens);
+    int64_t* table = kv.block_table ? reinterpret_cast<int64_t*>(base + plan.off_block_table)
+                                    : nullptr;
+    if (p.batch > 0) {
+      ATTNKIT_LAUNCH(kv_meta_kernel, unsigned(p.batch), 128, 0, stream, kv, p.seqlen_k,
+                     p.page_size, p.block_table_stride, seqlens, table);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+    p.seqlens_k = seqlens;
+    p.block_table = table;
+    if (kv.k_new && kv.n_new > 0 && p.batch > 0 && p.num_kv_heads > 0) {
+      const unsigned rows = unsigned(p.batch * kv.n_new * p.num_kv_heads);
+      auto kernel = p.kv_dtype == DType::f64   ? kv_append_kernel<uint64_t>
+                    : p.kv_dtype == DType::f32 ? kv_append_kernel<uint32_t>
+                                               : kv_append_kernel<uint16_t>;
+      ATTNKIT_LAUNCH(kernel, rows, 128, 0, stream, p, kv);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+  }
+  if (p.batch == 0 || p.num_heads == 0 || p.seqlen_q == 0) return cudaSuccess;
+
+  FwdLaunch L;
+  L.pack = plan.pack;
+  L.head_groups = plan.head_groups;
+  L.num_m_blocks = plan.num_m_blocks;
+  L.num_splits = plan.num_splits;
+  if (plan.num_splits > 1) {
+    L.o_accum = reinterpret_cast<float*>(base + plan.off_o_accum);
+    L.lse_accum = reinterpret_cast<float*>(base + plan.off_lse_accum);
+  }
+  if (plan.tensor_cores) {
+    // cp.async needs 16-byte aligned rows: aligned bases and strides in multiples of 8.
+    auto aligned = [](const void* ptr, const int64_t* st) {
+      return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && st[0] % 8 == 0 && st[1] % 8 == 0 &&
+             st[2] % 8 == 0;
+    };
+    L.vec_loads = aligned(p.q, p.q_stride) && aligned(p.k, p.k_stride) && aligned(p.v, p.v_stride);
+    L.vec_store = reinterpret_cast<uintptr_t>(p.out) % 4 == 0 && p.out_stride[0] % 2 == 0 &&
+                  p.out_stride[1] % 2 == 0 && p.out_stride[2] % 2 == 0;
+    err = p.q_dtype == DType::f16 ? launch_mma_bucket<half>(p, L, plan.head_dim_bucket, stream)
+                                  : launch_mma_bucket<bf16>(p, L, plan.head_dim_bucket, stream);
+  } else if (p.q_dtype == DType::f64) {
+    err = launch_attention_simt<double, double, double>(p, L, stream);
+  } else if (p.kv_dtype == DType::f16) {
+    err = launch_attention_simt<float, half, float>(p, L, stream);
+  } else if (p.kv_dtype == DType::bf16) {
+    err = launch_attention_simt<float, bf16, float>(p, L, stream);
+  } else {
+    err = launch_attention_simt<float, float, float>(p, L, stream);
+  }
+  if (err != cudaSuccess || plan.num_splits == 1) return err;
+  switch (p.q_dtype) {
+    case DType::f16:
+      return launch_combine<half>(p, L, stream);
+    case DType::bf16:
+      return launch_combine<bf16>(p, L, stream);
+    case DType::f64:
+      return launch_combine<double>(p, L, stream);
+    default:
+      return launch_combine<float>(p, L, stream);
+  }
+}
+
+}  // namespace cuda
+}  // namespace attnkit

@@ -1,0 +1,75 @@
+// Host entry points of the CUDA kernels, called by the binding (csrc/cuda/module.cpp). Plain
+// C++: the binding is compiled by the host compiler and sees no device code. Every function
+// launches on `stream`, never synchronizes, and returns the first CUDA error (launch errors
+// included) so the binding can raise it.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "attnkit/params.h"
+
+namespace attnkit {
+namespace cuda {
+
+constexpr int kMaxHeadDim = 256;
+
+// What the planners need to know about the device (queried once per device by the binding).
+struct DeviceInfo {
+  int sm_count = 1;
+  int max_smem_optin = 48 * 1024;  // bytes of dynamic shared memory a block may opt into
+  int cc_major = 0, cc_minor = 0;
+};
+
+cudaError_t softmax(const SoftmaxParams& p, cudaStream_t stream);
+cudaError_t gemm(const GemmParams& p, cudaStream_t stream);
+
+// attention_with_kvcache: what AttentionParams does not say. AttentionParams then describes
+// the cache (k/v = the caches, seqlen_k = capacity; paged: page_size, block_table_stride =
+// max_blocks, k/v stride[0] = page stride); attention_fwd fills its seqlens_k (cache_seqlens
+// + n_new, -1 where the metadata is invalid) and block_table (int64 copy) in scratch.
+struct KvCacheArgs {
+  bool active = false;
+  const void* cache_seqlens = nullptr;  // (B,) int32/int64, device
+  DType cache_seqlens_dtype = DType::i64;
+  int64_t cache_seqlens_stride = 1;
+  const void* block_table = nullptr;  // (B, max_blocks) int32/int64, device; nullptr: dense
+  DType block_table_dtype = DType::i64;
+  int64_t block_table_strides[2] = {0, 0};
+  int64_t num_pages = 0;
+  const void* k_new = nullptr;  // (B, Hkv, n_new, D) and (.., Dv) views, k/v dtype; or none
+  const void* v_new = nullptr;
+  int64_t n_new = 0;
+  int64_t k_new_stride[3] = {0, 0, 0};
+  int64_t v_new_stride[3] = {0, 0, 0};
+};
+
+// How attention_fwd will run: chosen from the shapes and the device only (never from data),
+// so a given call always splits, and therefore rounds, the same way.
+struct AttentionPlan {
+  bool tensor_cores = false;  // fp16/bf16 mma.sync kernel, else the fp32/fp64 SIMT kernel
+  int head_dim_bucket = 0;    // tensor-core kernel instantiation (64, 96, 128, 192, 256)
+  int block_m = 0, block_n = 0;
+  int64_t pack = 1;  // GQA heads stacked into one row block
+  int64_t head_groups = 0, num_m_blocks = 0;
+  int num_splits = 1;
+  size_t smem_bytes = 0;
+  // Scratch (one device allocation, byte offsets, 256-aligned).
+  size_t scratch_bytes = 0;
+  size_t off_o_accum = 0, off_lse_accum = 0, off_seqlens = 0, off_block_table = 0;
+};
+
+// Checks what the kernels support on this device and fills the plan; returns nullptr, or a
+// message (without the function name) for a ValueError.
+const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
+                           const DeviceInfo& dev, AttentionPlan* plan);
+
+// Runs the forward pass (cache update first when kv.k_new is set). `scratch` holds
+// plan.scratch_bytes bytes on the device and must stay allocated until the stream reaches
+// the end of this call's work (stream-ordered free is enough).
+cudaError_t attention_fwd(AttentionParams p, const KvCacheArgs& kv, const AttentionPlan& plan,
+                          void* scratch, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace attnkit

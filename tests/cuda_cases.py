@@ -1,0 +1,489 @@
+"""Test cases of the CUDA kernels, shared by test_cuda.py (a real GPU, torch tensors) and
+test_cuda_emulated.py (the same kernel sources on the CPU emulator, numpy-backed arrays).
+
+Every test takes the `dev` fixture of its module:
+  dev.put(a) / dev.get(d)   numpy -> device array -> numpy (bfloat16 via ml_dtypes)
+  dev.poisoned(shape, dt)   a NaN-filled device array (so unwritten elements show)
+  dev.api                   attnkit._cuda_api (the device-array entry points)
+  dev.torch_device          where torch computes its own (2x-error-rule) result: "cuda" or "cpu"
+  dev.small                 True on the emulator: the longest key ranges are cut (still split)
+Sizes are small enough for the emulator; the GPU module adds large and timing-sensitive cases.
+"""
+import numpy as np
+import pytest
+
+from reference import FLOAT_DTYPES, assert_close, attention_ref, bfloat16, dtype_id, randn, softmax_ref, to64
+
+HALF = [np.dtype(np.float16)] + ([bfloat16] if bfloat16 is not None else [])
+TC_AND_FP32 = HALF + [np.dtype(np.float32)]
+
+
+def make_qkv(rng, B, H, Hkv, Sq, Sk, D, Dv=None, dtype=np.float32, kv_dtype=None):
+    Dv = D if Dv is None else Dv
+    return (randn(rng, (B, H, Sq, D), dtype), randn(rng, (B, Hkv, Sk, D), kv_dtype or dtype),
+            randn(rng, (B, Hkv, Sk, Dv), kv_dtype or dtype))
+
+
+def torch_sdpa(dev, q, k, v, mask=None, causal=False, scale=None):
+    """torch's own result in the inputs' dtype, on dev.torch_device (for the 2x-torch rule)."""
+    import torch
+    import torch.nn.functional as F
+    from reference import from_torch, to_torch
+
+    t = [to_torch(a).to(dev.torch_device) for a in (q, k, v)]
+    tm = None
+    if mask is not None:
+        m = torch.from_numpy(np.ascontiguousarray(mask)).to(dev.torch_device)
+        tm = m if mask.dtype == np.bool_ else m.to(t[0].dtype)
+    o = F.scaled_dot_product_attention(*t, attn_mask=tm, is_causal=causal, scale=scale,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    return from_torch(o.cpu(), q.dtype)
+
+
+def check(dev, q, k, v, got, *, use_torch=False, lse=None, **kw):
+    ref, ref_lse = attention_ref(q, k, v, **kw)
+    scale = max(1.0, float(np.nanmax(np.abs(to64(v))))) if v.size else 1.0
+    tres = None
+    if use_torch:
+        tres = torch_sdpa(dev, q, k, v, mask=kw.get("mask"), causal=kw.get("causal", False), scale=kw.get("scale"))
+    assert_close(got, ref, q.dtype, torch_result=tres, scale=scale, what="attention out")
+    if lse is not None:
+        assert lse.dtype == np.float32
+        fin = ref_lse[np.isfinite(ref_lse)]
+        assert_close(lse, ref_lse, np.float32, scale=max(1.0, float(np.nanmax(np.abs(fin), initial=1.0))), what="lse")
+
+
+def run(dev, q, k, v, **kw):
+    """attention on device copies; returns numpy results."""
+    mask = kw.pop("mask", None)
+    res = dev.api.attention(dev.put(q), dev.put(k), dev.put(v),
+                            mask=None if mask is None else dev.put(mask), **kw)
+    if kw.get("return_lse"):
+        return dev.get(res[0]), dev.get(res[1])
+    return dev.get(res)
+
+
+# ---- attention: the grid of tests/test_attention.py ----
+
+@pytest.mark.parametrize("dtype", TC_AND_FP32, ids=dtype_id)
+@pytest.mark.parametrize("D", [1, 8, 40, 59, 64, 80, 96, 111, 128, 160, 192, 256])
+def test_head_dims(dev, rng, D, dtype):
+    q, k, v = make_qkv(rng, 1, 2, 2, 17, 113, D, dtype=dtype)
+    check(dev, q, k, v, run(dev, q, k, v), use_torch=True)
+    o, lse = run(dev, q, k, v, causal=True, return_lse=True)
+    check(dev, q, k, v, o, lse=lse, use_torch=True, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
+@pytest.mark.parametrize("D,Dv", [(64, 32), (40, 96), (7, 1), (128, 256), (256, 64)])
+def test_dv_differs(dev, rng, D, Dv, dtype):
+    q, k, v = make_qkv(rng, 2, 2, 1, 33, 70, D, Dv, dtype=dtype)
+    check(dev, q, k, v, run(dev, q, k, v), use_torch=True)
+
+
+SEQS = [(1, 1), (2, 17), (17, 2), (113, 128), (128, 113), (1, 1023), (200, 70), (130, 600)]
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
+@pytest.mark.parametrize("sq,sk", SEQS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_lengths_and_causal(dev, rng, sq, sk, causal, dtype):
+    q, k, v = make_qkv(rng, 1, 2, 2, sq, sk, 64, dtype=dtype)
+    check(dev, q, k, v, run(dev, q, k, v, causal=causal), use_torch=True, causal=causal)
+    o, lse = run(dev, q, k, v, causal=causal, causal_align="bottom_right", return_lse=True)
+    check(dev, q, k, v, o, lse=lse, causal=causal, bottom_right=True)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
+@pytest.mark.parametrize("H,Hkv", [(8, 2), (8, 1), (6, 6)])
+@pytest.mark.parametrize("sq", [1, 5, 50])
+def test_gqa_mqa(dev, rng, H, Hkv, sq, dtype):
+    q, k, v = make_qkv(rng, 2, H, Hkv, sq, 77, 32, dtype=dtype)
+    check(dev, q, k, v, run(dev, q, k, v), use_torch=True)
+    o, lse = run(dev, q, k, v, causal=True, causal_align="bottom_right", return_lse=True)
+    check(dev, q, k, v, o, lse=lse, causal=True, bottom_right=True)
+
+
+def masks(rng, B, H, Sq, Sk):
+    lens = rng.integers(1, Sk + 1, size=B)
+    keypad = (np.arange(Sk)[None, :] < lens[:, None])[:, None, None, :]
+    full_bool = rng.random((B, H, Sq, Sk)) < 0.7
+    full_bool[:, :, 0, :] = False  # a fully masked row
+    addf = (rng.standard_normal((B, 1, Sq, Sk)) * 2).astype(np.float32)
+    addf_inf = addf.copy()
+    addf_inf[..., ::3] = -np.inf
+    return {
+        "keypad": keypad,
+        "bool": full_bool,
+        "float": addf,
+        "float_inf": addf_inf,
+        "float16": addf.astype(np.float16),
+        "2d": rng.random((Sq, Sk)) < 0.5,
+        "broadcast_rows": np.ascontiguousarray(rng.random((1, 1, 1, Sk)) < 0.8),
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
+@pytest.mark.parametrize("kind", ["keypad", "bool", "float", "float_inf", "float16", "2d", "broadcast_rows"])
+def test_masks(dev, rng, kind, dtype):
+    B, H, Sq, Sk = 2, 4, 37, 150
+    q, k, v = make_qkv(rng, B, H, 2, Sq, Sk, 48, dtype=dtype)
+    mask = masks(rng, B, H, Sq, Sk)[kind]
+    o, lse = run(dev, q, k, v, mask=mask, return_lse=True)
+    check(dev, q, k, v, o, lse=lse, mask=mask, use_torch=kind in ("keypad", "float", "2d"))
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
+def test_fully_masked_rows_give_zero(dev, rng, dtype):
+    q, k, v = make_qkv(rng, 1, 2, 2, 10, 20, 16, dtype=dtype)
+    mask = np.ones((1, 2, 10, 20), bool)
+    mask[0, 1, 3] = False
+    o, lse = run(dev, q, k, v, mask=mask, return_lse=True)
+    assert (o[0, 1, 3] == 0).all() and lse[0, 1, 3] == -np.inf
+    q, k, v = make_qkv(rng, 1, 1, 1, 9, 4, 8, dtype=dtype)
+    o, lse = run(dev, q, k, v, causal=True, causal_align="bottom_right", return_lse=True)
+    assert (o[0, 0, :5] == 0).all() and np.isneginf(lse[0, 0, :5]).all()
+    check(dev, q, k, v, o, lse=lse, causal=True, bottom_right=True)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
+@pytest.mark.parametrize("window", [(0, 0), (16, 0), (5, 7), (-1, 3), (40, -1), (10**12, 2)])
+@pytest.mark.parametrize("align", ["top_left", "bottom_right"])
+def test_windows(dev, rng, window, align, dtype):
+    q, k, v = make_qkv(rng, 1, 2, 1, 70, 200, 32, dtype=dtype)
+    for causal in (False, True):
+        o, lse = run(dev, q, k, v, window=window, causal=causal, causal_align=align, return_lse=True)
+        check(dev, q, k, v, o, lse=lse, window=window, causal=causal, bottom_right=align == "bottom_right")
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
+def test_alibi_and_softcap(dev, rng, dtype):
+    B, H = 2, 4
+    q, k, v = make_qkv(rng, B, H, 2, 60, 90, 40, dtype=dtype)
+    slopes = (2.0 ** -np.arange(1, H + 1)).astype(np.float32)
+    for causal in (False, True):
+        check(dev, q, k, v, run(dev, q, k, v, alibi_slopes=slopes, causal=causal), alibi=slopes, causal=causal)
+    slopes_bh = rng.random((B, H)).astype(np.float32)
+    check(dev, q, k, v, run(dev, q, k, v, alibi_slopes=slopes_bh), alibi=slopes_bh)
+    # device-resident slopes, (H,) and (B, H)
+    got = dev.get(dev.api.attention(dev.put(q), dev.put(k), dev.put(v), alibi_slopes=dev.put(slopes)))
+    check(dev, q, k, v, got, alibi=slopes)
+    got = dev.get(dev.api.attention(dev.put(q), dev.put(k), dev.put(v), alibi_slopes=dev.put(slopes_bh)))
+    check(dev, q, k, v, got, alibi=slopes_bh)
+    qs = (q.astype(np.float32) * 6).astype(dtype)  # large scores so the cap matters
+    for cap in (5.0, 30.0):
+        check(dev, qs, k, v, run(dev, qs, k, v, softcap=cap), softcap=cap)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
+def test_feature_combinations(dev, rng, dtype):
+    B, H, Sq, Sk = 2, 4, 45, 200
+    q, k, v = make_qkv(rng, B, H, 2, Sq, Sk, 64, 32, dtype=dtype)
+    q = (q.astype(np.float32) * 3).astype(dtype)
+    m = masks(rng, B, H, Sq, Sk)
+    slopes = rng.random(H).astype(np.float32)
+    for mask in (m["keypad"], m["float_inf"]):
+        kw = dict(mask=mask, causal=True, window=(30, -1), softcap=8.0, scale=0.2)
+        o, lse = run(dev, q, k, v, alibi_slopes=slopes, causal_align="bottom_right", return_lse=True, **kw)
+        check(dev, q, k, v, o, lse=lse, alibi=slopes, bottom_right=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_dtypes(dev, rng, dtype):
+    q, k, v = make_qkv(rng, 2, 4, 2, 70, 130, 64, dtype=dtype)
+    o = run(dev, q, k, v, causal=True)
+    assert o.dtype == dtype
+    check(dev, q, k, v, o, use_torch=True, causal=True)
+
+
+@pytest.mark.parametrize("kv", ["float16", "bfloat16"])
+def test_half_kv_under_f32_q(dev, rng, kv):
+    if kv == "bfloat16" and bfloat16 is None:
+        pytest.skip("ml_dtypes not installed")
+    kvd = np.float16 if kv == "float16" else bfloat16
+    q, k, v = make_qkv(rng, 1, 4, 2, 30, 99, 64, dtype=np.float32, kv_dtype=kvd)
+    o = run(dev, q, k, v)
+    assert o.dtype == np.float32
+    ref, _ = attention_ref(q, k, v)
+    assert_close(o, ref, np.float32, scale=float(np.abs(to64(v)).max()))
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
+def test_layouts_and_views(dev, rng, dtype):
+    B, H, S, D = 2, 4, 40, 32
+    q, k, v = make_qkv(rng, B, H, H, S, S, D, dtype=dtype)
+    A = dev.api.attention
+    qs, ks, vs = (np.ascontiguousarray(a.transpose(0, 2, 1, 3)) for a in (q, k, v))
+    o = dev.get(A(dev.put(qs), dev.put(ks), dev.put(vs), layout="bshd", causal=True))
+    assert o.shape == (B, S, H, D)
+    check(dev, q, k, v, o.transpose(0, 2, 1, 3), causal=True)
+    # bshd views of a fused qkv projection (B, S, 3, H, D): strided device views, no copy
+    qkv = randn(rng, (B, S, 3, H, D), dtype)
+    d = dev.put(qkv)
+    o = dev.get(A(d[:, :, 0], d[:, :, 1], d[:, :, 2], layout="bshd"))
+    check(dev, *(qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3)), o.transpose(0, 2, 1, 3))
+    # strided batch / seq views on the device
+    big = randn(rng, (B * 2, H, S * 2, D * 2), dtype)
+    bd = dev.put(big)
+    qv, kv_, vv = bd[::2, :, ::2, :D], bd[1::2, :, 1::2, D:], bd[::2, :, 1::2, :D]
+    got = dev.get(A(qv, kv_, vv))
+    check(dev, big[::2, :, ::2, :D], big[1::2, :, 1::2, D:], big[::2, :, 1::2, :D], got)
+    # broadcast (stride 0) batch of k/v
+    kb, vb = dev.put(k[:1]), dev.put(v[:1])
+    got = dev.get(A(dev.put(q), dev.expand(kb, (B, H, S, D)), dev.expand(vb, (B, H, S, D))))
+    check(dev, q, np.broadcast_to(k[:1], k.shape), np.broadcast_to(v[:1], v.shape), got)
+
+
+def test_out_and_poison(dev, rng):
+    q, k, v = make_qkv(rng, 1, 2, 2, 20, 30, 16)
+    out = dev.poisoned((1, 2, 20, 16), np.float32)
+    assert dev.api.attention(dev.put(q), dev.put(k), dev.put(v), out=out) is out
+    check(dev, q, k, v, dev.get(out))
+    out = dev.poisoned((1, 20, 2, 16), np.float32)
+    t = lambda a: dev.put(np.ascontiguousarray(a.transpose(0, 2, 1, 3)))
+    assert dev.api.attention(t(q), t(k), t(v), layout="bshd", out=out) is out
+    check(dev, q, k, v, dev.get(out).transpose(0, 2, 1, 3))
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
+def test_empty_keys_and_queries(dev, rng, dtype):
+    q, k, v = make_qkv(rng, 2, 2, 2, 5, 0, 8, dtype=dtype)
+    o, lse = run(dev, q, k, v, return_lse=True)
+    assert (o == 0).all() and np.isneginf(lse).all()
+    q, k, v = make_qkv(rng, 2, 2, 2, 0, 5, 8, dtype=dtype)
+    assert run(dev, q, k, v).shape == (2, 2, 0, 8)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
+def test_nan_in_masked_kv_does_not_leak(dev, rng, dtype):
+    q, k, v = make_qkv(rng, 1, 2, 2, 12, 300, 16, dtype=dtype)
+    k[0, :, 250:] = np.nan
+    v[0, :, 250:] = np.nan
+    v[0, :, 100] = np.inf
+    mask = np.ones((1, 1, 12, 300), bool)
+    mask[..., 250:] = False
+    mask[..., 100] = False
+    o = run(dev, q, k, v, mask=mask)
+    assert np.isfinite(o.astype(np.float32)).all()
+    check(dev, q, k, v, o, mask=mask)
+    # causal rows: keys past the diagonal hold NaN in V
+    q2, k2, v2 = make_qkv(rng, 1, 1, 1, 70, 70, 32, dtype=dtype)
+    v2[0, 0, 40:] = np.nan
+    o = run(dev, q2[:, :, :40], k2, v2, causal=True)
+    assert np.isfinite(o.astype(np.float32)).all()
+    # an unmasked inf in V propagates as in torch
+    assert not np.isfinite(run(dev, q, k[:, :, :150], v[:, :, :150]).astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
+def test_repeated_runs_bit_identical(dev, rng, dtype):
+    q, k, v = make_qkv(rng, 2, 8, 2, 1, 700 if dev.small else 2000, 64, dtype=dtype)  # split-KV decode
+    qq, kk, vv = dev.put(q), dev.put(k), dev.put(v)
+    runs = [dev.api.attention(qq, kk, vv, return_lse=True) for _ in range(3)]
+    for o, l in runs[1:]:
+        assert np.array_equal(dev.get(o), dev.get(runs[0][0]), equal_nan=True)
+        assert np.array_equal(dev.get(l), dev.get(runs[0][1]), equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", TC_AND_FP32, ids=dtype_id)
+@pytest.mark.parametrize("sq", [1, 4])
+def test_split_kv_decode(dev, rng, sq, dtype):
+    q, k, v = make_qkv(rng, 2, 8, 2, sq, 1100 if dev.small else 3000, 128, dtype=dtype)
+    o, lse = run(dev, q, k, v, return_lse=True)
+    check(dev, q, k, v, o, lse=lse, use_torch=True)
+    o, lse = run(dev, q, k, v, causal=True, causal_align="bottom_right", window=(700, 0), return_lse=True)
+    check(dev, q, k, v, o, lse=lse, causal=True, bottom_right=True, window=(700, 0))
+
+
+# ---- varlen ----
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("device_cu", [False, True])
+def test_varlen_matches_per_sequence(dev, rng, causal, dtype, device_cu):
+    lens_q, lens_k = [5, 0, 70, 1, 33], [9, 4, 70, 0, 100]
+    H, Hkv, D = 4, 2, 32
+    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
+    q, k, v = (randn(rng, (n, h, D), dtype) for n, h in ((cu_q[-1], H), (cu_k[-1], Hkv), (cu_k[-1], Hkv)))
+    slopes = rng.random(H).astype(np.float32)
+    cq, ck = (dev.put(cu_q), dev.put(cu_k)) if device_cu else (cu_q, cu_k)
+    o, lse = dev.api.attention_varlen(dev.put(q), dev.put(k), dev.put(v), cq, ck, causal=causal, return_lse=True,
+                                      window=(20, 5), alibi_slopes=slopes, softcap=10.0)
+    o, lse = dev.get(o), dev.get(lse)
+    assert o.shape == (q.shape[0], H, D) and lse.shape == (H, q.shape[0])
+    for b in range(len(lens_q)):
+        if lens_q[b] == 0:
+            continue
+        sl = lambda a, cu: a[cu[b]:cu[b + 1]].transpose(1, 0, 2)[None]
+        check(dev, sl(q, cu_q), sl(k, cu_k), sl(v, cu_k), sl(o, cu_q), lse=lse[:, cu_q[b]:cu_q[b + 1]][None],
+              causal=causal, bottom_right=True, window=(20, 5), alibi=slopes, softcap=10.0)
+
+
+# ---- KV cache (decode / chunked prefill) ----
+
+def kvcache_reference(q, k_full, v_full, lens, **kw):
+    """Per batch entry: q (Sq, H, D) against the first lens[b] cache rows, bottom-right."""
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        o, l = attention_ref(q[b:b + 1].transpose(0, 2, 1, 3), k_full[b:b + 1, :lens[b]].transpose(0, 2, 1, 3),
+                             v_full[b:b + 1, :lens[b]].transpose(0, 2, 1, 3), bottom_right=True, **kw)
+        outs.append(o.transpose(0, 2, 1, 3))
+        lses.append(l)
+    return np.concatenate(outs), np.concatenate(lses)
+
+
+def page_table(rng, B, Smax, page):
+    """(B, ceil(Smax / page)) shuffled page indices into a pool with 3 spare pages."""
+    nb = -(-Smax // page)
+    return rng.permutation(B * nb + 3)[:B * nb].reshape(B, nb).astype(np.int64), B * nb + 3
+
+
+def to_pages(cache, table, num_pages, page):
+    """Scatter a dense (B, Smax, Hkv, D) cache into (num_pages, page, Hkv, D) by table."""
+    pages = np.zeros((num_pages, page) + cache.shape[2:], cache.dtype)
+    for b in range(table.shape[0]):
+        for j in range(table.shape[1]):
+            rows = cache[b, j * page:(j + 1) * page]
+            pages[table[b, j], :rows.shape[0]] = rows
+    return pages
+
+
+@pytest.mark.parametrize("dtype", TC_AND_FP32, ids=dtype_id)
+@pytest.mark.parametrize("paged", [None, 16, 64])
+@pytest.mark.parametrize("sq,n_new", [(1, 1), (1, 0), (5, 5), (33, 33)])
+def test_kvcache(dev, rng, dtype, paged, sq, n_new):
+    B, H, Hkv, D, Dv, Smax = 3, 8, 2, 64, 64, 300
+    lens = np.array([0, 150, 300 - n_new])
+    k_full = randn(rng, (B, Smax, Hkv, D), dtype)
+    v_full = randn(rng, (B, Smax, Hkv, Dv), dtype)
+    q = randn(rng, (B, sq, H, D), dtype)
+    k_new = randn(rng, (B, n_new, Hkv, D), dtype)
+    v_new = randn(rng, (B, n_new, Hkv, Dv), dtype)
+    k_cache, v_cache = k_full.copy(), v_full.copy()
+    for b in range(B):  # what the cache holds after the append
+        k_full[b, lens[b]:lens[b] + n_new] = k_new[b]
+        v_full[b, lens[b]:lens[b] + n_new] = v_new[b]
+    for causal in (True, False):
+        kw = {}
+        if paged:
+            table, num_pages = page_table(rng, B, Smax, paged)
+            kc = dev.put(to_pages(k_cache, table, num_pages, paged))
+            vc = dev.put(to_pages(v_cache, table, num_pages, paged))
+            kw["block_table"] = dev.put(table.astype(np.int32)) if causal else table
+        else:
+            kc, vc = dev.put(k_cache), dev.put(v_cache)
+        seqlens = dev.put(lens.astype(np.int32)) if causal else lens
+        new = dict(k=dev.put(k_new), v=dev.put(v_new)) if n_new else {}
+        o, lse = dev.api.attention_with_kvcache(dev.put(q), kc, vc, cache_seqlens=seqlens, causal=causal,
+                                                return_lse=True, **new, **kw)
+        ref, ref_lse = kvcache_reference(q, k_full, v_full, lens + n_new, causal=causal)
+        scale = max(1.0, float(np.abs(to64(v_full)).max()))
+        assert_close(dev.get(o), ref, dtype, scale=scale, what="kvcache out")
+        assert_close(dev.get(lse), ref_lse, np.float32, scale=10.0, what="kvcache lse")
+        if n_new:  # the new rows were written into the caches
+            kc_h = dev.get(kc)
+            for b in range(B):
+                for t in range(n_new):
+                    pos = lens[b] + t
+                    row = kc_h[table[b, pos // paged], pos % paged] if paged else kc_h[b, pos]
+                    assert np.array_equal(row, k_new[b, t])
+
+
+def test_kvcache_scalar_seqlen_window_alibi(dev, rng):
+    B, H, Hkv, D = 2, 4, 4, 32
+    k_full = randn(rng, (B, 128, Hkv, D), np.float16)
+    v_full = randn(rng, (B, 128, Hkv, D), np.float16)
+    q = randn(rng, (B, 3, H, D), np.float16)
+    slopes = rng.random(H).astype(np.float32)
+    o = dev.api.attention_with_kvcache(dev.put(q), dev.put(k_full), dev.put(v_full), cache_seqlens=100,
+                                       window=(20, 0), alibi_slopes=slopes, softcap=12.0)
+    ref, _ = kvcache_reference(q, k_full, v_full, [100, 100], causal=True, window=(20, 0), alibi=slopes, softcap=12.0)
+    assert_close(dev.get(o), ref, np.float16, scale=4.0)
+
+
+def test_kvcache_invalid_metadata(dev, rng):
+    B, H, D = 2, 2, 16
+    kc = randn(rng, (B, 64, H, D), np.float16)
+    vc = randn(rng, (B, 64, H, D), np.float16)
+    q = randn(rng, (B, 1, H, D), np.float16)
+    A = dev.api.attention_with_kvcache
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 64 plus 1 new tokens does not fit"):
+        A(dev.put(q), dev.put(kc), dev.put(vc), cache_seqlens=np.array([3, 64]), k=dev.put(q), v=dev.put(q))
+    # device metadata is checked on the device: the bad batch entry gives NaN, the other is fine
+    o, lse = A(dev.put(q), dev.put(kc), dev.put(vc), cache_seqlens=dev.put(np.array([10, 65], np.int32)),
+               return_lse=True)
+    o, lse = dev.get(o), dev.get(lse)
+    assert np.isnan(o[1].astype(np.float32)).all() and np.isnan(lse[1]).all()
+    assert np.isfinite(o[0].astype(np.float32)).all()
+    table, num_pages = page_table(rng, B, 64, 16)
+    pages = to_pages(kc, table, num_pages, 16)
+    table[0, 1] = 999
+    with pytest.raises(ValueError, match=r"block_table\[0, 1\] = 999 is not a page index"):
+        A(dev.put(q), dev.put(pages), dev.put(pages), cache_seqlens=np.array([20, 5]), block_table=table)
+    o = dev.get(A(dev.put(q), dev.put(pages), dev.put(pages), cache_seqlens=dev.put(np.array([20, 5])),
+                  block_table=dev.put(table)))
+    assert np.isnan(o[0].astype(np.float32)).all() and np.isfinite(o[1].astype(np.float32)).all()
+
+
+# ---- softmax ----
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape,axis", [((7, 300), -1), ((3, 1024), 1), ((5, 1025), -1), ((2, 4100), -1),
+                                        ((4, 33, 6), 1), ((300, 5), 0), ((1,), 0), ((6, 8), -1)])
+def test_softmax(dev, rng, shape, axis, dtype):
+    x = randn(rng, shape, dtype, scale=3.0)
+    got = dev.get(dev.api.softmax(dev.put(x), axis=axis))
+    assert got.dtype == dtype
+    assert_close(got, softmax_ref(x, axis), dtype)
+
+
+def test_softmax_special_values_and_views(dev, rng):
+    x = randn(rng, (6, 40), np.float32)
+    x[1, 5] = np.nan
+    x[2] = -np.inf
+    x[3, ::2] = -np.inf
+    x[4, 7] = np.inf
+    got = dev.get(dev.api.softmax(dev.put(x)))
+    assert_close(got, softmax_ref(x, -1), np.float32)
+    # in place and strided views
+    x2 = randn(rng, (5, 64), np.float16)
+    d2 = dev.put(x2)
+    assert dev.api.softmax(d2, out=d2) is d2
+    assert_close(dev.get(d2), softmax_ref(x2, -1), np.float16)
+    big = randn(rng, (8, 3000), np.float32)
+    db = dev.put(big)
+    assert_close(dev.get(dev.api.softmax(db[::2, ::3])), softmax_ref(big[::2, ::3], -1), np.float32)
+    assert_close(dev.get(dev.api.softmax(db[:, :200], axis=0)), softmax_ref(big[:, :200], 0), np.float32)
+
+
+# ---- matmul ----
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("sa,sb", [((1, 1), (1, 1)), ((33, 70), (70, 129)), ((130, 40), (40, 7)),
+                                   ((2, 1, 17, 24), (3, 24, 40)), ((64,), (64, 9)), ((5, 64), (64,)),
+                                   ((3, 0), (0, 4))])
+def test_matmul(dev, rng, sa, sb, dtype):
+    a, b = randn(rng, sa, dtype), randn(rng, sb, dtype)
+    got = dev.get(dev.api.matmul(dev.put(a), dev.put(b)))
+    ref = np.matmul(to64(a), to64(b))
+    assert got.shape == ref.shape and got.dtype == dtype
+    scale = max(1.0, float(np.abs(np.matmul(np.abs(to64(a)), np.abs(to64(b)))).max(initial=0.0)))
+    assert_close(got, ref, dtype, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
+def test_matmul_views(dev, rng, dtype):
+    a, b = randn(rng, (150, 96), dtype), randn(rng, (96, 200), dtype)
+    da, db = dev.put(a), dev.put(b)
+    ref = np.matmul(to64(a), to64(b))
+    scale = float(np.abs(np.matmul(np.abs(to64(a)), np.abs(to64(b)))).max())
+    wt = dev.put(np.ascontiguousarray(b.T))  # b = w.T: k-contiguous
+    assert_close(dev.get(dev.api.matmul(da, dev.transpose(wt, (1, 0)))), ref, dtype, scale=scale)
+    at = dev.put(np.ascontiguousarray(a.T))  # a = x.T: column-major a
+    assert_close(dev.get(dev.api.matmul(dev.transpose(at, (1, 0)), db)), ref, dtype, scale=scale)
+    out = dev.poisoned((150, 200), dtype)
+    assert dev.api.matmul(da, db, out=out) is out
+    assert_close(dev.get(out), ref, dtype, scale=scale)
+    assert_close(dev.get(dev.api.matmul(da[::3, 1:], db[1:, ::2])), np.matmul(to64(a[::3, 1:]), to64(b[1:, ::2])),
+                 dtype, scale=scale)

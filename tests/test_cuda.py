@@ -1,0 +1,184 @@
+"""attnkit's CUDA kernels on a real GPU, with torch CUDA tensors.
+
+Runs the shared grid of cuda_cases.py (the attention grid of test_attention.py, split-KV
+decode, KV cache, varlen, softmax, matmul) against the float64 reference and torch's own CUDA
+result (the 2x-torch-error rule), plus what only a GPU can show: bit-identical repeated runs
+of large problems, agreement with torch SDPA at LLM sizes, the caller's stream, other array
+producers (DLPack, CuPy) and several devices. Skipped, with the reason, when there is no GPU
+or attnkit was built without CUDA (ATTNKIT_CUDA=ON).
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import attnkit  # noqa: E402
+from reference import bfloat16, from_torch, to_torch  # noqa: E402
+
+
+def _skip_reason():
+    info = attnkit.info()
+    if not info.get("cuda_built"):
+        return "attnkit was built without CUDA (reinstall with ATTNKIT_CUDA=ON)"
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to torch"
+    if not info.get("cuda_available"):
+        return "attnkit._cuda sees no CUDA device"
+    return None
+
+
+SKIP_REASON = _skip_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))]
+
+_NP = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16, torch.bool: np.bool_,
+       torch.int32: np.int32, torch.int64: np.int64}
+
+
+class GpuBackend:
+    torch_device = "cuda"
+    small = False
+
+    def __init__(self):
+        from attnkit import _cuda_api
+
+        self.api = _cuda_api
+
+    def put(self, a):
+        return to_torch(np.asarray(a)).cuda()
+
+    def get(self, t):
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            return from_torch(t, bfloat16)
+        return t.contiguous().numpy().astype(_NP[t.dtype], copy=True)
+
+    def poisoned(self, shape, dtype):
+        dt = torch.bfloat16 if bfloat16 is not None and np.dtype(dtype) == bfloat16 else \
+            {np.dtype(k): v for v, k in _NP.items()}[np.dtype(dtype)]
+        return torch.full(shape, float("nan"), dtype=dt, device="cuda")
+
+    def expand(self, d, shape):
+        return d.expand(shape)
+
+    def transpose(self, d, axes):
+        return d.permute(axes)
+
+
+@pytest.fixture(scope="module")
+def dev():
+    return GpuBackend()
+
+
+from cuda_cases import *  # noqa: E402,F401,F403  (the shared tests, run with this module's `dev`)
+
+
+# ---- GPU only ----
+
+def _qkv(B, H, Hkv, S, D, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda h: torch.randn(B, h, S, D, device="cuda", dtype=dtype, generator=g)
+    return mk(H), mk(Hkv), mk(Hkv)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_large_matches_torch_and_is_bit_identical(causal):
+    from attnkit import _cuda_api as api
+
+    q, k, v = _qkv(2, 16, 16, 2048, 128)
+    outs = [api.attention(q, k, v, causal=causal) for _ in range(3)]
+    assert all(torch.equal(o, outs[0]) for o in outs[1:]), "repeated runs differ"
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
+    ours = (outs[0].double() - ref).abs().max().item()
+    theirs = (torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal).double() - ref).abs().max().item()
+    assert ours <= max(2 * theirs, 1.2e-2 * v.abs().max().item()), (ours, theirs)
+
+
+def test_decode_gqa_bit_identical_and_close():
+    from attnkit import _cuda_api as api
+
+    q = torch.randn(4, 1, 32, 128, device="cuda", dtype=torch.float16)
+    kc = torch.randn(4, 8192, 8, 128, device="cuda", dtype=torch.float16)
+    vc = torch.randn_like(kc)
+    lens = torch.tensor([8192, 100, 5000, 1], device="cuda", dtype=torch.int32)
+    outs = [api.attention_with_kvcache(q, kc, vc, cache_seqlens=lens) for _ in range(3)]
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    for b, n in enumerate(lens.tolist()):
+        kk = kc[b, :n].transpose(0, 1).repeat_interleave(4, 0)[None].double()
+        vv = vc[b, :n].transpose(0, 1).repeat_interleave(4, 0)[None].double()
+        ref = torch.nn.functional.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2).double(), kk, vv)
+        assert (outs[0][b:b + 1].transpose(1, 2).double() - ref).abs().max().item() < 2e-3 * vv.abs().max().item()
+
+
+def test_runs_on_the_callers_stream():
+    from attnkit import _cuda_api as api
+
+    q, k, v = _qkv(1, 8, 8, 1024, 64)
+    expect = api.attention(q, k, v, causal=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got = api.attention(q, k, v, causal=True)
+        x = torch.randn(64, 2048, device="cuda")
+        y = api.softmax(x)
+        z = api.matmul(x.half(), x.half().T)
+    s.synchronize()
+    assert torch.equal(got, expect)
+    assert torch.allclose(y, torch.softmax(x, -1), atol=1e-6)
+    assert z.shape == (64, 64)
+
+
+def test_results_keep_the_inputs_kind_and_device_guard():
+    from attnkit import _cuda_api as api
+
+    q, k, v = _qkv(1, 2, 2, 64, 32, dtype=torch.float16)
+    before = torch.cuda.current_device()
+    o, lse = api.attention(q, k, v, return_lse=True)
+    assert isinstance(o, torch.Tensor) and o.is_cuda and o.dtype == torch.float16
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 64)
+    assert torch.cuda.current_device() == before
+
+
+def test_dlpack_only_producer():
+    from attnkit import _cuda_api as api
+
+    class DLOnly:
+        def __init__(self, t):
+            self.t = t
+
+        def __dlpack__(self, stream=None):
+            return self.t.__dlpack__(stream=stream)
+
+        def __dlpack_device__(self):
+            return self.t.__dlpack_device__()
+
+    q, k, v = _qkv(1, 4, 2, 100, 64, dtype=torch.float16)
+    assert api.is_device_array(DLOnly(q))
+    got = api.attention(DLOnly(q), DLOnly(k), DLOnly(v))
+    torch.cuda.synchronize()
+    assert torch.equal(got, api.attention(q, k, v))
+
+
+def test_cupy_arrays():
+    cupy = pytest.importorskip("cupy")
+    from attnkit import _cuda_api as api
+
+    x = cupy.random.standard_normal((5, 300), dtype=cupy.float32)
+    y = api.softmax(x)
+    assert isinstance(y, cupy.ndarray)
+    e = cupy.exp(x - x.max(-1, keepdims=True))
+    assert float(cupy.abs(y - e / e.sum(-1, keepdims=True)).max()) < 1e-6
+
+
+def test_host_arrays_and_wrong_devices_are_refused():
+    from attnkit import _cuda_api as api
+
+    q, k, v = _qkv(1, 2, 2, 16, 32, dtype=torch.float16)
+    with pytest.raises(TypeError, match="k must be a CUDA device array"):
+        api.attention(q, k.cpu(), v)
+    with pytest.raises(TypeError, match="mask must be a CUDA device array like q, got numpy.ndarray"):
+        api.attention(q, k, v, mask=np.ones((16, 16), bool))
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(ValueError, match="is on cuda:1 but the call runs on cuda:0"):
+            api.attention(q, k.to("cuda:1"), v)
+        q1, k1, v1 = (t.to("cuda:1") for t in (q, k, v))
+        assert api.attention(q1, k1, v1).device == torch.device("cuda:1")
