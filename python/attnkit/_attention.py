@@ -9,7 +9,7 @@ import numbers
 
 import numpy as np
 
-from . import _C
+from . import _C, _cuda_api
 from ._validate import check_array, check_out
 
 _FLOAT = ("float32", "float64", "float16", "bfloat16")
@@ -256,6 +256,12 @@ def attention(q, k, v, *, mask=None, causal=False, causal_align="top_left", scal
     -------
     out, or (out, lse) with ``return_lse=True``.
     """
+    if _cuda_api.is_device_array(q):
+        if dropout_p:
+            raise ValueError("attention: dropout is not implemented for device arrays")
+        return _cuda_api.attention(q, k, v, mask=mask, causal=causal, causal_align=causal_align,
+                                   scale=scale, window=window, alibi_slopes=alibi_slopes,
+                                   softcap=softcap, layout=layout, return_lse=return_lse, out=out)
     fn = "attention"
     c = _resolve(fn, q, k, v, mask=mask, causal=causal, causal_align=causal_align, scale=scale,
                  window=window, alibi_slopes=alibi_slopes, softcap=softcap, layout=layout,
@@ -285,6 +291,9 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False,
     query heads of each group. With dropout, the same ``dropout_seed`` regenerates the forward's
     mask. k/v must have q's dtype here. Results are bit-identical for any thread count.
     """
+    if _cuda_api.is_device_array(q):
+        raise NotImplementedError("attention_backward: the CUDA build has no backward kernel yet; "
+                                  "use CPU arrays (or attnkit.torch, which falls back to torch)")
     fn = "attention_backward"
     c = _resolve(fn, q, k, v, mask=mask, causal=causal, causal_align=causal_align, scale=scale,
                  window=window, alibi_slopes=alibi_slopes, softcap=softcap, layout=layout,
@@ -330,6 +339,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False,
     Options as in :func:`attention` (no ``mask``); causal alignment defaults to bottom-right.
     Returns out (total_q, H, Dv), and with ``return_lse=True`` also lse (H, total_q) float32.
     """
+    if _cuda_api.is_device_array(q):
+        return _cuda_api.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
+                                          causal_align=causal_align, scale=scale, window=window,
+                                          alibi_slopes=alibi_slopes, softcap=softcap,
+                                          return_lse=return_lse, out=out)
     fn = "attention_varlen"
     for name, a in (("q", q), ("k", k), ("v", v)):
         check_array(a, fn, name)
@@ -413,6 +427,11 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
 
     Returns out (B, Sq, H, Dv), and with ``return_lse=True`` also lse (B, H, Sq) float32.
     """
+    if _cuda_api.is_device_array(q):
+        return _cuda_api.attention_with_kvcache(
+            q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table,
+            causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+            return_lse=return_lse, out=out)
     fn = "attention_with_kvcache"
     for name, a in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_array(a, fn, name)

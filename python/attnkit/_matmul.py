@@ -1,6 +1,6 @@
 import numpy as np
 
-from . import _C
+from . import _C, _cuda_api
 from ._validate import check_array, check_out
 
 
@@ -22,6 +22,8 @@ def matmul(a, b, *, out=None):
     Any strides are accepted and read in place (transposed ``a.T`` / ``b.T`` views included);
     see the README for which layouts take the fastest paths.
     """
+    if _cuda_api.is_device_array(a):
+        return _cuda_api.matmul(a, b, out=out)
     check_array(a, "matmul", "a")
     check_array(b, "matmul", "b")
     if a.ndim == 0 or b.ndim == 0:

@@ -51,16 +51,24 @@ def info():
 
     Keys: ``version``, ``isa`` (the variant in use), ``isas`` (every variant with its
     ``compiled``/``supported``/``verified`` flags), ``isas_compiled``, ``openmp``, ``threads``,
-    ``cuda_built``, ``cuda_available``.
+    ``cuda_built``, ``cuda_available``, ``cuda_devices`` (and, with the CUDA build,
+    ``cuda_archs``, ``cuda_runtime``, ``cuda_device_names``).
     """
     isas = _C._isa_list()
     cuda_built, cuda_available, cuda_devices = False, False, 0
+    cuda = {}
     try:  # the optional CUDA module
         from . import _cuda  # noqa: F401
 
         cuda_built = True
         cuda_devices = _cuda.device_count()
         cuda_available = cuda_devices > 0
+        cuda = {
+            "cuda_archs": getattr(_cuda, "compiled_archs", None),
+            "cuda_runtime": _cuda.runtime_version() if hasattr(_cuda, "runtime_version") else None,
+            "cuda_device_names": [_cuda.device_name(i) for i in range(cuda_devices)]
+            if hasattr(_cuda, "device_name") else [],
+        }
     except ImportError:
         pass
     return {
@@ -74,6 +82,7 @@ def info():
         "cuda_built": cuda_built,
         "cuda_available": cuda_available,
         "cuda_devices": cuda_devices,
+        **cuda,
     }
 
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from . import _C
+from . import _C, _cuda_api
 from ._validate import check_array, check_out
 
 
@@ -27,6 +27,8 @@ def softmax(x, axis=-1, *, out=None):
     Numerics: the row max is subtracted first; NaN anywhere in a row gives NaN for the row; a
     row of all ``-inf`` gives NaN (as torch); ``+inf`` gives NaN for its row (as torch).
     """
+    if _cuda_api.is_device_array(x):
+        return _cuda_api.softmax(x, axis, out=out)
     check_array(x, "softmax", "x")
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
         raise TypeError(f"softmax: axis must be an int, got {type(axis).__name__}")

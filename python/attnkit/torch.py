@@ -60,6 +60,35 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _cuda_ready() -> bool:
+    try:
+        from . import _cuda
+
+        return _cuda.device_count() > 0
+    except ImportError:
+        return False
+
+
+def _cuda_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, softcap, window, bottom_right,
+                  bshd_out):
+    """CUDA tensors (inference): attnkit's GPU kernels on torch's current stream, zero copy."""
+    from . import _cuda_api
+
+    if dropout_p > 0.0:
+        raise NotImplementedError("attnkit.torch: dropout is not implemented on CUDA yet")
+    B, H, Sq, _ = q.shape
+    Dv = v.shape[-1]
+    if bshd_out:
+        out = torch.empty((B, Sq, H, Dv), dtype=q.dtype, device=q.device)
+        outc = out.transpose(1, 2)
+    else:
+        out = outc = torch.empty((B, H, Sq, Dv), dtype=q.dtype, device=q.device)
+    _cuda_api.attention(q, k, v, mask=attn_mask, causal=is_causal,
+                        causal_align="bottom_right" if bottom_right else "top_left", scale=scale,
+                        window=window, softcap=softcap or None, out=outc)
+    return out
+
+
 # ---- custom ops -------------------------------------------------------------------------------
 
 
@@ -202,8 +231,13 @@ def _unsupported(query, key, value, attn_mask) -> Optional[str]:
             return f"an argument is a {type(t).__name__}, not a Tensor"
         if t.is_nested:
             return "nested tensors are not supported"
-        if t.device.type != "cpu":
-            return f"{t.device.type} tensors need attnkit's CUDA build, which is not in use here"
+        if t.device.type == "cuda":
+            if not _cuda_ready():
+                return "CUDA tensors need attnkit's CUDA build with a visible GPU, not present here"
+            if torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)):
+                return "the CUDA build has no backward kernel yet (gradients on CUDA use torch)"
+        elif t.device.type != "cpu":
+            return f"{t.device.type} tensors are not supported"
         if t.layout != torch.strided:
             return f"{t.layout} tensors are not supported"
     if query.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -275,6 +309,9 @@ def attention(query: Tensor, key: Tensor, value: Tensor, *, attn_mask: Optional[
         key, value = key.expand(B, *key.shape[1:]), value.expand(B, *value.shape[1:])
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
+    if query.is_cuda:
+        return _cuda_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, softcap,
+                             window, bottom_right, bshd_out)
     wl, wr = window if window is not None else (-1, -1)
     out, _ = _run(
         query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale),
