@@ -69,6 +69,38 @@ def _cuda_ready() -> bool:
         return False
 
 
+def _torch_math(q, k, v, attn_mask, dropout_p, is_causal, scale, softcap, window, bottom_right):
+    """attnkit's semantics in plain torch ops (materializes the scores): the autograd fallback
+    for devices without an attnkit backward."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    Sq, Sk = q.shape[2], k.shape[2]
+    i = torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq if bottom_right else 0)
+    j = torch.arange(Sk, device=q.device)[None, :]
+    allowed = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
+    if is_causal:
+        allowed &= j <= i
+    if window is not None:
+        if window[0] >= 0:
+            allowed &= j >= i - window[0]
+        if window[1] >= 0:
+            allowed &= j <= i + window[1]
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = allowed & attn_mask
+        else:
+            s = s + attn_mask
+            allowed = allowed & (attn_mask != float("-inf"))
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # fully masked rows: 0, as the kernels give
+    if dropout_p > 0:
+        p = torch.nn.functional.dropout(p, dropout_p)
+    return p @ v
+
+
 def _cuda_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, softcap, window, bottom_right,
                   bshd_out):
     """CUDA tensors (inference): attnkit's GPU kernels on torch's current stream, zero copy."""
@@ -310,6 +342,12 @@ def attention(query: Tensor, key: Tensor, value: Tensor, *, attn_mask: Optional[
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     if query.is_cuda:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+            _warn_once("the CUDA build has no backward kernel yet: training on CUDA runs torch "
+                       "math (materialized scores)")
+            out = _torch_math(query, key, value, attn_mask, dropout_p, is_causal, scale, softcap,
+                              window, bottom_right)
+            return out.transpose(1, 2).contiguous() if bshd_out else out
         return _cuda_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, softcap,
                              window, bottom_right, bshd_out)
     wl, wr = window if window is not None else (-1, -1)
