@@ -182,3 +182,19 @@ def test_sdpa_override_catches_imported_names_and_restores():
         with at.sdpa_override():
             1 / 0
     assert F.scaled_dot_product_attention is original
+
+
+def test_torch_math_fallback_matches_kernels():
+    """The autograd fallback used on devices without an attnkit backward (CUDA training)."""
+    torch.manual_seed(8)
+    q, k, v = rand(2, 4, 10, 8, grad=True), rand(2, 2, 12, 8, grad=True), rand(2, 2, 12, 8, grad=True)
+    m = torch.rand(2, 1, 10, 12) > 0.3
+    for kw in (dict(attn_mask=m, softcap=2.0, window=(3, 1), bottom_right=True),
+               dict(attn_mask=None, is_causal=True), dict(attn_mask=torch.randn(10, 12))):
+        want = at.attention(q, k, v, scale=0.3, **kw)
+        got = at._torch_math(q, k, v, kw.get("attn_mask"), 0.0, kw.get("is_causal", False), 0.3,
+                             kw.get("softcap"), kw.get("window"), kw.get("bottom_right", False))
+        assert close(got, want, torch.float32)
+        g1 = torch.autograd.grad(want.sum(), (q, k, v))
+        g2 = torch.autograd.grad(got.sum(), (q, k, v))
+        assert all(close(a, b, torch.float32) for a, b in zip(g1, g2))
