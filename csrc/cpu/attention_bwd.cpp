@@ -416,14 +416,8 @@ Status bwd_typed(const AttentionBwdParams& bp) {
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int tid = thread_id(), team = team_size();
-    const int64_t total = prefix[n_items];
-    const int64_t c0 = total * tid / team, c1 = total * (tid + 1) / team;
-    int64_t begin = 0, end = 0;
-    for (int64_t i = 0; i < n_items; ++i) {
-      if (prefix[i] < c0) begin = i + 1;
-      if (prefix[i] < c1) end = i + 1;
-    }
-    if (tid == team - 1) end = n_items;
+    int64_t begin, end;
+    cost_split(prefix.get(), n_items, tid, team, &begin, &end);
     if (begin < end) {
       BwdWork<T> w;
       if (!init_work<T>(p, w, max_rows)) {

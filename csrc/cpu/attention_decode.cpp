@@ -373,14 +373,8 @@ Status decode_typed(const AttentionParams& p) {
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int tid = thread_id(), team = team_size();
-    const int64_t total = prefix[n_items];
-    const int64_t c0 = total * tid / team, c1 = total * (tid + 1) / team;
-    int64_t begin = 0, end = 0;
-    for (int64_t i = 0; i < n_items; ++i) {  // items whose cost prefix starts in [c0, c1)
-      if (prefix[i] < c0) begin = i + 1;
-      if (prefix[i] < c1) end = i + 1;
-    }
-    if (tid == team - 1) end = n_items;
+    int64_t begin, end;
+    cost_split(prefix.get(), n_items, tid, team, &begin, &end);
     DecodeWork w;
     if (begin < end) {
       if (!w.qf.reset(size_t(rows_max * D)) || !w.s.reset(size_t(rows_max * kKeyBlock)) ||

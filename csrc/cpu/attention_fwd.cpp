@@ -289,21 +289,8 @@ Status attention_typed(const AttentionParams& p) {
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int tid = thread_id(), team = team_size();
-    // This thread's items: those whose cost prefix starts in [tid, tid+1) * total / team.
-    const int64_t total = prefix[n_items];
-    const int64_t c0 = total * tid / team, c1 = total * (tid + 1) / team;
-    int64_t lo = 0, hi = n_items;
-    while (lo < hi) {  // first item with prefix >= c0
-      const int64_t mid = (lo + hi) / 2;
-      if (prefix[mid] < c0) lo = mid + 1; else hi = mid;
-    }
-    int64_t begin = lo;
-    lo = begin, hi = n_items;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (prefix[mid] < c1) lo = mid + 1; else hi = mid;
-    }
-    const int64_t end = tid == team - 1 ? n_items : lo;
+    int64_t begin, end;
+    cost_split(prefix.get(), n_items, tid, team, &begin, &end);
     if (begin < end) {
       Workspace<T> w;
       if (!init_workspace<T>(p, w, max_sk)) {

@@ -55,6 +55,25 @@ inline void split_range(int64_t n, int parts, int part, int64_t* begin, int64_t*
   *end = *begin + base + (part < rem ? 1 : 0);
 }
 
+// Items [begin, end) of thread `tid` of `team` when n items with cost prefix sums prefix[0..n]
+// are shared by cost: item i goes to the thread whose share [tid, tid+1) * total / team holds
+// the item's cost midpoint. (Going by where an item *starts* gave one thread 3 of 4 big items
+// when a few tiny ones followed: bench/NOTES.md, decode.) Contiguous ranges, deterministic.
+inline void cost_split(const int64_t* prefix, int64_t n, int tid, int team, int64_t* begin,
+                       int64_t* end) {
+  const int64_t total = prefix[n];
+  auto first_from = [&](int64_t c) {  // first item whose midpoint is at or past c
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (prefix[mid] + prefix[mid + 1] < 2 * c) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  *begin = tid == 0 ? 0 : first_from(total * tid / team);
+  *end = tid == team - 1 ? n : first_from(total * (tid + 1) / team);
+}
+
 }  // namespace ATTNKIT_ISA_NS
 }  // namespace cpu
 #endif
