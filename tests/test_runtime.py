@@ -110,3 +110,46 @@ def test_fork_child_does_not_hang():
     assert not hung, "forked child hung in an OpenMP region"
     assert p.exitcode == 0
     assert q.get(timeout=5) < 1e-5
+
+
+def test_output_cache_reuses_only_dead_buffers():
+    import gc
+
+    from attnkit import _alloc
+
+    attnkit.empty_cache()
+    x = np.random.default_rng(0).standard_normal((1024, 2048)).astype(np.float32)  # 8 MB
+    y = attnkit.softmax(x)
+    view = y[100:]
+    ptr = y.ctypes.data
+    expected = view.copy()
+    del y
+    gc.collect()
+    assert _alloc.cached_bytes() == 0, "buffer cached while a view of it is alive"
+    z = attnkit.softmax(x * 2)
+    assert z.ctypes.data != ptr
+    assert np.array_equal(view, expected)
+    del view
+    gc.collect()
+    assert _alloc.cached_bytes() == x.nbytes
+    w = attnkit.softmax(x)
+    assert w.ctypes.data == ptr and _alloc.cached_bytes() == 0  # reused
+    del w, z
+    gc.collect()
+    attnkit.empty_cache()
+    assert _alloc.cached_bytes() == 0
+
+
+def test_output_cache_can_be_disabled():
+    r = run_py(
+        """
+        import gc, numpy as np, attnkit
+        from attnkit import _alloc
+        x = np.ones((1024, 2048), np.float32)
+        y = attnkit.softmax(x); del y; gc.collect()
+        print(_alloc.cached_bytes())
+        """,
+        {"ATTNKIT_OUTPUT_CACHE_MB": "0"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0"

@@ -11,6 +11,7 @@ from ._attention import (
     attention_with_kvcache,
     dropout_mask,
 )
+from ._alloc import empty_cache
 from ._matmul import matmul
 from ._softmax import softmax
 
@@ -27,5 +28,6 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "info",
+    "empty_cache",
     "__version__",
 ]

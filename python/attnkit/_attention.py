@@ -9,7 +9,7 @@ import numbers
 
 import numpy as np
 
-from . import _C, _cuda_api
+from . import _C, _alloc, _cuda_api
 from ._validate import check_array, check_out
 
 _FLOAT = ("float32", "float64", "float16", "bfloat16")
@@ -268,7 +268,7 @@ def attention(q, k, v, *, mask=None, causal=False, causal_align="top_left", scal
                  dropout_p=dropout_p, dropout_seed=dropout_seed)
     return_lse = _check_bool(return_lse, fn, "return_lse")
     if out is None:
-        out = np.empty(c.out_shape, dtype=q.dtype)
+        out = _alloc.empty(c.out_shape, q.dtype)
     else:
         _check_result_array(out, fn, "out", c.out_shape, q.dtype)
     outc = _canonical(out, layout)

@@ -1,6 +1,6 @@
 import numpy as np
 
-from . import _C, _cuda_api
+from . import _C, _alloc, _cuda_api
 from ._validate import check_array, check_out
 
 
@@ -52,7 +52,7 @@ def matmul(a, b, *, out=None):
             "convert one operand"
         )
     if out is None:
-        out = np.empty(result_shape, dtype=a.dtype)
+        out = _alloc.empty(result_shape, a.dtype)
     else:
         check_out(out, "matmul")
         if out.shape != result_shape:

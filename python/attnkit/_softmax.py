@@ -1,6 +1,6 @@
 import numpy as np
 
-from . import _C, _cuda_api
+from . import _C, _alloc, _cuda_api
 from ._validate import check_array, check_out
 
 
@@ -33,7 +33,7 @@ def softmax(x, axis=-1, *, out=None):
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
         raise TypeError(f"softmax: axis must be an int, got {type(axis).__name__}")
     if out is None:
-        out = np.empty(x.shape, dtype=x.dtype)
+        out = _alloc.empty(x.shape, x.dtype)
     else:
         check_out(out, "softmax")
     _C.softmax(x, out, int(axis))

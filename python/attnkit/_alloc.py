@@ -1,0 +1,89 @@
+"""Output allocation with a small cache of large buffers.
+
+A freshly allocated large array costs the kernel a page fault and the OS zeroing every page on
+first touch: for a 64 MB softmax output that was 4-20 ms on top of a 5.5 ms kernel (bench/NOTES.md).
+Outputs of at least ``_MIN_BYTES`` are therefore carved from buffers that are kept, up to
+``ATTNKIT_OUTPUT_CACHE_MB`` megabytes (default 256; 0 disables), after every array using them
+is gone, and reused for the next output of the same size -- what PyTorch's caching allocator
+does on GPUs. ``attnkit.empty_cache()`` returns the cached memory to the OS.
+
+Safety: the returned array's memory is owned by a holder object, and every view of the array
+keeps that holder alive (NumPy points views at the owner), so a buffer goes back to the cache
+only when nothing can see it any more.
+"""
+import os
+import threading
+
+import numpy as np
+
+_MIN_BYTES = 4 << 20
+_lock = threading.Lock()
+_free = {}  # nbytes -> list of uint8 buffers
+_cached_bytes = 0
+
+
+def _cap_bytes():
+    try:
+        return max(0, int(os.environ.get("ATTNKIT_OUTPUT_CACHE_MB", "256"))) << 20
+    except ValueError:
+        return 256 << 20
+
+
+class _Holder:
+    """Owns one cached buffer; exposes it to NumPy; returns it to the cache when collected."""
+
+    __slots__ = ("buf", "__array_interface__")
+
+    def __init__(self, buf, shape, dtype):
+        self.buf = buf
+        self.__array_interface__ = {
+            "shape": tuple(shape),
+            "typestr": np.dtype(dtype).str,
+            "descr": np.dtype(dtype).descr,
+            "data": (buf.ctypes.data, False),
+            "version": 3,
+        }
+
+    def __del__(self):
+        _release(self.buf)
+
+
+def _release(buf):
+    global _cached_bytes
+    with _lock:
+        if _cached_bytes + buf.nbytes <= _cap_bytes():
+            _free.setdefault(buf.nbytes, []).append(buf)
+            _cached_bytes += buf.nbytes
+
+
+def empty(shape, dtype):
+    """An uninitialized C-contiguous array, from the buffer cache when it is large."""
+    global _cached_bytes
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes < _MIN_BYTES or _cap_bytes() == 0 or dtype.hasobject:
+        return np.empty(shape, dtype)
+    with _lock:
+        bufs = _free.get(nbytes)
+        buf = bufs.pop() if bufs else None
+        if buf is not None:
+            _cached_bytes -= nbytes
+    if buf is None:
+        buf = np.empty(nbytes, np.uint8)
+    arr = np.asarray(_Holder(buf, shape, dtype))
+    if arr.dtype != dtype:  # extension dtypes (ml_dtypes.bfloat16) come back as raw void
+        arr = arr.view(dtype)
+    return arr
+
+
+def empty_cache():
+    """Release the cached output buffers (see ATTNKIT_OUTPUT_CACHE_MB)."""
+    global _cached_bytes
+    with _lock:
+        _free.clear()
+        _cached_bytes = 0
+
+
+def cached_bytes():
+    """Bytes currently held in the output cache."""
+    return _cached_bytes
