@@ -208,3 +208,10 @@ def test_in_place_through_bf16_and_fp16_views():
     expect = softmax_ref(x, -1)
     attnkit.softmax(x, out=x)
     assert_close(x, expect, bfloat16)
+
+
+def test_out_with_overlapping_elements_is_refused():
+    x = np.zeros((3, 4), np.float32)
+    out = np.lib.stride_tricks.as_strided(np.empty(4, np.float32), (3, 4), (0, 4))
+    with pytest.raises(ValueError, match="out has overlapping elements"):
+        attnkit.softmax(x, out=out)

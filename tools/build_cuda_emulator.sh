@@ -35,6 +35,7 @@ FLAGS="-std=c++17 -O1 -g0 -fPIC -U_FORTIFY_SOURCE -fvisibility=hidden -DATTNKIT_
   -Wno-attributes -Wno-unknown-pragmas"
 SRCS="csrc/cuda/emulate/emulate.cpp csrc/cuda/emulate/emu_runtime.cpp csrc/cuda/module.cpp
   csrc/cuda/binding_util.cpp csrc/cuda/attention_binding.cpp csrc/bindings/tensor.cpp
+  csrc/bindings/params_from.cpp
   csrc/cuda/softmax.cu csrc/cuda/gemm.cu csrc/cuda/attention_simt.cu csrc/cuda/attention_launch.cu
   csrc/cuda/attention_fwd_d64.cu csrc/cuda/attention_fwd_d96.cu csrc/cuda/attention_fwd_d128.cu
   csrc/cuda/attention_fwd_d192.cu csrc/cuda/attention_fwd_d256.cu"

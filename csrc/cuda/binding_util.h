@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "bindings/params_from.h"
 #include "bindings/tensor.h"
 #include "cuda/kernels.h"
 
@@ -39,9 +40,7 @@ void wait_for(cudaStream_t stream, const std::vector<uintptr_t>& others, const c
 
 inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
-inline bool is_float(DType t) {
-  return t == DType::f32 || t == DType::f64 || t == DType::f16 || t == DType::bf16;
-}
+inline bool is_float(DType t) { return is_float_dtype(t); }  // bindings/params_from.h
 
 // Runs the call on `device`, restoring the caller's current device afterwards.
 class DeviceGuard {

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "bindings/tensor.h"
+#include "bindings/params_from.h"
 #include "cuda/binding_util.h"
 #include "cuda/kernels.h"
 
@@ -42,47 +43,8 @@ void softmax_entry(py::handle x_o, py::handle out_o, int64_t axis, int device, u
   device_info(device, fn);
   Tensor x = dev_tensor(x_o, fn, "x", false, device);
   Tensor out = dev_tensor(out_o, fn, "out", true, device);
-  if (!is_float(x.dtype))
-    throw_type(std::string("softmax: x has dtype ") + dtype_name(x.dtype) +
-               "; expected float32, float64, float16 or bfloat16");
-  if (out.dtype != x.dtype)
-    throw_type(std::string("softmax: out has dtype ") + dtype_name(out.dtype) + " but x has " +
-               dtype_name(x.dtype));
-  if (out.ndim != x.ndim || !std::equal(x.shape, x.shape + x.ndim, out.shape))
-    throw_value("softmax: out has shape " + shape_str(out) + " but x has " + shape_str(x));
-  const int nd = std::max(x.ndim, 1);
-  if (axis < -nd || axis >= nd)
-    throw_value("softmax: axis " + std::to_string(axis) + " is out of range for x with " +
-                std::to_string(x.ndim) + " dimension(s)");
-  if (!same_view(x, out) && may_overlap(x, out))
-    throw_value("softmax: out overlaps x; pass out=x (the very same array) for in place, or "
-                "a separate array");
-  for (int d = 0; d < out.ndim; ++d)
-    if (out.shape[d] > 1 && out.strides[d] == 0)
-      throw_value("softmax: out has overlapping elements (a stride-0 dimension)");
-  if (x.numel() == 0) return;
   SoftmaxParams p;
-  p.x = x.data;
-  p.out = out.data;
-  p.dtype = x.dtype;
-  if (x.ndim == 0) {
-    p.n = 1;
-  } else {
-    const int a = int(axis < 0 ? axis + x.ndim : axis);
-    p.n = x.shape[a];
-    p.x_stride = x.strides[a];
-    p.out_stride = out.strides[a];
-    int k = 0;
-    for (int d = 0; d < x.ndim; ++d) {  // outer dims in memory order of x; size-1 dims dropped
-      if (d == a || x.shape[d] == 1) continue;
-      if (k >= kMaxDims) throw_value("softmax: too many dimensions");
-      p.outer_shape[k] = x.shape[d];
-      p.x_outer_strides[k] = x.strides[d];
-      p.out_outer_strides[k] = out.strides[d];
-      ++k;
-    }
-    p.outer_ndim = k;
-  }
+  if (!softmax_params(x, out, axis, &p)) return;
   wait_for(as_stream(stream), wait, fn);
   cudaError_t err;
   {
@@ -100,66 +62,8 @@ void matmul_entry(py::handle a_o, py::handle b_o, py::handle out_o, int device, 
   Tensor a = dev_tensor(a_o, fn, "a", false, device);
   Tensor b = dev_tensor(b_o, fn, "b", false, device);
   Tensor out = dev_tensor(out_o, fn, "out", true, device);
-  if (!is_float(a.dtype))
-    throw_type(std::string("matmul: a has dtype ") + dtype_name(a.dtype) +
-               "; expected float32, float64, float16 or bfloat16");
-  if (b.dtype != a.dtype)
-    throw_type(std::string("matmul: a has dtype ") + dtype_name(a.dtype) + " but b has " +
-               dtype_name(b.dtype) + "; convert one of them (mixed dtypes are not computed)");
-  if (out.dtype != a.dtype)
-    throw_type(std::string("matmul: out has dtype ") + dtype_name(out.dtype) +
-               " but the operands have " + dtype_name(a.dtype));
-  if (a.ndim < 2 || b.ndim != a.ndim || out.ndim != a.ndim)
-    throw_value("matmul: internal shape error (a " + shape_str(a) + ", b " + shape_str(b) +
-                ", out " + shape_str(out) + ")");
-  const int nd = a.ndim;
-  const int64_t m = a.shape[nd - 2], k = a.shape[nd - 1], n = b.shape[nd - 1];
-  if (b.shape[nd - 2] != k)
-    throw_value("matmul: shapes " + shape_str(a) + " and " + shape_str(b) +
-                " are not aligned: a has K=" + std::to_string(k) + " but b has K=" +
-                std::to_string(b.shape[nd - 2]));
-  for (int d = 0; d < nd - 2; ++d)
-    if (a.shape[d] != b.shape[d] || out.shape[d] != a.shape[d])
-      throw_value("matmul: batch dims of " + shape_str(a) + ", " + shape_str(b) + " and out " +
-                  shape_str(out) + " differ");
-  if (out.shape[nd - 2] != m || out.shape[nd - 1] != n)
-    throw_value("matmul: out has shape " + shape_str(out) + " but the result has (..., " +
-                std::to_string(m) + ", " + std::to_string(n) + ")");
-  if (out.numel() == 0) return;
-  for (int d = 0; d < nd; ++d)
-    if (out.shape[d] > 1 && out.strides[d] == 0)
-      throw_value("matmul: out has overlapping elements (a stride-0 dimension)");
-  if (may_overlap(out, a) || may_overlap(out, b))
-    throw_value("matmul: out overlaps an input (a or b); pass a separate array");
   GemmParams p;
-  p.a = a.data;
-  p.b = b.data;
-  p.c = out.data;
-  p.dtype = a.dtype;
-  p.m = m;
-  p.n = n;
-  p.k = k;
-  p.rs_a = a.strides[nd - 2];
-  p.cs_a = a.strides[nd - 1];
-  p.rs_b = b.strides[nd - 2];
-  p.cs_b = b.strides[nd - 1];
-  p.rs_c = out.strides[nd - 2];
-  p.cs_c = out.strides[nd - 1];
-  // Size-1 dims: any stride is as good as a unit one (keeps the vector paths for (1, K) rows).
-  if (m == 1) p.rs_a = k, p.rs_c = n * p.cs_c;
-  if (k == 1) p.cs_a = 1, p.rs_b = n * p.cs_b;
-  if (n == 1) p.cs_b = 1, p.cs_c = 1;
-  int bd = 0;
-  for (int d = 0; d < nd - 2; ++d) {
-    if (a.shape[d] == 1) continue;
-    if (bd >= kMaxDims) throw_value("matmul: too many batch dimensions");
-    p.batch_shape[bd] = a.shape[d];
-    p.a_batch_strides[bd] = a.strides[d];
-    p.b_batch_strides[bd] = b.strides[d];
-    p.c_batch_strides[bd] = out.strides[d];
-    ++bd;
-  }
-  p.batch_ndim = bd;
+  if (!gemm_params(a, b, out, &p)) return;
   wait_for(as_stream(stream), wait, fn);
   cudaError_t err;
   {
