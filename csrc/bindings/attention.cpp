@@ -10,6 +10,7 @@
 #include "cpu/kernels.h"
 #include "cpu/threading.h"
 #include "ops.h"
+#include "params_from.h"
 #include "tensor.h"
 
 namespace attnkit {
@@ -164,18 +165,7 @@ void prepare(Prepared& pr, py::handle q_o, py::handle k_o, py::handle v_o, py::h
     p.seqlens_k = pr.seqlens_k.data();
   }
 
-  p.q = q.data;
-  p.k = k.data;
-  p.v = v.data;
-  p.out = out.data;
-  p.q_dtype = q.dtype;
-  p.kv_dtype = k.dtype;
-  for (int i = 0; i < 3; ++i) {
-    p.q_stride[i] = q.strides[i];
-    p.k_stride[i] = k.strides[i];
-    p.v_stride[i] = v.strides[i];
-    p.out_stride[i] = out.strides[i];
-  }
+  attention_operands(q, k, v, out, &p);
   if (!lse_o.is_none()) {
     Tensor lse = to_tensor(lse_o, kFn, "lse", out_writeable);
     require(lse.dtype == DType::f32 && lse.ndim == 3 && lse.shape[0] == q.shape[0] &&

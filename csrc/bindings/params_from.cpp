@@ -139,4 +139,20 @@ bool gemm_params(const Tensor& a, const Tensor& b, const Tensor& out, GemmParams
   return true;
 }
 
+void attention_operands(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                        AttentionParams* p) {
+  p->q = q.data;
+  p->k = k.data;
+  p->v = v.data;
+  p->out = out.data;
+  p->q_dtype = q.dtype;
+  p->kv_dtype = k.dtype;
+  for (int i = 0; i < 3; ++i) {
+    p->q_stride[i] = q.strides[i];
+    p->k_stride[i] = k.strides[i];
+    p->v_stride[i] = v.strides[i];
+    p->out_stride[i] = out.strides[i];
+  }
+}
+
 }  // namespace attnkit

@@ -18,4 +18,9 @@ bool softmax_params(const Tensor& x, const Tensor& out, int64_t axis, SoftmaxPar
 // empty.
 bool gemm_params(const Tensor& a, const Tensor& b, const Tensor& out, GemmParams* p);
 
+// Pointers, dtypes and (batch, head, seq) strides of attention's q, k, v and out, all 4-D
+// (B, H, S, D) with a contiguous head dim (checked by the caller).
+void attention_operands(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                        AttentionParams* p);
+
 }  // namespace attnkit

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings/params_from.h"
 #include "bindings/tensor.h"
 #include "cuda/binding_util.h"
 #include "cuda/kernels.h"
@@ -192,18 +193,7 @@ void attention_entry(const std::string& fn_name, py::handle q_o, py::handle k_o,
     }
   }
 
-  p.q = q.data;
-  p.k = k.data;
-  p.v = v.data;
-  p.out = out.data;
-  p.q_dtype = q.dtype;
-  p.kv_dtype = k.dtype;
-  for (int i = 0; i < 3; ++i) {
-    p.q_stride[i] = q.strides[i];
-    p.k_stride[i] = k.strides[i];
-    p.v_stride[i] = v.strides[i];
-    p.out_stride[i] = out.strides[i];
-  }
+  attention_operands(q, k, v, out, &p);
   Tensor lse;
   if (!lse_o.is_none()) {
     lse = dev_tensor(lse_o, fn, "lse", true, device);
