@@ -52,22 +52,21 @@ X86Features detect_x86() {
 IsaInfo* mutable_isa_list() {
   // verified: the whole test suite has passed with this variant on a real CPU of its kind.
   // avx512 passed on an AMD EPYC Zen 4 (AVX-512 F/BW/DQ/VL), see the foundation issue note.
-  static IsaInfo list[kNumIsas] = {
-      {"scalar", true, true, true},
-      {"avx2", false, false, true},
-      {"avx512", false, false, true},
-  };
-  static bool filled = false;
-  if (!filled) {
+  // Filled once (thread-safe static initialization).
+  static IsaInfo* const list = [] {
+    static IsaInfo l[kNumIsas] = {
+        {"scalar", true, true, true},
+        {"avx2", false, false, true},
+        {"avx512", false, false, true},
+    };
 #if ATTNKIT_X86 && defined(ATTNKIT_HAVE_X86_VARIANTS)
-    X86Features f = detect_x86();
-    list[1].compiled = true;
-    list[1].supported = f.avx2;
-    list[2].compiled = true;
-    list[2].supported = f.avx512;
+    const X86Features f = detect_x86();
+    l[1].compiled = l[2].compiled = true;
+    l[1].supported = f.avx2;
+    l[2].supported = f.avx512;
 #endif
-    filled = true;
-  }
+    return l;
+  }();
   return list;
 }
 

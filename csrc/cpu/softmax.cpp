@@ -210,7 +210,6 @@ void short_row(const T* x, int64_t xs, T* out, int64_t os, int64_t n, float* buf
 // vectorized across the lanes: per block of lanes, max over the axis, exp and sum, scale.
 template <class T>
 void lane_block(const T* x, int64_t xs, T* out, int64_t os, int64_t n, int lanes) {
-  constexpr int W = kLaneVecs * VF::N;
   const int nv = (lanes + VF::N - 1) / VF::N;
   auto load = [&](const T* p, int v) {
     const int left = lanes - v * VF::N;
@@ -242,7 +241,6 @@ void lane_block(const T* x, int64_t xs, T* out, int64_t os, int64_t n, int lanes
       VF e = kStoreE ? load(out + i * os, v) : vexp(load(x + i * xs, v) - m[v]);
       store(out + i * os, v, e * f[v]);
     }
-  (void)W;
 }
 
 template <class T>
