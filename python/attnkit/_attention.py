@@ -156,6 +156,30 @@ class _Call:
     """Canonical (B, H, S, D) views and resolved options of one attention call."""
 
 
+def check_attention_shapes(fn, layout, q_shape, k_shape, v_shape, qc, kc, vc):
+    """Shape checks of attention's q/k/v (shared by the CPU and CUDA front ends). ``q_shape`` etc.
+    are the shapes as passed (for messages), ``qc`` etc. their canonical (B, H, S, D) shapes.
+    Returns (B, H, Sq, D, Hkv, Sk, Dv)."""
+    B, H, Sq, D = qc
+    Bk, Hkv, Sk, Dk = kc
+    Dv = vc[3]
+    names = "(B, S, H, D)" if layout == "bshd" else "(B, H, S, D)"
+    if Bk != B or vc[0] != B:
+        raise ValueError(f"{fn}: q, k and v must have the same batch size, got {tuple(q_shape)}, "
+                         f"{tuple(k_shape)}, {tuple(v_shape)}")
+    if Dk != D:
+        raise ValueError(f"{fn}: k has head_dim {Dk} but q has {D}")
+    if vc[1] != Hkv or vc[2] != Sk:
+        raise ValueError(f"{fn}: v has shape {tuple(v_shape)} but k has {tuple(k_shape)}; {names} "
+                         "must agree but for D")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"{fn}: q has {H} heads, which is not a multiple of k/v's {Hkv} "
+                         "(GQA needs H % Hkv == 0)")
+    if D == 0 or Dv == 0:
+        raise ValueError(f"{fn}: head dims must be at least 1, got D={D}, Dv={Dv}")
+    return B, H, Sq, D, Hkv, Sk, Dv
+
+
 def _resolve(fn, q, k, v, *, mask, causal, causal_align, scale, window, alibi_slopes, softcap,
              layout, dropout_p, dropout_seed):
     for name, a in (("q", q), ("k", k), ("v", v)):
@@ -171,20 +195,8 @@ def _resolve(fn, q, k, v, *, mask, causal, causal_align, scale, window, alibi_sl
         qc, kc, vc = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     else:
         qc, kc, vc = q, k, v
-    B, H, Sq, D = qc.shape
-    Bk, Hkv, Sk, Dk = kc.shape
-    Dv = vc.shape[3]
-    names = "(B, S, H, D)" if layout == "bshd" else "(B, H, S, D)"
-    if Bk != B or vc.shape[0] != B:
-        raise ValueError(f"{fn}: q, k and v must have the same batch size, got {q.shape}, {k.shape}, {v.shape}")
-    if Dk != D:
-        raise ValueError(f"{fn}: k has head_dim {Dk} but q has {D}")
-    if vc.shape[1] != Hkv or vc.shape[2] != Sk:
-        raise ValueError(f"{fn}: v has shape {v.shape} but k has {k.shape}; {names} must agree but for D")
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"{fn}: q has {H} heads, which is not a multiple of k/v's {Hkv} (GQA needs H % Hkv == 0)")
-    if D == 0 or Dv == 0:
-        raise ValueError(f"{fn}: head dims must be at least 1, got D={D}, Dv={Dv}")
+    B, H, Sq, D, Hkv, Sk, Dv = check_attention_shapes(fn, layout, q.shape, k.shape, v.shape,
+                                                      qc.shape, kc.shape, vc.shape)
     c.B, c.H, c.Sq, c.D, c.Hkv, c.Sk, c.Dv = B, H, Sq, D, Hkv, Sk, Dv
     c.q, c.k, c.v = _rows_contiguous(qc), _rows_contiguous(kc), _rows_contiguous(vc)
     c.causal = _check_bool(causal, fn, "causal")
@@ -328,6 +340,30 @@ def dropout_mask(shape, dropout_p, dropout_seed):
     return out
 
 
+def check_varlen(fn, q_shape, k_shape, v_shape, cu_q, cu_k):
+    """Checks of attention_varlen's packed shapes against its int64 prefix sums (shared by the
+    CPU and CUDA front ends). Returns (batch, total_q, H, D, Dv)."""
+    if cu_q.shape != cu_k.shape or cu_q.shape[0] < 1:
+        raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must have the same length >= 1, "
+                         f"got {cu_q.shape[0]} and {cu_k.shape[0]}")
+    for name, cu, total in (("cu_seqlens_q", cu_q, q_shape[0]), ("cu_seqlens_k", cu_k, k_shape[0])):
+        if cu[0] != 0 or (np.diff(cu) < 0).any() or cu[-1] != total:
+            raise ValueError(f"{fn}: {name} must be non-decreasing from 0 to the token count "
+                             f"{total}, got {cu.tolist() if cu.size < 20 else cu}")
+    Tq, H, D = q_shape
+    Tk, Hkv, Dk = k_shape
+    Dv = v_shape[2]
+    if Dk != D:
+        raise ValueError(f"{fn}: k has head_dim {Dk} but q has {D}")
+    if tuple(v_shape[:2]) != tuple(k_shape[:2]):
+        raise ValueError(f"{fn}: v has shape {tuple(v_shape)} but k has {tuple(k_shape)}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"{fn}: q has {H} heads, which is not a multiple of k/v's {Hkv}")
+    if D == 0 or Dv == 0:
+        raise ValueError(f"{fn}: head dims must be at least 1")
+    return cu_q.shape[0] - 1, Tq, H, D, Dv
+
+
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False,
                      causal_align="bottom_right", scale=None, window=None, alibi_slopes=None,
                      softcap=None, return_lse=False, out=None):
@@ -352,25 +388,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False,
     check_qkv_dtypes(q, k, v, fn)
     cu_q = _int64_index(cu_seqlens_q, fn, "cu_seqlens_q", 1)
     cu_k = _int64_index(cu_seqlens_k, fn, "cu_seqlens_k", 1)
-    if cu_q.shape != cu_k.shape or cu_q.shape[0] < 1:
-        raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must have the same length >= 1, "
-                         f"got {cu_q.shape[0]} and {cu_k.shape[0]}")
-    batch = cu_q.shape[0] - 1
-    for name, cu, total in (("cu_seqlens_q", cu_q, q.shape[0]), ("cu_seqlens_k", cu_k, k.shape[0])):
-        if cu[0] != 0 or (np.diff(cu) < 0).any() or cu[-1] != total:
-            raise ValueError(f"{fn}: {name} must be non-decreasing from 0 to the token count "
-                             f"{total}, got {cu.tolist() if cu.size < 20 else cu}")
-    Tq, H, D = q.shape
-    Tk, Hkv, Dk = k.shape
-    Dv = v.shape[2]
-    if Dk != D:
-        raise ValueError(f"{fn}: k has head_dim {Dk} but q has {D}")
-    if v.shape[:2] != k.shape[:2]:
-        raise ValueError(f"{fn}: v has shape {v.shape} but k has {k.shape}")
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"{fn}: q has {H} heads, which is not a multiple of k/v's {Hkv}")
-    if D == 0 or Dv == 0:
-        raise ValueError(f"{fn}: head dims must be at least 1")
+    batch, Tq, H, D, Dv = check_varlen(fn, q.shape, k.shape, v.shape, cu_q, cu_k)
     causal = _check_bool(causal, fn, "causal")
     return_lse = _check_bool(return_lse, fn, "return_lse")
     bottom_right = resolve_align(causal_align, fn)

@@ -495,20 +495,8 @@ def attention(q, k, v, *, mask=None, causal=False, causal_align="top_left", scal
         qc, kc, vc = (d.transpose(0, 2, 1, 3) for d in (qd, kd, vd))
     else:
         qc, kc, vc = qd, kd, vd
-    B, H, Sq, D = qc.shape
-    Bk, Hkv, Sk, Dk = kc.shape
-    Dv = vc.shape[3]
-    names = "(B, S, H, D)" if layout == "bshd" else "(B, H, S, D)"
-    if Bk != B or vc.shape[0] != B:
-        raise ValueError(f"{fn}: q, k and v must have the same batch size, got {qd.shape}, {kd.shape}, {vd.shape}")
-    if Dk != D:
-        raise ValueError(f"{fn}: k has head_dim {Dk} but q has {D}")
-    if vc.shape[1] != Hkv or vc.shape[2] != Sk:
-        raise ValueError(f"{fn}: v has shape {vd.shape} but k has {kd.shape}; {names} must agree but for D")
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"{fn}: q has {H} heads, which is not a multiple of k/v's {Hkv} (GQA needs H % Hkv == 0)")
-    if D == 0 or Dv == 0:
-        raise ValueError(f"{fn}: head dims must be at least 1, got D={D}, Dv={Dv}")
+    B, H, Sq, D, Hkv, Sk, Dv = _att.check_attention_shapes(fn, layout, qd.shape, kd.shape, vd.shape,
+                                                           qc.shape, kc.shape, vc.shape)
     causal = _att._check_bool(causal, fn, "causal")
     return_lse = _att._check_bool(return_lse, fn, "return_lse")
     bottom_right = _att.resolve_align(causal_align, fn)
@@ -564,25 +552,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, causa
     _check_qkv(qd, kd, vd, fn)
     cu_q = _host_index(call, cu_seqlens_q, "cu_seqlens_q", 1)
     cu_k = _host_index(call, cu_seqlens_k, "cu_seqlens_k", 1)
-    if cu_q.shape != cu_k.shape or cu_q.shape[0] < 1:
-        raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must have the same length >= 1, "
-                         f"got {cu_q.shape[0]} and {cu_k.shape[0]}")
-    batch = cu_q.shape[0] - 1
-    for name, cu, total in (("cu_seqlens_q", cu_q, qd.shape[0]), ("cu_seqlens_k", cu_k, kd.shape[0])):
-        if cu[0] != 0 or (np.diff(cu) < 0).any() or cu[-1] != total:
-            raise ValueError(f"{fn}: {name} must be non-decreasing from 0 to the token count "
-                             f"{total}, got {cu.tolist() if cu.size < 20 else cu}")
-    Tq, H, D = qd.shape
-    Tk, Hkv, Dk = kd.shape
-    Dv = vd.shape[2]
-    if Dk != D:
-        raise ValueError(f"{fn}: k has head_dim {Dk} but q has {D}")
-    if vd.shape[:2] != kd.shape[:2]:
-        raise ValueError(f"{fn}: v has shape {vd.shape} but k has {kd.shape}")
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"{fn}: q has {H} heads, which is not a multiple of k/v's {Hkv}")
-    if D == 0 or Dv == 0:
-        raise ValueError(f"{fn}: head dims must be at least 1")
+    batch, Tq, H, D, Dv = _att.check_varlen(fn, qd.shape, kd.shape, vd.shape, cu_q, cu_k)
     causal = _att._check_bool(causal, fn, "causal")
     return_lse = _att._check_bool(return_lse, fn, "return_lse")
     bottom_right = _att.resolve_align(causal_align, fn)
