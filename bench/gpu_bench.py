@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import attnkit
-from attnkit import _cuda_api as ak
+import attnkit as ak  # device arrays go to the CUDA backend
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel

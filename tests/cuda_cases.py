@@ -4,7 +4,7 @@ test_cuda_emulated.py (the same kernel sources on the CPU emulator, numpy-backed
 Every test takes the `dev` fixture of its module:
   dev.put(a) / dev.get(d)   numpy -> device array -> numpy (bfloat16 via ml_dtypes)
   dev.poisoned(shape, dt)   a NaN-filled device array (so unwritten elements show)
-  dev.api                   attnkit._cuda_api (the device-array entry points)
+  dev.api                   attnkit (the public functions; device arrays go to the CUDA backend)
   dev.torch_device          where torch computes its own (2x-error-rule) result: "cuda" or "cpu"
   dev.small                 True on the emulator: the longest key ranges are cut (still split)
 Sizes are small enough for the emulator; the GPU module adds large and timing-sensitive cases.
@@ -424,6 +424,38 @@ def test_kvcache_invalid_metadata(dev, rng):
     o = dev.get(A(dev.put(q), dev.put(pages), dev.put(pages), cache_seqlens=dev.put(np.array([20, 5])),
                   block_table=dev.put(table)))
     assert np.isnan(o[0].astype(np.float32)).all() and np.isfinite(o[1].astype(np.float32)).all()
+
+
+def test_kvcache_refusals_leave_the_caches_untouched(dev, rng):
+    """The same refusals as tests/test_decode.py on device arrays: each names the function and
+    leaves every cache as it was (validation before the first write, one front end)."""
+    B, H, Hkv, D, Smax = 2, 4, 2, 16, 32
+    q_h = randn(rng, (B, 1, H, D), np.float32)
+    kc_h, vc_h = randn(rng, (B, Smax, Hkv, D), np.float32), randn(rng, (B, Smax, Hkv, D), np.float32)
+    big_h = randn(rng, (B, Smax, Hkv, 2 * D), np.float32)
+    kn_h, vn_h = randn(rng, (B, 2, Hkv, D), np.float32), randn(rng, (B, 2, Hkv, D), np.float32)
+    q, kc, vc, big, kn, vn = (dev.put(a) for a in (q_h, kc_h, vc_h, big_h, kn_h, vn_h))
+    A = dev.api.attention_with_kvcache
+    lens = np.array([1, 2])
+    wide_out = dev.put(np.zeros((B, 1, H, 2 * D), np.float32))
+    cases = [
+        ("does not fit the cache capacity", dict(cache_seqlens=np.array([1, 31]))),
+        ("is negative", dict(cache_seqlens=np.array([-1, 2]))),
+        ("out must be contiguous along its last dim", dict(out=wide_out[..., ::2])),
+        ("k_cache must be contiguous along its last dim", dict(k_cache=big[..., ::2], v_cache=big[..., 1::2])),
+        ("k_cache overlaps k", dict(k=kc[:, 4:6])),
+        ("k has dtype float16 but the caches have float32", dict(k=dev.put(kn_h.astype(np.float16)))),
+        ("scale must be finite", dict(scale=float("nan"))),
+        ("causal must be a bool", dict(causal=0)),
+    ]
+    for msg, kw in cases:
+        args = dict(k_cache=kc, v_cache=vc, k=kn, v=vn, cache_seqlens=lens)
+        args.update(kw)
+        with pytest.raises((ValueError, TypeError), match=msg) as info:
+            A(q, args.pop("k_cache"), args.pop("v_cache"), **args)
+        assert str(info.value).startswith("attention_with_kvcache: ")
+        assert np.array_equal(dev.get(kc), kc_h) and np.array_equal(dev.get(vc), vc_h), msg
+        assert np.array_equal(dev.get(big), big_h), msg
 
 
 # ---- softmax ----

@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import attnkit  # noqa: E402
+from attnkit._arrays import is_device_array  # noqa: E402
 from reference import bfloat16, from_torch, to_torch  # noqa: E402
 
 
@@ -39,9 +40,7 @@ class GpuBackend:
     small = False
 
     def __init__(self):
-        from attnkit import _cuda_api
-
-        self.api = _cuda_api
+        self.api = attnkit  # the public functions: device arrays go to the CUDA backend
 
     def put(self, a):
         return to_torch(np.asarray(a)).cuda()
@@ -82,7 +81,7 @@ def _qkv(B, H, Hkv, S, D, dtype=torch.bfloat16, seed=0):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_large_matches_torch_and_is_bit_identical(causal):
-    from attnkit import _cuda_api as api
+    api = attnkit
 
     q, k, v = _qkv(2, 16, 16, 2048, 128)
     outs = [api.attention(q, k, v, causal=causal) for _ in range(3)]
@@ -94,7 +93,7 @@ def test_large_matches_torch_and_is_bit_identical(causal):
 
 
 def test_decode_gqa_bit_identical_and_close():
-    from attnkit import _cuda_api as api
+    api = attnkit
 
     q = torch.randn(4, 1, 32, 128, device="cuda", dtype=torch.float16)
     kc = torch.randn(4, 8192, 8, 128, device="cuda", dtype=torch.float16)
@@ -110,7 +109,7 @@ def test_decode_gqa_bit_identical_and_close():
 
 
 def test_runs_on_the_callers_stream():
-    from attnkit import _cuda_api as api
+    api = attnkit
 
     q, k, v = _qkv(1, 8, 8, 1024, 64)
     expect = api.attention(q, k, v, causal=True)
@@ -128,7 +127,7 @@ def test_runs_on_the_callers_stream():
 
 
 def test_results_keep_the_inputs_kind_and_device_guard():
-    from attnkit import _cuda_api as api
+    api = attnkit
 
     q, k, v = _qkv(1, 2, 2, 64, 32, dtype=torch.float16)
     before = torch.cuda.current_device()
@@ -139,7 +138,7 @@ def test_results_keep_the_inputs_kind_and_device_guard():
 
 
 def test_dlpack_only_producer():
-    from attnkit import _cuda_api as api
+    api = attnkit
 
     class DLOnly:
         def __init__(self, t):
@@ -152,7 +151,7 @@ def test_dlpack_only_producer():
             return self.t.__dlpack_device__()
 
     q, k, v = _qkv(1, 4, 2, 100, 64, dtype=torch.float16)
-    assert api.is_device_array(DLOnly(q))
+    assert is_device_array(DLOnly(q))
     got = api.attention(DLOnly(q), DLOnly(k), DLOnly(v))
     torch.cuda.synchronize()
     assert torch.equal(got, api.attention(q, k, v))
@@ -160,7 +159,7 @@ def test_dlpack_only_producer():
 
 def test_cupy_arrays():
     cupy = pytest.importorskip("cupy")
-    from attnkit import _cuda_api as api
+    api = attnkit
 
     x = cupy.random.standard_normal((5, 300), dtype=cupy.float32)
     y = api.softmax(x)
@@ -170,7 +169,7 @@ def test_cupy_arrays():
 
 
 def test_host_arrays_and_wrong_devices_are_refused():
-    from attnkit import _cuda_api as api
+    api = attnkit
 
     q, k, v = _qkv(1, 2, 2, 16, 32, dtype=torch.float16)
     with pytest.raises(TypeError, match="k must be a CUDA device array"):

@@ -1,11 +1,14 @@
-"""The device-array layer (attnkit._cuda_api) without a GPU: array detection, descriptors,
-argument checking and canonical views, with a recording stub in place of the compiled module
-(the kernels themselves are tested by test_cuda_emulated.py and, on a GPU, test_cuda.py)."""
+"""The CUDA backend (attnkit._cuda_backend) and the front end's device-array path without a
+GPU: array detection, descriptors, argument checking and canonical views, with a recording stub
+in place of the compiled module (the kernels themselves are tested by test_cuda_emulated.py
+and, on a GPU, test_cuda.py). Every patch is undone by monkeypatch."""
 import numpy as np
 import pytest
 
 import attnkit
-from attnkit import _cuda_api as api
+import attnkit as api
+from attnkit import _cuda_backend as cb
+from attnkit._arrays import Arr, is_device_array
 
 
 class CAI:
@@ -63,8 +66,8 @@ class Recorder:
 @pytest.fixture
 def rec(monkeypatch):
     r = Recorder()
-    monkeypatch.setattr(api, "_backend", r)
-    monkeypatch.setattr(api, "_empty", lambda like, shape, dtype, device, fn: CAI(np.empty(shape, np.dtype(dtype))))
+    monkeypatch.setattr(cb, "_module_cache", r)
+    monkeypatch.setattr(cb, "_empty", lambda like, shape, dtype, device, fn: CAI(np.empty(shape, np.dtype(dtype))))
     return r
 
 
@@ -78,7 +81,7 @@ def test_is_device_array_host_objects():
     torch = pytest.importorskip("torch")
     for obj in (np.zeros(3), np.zeros((2, 2))[:, 0], np.float32(1), 1, 2.5, None, [1, 2], (1,), "x",
                 torch.zeros(3), DL(1)):
-        assert api.is_device_array(obj) is False
+        assert is_device_array(obj) is False
 
 
 def test_is_device_array_protocols():
@@ -87,23 +90,23 @@ def test_is_device_array_protocols():
         def __cuda_array_interface__(self):
             raise TypeError("not on a device")
 
-    assert api.is_device_array(CAI(f32(2)))
-    assert not api.is_device_array(Refusing())
-    assert api.is_device_array(DL(2)) and api.is_device_array(DL(13))
-    assert not api.is_device_array(DL(3))  # pinned host memory
+    assert is_device_array(CAI(f32(2)))
+    assert not is_device_array(Refusing())
+    assert is_device_array(DL(2)) and is_device_array(DL(13))
+    assert not is_device_array(DL(3))  # pinned host memory
 
 
 # ---- descriptors ----
 
 def test_describe_cai_strides_dtype_and_errors(rec):
     a = np.zeros((4, 6, 8), np.float16)
-    d = api._describe(CAI(a[:, ::2, 1:]), "f", "x")
+    d = cb._describe(CAI(a[:, ::2, 1:]), "f", "x")
     assert d.shape == (4, 3, 7) and d.strides == (48, 16, 1) and d.dtype == "float16" and d.writeable
     assert d.ptr == a[:, ::2, 1:].ctypes.data
-    assert api._describe(CAI(a, readonly=True), "f", "x").writeable is False
-    assert api._describe(CAI(np.zeros(3, bool)), "f", "m").dtype == "bool"
+    assert cb._describe(CAI(a, readonly=True), "f", "x").writeable is False
+    assert cb._describe(CAI(np.zeros(3, bool)), "f", "m").dtype == "bool"
     with pytest.raises(TypeError, match="f: x must be a CUDA device array"):
-        api._describe(np.zeros(3), "f", "x")
+        cb._describe(np.zeros(3), "f", "x")
 
     class Odd(CAI):
         @property
@@ -111,12 +114,12 @@ def test_describe_cai_strides_dtype_and_errors(rec):
             return {"shape": (2,), "typestr": "<f4", "data": (64, False), "strides": (6,), "version": 3}
 
     with pytest.raises(ValueError, match="stride of 6 bytes, not a multiple"):
-        api._describe(Odd(f32(1)), "f", "x")
+        cb._describe(Odd(f32(1)), "f", "x")
 
 
 def test_views_match_numpy():
     a = np.zeros((3, 1, 5), np.float32)
-    d = api._Dev(None, "cai", 0, a.shape, [s // 4 for s in a.strides], "float32", 0, True)
+    d = Arr(None, "cai", 0, a.shape, [s // 4 for s in a.strides], "float32", 0, True)
     for shape in [(3, 4, 5), (2, 3, 7, 5)]:
         ref = np.broadcast_to(a, shape)
         got = d.broadcast_to(shape)
@@ -131,14 +134,14 @@ def test_views_match_numpy():
 
 # ---- runtime without a GPU ----
 
-def test_info_and_no_gpu_message():
+def test_info_and_no_gpu_message(monkeypatch):
     info = attnkit.info()
     assert isinstance(info["cuda_built"], bool) and isinstance(info["cuda_available"], bool)
     if not info["cuda_built"]:
         assert info["cuda_available"] is False
     if info["cuda_available"]:
         pytest.skip("a GPU is present")
-    api._backend = None
+    monkeypatch.setattr(cb, "_module_cache", None)
     with pytest.raises(RuntimeError, match="no CUDA (support|device)"):
         api.softmax(CAI(f32(2, 3)))
 
@@ -187,7 +190,7 @@ def test_attention_bad_inputs(rec):
         (TypeError, "q has dtype int32", lambda: A(CAI(np.zeros((1, 4, 8, 16), np.int32)), k, v)),
         (ValueError, "does not broadcast", lambda: A(q, k, v, mask=CAI(np.ones((3, 9), bool)))),
         (TypeError, "mask must be bool", lambda: A(q, k, v, mask=CAI(np.ones((8, 9), np.int32)))),
-        (TypeError, "mask must be a CUDA device array like q", lambda: A(q, k, v, mask=np.ones((8, 9), bool))),
+        (TypeError, "mask must be a CUDA device array", lambda: A(q, k, v, mask=np.ones((8, 9), bool))),
         (ValueError, "scale must be finite", lambda: A(q, k, v, scale=float("nan"))),
         (TypeError, "scale must be a real number", lambda: A(q, k, v, scale="1")),
         (TypeError, "window must be a", lambda: A(q, k, v, window=5)),

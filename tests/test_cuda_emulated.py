@@ -1,4 +1,4 @@
-"""The CUDA kernels on the CPU emulator (csrc/cuda/emulate/), through attnkit._cuda_api.
+"""The CUDA kernels on the CPU emulator (csrc/cuda/emulate/), through the public API (device arrays -> attnkit._cuda_backend).
 
 The real kernel sources, compiled by the host compiler with ATTNKIT_CUDA_EMULATE, run as
 fibers per CUDA thread with warp-collective ldmatrix / mma.sync / shuffles implementing the
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from attnkit._arrays import Arr
 from reference import bfloat16
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,28 +89,29 @@ class EmuBackend:
 
 @pytest.fixture(scope="module")
 def dev():
-    from attnkit import _cuda_api as api
+    import attnkit
+    from attnkit import _cuda_backend as cb
 
     emu = _build()
-    saved = (api._backend, api._describe, api._empty)
-    orig_describe = api._describe
+    saved = (cb._module_cache, cb._describe, cb._empty)
+    orig_describe = cb._describe
 
     def describe(obj, fn, name, stream=None):
         # __cuda_array_interface__ has no bfloat16 typestr: describe those arrays directly.
         if isinstance(obj, EmuArray) and bfloat16 is not None and obj.a.dtype == bfloat16:
             a = obj.a
-            return api._Dev(obj, "cai", a.ctypes.data, a.shape, [s // 2 for s in a.strides], "bfloat16", 0,
-                            a.flags.writeable)
+            return Arr(obj, "cai", a.ctypes.data, a.shape, [s // 2 for s in a.strides], "bfloat16", 0,
+                       a.flags.writeable)
         return orig_describe(obj, fn, name, stream)
 
     def empty(like, shape, dtype, device, fn):
         return EmuArray(np.full(shape, np.nan, bfloat16 if dtype == "bfloat16" else np.dtype(dtype)))
 
-    api._backend, api._describe, api._empty = emu, describe, empty
+    cb._module_cache, cb._describe, cb._empty = emu, describe, empty
     try:
-        yield EmuBackend(api)
+        yield EmuBackend(attnkit)
     finally:
-        api._backend, api._describe, api._empty = saved
+        cb._module_cache, cb._describe, cb._empty = saved
 
 
 from cuda_cases import *  # noqa: E402,F401,F403  (the shared tests, run with this module's `dev`)

@@ -158,33 +158,221 @@ def test_kvcache_out_and_options(isa, rng):
     assert_close(out, ref, np.float32, scale=5.0)
 
 
-def test_bad_input_leaves_cache_unchanged(rng):
-    q, kc, vc = cache_case(rng, B=2, Smax=32)
-    kn, vn = randn(rng, (2, 4, 2, 64), np.float32), randn(rng, (2, 4, 2, 64), np.float32)
-    k0, v0 = kc.copy(), vc.copy()
-    F = attnkit.attention_with_kvcache
-    with pytest.raises(ValueError, match="would hold 33 tokens but the cache holds 32"):
-        F(q, kc, vc, k=kn, v=vn, cache_seqlens=np.array([3, 29]))
-    with pytest.raises(ValueError, match="cache_seqlens must be >= 0"):
-        F(q, kc, vc, k=kn, v=vn, cache_seqlens=np.array([-1, 2]))
-    with pytest.raises(ValueError, match="pass both k and v"):
-        F(q, kc, vc, k=kn, cache_seqlens=np.array([1, 2]))
-    with pytest.raises(TypeError, match="k has dtype float16 but its cache has float32"):
-        F(q, kc, vc, k=kn.astype(np.float16), v=vn, cache_seqlens=np.array([1, 2]))
-    with pytest.raises(ValueError, match=r"k and v must be \(B, Sq_new, Hkv, D/Dv\)"):
-        F(q, kc, vc, k=kn[:, :, :1], v=vn, cache_seqlens=np.array([1, 2]))
-    with pytest.raises(ValueError, match=r"cache_seqlens has shape \(3,\)"):
-        F(q, kc, vc, k=kn, v=vn, cache_seqlens=np.array([1, 2, 3]))
-    assert np.array_equal(kc, k0) and np.array_equal(vc, v0)
-    # paged: a block_table entry out of range, touched only by the append
-    kp = randn(rng, (4, 8, 2, 64), np.float32)
-    vp = randn(rng, (4, 8, 2, 64), np.float32)
-    kp0, vp0 = kp.copy(), vp.copy()
+def _refusals(rng):
+    """(name, exception, message regex, call) for every way attention_with_kvcache can refuse a
+    call that would append; each call gets fresh k/v and the shared caches."""
+    B, H, Hkv, D, Smax = 2, 8, 2, 64, 32
+    q = randn(rng, (B, 1, H, D), np.float32)
+    kn, vn = randn(rng, (B, 4, Hkv, D), np.float32), randn(rng, (B, 4, Hkv, D), np.float32)
+    lens = np.array([1, 2])
+    kc = randn(rng, (B, Smax, Hkv, D), np.float32)
+    vc = randn(rng, (B, Smax, Hkv, D), np.float32)
+    big = randn(rng, (B, Smax, Hkv, 2 * D), np.float32)  # a cache with a strided last dim
+    kp = randn(rng, (4, 8, Hkv, D), np.float32)
+    vp = randn(rng, (4, 8, Hkv, D), np.float32)
     bt = np.array([[0, 1], [2, 9]], np.int32)
-    with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 9 is not a page index in \[0, 4\)"):
-        F(q, kp, vp, k=kn, v=vn, cache_seqlens=np.array([1, 6]), block_table=bt)
-    assert np.array_equal(kp, kp0) and np.array_equal(vp, vp0)
-    with pytest.raises(ValueError, match="block_table has 1 rows"):
-        F(q, kp, vp, cache_seqlens=np.array([1, 6]), block_table=bt[:1])
-    with pytest.raises(TypeError, match="block_table must be int32 or int64"):
-        F(q, kp, vp, cache_seqlens=np.array([1, 6]), block_table=bt.astype(np.float32))
+
+    def F(**kw):
+        args = dict(q=q, k_cache=kc, v_cache=vc, k=kn, v=vn, cache_seqlens=lens)
+        args.update(kw)
+        return lambda: attnkit.attention_with_kvcache(args.pop("q"), args.pop("k_cache"),
+                                                      args.pop("v_cache"), **args)
+
+    bad_out = np.empty((B, 1, H, 2 * D), np.float32)[..., ::2]
+    cases = [
+        ("capacity", ValueError, r"cache_seqlens\[1\] = 29 plus 4 new tokens does not fit the cache capacity 32",
+         F(cache_seqlens=np.array([3, 29]))),
+        ("negative length", ValueError, r"cache_seqlens\[0\] = -1 is negative", F(cache_seqlens=np.array([-1, 2]))),
+        ("k without v", ValueError, "pass both k and v", F(v=None)),
+        ("k dtype", TypeError, "k has dtype float16 but the caches have float32", F(k=kn.astype(np.float16))),
+        ("k shape", ValueError, r"k and v must be \(B, Sq_new, Hkv, D/Dv\)", F(k=kn[:, :, :1])),
+        ("seqlens shape", ValueError, r"cache_seqlens has shape \(3,\)", F(cache_seqlens=np.array([1, 2, 3]))),
+        ("seqlens dtype", TypeError, "cache_seqlens must be int32 or int64", F(cache_seqlens=np.array([1.0, 2.0]))),
+        ("strided out", ValueError, "out must be contiguous along its last dim", F(out=bad_out)),
+        ("out overlaps q", ValueError, "out overlaps q", F(out=q)),
+        ("out overlaps cache", ValueError, "out overlaps k_cache", F(out=kc.reshape(B, Smax * Hkv, D)[:, None, :H])),
+        ("out read-only", ValueError, "out is read-only", F(out=np.broadcast_to(np.zeros((1, 1, 1, D), np.float32), (B, 1, H, D)))),
+        ("out dtype", TypeError, "out has dtype float64 but q has float32", F(out=np.zeros((B, 1, H, D)))),
+        ("strided cache", ValueError, "k_cache must be contiguous along its last dim", F(k_cache=big[..., ::2], v_cache=big[..., 1::2])),
+        ("k overlaps cache", ValueError, "k_cache overlaps k", F(k=kc[:, 4:8])),
+        ("read-only cache", ValueError, "k_cache is read-only", F(k_cache=np.broadcast_to(kc[:1], kc.shape))),
+        ("bad scale", ValueError, "scale must be finite", F(scale=float("inf"))),
+        ("bad window", ValueError, "window entries must be >= -1", F(window=(-3, 0))),
+        ("bad softcap", ValueError, "softcap must be a finite number", F(softcap=-2.0)),
+        ("bad alibi", ValueError, r"alibi_slopes has shape \(3,\)", F(alibi_slopes=np.ones(3, np.float32))),
+        ("causal not bool", TypeError, "causal must be a bool", F(causal=1)),
+        ("return_lse not bool", TypeError, "return_lse must be a bool", F(return_lse="yes")),
+        ("q dtype", TypeError, "q has dtype int32", F(q=q.astype(np.int32))),
+        ("bad page", ValueError, r"block_table\[1, 1\] = 9 is not a page index in \[0, 4\)",
+         F(k_cache=kp, v_cache=vp, cache_seqlens=np.array([1, 6]), block_table=bt)),
+        ("table rows", ValueError, "block_table has 1 rows", F(k_cache=kp, v_cache=vp, block_table=bt[:1])),
+        ("table dtype", TypeError, "block_table must be int32 or int64",
+         F(k_cache=kp, v_cache=vp, block_table=bt.astype(np.float32))),
+    ]
+    return cases, (kc, vc, kp, vp, big)
+
+
+def test_every_refusal_leaves_the_caches_untouched(rng):
+    """Every refused call names attention_with_kvcache and writes nothing into any cache."""
+    cases, caches = _refusals(rng)
+    before = [c.copy() for c in caches]
+    for name, exc, msg, call in cases:
+        with pytest.raises(exc, match=msg) as info:
+            call()
+        assert str(info.value).startswith("attention_with_kvcache: "), (name, str(info.value))
+        for c, c0 in zip(caches, before):
+            assert np.array_equal(c, c0, equal_nan=True), f"{name}: a refused call changed a cache"
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("sq", [1, 20])  # the decode kernel and the prefill (tile) kernel
+def test_memory_error_leaves_cache_and_out_untouched(rng, paged, sq):
+    """A scratch allocation that fails inside the kernel's parallel region: MemoryError, and
+    neither the caches (the append) nor out are written."""
+    from attnkit import _C
+
+    B, H, Hkv, D = 2, 8, 2, 64
+    q = randn(rng, (B, sq, H, D), np.float32)
+    kn, vn = randn(rng, (B, sq, Hkv, D), np.float32), randn(rng, (B, sq, Hkv, D), np.float32)
+    if paged:
+        kc, vc = randn(rng, (8, 64, Hkv, D), np.float32), randn(rng, (8, 64, Hkv, D), np.float32)
+        extra = dict(block_table=np.arange(8, dtype=np.int32).reshape(B, 4))
+    else:
+        kc, vc = randn(rng, (B, 256, Hkv, D), np.float32), randn(rng, (B, 256, Hkv, D), np.float32)
+        extra = {}
+    lens = np.array([100, 200])
+    k0, v0 = kc.copy(), vc.copy()
+    attnkit.set_num_threads(2)
+    try:
+        # The first call runs; count its allocations by arming later and later faults until
+        # one lands inside the parallel region (the last allocations of the call).
+        for n in range(1, 40):
+            out = poisoned((B, sq, H, D), np.float32)
+            _C._debug_fail_allocation_after(n)
+            try:
+                attnkit.attention_with_kvcache(q, kc, vc, k=kn, v=vn, cache_seqlens=lens, out=out, **extra)
+            except MemoryError as e:
+                assert "attention_with_kvcache" in str(e)
+                assert np.isnan(out).all(), "out was written by a call that raised MemoryError"
+                assert np.array_equal(kc, k0) and np.array_equal(vc, v0), "the cache was appended to"
+                continue
+            finally:
+                _C._debug_fail_allocation_after(0)
+            break  # n is past the call's last allocation: it ran normally
+        assert n > 3, "the call made fewer allocations than expected"
+        assert np.isfinite(out).all()
+        pos = lens[:, None] + np.arange(sq)
+        if paged:
+            page = extra["block_table"][np.arange(B)[:, None], pos // 64]
+            assert np.array_equal(kc[page, pos % 64], kn) and np.array_equal(vc[page, pos % 64], vn)
+        else:
+            assert np.array_equal(kc[np.arange(B)[:, None], pos], kn)
+            assert np.array_equal(vc[np.arange(B)[:, None], pos], vn)
+    finally:
+        attnkit.set_num_threads(None)
+
+
+def _fail_each_allocation_in_turn(run, out):
+    """Arm a fault on the 1st, 2nd, ... scratch allocation of `run()` until the call makes it
+    through; every failing call must raise MemoryError and leave `out` (NaN-poisoned) as it
+    was. Returns how many faults were injected."""
+    from attnkit import _C
+
+    for n in range(1, 60):
+        _C._debug_fail_allocation_after(n)
+        try:
+            run()
+        except MemoryError:
+            assert np.isnan(out).all(), f"out was written by a call whose allocation {n} failed"
+            continue
+        finally:
+            _C._debug_fail_allocation_after(0)
+        assert np.isfinite(out).all()
+        return n - 1
+    raise AssertionError("the call never completed")
+
+
+def test_memory_error_in_attention_backward_and_matmul(rng):
+    """The other kernels with scratch in parallel regions: outputs untouched on MemoryError
+    (the backward allocates its own dq/dk/dv: it must raise cleanly, then work)."""
+    from attnkit import _C
+
+    attnkit.set_num_threads(2)
+    try:
+        q, k, v = make_qkv(rng, 1, 4, 1, 200, 200, 32)  # few groups: chunked dK/dV partials
+        o, lse = attnkit.attention(q, k, v, return_lse=True)
+        want = attnkit.attention_backward(o, q, k, v, o, lse)
+        raised = 0
+        for n in range(1, 60):
+            _C._debug_fail_allocation_after(n)
+            try:
+                got = attnkit.attention_backward(o, q, k, v, o, lse)
+            except MemoryError as e:
+                assert "attention_backward" in str(e)
+                raised += 1
+                continue
+            finally:
+                _C._debug_fail_allocation_after(0)
+            break
+        assert raised > 3 and all(np.array_equal(g, w) for g, w in zip(got, want))
+        q, k, v = make_qkv(rng, 2, 4, 2, 300, 300, 32)
+        out = poisoned(q.shape, np.float32)
+        assert _fail_each_allocation_in_turn(lambda: attnkit.attention(q, k, v, out=out), out) > 3
+        a, b = randn(rng, (16, 33, 40), np.float32), randn(rng, (16, 40, 21), np.float32)
+        out = poisoned((16, 33, 21), np.float32)
+        assert _fail_each_allocation_in_turn(lambda: attnkit.matmul(a, b, out=out), out) > 2
+    finally:
+        attnkit.set_num_threads(None)
+
+
+# ---- which path ran: the debug plan record (csrc/cpu/debug.h) ----
+
+def _plan():
+    from attnkit import _C
+
+    return _C._last_attention_plan()
+
+
+def test_split_chunks_follow_the_lengths_not_the_capacity(rng):
+    """2048 tokens in a 32768-position cache split exactly like 2048 tokens in a 2048-position
+    cache (issue: decode splits over the real lengths), and give bit-identical results."""
+    B, H, Hkv, D = 1, 32, 8, 128
+    q = randn(rng, (B, 1, H, D), np.float32)
+    small_k, small_v = randn(rng, (B, 2048, Hkv, D), np.float32), randn(rng, (B, 2048, Hkv, D), np.float32)
+    big_k = np.zeros((B, 32768, Hkv, D), np.float32)
+    big_v = np.zeros((B, 32768, Hkv, D), np.float32)
+    big_k[:, :2048], big_v[:, :2048] = small_k, small_v
+    o_small = attnkit.attention_with_kvcache(q, small_k, small_v, cache_seqlens=2048)
+    plan_small = _plan()
+    o_big = attnkit.attention_with_kvcache(q, big_k, big_v, cache_seqlens=2048)
+    plan_big = _plan()
+    assert plan_small["kernel"] == "decode" and plan_small["split"]
+    assert plan_big == plan_small, (plan_big, plan_small)
+    assert np.array_equal(o_big, o_small)
+    # and the chunk length follows the longest sequence of a batch
+    q2 = randn(rng, (2, 1, H, D), np.float32)
+    kk, vv = np.zeros((2, 32768, Hkv, D), np.float32), np.zeros((2, 32768, Hkv, D), np.float32)
+    attnkit.attention_with_kvcache(q2, kk, vv, cache_seqlens=np.array([100, 4096]))
+    p = _plan()
+    assert p["num_chunks"] * p["chunk_keys"] >= 4096 and (p["num_chunks"] - 1) * p["chunk_keys"] < 4096
+
+
+def test_split_decision_and_chunk_count_by_shape(rng):
+    """Few (batch x kv heads) split the keys; many do not; chunks never depend on threads."""
+    H, D = 8, 64
+    q, k, v = make_qkv(rng, 1, H, 1, 1, 3000, D)
+    plans = []
+    for nt in (1, 2):
+        attnkit.set_num_threads(nt)
+        attnkit.attention(q, k, v)
+        plans.append(_plan())
+    attnkit.set_num_threads(None)
+    assert plans[0]["split"] and plans[0]["num_chunks"] > 1
+    assert {**plans[0], "threads": 0} == {**plans[1], "threads": 0}
+    q, k, v = make_qkv(rng, 4, 8, 8, 1, 300, D)  # 32 (batch, kv head) items: no split
+    attnkit.attention(q, k, v)
+    p = _plan()
+    assert p["kernel"] == "decode" and not p["split"] and p["num_chunks"] == 1
+    q, k, v = make_qkv(rng, 1, 4, 4, 100, 300, D)
+    attnkit.attention(q, k, v)
+    assert _plan()["kernel"] == "prefill"

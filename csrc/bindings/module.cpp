@@ -7,6 +7,7 @@
 #include <string>
 
 #include "attnkit/params.h"
+#include "cpu/debug.h"
 #include "cpu/kernels.h"
 #include "cpu/threading.h"
 #include "ops.h"
@@ -35,6 +36,19 @@ py::list isa_list_py() {
   return out;
 }
 
+py::dict last_attention_plan_py() {
+  const cpu::AttentionPlanRecord r = cpu::debug_last_attention_plan();
+  static const char* const kKernels[] = {"none", "prefill", "decode"};
+  py::dict d;
+  d["kernel"] = kKernels[r.kernel >= 0 && r.kernel <= 2 ? r.kernel : 0];
+  d["split"] = bool(r.split);
+  d["num_chunks"] = r.num_chunks;
+  d["chunk_keys"] = r.chunk_keys;
+  d["items"] = r.items;
+  d["threads"] = r.threads;
+  return d;
+}
+
 void select_isa_py(const std::string& name) {
   const char* err = cpu::select_isa(name.c_str());
   if (err[0] != '\0') throw py::value_error("ATTNKIT_CPU=" + name + ": " + err);
@@ -55,6 +69,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_num_threads", &set_num_threads_override, py::arg("n"));
   m.def("_num_threads_override", &num_threads_override);
   m.def("_resolve_num_threads", &resolve_num_threads);
+
+  // Test hooks (csrc/cpu/debug.h).
+  m.def("_debug_fail_allocation_after", &cpu::debug_fail_allocation_after, py::arg("n"),
+        "Make the n-th kernel scratch allocation from now fail (n <= 0: disarm). Tests only.");
+  m.def("_last_attention_plan", &last_attention_plan_py,
+        "How the last CPU attention call ran: kernel, split-KV, chunks, items, threads.");
 
   bind_softmax(m);
   bind_matmul(m);

@@ -1,6 +1,7 @@
 #include "params_from.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 
@@ -139,8 +140,74 @@ bool gemm_params(const Tensor& a, const Tensor& b, const Tensor& out, GemmParams
   return true;
 }
 
-void attention_operands(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                        AttentionParams* p) {
+namespace {
+
+struct Checker {
+  const std::string& fn;
+  void require(bool ok, const std::string& msg) const {
+    if (!ok) throw_value(fn + ": " + msg);
+  }
+  void rows(const Tensor& t, const char* name) const {
+    require(t.ndim == 4, std::string(name) + " must be 4-D here, got " + shape_str(t));
+    require(t.shape[3] <= 1 || t.strides[3] == 1 || t.numel() == 0,
+            std::string(name) + " must be contiguous along its last (head) dim");
+  }
+};
+
+bool present(const Tensor& t) { return t.ndim >= 0; }
+
+}  // namespace
+
+void attention_params(const std::string& fn, const AttentionTensors& t,
+                      const AttentionOptions& o, AttentionParams* p) {
+  const Checker c{fn};
+  const Tensor &q = t.q, &k = t.k, &v = t.v, &out = t.out;
+  c.rows(q, "q");
+  c.rows(k, t.k_new.ndim >= 0 ? "k_cache" : "k");
+  c.rows(v, t.k_new.ndim >= 0 ? "v_cache" : "v");
+  c.rows(out, "out");
+  if (!is_float_dtype(q.dtype))
+    throw_type(fn + ": q has dtype " + dtype_name(q.dtype) +
+               "; expected float32, float64, float16 or bfloat16");
+  if (k.dtype != v.dtype)
+    throw_type(fn + ": k has dtype " + dtype_name(k.dtype) + " but v has " + dtype_name(v.dtype));
+  const bool kv_ok = k.dtype == q.dtype ||
+                     (q.dtype == DType::f32 && (k.dtype == DType::f16 || k.dtype == DType::bf16));
+  if (!kv_ok)
+    throw_type(fn + ": q has dtype " + dtype_name(q.dtype) + " but k/v have " +
+               dtype_name(k.dtype) + "; k/v must match q, or be float16/bfloat16 with a float32 q");
+  if (out.dtype != q.dtype)
+    throw_type(fn + ": out has dtype " + dtype_name(out.dtype) + " but q has " + dtype_name(q.dtype));
+  if (!t.backward && !out.writeable) throw_value(fn + ": out is read-only");
+
+  p->batch = o.batch;
+  p->num_heads = q.shape[1];
+  p->num_kv_heads = k.shape[1];
+  p->seqlen_q = q.shape[2];
+  p->seqlen_k = k.shape[2];
+  p->head_dim = q.shape[3];
+  p->head_dim_v = v.shape[3];
+  c.require(o.batch >= 0, "negative batch");
+  c.require(p->num_kv_heads > 0 && p->num_heads % p->num_kv_heads == 0,
+            "q has " + std::to_string(p->num_heads) + " heads, not a multiple of k's " +
+                std::to_string(p->num_kv_heads));
+  c.require(k.shape[3] == p->head_dim, "k has head_dim " + std::to_string(k.shape[3]) +
+                                           " but q has " + std::to_string(p->head_dim));
+  c.require(v.shape[0] == k.shape[0] && v.shape[1] == k.shape[1] && v.shape[2] == k.shape[2],
+            "v has shape " + shape_str(v) + ", inconsistent with k " + shape_str(k));
+  c.require(out.shape[0] == q.shape[0] && out.shape[1] == q.shape[1] &&
+                out.shape[2] == q.shape[2] && out.shape[3] == p->head_dim_v,
+            "out has shape " + shape_str(out) + " but the result is (" +
+                std::to_string(q.shape[0]) + ", " + std::to_string(p->num_heads) + ", " +
+                std::to_string(p->seqlen_q) + ", " + std::to_string(p->head_dim_v) + ")");
+  c.require(p->head_dim >= 1 && p->head_dim_v >= 1, "head dims must be at least 1");
+  if (t.varlen) {
+    c.require(q.shape[0] == 1 && k.shape[0] == 1, "internal: varlen operands must be (1, H, T, D)");
+  } else {
+    c.require(q.shape[0] == o.batch, "internal: batch mismatch");
+    if (!t.paged) c.require(k.shape[0] == o.batch, "k and q have different batch sizes");
+  }
+
   p->q = q.data;
   p->k = k.data;
   p->v = v.data;
@@ -153,6 +220,84 @@ void attention_operands(const Tensor& q, const Tensor& k, const Tensor& v, const
     p->v_stride[i] = v.strides[i];
     p->out_stride[i] = out.strides[i];
   }
+
+  if (present(t.lse)) {
+    const Tensor& lse = t.lse;
+    c.require(lse.dtype == DType::f32 && lse.ndim == 3 && lse.shape[0] == q.shape[0] &&
+                  lse.shape[1] == q.shape[1] && lse.shape[2] == q.shape[2],
+              "lse must be float32 of shape (batch, heads, seqlen_q)");
+    p->lse = static_cast<float*>(lse.data);
+    for (int i = 0; i < 3; ++i) p->lse_stride[i] = lse.strides[i];
+  }
+  if (present(t.mask)) {
+    const Tensor& mk = t.mask;
+    c.require(!t.varlen && !t.paged, "internal: no mask with varlen or paged caches");
+    c.require(mk.ndim == 4 && mk.shape[0] == o.batch && mk.shape[1] == p->num_heads &&
+                  mk.shape[2] == p->seqlen_q && mk.shape[3] == p->seqlen_k,
+              "internal: mask must be broadcast to (B, H, Sq, Sk)");
+    c.require(mk.dtype == DType::boolean || is_float_dtype(mk.dtype), "mask must be bool or float");
+    p->mask = mk.data;
+    p->mask_dtype = mk.dtype;
+    for (int i = 0; i < 4; ++i) p->mask_stride[i] = mk.strides[i];
+  }
+  if (present(t.alibi)) {
+    const Tensor& al = t.alibi;
+    c.require(al.dtype == DType::f32 && al.ndim == 2 && al.shape[0] == o.batch &&
+                  al.shape[1] == p->num_heads,
+              "internal: alibi_slopes must be float32 (B, H)");
+    p->alibi_slopes = static_cast<const float*>(al.data);
+    p->alibi_stride[0] = al.strides[0];
+    p->alibi_stride[1] = al.strides[1];
+  }
+  if (present(t.k_new) || present(t.v_new)) {
+    c.require(present(t.k_new) && present(t.v_new), "pass both k and v to append, or neither");
+    const Tensor &kn = t.k_new, &vn = t.v_new;
+    c.rows(kn, "k");
+    c.rows(vn, "v");
+    c.require(kn.dtype == k.dtype && vn.dtype == k.dtype,
+              std::string("k and v must have the caches' dtype ") + dtype_name(k.dtype));
+    c.require(kn.shape[0] == o.batch && kn.shape[1] == p->num_kv_heads &&
+                  kn.shape[3] == p->head_dim && vn.shape[0] == o.batch &&
+                  vn.shape[1] == p->num_kv_heads && vn.shape[2] == kn.shape[2] &&
+                  vn.shape[3] == p->head_dim_v,
+              "k/v have shapes " + shape_str(kn) + " / " + shape_str(vn) +
+                  ", inconsistent with the caches");
+    c.require(k.writeable && v.writeable, "the caches are read-only but k/v were given to append");
+    for (const Tensor* n : {&kn, &vn})
+      for (const Tensor* cache : {&k, &v})
+        c.require(!may_overlap(*n, *cache), "k/v overlap the caches they are appended to");
+    c.require(!may_overlap(k, v), "k_cache and v_cache overlap; appending would write one into the other");
+    p->k_new = kn.data;
+    p->v_new = vn.data;
+    p->n_new = kn.shape[2];
+    for (int i = 0; i < 3; ++i) {
+      p->k_new_stride[i] = kn.strides[i];
+      p->v_new_stride[i] = vn.strides[i];
+    }
+  }
+  c.require(std::isfinite(o.scale), "scale must be finite");
+  c.require(std::isfinite(o.softcap) && o.softcap >= 0, "softcap must be a finite number >= 0");
+  c.require(o.window_left >= -1 && o.window_right >= -1, "window entries must be >= -1");
+  c.require(o.dropout_p >= 0.0 && o.dropout_p < 1.0, "dropout_p must be in [0, 1)");
+  p->scale = o.scale;
+  p->softcap = o.softcap;
+  p->causal = o.causal;
+  p->bottom_right = o.bottom_right;
+  p->window_left = o.window_left;
+  p->window_right = o.window_right;
+  p->dropout_p = float(o.dropout_p);
+  p->dropout_seed = o.seed;
+  p->dropout_offset = o.offset;
+
+  // Outputs never alias inputs (nor each other): the kernels read inputs after writing rows.
+  // (The backward's outputs are dq/dk/dv, checked by its binding.)
+  if (t.backward) return;
+  for (const Tensor* in : {&q, &k, &v, &t.k_new, &t.v_new, &t.mask, &t.alibi}) {
+    if (!present(*in)) continue;
+    c.require(!may_overlap(out, *in), "out overlaps an input; pass a separate array");
+    if (present(t.lse)) c.require(!may_overlap(t.lse, *in), "lse overlaps an input");
+  }
+  if (present(t.lse)) c.require(!may_overlap(t.lse, out), "lse overlaps out");
 }
 
 }  // namespace attnkit

@@ -3,6 +3,7 @@
 // give the same errors and the same kernel descriptions.
 #pragma once
 #include <cstdint>
+#include <string>
 
 #include "attnkit/params.h"
 #include "tensor.h"
@@ -18,9 +19,33 @@ bool softmax_params(const Tensor& x, const Tensor& out, int64_t axis, SoftmaxPar
 // empty.
 bool gemm_params(const Tensor& a, const Tensor& b, const Tensor& out, GemmParams* p);
 
-// Pointers, dtypes and (batch, head, seq) strides of attention's q, k, v and out, all 4-D
-// (B, H, S, D) with a contiguous head dim (checked by the caller).
-void attention_operands(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                        AttentionParams* p);
+// The arrays of one attention call in canonical (B, H, S, D) views (the Python front end
+// made them; see docs/ARCHITECTURE.md). Optional ones have ndim == -1 (absent).
+struct AttentionTensors {
+  Tensor q, k, v, out;  // k/v are the caches when appending
+  // lse (B, H, Sq) f32; mask (B, H, Sq, Sk); alibi (B, H) f32
+  Tensor lse = absent_tensor(), mask = absent_tensor(), alibi = absent_tensor();
+  // attention_with_kvcache: rows appended to the caches
+  Tensor k_new = absent_tensor(), v_new = absent_tensor();
+  bool paged = false;             // k/v are (pages, Hkv, page_size, D): batch need not match
+  bool varlen = false;            // q/k/v are (1, H, total, D) packed sequences
+  bool backward = false;          // out and lse are the forward's results (inputs here)
+};
+
+struct AttentionOptions {
+  int64_t batch = 0;
+  double scale = 1.0, softcap = 0.0;
+  bool causal = false, bottom_right = false;
+  int64_t window_left = -1, window_right = -1;
+  double dropout_p = 0.0;
+  uint64_t seed = 0, offset = 0;
+};
+
+// Checks everything the attention kernels rely on for memory safety -- dtypes, shapes,
+// unit-stride head dims, outputs that overlap inputs or each other -- and fills p but for the
+// sequence description (varlen offsets, cache lengths, pages), which each device handles.
+// Shared by the CPU and the CUDA bindings; every message starts with `fn`.
+void attention_params(const std::string& fn, const AttentionTensors& t,
+                      const AttentionOptions& o, AttentionParams* p);
 
 }  // namespace attnkit

@@ -92,7 +92,12 @@ void check_status(Status s, const char* fn) {
     case Status::ok:
       return;
     case Status::out_of_memory:
-      throw std::bad_alloc();
+      // Kernels allocate all their scratch before writing anything (two-phase parallel
+      // regions), so the outputs are untouched when this is raised.
+      PyErr_SetString(PyExc_MemoryError,
+                      (std::string(fn) + ": out of memory for the kernel's scratch buffers; "
+                       "the outputs were not written").c_str());
+      throw py::error_already_set();
     case Status::invalid_argument:
       throw_value(std::string(fn) + ": the kernel rejected its arguments");
     case Status::not_implemented:
@@ -181,11 +186,7 @@ Tensor to_tensor(py::handle obj, const char* fn, const char* arg, bool need_writ
 }
 
 Tensor to_tensor_or_none(py::handle obj, const char* fn, const char* arg, bool need_writeable) {
-  if (obj.is_none()) {
-    Tensor t;
-    t.ndim = -1;
-    return t;
-  }
+  if (obj.is_none()) return absent_tensor();
   return to_tensor(obj, fn, arg, need_writeable);
 }
 

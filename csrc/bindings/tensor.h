@@ -38,6 +38,13 @@ std::string shape_str(const Tensor& t);
 
 // `fn` and `arg` name the function and argument in error messages.
 Tensor to_tensor(py::handle obj, const char* fn, const char* arg, bool need_writeable);
+// An absent optional argument: no data, ndim -1.
+inline Tensor absent_tensor() {
+  Tensor t;
+  t.ndim = -1;
+  return t;
+}
+
 // Optional argument: None -> nullptr-data tensor with ndim -1.
 Tensor to_tensor_or_none(py::handle obj, const char* fn, const char* arg, bool need_writeable);
 

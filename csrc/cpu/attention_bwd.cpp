@@ -418,17 +418,17 @@ Status bwd_typed(const AttentionBwdParams& bp) {
     const int tid = thread_id(), team = team_size();
     int64_t begin, end;
     cost_split(prefix.get(), n_items, tid, team, &begin, &end);
-    if (begin < end) {
-      BwdWork<T> w;
-      if (!init_work<T>(p, w, max_rows)) {
-        failed = true;
-      } else {
-        for (int64_t i = begin; i < end; ++i)
-          run_item<T, SQ, SKV>(p, bp, items[i], w, chunks > 1 ? pdk.get() + i * Sk * D : nullptr,
-                               chunks > 1 ? pdv.get() + i * Sk * Dv : nullptr);
-      }
+    // Phase 1 allocates, phase 2 computes only if every thread's allocation succeeded: a
+    // failed allocation leaves dq, dk and dv untouched.
+    BwdWork<T> w;
+    if (begin < end && !init_work<T>(p, w, max_rows)) failed = true;
+#pragma omp barrier
+    if (!failed.load()) {
+      for (int64_t i = begin; i < end; ++i)
+        run_item<T, SQ, SKV>(p, bp, items[i], w, chunks > 1 ? pdk.get() + i * Sk * D : nullptr,
+                             chunks > 1 ? pdv.get() + i * Sk * Dv : nullptr);
     }
-    if (chunks > 1) {
+    if (!failed.load() && chunks > 1) {
 #pragma omp barrier
       // Sum the chunk partials of each (batch, kv head) in chunk order.
 #pragma omp for schedule(static)

@@ -14,6 +14,7 @@
 #include <math.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common.h"
@@ -149,6 +150,33 @@ inline bool mask_block_empty(const AttentionParams& p, int64_t b, int64_t h, int
 template <class S>
 inline const S* typed(const void* p) {
   return static_cast<const S*>(p);
+}
+
+// attention_with_kvcache: copies the n_new new k/v rows of every sequence into the caches at
+// positions seqlens_k[b] - n_new .. (params.h). Raw bytes: k_new has the caches' dtype. The
+// kernels call it once (one thread), after their allocations succeeded and before any thread
+// reads K/V.
+inline void append_new_rows(const AttentionParams& p) {
+  if (!p.k_new || p.n_new <= 0) return;
+  const int64_t esz = p.kv_dtype == DType::f64 ? 8 : p.kv_dtype == DType::f32 ? 4 : 2;
+  char* kc = static_cast<char*>(const_cast<void*>(p.k));
+  char* vc = static_cast<char*>(const_cast<void*>(p.v));
+  const char* kn = static_cast<const char*>(p.k_new);
+  const char* vn = static_cast<const char*>(p.v_new);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SeqView sv = seq_view(p, b);
+    for (int64_t t = 0; t < p.n_new; ++t) {
+      const int64_t pos = sv.sk - p.n_new + t;
+      for (int64_t g = 0; g < p.num_kv_heads; ++g) {
+        const int64_t src_k = b * p.k_new_stride[0] + g * p.k_new_stride[1] + t * p.k_new_stride[2];
+        const int64_t src_v = b * p.v_new_stride[0] + g * p.v_new_stride[1] + t * p.v_new_stride[2];
+        memcpy(kc + kv_offset(p, sv, g, pos, p.k_stride) * esz, kn + src_k * esz,
+               size_t(p.head_dim * esz));
+        memcpy(vc + kv_offset(p, sv, g, pos, p.v_stride) * esz, vn + src_v * esz,
+               size_t(p.head_dim_v * esz));
+      }
+    }
+  }
 }
 
 }  // namespace ATTNKIT_ISA_NS

@@ -11,7 +11,8 @@
 //     one contiguous (Hkv x D) row after another. Per head, that layout is a 16 KB stride
 //     (B1 H32 D128): 12 GB/s; walked by position: see bench/NOTES.md.
 //   * Split-KV (flash-decoding): for position-major caches, or when batch x kv_heads is
-//     small, the keys are cut into chunks whose size depends only on Sk and D; chunk partials
+//     small, the keys are cut into chunks whose size depends only on the longest sequence's
+//     length (its cache_seqlens, not the cache capacity) and D; chunk partials
 //     (m, l, O) are combined in chunk order through their log-sum-exp, so results do not
 //     depend on the thread count.
 //   * K/V are read in place (f16 via F16C, bf16 by widening), in fp32 registers; scores are dot
@@ -28,6 +29,7 @@
 #include "attention_common.h"
 #include "attention_rows.h"
 #include "common.h"
+#include "debug.h"
 #include "gemm/pack.h"
 #include "simd/vec.h"
 #include "threading.h"
@@ -345,9 +347,14 @@ Status decode_typed(const AttentionParams& p) {
   const int64_t sets = position_major ? 1 : p.num_kv_heads;
   const int64_t heads_per_item = position_major ? p.num_kv_heads : 1;
   const bool split = position_major || p.batch * p.num_kv_heads < kSplitBelowGroups;
-  // Chunk length from the longest sequence: depends only on (Sk, D), never on threads.
-  const int64_t clen = chunk_keys(imax(1, p.seqlen_k), p.head_dim);
-  const int64_t nchunks = split ? ceil_div(imax(1, p.seqlen_k), clen) : 1;
+  // Chunks are sized from the longest sequence actually attended (a KV cache's lengths, not
+  // its capacity: 2k tokens in a 32k-position cache must not be cut into 32k-sized chunks,
+  // most of them empty). The length depends on the inputs' shapes and lengths only, never on
+  // the thread count, so results stay bit-identical for any number of threads.
+  int64_t longest = 0;
+  for (int64_t b = 0; b < p.batch; ++b) longest = imax(longest, seq_view(p, b).sk);
+  const int64_t clen = chunk_keys(imax(1, longest), p.head_dim);
+  const int64_t nchunks = split ? ceil_div(imax(1, longest), clen) : 1;
   const int64_t rows_max = heads_per_item * G * p.seqlen_q, Dv = p.head_dim_v;
   const int64_t n_items = p.batch * sets * nchunks;
   Scratch<DecodeItem> items;
@@ -371,6 +378,14 @@ Status decode_typed(const AttentionParams& p) {
   prefix[0] = 0;
   for (int64_t i = 0; i < n_items; ++i) prefix[i + 1] = prefix[i] + items[i].cost;
   const int nt = threads_for(bytes / 4, p.num_threads);
+  AttentionPlanRecord rec;
+  rec.kernel = 2;
+  rec.split = split;
+  rec.num_chunks = nchunks;
+  rec.chunk_keys = split ? clen : longest;
+  rec.items = n_items;
+  rec.threads = nt;
+  debug_record_attention_plan(rec);
   std::atomic<bool> failed{false};
   const int64_t D = p.head_dim, Dvp = round_up(Dv, VF::N);
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -378,27 +393,36 @@ Status decode_typed(const AttentionParams& p) {
     const int tid = thread_id(), team = team_size();
     int64_t begin, end;
     cost_split(prefix.get(), n_items, tid, team, &begin, &end);
+    // Phase 1: every thread allocates all it will need; phase 2 runs only if all of them
+    // succeeded, so a failed allocation leaves out (and lse) untouched.
     DecodeWork w;
-    if (begin < end) {
-      if (!w.qf.reset(size_t(rows_max * D)) || !w.s.reset(size_t(rows_max * kKeyBlock)) ||
-          !w.o.reset(size_t(rows_max * Dvp)) || !w.m.reset(size_t(rows_max)) ||
-          !w.l.reset(size_t(rows_max)) || !w.add.reset(size_t(kKeyBlock))) {
-        failed = true;
-      } else {
-        for (int64_t i = begin; i < end; ++i)
-          run_item<SQ, SKV>(p, items[i], clen, w, split ? pm.get() + i * rows_max : nullptr,
-                            split ? pl.get() + i * rows_max : nullptr,
-                            split ? po.get() + i * rows_max * Dv : nullptr);
-      }
-    }
-    if (split) {
+    Scratch<float> acc, wgt;  // the combine's
+    if (begin < end &&
+        (!w.qf.reset(size_t(rows_max * D)) || !w.s.reset(size_t(rows_max * kKeyBlock)) ||
+         !w.o.reset(size_t(rows_max * Dvp)) || !w.m.reset(size_t(rows_max)) ||
+         !w.l.reset(size_t(rows_max)) || !w.add.reset(size_t(kKeyBlock))))
+      failed = true;
+    if (split && (!acc.reset(size_t(Dv)) || !wgt.reset(size_t(nchunks)))) failed = true;
 #pragma omp barrier
-      Scratch<float> acc{size_t(Dv)}, wgt{size_t(nchunks)};
+    // `failed` is only written before the barrier: every thread reads the same value here, so
+    // they all skip, or all reach, the worksharing loop below.
+    if (!failed.load()) {
+      if (p.n_new > 0) {
+#pragma omp single
+        append_new_rows(p);  // the implied barrier: every thread then sees the new rows
+      }
+      for (int64_t i = begin; i < end; ++i)
+        run_item<SQ, SKV>(p, items[i], clen, w, split ? pm.get() + i * rows_max : nullptr,
+                          split ? pl.get() + i * rows_max : nullptr,
+                          split ? po.get() + i * rows_max * Dv : nullptr);
+      if (split) {
+#pragma omp barrier
 #pragma omp for schedule(static)
-      for (int64_t f = 0; f < p.batch * sets; ++f) {
-        const int64_t i0 = f * nchunks;
-        combine<SQ>(p, items[i0], nchunks, rows_max, pm.get() + i0 * rows_max,
-                    pl.get() + i0 * rows_max, po.get() + i0 * rows_max * Dv, acc.get(), wgt.get());
+        for (int64_t f = 0; f < p.batch * sets; ++f) {
+          const int64_t i0 = f * nchunks;
+          combine<SQ>(p, items[i0], nchunks, rows_max, pm.get() + i0 * rows_max,
+                      pl.get() + i0 * rows_max, po.get() + i0 * rows_max * Dv, acc.get(), wgt.get());
+        }
       }
     }
   }

@@ -24,6 +24,7 @@
 #include "attention_common.h"
 #include "attention_rows.h"
 #include "common.h"
+#include "debug.h"
 #include "gemm/blocking.h"
 #include "gemm/pack.h"
 #include "gemm/ukernel.h"
@@ -261,7 +262,10 @@ Status attention_typed(const AttentionParams& p) {
     n_items += p.num_heads * ceil_div(s.sq, BM);
     max_sk = imax(max_sk, s.sk);
   }
-  if (n_items == 0) return Status::ok;
+  if (n_items == 0) {  // no query rows: only the cache append, if any
+    append_new_rows(p);
+    return Status::ok;
+  }
   Scratch<Item> items;
   Scratch<int64_t> prefix;
   if (!items.reset(size_t(n_items)) || !prefix.reset(size_t(n_items + 1))) return Status::out_of_memory;
@@ -284,6 +288,12 @@ Status attention_typed(const AttentionParams& p) {
   prefix[0] = 0;
   for (int64_t i = 0; i < n_items; ++i) prefix[i + 1] = prefix[i] + items[i].cost;
   const int nt = threads_for(int64_t(flops / 16), p.num_threads);
+  AttentionPlanRecord rec;
+  rec.kernel = 1;
+  rec.num_chunks = 1;
+  rec.items = n_items;
+  rec.threads = nt;
+  debug_record_attention_plan(rec);
   std::atomic<bool> failed{false};
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -291,13 +301,17 @@ Status attention_typed(const AttentionParams& p) {
     const int tid = thread_id(), team = team_size();
     int64_t begin, end;
     cost_split(prefix.get(), n_items, tid, team, &begin, &end);
-    if (begin < end) {
-      Workspace<T> w;
-      if (!init_workspace<T>(p, w, max_sk)) {
-        failed = true;
-      } else {
-        for (int64_t i = begin; i < end; ++i) run_item<T, SQ, SKV>(p, items[i], w);
+    // Phase 1 allocates, phase 2 computes only if every thread's allocation succeeded: a
+    // failed allocation leaves out and lse untouched.
+    Workspace<T> w;
+    if (begin < end && !init_workspace<T>(p, w, max_sk)) failed = true;
+#pragma omp barrier
+    if (!failed.load()) {
+      if (p.n_new > 0) {
+#pragma omp single
+        append_new_rows(p);  // the implied barrier: every thread then sees the new rows
       }
+      for (int64_t i = begin; i < end; ++i) run_item<T, SQ, SKV>(p, items[i], w);
     }
   }
   return failed ? Status::out_of_memory : Status::ok;

@@ -7,6 +7,7 @@
 #include "attnkit/dtype.h"
 #include "attnkit/error.h"
 #include "attnkit/params.h"
+#include "debug.h"
 
 namespace attnkit {
 namespace cpu {
@@ -20,13 +21,17 @@ template <class T>
 struct Scratch {
   T* ptr = nullptr;
   Scratch() = default;
-  explicit Scratch(size_t count) { reset(count); }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
   ~Scratch() { std::free(ptr); }
+  // False (and no buffer) when the allocation fails, or when count * sizeof(T) rounded up to
+  // whole cache lines does not fit in size_t (a huge count from a wrapped size computation).
   bool reset(size_t count) {
     std::free(ptr);
-    size_t bytes = (count * sizeof(T) + kScratchAlign - 1) / kScratchAlign * kScratchAlign;
+    ptr = nullptr;
+    if (count > (SIZE_MAX - kScratchAlign) / sizeof(T)) return false;
+    const size_t bytes = (count * sizeof(T) + kScratchAlign - 1) / kScratchAlign * kScratchAlign;
+    if (debug_allocation_fails()) return false;
     ptr = static_cast<T*>(std::aligned_alloc(kScratchAlign, bytes ? bytes : kScratchAlign));
     return ptr != nullptr;
   }

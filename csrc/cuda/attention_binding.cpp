@@ -31,12 +31,6 @@ struct Fn {
   }
 };
 
-void check_rows(const Fn& f, const Tensor& t, const char* name) {
-  f.require(t.ndim == 4, std::string(name) + " must be 4-D here, got " + shape_str(t));
-  f.require(t.shape[3] <= 1 || t.strides[3] == 1 || t.numel() == 0,
-            std::string(name) + " must be contiguous along its last (head) dim");
-}
-
 // Index array (cache_seqlens, block_table): a device descriptor, int32 or int64, or a host
 // numpy int64 array (validated by the Python layer) uploaded for the call.
 Tensor index_arg(const Fn& f, py::handle obj, const char* name, int ndim, Upload& up,
@@ -51,6 +45,18 @@ Tensor index_arg(const Fn& f, py::handle obj, const char* name, int ndim, Upload
   f.require((t.dtype == DType::i32 || t.dtype == DType::i64) && t.ndim == ndim,
             std::string(name) + " must be a " + std::to_string(ndim) + "-D int32 or int64 array");
   return t;
+}
+
+// The longest cache length when cache_seqlens is a host array (the front end has checked its
+// entries), else -1: device lengths are only known on the device. Split-KV sizes its chunks
+// from it (the lengths, not the capacity; docs/ARCHITECTURE.md, "Decode").
+int64_t max_host_seqlen(py::handle obj) {
+  if (!py::isinstance<py::array>(obj)) return -1;
+  py::array_t<int64_t, py::array::c_style | py::array::forcecast> a(
+      py::reinterpret_borrow<py::object>(obj));
+  int64_t longest = 0;
+  for (py::ssize_t i = 0; i < a.size(); ++i) longest = std::max(longest, a.data()[i]);
+  return longest;
 }
 
 // Host prefix sums (cu_seqlens_*): checked here as on the CPU, then uploaded as int64.
@@ -85,64 +91,46 @@ void attention_entry(const std::string& fn_name, py::handle q_o, py::handle k_o,
   DeviceGuard guard(device, fn);
   const cuda::DeviceInfo& dev = device_info(device, fn);
   const cudaStream_t stream = as_stream(stream_id);
-  const bool appending = !k_new_o.is_none();
-  Tensor q = dev_tensor(q_o, fn, "q", false, device);
-  Tensor k = dev_tensor(k_o, fn, appending ? "k_cache" : "k", appending, device);
-  Tensor v = dev_tensor(v_o, fn, appending ? "v_cache" : "v", appending, device);
-  Tensor out = dev_tensor(out_o, fn, "out", true, device);
-  check_rows(f, q, "q");
-  check_rows(f, k, "k");
-  check_rows(f, v, "v");
-  check_rows(f, out, "out");
-  if (!is_float(q.dtype))
-    throw_type(f.name + ": q has dtype " + dtype_name(q.dtype) +
-               "; expected float32, float64, float16 or bfloat16");
-  if (k.dtype != v.dtype)
-    throw_type(f.name + ": k has dtype " + dtype_name(k.dtype) + " but v has " + dtype_name(v.dtype));
-  const bool kv_ok = k.dtype == q.dtype ||
-                     (q.dtype == DType::f32 && (k.dtype == DType::f16 || k.dtype == DType::bf16));
-  if (!kv_ok)
-    throw_type(f.name + ": q has dtype " + dtype_name(q.dtype) + " but k/v have " +
-               dtype_name(k.dtype) + "; k/v must match q, or be float16/bfloat16 with a float32 q");
-  if (out.dtype != q.dtype)
-    throw_type(f.name + ": out has dtype " + dtype_name(out.dtype) + " but q has " + dtype_name(q.dtype));
-
-  AttentionParams p;
-  cuda::KvCacheArgs kv;
-  p.batch = batch;
-  p.num_heads = q.shape[1];
-  p.num_kv_heads = k.shape[1];
-  p.seqlen_q = q.shape[2];
-  p.seqlen_k = k.shape[2];
-  p.head_dim = q.shape[3];
-  p.head_dim_v = v.shape[3];
-  f.require(batch >= 0, "negative batch");
-  f.require(p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0,
-            "q has " + std::to_string(p.num_heads) + " heads, not a multiple of k's " +
-                std::to_string(p.num_kv_heads));
-  f.require(k.shape[3] == p.head_dim, "k has head_dim " + std::to_string(k.shape[3]) +
-                                          " but q has " + std::to_string(p.head_dim));
-  f.require(v.shape[0] == k.shape[0] && v.shape[1] == k.shape[1] && v.shape[2] == k.shape[2],
-            "v has shape " + shape_str(v) + ", inconsistent with k " + shape_str(k));
-  f.require(out.shape[0] == q.shape[0] && out.shape[1] == q.shape[1] &&
-                out.shape[2] == q.shape[2] && out.shape[3] == p.head_dim_v,
-            "out has shape " + shape_str(out) + " but the result has head_dim " +
-                std::to_string(p.head_dim_v) + " and q's other dims");
-  f.require(p.head_dim >= 1 && p.head_dim_v >= 1, "head dims must be at least 1");
-
+  const bool appending = !k_new_o.is_none() || !v_new_o.is_none();
   const bool varlen = !cu_q_o.is_none();
   const bool paged = !block_table_o.is_none();
   const bool cached = !seqlens_o.is_none();
+  AttentionTensors t;
+  t.q = dev_tensor(q_o, fn, "q", false, device);
+  t.k = dev_tensor(k_o, fn, appending ? "k_cache" : "k", appending, device);
+  t.v = dev_tensor(v_o, fn, appending ? "v_cache" : "v", appending, device);
+  t.out = dev_tensor(out_o, fn, "out", true, device);
+  if (!lse_o.is_none()) t.lse = dev_tensor(lse_o, fn, "lse", true, device);
+  if (!mask_o.is_none()) t.mask = dev_tensor(mask_o, fn, "mask", false, device);
+  if (appending) {
+    t.k_new = dev_tensor(k_new_o, fn, "k", false, device);
+    t.v_new = dev_tensor(v_new_o, fn, "v", false, device);
+  }
   Upload up_cu_q, up_cu_k, up_seqlens, up_table, up_alibi;
+  if (!alibi_o.is_none()) {
+    if (py::isinstance<py::array>(alibi_o)) {
+      upload(up_alibi, alibi_o, fn, "alibi_slopes", stream, device);
+      t.alibi = up_alibi.t;
+    } else {
+      t.alibi = dev_tensor(alibi_o, fn, "alibi_slopes", false, device);
+    }
+  }
+  t.paged = paged;
+  t.varlen = varlen;
+  f.require(!t.mask.data || (!varlen && !cached), "internal: no mask with varlen or a cache");
+  const AttentionOptions opts{batch, scale, softcap, causal, bottom_right, window_left,
+                              window_right, 0.0, 0, 0};
+  AttentionParams p;
+  attention_params(f.name, t, opts, &p);
+  const Tensor &q = t.q, &k = t.k;
+
+  cuda::KvCacheArgs kv;
   if (varlen) {
-    f.require(q.shape[0] == 1 && k.shape[0] == 1 && !paged && !cached, "internal: varlen layout");
+    f.require(!paged && !cached, "internal: varlen layout");
     p.seqlen_q = cu_arg(f, cu_q_o, "cu_seqlens_q", batch, q.shape[2], up_cu_q, device, stream);
     p.seqlen_k = cu_arg(f, cu_k_o, "cu_seqlens_k", batch, k.shape[2], up_cu_k, device, stream);
     p.cu_seqlens_q = static_cast<const int64_t*>(up_cu_q.t.data);
     p.cu_seqlens_k = static_cast<const int64_t*>(up_cu_k.t.data);
-  } else {
-    f.require(q.shape[0] == batch, "internal: batch mismatch");
-    if (!paged) f.require(k.shape[0] == batch, "k and q have different batch sizes");
   }
   if (paged) {
     f.require(cached, "block_table needs cache_seqlens");
@@ -165,87 +153,19 @@ void attention_entry(const std::string& fn_name, py::handle q_o, py::handle k_o,
     kv.cache_seqlens = cs.data;
     kv.cache_seqlens_dtype = cs.dtype;
     kv.cache_seqlens_stride = cs.strides[0];
+    kv.max_seqlen = max_host_seqlen(seqlens_o);
   }
-  Tensor k_new, v_new;
   if (appending) {
     f.require(cached, "k/v need cache_seqlens");
-    k_new = dev_tensor(k_new_o, fn, "k", false, device);
-    v_new = dev_tensor(v_new_o, fn, "v", false, device);
-    check_rows(f, k_new, "k");
-    check_rows(f, v_new, "v");
-    f.require(k_new.dtype == k.dtype && v_new.dtype == k.dtype,
-              "k and v must have the caches' dtype " + std::string(dtype_name(k.dtype)));
-    f.require(k_new.shape[0] == batch && k_new.shape[1] == p.num_kv_heads &&
-                  k_new.shape[3] == p.head_dim && v_new.shape[0] == batch &&
-                  v_new.shape[1] == p.num_kv_heads && v_new.shape[2] == k_new.shape[2] &&
-                  v_new.shape[3] == p.head_dim_v,
-              "k/v have shapes " + shape_str(k_new) + " / " + shape_str(v_new) +
-                  ", inconsistent with the caches");
-    for (const Tensor* t : {&k_new, &v_new})
-      for (const Tensor* c : {&k, &v})
-        f.require(!may_overlap(*t, *c), "k/v overlap the caches they are appended to");
-    kv.k_new = k_new.data;
-    kv.v_new = v_new.data;
-    kv.n_new = k_new.shape[2];
+    kv.k_new = t.k_new.data;
+    kv.v_new = t.v_new.data;
+    kv.n_new = t.k_new.shape[2];
     for (int i = 0; i < 3; ++i) {
-      kv.k_new_stride[i] = k_new.strides[i];
-      kv.v_new_stride[i] = v_new.strides[i];
+      kv.k_new_stride[i] = t.k_new.strides[i];
+      kv.v_new_stride[i] = t.v_new.strides[i];
     }
+    if (kv.max_seqlen >= 0) kv.max_seqlen += kv.n_new;
   }
-
-  attention_operands(q, k, v, out, &p);
-  Tensor lse;
-  if (!lse_o.is_none()) {
-    lse = dev_tensor(lse_o, fn, "lse", true, device);
-    f.require(lse.dtype == DType::f32 && lse.ndim == 3 && lse.shape[0] == q.shape[0] &&
-                  lse.shape[1] == q.shape[1] && lse.shape[2] == q.shape[2],
-              "lse must be float32 of shape (batch, heads, seqlen_q)");
-    f.require(!may_overlap(lse, out), "lse overlaps out");
-    p.lse = static_cast<float*>(lse.data);
-    for (int i = 0; i < 3; ++i) p.lse_stride[i] = lse.strides[i];
-  }
-  if (!mask_o.is_none()) {
-    Tensor mk = dev_tensor(mask_o, fn, "mask", false, device);
-    f.require(!varlen && !cached, "internal: no mask with varlen or a cache");
-    f.require(mk.ndim == 4 && mk.shape[0] == batch && mk.shape[1] == p.num_heads &&
-                  mk.shape[2] == p.seqlen_q && mk.shape[3] == p.seqlen_k,
-              "internal: mask must be broadcast to (B, H, Sq, Sk)");
-    f.require(mk.dtype == DType::boolean || is_float(mk.dtype), "mask must be bool or float");
-    p.mask = mk.data;
-    p.mask_dtype = mk.dtype;
-    for (int i = 0; i < 4; ++i) p.mask_stride[i] = mk.strides[i];
-  }
-  if (!alibi_o.is_none()) {
-    Tensor al;
-    if (py::isinstance<py::array>(alibi_o)) {
-      upload(up_alibi, alibi_o, fn, "alibi_slopes", stream, device);
-      al = up_alibi.t;
-    } else {
-      al = dev_tensor(alibi_o, fn, "alibi_slopes", false, device);
-    }
-    f.require(al.dtype == DType::f32 && al.ndim == 2 && al.shape[0] == batch &&
-                  al.shape[1] == p.num_heads,
-              "internal: alibi_slopes must be float32 (B, H)");
-    p.alibi_slopes = static_cast<const float*>(al.data);
-    p.alibi_stride[0] = al.strides[0];
-    p.alibi_stride[1] = al.strides[1];
-  }
-  f.require(std::isfinite(scale), "scale must be finite");
-  f.require(std::isfinite(softcap) && softcap >= 0, "softcap must be a finite number >= 0");
-  f.require(window_left >= -1 && window_right >= -1, "window entries must be >= -1");
-  p.scale = float(scale);
-  p.softcap = float(softcap);
-  p.causal = causal;
-  p.bottom_right = bottom_right;
-  p.window_left = window_left;
-  p.window_right = window_right;
-  for (const Tensor* t : {&q, &k, &v, &k_new, &v_new, &lse}) {
-    if (t->ndim <= 0 || t == &lse) continue;
-    f.require(!may_overlap(out, *t), "out overlaps an input (q, k or v); pass a separate array");
-  }
-  if (p.lse)
-    for (const Tensor* t : {&q, &k, &v})
-      f.require(!may_overlap(lse, *t), "lse overlaps an input (q, k or v)");
 
   cuda::AttentionPlan plan;
   if (const char* err = cuda::attention_plan(p, kv, dev, &plan)) throw_value(f.name + ": " + err);

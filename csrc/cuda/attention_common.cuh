@@ -29,6 +29,7 @@ struct FwdLaunch {
   int64_t head_groups = 0;   // num_heads / pack
   int64_t num_m_blocks = 0;  // row blocks per (batch, head group)
   int num_splits = 1;        // key-range splits; > 1 writes partials to o_accum / lse_accum
+  int64_t split_keys = 0;    // the key range the splits cut: the longest sequence's length
   float* o_accum = nullptr;  // [split][b][h][i][dv], i < seqlen_q (the longest sequence)
   float* lse_accum = nullptr;  // [split][b][h][i]
   bool vec_loads = false;    // q/k/v rows are 16-byte aligned: cp.async tile loads
@@ -106,9 +107,10 @@ __device__ __forceinline__ bool block_info(const AttentionParams& p, const FwdLa
     bi.n_end = (j_hi + kBlockN - 1) / kBlockN;
   }
   if (L.num_splits > 1) {
-    // Splits cut the full key range evenly (a function of the shapes only, so every run
-    // splits, and therefore rounds, identically), then intersect with the block's range.
-    const int tiles = int((p.seqlen_k + kBlockN - 1) / kBlockN);
+    // Splits cut the key range of the longest sequence evenly (a function of the shapes and
+    // host-known lengths only, so every run splits, and therefore rounds, identically), then
+    // intersect with the block's range.
+    const int tiles = int((L.split_keys + kBlockN - 1) / kBlockN);
     const int per = (tiles + L.num_splits - 1) / L.num_splits;
     const int s0 = int(blockIdx.z) * per, s1 = min(tiles, s0 + per);
     bi.n_begin = max(bi.n_begin, s0);

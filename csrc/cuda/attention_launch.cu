@@ -219,8 +219,12 @@ const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
 
   // Split the keys (flash-decoding) when the grid cannot fill the GPU: about two blocks per
   // SM are resident, each split keeps at least 2 key tiles, and at most kMaxSplits.
+  // The key range is the longest sequence's when the cache lengths are known on the host:
+  // 2k tokens in a 32k-position cache split like 2k keys, not like 32k mostly empty ones.
+  plan->split_keys = kv.active && kv.max_seqlen >= 0 ? std::min(kv.max_seqlen, p.seqlen_k)
+                                                     : p.seqlen_k;
   const int64_t blocks = std::max<int64_t>(1, p.batch * plan->head_groups * plan->num_m_blocks);
-  const int64_t tiles = (p.seqlen_k + plan->block_n - 1) / plan->block_n;
+  const int64_t tiles = (plan->split_keys + plan->block_n - 1) / plan->block_n;
   const int64_t target = 2 * int64_t(dev.sm_count);
   // float64 partials would be rounded to float32: never split float64.
   if (blocks < target && tiles >= 4 && p.q_dtype != DType::f64) {
@@ -284,6 +288,7 @@ cudaError_t attention_fwd(AttentionParams p, const KvCacheArgs& kv, const Attent
   L.head_groups = plan.head_groups;
   L.num_m_blocks = plan.num_m_blocks;
   L.num_splits = plan.num_splits;
+  L.split_keys = plan.split_keys;
   if (plan.num_splits > 1) {
     L.o_accum = reinterpret_cast<float*>(base + plan.off_o_accum);
     L.lse_accum = reinterpret_cast<float*>(base + plan.off_lse_accum);

@@ -43,6 +43,9 @@ struct KvCacheArgs {
   int64_t n_new = 0;
   int64_t k_new_stride[3] = {0, 0, 0};
   int64_t v_new_stride[3] = {0, 0, 0};
+  // The longest cache_seqlens[b] + n_new when the lengths are host data, else -1 (device
+  // lengths: the planner then assumes the capacity). Split-KV sizes its splits from it.
+  int64_t max_seqlen = -1;
 };
 
 // How attention_fwd will run: chosen from the shapes and the device only (never from data),
@@ -54,6 +57,7 @@ struct AttentionPlan {
   int64_t pack = 1;  // GQA heads stacked into one row block
   int64_t head_groups = 0, num_m_blocks = 0;
   int num_splits = 1;
+  int64_t split_keys = 0;  // key range the splits cut (the longest sequence, or the capacity)
   size_t smem_bytes = 0;
   // Scratch (one device allocation, byte offsets, 256-aligned).
   size_t scratch_bytes = 0;

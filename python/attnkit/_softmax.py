@@ -1,7 +1,7 @@
+"""attnkit.softmax: the public function (device-neutral; see _front.py)."""
 import numpy as np
 
-from . import _C, _alloc, _cuda_api
-from ._validate import check_array, check_out
+from ._front import Call, check_float
 
 
 def softmax(x, axis=-1, *, out=None):
@@ -9,32 +9,35 @@ def softmax(x, axis=-1, *, out=None):
 
     Parameters
     ----------
-    x : numpy.ndarray
+    x : numpy.ndarray or CUDA device array
         float32, float64, float16, or ``ml_dtypes.bfloat16`` (computed in fp32, stored back in
         the input dtype; float64 is computed in float64). Any strides, including negative and
-        non-contiguous views, are read in place: nothing is copied.
+        non-contiguous views, are read in place: nothing is copied. Device arrays (CUDA build)
+        run on the GPU and return the same kind of array.
     axis : int
         The axis to normalise (negative counts from the end).
-    out : numpy.ndarray, optional
+    out : array, optional
         Written in place; must have x's shape and dtype. ``out=x`` (the same array) computes
         in place. An ``out`` that partly overlaps ``x`` is refused.
 
     Returns
     -------
-    numpy.ndarray
-        ``out`` if given, else a new array.
+    array
+        ``out`` if given, else a new array of x's kind.
 
     Numerics: the row max is subtracted first; NaN anywhere in a row gives NaN for the row; a
     row of all ``-inf`` gives NaN (as torch); ``+inf`` gives NaN for its row (as torch).
     """
-    if _cuda_api.is_device_array(x):
-        return _cuda_api.softmax(x, axis, out=out)
-    check_array(x, "softmax", "x")
+    call = Call("softmax", x, "x")
+    xd = call.first
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
         raise TypeError(f"softmax: axis must be an int, got {type(axis).__name__}")
+    check_float(xd, "softmax", "x")
+    # out's shape and dtype, the axis range and aliasing are checked by the binding (bindings/params_from.cpp,
+    # shared by both devices): the same messages whichever backend runs.
     if out is None:
-        out = _alloc.empty(x.shape, x.dtype)
+        out, od = call.empty(xd.shape, xd.dtype, xd)
     else:
-        check_out(out, "softmax")
-    _C.softmax(x, out, int(axis))
+        od = call.arg(out, "out")
+    call.backend.softmax(call, xd, od, axis)
     return out

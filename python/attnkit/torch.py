@@ -104,7 +104,7 @@ def _torch_math(q, k, v, attn_mask, dropout_p, is_causal, scale, softcap, window
 def _cuda_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, softcap, window, bottom_right,
                   bshd_out):
     """CUDA tensors (inference): attnkit's GPU kernels on torch's current stream, zero copy."""
-    from . import _cuda_api
+    from ._attention import attention as _attention
 
     if dropout_p > 0.0:
         raise NotImplementedError("attnkit.torch: dropout is not implemented on CUDA yet")
@@ -115,9 +115,9 @@ def _cuda_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, softcap, wind
         outc = out.transpose(1, 2)
     else:
         out = outc = torch.empty((B, H, Sq, Dv), dtype=q.dtype, device=q.device)
-    _cuda_api.attention(q, k, v, mask=attn_mask, causal=is_causal,
-                        causal_align="bottom_right" if bottom_right else "top_left", scale=scale,
-                        window=window, softcap=softcap or None, out=outc)
+    _attention(q, k, v, mask=attn_mask, causal=is_causal,
+               causal_align="bottom_right" if bottom_right else "top_left", scale=scale,
+               window=window, softcap=softcap or None, out=outc)
     return out
 
 

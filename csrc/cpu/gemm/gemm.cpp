@@ -14,6 +14,7 @@
 // problem. Half-precision operands are converted to fp32 while packing; their C (and any C
 // whose columns are strided) is accumulated in an fp32 workspace and converted at the end.
 #include <cstring>
+#include <atomic>
 #include <type_traits>
 
 #include "common.h"
@@ -137,35 +138,45 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack, T* apack_all, T* ta
   }
 }
 
+// Scratch of one product: the compute-type workspace for C (when C cannot be written in
+// place) and the packing buffers of `nt` threads. Allocated before anything is written, so a
+// failed allocation leaves the output untouched.
+template <class T>
+struct GemmBuffers {
+  Scratch<T> ws, bpack, apack, tail;
+  bool init(int64_t m, int64_t n, bool direct_c, int nt) {
+    using B = Blocking<T>;
+    return (direct_c || ws.reset(size_t(m * n))) && bpack.reset(size_t(B::KC * B::NC)) &&
+           apack.reset(size_t(nt * B::MC * B::KC)) && tail.reset(size_t(nt * B::KC * B::NR));
+  }
+};
+
+template <class T, class S>
+bool writes_c_directly(const GemmParams& p) {
+  return std::is_same<S, T>::value && p.cs_c == 1;
+}
+
 // One (M, K) x (K, N) product into C with strides (rs_c, cs_c), S the storage type of a, b, c.
 template <class T, class S>
-Status gemm_one(const S* a, const S* b, S* c, const GemmParams& p, int nt) {
-  using B = Blocking<T>;
+void gemm_one(const S* a, const S* b, S* c, const GemmParams& p, int nt, GemmBuffers<T>& buf) {
   const int64_t m = p.m, n = p.n, k = p.k;
-  if (m == 0 || n == 0) return Status::ok;
+  if (m == 0 || n == 0) return;
   if (k == 0) {
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) store_as<T, S>(T(0), c + i * p.rs_c + j * p.cs_c);
-    return Status::ok;
+    return;
   }
-  constexpr bool same = std::is_same<S, T>::value;
-  const bool direct_c = same && p.cs_c == 1;
-  Scratch<T> ws, bpack, apack, tail;
-  if (!direct_c && !ws.reset(size_t(m * n))) return Status::out_of_memory;
-  if (!bpack.reset(size_t(B::KC * B::NC)) || !apack.reset(size_t(nt * B::MC * B::KC)) ||
-      !tail.reset(size_t(nt * B::KC * B::NR)))
-    return Status::out_of_memory;
-  GemmArgs<T, S> g{a, b, direct_c ? reinterpret_cast<T*>(c) : ws.get(), m, n, k,
+  const bool direct_c = writes_c_directly<T, S>(p);
+  GemmArgs<T, S> g{a, b, direct_c ? reinterpret_cast<T*>(c) : buf.ws.get(), m, n, k,
                    p.rs_a, p.cs_a, p.rs_b, p.cs_b, direct_c ? p.rs_c : n};
-  gemm_blocked<T, S>(g, nt, bpack.get(), apack.get(), tail.get());
+  gemm_blocked<T, S>(g, nt, buf.bpack.get(), buf.apack.get(), buf.tail.get());
   if (!direct_c) {
-    T* w = ws.get();
+    T* w = buf.ws.get();
     const int ntc = threads_for(m * n, nt);
 #pragma omp parallel for num_threads(ntc) if (ntc > 1) schedule(static)
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) store_as<T, S>(w[i * n + j], c + i * p.rs_c + j * p.cs_c);
   }
-  return Status::ok;
 }
 
 template <class T, class S>
@@ -176,32 +187,35 @@ Status gemm_typed(const GemmParams& p) {
   int64_t batch = 1;
   for (int d = 0; d < p.batch_ndim; ++d) batch *= p.batch_shape[d];
   const int64_t macs = p.m * p.n * p.k;
-  if (batch == 0) return Status::ok;
+  if (batch == 0 || p.m == 0 || p.n == 0) return Status::ok;
   const int nt = (macs * batch < kSerialMacs || p.num_threads < 1) ? 1 : p.num_threads;
+  const bool direct_c = writes_c_directly<T, S>(p);
+  auto at = [&](int64_t bi, const int64_t* strides) {
+    return unravel_offset(bi, p.batch_ndim, p.batch_shape, strides);
+  };
   // Many small products: one product per thread at a time. Otherwise each product uses all
   // threads. Either way every product is computed by the same serial arithmetic.
   if (batch >= nt && nt > 1 && macs <= kSmallMacs * 4) {
-    Status status = Status::ok;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t bi = 0; bi < batch; ++bi) {
-      Status s = gemm_one<T, S>(a + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.a_batch_strides),
-                                b + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.b_batch_strides),
-                                c + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.c_batch_strides),
-                                p, 1);
-      if (s != Status::ok) {
-#pragma omp critical(attnkit_gemm_status)
-        status = s;
+    std::atomic<bool> failed{false};
+#pragma omp parallel num_threads(nt)
+    {
+      GemmBuffers<T> buf;  // this thread's; all allocated before any product is written
+      if (!buf.init(p.m, p.n, direct_c, 1)) failed = true;
+#pragma omp barrier
+      if (!failed.load()) {
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < batch; ++bi)
+          gemm_one<T, S>(a + at(bi, p.a_batch_strides), b + at(bi, p.b_batch_strides),
+                         c + at(bi, p.c_batch_strides), p, 1, buf);
       }
     }
-    return status;
+    return failed ? Status::out_of_memory : Status::ok;
   }
-  for (int64_t bi = 0; bi < batch; ++bi) {
-    Status s = gemm_one<T, S>(a + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.a_batch_strides),
-                              b + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.b_batch_strides),
-                              c + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.c_batch_strides),
-                              p, nt);
-    if (s != Status::ok) return s;
-  }
+  GemmBuffers<T> buf;
+  if (!buf.init(p.m, p.n, direct_c, nt)) return Status::out_of_memory;
+  for (int64_t bi = 0; bi < batch; ++bi)
+    gemm_one<T, S>(a + at(bi, p.a_batch_strides), b + at(bi, p.b_batch_strides),
+                   c + at(bi, p.c_batch_strides), p, nt, buf);
   return Status::ok;
 }
 

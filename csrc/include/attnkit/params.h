@@ -82,6 +82,17 @@ struct AttentionParams {
   int64_t block_table_stride = 0;
   int64_t page_size = 0;
 
+  // attention_with_kvcache on the CPU: n_new rows of k_new / v_new, (B, Hkv, n_new, D|Dv)
+  // views in k/v's dtype, are copied into the caches k/v at positions seqlens_k[b] - n_new ..
+  // seqlens_k[b] - 1 before attending. The kernel does it after its scratch allocations
+  // have succeeded, so a call that fails (MemoryError included) leaves the caches untouched.
+  // (The CUDA path carries the same rows in cuda::KvCacheArgs.)
+  const void* k_new = nullptr;
+  const void* v_new = nullptr;
+  int64_t n_new = 0;
+  int64_t k_new_stride[3] = {};
+  int64_t v_new_stride[3] = {};
+
   // Mask indexed (b, h, i, j), stride 0 on broadcast dims. boolean: true = attend.
   // Float dtypes: added to the score; -inf entries count as masked out.
   const void* mask = nullptr;

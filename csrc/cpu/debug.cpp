@@ -1,0 +1,36 @@
+// Test hooks (see debug.h). Built once, without ISA flags.
+#include "debug.h"
+
+#include <atomic>
+#include <mutex>
+
+namespace attnkit {
+namespace cpu {
+namespace {
+
+std::atomic<int64_t> g_fail_countdown{0};  // > 0: armed
+std::mutex g_plan_mutex;
+AttentionPlanRecord g_last_plan;
+
+}  // namespace
+
+void debug_fail_allocation_after(int64_t n) { g_fail_countdown.store(n > 0 ? n : 0); }
+
+bool debug_allocation_fails() {
+  // Fast path: one relaxed load when disarmed (every scratch allocation passes here).
+  if (g_fail_countdown.load(std::memory_order_relaxed) <= 0) return false;
+  return g_fail_countdown.fetch_sub(1) == 1;
+}
+
+void debug_record_attention_plan(const AttentionPlanRecord& r) {
+  std::lock_guard<std::mutex> lock(g_plan_mutex);
+  g_last_plan = r;
+}
+
+AttentionPlanRecord debug_last_attention_plan() {
+  std::lock_guard<std::mutex> lock(g_plan_mutex);
+  return g_last_plan;
+}
+
+}  // namespace cpu
+}  // namespace attnkit

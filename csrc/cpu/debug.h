@@ -1,0 +1,34 @@
+// Test hooks of the CPU kernels, defined once in debug.cpp (built without ISA flags). Kernels
+// of every ISA variant call these plain functions; nothing here is inline (ODR, see
+// docs/ARCHITECTURE.md "ISA variants").
+//
+//  * Allocation faults: the next `n`-th scratch allocation fails, so tests can check that a
+//    kernel whose allocation fails inside a parallel region reports out_of_memory and writes
+//    nothing (issue: failures inside parallel regions).
+//  * Plan records: the attention kernels record how they ran the last call (which kernel,
+//    split-KV or not, chunk count and length), so tests assert the path, not only the result.
+#pragma once
+#include <cstdint>
+
+namespace attnkit {
+namespace cpu {
+
+// Arm the fault: the `n`-th scratch allocation from now (1 = the next one) fails; n <= 0
+// disarms. Counting is process-wide and atomic.
+void debug_fail_allocation_after(int64_t n);
+// Called by Scratch::reset: true if this allocation must fail.
+bool debug_allocation_fails();
+
+struct AttentionPlanRecord {
+  int32_t kernel = 0;       // 0: none yet, 1: prefill (tile) kernel, 2: decode kernel
+  int32_t split = 0;        // decode: keys split into chunks (flash-decoding)
+  int64_t num_chunks = 0;   // decode: chunks per sequence (1 when not split)
+  int64_t chunk_keys = 0;   // decode: keys per chunk
+  int64_t items = 0;        // work items of the call
+  int64_t threads = 0;      // threads the parallel region was asked for
+};
+void debug_record_attention_plan(const AttentionPlanRecord& r);
+AttentionPlanRecord debug_last_attention_plan();
+
+}  // namespace cpu
+}  // namespace attnkit
