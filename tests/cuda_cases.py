@@ -42,15 +42,13 @@ def torch_sdpa(dev, q, k, v, mask=None, causal=False, scale=None):
 
 def check(dev, q, k, v, got, *, use_torch=False, lse=None, **kw):
     ref, ref_lse = attention_ref(q, k, v, **kw)
-    scale = max(1.0, float(np.nanmax(np.abs(to64(v))))) if v.size else 1.0
     tres = None
     if use_torch:
         tres = torch_sdpa(dev, q, k, v, mask=kw.get("mask"), causal=kw.get("causal", False), scale=kw.get("scale"))
-    assert_close(got, ref, q.dtype, torch_result=tres, scale=scale, what="attention out")
+    assert_close(got, ref, q.dtype, torch_result=tres, what="attention out")
     if lse is not None:
         assert lse.dtype == np.float32
-        fin = ref_lse[np.isfinite(ref_lse)]
-        assert_close(lse, ref_lse, np.float32, scale=max(1.0, float(np.nanmax(np.abs(fin), initial=1.0))), what="lse")
+        assert_close(lse, ref_lse, np.float32, what="lse")
 
 
 def run(dev, q, k, v, **kw):
@@ -205,7 +203,7 @@ def test_half_kv_under_f32_q(dev, rng, kv):
     o = run(dev, q, k, v)
     assert o.dtype == np.float32
     ref, _ = attention_ref(q, k, v)
-    assert_close(o, ref, np.float32, scale=float(np.abs(to64(v)).max()))
+    assert_close(o, ref, np.float32)
 
 
 @pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
@@ -378,9 +376,8 @@ def test_kvcache(dev, rng, dtype, paged, sq, n_new):
         o, lse = dev.api.attention_with_kvcache(dev.put(q), kc, vc, cache_seqlens=seqlens, causal=causal,
                                                 return_lse=True, **new, **kw)
         ref, ref_lse = kvcache_reference(q, k_full, v_full, lens + n_new, causal=causal)
-        scale = max(1.0, float(np.abs(to64(v_full)).max()))
-        assert_close(dev.get(o), ref, dtype, scale=scale, what="kvcache out")
-        assert_close(dev.get(lse), ref_lse, np.float32, scale=10.0, what="kvcache lse")
+        assert_close(dev.get(o), ref, dtype, what="kvcache out")
+        assert_close(dev.get(lse), ref_lse, np.float32, what="kvcache lse")
         if n_new:  # the new rows were written into the caches
             kc_h = dev.get(kc)
             for b in range(B):
@@ -399,7 +396,7 @@ def test_kvcache_scalar_seqlen_window_alibi(dev, rng):
     o = dev.api.attention_with_kvcache(dev.put(q), dev.put(k_full), dev.put(v_full), cache_seqlens=100,
                                        window=(20, 0), alibi_slopes=slopes, softcap=12.0)
     ref, _ = kvcache_reference(q, k_full, v_full, [100, 100], causal=True, window=(20, 0), alibi=slopes, softcap=12.0)
-    assert_close(dev.get(o), ref, np.float16, scale=4.0)
+    assert_close(dev.get(o), ref, np.float16)
 
 
 def test_kvcache_invalid_metadata(dev, rng):

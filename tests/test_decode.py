@@ -30,9 +30,14 @@ def test_decode_path_features(isa, rng, sq, H, Hkv):
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
-@pytest.mark.parametrize("B,Hkv", [(1, 1), (1, 8), (4, 8)])
+@pytest.mark.parametrize("B,Hkv", [(1, 1), (1, 4), (2, 2), (4, 8)])
 def test_split_kv_long_sequences(isa, rng, layout, B, Hkv):
-    H, Sk, D = 32, 5000, 128  # long enough to split into chunks
+    """Long keys cut into chunks and combined: few (batch x kv heads) in a head-major cache,
+    and every position-major (bshd) cache, take the split path (asserted via the plan record);
+    (4, 8) head-major does not, and is checked as the unsplit control."""
+    from attnkit import _C
+
+    H, Sk, D = 32, 5000, 128
     q, k, v = make_qkv(rng, B, H, Hkv, 1, Sk, D)
     if layout == "bshd":
         args = [np.ascontiguousarray(a.transpose(0, 2, 1, 3)) for a in (q, k, v)]
@@ -40,6 +45,10 @@ def test_split_kv_long_sequences(isa, rng, layout, B, Hkv):
         o = o.transpose(0, 2, 1, 3)
     else:
         o, lse = attnkit.attention(q, k, v, return_lse=True)
+    plan = _C._last_attention_plan()
+    should_split = layout == "bshd" or B * Hkv < 8
+    assert plan["kernel"] == "decode" and plan["split"] == should_split, plan
+    assert (plan["num_chunks"] > 1) == should_split
     check(q, k, v, o, lse=lse)
 
 
@@ -71,11 +80,11 @@ def test_kvcache_ragged_and_append(isa, rng):
     o = attnkit.attention_with_kvcache(q, kc, vc, k=kn, v=vn, cache_seqlens=lens)
     assert np.array_equal(kc[np.arange(3), lens], kn[:, 0]) and np.array_equal(vc[np.arange(3), lens], vn[:, 0])
     ref = ref_from_cache(q, kc, vc, lens + 1, causal=True)
-    assert_close(o, ref, np.float32, scale=float(np.abs(vc).max()))
+    assert_close(o, ref, np.float32)
     # without appending, a zero-length sequence attends to nothing: 0
     o, lse = attnkit.attention_with_kvcache(q, kc, vc, cache_seqlens=np.array([0, 5, 9]), return_lse=True)
     assert (o[0] == 0).all() and np.isneginf(lse[0]).all()
-    assert_close(o[1:], ref_from_cache(q[1:], kc[1:], vc[1:], [5, 9]), np.float32, scale=4.0)
+    assert_close(o[1:], ref_from_cache(q[1:], kc[1:], vc[1:], [5, 9]), np.float32)
 
 
 @pytest.mark.parametrize("kv", ["float32", "float16", "bfloat16"])
@@ -100,7 +109,7 @@ def test_paged_equals_contiguous(isa, rng, kv):
     op = attnkit.attention_with_kvcache(q, kp, vp, k=kn, v=vn, cache_seqlens=lens, block_table=perm)
     assert np.array_equal(oc, op)
     ref = ref_from_cache(q, kc, vc, lens + 1, causal=True)
-    assert_close(oc, ref, np.float32, scale=float(np.abs(to64(vc)).max()))
+    assert_close(oc, ref, np.float32)
 
 
 def test_append_then_attend_many_steps(isa, rng):
@@ -120,7 +129,7 @@ def test_append_then_attend_many_steps(isa, rng):
         for b in range(B):
             ref, _ = attention_ref(q[b:b + 1].transpose(0, 2, 1, 3), kc[b:b + 1, :lens[b]].transpose(0, 2, 1, 3),
                                    vc[b:b + 1, :lens[b]].transpose(0, 2, 1, 3), causal=True, bottom_right=True)
-            assert_close(o[b:b + 1].transpose(0, 2, 1, 3), ref, np.float32, scale=5.0)
+            assert_close(o[b:b + 1].transpose(0, 2, 1, 3), ref, np.float32)
 
 
 @pytest.mark.parametrize("H,Hkv", [(32, 8), (8, 1)])
@@ -132,7 +141,7 @@ def test_half_caches_gqa_mqa(isa, rng, H, Hkv):
             o = attnkit.attention_with_kvcache(q, kc, vc, cache_seqlens=lens)
             assert o.dtype == qd
             ref = ref_from_cache(q, kc, vc, lens, causal=True)
-            assert_close(o, ref, qd, scale=float(np.abs(to64(vc)).max()))
+            assert_close(o, ref, qd)
 
 
 def test_kvcache_bit_identical_across_threads(threads, rng):
@@ -155,7 +164,7 @@ def test_kvcache_out_and_options(isa, rng):
                                          alibi_slopes=slopes, softcap=4.0, causal=True)
     assert res is out
     ref = ref_from_cache(q, kc, vc, lens, causal=True, window=(20, 0), alibi=slopes, softcap=4.0)
-    assert_close(out, ref, np.float32, scale=5.0)
+    assert_close(out, ref, np.float32)
 
 
 def _refusals(rng):
