@@ -184,7 +184,7 @@ SGEMM_N = {"tiny": 256, "quick": 2048, "full": 4096}
 CEILING_LLC_FACTOR = 4
 DRAM_FACTOR = 2
 MIN_BUFFER = {"tiny": 8 << 20, "quick": 256 << 20, "full": 512 << 20}
-MAX_BUFFER_SHARE = 3  # the read buffer (plus half of it for the copy) stays under 1/3 of free RAM
+MAX_BUFFER_SHARE = 3  # the ceiling buffer stays under 1/3 of the available memory
 BANDWIDTH_CEILINGS = ("copy", "read")
 
 
@@ -262,43 +262,44 @@ def _best_rates(fns: dict, work: dict, cfg: TimingConfig) -> dict:
     return {n: work[n] / t[n].min_s for n in fns}
 
 
-def bandwidth_methods(src, dst, threads: int):
+def bandwidth_methods(buf, threads: int):
     """(copy, read) dicts of name -> (callable, bytes moved per call) on `threads` threads.
 
-    Read: each of `threads` Python threads reduces its own contiguous slice with an op that
-    does far less arithmetic per byte than DRAM delivers (NumPy's SIMD max, a BLAS sdot of
-    the slice with itself; BLAS held to one thread per caller), and torch's parallel sum on
-    `threads` intra-op threads. NumPy's float sum is not used: its pairwise summation ran at
-    ~8 GB/s per core even from L2, below DRAM speed, and measured the adder, not the memory.
-    Copy (read + write bytes): np.copyto per thread slice, and torch's parallel copy_.
+    Read (all of `buf`): each of `threads` Python threads reduces its own contiguous slice with
+    an op that does far less arithmetic per byte than DRAM delivers (NumPy's SIMD max; a BLAS
+    sdot of the slice with itself, BLAS held to one thread per caller), and torch's parallel
+    sum on `threads` intra-op threads. NumPy's float sum is not used: its pairwise summation
+    ran at ~8 GB/s per core even from L2, below DRAM speed: it measured the adder, not memory.
+    Copy (read + write bytes): the first half of `buf` into the second half (each half is
+    still 2x the LLC), by np.copyto per thread slice and by torch's parallel copy_.
     """
     parts = max(1, threads)
-    n_copy = dst.size
-    rb = np.linspace(0, src.size, parts + 1).astype(np.int64)
-    cb = np.linspace(0, n_copy, parts + 1).astype(np.int64)
+    half = buf.size // 2
+    src, dst = buf[:half], buf[half : 2 * half]
+    rb = np.linspace(0, buf.size, parts + 1).astype(np.int64)
+    cb = np.linspace(0, half, parts + 1).astype(np.int64)
 
     def read_max(i):
         """SIMD max over slice i."""
-        src[rb[i] : rb[i + 1]].max()
+        buf[rb[i] : rb[i + 1]].max()
 
     def read_dot(i):
         """BLAS sdot of slice i with itself (one load per element)."""
-        seg = src[rb[i] : rb[i + 1]]
+        seg = buf[rb[i] : rb[i + 1]]
         np.dot(seg, seg)
 
     def copy_slice(i):
-        """Copy slice i of the first half of src into dst."""
+        """Copy slice i of the first half into the second half."""
         np.copyto(dst[cb[i] : cb[i + 1]], src[cb[i] : cb[i + 1]])
 
-    read = {"numpy max": (lambda: _parallel(read_max, parts), src.nbytes),
-            "blas dot": (lambda: _parallel(read_dot, parts), src.nbytes)}
+    read = {"numpy max": (lambda: _parallel(read_max, parts), buf.nbytes),
+            "blas dot": (lambda: _parallel(read_dot, parts), buf.nbytes)}
     copy = {"numpy copyto": (lambda: _parallel(copy_slice, parts), 2 * dst.nbytes)}
     torch = _torch_or_none()
     if torch is not None:
-        ts, td = torch.from_numpy(src), torch.from_numpy(dst)
-        ts_half = ts[:n_copy]
-        read["torch sum"] = (lambda: ts.sum(), src.nbytes)
-        copy["torch copy_"] = (lambda: td.copy_(ts_half), 2 * dst.nbytes)
+        tb, ts, td = torch.from_numpy(buf), torch.from_numpy(src), torch.from_numpy(dst)
+        read["torch sum"] = (lambda: tb.sum(), buf.nbytes)
+        copy["torch copy_"] = (lambda: td.copy_(ts), 2 * dst.nbytes)
     return copy, read
 
 
@@ -306,8 +307,9 @@ def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=N
     """Machine ceilings with `threads` threads, each the best of several independent methods.
 
     sgemm: NumPy (OpenBLAS) and torch fp32 GEMMs of N x N (the faster one: torch's MKL GEMM ran
-    at 133% of NumPy's on an Emerald Rapids). read / copy: see `bandwidth_methods`, on a
-    buffer of `ceiling_buffer_bytes` (several times the LLC); copy_gbs counts read + write.
+    at 133% of NumPy's on an Emerald Rapids). read / copy: see `bandwidth_methods`, on one
+    buffer of `ceiling_buffer_bytes` (4x the LLC; the copy moves its first half into its second
+    half); copy_gbs counts read + write.
     A ceiling is what the machine can do, so each method's best round (bursts of ~0.2 s) is
     taken and the best method wins; every method's rate is kept in `*_by_method`. Warnings
     name a buffer that could not exceed the cache and a read ceiling below half the copy rate
@@ -335,10 +337,10 @@ def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=N
         sgemm = _best_rates(fns, {k: matmul_flops(n, n, n) / 1e9 for k in fns}, cfg)
     del a, b, fns
 
-    src = np.ones(buf // 4, np.float32)  # written: every page is mapped before timing
-    dst = np.ones(src.size // 2, np.float32)
-    copy_m, read_m = bandwidth_methods(src, dst, threads)
+    data = np.ones(buf // 4, np.float32)  # written: every page is mapped before timing
+    copy_m, read_m = bandwidth_methods(data, threads)
     both = dict(copy_m, **read_m)
+    cfg = dataclasses.replace(cfg, burst_s=cfg.burst_s / 2)  # calls of 40-100 ms each
     with _blas_limit(1), _TorchThreads(threads):
         rates = _best_rates({k: f for k, (f, _) in both.items()},
                             {k: nb / 1e9 for k, (_, nb) in both.items()}, cfg)
@@ -352,14 +354,14 @@ def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=N
         "copy_by_method": copy_by,
         "read_gbs": max(read_by.values()),
         "read_by_method": read_by,
-        "buffer_mb": src.nbytes >> 20,
-        "copy_buffer_mb": dst.nbytes >> 20,
+        "buffer_mb": data.nbytes >> 20,
+        "copy_buffer_mb": data.nbytes >> 21,  # source and destination: a half of it each
         "llc_bytes": int(llc_bytes),
-        "buffer_vs_llc": src.nbytes / llc_bytes,
+        "buffer_vs_llc": data.nbytes / llc_bytes,
         "stat": "best round, best method",
         "warnings": [],
     }
-    if src.nbytes < DRAM_FACTOR * llc_bytes:
+    if data.nbytes < DRAM_FACTOR * llc_bytes:
         out["warnings"].append(
             f"the {out['buffer_mb']} MB ceiling buffer is under {DRAM_FACTOR}x the "
             f"{llc_bytes >> 20} MB last-level cache: read/copy ceilings are cache rates")

@@ -106,7 +106,7 @@ def test_json_schema_is_stable(tiny_run):
     """The documented keys, no more and no fewer, at every level."""
     _, res, _, _ = tiny_run
     assert set(res) == TOP_KEYS
-    assert res["schema"] == run.SCHEMA == "attnkit-bench/2"
+    assert res["schema"] == run.SCHEMA == "attnkit-bench/3"
     assert set(res["machine"]) == MACHINE_KEYS
     assert set(res["config"]) == CONFIG_KEYS
     assert res["config"]["mode"] == "tiny"
