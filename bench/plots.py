@@ -118,15 +118,16 @@ def plot_decode(plt, results, run, path):
     _line_plot(ax, _series(rows, lambda r: r["params"]["Sk"]), c["read_gbs"],
                f"read {c['read_gbs']:.0f} GB/s ({c['buffer_mb']} MB)", "KV length Sk",
                "GB/s (K+V bytes / time)")
-    cached = [r["params"]["Sk"] for r in rows if r.get("cache_fit") in ("fits", "partial")]
-    if cached and c.get("llc_bytes"):
+    llc = c.get("llc_bytes")
+    if llc and any(r.get("cache_fit") in ("fits", "partial") for r in rows):
+        # K+V = 2 * B * Sk * Hkv * D * itemsize reaches 2x the LLC at this Sk
+        size = {"float32": 4, "float16": 2, "bfloat16": 2}.get(p["dtype"], 4)
+        edge = 2 * llc / (2 * p["B"] * p["Hkv"] * p["D"] * size)
         xs = sorted(r["params"]["Sk"] for r in rows)
-        edge = max(cached)
-        nxt = [x for x in xs if x > edge]
-        right = (edge * nxt[0]) ** 0.5 if nxt else edge * 1.4
-        ax.axvspan(xs[0] / 1.4, right, color="0.85", alpha=0.5, zorder=0,
-                   label=f"K+V < 2x L3 ({c['llc_bytes'] / 2**20:.0f} MB): cache-resident")
-        ax.set_xlim(xs[0] / 1.4, xs[-1] * 1.4)
+        lo, hi = xs[0] / 1.4, xs[-1] * 1.4
+        ax.axvspan(lo, min(edge, hi), color="0.85", alpha=0.5, zorder=0,
+                   label=f"K+V < 2x L3 ({llc / 2**20:.0f} MB): cache-resident")
+        ax.set_xlim(lo, hi)
         ax.legend(fontsize=8)
     ax.set_title(f"decode Sq=1, B{p['B']} H{p['H']} Hkv{p['Hkv']} D{p['D']} kv {p['dtype']}",
                  fontsize=9)
