@@ -522,6 +522,17 @@ def test_cache_resident_rows_and_ceiling_errors(capsys):
     assert "1 memory-bound row(s)" in text
 
 
+def test_ceiling_check_runs(capsys):
+    """bench/ceiling_check.py times every method and a decode row (small sizes here)."""
+    check = importlib.import_module("ceiling_check")
+    rc = check.main(["--threads", "1", "--rounds", "2", "--buffer-mb", "8", "--sk", "256"])
+    out = capsys.readouterr().out
+    assert rc in (0, 1)  # 1 = a cached decode row beat the read methods: possible at this size
+    for name in ("numpy copyto", "numpy max", "blas dot", "torch sum", "decode Sk256"):
+        assert name in out
+    assert "of the best read method" in out
+
+
 def test_decode_sweep_reaches_dram():
     """The quick sweep gets an fp32 point whose K+V is >= 2x the LLC when the sweep has none."""
     mb = 1 << 20
