@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import re
 import subprocess
 from typing import Optional
 
@@ -42,6 +43,113 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
+               "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+ASSUMED_LLC_BYTES = 512 << 20  # when the OS does not say: larger than most CPUs' L3 (ceilings err high)
+
+
+def parse_size(text: str) -> Optional[int]:
+    """'266240K', '32 MiB', '260 MiB (1 instance)', '1024' -> bytes; None if unreadable."""
+    m = re.match(r"\s*([0-9.]+)\s*([KMG]?I?B?)\b", text.strip().upper())
+    if not m or m.group(2) not in _SIZE_UNITS:
+        return None
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def _read(path: str) -> Optional[str]:
+    """A small sysfs file's stripped text, or None."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def llc_from_sysfs(root: str = "/sys/devices/system/cpu") -> Optional[dict]:
+    """Last-level cache from sysfs: the highest-level data/unified cache of any CPU, summed over
+    its distinct instances (CPUs sharing one instance list the same shared_cpu_list)."""
+    best_level, instances = 0, {}
+    try:
+        cpus = sorted(d for d in os.listdir(root) if re.fullmatch(r"cpu[0-9]+", d))
+    except OSError:
+        return None
+    for cpu in cpus:
+        cache_dir = os.path.join(root, cpu, "cache")
+        try:
+            entries = sorted(d for d in os.listdir(cache_dir) if d.startswith("index"))
+        except OSError:
+            continue
+        for idx in entries:
+            base = os.path.join(cache_dir, idx)
+            level, kind = _read(os.path.join(base, "level")), _read(os.path.join(base, "type"))
+            size = parse_size(_read(os.path.join(base, "size")) or "")
+            if not level or not level.isdigit() or kind == "Instruction" or not size:
+                continue
+            level = int(level)
+            if level > best_level:
+                best_level, instances = level, {}
+            if level == best_level:
+                shared = _read(os.path.join(base, "shared_cpu_list")) or f"{cpu}/{idx}"
+                instances[shared] = size
+    if not instances:
+        return None
+    return {"bytes": sum(instances.values()), "level": best_level,
+            "instances": len(instances), "source": "sysfs"}
+
+
+def llc_from_lscpu() -> Optional[dict]:
+    """Last-level cache from `lscpu` ('L3 cache: 260 MiB (1 instance)'); None if absent."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5,
+                             env=dict(os.environ, LC_ALL="C")).stdout
+    except Exception:
+        return None
+    found = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*L([1-4])d? cache:\s*(.+)", line)
+        if m and parse_size(m.group(2)):
+            inst = re.search(r"\((\d+) instances?\)", m.group(2))
+            found[int(m.group(1))] = (parse_size(m.group(2)), int(inst.group(1)) if inst else 1)
+    if not found:
+        return None
+    level = max(found)
+    return {"bytes": found[level][0], "level": level, "instances": found[level][1],
+            "source": "lscpu"}
+
+
+def llc_info() -> dict:
+    """The CPU's last-level cache, total over its instances: {bytes, level, instances, source}.
+
+    Tried in order: sysfs (/sys/devices/system/cpu/cpu*/cache/index*), `lscpu`, the C library's
+    sysconf(_SC_LEVEL3_CACHE_SIZE); else ASSUMED_LLC_BYTES with source "assumed". Bandwidth
+    ceilings are measured on buffers several times this size, and memory-bound rows whose data
+    is smaller than twice this are reported as cache-resident instead of as a % of DRAM speed.
+    """
+    for probe in (llc_from_sysfs, llc_from_lscpu):
+        info = probe()
+        if info and info["bytes"] > 0:
+            return info
+    try:
+        size = os.sysconf("SC_LEVEL3_CACHE_SIZE")
+        if size and size > 0:
+            return {"bytes": int(size), "level": 3, "instances": 1, "source": "sysconf"}
+    except (ValueError, OSError, AttributeError):
+        pass
+    return {"bytes": ASSUMED_LLC_BYTES, "level": 3, "instances": 1, "source": "assumed"}
+
+
+def mem_available_bytes() -> Optional[int]:
+    """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _version(mod_name) -> Optional[str]:
@@ -85,6 +193,7 @@ def machine_info(threads: int) -> dict:
         "git_dirty": git_dirty(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "loadavg": loadavg(),
+        "llc": llc_info(),  # last-level cache {bytes (all instances), level, instances, source}
     }
 
 

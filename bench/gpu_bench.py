@@ -29,6 +29,7 @@ except ImportError:  # torch < 2.3
 
 
 def burst_ms(fn, n):
+    """Milliseconds per call of n back-to-back calls of fn, by CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(n):
@@ -55,17 +56,20 @@ def time_pair(fa, fb, rounds, min_burst_ms=30.0):
 
 
 def flash(dtype):
+    """[FLASH_ATTENTION] for torch SDPA in fp16/bf16 (None: let torch choose)."""
     if sdpa_kernel is None or dtype not in (torch.float16, torch.bfloat16):
         return None
     return [SDPBackend.FLASH_ATTENTION]
 
 
 def torch_sdpa(q, k, v, causal, backends):
+    """A zero-argument torch SDPA call on q, k, v, restricted to `backends` when given."""
     gqa = q.shape[1] != k.shape[1]
     if backends is None:
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
 
     def run():
+        """SDPA under the chosen backends."""
         with sdpa_kernel(backends):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
 
@@ -73,6 +77,7 @@ def torch_sdpa(q, k, v, causal, backends):
 
 
 def check(a, b, tol, what):
+    """Max |a - b|; AssertionError when above tol * max(1, max|b|)."""
     scale = max(1.0, b.abs().max().item())
     err = (a.double() - b.double()).abs().max().item()
     if not err <= tol * scale:
@@ -81,6 +86,7 @@ def check(a, b, tol, what):
 
 
 def attn_case(name, B, H, Hkv, S, D, dtype, causal, rounds):
+    """attnkit vs torch attention forward (B, H, S, D); result dict with TFLOP/s."""
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(B, H, S, D, device="cuda", dtype=dtype, generator=g)
     k = torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype, generator=g)
@@ -96,6 +102,7 @@ def attn_case(name, B, H, Hkv, S, D, dtype, causal, rounds):
 
 
 def decode_case(name, B, H, Hkv, S, D, dtype, rounds):
+    """attnkit attention_with_kvcache vs torch SDPA, one query token; GB/s of K+V."""
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(B, 1, H, D, device="cuda", dtype=dtype, generator=g)
     kc = torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype, generator=g)
@@ -111,6 +118,7 @@ def decode_case(name, B, H, Hkv, S, D, dtype, rounds):
 
 
 def softmax_case(name, M, N, dtype, rounds):
+    """attnkit vs torch softmax over the last axis; GB/s (read + write)."""
     x = torch.randn(M, N, device="cuda", dtype=dtype)
     ours, theirs = lambda: ak.softmax(x), lambda: torch.softmax(x, -1)
     check(ours(), theirs(), 1e-5 if dtype == torch.float32 else 1e-2, name)
@@ -120,6 +128,7 @@ def softmax_case(name, M, N, dtype, rounds):
 
 
 def matmul_case(name, M, N, K, dtype, rounds):
+    """attnkit vs cuBLAS (TF32 off); TFLOP/s."""
     a = torch.randn(M, K, device="cuda", dtype=dtype)
     b = torch.randn(K, N, device="cuda", dtype=dtype)
     torch.backends.cuda.matmul.allow_tf32 = False  # full fp32, as attnkit
@@ -146,6 +155,7 @@ CASES = [
 
 
 def main(argv=None):
+    """Run the selected cases, print the table (and --json); 1 if any case failed."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", action="append", help="only cases whose name contains this (repeatable)")
     ap.add_argument("--rounds", type=int, default=9)

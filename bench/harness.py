@@ -177,11 +177,28 @@ def _parallel(fn_for_slice, parts):
         t.join()
 
 
-CEILING_SIZES = {  # mode -> (sgemm N, bytes of the copy/read buffer)
-    "tiny": (256, 8 << 20),
-    "quick": (2048, 256 << 20),  # 256 MB: far past any cache
-    "full": (4096, 512 << 20),
-}
+SGEMM_N = {"tiny": 256, "quick": 2048, "full": 4096}
+# Bandwidth ceilings read a buffer of at least CEILING_LLC_FACTOR x the last-level cache (and at
+# least MIN_BUFFER): a 256 MB buffer sat inside a 300 MB L3 and an in-cache rate was taken for
+# the machine's. Rows whose data is below DRAM_FACTOR x the LLC are reported as cache-resident.
+CEILING_LLC_FACTOR = 4
+DRAM_FACTOR = 2
+MIN_BUFFER = {"tiny": 8 << 20, "quick": 256 << 20, "full": 512 << 20}
+MAX_BUFFER_SHARE = 3  # the ceiling buffer stays under 1/3 of the available memory
+BANDWIDTH_CEILINGS = ("copy", "read")
+
+
+def ceiling_buffer_bytes(mode: str, llc_bytes: int, mem_available=None) -> int:
+    """Bytes of the read-ceiling buffer: max(MIN_BUFFER, CEILING_LLC_FACTOR x LLC) in 64 MB
+    steps, capped at 1/MAX_BUFFER_SHARE of the available memory; tiny mode: MIN_BUFFER."""
+    if mode == "tiny":
+        return MIN_BUFFER["tiny"]
+    step = 64 << 20
+    want = max(MIN_BUFFER[mode], CEILING_LLC_FACTOR * int(llc_bytes))
+    want = -(-want // step) * step
+    if mem_available:
+        want = min(want, max(MIN_BUFFER[mode], (mem_available // MAX_BUFFER_SHARE) // step * step))
+    return want
 
 
 class _Null:
@@ -196,56 +213,163 @@ class _Null:
         return False
 
 
-def measure_ceilings(threads: int, mode="quick") -> dict:
-    """Large-sgemm GFLOP/s (NumPy/BLAS) and copy / read GB/s with `threads` threads.
-
-    copy_gbs counts read + write bytes; read_gbs is a reduction over the buffer. Threads for
-    copy/read are Python threads on NumPy calls that release the GIL. A ceiling is what the
-    machine can do, so each is taken from the best of its rounds (bursts of 0.2 s): on a shared
-    machine the median round can land in someone else's build and halve the ceiling.
-    """
+def _blas_limit(n):
+    """threadpoolctl's BLAS limit of n threads (a no-op without threadpoolctl)."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover
-        threadpool_limits = None
-    n, buf = CEILING_SIZES[mode]
-    cfg = TimingConfig(rounds=3 if mode == "tiny" else 5,
-                       burst_s=0.01 if mode == "tiny" else 0.2, settle=mode != "tiny")
+        return _Null()
+    return threadpool_limits(n, user_api="blas")
+
+
+class _TorchThreads:
+    """torch.set_num_threads(n) for a block, restored after (no-op without torch)."""
+
+    def __init__(self, n):
+        """Remember n."""
+        self.n, self.prev, self.torch = n, None, None
+
+    def __enter__(self):
+        """Set torch's intra-op thread count."""
+        try:
+            import torch
+        except ImportError:
+            return self
+        self.torch, self.prev = torch, torch.get_num_threads()
+        torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *a):
+        """Restore the previous count."""
+        if self.torch is not None:
+            self.torch.set_num_threads(self.prev)
+        return False
+
+
+def _torch_or_none():
+    """torch if it imports, else None."""
+    try:
+        import torch
+
+        return torch
+    except ImportError:
+        return None
+
+
+def _best_rates(fns: dict, work: dict, cfg: TimingConfig) -> dict:
+    """name -> work / best round's per-call time, the callables timed interleaved."""
+    t = time_interleaved(fns, cfg)
+    return {n: work[n] / t[n].min_s for n in fns}
+
+
+def bandwidth_methods(buf, threads: int):
+    """(copy, read) dicts of name -> (callable, bytes moved per call) on `threads` threads.
+
+    Read (all of `buf`): each of `threads` Python threads reduces its own contiguous slice with
+    an op that does far less arithmetic per byte than DRAM delivers (NumPy's SIMD max; a BLAS
+    sdot of the slice with itself, BLAS held to one thread per caller), and torch's parallel
+    sum on `threads` intra-op threads. NumPy's float sum is not used: its pairwise summation
+    ran at ~8 GB/s per core even from L2, below DRAM speed: it measured the adder, not memory.
+    Copy (read + write bytes): the first half of `buf` into the second half (each half is
+    still 2x the LLC), by np.copyto per thread slice and by torch's parallel copy_.
+    """
+    parts = max(1, threads)
+    half = buf.size // 2
+    src, dst = buf[:half], buf[half : 2 * half]
+    rb = np.linspace(0, buf.size, parts + 1).astype(np.int64)
+    cb = np.linspace(0, half, parts + 1).astype(np.int64)
+
+    def read_max(i):
+        """SIMD max over slice i."""
+        buf[rb[i] : rb[i + 1]].max()
+
+    def read_dot(i):
+        """BLAS sdot of slice i with itself (one load per element)."""
+        seg = buf[rb[i] : rb[i + 1]]
+        np.dot(seg, seg)
+
+    def copy_slice(i):
+        """Copy slice i of the first half into the second half."""
+        np.copyto(dst[cb[i] : cb[i + 1]], src[cb[i] : cb[i + 1]])
+
+    read = {"numpy max": (lambda: _parallel(read_max, parts), buf.nbytes),
+            "blas dot": (lambda: _parallel(read_dot, parts), buf.nbytes)}
+    copy = {"numpy copyto": (lambda: _parallel(copy_slice, parts), 2 * dst.nbytes)}
+    torch = _torch_or_none()
+    if torch is not None:
+        tb, ts, td = torch.from_numpy(buf), torch.from_numpy(src), torch.from_numpy(dst)
+        read["torch sum"] = (lambda: tb.sum(), buf.nbytes)
+        copy["torch copy_"] = (lambda: td.copy_(ts), 2 * dst.nbytes)
+    return copy, read
+
+
+def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=None) -> dict:
+    """Machine ceilings with `threads` threads, each the best of several independent methods.
+
+    sgemm: NumPy (OpenBLAS) and torch fp32 GEMMs of N x N (the faster one: torch's MKL GEMM ran
+    at 133% of NumPy's on an Emerald Rapids). read / copy: see `bandwidth_methods`, on one
+    buffer of `ceiling_buffer_bytes` (4x the LLC; the copy moves its first half into its second
+    half); copy_gbs counts read + write.
+    A ceiling is what the machine can do, so each method's best round (bursts of ~0.2 s) is
+    taken and the best method wins; every method's rate is kept in `*_by_method`. Warnings
+    name a buffer that could not exceed the cache and a read ceiling below half the copy rate
+    (a copy reads at half its counted rate, so a slower read op is arithmetic-bound).
+    """
+    import env
+
+    if llc_bytes is None:
+        llc_bytes = env.llc_info()["bytes"]
+    if mem_available is None:
+        mem_available = env.mem_available_bytes()
+    n = SGEMM_N[mode]
+    buf = ceiling_buffer_bytes(mode, llc_bytes, mem_available)
+    tiny = mode == "tiny"
+    cfg = TimingConfig(rounds=3 if tiny else 5, burst_s=0.01 if tiny else 0.2, settle=not tiny)
+    torch = _torch_or_none()
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
-    ctx = threadpool_limits(threads, user_api="blas") if threadpool_limits else _Null()
-    with ctx:
-        t = time_interleaved({"sgemm": lambda: a @ b}, cfg)["sgemm"]
-    sgemm = matmul_flops(n, n, n) / t.min_s / 1e9
-    del a, b
+    fns = {"numpy sgemm": lambda: a @ b}
+    if torch is not None:
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        fns["torch mm"] = lambda: torch.mm(ta, tb)
+    with _blas_limit(threads), _TorchThreads(threads):
+        sgemm = _best_rates(fns, {k: matmul_flops(n, n, n) / 1e9 for k in fns}, cfg)
+    del a, b, fns
 
-    size = buf // 4
-    src = np.ones(size, np.float32)
-    dst = np.empty_like(src)
-    parts = max(1, threads)
-    bounds = np.linspace(0, size, parts + 1).astype(np.int64)
-
-    def copy_slice(i):
-        """Copy slice i of the buffer."""
-        np.copyto(dst[bounds[i] : bounds[i + 1]], src[bounds[i] : bounds[i + 1]])
-
-    def read_slice(i):
-        """Read (sum) slice i of the buffer."""
-        src[bounds[i] : bounds[i + 1]].sum()
-
-    timing = time_interleaved(
-        {"copy": lambda: _parallel(copy_slice, parts), "read": lambda: _parallel(read_slice, parts)},
-        cfg,
-    )
-    return {
-        "sgemm_gflops": sgemm,
+    data = np.ones(buf // 4, np.float32)  # written: every page is mapped before timing
+    copy_m, read_m = bandwidth_methods(data, threads)
+    both = dict(copy_m, **read_m)
+    cfg = dataclasses.replace(cfg, burst_s=cfg.burst_s / 2)  # calls of 40-100 ms each
+    with _blas_limit(1), _TorchThreads(threads):
+        rates = _best_rates({k: f for k, (f, _) in both.items()},
+                            {k: nb / 1e9 for k, (_, nb) in both.items()}, cfg)
+    copy_by = {k: rates[k] for k in copy_m}
+    read_by = {k: rates[k] for k in read_m}
+    out = {
+        "sgemm_gflops": max(sgemm.values()),
         "sgemm_n": n,
-        "copy_gbs": 2 * src.nbytes / timing["copy"].min_s / 1e9,  # read + write
-        "read_gbs": src.nbytes / timing["read"].min_s / 1e9,
-        "buffer_mb": src.nbytes >> 20,
-        "stat": "best round",
+        "sgemm_by_method": sgemm,
+        "copy_gbs": max(copy_by.values()),  # read + write
+        "copy_by_method": copy_by,
+        "read_gbs": max(read_by.values()),
+        "read_by_method": read_by,
+        "buffer_mb": data.nbytes >> 20,
+        "copy_buffer_mb": data.nbytes >> 21,  # source and destination: a half of it each
+        "llc_bytes": int(llc_bytes),
+        "buffer_vs_llc": data.nbytes / llc_bytes,
+        "stat": "best round, best method",
+        "warnings": [],
     }
+    if data.nbytes < DRAM_FACTOR * llc_bytes:
+        out["warnings"].append(
+            f"the {out['buffer_mb']} MB ceiling buffer is under {DRAM_FACTOR}x the "
+            f"{llc_bytes >> 20} MB last-level cache: read/copy ceilings are cache rates")
+    if out["read_gbs"] < 0.5 * out["copy_gbs"]:
+        out["warnings"].append(
+            f"read ceiling {out['read_gbs']:.1f} GB/s is under half the copy rate "
+            f"{out['copy_gbs']:.1f} GB/s: the read ops are arithmetic-bound here")
+    return out
 
 
 CEILING_KEYS = {"sgemm": "sgemm_gflops", "copy": "copy_gbs", "read": "read_gbs"}
@@ -290,6 +414,8 @@ class Case:
     returns an error message or None; this runs before timing. `work` is FLOPs (ceiling
     "sgemm"), bytes (ceiling "copy" / "read") or tokens (unit "tok/s", no ceiling) per call.
     `derive(timings) -> dict` adds derived numbers (e.g. adapter overhead) to the row.
+    `footprint` is the bytes one call streams through memory (default: `work` for the copy and
+    read ceilings); against the LLC it decides whether the row is cache-resident.
     """
 
     suite: str
@@ -303,6 +429,7 @@ class Case:
     check: Optional[Callable] = None
     derive: Optional[Callable] = None
     params: dict = dataclasses.field(default_factory=dict)
+    footprint: Optional[float] = None
 
     def unit_name(self):
         """The unit of `work / time`: explicit, else implied by the ceiling."""
@@ -316,6 +443,32 @@ class Case:
             return self.reference
         others = [n for n in self.contenders if n != self.subject]
         return others[0] if others else self.subject
+
+
+def cache_fit(footprint, llc_bytes):
+    """Where a memory-bound row's data lives: "fits" (<= LLC), "partial" (< DRAM_FACTOR x LLC:
+    part of it can stay cached between calls), "exceeds" (from DRAM); None if unknown."""
+    if not footprint or not llc_bytes:
+        return None
+    if footprint <= llc_bytes:
+        return "fits"
+    return "partial" if footprint < DRAM_FACTOR * llc_bytes else "exceeds"
+
+
+def ceiling_error(row: dict, ceilings: dict) -> Optional[str]:
+    """A message when a timed contender runs above 100% of the row's ceiling, else None.
+
+    Such a row means the ceiling was measured wrong (too small a buffer, an arithmetic-bound
+    op, a slower library than the one timed). Cache-resident rows carry no fraction.
+    """
+    over = [(n, t["fraction_of_ceiling"]) for n, t in row["timings"].items()
+            if t.get("fraction_of_ceiling") is not None and t["fraction_of_ceiling"] > 1.0]
+    if not over:
+        return None
+    c = row["ceiling"]
+    what = ", ".join(f"{n} {100 * f:.0f}%" for n, f in over)
+    return (f"{what} of the {c} ceiling {ceiling_value(c, ceilings):.1f} "
+            f"{UNIT_OF_CEILING.get(c, '')}: the ceiling is wrong")
 
 
 def ceiling_value(ceiling, ceilings: dict):
@@ -374,7 +527,14 @@ def run_case(case: Case, ceilings: dict, cfg: TimingConfig) -> dict:
         "timings": {},
         "speedup": {},
         "extra": {},
+        "footprint_bytes": None,
+        "cache_fit": None,
+        "ceiling_error": None,
     }
+    llc = ceilings.get("llc_bytes")
+    if case.ceiling in BANDWIDTH_CEILINGS:
+        row["footprint_bytes"] = case.footprint if case.footprint is not None else case.work
+        row["cache_fit"] = cache_fit(row["footprint_bytes"], llc)
     row["mismatch"] = check_case(case)
     runnable = {n: f for n, f in case.contenders.items()
                 if not (n in row["mismatch"] and row["mismatch"][n].startswith("raised"))}
@@ -382,6 +542,8 @@ def run_case(case: Case, ceilings: dict, cfg: TimingConfig) -> dict:
         return row
     timings = time_interleaved(runnable, cfg)
     ceil = ceiling_value(case.ceiling, ceilings)
+    if row["cache_fit"] in ("fits", "partial"):
+        ceil = None  # a % of a DRAM ceiling means nothing for data served from the cache
     for n, t in timings.items():
         r = case.work / t.median_s / UNIT_SCALE[unit] if (case.work and unit) else None
         row["timings"][n] = dict(t.as_dict(), rate=r,
@@ -390,4 +552,5 @@ def run_case(case: Case, ceilings: dict, cfg: TimingConfig) -> dict:
     row["speedup"] = {n: t.median_s / subj for n, t in timings.items() if n != case.subject}
     if case.derive is not None:
         row["extra"] = case.derive(timings)
+    row["ceiling_error"] = ceiling_error(row, ceilings)
     return row

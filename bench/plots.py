@@ -1,9 +1,13 @@
 """PNG plots of a run (matplotlib, Agg backend), each with the ceiling measured in the run.
 
-    attention.png  GFLOP/s vs sequence length: attnkit, torch SDPA, naive torch; sgemm line
-    decode.png     GB/s vs KV length: attnkit, torch SDPA; read-bandwidth line
+    attention.png  GFLOP/s vs sequence length, one panel per sweep (B1 H12 D64 non-causal,
+                   causal; B1 H32/Hkv8 D128 causal GQA): attnkit, torch SDPA, naive torch;
+                   sgemm line
+    decode.png     GB/s vs KV length: attnkit, torch SDPA; read-bandwidth line, the lengths
+                   whose K/V is under 2x the last-level cache shaded (cache-resident)
     matmul.png     GFLOP/s vs N (square): attnkit, NumPy, torch; sgemm (peak) line
-    softmax.png    GB/s per shape: attnkit, NumPy, torch; copy-bandwidth line
+    softmax.png    GB/s per shape: attnkit, NumPy, torch; copy-bandwidth line; cache-resident
+                   shapes marked
 
 The run with the most threads gets these names; other thread counts get a `_t{n}` suffix.
 """
@@ -68,21 +72,33 @@ def _line_plot(ax, series, ceiling, ceiling_label, xlabel, ylabel):
     ax.legend(fontsize=8)
 
 
-def plot_attention(plt, results, run, path):
-    """GFLOP/s vs S for the non-causal (and, when swept, causal) B1 H12 D64 rows."""
+ATTENTION_SWEEPS = [("seq", "non-causal"), ("seq_causal", "causal"), ("seq_gqa", "causal GQA")]
+
+
+def attention_panels(run) -> list:
+    """[(title, rows)] for each attention sweep present in a run, in ATTENTION_SWEEPS order."""
     rows = [r for r in run["rows"] if r["suite"] == "attention" and r["timings"]]
-    panels = [(k, [r for r in rows if r["params"].get("sweep") == k]) for k in ("seq", "seq_causal")]
-    panels = [(k, v) for k, v in panels if len(v) >= (1 if k == "seq" else 2)]
+    out = []
+    for kind, title in ATTENTION_SWEEPS:
+        rs = [r for r in rows if r["params"].get("sweep") == kind]
+        if rs:
+            out.append((title, rs))
+    return out
+
+
+def plot_attention(plt, results, run, path):
+    """GFLOP/s vs S, one panel per sweep: non-causal and causal B1 H12 D64, causal GQA."""
+    panels = attention_panels(run)
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.5), squeeze=False)
     c = run["ceilings"]
-    for ax, (kind, rs) in zip(axes[0], panels):
+    for ax, (title, rs) in zip(axes[0], panels):
         p = rs[0]["params"]
-        _line_plot(ax, _series(rs, lambda r: r["params"]["Sq"]), c["sgemm_gflops"], f"sgemm {c['sgemm_gflops']:.0f}",
-                   "sequence length S", "GFLOP/s")
-        ax.set_title(f"{'causal' if kind == 'seq_causal' else 'non-causal'}, "
-                     f"B{p['B']} H{p['H']} D{p['D']} {p['dtype']}", fontsize=9)
+        _line_plot(ax, _series(rs, lambda r: r["params"]["Sq"]), c["sgemm_gflops"],
+                   f"sgemm {c['sgemm_gflops']:.0f}", "sequence length S", "GFLOP/s")
+        heads = f"H{p['H']}" + (f"/{p['Hkv']}" if p["Hkv"] != p["H"] else "")
+        ax.set_title(f"{title}, B{p['B']} {heads} D{p['D']} {p['dtype']}", fontsize=9)
     fig.suptitle(_title(results, run, "attention forward"), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -91,7 +107,7 @@ def plot_attention(plt, results, run, path):
 
 
 def plot_decode(plt, results, run, path):
-    """GB/s vs Sk for the fp32 decode sweep."""
+    """GB/s vs Sk for the fp32 decode sweep; K/V under 2x the LLC shaded as cache-resident."""
     rows = [r for r in run["rows"] if r["suite"] == "decode" and r["params"].get("sweep") == "kv"
             and r["timings"]]
     if not rows:
@@ -99,8 +115,20 @@ def plot_decode(plt, results, run, path):
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     c = run["ceilings"]
     p = rows[0]["params"]
-    _line_plot(ax, _series(rows, lambda r: r["params"]["Sk"]), c["read_gbs"], f"read {c['read_gbs']:.0f} GB/s",
-               "KV length Sk", "GB/s (K+V bytes / time)")
+    _line_plot(ax, _series(rows, lambda r: r["params"]["Sk"]), c["read_gbs"],
+               f"read {c['read_gbs']:.0f} GB/s ({c['buffer_mb']} MB)", "KV length Sk",
+               "GB/s (K+V bytes / time)")
+    llc = c.get("llc_bytes")
+    if llc and any(r.get("cache_fit") in ("fits", "partial") for r in rows):
+        # K+V = 2 * B * Sk * Hkv * D * itemsize reaches 2x the LLC at this Sk
+        size = {"float32": 4, "float16": 2, "bfloat16": 2}.get(p["dtype"], 4)
+        edge = 2 * llc / (2 * p["B"] * p["Hkv"] * p["D"] * size)
+        xs = sorted(r["params"]["Sk"] for r in rows)
+        lo, hi = xs[0] / 1.4, xs[-1] * 1.4
+        ax.axvspan(lo, min(edge, hi), color="0.85", alpha=0.5, zorder=0,
+                   label=f"K+V < 2x L3 ({llc / 2**20:.0f} MB): cache-resident")
+        ax.set_xlim(lo, hi)
+        ax.legend(fontsize=8)
     ax.set_title(f"decode Sq=1, B{p['B']} H{p['H']} Hkv{p['Hkv']} D{p['D']} kv {p['dtype']}",
                  fontsize=9)
     fig.suptitle(_title(results, run, "attention decode"), fontsize=9)
@@ -119,7 +147,7 @@ def plot_matmul(plt, results, run, path):
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     c = run["ceilings"]
     _line_plot(ax, _series(rows, lambda r: r["params"]["b"][-1]), c["sgemm_gflops"],
-               f"peak: NumPy sgemm N={c['sgemm_n']} {c['sgemm_gflops']:.0f}", "N (N x N x N)",
+               f"sgemm ceiling N={c['sgemm_n']} {c['sgemm_gflops']:.0f}", "N (N x N x N)",
                "GFLOP/s")
     fig.suptitle(_title(results, run, "matmul fp32"), fontsize=9)
     fig.tight_layout()
@@ -145,7 +173,9 @@ def plot_softmax(plt, results, run, path):
     c = run["ceilings"]
     ax.axhline(c["copy_gbs"], color="k", linestyle=":", label=f"copy {c['copy_gbs']:.0f} GB/s")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
-    ax.set_xticklabels([r["name"].replace("softmax ", "") for r in rows], fontsize=8, rotation=20)
+    ax.set_xticklabels([r["name"].replace("softmax ", "")
+                        + ("\n(in cache)" if r.get("cache_fit") in ("fits", "partial") else "")
+                        for r in rows], fontsize=8, rotation=20)
     ax.set_ylabel("GB/s (read x + write out)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)

@@ -4,20 +4,40 @@ from __future__ import annotations
 NAME_W = 50
 
 
+def _methods(by: dict, fmt="{:.1f}") -> str:
+    """'[numpy max 25.1, torch sum 20.3]' for a ceiling's per-method rates ('' if none)."""
+    return " [" + ", ".join(f"{k} {fmt.format(v)}" for k, v in by.items()) + "]" if by else ""
+
+
+def llc_label(machine: dict) -> str:
+    """'L3' (or L2/L4: the level of the machine's last-level cache; L3 when unknown)."""
+    return f"L{(machine.get('llc') or {}).get('level', 3)}"
+
+
 def header(machine: dict, threads: int, described: dict, ceilings: dict, mode: str) -> str:
     """Lines naming the machine, build, ISA, thread counts and the ceilings of this run."""
     lib = " ".join(f"{k}={v}" for k, v in described.items())
-    return "\n".join([
+    llc = machine.get("llc") or {}
+    llc_mb = ceilings.get("llc_bytes", llc.get("bytes", 0)) / 2**20
+    lines = [
         f"# attnkit {machine['attnkit']} ({(machine['git_commit'] or '?')[:10]}"
         f"{'+dirty' if machine.get('git_dirty') else ''})  isa={machine['attnkit_isa']}  "
         f"threads={threads} ({lib})  mode={mode}",
-        f"# cpu={machine['cpu']} ({machine['logical_cpus']} logical)  numpy {machine['numpy']}  "
+        f"# cpu={machine['cpu']} ({machine['logical_cpus']} logical, {llc_label(machine)} "
+        f"{llc_mb:.0f} MB from {llc.get('source', '?')})  numpy {machine['numpy']}  "
         f"torch {machine['torch']}  transformers {machine['transformers']}  "
         f"python {machine['python']}  load {machine.get('loadavg')}",
-        f"# ceilings: sgemm {ceilings['sgemm_gflops']:.1f} GFLOP/s (N={ceilings['sgemm_n']}), "
-        f"copy {ceilings['copy_gbs']:.1f} GB/s, read {ceilings['read_gbs']:.1f} GB/s "
-        f"({ceilings['buffer_mb']} MB)",
-    ])
+        f"# ceilings ({threads} threads, best round of the best method):",
+        f"#   sgemm {ceilings['sgemm_gflops']:.1f} GFLOP/s (N={ceilings['sgemm_n']})"
+        + _methods(ceilings.get("sgemm_by_method", {}), "{:.0f}"),
+        f"#   copy {ceilings['copy_gbs']:.1f} GB/s (read + write, 2 x "
+        f"{ceilings.get('copy_buffer_mb', '?')} MB)" + _methods(ceilings.get("copy_by_method", {})),
+        f"#   read {ceilings['read_gbs']:.1f} GB/s ({ceilings['buffer_mb']} MB = "
+        f"{ceilings.get('buffer_vs_llc', 0):.1f}x the {llc_mb:.0f} MB {llc_label(machine)})"
+        + _methods(ceilings.get("read_by_method", {})),
+    ]
+    lines += [f"# !!! ceiling warning: {w}" for w in ceilings.get("warnings", [])]
+    return "\n".join(lines)
 
 
 def suite_title(suite: str) -> str:
@@ -31,8 +51,31 @@ def _ms(s):
     return f"{s * 1e3:.3f}" if s < 10 else f"{s * 1e3:.0f}"
 
 
-def format_row(row: dict) -> str:
-    """One table line: subject's median, spread, rate, % of ceiling, ratios, derived numbers."""
+def _size(nbytes) -> str:
+    """Bytes as '1.2 GB', '128 MB' or '96 KB' (binary units)."""
+    for unit, shift in (("GB", 30), ("MB", 20)):
+        if nbytes >= 1 << shift:
+            v = nbytes / (1 << shift)
+            return f"{v:.1f} {unit}" if v < 10 else f"{v:.0f} {unit}"
+    return f"{nbytes / 1024:.0f} KB"
+
+
+def cache_note(row: dict, llc="L3") -> str:
+    """'fits in L3 (128 MB)' / '1.6x L3, partly cached' for cache-resident rows, else ''."""
+    fit, fp = row.get("cache_fit"), row.get("footprint_bytes") or 0
+    if fit == "fits":
+        return f"fits in {llc}: {_size(fp)}"
+    if fit == "partial":
+        return f"{_size(fp)}, under 2x {llc}: partly cached"
+    return ""
+
+
+def format_row(row: dict, llc="L3") -> str:
+    """One table line: subject's median, spread, rate, % of ceiling, ratios, derived numbers.
+
+    A memory-bound row whose data fits in (or under twice) the last-level cache shows `llc`
+    instead of a % of the DRAM ceiling; a row above its ceiling gets a CEILING ERROR line.
+    """
     name = row["name"] if len(row["name"]) <= NAME_W else row["name"][: NAME_W - 1] + "~"
     s = row["timings"].get(row.get("subject", "attnkit"))
     if s is None:
@@ -40,7 +83,8 @@ def format_row(row: dict) -> str:
     else:
         rate = f"{s['rate']:.1f} {row['unit']}" if s["rate"] is not None else "-"
         frac = s["fraction_of_ceiling"]
-        pct = f"{100 * frac:.0f}%" if frac is not None else "-"
+        note = cache_note(row, llc)
+        pct = f"{100 * frac:.0f}%" if frac is not None else (f"in {llc}" if note else "-")
         line = (f"{name:<{NAME_W}} {_ms(s['median_s']):>7} ms "
                 f"{'[' + _ms(s['min_s']) + ' - ' + _ms(s['max_s']) + ']':>19} "
                 f"{rate:>14} {pct:>6}")
@@ -48,7 +92,11 @@ def format_row(row: dict) -> str:
         if ratios:
             line += "  " + ", ".join(ratios)
     for k, v in row.get("extra", {}).items():
-        line += f"  {k}={v:.1f}" if isinstance(v, float) else f"  {k}={v}"
+        line += f"  {k}={v:.2f}" if isinstance(v, float) else f"  {k}={v}"
+    if s is not None and cache_note(row, llc):
+        line += f"  ({cache_note(row, llc)})"
+    if row.get("ceiling_error"):
+        line += "\n    !!! CEILING ERROR: " + row["ceiling_error"]
     if row["mismatch"]:
         line += "\n    !!! MISMATCH: " + "; ".join(f"{k}: {v}" for k, v in row["mismatch"].items())
     return line
@@ -56,11 +104,23 @@ def format_row(row: dict) -> str:
 
 def summary(results: dict) -> tuple:
     """(text, number of failing rows): skipped suites, mismatches and the wall time."""
-    lines, bad = [], []
+    lines, bad, over, cached = [], [], [], []
+    llc = llc_label(results.get("machine", {}))
     for run in results["runs"]:
         for suite, why in run.get("skipped", {}).items():
             lines.append(f"# skipped {suite} at {run['threads']} threads: {why}")
+        for w in run.get("ceilings", {}).get("warnings", []):
+            lines.append(f"# !!! ceiling warning at {run['threads']} threads: {w}")
         bad += [f"{r['name']} @{run['threads']}t" for r in run["rows"] if r["mismatch"]]
+        over += [f"{r['name']} @{run['threads']}t" for r in run["rows"] if r.get("ceiling_error")]
+        cached += [r["name"] for r in run["rows"]
+                   if r.get("cache_fit") in ("fits", "partial") and r["timings"]]
+    if cached:
+        lines.append(f"# {len(cached)} memory-bound row(s) have data under 2x the {llc} and are "
+                     f"shown as cache-resident, without a % of the DRAM ceiling")
+    if over:
+        lines.append(f"\n!!! {len(over)} row(s) above 100% of their ceiling (CEILING ERROR: the "
+                     f"ceiling was measured wrong, not a fast kernel): {over}")
     if bad:
         lines.append(f"\n!!! {len(bad)} case(s) disagree with their reference or failed: {bad}")
     for run in results["runs"]:

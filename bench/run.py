@@ -12,8 +12,11 @@ Suites: softmax, matmul, attention (prefill), decode, backward, hf. Every case f
 attnkit's result against the contender it is compared to (a mismatch is printed loudly and
 makes the exit status 1), then times the contenders interleaved in bursts; the table shows
 attnkit's median and spread, its rate, the fraction of the machine ceiling measured in the
-same run (sgemm GFLOP/s, copy or read GB/s) and each contender's time / attnkit's time.
-A suite whose attnkit API is missing is skipped with a one-line notice.
+same run (sgemm GFLOP/s, copy or read GB/s; bandwidth ceilings on a buffer 4x the last-level
+cache) and each contender's time / attnkit's time. Memory-bound rows whose data is under 2x
+the last-level cache say "fits in L3" instead of a % of the DRAM ceiling; a row above 100% of
+its ceiling is printed as a CEILING ERROR. A suite whose attnkit API is missing is skipped
+with a one-line notice.
 The JSON schema is documented in bench/README.md.
 """
 from __future__ import annotations
@@ -36,16 +39,23 @@ import report  # noqa: E402
 from suites import ORDER as SUITES  # noqa: E402
 from suites.common import canonical_dtype  # noqa: E402
 
-SCHEMA = "attnkit-bench/2"
+SCHEMA = "attnkit-bench/3"  # 3: ceilings past the LLC, best of methods; cache-resident rows
 ROUNDS = {"tiny": 2, "quick": 5, "full": 9}
 BURST_S = {"tiny": 0.002, "quick": 0.03, "full": 0.05}
 
 
+def _llc_bytes():
+    """The machine's last-level cache in bytes (env.llc_info)."""
+    return env.llc_info()["bytes"]
+
+
 @dataclasses.dataclass
 class Config:
-    """What the suites see: the mode (tiny | quick | full)."""
+    """What the suites see: the mode (tiny | quick | full) and the last-level cache size (bytes),
+    from which memory-bound suites size a row that must come from DRAM."""
 
     mode: str
+    llc_bytes: int = dataclasses.field(default_factory=_llc_bytes)
 
 
 def parse_args(argv=None):
@@ -135,7 +145,8 @@ def _error_row(spec, err):
     """A row for a case whose inputs or contenders could not even be built."""
     return {"suite": spec.suite, "name": spec.name, "params": spec.params, "unit": None,
             "ceiling": None, "work": 0.0, "subject": "attnkit", "reference": None,
-            "mismatch": {"build": harness._short(err)}, "timings": {}, "speedup": {}, "extra": {}}
+            "mismatch": {"build": harness._short(err)}, "timings": {}, "speedup": {}, "extra": {},
+            "footprint_bytes": None, "cache_fit": None, "ceiling_error": None}
 
 
 def run_suites(args, cfg, machine) -> list:
@@ -147,7 +158,7 @@ def run_suites(args, cfg, machine) -> list:
     for nt in args.thread_counts:
         with env.ThreadLimit(nt):
             t_run = time.perf_counter()
-            ceilings = harness.measure_ceilings(nt, args.mode)
+            ceilings = harness.measure_ceilings(nt, args.mode, llc_bytes=cfg.llc_bytes)
             ceilings["wall_s"] = time.perf_counter() - t_run
             print(report.header(machine, nt, env.ThreadLimit.describe(), ceilings, args.mode),
                   flush=True)
@@ -176,7 +187,7 @@ def run_suites(args, cfg, machine) -> list:
                     row["threads"] = nt
                     row["wall_s"] = time.perf_counter() - t_row
                     run["rows"].append(row)
-                    _emit(report.format_row(row), bar)
+                    _emit(report.format_row(row, report.llc_label(machine)), bar)
                     if bar is not None:
                         bar.update()
             if bar is not None:
@@ -207,7 +218,7 @@ def print_saved(results):
             if row["suite"] != suite:
                 suite = row["suite"]
                 print(report.suite_title(suite))
-            print(report.format_row(row))
+            print(report.format_row(row, report.llc_label(results["machine"])))
 
 
 def main(argv=None) -> int:
@@ -224,6 +235,7 @@ def main(argv=None) -> int:
     else:
         t0 = time.perf_counter()
         machine = env.machine_info(args.thread_counts[0])
+        cfg.llc_bytes = machine["llc"]["bytes"]
         results = {"schema": SCHEMA, "machine": machine,
                    "config": {"mode": args.mode, "threads": args.thread_counts,
                               "suites": args.suite or SUITES, "shape": args.shape,

@@ -2,14 +2,16 @@
 
 They check that the runner runs and exits 0, that the JSON schema is stable, that --compare,
 --load, --plot and the filters work, that a wrong kernel is reported as a mismatch (exit 1),
-and that the decode / backward / HF suites work against stand-ins of the APIs they target.
+that the decode / backward / HF suites run attnkit's real APIs (attention_with_kvcache,
+attnkit.torch, attnkit.transformers) and flag them when they are wrong, and that ceilings are
+measured past the last-level cache, cache-resident rows are marked and rows above their
+ceiling are flagged.
 """
 import copy
 import importlib
 import json
 import os
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -21,17 +23,24 @@ sys.path.insert(0, BENCH)
 run = importlib.import_module("run")
 harness = importlib.import_module("harness")
 report = importlib.import_module("report")
+env = importlib.import_module("env")
+plots = importlib.import_module("plots")
+decode_suite = importlib.import_module("suites.decode")
 
 TOP_KEYS = {"schema", "machine", "config", "runs", "wall_s"}
 MACHINE_KEYS = {"cpu", "logical_cpus", "threads", "machine", "hostname", "date", "python", "numpy",
                 "torch", "transformers", "attnkit", "attnkit_isa", "attnkit_isas_compiled",
-                "attnkit_openmp", "git_commit", "git_dirty", "omp_num_threads_env", "loadavg"}
+                "attnkit_openmp", "git_commit", "git_dirty", "omp_num_threads_env", "loadavg",
+                "llc"}
 CONFIG_KEYS = {"mode", "threads", "suites", "shape", "dtype", "rounds", "burst_s", "argv"}
 RUN_KEYS = {"threads", "threads_by_library", "ceilings", "skipped", "rows", "wall_s",
             "loadavg_end"}
-CEILING_KEYS = {"sgemm_gflops", "sgemm_n", "copy_gbs", "read_gbs", "buffer_mb", "stat", "wall_s"}
+CEILING_KEYS = {"sgemm_gflops", "sgemm_n", "sgemm_by_method", "copy_gbs", "copy_by_method",
+                "read_gbs", "read_by_method", "buffer_mb", "copy_buffer_mb", "llc_bytes",
+                "buffer_vs_llc", "stat", "warnings", "wall_s"}
 ROW_KEYS = {"suite", "name", "params", "unit", "ceiling", "work", "subject", "reference",
-            "mismatch", "timings", "speedup", "extra", "threads", "wall_s"}
+            "mismatch", "timings", "speedup", "extra", "threads", "wall_s", "footprint_bytes",
+            "cache_fit", "ceiling_error"}
 TIMING_KEYS = {"median_s", "min_s", "max_s", "q1_s", "q3_s", "calls", "rounds", "rate",
                "fraction_of_ceiling"}
 CORE_SUITES = ["softmax", "matmul", "attention", "decode"]
@@ -71,7 +80,8 @@ def tiny_run(tmp_path_factory):
 
 
 def test_tiny_run_passes_and_times_every_contender(tiny_run):
-    """Exit 0, no mismatch, every contender timed with ordered quartiles and a rate."""
+    """Exit 0, no mismatch, every contender timed with ordered quartiles and a rate; a fraction
+    of the ceiling exactly where the row is not cache-resident (tiny rows all fit in any LLC)."""
     rc, res, _, _ = tiny_run
     assert rc == 0
     rows = res["runs"][0]["rows"]
@@ -79,9 +89,16 @@ def test_tiny_run_passes_and_times_every_contender(tiny_run):
     for r in rows:
         assert r["mismatch"] == {}, r["name"]
         assert r["subject"] in r["timings"]
+        bandwidth = r["ceiling"] in ("copy", "read")
+        assert (r["cache_fit"] == "fits") == bandwidth, r["name"]
+        assert (r["footprint_bytes"] is not None) == bandwidth
         for name, t in r["timings"].items():
             assert t["min_s"] <= t["q1_s"] <= t["median_s"] <= t["q3_s"] <= t["max_s"], name
-            assert t["rate"] > 0 and 0 < t["fraction_of_ceiling"]
+            assert t["rate"] > 0
+            if bandwidth:
+                assert t["fraction_of_ceiling"] is None, (r["name"], name)
+            else:
+                assert t["fraction_of_ceiling"] > 0
         assert set(r["speedup"]) == set(r["timings"]) - {r["subject"]}
 
 
@@ -89,7 +106,7 @@ def test_json_schema_is_stable(tiny_run):
     """The documented keys, no more and no fewer, at every level."""
     _, res, _, _ = tiny_run
     assert set(res) == TOP_KEYS
-    assert res["schema"] == run.SCHEMA == "attnkit-bench/2"
+    assert res["schema"] == run.SCHEMA == "attnkit-bench/3"
     assert set(res["machine"]) == MACHINE_KEYS
     assert set(res["config"]) == CONFIG_KEYS
     assert res["config"]["mode"] == "tiny"
@@ -141,7 +158,8 @@ def test_compare_reports_speedup_per_case(tiny_run, tmp_path, capsys):
     rc, out = bench_main(["--load", str(new_path), "--compare", path], capsys)
     assert rc == 0
     assert "## compare with" in out
-    line = next(ln for ln in out.splitlines() if ln.startswith(row["name"]) and "x " in ln[50:])
+    compared = out[out.index("## compare with"):].splitlines()
+    line = next(ln for ln in compared if ln.startswith(row["name"]))
     assert "2.00x" in line and "faster" in line
     rows = report.compare_rows(res, new)
     assert len(rows) == len(res["runs"][0]["rows"])
@@ -292,74 +310,63 @@ def test_work_helpers():
     assert harness.attention_flops(1, 1, 4, 4, 2, window=(1, 0)) == 4 * 7 * 2
 
 
-# ---- suites for APIs still being built: stand-ins with the described signatures ----
-
-
-def _kvcache_standin(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens, block_table=None,
-                     causal=True, **kw):
-    """attention_with_kvcache as described, from attnkit.attention one sequence at a time."""
-    outs = [attnkit.attention(q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n],
-                              layout="bshd", causal=causal, causal_align="bottom_right")
-            for b, n in enumerate(np.asarray(cache_seqlens))]
-    return np.concatenate(outs)
-
-
-def _hf_adapter_standin(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                        is_causal=None, **kw):
-    """An "attnkit" transformers attention function over the NumPy API."""
-    import torch
-
-    sq = query.shape[2]
-    if is_causal is None:
-        is_causal = sq > 1 and attention_mask is None and getattr(module, "is_causal", True)
-    mask = None if attention_mask is None else attention_mask.numpy()
-    out = attnkit.attention(query.numpy(), key.numpy(), value.numpy(), mask=mask,
-                            causal=bool(is_causal), causal_align="bottom_right", scale=scaling)
-    return torch.from_numpy(out).transpose(1, 2), None
+# ---- the decode / backward / HF suites on attnkit's real APIs ----
 
 
 @pytest.fixture
-def standins(monkeypatch):
-    """Install attention_with_kvcache, attnkit.torch and attnkit.transformers stand-ins."""
-    torch = pytest.importorskip("torch")
+def fresh_hf_models():
+    """The HF suite caches its models; build them anew for a test (and drop them after)."""
     pytest.importorskip("transformers")
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    monkeypatch.setattr(attnkit, "attention_with_kvcache", _kvcache_standin, raising=False)
-    at = types.ModuleType("attnkit.torch")
-    at.scaled_dot_product_attention = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setitem(sys.modules, "attnkit.torch", at)
-    hf = types.ModuleType("attnkit.transformers")
-
-    def register():
-        """Register the adapter and the sdpa mask under "attnkit" (undone after the test)."""
-        monkeypatch.setitem(AttentionInterface._global_mapping, "attnkit", _hf_adapter_standin)
-        monkeypatch.setitem(AttentionMaskInterface._global_mapping, "attnkit", sdpa_mask)
-
-    hf.register = register
-    monkeypatch.setitem(sys.modules, "attnkit.transformers", hf)
-    importlib.import_module("suites.hf")._MODELS.clear()
-    yield at
-    importlib.import_module("suites.hf")._MODELS.clear()
+    hf = importlib.import_module("suites.hf")
+    hf._MODELS.clear()
+    yield hf
+    hf._MODELS.clear()
 
 
-def test_api_suites_run_against_standins(standins, tmp_path, capsys):
-    """decode, backward and hf run end to end on stand-ins of the coming APIs."""
+def _counting(monkeypatch, owner, attr, change=None):
+    """Replace owner.attr by a wrapper that counts calls and optionally changes the result."""
+    real = getattr(owner, attr)
+    calls = []
+
+    def wrapper(*a, **kw):
+        """The real function, counted (and changed by `change`)."""
+        calls.append(1)
+        out = real(*a, **kw)
+        return change(out) if change else out
+
+    monkeypatch.setattr(owner, attr, wrapper)
+    return calls
+
+
+def test_api_suites_run_the_real_apis(fresh_hf_models, monkeypatch, tmp_path, capsys):
+    """decode, backward and hf run end to end on attention_with_kvcache, attnkit.torch and
+    attnkit.transformers (each seen to be called), all agreeing with torch."""
+    import attnkit.torch as atorch
+
+    kvc_calls = _counting(monkeypatch, attnkit, "attention_with_kvcache")
+    sdpa_calls = _counting(monkeypatch, atorch, "scaled_dot_product_attention")
+    adapter_calls = _counting(monkeypatch, atorch, "attention")  # what the HF adapter runs on
     path = tmp_path / "api.json"
     rc, out = bench_main(["--tiny", "--suite", "decode", "--suite", "backward", "--suite", "hf",
                           "--json", str(path)], capsys)
     assert rc == 0, out
+    assert kvc_calls and sdpa_calls and adapter_calls
     run0 = json.loads(path.read_text())["runs"][0]
     assert run0["skipped"] == {}
     rows = {r["name"]: r for r in run0["rows"]}
+    assert all(r["mismatch"] == {} for r in rows.values())
     dec = [r for r in rows.values() if r["suite"] == "decode"]
     assert dec and all(r["params"]["api"] == "attention_with_kvcache" for r in dec)
-    assert all({"attnkit", "attnkit attention", "torch sdpa"} == set(r["timings"]) for r in dec)
+    plain = [r for r in dec if not r["params"]["capacity"]]
+    assert plain and all({"attnkit", "attnkit attention", "torch sdpa"} == set(r["timings"])
+                         for r in plain)
     bwd = [r for r in rows.values() if r["suite"] == "backward"]
     assert {r["params"]["kind"] for r in bwd} == {"bwd", "fwd+bwd"}
     hf = [r for r in rows.values() if r["suite"] == "hf"]
     assert {r["params"]["kind"] for r in hf} == {"forward", "generate", "overhead"}
+    models = fresh_hf_models.models("tiny")  # each model runs the implementation it is named for
+    assert {k: m.config._attn_implementation for k, m in models.items()} == {
+        k: k for k in fresh_hf_models.IMPLS}
     for r in hf:
         if r["params"]["kind"] == "overhead":
             assert set(r["extra"]) == {"attnkit_adapter_overhead_us", "sdpa_adapter_overhead_us"}
@@ -367,14 +374,188 @@ def test_api_suites_run_against_standins(standins, tmp_path, capsys):
             assert set(r["timings"]) == {"attnkit", "sdpa", "eager"} and r["unit"] == "tok/s"
 
 
-def test_wrong_backward_standin_is_a_mismatch(standins, capsys):
-    """Gradients 1% off are flagged on every backward row."""
-    import torch
+def test_capacity_row_times_both_caches(tiny_run):
+    """The issue-16 row: the same tokens in a large and an exact-size cache, interleaved, with
+    the slowdown of the large one; the quick run has the issue's shape."""
+    _, res, _, _ = tiny_run
+    row = next(r for r in res["runs"][0]["rows"] if r["params"].get("capacity"))
+    assert row["name"] == "decode kv=f32 B1 H4 Hkv2 Sq1 Sk64 D32 gqa Smax1024"
+    assert row["params"]["Smax"] == 1024 and row["params"]["Sk"] == 64
+    assert set(row["timings"]) == {"attnkit", "attnkit Smax=64", "torch sdpa"}
+    t = row["timings"]
+    assert row["extra"]["slowdown_vs_exact_cache"] == pytest.approx(
+        t["attnkit"]["median_s"] / t["attnkit Smax=64"]["median_s"])
+    cfg = run.Config(mode="quick", llc_bytes=32 << 20)
+    names = [s.name for s in decode_suite.specs(cfg)]
+    assert "decode kv=f32 B1 H32 Hkv8 Sq1 Sk2048 D128 gqa Smax32768" in names
 
-    standins.scaled_dot_product_attention = (
-        lambda q, k, v, **kw: torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw) * 1.01)
+
+def test_wrong_decode_is_a_mismatch(monkeypatch, capsys):
+    """attention_with_kvcache 1% off is flagged on every decode row (both caches of the capacity
+    row), attnkit.attention is not blamed."""
+    monkeypatch.setattr(attnkit, "attention_with_kvcache",
+                        lambda *a, _real=attnkit.attention_with_kvcache, **kw: _real(*a, **kw) * 1.01)
+    rc, out = bench_main(["--tiny", "--suite", "decode", "--dtype", "f32"], capsys)
+    assert rc == 1
+    mism = [ln for ln in out.splitlines() if "!!! MISMATCH" in ln]
+    assert len(mism) == 4 and all("attnkit: max error" in ln for ln in mism)
+    assert "attnkit attention:" not in out
+    assert any("attnkit Smax=64: max error" in ln for ln in mism)
+
+
+def test_wrong_backward_is_a_mismatch(monkeypatch, capsys):
+    """attnkit.torch's gradients 1% off are flagged on every backward row."""
+    import attnkit.torch as atorch
+
+    real = atorch.scaled_dot_product_attention
+    monkeypatch.setattr(atorch, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: real(q, k, v, **kw) * 1.01)
     rc, out = bench_main(["--tiny", "--suite", "backward"], capsys)
     assert rc == 1 and out.count("!!! MISMATCH") == 2
+
+
+def test_wrong_hf_adapter_is_a_mismatch(fresh_hf_models, monkeypatch, capsys):
+    """attnkit.transformers' attention 1% off: the forward and adapter rows are flagged."""
+    import attnkit.torch as atorch
+
+    _counting(monkeypatch, atorch, "attention", change=lambda out: out * 1.01)
+    rc, out = bench_main(["--tiny", "--suite", "hf"], capsys)
+    assert rc == 1
+    bad = [ln for ln in out.splitlines() if "!!! MISMATCH" in ln]
+    assert any("attnkit:" in ln for ln in bad) and any("attnkit adapter:" in ln for ln in bad)
+
+
+# ---- ceilings and the cache ----
+
+
+def _fake_sysfs(root, l3_groups):
+    """cpu*/cache/index{0..3} with L1d 48K, L1i 32K, L2 2048K and the given L3 groups
+    ({shared_cpu_list: size text}, each CPU of a group listing it)."""
+    cpu = 0
+    for shared, size in l3_groups.items():
+        for _ in shared.split(","):
+            base = root / f"cpu{cpu}" / "cache"
+            for i, (lvl, kind, sz, sh) in enumerate([(1, "Data", "48K", str(cpu)),
+                                                      (1, "Instruction", "32K", str(cpu)),
+                                                      (2, "Unified", "2048K", str(cpu)),
+                                                      (3, "Unified", size, shared)]):
+                d = base / f"index{i}"
+                d.mkdir(parents=True)
+                (d / "level").write_text(f"{lvl}\n")
+                (d / "type").write_text(f"{kind}\n")
+                (d / "size").write_text(f"{sz}\n")
+                (d / "shared_cpu_list").write_text(f"{sh}\n")
+            cpu += 1
+
+
+def test_llc_is_read_from_sysfs_with_fallbacks(tmp_path, monkeypatch):
+    """One shared L3 counts once, two instances add up; without sysfs or lscpu some size is
+    still given, with its source."""
+    one = tmp_path / "one"
+    _fake_sysfs(one, {"0,1": "266240K"})
+    assert env.llc_from_sysfs(str(one)) == {"bytes": 260 << 20, "level": 3, "instances": 1,
+                                            "source": "sysfs"}
+    two = tmp_path / "two"
+    _fake_sysfs(two, {"0,1": "32768K", "2,3": "32768K"})
+    assert env.llc_from_sysfs(str(two))["bytes"] == 64 << 20
+    assert env.llc_from_sysfs(str(tmp_path / "none")) is None
+    assert env.parse_size("260 MiB (1 instance)") == 260 << 20
+    assert env.parse_size("1.5 MiB (2 instances)") == 3 << 19
+    monkeypatch.setattr(env, "llc_from_sysfs", lambda: None)
+    monkeypatch.setattr(env, "llc_from_lscpu", lambda: None)
+    info = env.llc_info()
+    assert info["bytes"] > 0 and info["source"] in ("sysconf", "assumed")
+
+
+def test_ceiling_buffers_exceed_the_llc():
+    """Quick/full buffers are >= 4x the LLC (and >= 256/512 MB), capped by free memory."""
+    mb = 1 << 20
+    assert harness.ceiling_buffer_bytes("quick", 260 * mb) >= 4 * 260 * mb
+    assert harness.ceiling_buffer_bytes("full", 300 * mb) >= 4 * 300 * mb
+    assert harness.ceiling_buffer_bytes("quick", 32 * mb) == 256 * mb
+    assert harness.ceiling_buffer_bytes("full", 32 * mb) == 512 * mb
+    assert harness.ceiling_buffer_bytes("quick", 260 * mb, mem_available=1536 * mb) == 512 * mb
+    assert harness.ceiling_buffer_bytes("tiny", 260 * mb) == 8 * mb
+
+
+def test_measure_ceilings_takes_the_best_method():
+    """Every ceiling is the best of its methods (several multi-threaded reads, no NumPy sum);
+    a buffer under 2x the LLC is a warning."""
+    c = harness.measure_ceilings(2, "tiny", llc_bytes=1 << 20, mem_available=None)
+    assert set(c) == CEILING_KEYS - {"wall_s"}
+    assert {"numpy max", "blas dot", "torch sum"} <= set(c["read_by_method"])
+    assert c["read_gbs"] == max(c["read_by_method"].values()) > 0
+    assert c["copy_gbs"] == max(c["copy_by_method"].values()) > 0
+    assert c["sgemm_gflops"] == max(c["sgemm_by_method"].values()) > 0
+    assert c["buffer_vs_llc"] == pytest.approx(8.0)
+    assert not any("ceiling buffer" in w for w in c["warnings"])
+    c = harness.measure_ceilings(1, "tiny", llc_bytes=64 << 20)
+    assert any("ceiling buffer is under 2x" in w for w in c["warnings"])
+
+
+def test_cache_resident_rows_and_ceiling_errors(capsys):
+    """A read-bound row in the cache gets no %, "fits in L3" instead; one from DRAM above its
+    ceiling is a CEILING ERROR in the row and the summary (the exit status stays 0)."""
+    assert harness.cache_fit(100, 200) == "fits"
+    assert harness.cache_fit(300, 200) == "partial"
+    assert harness.cache_fit(400, 200) == "exceeds"
+    x = np.ones(1 << 16, np.float32)
+    case = harness.Case(suite="decode", name="fake read row", work=x.nbytes, ceiling="read",
+                        contenders={"attnkit": lambda: x.copy(), "other": lambda: x.copy()},
+                        check=lambda a, b: None)
+    cfg = harness.TimingConfig(rounds=2, burst_s=0.001, gap_s=0.0, settle=False)
+    in_cache = harness.run_case(case, {"read_gbs": 1e-6, "llc_bytes": 1 << 30}, cfg)
+    assert in_cache["cache_fit"] == "fits" and in_cache["ceiling_error"] is None
+    assert all(t["fraction_of_ceiling"] is None for t in in_cache["timings"].values())
+    line = report.format_row(in_cache)
+    assert "fits in L3: 256 KB" in line and "%" not in line and "CEILING" not in line
+    dram = harness.run_case(case, {"read_gbs": 1e-6, "llc_bytes": 1 << 10}, cfg)
+    assert dram["cache_fit"] == "exceeds"
+    assert dram["timings"]["attnkit"]["fraction_of_ceiling"] > 1
+    assert "attnkit" in dram["ceiling_error"] and "other" in dram["ceiling_error"]
+    assert "!!! CEILING ERROR" in report.format_row(dram)
+    slow = harness.run_case(case, {"read_gbs": 1e9, "llc_bytes": 1 << 10}, cfg)
+    assert slow["ceiling_error"] is None and "!!!" not in report.format_row(slow)
+    text, n_bad = report.summary({"runs": [{"threads": 1, "rows": [dram, in_cache],
+                                            "ceilings": {}}]})
+    assert n_bad == 0 and "1 row(s) above 100% of their ceiling" in text
+    assert "1 memory-bound row(s)" in text
+
+
+def test_ceiling_check_runs(capsys):
+    """bench/ceiling_check.py times every method and a decode row (small sizes here)."""
+    check = importlib.import_module("ceiling_check")
+    rc = check.main(["--threads", "1", "--rounds", "2", "--buffer-mb", "8", "--sk", "256"])
+    out = capsys.readouterr().out
+    assert rc in (0, 1)  # 1 = a cached decode row beat the read methods: possible at this size
+    for name in ("numpy copyto", "numpy max", "blas dot", "torch sum", "decode Sk256"):
+        assert name in out
+    assert "of the best read method" in out
+
+
+def test_decode_sweep_reaches_dram():
+    """The quick sweep gets an fp32 point whose K+V is >= 2x the LLC when the sweep has none."""
+    mb = 1 << 20
+    assert decode_suite.dram_sk(260 * mb) == 32768  # 1 GB of K+V for a 260 MB L3
+    assert decode_suite.dram_sk(32 * mb) == 4096
+    assert decode_suite.dram_sk(1 << 40) is None
+    big = [s for s in decode_suite.specs(run.Config(mode="quick", llc_bytes=260 * mb))
+           if s.params["sweep"] == "kv"]
+    assert big[-1].name == "decode kv=f32 B1 H32 Sq1 Sk32768 D128" and big[-1].heavy
+    small = [s for s in decode_suite.specs(run.Config(mode="quick", llc_bytes=32 * mb))
+             if s.params["sweep"] == "kv"]
+    assert [s.params["Sk"] for s in small] == decode_suite.KV_SWEEP["quick"]
+
+
+def test_attention_plot_has_causal_and_gqa_panels(tiny_run):
+    """One panel per sweep present: the quick and full runs sweep non-causal, causal and GQA."""
+    _, res, _, _ = tiny_run
+    titles = [t for t, _ in plots.attention_panels(res["runs"][0])]
+    assert titles == ["non-causal", "causal GQA"]  # tiny has no causal B1 H12 sweep
+    for mode in ("quick", "full"):
+        sweeps = {s.params["sweep"] for s in importlib.import_module("suites.attention").specs(
+            run.Config(mode=mode))}
+        assert {"seq", "seq_causal", "seq_gqa"} <= sweeps, mode
 
 
 def test_missing_api_skips_with_a_notice(monkeypatch, tmp_path, capsys):

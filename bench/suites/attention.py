@@ -1,8 +1,9 @@
 """attention prefill: attnkit.attention vs torch SDPA vs a naive matmul-softmax-matmul in torch.
 
 GFLOP/s against the sgemm ceiling (FLOPs: 4*B*H*Sq*Sk*D, halved for causal). Rows cover the
-issue's cases (MHA/GQA, causal or not, a bool key-padding mask), a sequence-length sweep
-(the attention plot) and, in --full, half types, a float mask and a sliding window.
+issue's cases (MHA/GQA, causal or not, a bool key-padding mask), sequence-length sweeps (the
+attention plot: B1 H12 D64 non-causal and causal, B1 H32/Hkv8 D128 causal GQA) and, in --full,
+half types, a float mask and a sliding window.
 """
 import math
 
@@ -22,7 +23,10 @@ ISSUE = [
 ]
 SEQ_SWEEP = {"tiny": [32, 80], "quick": [256, 512, 1024],
              "full": [128, 256, 512, 1024, 2048, 4096]}  # B1 H12 D64, non-causal and causal
-CAUSAL_SWEEP = {"tiny": [], "quick": [1024], "full": [256, 512, 1024, 2048, 4096]}
+CAUSAL_SWEEP = {"tiny": [], "quick": [512, 1024], "full": [256, 512, 1024, 2048, 4096]}
+# B1 H32 Hkv8 D128 causal (the issue's GQA case, Llama-like heads); its S2048 point is that case
+GQA_SWEEP = {"tiny": [48], "quick": [1024, 2048], "full": [256, 512, 1024, 2048]}
+GQA_HEADS = (32, 8, 128)
 TINY = [(2, 4, 2, 48, 32, "causal"), (2, 4, 4, 40, 16, "padmask")]
 FULL_EXTRA = [(1, 12, 12, 1024, 64, "floatmask"), (1, 12, 12, 2048, 64, "window")]
 HALF = ["bfloat16", "float16"]  # --full: the first issue case in these dtypes
@@ -54,7 +58,7 @@ def specs(cfg):
     """Issue cases, length sweeps, and --full extras; naive torch left out of heavy quick rows."""
     if cfg.mode == "tiny":
         out = [_spec(2, 4, 4, s, 32, "", sweep="seq") for s in SEQ_SWEEP["tiny"]]
-        return out + [_spec(*c) for c in TINY]
+        return out + [_spec(*c, sweep="seq_gqa" if c[1] != c[2] else None) for c in TINY]
     full = cfg.mode == "full"
     seen, out = set(), []
 
@@ -68,6 +72,11 @@ def specs(cfg):
         add(_spec(1, 12, 12, s, 64, "", sweep="seq"))
     for s in CAUSAL_SWEEP[cfg.mode]:
         add(_spec(1, 12, 12, s, 64, "causal", sweep="seq_causal"))
+    h, hkv, d = GQA_HEADS
+    for s in GQA_SWEEP[cfg.mode]:
+        heavy = s * d * h >= 1024 * 128 * 32
+        add(_spec(1, h, hkv, s, d, "causal", sweep="seq_gqa", heavy=heavy,
+                  naive=(full and s <= 2048) or not heavy))
     for c in ISSUE:
         heavy = c[3] * c[4] * c[1] >= 2048 * 128 * 32
         add(_spec(*c, heavy=heavy, naive=full or not heavy))

@@ -3,15 +3,22 @@
 attnkit runs `attnkit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=...)` when the
 API exists (q (B, Sq, H, D), caches (B, Smax, Hkv, D)), and `attnkit.attention` with Sq=1 on
 the filled part of the same caches (layout "bshd") in any case; torch SDPA runs on the same
-memory. Achieved GB/s = K/V bytes read per call (2*B*Sk*Hkv*D*itemsize) / time; caches that
-fit in the L3 (32 MB here: fp32 Sk <= 1024 at H32 D128) can beat the DRAM read ceiling.
+memory. Achieved GB/s = K/V bytes read per call (2*B*Sk*Hkv*D*itemsize) / time. Rows whose
+K/V is under twice the last-level cache (an fp32 Sk4096 H32 D128 cache is 128 MB: it fits in a
+260-300 MB Xeon L3, not in a 32 MB Zen L3) are reported as cache-resident, not as a % of the
+DRAM read ceiling, and the KV sweep gets one more point sized from the machine's LLC so that at
+least one row reads from DRAM (fp32 B1 H32 D128, K+V >= 2x LLC; Sk32768 = 1 GB on a 260 MB L3).
+
+The capacity row (issue 16 item 2) times the same 2048 tokens of B1 H32/8 D128 in a
+32768-position cache (subject) and in a 2048-position cache, interleaved in one row;
+`extra.slowdown_vs_exact_cache` = time(32768) / time(2048), target 1.00.
 
 For fp16/bf16 caches attnkit takes an fp32 q (it computes in fp32); torch SDPA needs one
 dtype, so its q is rounded to the cache dtype once, outside the timing.
 """
 import numpy as np
 
-from harness import Case, Spec, kv_bytes
+from harness import DRAM_FACTOR, Case, Spec, kv_bytes
 from suites.common import SHORT, checker, find_api, np_dtype, randn, shape_label, to_torch, \
     torch_or_none
 
@@ -28,6 +35,11 @@ ISSUE = [
 KV_SWEEP = {"tiny": [64, 200], "quick": [512, 1024, 2048, 4096],
             "full": [256, 512, 1024, 2048, 4096, 8192, 16384]}  # fp32 B1 H32 D128
 TINY = [(2, 4, 2, 96, 32, "float32"), (1, 4, 4, 128, 32, "bfloat16")]
+# (B, H, Hkv, Sk tokens, D, cache capacity): Sk tokens in a big cache vs an exact-size one
+CAPACITY = {"tiny": (1, 4, 2, 64, 32, 1024), "quick": (1, 32, 8, 2048, 128, 32768),
+            "full": (1, 32, 8, 2048, 128, 32768)}
+DRAM_SK_MAX = 1 << 17  # the LLC-sized row stops here (fp32 H32 D128: 4 GB of K+V)
+FILL_BLOCK = 1 << 24  # caches above this many elements repeat one random block (fast set-up)
 
 
 def missing():
@@ -42,22 +54,62 @@ def kvcache_api():
     return find_api("attnkit", "attention_with_kvcache")
 
 
-def _spec(b, h, hkv, sk, d, dt, sweep=None):
-    """A Spec for one decode row (one query token, cache of Sk + slack)."""
+def _spec(b, h, hkv, sk, d, dt, sweep=None, smax=None, heavy=False):
+    """A Spec for one decode row (one query token, cache of Sk + slack, or of `smax` positions:
+    then a capacity row that also times the same tokens in an Sk-position cache)."""
     label = shape_label(b, h, 1, sk, d, hkv) + (" gqa" if h != hkv else "")
-    params = {"B": b, "H": h, "Hkv": hkv, "Sq": 1, "Sk": sk, "Smax": sk + CACHE_SLACK, "D": d,
-              "dtype": dt, "q_dtype": "float32", "sweep": sweep}
-    return Spec(NAME, f"decode kv={SHORT[dt]} {label}", label, dt, params)
+    if smax is not None:
+        label += f" Smax{smax}"
+    params = {"B": b, "H": h, "Hkv": hkv, "Sq": 1, "Sk": sk,
+              "Smax": smax if smax is not None else sk + CACHE_SLACK, "D": d,
+              "dtype": dt, "q_dtype": "float32", "sweep": sweep, "capacity": smax is not None}
+    return Spec(NAME, f"decode kv={SHORT[dt]} {label}", label, dt, params, heavy=heavy)
+
+
+def dram_sk(llc_bytes, h=32, d=128, itemsize=4, start=4096):
+    """Smallest power-of-two Sk >= start whose fp32 B1 K+V is at least DRAM_FACTOR x the LLC
+    (None above DRAM_SK_MAX)."""
+    sk = start
+    while kv_bytes(1, sk, h, d, itemsize) < DRAM_FACTOR * llc_bytes:
+        sk *= 2
+    return sk if sk <= DRAM_SK_MAX else None
 
 
 def specs(cfg):
-    """The issue's four cases and a KV-length sweep (the decode plot)."""
+    """The KV-length sweep (the decode plot) with a DRAM-sized point, the issue cases and the
+    capacity row."""
+    b, h, hkv, sk, d, smax = CAPACITY[cfg.mode]
+    capacity = _spec(b, h, hkv, sk, d, "float32", smax=smax)
     if cfg.mode == "tiny":
         out = [_spec(1, 4, 4, s, 32, "float32", sweep="kv") for s in KV_SWEEP["tiny"]]
-        return out + [_spec(*c) for c in TINY]
-    out = [_spec(1, 32, 32, s, 128, "float32", sweep="kv") for s in KV_SWEEP[cfg.mode]]
+        return out + [_spec(*c) for c in TINY] + [capacity]
+    sweep = list(KV_SWEEP[cfg.mode])
+    big = dram_sk(getattr(cfg, "llc_bytes", 0) or 0)
+    out = [_spec(1, 32, 32, s, 128, "float32", sweep="kv") for s in sweep]
+    if big is not None and big not in sweep:
+        out.append(_spec(1, 32, 32, big, 128, "float32", sweep="kv", heavy=True))
     names = {s.name for s in out}
-    return out + [s for s in (_spec(*c) for c in ISSUE) if s.name not in names]
+    return out + [s for s in (_spec(*c) for c in ISSUE) if s.name not in names] + [capacity]
+
+
+def cache(rng, shape, dtype, filled):
+    """A (B, Smax, Hkv, D) cache: random in the first `filled` positions, NaN after them.
+
+    Above FILL_BLOCK elements the filled part repeats one random block of positions (the
+    kernels do not care, and 1 GB of randn would take longer than timing the row).
+    """
+    b, smax, hkv, d = shape
+    c = np.empty(shape, np_dtype(dtype))
+    c[:, filled:] = np.nan  # beyond cache_seqlens: must never be read into the output
+    if b * filled * hkv * d <= FILL_BLOCK:
+        c[:, :filled] = randn(rng, (b, filled, hkv, d), dtype)
+        return c
+    blk = max(1, FILL_BLOCK // (b * hkv * d))
+    block = randn(rng, (b, blk, hkv, d), dtype)
+    for s0 in range(0, filled, blk):
+        n = min(blk, filled - s0)
+        c[:, s0:s0 + n] = block[:, :n]
+    return c
 
 
 def build(spec):
@@ -70,16 +122,26 @@ def build(spec):
     b, h, hkv, sk, smax, d = p["B"], p["H"], p["Hkv"], p["Sk"], p["Smax"], p["D"]
     rng = np.random.default_rng(0)
     q = randn(rng, (b, 1, h, d))
-    k_cache = randn(rng, (b, smax, hkv, d), p["dtype"])
-    v_cache = randn(rng, (b, smax, hkv, d), p["dtype"])
-    k_cache[:, sk:] = np.nan  # beyond cache_seqlens: must never be read into the output
-    v_cache[:, sk:] = np.nan
+    k_cache = cache(rng, (b, smax, hkv, d), p["dtype"], sk)
+    v_cache = cache(rng, (b, smax, hkv, d), p["dtype"], sk)
     seqlens = np.full((b,), sk, np.int32)
     k_view, v_view = k_cache[:, :sk], v_cache[:, :sk]
 
     contenders = {}
     kvc = kvcache_api()
-    if kvc is not None:
+    derive = None
+    if p.get("capacity"):
+        if kvc is None:
+            raise RuntimeError("the capacity row needs attnkit.attention_with_kvcache")
+        k_exact, v_exact = np.ascontiguousarray(k_view), np.ascontiguousarray(v_view)
+        contenders["attnkit"] = lambda: kvc(q, k_cache, v_cache, cache_seqlens=seqlens)
+        contenders[f"attnkit Smax={sk}"] = lambda: kvc(q, k_exact, v_exact, cache_seqlens=seqlens)
+        exact = f"attnkit Smax={sk}"
+
+        def derive(t):
+            """time in the big cache / time in the exact-size cache (target 1.00)."""
+            return {"slowdown_vs_exact_cache": t["attnkit"].median_s / t[exact].median_s}
+    elif kvc is not None:
         contenders["attnkit"] = lambda: kvc(q, k_cache, v_cache, cache_seqlens=seqlens)
         contenders["attnkit attention"] = lambda: attnkit.attention(q, k_view, v_view, layout="bshd")
     else:
@@ -95,4 +157,5 @@ def build(spec):
     params = dict(p, api="attention_with_kvcache" if kvc is not None else "attention")
     work = kv_bytes(b, sk, hkv, d, np_dtype(p["dtype"]).itemsize)
     return Case(suite=NAME, name=spec.name, contenders=contenders, reference="torch sdpa",
-                work=work, ceiling="read", check=checker(p["dtype"]), params=params)
+                work=work, ceiling="read", check=checker(p["dtype"]), params=params,
+                derive=derive)

@@ -15,6 +15,7 @@ from suites.common import close_enough, find_api, torch_or_none
 NAME = "hf"
 IMPLS = ["attnkit", "sdpa", "eager"]
 LOGIT_TOL = 1e-4  # fp32 logits through several layers
+INIT_STD = 0.05  # weight init (GPT-2: 0.02); see models()
 # model sizes: (layers, embed, heads, vocab); head dim 64 as in GPT-2
 MODEL = {"tiny": (1, 64, 2, 128), "quick": (4, 256, 4, 1024), "full": (6, 768, 12, 4096)}
 FORWARD = {"tiny": [(1, 16)], "quick": [(1, 128)], "full": [(1, 128), (1, 512), (4, 256)]}
@@ -62,22 +63,35 @@ _MODELS = {}
 
 
 def models(mode):
-    """One GPT-2 per attention implementation, all with the same random weights (cached)."""
+    """One GPT-2 per attention implementation, all with the same random weights (cached).
+
+    Each model gets its own copy of the config: `_from_config` writes the implementation into
+    the config it is given, so with one shared config all three ran the last one ("eager").
+    The weights are drawn with std 0.05 instead of GPT-2's 0.02: at 0.02 the attention output
+    barely reaches the logits and greedy generation repeated one or two tokens; at 0.05 a 1%
+    error in attention moves the logits 60x past LOGIT_TOL, attnkit and eager stay 100x under
+    it (all three model sizes), and generation emits 5-19 distinct tokens.
+    """
     if mode in _MODELS:
         return _MODELS[mode]
+    import copy
+
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     register_api()()
     layers, embed, heads, vocab = MODEL[mode]
     config = GPT2Config(vocab_size=vocab, n_positions=2048, n_embd=embed, n_layer=layers,
-                        n_head=heads, bos_token_id=0, eos_token_id=None, pad_token_id=0)
+                        n_head=heads, bos_token_id=0, eos_token_id=None, pad_token_id=0,
+                        initializer_range=INIT_STD)
     torch.manual_seed(0)
-    base = GPT2LMHeadModel(config).eval()
+    base = GPT2LMHeadModel(copy.deepcopy(config)).eval()
     out = {}
     for impl in IMPLS:
-        m = GPT2LMHeadModel._from_config(config, attn_implementation=impl).eval()
+        m = GPT2LMHeadModel._from_config(copy.deepcopy(config), attn_implementation=impl).eval()
         m.load_state_dict(base.state_dict())
+        if m.config._attn_implementation != impl:
+            raise RuntimeError(f"model built for {impl!r} runs {m.config._attn_implementation!r}")
         out[impl] = m
     _MODELS.clear()
     _MODELS[mode] = out
