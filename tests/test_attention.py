@@ -393,3 +393,18 @@ def test_the_bound_catches_a_dropped_key(rng, dtype):
         assert_close(dropped.astype(dtype), ref, dtype, torch_result=torch_equivalent(q, k, v))
     attention_out = attnkit.attention(q, k, v)
     check(q, k, v, attention_out)  # while the kernel itself passes
+
+
+def test_long_keys_repack_the_kv_cache(isa, rng):
+    """Above 16 MB of packed K+V per (batch, kv head) -- about 16k keys at D = 128 in fp32 --
+    the prefill kernel keeps one packed block per thread and repacks it on use."""
+    from attnkit import _C
+
+    q, k, v = make_qkv(rng, 1, 2, 1, 40, 17000, 128)
+    o, lse = attnkit.attention(q, k, v, return_lse=True)
+    assert _C._last_attention_plan()["pack_slots"] == 1
+    check(q, k, v, o, lse=lse)
+    q, k, v = make_qkv(rng, 1, 2, 1, 40, 3000, 128)
+    attnkit.attention(q, k, v)
+    assert _C._last_attention_plan()["pack_slots"] > 1  # the cached path, for contrast
+

@@ -197,3 +197,20 @@ def test_bad_inputs(rng):
         attnkit.attention_backward(o, q, k.astype(np.float16), v.astype(np.float16), o, lse)
     with pytest.raises(ValueError, match="dropout_p must be in"):
         attnkit.attention_backward(o, q, k, v, o, lse, dropout_p=1.5)
+
+
+def test_nan_lse_propagates_instead_of_a_silent_zero_row(isa, rng):
+    """A NaN in lse (a forward that met NaN) gives NaN in that row's dq, not a quiet zero
+    row; -inf (a row with no allowed key) still gives exact zeros."""
+    q, k, v = randn(rng, (1, 2, 6, 16), np.float32), randn(rng, (1, 2, 9, 16), np.float32), randn(rng, (1, 2, 9, 16), np.float32)
+    o, lse = attnkit.attention(q, k, v, return_lse=True)
+    bad = lse.copy()
+    bad[0, 1, 2] = np.nan
+    dq, dk, dv = attnkit.attention_backward(np.ones_like(o), q, k, v, o, bad)
+    assert np.isnan(dq[0, 1, 2]).all()
+    good = np.delete(np.arange(6), 2)
+    assert np.isfinite(dq[0, :, good]).all() and np.isfinite(dq[0, 0]).all()
+    dead = lse.copy()
+    dead[0, 0, 4] = -np.inf
+    dq, _, _ = attnkit.attention_backward(np.ones_like(o), q, k, v, o, dead)
+    assert (dq[0, 0, 4] == 0).all()

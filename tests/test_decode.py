@@ -385,3 +385,26 @@ def test_split_decision_and_chunk_count_by_shape(rng):
     q, k, v = make_qkv(rng, 1, 4, 4, 100, 300, D)
     attnkit.attention(q, k, v)
     assert _plan()["kernel"] == "prefill"
+
+
+def test_append_then_refuse_then_append(rng):
+    """A good append, a refused one (nothing written), then the next good append lands right
+    after the first: the cache holds exactly the accepted rows."""
+    B, H, Hkv, D = 2, 4, 2, 32
+    kc, vc = np.zeros((B, 16, Hkv, D), np.float32), np.zeros((B, 16, Hkv, D), np.float32)
+    q = randn(rng, (B, 1, H, D), np.float32)
+    k1, v1 = randn(rng, (B, 1, Hkv, D), np.float32), randn(rng, (B, 1, Hkv, D), np.float32)
+    attnkit.attention_with_kvcache(q, kc, vc, k=k1, v=v1, cache_seqlens=np.array([3, 5]))
+    after_first = kc.copy(), vc.copy()
+    bad = np.empty((B, 1, H, 2 * D), np.float32)[..., ::2]
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        attnkit.attention_with_kvcache(q, kc, vc, k=k1 * 7, v=v1 * 7, cache_seqlens=np.array([4, 6]), out=bad)
+    assert np.array_equal(kc, after_first[0]) and np.array_equal(vc, after_first[1])
+    k2, v2 = randn(rng, (B, 1, Hkv, D), np.float32), randn(rng, (B, 1, Hkv, D), np.float32)
+    o = attnkit.attention_with_kvcache(q, kc, vc, k=k2, v=v2, cache_seqlens=np.array([4, 6]))
+    expect_k = np.zeros_like(kc)
+    for b, n in enumerate([3, 5]):
+        expect_k[b, n], expect_k[b, n + 1] = k1[b, 0], k2[b, 0]
+    assert np.array_equal(kc, expect_k)
+    assert_close(o, ref_from_cache(q, kc, vc, [5, 7], causal=True), np.float32)
+

@@ -152,3 +152,14 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="overlapping elements"):
         out = np.lib.stride_tricks.as_strided(np.empty(4, np.float32), (3, 4), (0, 4))
         attnkit.matmul(a, np.ones((4, 4), np.float32), out=out)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=dtype_id)
+def test_blocks_larger_than_nc_kc_mc(isa, rng, dtype):
+    """N above every variant's NC (3072 fp32 / 1536 fp64), K above KC (256) and M above MC
+    (144), each with a ragged tail: the outer BLIS loops run more than once and end partway."""
+    for m, k, n in [(20, 40, 3200), (150, 600, 40), (5, 9, 1600)]:
+        a, b = randn(rng, (m, k), dtype), randn(rng, (k, n), dtype)
+        check(a, b, attnkit.matmul(a, b))
+        bt = np.asfortranarray(b)  # the packed path, not the skinny in-place one
+        check(a, bt, attnkit.matmul(a, bt))

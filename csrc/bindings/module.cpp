@@ -46,6 +46,7 @@ py::dict last_attention_plan_py() {
   d["chunk_keys"] = r.chunk_keys;
   d["items"] = r.items;
   d["threads"] = r.threads;
+  d["pack_slots"] = r.pack_slots;
   return d;
 }
 

@@ -234,7 +234,10 @@ void recompute_lse(const AttentionParams& p, const BwdItem& it, const SeqView& s
 template <class T>
 void grad_row(const AttentionParams& p, T* srow, T* dprow, const T* sraw, int64_t bn, int64_t bnp,
               T lse, T Di, const T* zbuf) {
-  const bool dead = !(lse > -T(__builtin_inf()));  // the row saw no allowed key: P = 0
+  // lse = -inf: the row saw no allowed key, P = 0 (a zero gradient row). A NaN lse (a
+  // forward that met NaN) is not "dead": exp(s - NaN) spreads it into the row's gradients,
+  // as any backward through a NaN output does.
+  const bool dead = lse == -T(__builtin_inf());
   if constexpr (std::is_same<T, float>::value) {
     using V = Vec<float>;
     const V vl = V::set1(dead ? 0.0f : lse), vD = V::set1(Di), vscale = V::set1(float(p.scale));

@@ -74,7 +74,6 @@ struct Workspace {
   Scratch<float> add;
   Scratch<uint8_t> keep;  // dropout decisions of one row
   PackCache<T> cache;
-  bool ok = true;
 };
 
 struct Item {
@@ -111,7 +110,7 @@ void pack_kv_block(const AttentionParams& p, const SeqView& s, int64_t g, int64_
 }
 
 template <class T, class S>
-bool ensure_packed(const AttentionParams& p, const SeqView& s, int64_t g, int64_t kb,
+void ensure_packed(const AttentionParams& p, const SeqView& s, int64_t g, int64_t kb,
                    PackCache<T>& c, const T** kblk, const T** vblk, bool* nonfinite) {
   constexpr int64_t BN = Tiles<T>::kBlockN;
   if (c.b != s.b || c.g != g) {
@@ -130,7 +129,6 @@ bool ensure_packed(const AttentionParams& p, const SeqView& s, int64_t g, int64_
   *kblk = kp;
   *vblk = vp;
   *nonfinite = c.nonfinite[slot];
-  return true;
 }
 
 // O += P V for a V block that holds inf/NaN: keys with P == 0 (masked) are skipped, so a
@@ -232,6 +230,16 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
   }
 }
 
+// Key blocks the pack cache holds: every block of the longest sequence when they fit in
+// kPackCacheBytes, else 1 (repacked on each use).
+template <class T>
+int64_t pack_cache_slots(const AttentionParams& p, int64_t max_sk) {
+  using Tl = Tiles<T>;
+  const int64_t block_elems = Tl::kBlockNPad * (p.head_dim + round_up(p.head_dim_v, Tl::NR));
+  const int64_t nblocks = imax(1, ceil_div(max_sk, Tl::kBlockN));
+  return nblocks * block_elems * int64_t(sizeof(T)) <= kPackCacheBytes ? nblocks : 1;
+}
+
 template <class T>
 bool init_workspace(const AttentionParams& p, Workspace<T>& w, int64_t max_sk) {
   using Tl = Tiles<T>;
@@ -241,9 +249,7 @@ bool init_workspace(const AttentionParams& p, Workspace<T>& w, int64_t max_sk) {
   PackCache<T>& c = w.cache;
   c.block_elems_k = BNp * D;
   c.block_elems_v = BNp * Dvp;
-  const int64_t nblocks = imax(1, ceil_div(max_sk, Tl::kBlockN));
-  const int64_t group_bytes = nblocks * (c.block_elems_k + c.block_elems_v) * int64_t(sizeof(T));
-  c.slots = group_bytes <= kPackCacheBytes ? nblocks : 1;
+  c.slots = pack_cache_slots<T>(p, max_sk);
   return w.qf.reset(size_t(BM * D)) && w.s.reset(size_t(BM * BNp)) && w.o.reset(size_t(BM * Dvp)) &&
          w.m.reset(size_t(BM)) && w.l.reset(size_t(BM)) && w.add.reset(size_t(Tl::kBlockN)) && w.keep.reset(size_t(Tl::kBlockN)) &&
          c.k.reset(size_t(c.slots * c.block_elems_k)) && c.v.reset(size_t(c.slots * c.block_elems_v)) &&
@@ -291,6 +297,7 @@ Status attention_typed(const AttentionParams& p) {
   AttentionPlanRecord rec;
   rec.kernel = 1;
   rec.num_chunks = 1;
+  rec.pack_slots = pack_cache_slots<T>(p, max_sk);
   rec.items = n_items;
   rec.threads = nt;
   debug_record_attention_plan(rec);

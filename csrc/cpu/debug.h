@@ -26,6 +26,8 @@ struct AttentionPlanRecord {
   int64_t chunk_keys = 0;   // decode: keys per chunk
   int64_t items = 0;        // work items of the call
   int64_t threads = 0;      // threads the parallel region was asked for
+  int64_t pack_slots = 0;   // prefill: key blocks the per-thread K/V pack cache holds
+                            // (1: the blocks are repacked on every use, a long sequence)
 };
 void debug_record_attention_plan(const AttentionPlanRecord& r);
 AttentionPlanRecord debug_last_attention_plan();

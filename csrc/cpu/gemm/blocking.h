@@ -1,4 +1,4 @@
-// GEMM blocking constants per ISA and element type (DESIGN rule 5), BLIS style:
+// GEMM blocking constants per ISA and element type (docs/ARCHITECTURE.md, "GEMM"), BLIS style:
 //   MR x NR   register tile of C held in accumulators by the micro-kernel
 //   KC        depth of one pass: a KC x NR micro-panel of B stays in L1 while the
 //             micro-kernel walks the MR-row micro-panels of A under it
@@ -22,9 +22,11 @@ struct Blocking;
 template <>
 struct Blocking<float> {
   static constexpr int MR = 12, NR = 32;
-  // B micro-panel: 256 x 32 x 4 B = 32 KB would fill L1; 192 rows = 24 KB leaves room for the
-  // A stream and C. A block 144 x 192 x 4 B = 108 KB of the 1 MB L2. B block 192 x 3072 x 4 B
-  // = 2.3 MB of the shared L3.
+  // KC = 256: the B micro-panel is 256 x 32 x 4 B = 32 KB, all of a Zen 4 L1d (2/3 of an
+  // Emerald Rapids 48 KB one), so by the textbook rule 192 (24 KB) should win; measured on
+  // Zen 4 at 1 thread, 12x32x256 ran 94 GFLOP/s against 84 for 12x32x192 (bench/NOTES.md): the
+  // hardware prefetchers keep the panel streaming. A block 144 x 256 x 4 B = 144 KB of L2;
+  // B block 256 x 3072 x 4 B = 3 MB of the shared L3.
   static constexpr int64_t KC = 256, MC = 144, NC = 3072;
 };
 template <>
