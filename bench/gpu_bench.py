@@ -5,7 +5,7 @@
     python bench/gpu_bench.py --json out.json --case attn
 
 Each case first checks attnkit's result against torch's, then times both interleaved (A B A B
-..., DESIGN.md "Measuring"): every round times a burst of calls lasting >= 30 ms per
+..., docs/ARCHITECTURE.md "Measuring"): every round times a burst of calls lasting >= 30 ms per
 contender with CUDA events, the report is the median over rounds. torch attention runs the
 FlashAttention-2 backend where it supports the case (fp16/bf16), else its own choice.
 Rates: attention 4*B*H*Sq*Sk*D FLOPs (halved for causal), matmul 2*M*N*K, softmax and decode

@@ -1,6 +1,6 @@
 """Shared benchmark machinery: interleaved timing, machine ceilings, work counts, cases.
 
-Timing rule (DESIGN.md, "Measuring"): contenders are timed in alternation (A B A B ...), each
+Timing rule (docs/ARCHITECTURE.md, "Measuring"): contenders are timed in alternation (A B A B ...), each
 in a burst of calls lasting about `burst_s`, after a short idle gap. OpenMP/OpenBLAS workers
 keep spinning for tens of ms after a call; the gap lets them park so the next contender gets
 both cores. The reported time is the median over rounds of (burst time / calls), with the
@@ -122,7 +122,7 @@ def time_interleaved(fns: dict, cfg: TimingConfig = TimingConfig()) -> dict:
     return out
 
 
-# ---- work per call (DESIGN.md: FLOP and byte conventions) ----
+# ---- work per call (docs/ARCHITECTURE.md, "Measuring": FLOP and byte conventions) ----
 
 
 def matmul_flops(m, n, k, batch=1):
@@ -139,7 +139,7 @@ def window_pairs(sq, sk, left, right):
 
 
 def attention_flops(b, h, sq, sk, d, dv=None, causal=False, window=None):
-    """Forward: 2*B*H*Sq*Sk*(D + Dv) (= 4*B*H*Sq*Sk*D), halved for causal (DESIGN.md).
+    """Forward: 2*B*H*Sq*Sk*(D + Dv) (= 4*B*H*Sq*Sk*D), halved for causal (docs/ARCHITECTURE.md, "Measuring").
 
     A sliding `window` (left, right) counts only the pairs it allows (kernels skip the rest).
     Bool/float masks are counted dense: the kernel cannot know they are sparse.
@@ -151,7 +151,7 @@ def attention_flops(b, h, sq, sk, d, dv=None, causal=False, window=None):
 
 
 def attention_bwd_flops(b, h, sq, sk, d, causal=False):
-    """Backward alone: 2.5x the forward (DESIGN.md). fwd+bwd is 3.5x."""
+    """Backward alone: 2.5x the forward (docs/ARCHITECTURE.md, "Measuring"). fwd+bwd is 3.5x."""
     return 2.5 * attention_flops(b, h, sq, sk, d, causal=causal)
 
 

@@ -1,4 +1,4 @@
-"""Float64 references and the pass rule shared by every kernel test (see DESIGN.md).
+"""Float64 references and the pass rule shared by every kernel test (docs/ARCHITECTURE.md, "Testing").
 
 A result passes when its max error against the float64 reference is at most twice PyTorch's
 own error on the same inputs, or within the per-dtype tolerance below, whichever is larger.

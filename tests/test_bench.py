@@ -121,7 +121,7 @@ def test_json_schema_is_stable(tiny_run):
 
 
 def test_rows_use_the_documented_work_counts(tiny_run):
-    """FLOP and byte counts follow DESIGN.md; rate = work / median."""
+    """FLOP and byte counts follow docs/ARCHITECTURE.md, "Measuring"; rate = work / median."""
     _, res, _, _ = tiny_run
     rows = {r["name"]: r for r in res["runs"][0]["rows"]}
     a = rows["attn f32 B2 H4 S80 D32"]

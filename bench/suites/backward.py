@@ -2,7 +2,7 @@
 
 Two kinds of rows: "bwd" times the backward alone (`torch.autograd.grad` on a graph kept with
 retain_graph=True, so the forward is not timed); "fwd+bwd" times a forward and a backward.
-FLOPs: backward 2.5x the forward (DESIGN.md), fwd+bwd 3.5x. Needs
+FLOPs: backward 2.5x the forward (docs/ARCHITECTURE.md, "Measuring"), fwd+bwd 3.5x. Needs
 `attnkit.torch.scaled_dot_product_attention` with autograd (F.scaled_dot_product_attention's
 signature); the suite is skipped while it is missing.
 """

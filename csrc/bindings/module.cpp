@@ -1,4 +1,4 @@
-// attnkit._C: the thin binding (DESIGN rule 2). Each entry point checks dtype, shape, strides
+// attnkit._C: the thin binding (ARCHITECTURE.md rule 2). Each entry point checks dtype, shape, strides
 // and aliasing, fills one params struct, releases the GIL and calls one kernel. No maths here.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

@@ -1,6 +1,7 @@
 // Pieces every attention kernel shares (forward, backward, decode): sequence addressing,
-// the allowed key range of a query row, the score modifiers in their fixed order, and K/V
-// packing. Per-ISA namespace (included by per-ISA objects only).
+// the allowed key range of a query row, the score modifiers in their fixed order, mask
+// reading, and the KV-cache append. (K/V packing is each kernel's own: attention_fwd.cpp's
+// pack cache, attention_bwd.cpp's pack_block.) Per-ISA namespace (per-ISA objects only).
 //
 // Score pipeline for query row i and key j (one place, so every kernel agrees):
 //   1. s = scale * q_i . k_j

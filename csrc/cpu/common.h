@@ -16,7 +16,7 @@ namespace ATTNKIT_ISA_NS {
 constexpr size_t kScratchAlign = 64;  // one cache line; also enough for any vector load
 
 // An owned, 64-byte aligned scratch buffer (kernels avoid std containers: their out-of-line
-// template code would be shared between ISA variants, see DESIGN rule 4).
+// template code would be shared between ISA variants, see ARCHITECTURE.md rule 4).
 template <class T>
 struct Scratch {
   T* ptr = nullptr;

@@ -1,4 +1,4 @@
-// Run-time ISA selection (DESIGN rule 3). Built WITHOUT -m flags: it must run on any CPU.
+// Run-time ISA selection (ARCHITECTURE.md rule 3). Built WITHOUT -m flags: it must run on any CPU.
 //
 // The variant is chosen once, when the module is imported (the binding calls select_isa with
 // $ATTNKIT_CPU or "auto"). "auto" takes the best variant that is compiled, supported by this

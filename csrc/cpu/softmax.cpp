@@ -12,7 +12,7 @@
 // leaves exp(x - max_c) in out (fp32) ; the row combines the stats in chunk order and a last
 // pass multiplies by exp(max_c - M) / S (half types recompute the exp instead).
 // Chunk boundaries depend only on n, so a long row split over threads gives the same bits as
-// a row done by one thread (DESIGN rule 6).
+// a row done by one thread (ARCHITECTURE.md rule 6).
 //
 // Layouts: contiguous rows take the paths above; a strided softmax axis with a contiguous
 // other axis ("lanes", e.g. axis=0 of a C-contiguous matrix) runs vectorized across lanes;

@@ -1,4 +1,4 @@
-// OpenMP helpers shared by the kernels (DESIGN rule 7).
+// OpenMP helpers shared by the kernels (ARCHITECTURE.md rule 7).
 //
 // The thread count of a call is resolved once, in the binding, by resolve_num_threads() and
 // travels in the params struct; kernels never call omp_set_num_threads. Every parallel region

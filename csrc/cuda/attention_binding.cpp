@@ -2,9 +2,10 @@
 // two helpers of the Python layer: to_host (small index arrays, for host-side checks) and
 // dlpack_describe (reads a DLPack capsule without consuming it).
 //
-// The Python layer (_cuda_api.py) hands canonical (B, H, S, D) device views and has already
-// produced the user-facing error messages; this re-checks everything the kernels rely on for
-// memory safety (DESIGN rule 2), fills AttentionParams, plans and launches.
+// The Python front end (_front.py, via _cuda_backend.py) hands canonical (B, H, S, D) device
+// views and has already produced the user-facing error messages; this re-checks everything
+// the kernels rely on for memory safety (attention_params, shared with the CPU binding;
+// ARCHITECTURE.md rule 2), fills AttentionParams, plans and launches.
 #include <cuda_runtime_api.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>

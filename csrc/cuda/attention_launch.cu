@@ -1,6 +1,6 @@
 // Attention forward on the GPU: the plan (kernel, tile, GQA packing, key splits), the
 // KV-cache metadata check and append, the kernel dispatch (one switch per axis: dtype, then
-// head-dim bucket; DESIGN rule 3) and the combine of split partials (flash-decoding).
+// head-dim bucket; ARCHITECTURE.md rule 3) and the combine of split partials (flash-decoding).
 #include <algorithm>
 #include <cstdio>
 

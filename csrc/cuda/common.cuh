@@ -1,6 +1,6 @@
 // Device helpers every CUDA kernel shares: storage <-> compute conversions, warp reductions,
 // and thin wrappers over the PTX instructions the tensor-core kernels use (cp.async,
-// ldmatrix, mma.sync). Kernels include this; nothing here knows Python (DESIGN rule 1).
+// ldmatrix, mma.sync). Kernels include this; nothing here knows Python (ARCHITECTURE.md rule 1).
 //
 // ATTNKIT_CUDA_EMULATE (tests only, see csrc/cuda/emulate/): the same kernel sources are
 // compiled by the host compiler and run on a CPU emulator of the CUDA execution model, so

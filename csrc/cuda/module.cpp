@@ -1,5 +1,5 @@
-// attnkit._cuda: the thin binding of the CUDA kernels (DESIGN rule 2). python/attnkit/
-// _cuda_api.py turns device arrays (torch, CuPy, __cuda_array_interface__, DLPack) into the
+// attnkit._cuda: the thin binding of the CUDA kernels (ARCHITECTURE.md rule 2). python/attnkit/
+// _cuda_backend.py turns device arrays (torch, CuPy, __cuda_array_interface__, DLPack) into the
 // raw descriptors of csrc/bindings/tensor.h: (data_ptr, shape, strides_in_elements, dtype,
 // writeable). Each entry point checks dtype, shape, strides, aliasing and that every pointer
 // is device memory of the call's device, fills one params struct, releases the GIL and

@@ -1,4 +1,4 @@
-// Packed GEMM, BLIS style (DESIGN rule 5). Compiled once per ISA.
+// Packed GEMM, BLIS style (ARCHITECTURE.md rule 5). Compiled once per ISA.
 //
 //   for jc in N by NC                      B block (KC x NC) packed once, shared by threads
 //     for pc in K by KC                    K is never split across threads (rule 6)

@@ -1,4 +1,4 @@
-// The MR x NR register-blocked micro-kernel (DESIGN rule 5): one per ISA, generated from the
+// The MR x NR register-blocked micro-kernel (ARCHITECTURE.md rule 5): one per ISA, generated from the
 // SIMD vocabulary. Matmul and attention (S = Q K^T, O += P V) both run on it.
 //
 //   C[0:M, 0:nr] (+)= A[0:M, 0:kc] * B[0:kc, 0:NR]

@@ -1,4 +1,4 @@
-// The one SIMD vocabulary of attnkit (DESIGN rule 3/4). Kernels include this header inside
+// The one SIMD vocabulary of attnkit (ARCHITECTURE.md rules 3, 4). Kernels include this header inside
 // their per-ISA namespace and write everything in terms of Vec<T>; they never test __AVX2__.
 //
 // The build defines exactly one of ATTNKIT_ISA_AVX512, ATTNKIT_ISA_AVX2, ATTNKIT_ISA_SCALAR per

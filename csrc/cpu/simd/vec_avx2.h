@@ -13,7 +13,6 @@ namespace attnkit {
 namespace cpu {
 namespace ATTNKIT_ISA_NS {
 
-constexpr const char* kIsaName = "avx2";
 
 // Lane masks for partial loads and stores: kTailMask32 + 8 - n selects the first n lanes.
 alignas(64) static const int32_t kTailMask32[16] = {-1, -1, -1, -1, -1, -1, -1, -1,

@@ -14,7 +14,6 @@ namespace attnkit {
 namespace cpu {
 namespace ATTNKIT_ISA_NS {
 
-constexpr const char* kIsaName = "avx512";
 
 template <class T>
 struct Vec;

@@ -13,7 +13,6 @@ namespace attnkit {
 namespace cpu {
 namespace ATTNKIT_ISA_NS {
 
-constexpr const char* kIsaName = "scalar";
 
 template <class T>
 struct Vec;

@@ -1,5 +1,5 @@
 // Storage types understood by every kernel. Plain data only: this header is included by
-// the per-ISA kernel objects, so it must not define inline functions (ODR, DESIGN rule 4).
+// the per-ISA kernel objects, so it must not define inline functions (ODR, ARCHITECTURE.md rule 4).
 #pragma once
 #include <cstdint>
 

@@ -1,6 +1,6 @@
-// Plain-data descriptions of every kernel call (DESIGN rule 1). The binding fills these from
+// Plain-data descriptions of every kernel call (ARCHITECTURE.md rule 1). The binding fills these from
 // Python arrays; CPU and CUDA kernels read nothing else. All strides are in elements, int64.
-// No inline functions here: the per-ISA objects include this header (ODR, DESIGN rule 4).
+// No inline functions here: the per-ISA objects include this header (ODR, ARCHITECTURE.md rule 4).
 #pragma once
 #include <cstdint>
 

@@ -4,7 +4,7 @@
 // and the result does not depend on threads or tiling.
 //
 // `static inline` on purpose: internal linkage gives every object (each ISA variant and the
-// binding) its own copy, so no weak symbol can be shared across ISA variants (DESIGN rule 4).
+// binding) its own copy, so no weak symbol can be shared across ISA variants (ARCHITECTURE.md rule 4).
 #pragma once
 #include <cstdint>
 
