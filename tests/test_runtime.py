@@ -153,3 +153,29 @@ def test_output_cache_can_be_disabled():
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "0"
+
+
+def test_output_cache_release_never_takes_the_lock():
+    """Garbage collection can run a cached buffer's __del__ on a thread that already holds the
+    cache's lock (inside attnkit's own allocation): releasing must not wait for that lock."""
+    import gc
+    import threading
+
+    from attnkit import _alloc
+
+    attnkit.empty_cache()
+    y = attnkit.softmax(np.ones((1024, 2048), np.float32))  # 8 MB: from the cache
+    done = threading.Event()
+
+    def release_while_locked():
+        nonlocal y
+        with _alloc._lock:  # as if GC struck inside _alloc.empty
+            del y
+            gc.collect()
+        done.set()
+
+    t = threading.Thread(target=release_while_locked, daemon=True)
+    t.start()
+    assert done.wait(10), "releasing a buffer under the cache lock deadlocked"
+    assert _alloc.cached_bytes() == 1024 * 2048 * 4  # and it did reach the cache
+    attnkit.empty_cache()

@@ -11,6 +11,7 @@ Safety: the returned array's memory is owned by a holder object, and every view 
 keeps that holder alive (NumPy points views at the owner), so a buffer goes back to the cache
 only when nothing can see it any more.
 """
+import collections
 import os
 import threading
 
@@ -20,6 +21,10 @@ _MIN_BYTES = 4 << 20
 _lock = threading.Lock()
 _free = {}  # nbytes -> list of uint8 buffers
 _cached_bytes = 0
+# Buffers whose last array died. __del__ only appends here (deque.append is atomic and never
+# blocks): garbage collection can run __del__ on a thread that already holds _lock, so
+# taking the lock there could deadlock. The queue is drained under the lock by empty().
+_released = collections.deque()
 
 
 def _cap_bytes():
@@ -45,13 +50,19 @@ class _Holder:
         }
 
     def __del__(self):
-        _release(self.buf)
+        _released.append(self.buf)
 
 
-def _release(buf):
+def _drain_released():
+    """Move released buffers into the cache (caller holds _lock), up to the cap."""
     global _cached_bytes
-    with _lock:
-        if _cached_bytes + buf.nbytes <= _cap_bytes():
+    cap = _cap_bytes()
+    while True:
+        try:
+            buf = _released.popleft()
+        except IndexError:
+            return
+        if _cached_bytes + buf.nbytes <= cap:
             _free.setdefault(buf.nbytes, []).append(buf)
             _cached_bytes += buf.nbytes
 
@@ -64,6 +75,7 @@ def empty(shape, dtype):
     if nbytes < _MIN_BYTES or _cap_bytes() == 0 or dtype.hasobject:
         return np.empty(shape, dtype)
     with _lock:
+        _drain_released()
         bufs = _free.get(nbytes)
         buf = bufs.pop() if bufs else None
         if buf is not None:
@@ -80,10 +92,13 @@ def empty_cache():
     """Release the cached output buffers (see ATTNKIT_OUTPUT_CACHE_MB)."""
     global _cached_bytes
     with _lock:
+        _released.clear()
         _free.clear()
         _cached_bytes = 0
 
 
 def cached_bytes():
     """Bytes currently held in the output cache."""
-    return _cached_bytes
+    with _lock:
+        _drain_released()
+        return _cached_bytes
