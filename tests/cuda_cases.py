@@ -440,7 +440,7 @@ def test_kvcache_refusals_leave_the_caches_untouched(dev, rng):
         ("is negative", dict(cache_seqlens=np.array([-1, 2]))),
         ("out must be contiguous along its last dim", dict(out=wide_out[..., ::2])),
         ("k_cache must be contiguous along its last dim", dict(k_cache=big[..., ::2], v_cache=big[..., 1::2])),
-        ("k_cache overlaps k", dict(k=kc[:, 4:6])),
+        ("k/v overlap the caches", dict(k=kc[:, 4:6])),
         ("k has dtype float16 but the caches have float32", dict(k=dev.put(kn_h.astype(np.float16)))),
         ("scale must be finite", dict(scale=float("nan"))),
         ("causal must be a bool", dict(causal=0)),

@@ -119,7 +119,7 @@ def test_describe_cai_strides_dtype_and_errors(rec):
 
 def test_views_match_numpy():
     a = np.zeros((3, 1, 5), np.float32)
-    d = Arr(None, "cai", 0, a.shape, [s // 4 for s in a.strides], "float32", 0, True)
+    d = Arr(None, "cai", 0, a.shape, tuple(s // 4 for s in a.strides), "float32", 0, True)
     for shape in [(3, 4, 5), (2, 3, 7, 5)]:
         ref = np.broadcast_to(a, shape)
         got = d.broadcast_to(shape)

@@ -100,7 +100,7 @@ def dev():
         # __cuda_array_interface__ has no bfloat16 typestr: describe those arrays directly.
         if isinstance(obj, EmuArray) and bfloat16 is not None and obj.a.dtype == bfloat16:
             a = obj.a
-            return Arr(obj, "cai", a.ctypes.data, a.shape, [s // 2 for s in a.strides], "bfloat16", 0,
+            return Arr(obj, "cai", a.ctypes.data, a.shape, tuple(s // 2 for s in a.strides), "bfloat16", 0,
                        a.flags.writeable)
         return orig_describe(obj, fn, name, stream)
 

@@ -71,6 +71,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_num_threads_override", &num_threads_override);
   m.def("_resolve_num_threads", &resolve_num_threads);
 
+  m.def("_describe", &describe_numpy, py::arg("array"),
+        "(ptr, shape, strides in elements or None, dtype name, writeable) of a numpy array.");
   // Test hooks (csrc/cpu/debug.h).
   m.def("_debug_fail_allocation_after", &cpu::debug_fail_allocation_after, py::arg("n"),
         "Make the n-th kernel scratch allocation from now fail (n <= 0: disarm). Tests only.");

@@ -190,4 +190,29 @@ Tensor to_tensor_or_none(py::handle obj, const char* fn, const char* arg, bool n
   return to_tensor(obj, fn, arg, need_writeable);
 }
 
+py::tuple describe_numpy(py::handle obj) {
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  const py::dtype dt = a.dtype();
+  DType t;
+  std::string name;
+  if (numpy_dtype(dt, &t)) {
+    name = dtype_name(t);
+  } else {
+    name = py::str(dt.attr("name")).cast<std::string>();
+  }
+  const py::ssize_t nd = a.ndim(), isz = dt.itemsize();
+  py::tuple shape(nd), strides(nd);
+  bool whole = isz > 0;
+  for (py::ssize_t d = 0; d < nd; ++d) {
+    const py::ssize_t sb = a.strides(d);
+    if (isz <= 0 || sb % isz != 0) whole = false;
+    // The tuples are new and owned here: filling them through the C API is what it is for.
+    PyTuple_SET_ITEM(shape.ptr(), d, PyLong_FromSsize_t(a.shape(d)));
+    PyTuple_SET_ITEM(strides.ptr(), d, PyLong_FromSsize_t(isz > 0 ? sb / isz : 0));
+  }
+  return py::make_tuple(reinterpret_cast<uintptr_t>(a.data()), shape,
+                        whole ? py::object(strides) : py::object(py::none()), name,
+                        a.writeable());
+}
+
 }  // namespace attnkit

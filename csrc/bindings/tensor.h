@@ -48,6 +48,11 @@ inline Tensor absent_tensor() {
 // Optional argument: None -> nullptr-data tensor with ndim -1.
 Tensor to_tensor_or_none(py::handle obj, const char* fn, const char* arg, bool need_writeable);
 
+// (data_ptr, shape, strides in elements or None when a byte stride is not a whole number of
+// items, dtype name, writeable) of a numpy array: the Python front end's descriptor
+// (python/attnkit/_arrays.py), built here because it is on every call's path.
+py::tuple describe_numpy(py::handle a);
+
 // True if the byte ranges of a and b intersect (a conservative "may share memory").
 bool may_overlap(const Tensor& a, const Tensor& b);
 bool same_view(const Tensor& a, const Tensor& b);

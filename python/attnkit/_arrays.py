@@ -15,6 +15,8 @@ import sys
 
 import numpy as np
 
+from . import _C
+
 _KDL_CUDA, _KDL_CUDA_MANAGED = 2, 13
 
 FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -35,9 +37,11 @@ class Arr:
 
     def __init__(self, obj, kind, ptr, shape, strides, dtype, device, writeable, stream=None,
                  keep=None):
-        self.obj, self.kind, self.ptr = obj, kind, int(ptr)
-        self.shape, self.strides = tuple(int(s) for s in shape), tuple(int(s) for s in strides)
-        self.dtype, self.device, self.writeable = dtype, device, bool(writeable)
+        # shape / strides: tuples of Python ints (callers convert torch.Size, lists, ...): this
+        # runs several times per call, so it converts nothing itself.
+        self.obj, self.kind, self.ptr = obj, kind, ptr
+        self.shape, self.strides = shape, strides
+        self.dtype, self.device, self.writeable = dtype, device, writeable
         self.stream, self.keep = stream, keep
 
     @property
@@ -61,8 +65,8 @@ class Arr:
         return (self.ptr, self.shape, self.strides, self.dtype, self.writeable)
 
     def view(self, shape, strides):
-        return Arr(self.obj, self.kind, self.ptr, shape, strides, self.dtype, self.device,
-                   self.writeable, self.stream, self.keep)
+        return Arr(self.obj, self.kind, self.ptr, tuple(shape), tuple(strides), self.dtype,
+                   self.device, self.writeable, self.stream, self.keep)
 
     def transpose(self, *perm):
         return self.view([self.shape[p] for p in perm], [self.strides[p] for p in perm])
@@ -95,50 +99,19 @@ class Arr:
         """The kernels need unit stride along the last dim (or a last dim of 1, or no data)."""
         return self.ndim == 0 or self.shape[-1] <= 1 or self.strides[-1] == 1 or self.size == 0
 
-    def extent(self):
-        """[lo, hi) byte range the elements can touch; (0, 0) when empty."""
-        if self.size == 0:
-            return 0, 0
-        lo = hi = 0
-        for n, st in zip(self.shape, self.strides):
-            span = st * (n - 1)
-            if span < 0:
-                lo += span
-            else:
-                hi += span
-        isz = self.itemsize
-        return self.ptr + lo * isz, self.ptr + hi * isz + isz
-
-
-def overlaps(a, b):
-    """True if the byte ranges of ``a`` and ``b`` intersect (a conservative may-share-memory)."""
-    alo, ahi = a.extent()
-    blo, bhi = b.extent()
-    return alo < ahi and blo < bhi and alo < bhi and blo < ahi
-
-
-def dtype_name(dt):
-    """numpy dtype -> the binding's dtype names (ml_dtypes.bfloat16 is ``"bfloat16"``)."""
-    return np.dtype(dt).name
-
 
 def host(a, fn, name):
     """Describe a numpy array (TypeError naming ``fn`` and ``name`` for anything else)."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{fn}: {name} must be a numpy.ndarray, got {type(a).__name__}")
-    dt = dtype_name(a.dtype)
-    isz = a.dtype.itemsize
-    strides = []
-    for sb in a.strides:
-        if sb % isz:
-            raise ValueError(f"{fn}: {name} has a stride of {sb} bytes, not a multiple of its item "
-                             f"size; pass np.ascontiguousarray({name})")
-        strides.append(sb // isz)
-    ptr = a.ctypes.data
-    if a.size and ptr % isz:
+    ptr, shape, strides, dt, writeable = _C._describe(a)
+    if strides is None:
+        raise ValueError(f"{fn}: {name} has a stride that is not a multiple of its item size; "
+                         f"pass np.ascontiguousarray({name})")
+    if ptr % a.itemsize and a.size:
         raise ValueError(f"{fn}: {name} is not aligned to its item size; pass "
                          f"np.ascontiguousarray({name})")
-    return Arr(a, "numpy", ptr, a.shape, strides, dt, None, a.flags.writeable)
+    return Arr(a, "numpy", ptr, shape, strides, dt, None, writeable)
 
 
 def is_device_array(obj):

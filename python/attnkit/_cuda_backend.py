@@ -97,7 +97,8 @@ def _describe(obj, fn, arg, stream=None):
             raise TypeError(f"{fn}: {arg} must be a CUDA device array like the other arrays, "
                             f"got a tensor on {obj.device}")
         dt = str(obj.dtype).replace("torch.", "")
-        return Arr(obj, "torch", obj.data_ptr(), obj.shape, obj.stride(), dt, obj.device.index, True)
+        return Arr(obj, "torch", obj.data_ptr(), tuple(obj.shape), tuple(obj.stride()), dt,
+                   obj.device.index, True)
     cai = None
     try:
         cai = getattr(obj, "__cuda_array_interface__", None)
@@ -127,7 +128,8 @@ def _describe(obj, fn, arg, stream=None):
         else:
             kind = "cai"
             device = _module().pointer_device(ptr) if ptr and math.prod(shape) else -1
-        return Arr(obj, kind, ptr, shape, strides, dt, device, not readonly, cai.get("stream"))
+        return Arr(obj, kind, int(ptr), tuple(int(n) for n in shape), tuple(int(st) for st in strides),
+                   dt, device, not readonly, cai.get("stream"))
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
         try:
             dev_type, dev_id = obj.__dlpack_device__()
@@ -140,8 +142,8 @@ def _describe(obj, fn, arg, stream=None):
             except TypeError:
                 cap = obj.__dlpack__()
             ptr, shape, strides, dt, writeable, _, dev = _module().dlpack_describe(cap)
-            return Arr(obj, "dlpack", ptr, shape, strides, dt, int(dev) if dev_type == _KDL_CUDA else -1,
-                       writeable, keep=cap)
+            return Arr(obj, "dlpack", int(ptr), tuple(shape), tuple(strides), dt,
+                       int(dev) if dev_type == _KDL_CUDA else -1, writeable, keep=cap)
     raise TypeError(
         f"{fn}: {arg} must be a CUDA device array (a CUDA torch.Tensor, cupy.ndarray, or an object "
         f"with __cuda_array_interface__ or __dlpack__) like the other arrays, got {type(obj).__name__}"

@@ -14,7 +14,7 @@ import numbers
 import numpy as np
 
 from . import _cpu_backend, _cuda_backend
-from ._arrays import FLOAT_DTYPES, Arr, host, is_device_array, overlaps
+from ._arrays import FLOAT_DTYPES, Arr, host, is_device_array
 
 
 class Call:
@@ -79,13 +79,6 @@ class Call:
         if a.ndim != ndim:
             raise ValueError(f"{fn}: {name} must be {ndim}-D, got shape {a.shape}")
         return np.ascontiguousarray(a, dtype=np.int64)
-
-    def check_no_overlap(self, outputs, inputs):
-        """Outputs must not share memory with inputs (nor with each other)."""
-        for oname, o in outputs:
-            for iname, i in inputs:
-                if i is not None and o is not None and overlaps(o, i):
-                    raise ValueError(f"{self.fn}: {oname} overlaps {iname}; pass a separate array")
 
 
 # ---- dtypes ----
