@@ -176,14 +176,15 @@ void load_item(const AttentionParams& p, const AttentionBwdParams& bp, const Bwd
       T* qf = w.qf.get() + row * Dp;
       T* df = w.dof.get() + row * Dvp;
       for (int64_t d = 0; d < Dp; ++d) qf[d] = d < D ? load_as<T>(qr + d) : T(0);
-      T dsum = T(0), check = T(0);
+      T dsum = T(0), qsum = T(0);
       for (int64_t d = 0; d < Dvp; ++d) {
         df[d] = d < Dv ? load_as<T>(dorow + d) : T(0);
         if (d < Dv) dsum += df[d] * load_as<T>(orow + d);
-        check += df[d] - df[d];
       }
-      for (int64_t d = 0; d < D; ++d) check += qf[d] - qf[d];
-      if (check != T(0)) bad = true;  // x - x is NaN for inf and NaN, else 0
+      for (int64_t d = 0; d < D; ++d) qsum += qf[d];
+      // inf/NaN in dO (or O) makes dsum, in q makes qsum non-finite (so can a sum that
+      // overflows: then the rare path runs for nothing, still correct).
+      if (!(dsum - dsum == T(0)) || !(qsum - qsum == T(0))) bad = true;
       w.drow[row] = dsum;
       const float l = p.lse[out_offset(p, sv, h, i, p.lse_stride)];
       w.lse[row] = T(l);
@@ -237,7 +238,7 @@ void recompute_lse(const AttentionParams& p, const BwdItem& it, const SeqView& s
           const auto rc = row_ctx(p, sv, h, i, j0, bn, w.add.get());
           const T mx = T(score_row(rc, srow));
           T& mr = m[hh * rows + r0 + r];
-          const T mn = running_max(mx, mr);
+          const T mn = mx > mr ? mx : mr;  // (a NaN reaches l: the exp or the guard)
           if (mn == -T(__builtin_inf())) {  // nothing allowed yet; a NaN lane poisons l
             guard_row(srow, bn, &l[r]);
             continue;

@@ -23,9 +23,10 @@ namespace ATTNKIT_ISA_NS {
 // Non-finite values: the row state carries them the way torch's softmax does. A NaN or +inf
 // score among the allowed keys makes exp(s - m) NaN, so l becomes NaN and stays NaN (NaN * 0
 // is NaN), and the final out = O / l and lse = m + log l are NaN. No per-element test is
-// needed for that; the one place a NaN could be lost is the -inf guard below (the vectorized
-// max may drop a NaN lane: x86 max returns its second operand when either is NaN), so the
-// guard looks at the lanes it zeroes. Masked keys are -inf before the exp and give P = 0.
+// needed for that, and m need not hold the NaN (l does). The one place a NaN could be lost
+// is the -inf guard below (the vectorized max may drop a NaN lane: x86 max returns its second
+// operand when either is NaN, so m_new can stay -inf), so the guard looks at the lanes it
+// zeroes. Masked keys are -inf before the exp and give P = 0.
 // T: float, or double for float64 inputs (the mask row too, so a float64 mask keeps its
 // precision).
 template <class T>
@@ -69,20 +70,16 @@ inline RowCtx<T> row_ctx(const AttentionParams& p, const SeqView& s, int64_t h, 
 // The -inf guard: no key allowed so far gave a finite score (m_new == -inf), so exp(s - m)
 // would be exp(-inf + inf) = NaN. Such a block contributes nothing: P = 0, and m and O stay.
 // A NaN lane (which the max reduction may have dropped) must still poison the row: l = NaN.
+// Out of line (and cold): inlined into the row updates it grew their prologues, a measurable
+// cost per call on the hot path (callgrind) for a branch that is rarely taken.
 template <class T>
-inline void guard_row(T* srow, int64_t bn, T* l) {
+__attribute__((noinline, cold)) void guard_row(T* srow, int64_t bn, T* l) {
   bool nan = false;
   for (int64_t j = 0; j < bn; ++j) {
     nan |= srow[j] != srow[j];
     srow[j] = T(0);
   }
   if (nan) *l = T(__builtin_nan(""));
-}
-
-// The new running max; a NaN block max (or a NaN m) stays NaN so the row stays poisoned.
-template <class T>
-inline T running_max(T bmax, T m_old) {
-  return (bmax > m_old || bmax != bmax) ? bmax : m_old;
 }
 
 // No modifier and a positive scale: max(scale * s) = scale * max(s), and exp(scale*s - m)
@@ -104,8 +101,8 @@ inline void row_update_plain(const RowCtx<float>& rc, float* srow, float* m, flo
   for (; j < rc.bn; j += V::N) vmax0 = max(vmax0, V::load(srow + j));
   const float m_old = *m;
   const float bmax = max(vmax0, vmax1).hmax() * float(rc.scale);
-  const float m_new = running_max(bmax, m_old);
-  // No key is masked here, but every score can still be -inf (an -inf input): the guard.
+  const float m_new = bmax > m_old ? bmax : m_old;
+  // No key is masked here, but every score can still be -inf (an -inf input) or NaN: the guard.
   if (m_new == kNegInfF) return guard_row(srow, rc.bn, l);
   const V vscale = V::set1(float(rc.scale)), vneg_m = V::set1(-m_new);
   V vsum0 = V::zero(), vsum1 = V::zero();
@@ -138,19 +135,27 @@ inline float score_row(const RowCtx<float>& rc, float* srow) {
   const V vscale = V::set1(float(rc.scale)), ninf = V::set1(kNegInfF);
   const V vlo = V::set1(float(rc.lo - rc.j0)), vhi = V::set1(float(rc.hi - rc.j0));
   const V vc = V::set1(float(rc.c - double(rc.j0)));
+  // The row's options as locals: read from rc inside the loop, the compiler reloaded and
+  // re-tested them every vector (the stores to srow may alias rc as far as it knows).
+  const bool softcap = rc.softcap > 0.0, alibi = rc.slope != 0.0, bounds = rc.bounds;
+  const bool float_mask = rc.float_mask;
+  const float* add = rc.add;
+  const int64_t bn = rc.bn;
+  const V vcap = V::set1(float(rc.softcap)), vinv_cap = V::set1(float(rc.inv_softcap));
+  const V vslope = V::set1(float(rc.slope));
   V vmax = ninf;
-  for (int64_t j = 0; j < rc.bn; j += V::N) {
-    const int w = int(imin(V::N, rc.bn - j));
+  for (int64_t j = 0; j < bn; j += V::N) {
+    const int w = int(imin(V::N, bn - j));
     V x = V::load(srow + j) * vscale;
-    if (rc.softcap > 0.0) x = V::set1(float(rc.softcap)) * vtanh(x * V::set1(float(rc.inv_softcap)));
+    if (softcap) x = vcap * vtanh(x * vinv_cap);
     const V jv = V::iota(float(j));  // key index relative to j0
-    if (rc.slope != 0.0) x = fnma(V::set1(float(rc.slope)), abs(vc - jv), x);
-    if (rc.bounds) x = select((jv < vlo) | (vhi < jv), ninf, x);
-    if (rc.add) {
-      const V a = w == V::N ? V::load(rc.add + j) : V::load_partial(rc.add + j, w);
-      x = rc.float_mask ? select(a == ninf, ninf, x + a) : select(a == ninf, ninf, x);
+    if (alibi) x = fnma(vslope, abs(vc - jv), x);
+    if (bounds) x = select((jv < vlo) | (vhi < jv), ninf, x);
+    if (add) {
+      const V a = w == V::N ? V::load(add + j) : V::load_partial(add + j, w);
+      x = float_mask ? select(a == ninf, ninf, x + a) : select(a == ninf, ninf, x);
     }
-    if (w < V::N) x = select(jv < V::set1(float(rc.bn)), x, ninf);
+    if (w < V::N) x = select(jv < V::set1(float(bn)), x, ninf);
     x.store(srow + j);  // the tile is padded to a whole number of vectors
     vmax = max(vmax, x);
   }
@@ -163,7 +168,7 @@ inline void row_update(const RowCtx<float>& rc, float* srow, float* m, float* l,
   if (plain_row(rc)) return row_update_plain(rc, srow, m, l, orow, dvp);
   const float m_old = *m;
   const float bmax = score_row(rc, srow);
-  const float m_new = running_max(bmax, m_old);
+  const float m_new = bmax > m_old ? bmax : m_old;
   // While every key seen so far is masked, m stays -inf: the guard.
   if (m_new == kNegInfF) return guard_row(srow, rc.bn, l);
   const V vm = V::set1(m_new);
@@ -200,7 +205,7 @@ inline double score_row(const RowCtx<double>& rc, double* srow) {
         x += a;
     }
     srow[j] = x;
-    vmax = running_max(x, vmax);
+    vmax = x > vmax ? x : vmax;
   }
   return vmax;
 }
@@ -208,7 +213,7 @@ inline double score_row(const RowCtx<double>& rc, double* srow) {
 inline void row_update(const RowCtx<double>& rc, double* srow, double* m, double* l,
                        double* orow, int64_t dvp) {
   const double vmax = score_row(rc, srow);
-  const double m_old = *m, m_new = running_max(vmax, m_old);
+  const double m_old = *m, m_new = vmax > m_old ? vmax : m_old;
   if (m_new == -__builtin_inf()) return guard_row(srow, rc.bn, l);  // as in the fp32 path
   double sum = 0.0;
   for (int64_t j = 0; j < rc.bn; ++j) {
