@@ -375,6 +375,25 @@ def test_is_causal_with_mask_like_torch():
             at.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True)
 
 
+def test_kernel_dependent_rules_under_compile():
+    """The same rules under torch.compile (fullgraph), where torch's selector cannot be traced."""
+    torch.manual_seed(31)
+    q, k, v = rand(2, 2, 6, 8), rand(2, 2, 9, 8), rand(2, 2, 9, 8)
+    m = torch.rand(6, 9) > 0.3
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b, c: at.scaled_dot_product_attention(a, b, c, attn_mask=m, is_causal=True),
+                      fullgraph=True, backend="eager")
+    assert rel_err(f(q, k, v), F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True)) < 1e-5
+    # refusals: the same exception type as torch's (fullgraph=True would turn both into the
+    # compiler's own RuntimeError subclasses)
+    for g, exc in ((lambda a, b, c: at.scaled_dot_product_attention(a[0], b[0], c[0], attn_mask=m, is_causal=True),
+                    RuntimeError),
+                   (lambda a, b, c: at.scaled_dot_product_attention(a, b, c, attn_mask=m[0]), IndexError)):
+        torch._dynamo.reset()
+        with pytest.raises(exc):
+            torch.compile(g, backend="eager")(q, k, v)
+
+
 def test_low_dim_masks_like_torch():
     """A 1-D or 0-D mask: torch 2.13 raises an IndexError for 4-D inputs (its flash kernel's
     check) and broadcasts it where its math kernel runs (3-D inputs)."""

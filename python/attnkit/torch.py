@@ -381,10 +381,34 @@ def _check_kernel_dependent(query, key, value, attn_mask, dropout_p, is_causal, 
     mask with fewer than 2 dims (the flash kernel's shape check raises IndexError, the math
     kernel broadcasts it). Ask torch's own selector (it raises torch's errors, and it honours
     sdpa_kernel); attnkit then computes what the selected kernel would."""
-    choice = torch._fused_sdp_choice(query, key, value, attn_mask, dropout_p, is_causal,
-                                     scale=scale, enable_gqa=enable_gqa)
-    if is_causal and choice != int(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+    if torch.compiler.is_compiling():  # the selector returns an int, which dynamo cannot trace
+        flash = _flash_would_run(query, key, value, attn_mask, dropout_p)
+    else:
+        choice = torch._fused_sdp_choice(query, key, value, attn_mask, dropout_p, is_causal,
+                                         scale=scale, enable_gqa=enable_gqa)
+        flash = choice == int(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
+    if is_causal and not flash:
         raise RuntimeError(_CAUSAL_AND_MASK)
+
+
+def _flash_would_run(query, key, value, attn_mask, dropout_p) -> bool:
+    """Under torch.compile: torch 2.13's CPU kernel choice (sdp_utils_cpp.cpp,
+    use_flash_attention_cpp) re-stated from its checks, in their order. Flash enabled, no
+    dropout, 4-D inputs, equal batch sizes, a mask of >= 2 dims (fewer raise torch's
+    IndexError, from that check), equal head dims, unit last-dim strides; else math."""
+    if not torch._C._get_flash_sdp_enabled() or dropout_p != 0.0:
+        return False
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return False
+    if not query.shape[0] == key.shape[0] == value.shape[0]:
+        return False
+    if attn_mask is not None and attn_mask.dim() < 2:
+        raise IndexError(f"Dimension out of range (expected to be in range of [-1, 0], but got -2)"
+                         if attn_mask.dim() == 1 else
+                         "Dimension specified as -2 but tensor has no dimensions")
+    if not query.shape[-1] == key.shape[-1] == value.shape[-1]:
+        return False
+    return query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1
 
 
 def _check_like_torch(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
