@@ -12,7 +12,8 @@ Sizes are small enough for the emulator; the GPU module adds large and timing-se
 import numpy as np
 import pytest
 
-from reference import FLOAT_DTYPES, assert_close, attention_ref, bfloat16, dtype_id, randn, softmax_ref, to64
+from reference import (FLOAT_DTYPES, assert_close, attention_ref, bfloat16, dtype_id, nonfinite_cases, randn,
+                       softmax_ref, to64)
 
 HALF = [np.dtype(np.float16)] + ([bfloat16] if bfloat16 is not None else [])
 TC_AND_FP32 = HALF + [np.dtype(np.float32)]
@@ -271,6 +272,25 @@ def test_nan_in_masked_kv_does_not_leak(dev, rng, dtype):
     assert np.isfinite(o.astype(np.float32)).all()
     # an unmasked inf in V propagates as in torch
     assert not np.isfinite(run(dev, q, k[:, :, :150], v[:, :, :150]).astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("sq,sk", [(40, 300), (37, 19), (4, 300), (1, 700)])
+def test_nonfinite_propagates_from_attended_entries(dev, rng, sq, sk, dtype):
+    """As the CPU kernels (tests/test_attention.py): NaN/inf in an attended entry makes the row
+    NaN (the split-KV combine included), masked-out entries stay out, fully masked rows are 0."""
+    for name, q, k, v, opts in nonfinite_cases(rng, 1, 4, 2, sq, sk, 16, dtype):
+        kw = {key: val for key, val in opts.items() if key != "bottom_right"}
+        if opts.get("bottom_right"):
+            kw["causal_align"] = "bottom_right"
+        o, lse = run(dev, q, k, v, return_lse=True, **kw)
+        ref, ref_lse = attention_ref(q, k, v, **opts)
+        nan_rows = np.isnan(to64(o)).any(-1)
+        assert np.array_equal(nan_rows, np.isnan(ref).any(-1)), (name, np.argwhere(nan_rows != np.isnan(ref).any(-1))[:5])
+        assert np.array_equal(np.isnan(lse), np.isnan(ref_lse)), name
+        assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse)), name
+        fin = np.isfinite(ref)
+        assert_close(o, ref, dtype, scale=float(np.abs(ref[fin]).max()) if fin.any() else 1.0, what=name)
 
 
 @pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)

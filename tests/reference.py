@@ -268,3 +268,74 @@ def torch_equivalent(q, k, v, *, mask=None, causal=False, bottom_right=False, sc
                                        scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return from_torch(o, q.dtype)
 
+def nonfinite_cases(rng, B, H, Hkv, Sq, Sk, D, dtype):
+    """Inputs holding NaN/inf, each as (name, q, k, v, opts) with attention_ref's option names.
+
+    attention_ref gives the expected result: NaN exactly in the rows that attend a non-finite
+    entry (a query row, a key, a value or a float-mask value that is not masked out), as torch
+    propagates them, while rows to which the entry is masked out stay finite, and a fully
+    masked row stays 0 (lse -inf) whatever its query holds. Positions are chosen so that every
+    case has both kinds of row where the shape allows it.
+    """
+    def fresh():
+        return (randn(rng, (B, H, Sq, D), dtype), randn(rng, (B, Hkv, Sk, D), dtype),
+                randn(rng, (B, Hkv, Sk, D), dtype))
+
+    r = Sq // 2                    # the poisoned query row
+    j = max(0, Sk - Sq // 2 - 1)   # a key that bottom-right causal rows >= about Sq/2 attend
+    cases = []
+    q, k, v = fresh()
+    q[0, 0, r] = np.nan
+    cases.append(("nan_query_row", q, k, v, {}))
+    q, k, v = fresh()
+    q[0, H - 1, r, 1 % D] = np.inf
+    k[0, :, 0, 1 % D] = 1.0  # some score of that row is +inf
+    cases.append(("inf_query_element", q, k, v, {}))
+    q, k, v = fresh()
+    q[0, 0, r, 0] = -np.inf
+    k[0, :, 0, 0] = -1.0  # -inf * -1: a +inf score
+    cases.append(("neg_inf_query_element", q, k, v, {}))
+    q, k, v = fresh()
+    k[0, 0, j] = np.nan
+    cases.append(("nan_key_causal", q, k, v, dict(causal=True, bottom_right=True)))
+    q, k, v = fresh()
+    k[0, 0, j, 0] = np.nan
+    cases.append(("nan_key_element", q, k, v, {}))
+    q, k, v = fresh()
+    v[0, 0, j] = np.nan
+    cases.append(("nan_value_causal", q, k, v, dict(causal=True, bottom_right=True)))
+    q, k, v = fresh()
+    k[0, :, j] = np.nan
+    v[0, :, j] = np.nan
+    mask = np.ones((1, 1, Sq, Sk), bool)
+    mask[..., j] = False
+    cases.append(("nan_kv_masked_bool", q, k, v, dict(mask=mask)))
+    q, k, v = fresh()
+    k[0, :, j] = np.nan
+    v[0, :, j] = np.inf
+    fmask = np.zeros((Sq, Sk), np.float32)
+    fmask[:, j] = -np.inf
+    cases.append(("nonfinite_kv_masked_float", q, k, v, dict(mask=fmask)))
+    q, k, v = fresh()
+    fmask = (rng.standard_normal((Sq, Sk))).astype(np.float32)
+    fmask[r, j] = np.nan
+    cases.append(("nan_float_mask", q, k, v, dict(mask=fmask)))
+    q, k, v = fresh()
+    fmask = np.zeros((Sq, Sk), np.float32)
+    fmask[r, j] = np.inf
+    cases.append(("inf_float_mask", q, k, v, dict(mask=fmask)))
+    q, k, v = fresh()
+    q[0, :, r] = np.nan
+    mask = np.ones((1, 1, Sq, Sk), bool)
+    mask[..., r, :] = False
+    cases.append(("nan_query_fully_masked_row", q, k, v, dict(mask=mask)))
+    # A NaN value whose weight underflows to 0 in float32 (exp(-200)) is still attended: torch
+    # gives NaN there too (0 * NaN in P @ V); only masked-out keys are skipped.
+    q, k, v = fresh()
+    q[0, 0, r] = 0.0
+    q[0, 0, r, 0] = 1.0
+    k[0, 0, :, 0] = 0.0
+    k[0, 0, j, 0] = -200.0 * np.sqrt(D)
+    v[0, 0, j] = np.nan
+    cases.append(("nan_value_underflowed_weight", q, k, v, {}))
+    return cases

@@ -12,6 +12,7 @@ from reference import (
     bfloat16,
     dtype_id,
     from_torch,
+    nonfinite_cases,
     randn,
     to64,
     to_torch,
@@ -232,6 +233,50 @@ def test_nan_in_masked_kv_does_not_leak(isa, rng):
     check(q, k, v, o, mask=mask)
     # an unmasked inf in V propagates as in torch
     assert not np.isfinite(attnkit.attention(q, k[:, :, :150], v[:, :, :150])).all()
+
+
+def ak_options(opts):
+    """attention_ref's option names -> attnkit.attention's."""
+    opts = dict(opts)
+    if opts.pop("bottom_right", False):
+        opts["causal_align"] = "bottom_right"
+    return opts
+
+
+# Prefill (one and two key blocks, Sq > Sk) and decode shapes (split and not), GQA.
+NONFINITE_SHAPES = [(40, 300), (37, 19), (4, 300), (1, 700), (5, 7)]
+
+
+@pytest.mark.parametrize("sq,sk", NONFINITE_SHAPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_nonfinite_propagates_from_attended_entries(isa, rng, sq, sk, dtype):
+    """NaN/inf in anything a row attends makes that row NaN (as torch); masked-out entries
+    never reach the output, and a fully masked row gives 0 / lse -inf."""
+    for name, q, k, v, opts in nonfinite_cases(rng, 1, 4, 2, sq, sk, 16, dtype):
+        o, lse = attnkit.attention(q, k, v, return_lse=True, **ak_options(opts))
+        ref, ref_lse = attention_ref(q, k, v, **opts)
+        nan_rows = np.isnan(ref).any(-1)
+        assert np.array_equal(np.isnan(to64(o)).any(-1), nan_rows), name
+        assert np.array_equal(np.isnan(lse), np.isnan(ref_lse)), name
+        assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse)), name
+        fin = np.isfinite(ref)
+        scale = float(np.abs(ref[fin]).max()) if fin.any() else 1.0
+        assert_close(o, ref, dtype, scale=scale, what=name)  # finite rows: the right values
+        if name.startswith("nan_query") or name.startswith("inf_float"):
+            assert nan_rows.any() or name.endswith("fully_masked_row"), name
+
+
+def test_float64_mask_keeps_float64_precision(isa, rng):
+    """A float64 additive mask is added in float64 (not rounded to float32 first): float64
+    results stay exact to float64, prefill and the decode-sized shape alike."""
+    for sq in (37, 3):
+        q, k, v = make_qkv(rng, 2, 2, 2, sq, 70, 16, dtype=np.float64)
+        mask = rng.standard_normal((1, 2, sq, 70)) * 3.0  # not representable in float32
+        mask[..., ::5] = -np.inf
+        o, lse = attnkit.attention(q, k, v, mask=mask, return_lse=True)
+        ref, _ = attention_ref(q, k, v, mask=mask)
+        err = np.abs(o - ref).max() / np.abs(ref).max()
+        assert err < 1e-13, err  # float32 rounding of the mask gives ~1e-7
 
 
 def test_bit_identical_across_threads(threads, rng):

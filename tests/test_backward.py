@@ -186,6 +186,53 @@ def test_nan_in_masked_kv_stays_out_of_gradients(isa, rng):
     assert np.isfinite(dq).all() and np.isfinite(dk[:, :, :70]).all() and np.isfinite(dv).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("sq,sk", [(10, 80), (70, 130)])
+def test_nonfinite_query_row_propagates_to_gradients(isa, rng, dtype, sq, sk):
+    """As torch: a NaN (or +inf) query row gives a NaN output row and NaN gradients wherever
+    that row reaches (its dq, and dk/dv of the keys it attends); every other dq row stays
+    finite and correct, and keys masked out of every row get finite dk/dv."""
+    for poison in (np.nan, np.inf):
+        q = randn(rng, (1, 2, sq, 16), dtype)
+        k, v = randn(rng, (1, 1, sk, 16), dtype), randn(rng, (1, 1, sk, 16), dtype)
+        r, dead = sq // 3, sk - 5
+        q[0, 1, r, 2] = poison
+        k[0, 0, 0, 2] = 1.0  # an +inf score for the inf case
+        mask = np.ones((1, 1, sq, sk), bool)
+        mask[..., dead:] = False
+        o, lse = attnkit.attention(q, k, v, mask=mask, return_lse=True)
+        assert np.isnan(to64(o[0, 1, r])).all() and np.isnan(lse[0, 1, r])
+        dout = randn(rng, o.shape, dtype)
+        dq, dk, dv = attnkit.attention_backward(dout, q, k, v, o, lse, mask=mask)
+        assert np.isnan(to64(dq[0, 1, r])).all()
+        if poison != poison:  # NaN: every score of the row is NaN
+            assert np.isnan(to64(dk[0, 0, :dead])).all() and np.isnan(to64(dv[0, 0, :dead])).all()
+        else:  # inf: scores are +-inf (P NaN or 0); 0 * inf in dK's q column is NaN, as in torch
+            assert np.isnan(to64(dk[0, 0, :dead])).any(-1).all() and np.isnan(to64(dv[0, 0, 0])).all()
+        assert np.isfinite(to64(dk[0, 0, dead:])).all() and np.isfinite(to64(dv[0, 0, dead:])).all()
+        # the other rows' dq against float64 autograd on the same inputs
+        good = np.ones(sq, bool)
+        good[r] = False
+        ref_o, rq, _, _ = torch_reference_grads(q, k, v, dout, mask=mask)
+        assert np.isfinite(to64(dq[0, 0])).all() and np.isfinite(to64(dq[0, 1, good])).all()
+        scale = max(1.0, float(np.abs(rq[0, 0]).max()))
+        assert_close(dq[0, 0], rq[0, 0], dtype, scale=scale, what="dq")
+        assert_close(dq[0, 1, good], rq[0, 1, good], dtype, scale=scale, what="dq")
+
+
+def test_float64_mask_keeps_float64_precision_in_gradients(isa, rng):
+    """The backward adds a float64 mask in float64 too (gradients exact to float64)."""
+    q, k, v = (randn(rng, (1, 2, 29, 8), np.float64) for _ in range(3))
+    mask = rng.standard_normal((1, 1, 29, 29)) * 3.0
+    o, lse = attnkit.attention(q, k, v, mask=mask, return_lse=True)
+    dout = randn(rng, o.shape, np.float64)
+    got = attnkit.attention_backward(dout, q, k, v, o, lse, mask=mask)
+    _, *want = torch_reference_grads(q, k, v, dout, mask=mask)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        err = np.abs(a - b).max() / np.abs(b).max()
+        assert err < 1e-12, (name, err)  # a float32-rounded mask gives ~1e-7
+
+
 def test_bad_inputs(rng):
     q, k, v = randn(rng, (1, 2, 8, 16), np.float32), randn(rng, (1, 2, 9, 16), np.float32), randn(rng, (1, 2, 9, 16), np.float32)
     o, lse = attnkit.attention(q, k, v, return_lse=True)

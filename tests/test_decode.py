@@ -4,9 +4,9 @@ import pytest
 
 import attnkit
 from conftest import poisoned
-from reference import assert_close, attention_ref, bfloat16, randn, to64
+from reference import assert_close, attention_ref, bfloat16, nonfinite_cases, randn, to64
 
-from test_attention import check, make_qkv, masks
+from test_attention import ak_options, check, make_qkv, masks
 
 
 def half_dtypes():
@@ -50,6 +50,23 @@ def test_split_kv_long_sequences(isa, rng, layout, B, Hkv):
     assert plan["kernel"] == "decode" and plan["split"] == should_split, plan
     assert (plan["num_chunks"] > 1) == should_split
     check(q, k, v, o, lse=lse)
+
+
+@pytest.mark.parametrize("sq", [1, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_decode_nonfinite_propagation_position_major(isa, rng, sq, dtype):
+    """The split-KV decode path on a (B, S, H, D) cache: a NaN/inf in any attended entry makes
+    the row NaN through the chunk combine (a chunk's NaN is not dropped as an empty chunk);
+    masked-out entries stay out."""
+    for name, q, k, v, opts in nonfinite_cases(rng, 1, 8, 2, sq, 1500, 32, dtype):
+        bshd = [np.ascontiguousarray(a.transpose(0, 2, 1, 3)) for a in (q, k, v)]
+        o, lse = attnkit.attention(*bshd, layout="bshd", return_lse=True, **ak_options(opts))
+        o = o.transpose(0, 2, 1, 3)
+        ref, ref_lse = attention_ref(q, k, v, **opts)
+        assert np.array_equal(np.isnan(to64(o)).any(-1), np.isnan(ref).any(-1)), name
+        assert np.array_equal(np.isnan(lse), np.isnan(ref_lse)), name
+        fin = np.isfinite(ref)
+        assert_close(o, ref, dtype, scale=float(np.abs(ref[fin]).max()) if fin.any() else 1.0, what=name)
 
 
 def cache_case(rng, B=3, H=8, Hkv=2, D=64, Dv=64, Smax=256, dtype=np.float32, kv_dtype=None):

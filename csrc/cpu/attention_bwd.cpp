@@ -58,9 +58,10 @@ struct BwdWork {
   Scratch<T> qf, dof, lse, drow, dq;        // per item: G x rows (x D / Dv)
   Scratch<T> kt, vt, krow, dk, dv;          // per key block
   Scratch<T> s, dp, sraw, apack;            // per tile
-  Scratch<float> add;
+  Scratch<T> add;  // mask row, in the compute type (a float64 mask stays float64)
   Scratch<uint8_t> keep;
   Scratch<T> zbuf;  // dropout factor Z / (1-p) of one row
+  bool rows_nonfinite = false;  // the item's Q or dO rows hold inf/NaN (see accumulate_unmasked)
 };
 
 template <class T>
@@ -164,6 +165,7 @@ void load_item(const AttentionParams& p, const AttentionBwdParams& bp, const Bwd
   const SQ* Q = typed<SQ>(p.q);
   const SQ* O = typed<SQ>(p.out);
   const SQ* dO = static_cast<const SQ*>(bp.dout);
+  bool bad = false;
   for (int64_t hh = 0; hh < G; ++hh) {
     const int64_t h = it.g * G + hh;
     for (int64_t r = 0; r < rows; ++r) {
@@ -174,11 +176,15 @@ void load_item(const AttentionParams& p, const AttentionBwdParams& bp, const Bwd
       T* qf = w.qf.get() + row * Dp;
       T* df = w.dof.get() + row * Dvp;
       for (int64_t d = 0; d < Dp; ++d) qf[d] = d < D ? load_as<T>(qr + d) : T(0);
-      T dsum = T(0);
+      T dsum = T(0), qsum = T(0);
       for (int64_t d = 0; d < Dvp; ++d) {
         df[d] = d < Dv ? load_as<T>(dorow + d) : T(0);
         if (d < Dv) dsum += df[d] * load_as<T>(orow + d);
       }
+      for (int64_t d = 0; d < D; ++d) qsum += qf[d];
+      // inf/NaN in dO (or O) makes dsum, in q makes qsum non-finite (so can a sum that
+      // overflows: then the rare path runs for nothing, still correct).
+      if (!(dsum - dsum == T(0)) || !(qsum - qsum == T(0))) bad = true;
       w.drow[row] = dsum;
       const float l = p.lse[out_offset(p, sv, h, i, p.lse_stride)];
       w.lse[row] = T(l);
@@ -186,6 +192,26 @@ void load_item(const AttentionParams& p, const AttentionBwdParams& bp, const Bwd
       for (int64_t d = 0; d < Dp; ++d) dq[d] = T(0);
     }
   }
+  w.rows_nonfinite = bad;
+}
+
+// C[j] += sum_r X[r][j] B[r] over the rows r of a tile (query rows i0.., head h) and keys j0..,
+// skipping the keys masked out for each row: the rare path of the X^T B and X B GEMMs when
+// B holds inf/NaN (masked entries have X == 0 exactly, but 0 * NaN = NaN in a GEMM). With
+// transpose = false it is C[r] += sum_j X[r][j] B[j] instead (dQ += dS K). Masked means
+// key_masked: a key whose weight merely underflowed is attended, as in the forward.
+template <class T>
+void accumulate_unmasked(const AttentionParams& p, const SeqView& sv, int64_t h, int64_t i0,
+                         int64_t j0, bool transpose, const T* X, int64_t ldx, int64_t bm,
+                         int64_t bn, const T* B, int64_t ldb, int64_t n, T* C, int64_t ldc) {
+  for (int64_t r = 0; r < bm; ++r)
+    for (int64_t j = 0; j < bn; ++j) {
+      const T x = X[r * ldx + j];
+      if (x == T(0) && key_masked(p, sv, h, i0 + r, j0 + j)) continue;
+      const T* b = B + (transpose ? r : j) * ldb;
+      T* c = C + (transpose ? j : r) * ldc;
+      for (int64_t d = 0; d < n; ++d) c[d] += x * b[d];
+    }
 }
 
 // float64: recompute each row's log-sum-exp in double (the stored lse is fp32), so float64
@@ -209,20 +235,23 @@ void recompute_lse(const AttentionParams& p, const BwdItem& it, const SeqView& s
           const int64_t i = it.r0 + r0 + r;
           T* srow = w.s.get();
           gemm_panels<T>(w.qf.get() + (hh * rows + r0 + r) * Dp, Dp, 1, D, w.kt.get(), BNp, srow, BNp);
-          RowCtx rc = row_ctx(p, sv, h, i, j0, bn, w.add.get());
+          const auto rc = row_ctx(p, sv, h, i, j0, bn, w.add.get());
           const T mx = T(score_row(rc, srow));
           T& mr = m[hh * rows + r0 + r];
-          const T mn = mx > mr ? mx : mr;
-          if (mn == -T(__builtin_inf())) continue;
+          const T mn = mx > mr ? mx : mr;  // (a NaN reaches l: the exp or the guard)
+          if (mn == -T(__builtin_inf())) {  // nothing allowed yet; a NaN lane poisons l
+            guard_row(srow, bn, &l[r]);
+            continue;
+          }
           T sum = T(0);
           for (int64_t j = 0; j < bn; ++j) sum += T(exp(double(srow[j] - mn)));
           l[r] = l[r] * T(exp(double(mr - mn))) + sum;
           mr = mn;
         }
       }
-      for (int64_t r = 0; r < nr; ++r) {
+      for (int64_t r = 0; r < nr; ++r) {  // l == 0: no allowed key; a NaN l stays NaN
         T& mr = m[hh * rows + r0 + r];
-        mr = l[r] > T(0) ? mr + T(log(double(l[r]))) : -T(__builtin_inf());
+        mr = l[r] == T(0) ? -T(__builtin_inf()) : mr + T(log(double(l[r])));
       }
     }
   }
@@ -231,13 +260,23 @@ void recompute_lse(const AttentionParams& p, const BwdItem& it, const SeqView& s
 // One row of the tile: srow holds the final scores, dprow dO.V. On return srow holds P (with
 // dropout's Z / (1-p) when zbuf is given) for dV, and dprow dS * scale for dK and dQ:
 //   dS = P * (dP Z' - D_i) [* softcap'(raw)]; masked keys (P == 0) give exactly 0.
+// A NaN lse (the forward row attended a NaN or +inf) gives P = NaN on every allowed key, so
+// the row's gradients are NaN as in torch, while masked keys (score -inf) keep exactly 0.
 template <class T>
 void grad_row(const AttentionParams& p, T* srow, T* dprow, const T* sraw, int64_t bn, int64_t bnp,
               T lse, T Di, const T* zbuf) {
   // lse = -inf: the row saw no allowed key, P = 0 (a zero gradient row). A NaN lse (a
-  // forward that met NaN) is not "dead": exp(s - NaN) spreads it into the row's gradients,
-  // as any backward through a NaN output does.
+  // forward that met NaN) is not "dead": NaN reaches every attended key's gradient.
   const bool dead = lse == -T(__builtin_inf());
+  if (lse != lse) {  // rare: scalar
+    for (int64_t j = 0; j < bnp; ++j) {
+      const T P = (j < bn && srow[j] != -T(__builtin_inf())) ? T(__builtin_nan("")) : T(0);
+      const T z = zbuf ? zbuf[j] : T(1);
+      srow[j] = P * z;
+      dprow[j] = P == T(0) ? T(0) : P;  // NaN wherever P is
+    }
+    return;
+  }
   if constexpr (std::is_same<T, float>::value) {
     using V = Vec<float>;
     const V vl = V::set1(dead ? 0.0f : lse), vD = V::set1(Di), vscale = V::set1(float(p.scale));
@@ -261,8 +300,8 @@ void grad_row(const AttentionParams& p, T* srow, T* dprow, const T* sraw, int64_
     }
   } else {
     for (int64_t j = 0; j < bnp; ++j) {
-      T P = (dead || j >= bn) ? T(0) : T(exp(double(srow[j] - lse)));
-      if (!(P > T(0))) P = T(0);
+      // (lse is finite here: exp(s - lse) is 0 for a masked key's -inf score, never NaN.)
+      const T P = (dead || j >= bn) ? T(0) : T(exp(double(srow[j] - lse)));
       T dp = dprow[j], pk = P;
       if (zbuf) {
         pk = P * zbuf[j];
@@ -322,7 +361,7 @@ void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdI
             const int64_t i = i0 + r;
             T* srow = S + r * BNp;
             T* dprow = dP + r * BNp;
-            RowCtx rc = row_ctx(p, sv, h, i, j0, bn, w.add.get());
+            const auto rc = row_ctx(p, sv, h, i, j0, bn, w.add.get());
             score_row(rc, srow);
             const T lse = w.lse[row0 + r], Di = w.drow[row0 + r];
             const T* zbuf = nullptr;
@@ -335,19 +374,20 @@ void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdI
             }
             grad_row<T>(p, srow, dprow, Sraw + r * BNp, bn, BNp, lse, Di, zbuf);
           }
-          gemm_tn<T>(S, BNp, bm, bn, df, Dvp, Dvp, dv, Dvp, w.apack.get());
-          gemm_tn<T>(dP, BNp, bm, bn, qf, Dp, Dp, dk, Dp, w.apack.get());
-          T* dq = w.dq.get() + row0 * Dp;
-          if (!k_nonfinite) {
-            gemm_nn<T>(dP, BNp, bm, bn, w.krow.get(), Dp, Dp, dq, Dp, true);
-          } else {  // skip dS == 0 (masked keys), so NaN in a masked K row stays out of dQ
-            for (int64_t r = 0; r < bm; ++r)
-              for (int64_t j = 0; j < bn; ++j) {
-                const T ds = dP[r * BNp + j];
-                if (ds == T(0)) continue;
-                for (int64_t d = 0; d < D; ++d) dq[r * Dp + d] += ds * w.krow[j * Dp + d];
-              }
+          // dV += P^T dO, dK += dS^T Q, dQ += dS K; where the right operand holds inf/NaN
+          // (rare), masked keys are skipped so it never reaches them (or from them).
+          if (!w.rows_nonfinite) {
+            gemm_tn<T>(S, BNp, bm, bn, df, Dvp, Dvp, dv, Dvp, w.apack.get());
+            gemm_tn<T>(dP, BNp, bm, bn, qf, Dp, Dp, dk, Dp, w.apack.get());
+          } else {
+            accumulate_unmasked<T>(p, sv, h, i0, j0, true, S, BNp, bm, bn, df, Dvp, Dvp, dv, Dvp);
+            accumulate_unmasked<T>(p, sv, h, i0, j0, true, dP, BNp, bm, bn, qf, Dp, Dp, dk, Dp);
           }
+          T* dq = w.dq.get() + row0 * Dp;
+          if (!k_nonfinite)
+            gemm_nn<T>(dP, BNp, bm, bn, w.krow.get(), Dp, Dp, dq, Dp, true);
+          else
+            accumulate_unmasked<T>(p, sv, h, i0, j0, false, dP, BNp, bm, bn, w.krow.get(), Dp, D, dq, Dp);
         }
       }
     }

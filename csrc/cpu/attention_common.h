@@ -94,22 +94,25 @@ inline float alibi_slope(const AttentionParams& p, int64_t b, int64_t h) {
   return p.alibi_slopes ? p.alibi_slopes[b * p.alibi_stride[0] + h * p.alibi_stride[1]] : 0.0f;
 }
 
-// Mask value of (b, h, i, j) as an additive fp32: 0 / -inf for bool, the value for floats.
-inline float mask_value(const AttentionParams& p, int64_t off) {
+// Mask value of (b, h, i, j) as an additive T: 0 / -inf for bool, the value for floats. T is
+// the compute type of the rows (float, or double for float64 inputs, so a float64 mask is
+// not rounded to float32 on the way).
+template <class T>
+inline T mask_value(const AttentionParams& p, int64_t off) {
   const char* m = static_cast<const char*>(p.mask);
   switch (p.mask_dtype) {
     case DType::boolean:
-      return m[off] ? 0.0f : kNegInfF;
+      return m[off] ? T(0) : -T(__builtin_inf());
     case DType::f32:
-      return reinterpret_cast<const float*>(m)[off];
+      return T(reinterpret_cast<const float*>(m)[off]);
     case DType::f64:
-      return static_cast<float>(reinterpret_cast<const double*>(m)[off]);
+      return static_cast<T>(reinterpret_cast<const double*>(m)[off]);
     case DType::f16:
-      return to_f32(reinterpret_cast<const f16_t*>(m)[off]);
+      return T(to_f32(reinterpret_cast<const f16_t*>(m)[off]));
     case DType::bf16:
-      return to_f32(reinterpret_cast<const bf16_t*>(m)[off]);
+      return T(to_f32(reinterpret_cast<const bf16_t*>(m)[off]));
     default:
-      return 0.0f;
+      return T(0);
   }
 }
 inline int64_t mask_offset(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
@@ -117,20 +120,32 @@ inline int64_t mask_offset(const AttentionParams& p, int64_t b, int64_t h, int64
 }
 
 // Fills add[0..n) with the mask of keys j0.. for row i (additive; -inf = masked out).
+template <class T>
 inline void mask_row(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j0,
-                     int64_t n, float* add) {
+                     int64_t n, T* add) {
   const int64_t base = mask_offset(p, b, h, i, j0), sj = p.mask_stride[3];
   if (p.mask_dtype == DType::boolean && sj == 1) {
     const uint8_t* m = static_cast<const uint8_t*>(p.mask) + base;
-    for (int64_t j = 0; j < n; ++j) add[j] = m[j] ? 0.0f : kNegInfF;
+    for (int64_t j = 0; j < n; ++j) add[j] = m[j] ? T(0) : -T(__builtin_inf());
     return;
   }
   if (p.mask_dtype == DType::f32 && sj == 1) {
     const float* m = static_cast<const float*>(p.mask) + base;
-    for (int64_t j = 0; j < n; ++j) add[j] = m[j];
+    for (int64_t j = 0; j < n; ++j) add[j] = T(m[j]);
     return;
   }
-  for (int64_t j = 0; j < n; ++j) add[j] = mask_value(p, base + j * sj);
+  for (int64_t j = 0; j < n; ++j) add[j] = mask_value<T>(p, base + j * sj);
+}
+
+// True when key j is masked out for query row i of head h: outside the row's key range, or a
+// bool mask's False, or a float mask's -inf. Its weight is exactly 0 and its K/V must never
+// reach the row. (A key whose weight merely underflows to 0 is attended: NaN/inf in its V
+// propagates, as in torch.) For the rare paths that handle non-finite K/V; not for hot loops.
+inline bool key_masked(const AttentionParams& p, const SeqView& s, int64_t h, int64_t i,
+                       int64_t j) {
+  const KeyRange kr = key_range(p, s, i);
+  if (j < kr.lo || j > kr.hi) return true;
+  return p.mask && mask_value<float>(p, mask_offset(p, s.b, h, i, j)) == kNegInfF;
 }
 
 // True when a bool mask excludes every key j0..j0+n of rows i0..i0+m (the block is skipped).

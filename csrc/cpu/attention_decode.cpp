@@ -155,19 +155,37 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
   }
 }
 
-// One position of one KV head into rows [rbeg, rend), skipping rows whose P is 0.
+// Query row r of an item: KV head g0 + r / (G * sq), query head (g0 + r / (G*sq)) * G + ...
+struct RowId {
+  int64_t h, i;
+};
+inline RowId row_id(int64_t g0, int64_t G, int64_t sq, int64_t r) {
+  const int64_t rph = G * sq;
+  return {(g0 + r / rph) * G + (r % rph) / sq, r % sq};
+}
+
+// One position of one KV head into rows [rbeg, rend), skipping rows whose P is 0. When the V
+// vector holds inf/NaN, a zero P is skipped only where the key is masked out for the row
+// (an underflowed weight still attends it: 0 * NaN = NaN, as in torch); rows of the item are
+// row_id(g0, G, sq, r), needed for that rare check only.
 template <class SKV>
-void accumulate_one(const AttentionParams& p, const SeqView& sv, int64_t g, int64_t rbeg,
-                    int64_t rend, int64_t pos, const float* P, int64_t ldp, int64_t j, float* O,
-                    int64_t ldo, const SKV* Vm) {
+void accumulate_one(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t g,
+                    int64_t rbeg, int64_t rend, int64_t pos, const float* P, int64_t ldp,
+                    int64_t j, float* O, int64_t ldo, const SKV* Vm) {
   const int64_t Dv = p.head_dim_v;
+  const int64_t G = p.num_heads / p.num_kv_heads;
   const SKV* vrow = Vm + kv_offset(p, sv, g, pos, p.v_stride);
   for (int64_t d = 0; d < Dv; d += VF::N) {
     const int w = int(imin(VF::N, Dv - d));
     const VF vv = w == VF::N ? load_cvt(vrow + d) : load_cvt_partial(vrow + d, w);
+    const bool nonfinite = any(is_nan(vv - vv));  // inf - inf and NaN - NaN are NaN
     for (int64_t r = rbeg; r < rend; ++r) {
       const float pr = P[r * ldp + j];
-      if (pr == 0.0f) continue;
+      if (pr == 0.0f) {
+        if (!nonfinite) continue;
+        const RowId id = row_id(g0, G, sv.sq, r);
+        if (key_masked(p, sv, id.h, id.i, pos)) continue;
+      }
       float* o = O + r * ldo + d;
       fma(VF::set1(pr), vv, VF::load(o)).store(o);
     }
@@ -227,21 +245,13 @@ void accumulate_pv(const AttentionParams& p, const SeqView& sv, int64_t g0, int6
       if (!(has_zero(rbeg, rend, j) || has_zero(rbeg, rend, j + 1) || has_zero(rbeg, rend, j + 2) ||
             has_zero(rbeg, rend, j + 3)))
         continue;
-      for (int64_t jj = j; jj < j + 4; ++jj) accumulate_one(p, sv, g0 + t, rbeg, rend, j0 + jj, P, ldp, jj, O, ldo, Vm);
+      for (int64_t jj = j; jj < j + 4; ++jj)
+        accumulate_one(p, sv, g0, g0 + t, rbeg, rend, j0 + jj, P, ldp, jj, O, ldo, Vm);
     }
   }
   for (; j < n; ++j)
     for (int64_t t = 0; t < ng; ++t)
-      accumulate_one(p, sv, g0 + t, t * rph, t * rph + rph, j0 + j, P, ldp, j, O, ldo, Vm);
-}
-
-// Query row r of an item: KV head g0 + r / (G * sq), query head (g0 + r / (G*sq)) * G + ...
-struct RowId {
-  int64_t h, i;
-};
-inline RowId row_id(int64_t g0, int64_t G, int64_t sq, int64_t r) {
-  const int64_t rph = G * sq;
-  return {(g0 + r / rph) * G + (r % rph) / sq, r % sq};
+      accumulate_one(p, sv, g0, g0 + t, t * rph, t * rph + rph, j0 + j, P, ldp, j, O, ldo, Vm);
 }
 
 template <class SQ, class SKV>
@@ -278,7 +288,7 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
     scores<SKV>(p, sv, it.g0, it.ng, rph, j0, n, qf, S, lds);
     for (int64_t r = 0; r < R; ++r) {
       const RowId id = row_id(it.g0, G, sq, r);
-      const RowCtx rc = row_ctx(p, sv, id.h, id.i, j0, n, w.add.get());
+      const auto rc = row_ctx(p, sv, id.h, id.i, j0, n, w.add.get());
       row_update(rc, S + r * lds, m + r, l + r, O + r * Dvp, Dvp);
     }
     accumulate_pv<SKV>(p, sv, it.g0, it.ng, rph, j0, n, S, lds, O, Dvp);
@@ -294,11 +304,12 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
   SQ* out = static_cast<SQ*>(p.out);
   for (int64_t r = 0; r < R; ++r) {
     const RowId id = row_id(it.g0, G, sq, r);
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    // l == 0: no allowed key (0, lse -inf); a NaN l (non-finite attended entry) gives NaN.
+    const float inv = l[r] == 0.0f ? 0.0f : 1.0f / l[r];
     SQ* orow = out + out_offset(p, sv, id.h, id.i, p.out_stride);
     for (int64_t d = 0; d < Dv; ++d) from_f32(O[r * Dvp + d] * inv, orow + d);
     if (p.lse)
-      p.lse[out_offset(p, sv, id.h, id.i, p.lse_stride)] = l[r] > 0.0f ? m[r] + logf(l[r]) : kNegInfF;
+      p.lse[out_offset(p, sv, id.h, id.i, p.lse_stride)] = l[r] == 0.0f ? kNegInfF : m[r] + logf(l[r]);
   }
 }
 
@@ -318,23 +329,26 @@ void combine(const AttentionParams& p, const DecodeItem& it, int64_t nchunks, in
     float L = 0.0f;
     for (int64_t c = 0; c < nchunks; ++c) {
       // A chunk with no allowed key (l = 0, m = -inf) weighs 0; so does everything when M is
-      // -inf (the row saw no key at all).
-      wgt[c] = pl[c * stride + r] > 0.0f ? expf(pm[c * stride + r] - M) : 0.0f;
+      // -inf (the row saw no key at all). A NaN in a chunk (its l or m) makes L NaN, so the
+      // row is NaN as if it had not been split (the max above may drop a NaN m; l keeps it).
+      wgt[c] = pl[c * stride + r] == 0.0f ? 0.0f : expf(pm[c * stride + r] - M);
       L += pl[c * stride + r] * wgt[c];
     }
     for (int64_t d = 0; d < Dv; ++d) acc[d] = 0.0f;
     for (int64_t c = 0; c < nchunks; ++c) {
-      if (wgt[c] == 0.0f) continue;
+      // Skip only chunks without an allowed key: one whose weight underflowed still adds
+      // 0 * O, which keeps a NaN its O holds (from an attended NaN value).
+      if (pl[c * stride + r] == 0.0f) continue;
       const float* o = po + (c * stride + r) * Dv;
       const VF wc = VF::set1(wgt[c]);
       int64_t d = 0;
       for (; d + VF::N <= Dv; d += VF::N) fma(VF::load(o + d), wc, VF::load(acc + d)).store(acc + d);
       for (; d < Dv; ++d) acc[d] += o[d] * wgt[c];
     }
-    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    const float inv = L == 0.0f ? 0.0f : 1.0f / L;
     SQ* orow = out + out_offset(p, sv, id.h, id.i, p.out_stride);
     for (int64_t d = 0; d < Dv; ++d) from_f32(acc[d] * inv, orow + d);
-    if (p.lse) p.lse[out_offset(p, sv, id.h, id.i, p.lse_stride)] = L > 0.0f ? M + logf(L) : kNegInfF;
+    if (p.lse) p.lse[out_offset(p, sv, id.h, id.i, p.lse_stride)] = L == 0.0f ? kNegInfF : M + logf(L);
   }
 }
 

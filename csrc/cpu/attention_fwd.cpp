@@ -71,7 +71,7 @@ struct PackCache {
 template <class T>
 struct Workspace {
   Scratch<T> qf, s, o, m, l;
-  Scratch<float> add;
+  Scratch<T> add;  // mask row, in the compute type (a float64 mask stays float64)
   Scratch<uint8_t> keep;  // dropout decisions of one row
   PackCache<T> cache;
 };
@@ -131,17 +131,19 @@ void ensure_packed(const AttentionParams& p, const SeqView& s, int64_t g, int64_
   *nonfinite = c.nonfinite[slot];
 }
 
-// O += P V for a V block that holds inf/NaN: keys with P == 0 (masked) are skipped, so a
-// NaN in a masked-out V row never reaches the output (0 * NaN would).
+// O += P V for a V block that holds inf/NaN: keys masked out for a row are skipped, so a
+// NaN in a masked-out V row never reaches the output (0 * NaN would). A key whose P
+// underflowed to 0 is still attended (0 * NaN = NaN, as in torch).
 template <class T>
-void pv_with_nonfinite(const T* P, int64_t ldp, int64_t bm, int64_t bn, const T* vb, T* O,
-                       int64_t ldo, int64_t dvp) {
+void pv_with_nonfinite(const AttentionParams& p, const SeqView& s, int64_t h, int64_t i0,
+                       int64_t j0, const T* P, int64_t ldp, int64_t bm, int64_t bn, const T* vb,
+                       T* O, int64_t ldo, int64_t dvp) {
   constexpr int NR = Tiles<T>::NR;
   constexpr int64_t BNp = Tiles<T>::kBlockNPad;
   for (int64_t r = 0; r < bm; ++r)
     for (int64_t j = 0; j < bn; ++j) {
       const T pj = P[r * ldp + j];
-      if (pj == T(0)) continue;
+      if (pj == T(0) && key_masked(p, s, h, i0 + r, j0 + j)) continue;
       for (int64_t d = 0; d < dvp; ++d) O[r * ldo + d] += pj * vb[(d / NR) * BNp * NR + j * NR + d % NR];
     }
 }
@@ -201,13 +203,13 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
     // for every row: it is read once per block.
     for (int64_t r = 0; r < bm; ++r) {
       const int64_t i = i0 + r;
-      const RowCtx rc = row_ctx(p, s, h, i, j0, bn, w.add.get(), r == 0 || p.mask_stride[2] != 0);
+      const auto rc = row_ctx(p, s, h, i, j0, bn, w.add.get(), r == 0 || p.mask_stride[2] != 0);
       row_update(rc, S + r * BNp, m + r, l + r, O + r * Dvp, Dvp);
       if (p.dropout_p > 0.0f) dropout_row_apply<T>(p, s.b, h, i, j0, bn, S + r * BNp, w.keep.get());
     }
     // O += P V
     if (v_nonfinite) {
-      pv_with_nonfinite<T>(S, BNp, bm, bn, vblk, O, Dvp, Dvp);
+      pv_with_nonfinite<T>(p, s, h, i0, j0, S, BNp, bm, bn, vblk, O, Dvp, Dvp);
       continue;
     }
     for (int64_t ir = 0; ir < bm; ir += MR) {
@@ -219,14 +221,15 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
   }
 
   // out = O / l; a row that saw no allowed key (l == 0) gives 0 and lse = -inf, as torch SDPA.
+  // A NaN l (a NaN or +inf among the attended scores) gives NaN out and lse.
   SQ* out = static_cast<SQ*>(p.out);
   for (int64_t r = 0; r < bm; ++r) {
-    const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
+    const T inv = l[r] == T(0) ? T(0) : T(1) / l[r];
     SQ* orow = out + out_offset(p, s, h, i0 + r, p.out_stride);
     for (int64_t d = 0; d < Dv; ++d) store_as<T, SQ>(O[r * Dvp + d] * inv, orow + d);
     if (p.lse)
       p.lse[out_offset(p, s, h, i0 + r, p.lse_stride)] =
-          l[r] > T(0) ? float(m[r] + T(log(double(l[r])))) : kNegInfF;
+          l[r] == T(0) ? kNegInfF : float(m[r] + T(log(double(l[r]))));
   }
 }
 

@@ -218,6 +218,26 @@ __device__ __forceinline__ Acc score(const AttentionParams& p, const BlockInfo& 
   return s;
 }
 
+// True when key j is masked out for the row (a padding row or key, causal/window bounds, a
+// bool mask's False, a float mask's -inf): exactly the keys score() returns -inf for by
+// position or mask. Its weight is exactly 0 and its V must never reach the row, whereas a key
+// whose weight underflowed to 0 is attended (0 * NaN = NaN, as torch). For rare paths only.
+__device__ __forceinline__ bool key_masked(const AttentionParams& p, const BlockInfo& bi,
+                                           const RowScore& rs, int j) {
+  if (rs.c == INT_MIN || j >= bi.sk) return true;
+  if (p.causal && j > rs.c) return true;
+  if (p.window_left >= 0 && j < rs.c - int(p.window_left)) return true;
+  if (p.window_right >= 0 && j > rs.c + int(p.window_right)) return true;
+  if (p.mask) {
+    const int64_t off = rs.mask0 + int64_t(j) * p.mask_stride[3];
+    if (p.mask_dtype == DType::boolean) return !static_cast<const uint8_t*>(p.mask)[off];
+    if (p.mask_dtype == DType::f64)
+      return static_cast<const double*>(p.mask)[off] == double(neg_inf());
+    return load_dtype_as_float(p.mask, off, p.mask_dtype) == neg_inf();
+  }
+  return false;
+}
+
 // Index of row (b, h, i) in the split partials.
 __device__ __forceinline__ int64_t accum_row(const AttentionParams& p, const BlockInfo& bi,
                                              int64_t h, int i, int split) {

@@ -133,8 +133,10 @@ __global__ void __launch_bounds__(32 * kWarpsPerCombineBlock)
   for (int d = lane; d < Dv; d += 32) {
     float acc = 0.0f;
     for (int s = 0; s < S; ++s) {
-      const float w = weight[warp][s];
-      if (w != 0.0f) acc += w * L.o_accum[(s * split_stride + ar) * Dv + d];
+      // Skip only splits without an allowed key (lse -inf): one whose weight underflowed
+      // still adds 0 * O, which keeps a NaN its O holds (an attended NaN value).
+      if (L.lse_accum[s * split_stride + ar] != neg_inf())
+        acc += weight[warp][s] * L.o_accum[(s * split_stride + ar) * Dv + d];
     }
     out[d] = store_as<TO>(nan ? quiet_nan() : acc * inv);
   }

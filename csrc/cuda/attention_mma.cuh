@@ -20,7 +20,8 @@
 //
 // Masked-out keys must not leak NaN/inf from V into the output (P = 0 there, but 0 * NaN =
 // NaN in an MMA). Tiles that mask anything check their V tile; if it holds a non-finite value
-// (rare), that tile's P V is done element by element, skipping P == 0 (see rare_pv).
+// (rare), that tile's P V is done element by element, skipping the masked keys (see rare_pv).
+// A key whose P underflowed to 0 is not skipped: its NaN reaches the row, as in torch.
 #pragma once
 #include "attention_kernels.h"
 
@@ -253,7 +254,8 @@ __global__ void __launch_bounds__(MmaShape<kD>::kThreads, 1)
         }
       }
     } else {
-      // ---- rare_pv: V tile holds inf/NaN; skip P == 0 so masked keys contribute nothing.
+      // ---- rare_pv: V tile holds inf/NaN; skip masked keys (P == 0 and key_masked) so they
+      // contribute nothing, while an underflowed P still multiplies its V (NaN stays NaN).
       // P (rounded to T, as the MMA would see it) is staged in the Q tile, which is then
       // reloaded. Every warp finished reading sQ before the barrier above.
       T* sP = sQ;
@@ -267,14 +269,23 @@ __global__ void __launch_bounds__(MmaShape<kD>::kThreads, 1)
                                          nt * 8 + 2 * t) =
                 pack2<T>(s[mt][nt][2 * hh], s[mt][nt][2 * hh + 1]);
       __syncthreads();
+      RowScore rrs[kMT][2];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+          rrs[mt][hh] = row_score(p, bi, L, bi.r0 + warp_row0 + mt * 16 + g + 8 * hh);
 #pragma unroll 1
       for (int j = 0; j < kBlockN; ++j) {
         float pr[kMT][2];
+        bool skip[kMT][2];
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-          for (int hh = 0; hh < 2; ++hh)
+          for (int hh = 0; hh < 2; ++hh) {
             pr[mt][hh] = to_float(sP[(warp_row0 + mt * 16 + g + 8 * hh) * kBlockN + j]);
+            skip[mt][hh] = pr[mt][hh] == 0.0f && key_masked(p, bi, rrs[mt][hh], n * kBlockN + j);
+          }
 #pragma unroll
         for (int vt = 0; vt < kVT; ++vt) {
           if (vt * 8 >= Dv) break;
@@ -284,7 +295,7 @@ __global__ void __launch_bounds__(MmaShape<kD>::kThreads, 1)
           for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh)
-              if (pr[mt][hh] != 0.0f) {
+              if (!skip[mt][hh]) {
                 o[mt][vt][2 * hh] += pr[mt][hh] * v0;
                 o[mt][vt][2 * hh + 1] += pr[mt][hh] * v1;
               }

@@ -5,8 +5,9 @@
 // One block = 4 warps x kRows query rows, one tile of kBlockN = 32 keys at a time: lane j
 // owns key j of the tile for S = Q K^T (its K row read from smem with an odd row stride, so
 // the 32 lanes hit 32 banks), and owns output dims lane + 32 k for O += P V, with P broadcast
-// by shuffles. The online softmax and every mask follow attention_common.cuh. A key whose P
-// is exactly 0 is skipped, so NaN/inf in masked-out V rows never reaches the output.
+// by shuffles. The online softmax and every mask follow attention_common.cuh. A masked-out key
+// gets P = -0.0 and is skipped, so NaN/inf in masked-out V rows never reaches the output; a
+// key whose P underflowed (+0.0) is attended, so its NaN V propagates, as in torch.
 #include "attention_common.cuh"
 #include "attention_kernels.h"
 
@@ -98,7 +99,8 @@ __global__ void __launch_bounds__(32 * kWarps)
       // -inf guard: with no allowed key yet, subtract 0 so exp(-inf - m) stays 0, not NaN.
       const Acc m_use = m_new == Acc(neg_inf()) ? Acc(0) : m_new;
       const Acc alpha = exp_nat(m[rr] - m_use);
-      s[rr] = exp_nat(sc - m_use);
+      // A -inf score is a masked key (or an -inf input): P = -0.0 marks it for the P V loop.
+      s[rr] = sc == Acc(neg_inf()) ? Acc(-0.0) : exp_nat(sc - m_use);
       m[rr] = m_new;
       l[rr] = l[rr] * alpha + s[rr];
 #pragma unroll
@@ -109,7 +111,8 @@ __global__ void __launch_bounds__(32 * kWarps)
 #pragma unroll
       for (int rr = 0; rr < kRows; ++rr) {
         const Acc pj = __shfl_sync(0xffffffffu, s[rr], jj);
-        if (pj == Acc(0)) continue;  // warp-uniform: skips masked keys (and their NaN/inf V)
+        // warp-uniform: skips masked keys (P = -0.0) and their NaN/inf V
+        if (is_neg_zero(pj)) continue;
 #pragma unroll
         for (int k = 0; k < kMaxVT; ++k)
           if (lane + 32 * k < Dv) o[rr][k] += pj * sV[jj * Dv + lane + 32 * k];

@@ -28,6 +28,11 @@ constexpr float kLn2 = 0.6931471805599453f;
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ double neg_inf_d() { return __longlong_as_double(0xfff0000000000000ll); }
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+// -0.0, told apart from +0.0 (the SIMT kernel marks a masked key's P with -0.0).
+__device__ __forceinline__ bool is_neg_zero(float x) { return __float_as_uint(x) == 0x80000000u; }
+__device__ __forceinline__ bool is_neg_zero(double x) {
+  return __double_as_longlong(x) == static_cast<long long>(0x8000000000000000ull);
+}
 
 // ---- storage types: load as the compute type, store from it ----
 __device__ __forceinline__ float to_float(float x) { return x; }

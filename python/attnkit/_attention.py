@@ -86,8 +86,9 @@ def attention(q, k, v, *, mask=None, causal=False, causal_align="top_left", scal
         contiguous along its last dim.
 
     Order of score operations: scale, softcap, ALiBi, causal/window/bool mask (-inf), float mask
-    (added). A row with no allowed key gives output 0 and lse -inf. NaN in masked-out K/V rows
-    never reaches the output.
+    (added). A row with no allowed key gives output 0 and lse -inf. NaN/inf in anything a row
+    attends (its query, an unmasked K/V row, a float-mask value) make that row and its lse NaN,
+    as in torch; NaN in masked-out K/V rows never reaches the output.
 
     Returns
     -------

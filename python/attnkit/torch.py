@@ -8,7 +8,9 @@ traces through them, and with ``register_autograd`` for training.
 Zero copy: CPU tensors in float32, float16, bfloat16 (and float64) go to the kernels as raw
 pointers with their strides; nothing is copied unless the last (head) dim is not contiguous,
 in which case that operand is made contiguous first. Inputs attnkit cannot take fall back to
-torch's own implementation with a one-time warning that says why.
+torch's own implementation with a one-time warning that says why; so do calls made under a
+torch.func transform (vmap, grad, jvp), forward-mode AD and torch.jit.trace, whose tensors or
+recorded graphs need torch's own op. TorchScript compiles the twin as torch's op.
 """
 from __future__ import annotations
 
@@ -19,9 +21,16 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
 from . import _C
+
+try:  # the attention-bias subclasses (torch >= 2.3)
+    from torch.nn.attention.bias import CausalBias as _CausalBias
+    from torch.nn.attention.bias import CausalVariant as _CausalVariant
+except ImportError:  # pragma: no cover
+    _CausalBias = _CausalVariant = None
 
 __all__ = ["scaled_dot_product_attention", "sdpa_override"]
 
@@ -69,9 +78,11 @@ def _cuda_ready() -> bool:
         return False
 
 
-def _torch_math(q, k, v, attn_mask, dropout_p, is_causal, scale, softcap, window, bottom_right):
+def _torch_math(q, k, v, attn_mask, dropout_p, is_causal, scale, softcap, window, bottom_right,
+                keep=None):
     """attnkit's semantics in plain torch ops (materializes the scores): the autograd fallback
-    for devices without an attnkit backward."""
+    for devices without an attnkit backward, and the backward for functorch-wrapped gradients.
+    ``keep``: a given dropout keep-mask (attnkit's), instead of drawing torch's."""
     G = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
     s = (q @ k.transpose(-1, -2)) * scale
@@ -95,8 +106,11 @@ def _torch_math(q, k, v, attn_mask, dropout_p, is_causal, scale, softcap, window
             s = s + attn_mask
             allowed = allowed & (attn_mask != float("-inf"))
     s = s.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)  # fully masked rows: 0, as the kernels give
-    if dropout_p > 0:
+    # Fully masked rows give 0, as the kernels; a NaN from the inputs stays NaN, as there.
+    p = torch.softmax(s, -1).masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    if keep is not None:
+        p = p * keep.to(p.dtype) / (1.0 - dropout_p)
+    elif dropout_p > 0:
         p = torch.nn.functional.dropout(p, dropout_p)
     return p @ v
 
@@ -192,6 +206,33 @@ def _sdpa_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                           softcap, window_left, window_right, bottom_right, bshd_out)
 
 
+def _wrapped(t) -> bool:
+    """A functorch-wrapped tensor (vmap's BatchedTensor, grad's wrapper) or a batched tensor of
+    the older torch._vmap_internals (gradcheck's batched-gradient check): no storage to read."""
+    return (torch._C._functorch.is_functorch_wrapped_tensor(t)
+            or torch._C._functorch.is_legacy_batchedtensor(t))
+
+
+def _math_backward(dout, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed, softcap,
+                   window_left, window_right, bottom_right, bshd_out):
+    """The gradients in torch ops (autograd through _torch_math, with attnkit's dropout mask),
+    for a dout the kernels cannot read: a functorch-wrapped one, e.g. vmap over the backward
+    (gradcheck's batched-gradient check)."""
+    keep = None
+    if dropout_p > 0.0:
+        from ._attention import dropout_mask
+
+        B, H, Sq, _ = q.shape
+        keep = torch.from_numpy(dropout_mask((B, H, Sq, k.shape[2]), dropout_p, int(seed.item())))
+    with torch.enable_grad():
+        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
+        o = _torch_math(qd, kd, vd, attn_mask, dropout_p, is_causal, scale, softcap,
+                        (window_left, window_right), bottom_right, keep=keep)
+        if bshd_out:
+            o = o.transpose(1, 2)
+        return torch.autograd.grad(o, (qd, kd, vd), dout)
+
+
 @_sdpa_backward.register_fake
 def _(dout, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed, softcap, window_left,
       window_right, bottom_right, bshd_out):
@@ -212,6 +253,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
     o = ctx.opts
+    if _wrapped(dout):
+        return tuple(_math_backward(dout, q, k, v, out, lse, attn_mask, seed=seed, **o)) + \
+            (None,) * len(_OPTIONS)
     dq, dk, dv = torch.ops.attnkit.sdpa_backward(
         dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, attn_mask,
         o["dropout_p"], o["is_causal"], o["scale"], seed, o["softcap"], o["window_left"],
@@ -238,6 +282,9 @@ class _EagerAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
         o = ctx.opts
+        if _wrapped(dout):
+            return tuple(_math_backward(dout, q, k, v, out, lse, attn_mask, seed=seed, **o)) + \
+                (None,) * len(_OPTIONS)
         dq, dk, dv = _backward_impl(
             dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, attn_mask,
             o["dropout_p"], o["is_causal"], o["scale"], seed, o["softcap"], o["window_left"],
@@ -257,8 +304,25 @@ def _run(q, k, v, *opts):
 # ---- the public twin of F.scaled_dot_product_attention ----------------------------------------
 
 
+def _transformed(tensors) -> Optional[str]:
+    """Why tensors under a torch.func transform or forward-mode AD must go to torch: the
+    kernels read raw storage, which functorch's wrapped tensors lack, and they compute no
+    tangents. Cheap when no transform is active (well under a microsecond per tensor).
+    Under torch.compile the custom op is traced instead, and the compiler handles these."""
+    if torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.maybe_current_level() is not None and any(_wrapped(t) for t in tensors):
+        return "torch.func transforms (vmap, grad, jvp) run torch's SDPA on their wrapped tensors"
+    if any(torch._C._functorch.is_legacy_batchedtensor(t) for t in tensors):
+        return "batched tensors (torch._vmap_internals) run torch's SDPA"
+    if _fwad._current_level >= 0 and any(_fwad.unpack_dual(t).tangent is not None for t in tensors):
+        return "forward-mode AD (dual tensors) runs torch's SDPA"
+    return None
+
+
 def _unsupported(query, key, value, attn_mask) -> Optional[str]:
-    for t in (query, key, value) + ((attn_mask,) if attn_mask is not None else ()):
+    tensors = (query, key, value) + ((attn_mask,) if attn_mask is not None else ())
+    for t in tensors:
         if not isinstance(t, Tensor):
             return f"an argument is a {type(t).__name__}, not a Tensor"
         if t.is_nested:
@@ -272,12 +336,17 @@ def _unsupported(query, key, value, attn_mask) -> Optional[str]:
             return f"{t.device.type} tensors are not supported"
         if t.layout != torch.strided:
             return f"{t.layout} tensors are not supported"
+    reason = _transformed(tensors)
+    if reason is not None:
+        return reason
+    if torch.jit.is_tracing():
+        return "torch.jit.trace records torch's SDPA (attnkit's kernels are not a traceable op)"
     if query.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         return f"dtype {query.dtype} is not supported"
     if query.dim() not in (3, 4) or key.dim() != query.dim() or value.dim() != query.dim():
         return f"inputs with {query.dim()} dims (attnkit takes 3-D or 4-D)"
     if attn_mask is not None:
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
             return None  # torch raises for this below
         if attn_mask.requires_grad and torch.is_grad_enabled():
             return "a gradient for attn_mask is not computed by attnkit"
@@ -286,16 +355,69 @@ def _unsupported(query, key, value, attn_mask) -> Optional[str]:
     return None
 
 
+def _from_causal_bias(bias, is_causal, query, key):
+    """A ``torch.nn.attention.bias.CausalBias`` as (attn_mask, is_causal, bottom_right), the way
+    torch dispatches it: upper-left (or equal lengths) is ``is_causal=True`` on the actual
+    inputs; lower-right is attnkit's bottom-right causal when the bias has the inputs' lengths,
+    else the materialized bool mask (torch's CPU path), which must broadcast like any mask."""
+    if is_causal:
+        raise ValueError("CausalBias should not be used with causal=True")
+    if bias.seq_len_q == bias.seq_len_kv or bias.variant == _CausalVariant.UPPER_LEFT:
+        return None, True, False
+    if bias.variant == _CausalVariant.LOWER_RIGHT:
+        if (bias.seq_len_q, bias.seq_len_kv) == (query.shape[-2], key.shape[-2]):
+            return None, True, True
+        return bias._materialize(query.device), False, False
+    raise ValueError(f"CausalBias.variant must be a CausalVariant type, but found: {bias.variant}")
+
+
+_CAUSAL_AND_MASK = ("_scaled_dot_product_attention: Explicit attn_mask should not be set when "
+                    "is_causal=True")
+
+
+def _check_kernel_dependent(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """Two behaviours of torch 2.13 depend on the kernel it selects for the call: is_causal
+    together with attn_mask (its CPU flash kernel applies both, its math kernel raises) and a
+    mask with fewer than 2 dims (the flash kernel's shape check raises IndexError, the math
+    kernel broadcasts it). Ask torch's own selector (it raises torch's errors, and it honours
+    sdpa_kernel); attnkit then computes what the selected kernel would."""
+    if torch.compiler.is_compiling():  # the selector returns an int, which dynamo cannot trace
+        flash = _flash_would_run(query, key, value, attn_mask, dropout_p)
+    else:
+        choice = torch._fused_sdp_choice(query, key, value, attn_mask, dropout_p, is_causal,
+                                         scale=scale, enable_gqa=enable_gqa)
+        flash = choice == int(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
+    if is_causal and not flash:
+        raise RuntimeError(_CAUSAL_AND_MASK)
+
+
+def _flash_would_run(query, key, value, attn_mask, dropout_p) -> bool:
+    """Under torch.compile: torch 2.13's CPU kernel choice (sdp_utils_cpp.cpp,
+    use_flash_attention_cpp) re-stated from its checks, in their order. Flash enabled, no
+    dropout, 4-D inputs, equal batch sizes, a mask of >= 2 dims (fewer raise torch's
+    IndexError, from that check), equal head dims, unit last-dim strides; else math."""
+    if not torch._C._get_flash_sdp_enabled() or dropout_p != 0.0:
+        return False
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return False
+    if not query.shape[0] == key.shape[0] == value.shape[0]:
+        return False
+    if attn_mask is not None and attn_mask.dim() < 2:
+        raise IndexError(f"Dimension out of range (expected to be in range of [-1, 0], but got -2)"
+                         if attn_mask.dim() == 1 else
+                         "Dimension specified as -2 but tensor has no dimensions")
+    if not query.shape[-1] == key.shape[-1] == value.shape[-1]:
+        return False
+    return query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1
+
+
 def _check_like_torch(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
     """The errors torch's SDPA raises for invalid combinations."""
-    if attn_mask is not None and is_causal:
-        raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set "
-                           "when is_causal=True")
     if not (query.dtype == key.dtype == value.dtype):
         raise RuntimeError("Expected query, key, and value to have the same dtype, but got "
                            f"query.dtype: {query.dtype} key.dtype: {key.dtype} and value.dtype: "
                            f"{value.dtype} instead.")
-    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
         raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, "
                            f"but got attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
     if query.shape[-1] != key.shape[-1]:
@@ -362,14 +484,26 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  is_causal=False, scale=None, enable_gqa=False):
     """Drop-in twin of ``torch.nn.functional.scaled_dot_product_attention`` on attnkit's kernels.
 
-    Same signature and semantics: (N, ..., L, E) inputs with 3 or 4 dims, top-left causal
-    alignment, bool (True = attend) or additive float masks broadcastable to (N, H, L, S),
-    ``enable_gqa`` for H % Hkv == 0, default scale 1/sqrt(E), dropout drawn from torch's default
-    generator, and the errors torch raises for invalid combinations. Autograd works (the
-    backward is attnkit's). A fully masked row gives 0 (torch's math kernel gives NaN there).
+    Same signature and semantics as torch 2.13: (N, ..., L, E) inputs with 3 or 4 dims,
+    top-left causal alignment, bool (True = attend) or additive float masks (float32 or the
+    query's dtype) broadcastable to (N, H, L, S), ``torch.nn.attention.bias`` causal biases
+    (``causal_upper_left`` / ``causal_lower_right``), ``enable_gqa`` for H % Hkv == 0, default
+    scale 1/sqrt(E), and the errors torch raises, including the ones that depend on the kernel
+    torch would pick (``is_causal`` with a mask applies both where torch's CPU flash kernel
+    runs and raises where its math kernel would; a 1-D mask raises where the flash kernel would).
+    A fully masked row gives 0 and NaN/inf propagate from every attended entry, as torch; NaN
+    in K/V that is masked out never reaches the output (torch gives NaN there). Autograd works
+    (the backward is attnkit's). Dropout is drawn from torch's default generator, so
+    ``torch.manual_seed`` reproduces it, but the mask is attnkit's, not torch's.
     Inputs attnkit cannot take (CUDA tensors without the CUDA build, nested tensors, other
-    dtypes, a mask that needs a gradient) fall back to torch with a one-time warning.
+    dtypes, a mask that needs a gradient, torch.func transforms, forward-mode AD, tracing) go
+    to torch with a one-time warning. ``sdpa_kernel`` restrictions select among torch's
+    kernels and do not apply to this function (they still shape the errors above).
     """
+    bottom_right = False
+    torch_mask, torch_causal = attn_mask, is_causal  # what torch gets if the call goes to torch
+    if _CausalBias is not None and isinstance(attn_mask, _CausalBias):
+        attn_mask, is_causal, bottom_right = _from_causal_bias(attn_mask, is_causal, query, key)
     reason = _unsupported(query, key, value, attn_mask)
     if reason is None and isinstance(dropout_p, (int, float)) and dropout_p == 1.0:
         reason = "dropout_p=1.0 (everything dropped)"
@@ -377,9 +511,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         _warn_once(reason)
     if reason is not None or query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
         # Empty inputs: torch's own result (and its rules for them), no work to speak of.
-        return _call_torch(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return _call_torch(query, key, value, attn_mask=torch_mask, dropout_p=dropout_p,
+                           is_causal=torch_causal, scale=scale, enable_gqa=enable_gqa)
     _check_like_torch(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if attn_mask is not None and (is_causal or attn_mask.dim() < 2):
+        _check_kernel_dependent(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                enable_gqa)
     three_d = query.dim() == 3
     if three_d:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -393,16 +530,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                                f"{shape}") from None
     out = attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                    is_causal=is_causal, scale=scale)
+                    is_causal=is_causal, scale=scale, bottom_right=bottom_right)
     return out.squeeze(1) if three_d else out
 
 
 def _call_torch(*args, **kwargs):
+    """torch's own SDPA, not re-routed to attnkit by the override's mode."""
+    previous = getattr(_local, "busy", False)
     _local.busy = True
     try:
         return _TORCH_SDPA(*args, **kwargs)
     finally:
-        _local.busy = False
+        _local.busy = previous
 
 
 # ---- routing every SDPA call to attnkit --------------------------------------------------------
@@ -419,16 +558,59 @@ class _SDPAMode(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_SDPA_OP = "aten::scaled_dot_product_attention"
+
+
+def _script_as_torch(fn) -> bool:
+    """Registers fn as TorchScript's builtin for torch's SDPA op, so scripted code that calls
+    it (nn.MultiheadAttention under the override, or the twin called directly) compiles to
+    torch's own op instead of trying to compile fn's Python (which TorchScript cannot, and a
+    failed compile leaves half-defined classes behind). Returns whether fn was newly added."""
+    try:
+        from torch.jit._builtins import _get_builtin_table
+    except ImportError:  # pragma: no cover - a torch without the table: scripting unsupported
+        return False
+    table = _get_builtin_table()
+    added = id(fn) not in table
+    table[id(fn)] = _SDPA_OP
+    return added
+
+
+def _unscript(fn) -> None:
+    from torch.jit._builtins import _get_builtin_table
+
+    _get_builtin_table().pop(id(fn), None)
+
+
+_script_as_torch(scaled_dot_product_attention)  # the twin itself, for good (same semantics)
+
+
 @contextlib.contextmanager
-def sdpa_override():
+def sdpa_override(*, catch_imported: bool = True):
     """Within the block, every ``torch.nn.functional.scaled_dot_product_attention`` call runs on
-    attnkit: the module attribute is replaced, and a ``TorchFunctionMode`` catches callers that
-    imported the function by name. Everything is restored on exit, exceptions included."""
+    attnkit: the module attribute is replaced, and (``catch_imported=True``) a
+    ``TorchFunctionMode`` catches callers that imported the function by name. Everything is
+    restored on exit, exceptions included.
+
+    Any TorchFunctionMode turns off ``nn.MultiheadAttention``'s and ``TransformerEncoder``'s
+    fused inference fastpath (torch's own kernel, which attnkit would not run anyway): their
+    eval-mode calls then take the Python path (projections + SDPA on attnkit). Pass
+    ``catch_imported=False`` to replace only the module attribute and keep the fastpath;
+    calls through ``F.scaled_dot_product_attention`` (transformers, torch.nn) are still caught.
+    TorchScript compiles the twin as torch's op (scripting works in the block and leaves no
+    trace after it); ``torch.jit.trace`` records torch's op."""
     F = torch.nn.functional
     previous = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = scaled_dot_product_attention
+    fn = scaled_dot_product_attention  # (the module global: a test may wrap it)
+    added = _script_as_torch(fn)
+    F.scaled_dot_product_attention = fn
     try:
-        with _SDPAMode():
+        if catch_imported:
+            with _SDPAMode():
+                yield
+        else:
             yield
     finally:
         F.scaled_dot_product_attention = previous
+        if added:
+            _unscript(fn)

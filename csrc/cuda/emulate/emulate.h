@@ -114,6 +114,16 @@ inline double __longlong_as_double(long long x) {
   std::memcpy(&d, &x, 8);
   return d;
 }
+inline unsigned int __float_as_uint(float x) {
+  unsigned int u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+inline long long __double_as_longlong(double x) {
+  long long u;
+  std::memcpy(&u, &x, 8);
+  return u;
+}
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline long min(long a, long b) { return a < b ? a : b; }
