@@ -66,6 +66,31 @@ struct DecodeWork {
   Scratch<float> qf, s, o, m, l, add;
 };
 
+// K/V elements as fp32 registers: float storage converted (load_cvt), 8-bit codes widened
+// (load_code). A code row's scale (times its load unit) multiplies the row's dot products (K)
+// or its P (V) instead of every element: one multiply per row (kv_row_scale, scaled).
+template <class S>
+inline VF load_kv(const S* p) {
+  if constexpr (is_code<S>)
+    return load_code(p);
+  else
+    return load_cvt(p);
+}
+template <class S>
+inline VF load_kv_partial(const S* p, int n) {
+  if constexpr (is_code<S>)
+    return load_code_partial(p, n);
+  else
+    return load_cvt_partial(p, n);
+}
+template <class S>
+inline float scaled(float x, float row_scale) {
+  if constexpr (is_code<S>)
+    return x * row_scale;
+  else
+    return x;
+}
+
 // Rows of the item: for each of its KV heads g0 + t, G heads x sq queries, rows_per_head each.
 // s[r][j] = q_r . k_j for keys j0..j0+n, every head of the item, reading position by position.
 template <class SKV>
@@ -82,36 +107,40 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
         const SKV* k1 = K + kv_offset(p, sv, g0 + t, j0 + j + 1, p.k_stride);
         const SKV* k2 = K + kv_offset(p, sv, g0 + t, j0 + j + 2, p.k_stride);
         const SKV* k3 = K + kv_offset(p, sv, g0 + t, j0 + j + 3, p.k_stride);
+        float ks[4];
+        for (int u = 0; u < 4; ++u)
+          ks[u] = kv_row_scale<SKV>(p, sv, g0 + t, j0 + j + u, p.k_scale, p.k_scale_stride);
         for (int64_t r = t * rph; r < (t + 1) * rph; ++r) {
           const float* q0 = qf + r * D;
           VF a0 = VF::zero(), a1 = a0, a2 = a0, a3 = a0;
           int64_t d = 0;
           for (; d + VF::N <= D; d += VF::N) {
             const VF qv = VF::load(q0 + d);
-            a0 = fma(qv, load_cvt(k0 + d), a0);
-            a1 = fma(qv, load_cvt(k1 + d), a1);
-            a2 = fma(qv, load_cvt(k2 + d), a2);
-            a3 = fma(qv, load_cvt(k3 + d), a3);
+            a0 = fma(qv, load_kv(k0 + d), a0);
+            a1 = fma(qv, load_kv(k1 + d), a1);
+            a2 = fma(qv, load_kv(k2 + d), a2);
+            a3 = fma(qv, load_kv(k3 + d), a3);
           }
           if (d < D) {
             const int w = int(D - d);
             const VF qv = VF::load_partial(q0 + d, w);
-            a0 = fma(qv, load_cvt_partial(k0 + d, w), a0);
-            a1 = fma(qv, load_cvt_partial(k1 + d, w), a1);
-            a2 = fma(qv, load_cvt_partial(k2 + d, w), a2);
-            a3 = fma(qv, load_cvt_partial(k3 + d, w), a3);
+            a0 = fma(qv, load_kv_partial(k0 + d, w), a0);
+            a1 = fma(qv, load_kv_partial(k1 + d, w), a1);
+            a2 = fma(qv, load_kv_partial(k2 + d, w), a2);
+            a3 = fma(qv, load_kv_partial(k3 + d, w), a3);
           }
           float* sr = s + r * lds + j;
-          sr[0] = a0.hsum();
-          sr[1] = a1.hsum();
-          sr[2] = a2.hsum();
-          sr[3] = a3.hsum();
+          sr[0] = scaled<SKV>(a0.hsum(), ks[0]);
+          sr[1] = scaled<SKV>(a1.hsum(), ks[1]);
+          sr[2] = scaled<SKV>(a2.hsum(), ks[2]);
+          sr[3] = scaled<SKV>(a3.hsum(), ks[3]);
         }
       }
   }
   for (; j < n; ++j) {
     for (int64_t t = 0; t < ng; ++t) {
       const SKV* krow = K + kv_offset(p, sv, g0 + t, j0 + j, p.k_stride);
+      const float ks = kv_row_scale<SKV>(p, sv, g0 + t, j0 + j, p.k_scale, p.k_scale_stride);
       const int64_t rbeg = t * rph, rend = rbeg + rph;
       int64_t r = rbeg;
       for (; r + 4 <= rend; r += 4) {  // four rows share each loaded K vector
@@ -119,7 +148,7 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
         const float* q0 = qf + r * D;
         int64_t d = 0;
         for (; d + VF::N <= D; d += VF::N) {
-          const VF kv = load_cvt(krow + d);
+          const VF kv = load_kv(krow + d);
           a0 = fma(VF::load(q0 + d), kv, a0);
           a1 = fma(VF::load(q0 + D + d), kv, a1);
           a2 = fma(VF::load(q0 + 2 * D + d), kv, a2);
@@ -127,29 +156,29 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
         }
         if (d < D) {
           const int w = int(D - d);
-          const VF kv = load_cvt_partial(krow + d, w);
+          const VF kv = load_kv_partial(krow + d, w);
           a0 = fma(VF::load_partial(q0 + d, w), kv, a0);
           a1 = fma(VF::load_partial(q0 + D + d, w), kv, a1);
           a2 = fma(VF::load_partial(q0 + 2 * D + d, w), kv, a2);
           a3 = fma(VF::load_partial(q0 + 3 * D + d, w), kv, a3);
         }
-        s[r * lds + j] = a0.hsum();
-        s[(r + 1) * lds + j] = a1.hsum();
-        s[(r + 2) * lds + j] = a2.hsum();
-        s[(r + 3) * lds + j] = a3.hsum();
+        s[r * lds + j] = scaled<SKV>(a0.hsum(), ks);
+        s[(r + 1) * lds + j] = scaled<SKV>(a1.hsum(), ks);
+        s[(r + 2) * lds + j] = scaled<SKV>(a2.hsum(), ks);
+        s[(r + 3) * lds + j] = scaled<SKV>(a3.hsum(), ks);
       }
       for (; r < rend; ++r) {
         VF a0 = VF::zero(), a1 = a0;
         const float* q0 = qf + r * D;
         int64_t d = 0;
         for (; d + 2 * VF::N <= D; d += 2 * VF::N) {
-          a0 = fma(VF::load(q0 + d), load_cvt(krow + d), a0);
-          a1 = fma(VF::load(q0 + d + VF::N), load_cvt(krow + d + VF::N), a1);
+          a0 = fma(VF::load(q0 + d), load_kv(krow + d), a0);
+          a1 = fma(VF::load(q0 + d + VF::N), load_kv(krow + d + VF::N), a1);
         }
-        for (; d + VF::N <= D; d += VF::N) a0 = fma(VF::load(q0 + d), load_cvt(krow + d), a0);
+        for (; d + VF::N <= D; d += VF::N) a0 = fma(VF::load(q0 + d), load_kv(krow + d), a0);
         if (d < D)
-          a1 = fma(VF::load_partial(q0 + d, int(D - d)), load_cvt_partial(krow + d, int(D - d)), a1);
-        s[r * lds + j] = (a0 + a1).hsum();
+          a1 = fma(VF::load_partial(q0 + d, int(D - d)), load_kv_partial(krow + d, int(D - d)), a1);
+        s[r * lds + j] = scaled<SKV>((a0 + a1).hsum(), ks);
       }
     }
   }
@@ -162,14 +191,15 @@ void accumulate_one(const AttentionParams& p, const SeqView& sv, int64_t g, int6
                     int64_t ldo, const SKV* Vm) {
   const int64_t Dv = p.head_dim_v;
   const SKV* vrow = Vm + kv_offset(p, sv, g, pos, p.v_stride);
+  const float vs = kv_row_scale<SKV>(p, sv, g, pos, p.v_scale, p.v_scale_stride);
   for (int64_t d = 0; d < Dv; d += VF::N) {
     const int w = int(imin(VF::N, Dv - d));
-    const VF vv = w == VF::N ? load_cvt(vrow + d) : load_cvt_partial(vrow + d, w);
+    const VF vv = w == VF::N ? load_kv(vrow + d) : load_kv_partial(vrow + d, w);
     for (int64_t r = rbeg; r < rend; ++r) {
       const float pr = P[r * ldp + j];
       if (pr == 0.0f) continue;
       float* o = O + r * ldo + d;
-      fma(VF::set1(pr), vv, VF::load(o)).store(o);
+      fma(VF::set1(scaled<SKV>(pr, vs)), vv, VF::load(o)).store(o);
     }
   }
 }
@@ -200,23 +230,26 @@ void accumulate_pv(const AttentionParams& p, const SeqView& sv, int64_t g0, int6
       const SKV* v1 = Vm + kv_offset(p, sv, g0 + t, j0 + j + 1, p.v_stride);
       const SKV* v2 = Vm + kv_offset(p, sv, g0 + t, j0 + j + 2, p.v_stride);
       const SKV* v3 = Vm + kv_offset(p, sv, g0 + t, j0 + j + 3, p.v_stride);
+      float vs[4];
+      for (int u = 0; u < 4; ++u)
+        vs[u] = kv_row_scale<SKV>(p, sv, g0 + t, j0 + j + u, p.v_scale, p.v_scale_stride);
       for (int64_t d = 0; d < Dv; d += VF::N) {
         const int w = int(imin(VF::N, Dv - d));
         VF x0, x1, x2, x3;
         if (w == VF::N) {
-          x0 = load_cvt(v0 + d), x1 = load_cvt(v1 + d), x2 = load_cvt(v2 + d), x3 = load_cvt(v3 + d);
+          x0 = load_kv(v0 + d), x1 = load_kv(v1 + d), x2 = load_kv(v2 + d), x3 = load_kv(v3 + d);
         } else {
-          x0 = load_cvt_partial(v0 + d, w), x1 = load_cvt_partial(v1 + d, w);
-          x2 = load_cvt_partial(v2 + d, w), x3 = load_cvt_partial(v3 + d, w);
+          x0 = load_kv_partial(v0 + d, w), x1 = load_kv_partial(v1 + d, w);
+          x2 = load_kv_partial(v2 + d, w), x3 = load_kv_partial(v3 + d, w);
         }
         for (int64_t r = rbeg; r < rend; ++r) {
           const float* pr = P + r * ldp + j;
           float* o = O + r * ldo + d;  // O rows are padded to whole vectors
           VF acc = VF::load(o);
-          acc = fma(VF::set1(pr[0]), x0, acc);
-          acc = fma(VF::set1(pr[1]), x1, acc);
-          acc = fma(VF::set1(pr[2]), x2, acc);
-          acc = fma(VF::set1(pr[3]), x3, acc);
+          acc = fma(VF::set1(scaled<SKV>(pr[0], vs[0])), x0, acc);
+          acc = fma(VF::set1(scaled<SKV>(pr[1], vs[1])), x1, acc);
+          acc = fma(VF::set1(scaled<SKV>(pr[2], vs[2])), x2, acc);
+          acc = fma(VF::set1(scaled<SKV>(pr[3], vs[3])), x3, acc);
           acc.store(o);
         }
       }
@@ -438,6 +471,10 @@ Status decode_kv(const AttentionParams& p) {
       return decode_typed<SQ, f16_t>(p);
     case DType::bf16:
       return decode_typed<SQ, bf16_t>(p);
+    case DType::i8:
+      return decode_typed<SQ, int8_t>(p);
+    case DType::f8e4m3:
+      return decode_typed<SQ, f8e4m3_t>(p);
     default:
       return Status::invalid_argument;
   }

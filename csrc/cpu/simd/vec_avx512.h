@@ -167,6 +167,29 @@ inline Vec<float> load_cvt_partial(const bf16_t* p, int n) {
   __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(Vec<float>::tail_mask(n), p));
   return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
 }
+// ---- 8-bit KV codes -> fp32 (value x CodeUnit<T>::kLoaded; see scalar_cvt.h) ----
+inline Vec<float> load_code(const int8_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+// 16 e4m3 codes -> the fp16 bits of value x 2^-8: sign-extend to 16 bits (bit 15 = sign), shift
+// exponent and mantissa into place, clear bit 14; NaN codes get an all-ones exponent.
+inline __m256i e4m3_to_f16_bits(__m128i b) {
+  const __m256i w = _mm256_cvtepi8_epi16(b);
+  const __m256i h = _mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16(int16_t(0xbf80)));
+  const __m256i low7 = _mm256_set1_epi16(0x7f);
+  const __mmask16 nan = _mm256_cmpeq_epi16_mask(_mm256_and_si256(w, low7), low7);
+  return _mm256_mask_mov_epi16(h, nan, _mm256_set1_epi16(0x7e00));
+}
+inline Vec<float> load_code(const f8e4m3_t* p) {
+  return {_mm512_cvtph_ps(e4m3_to_f16_bits(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+inline Vec<float> load_code_partial(const int8_t* p, int n) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(Vec<float>::tail_mask(n), p)))};
+}
+inline Vec<float> load_code_partial(const f8e4m3_t* p, int n) {
+  return {_mm512_cvtph_ps(e4m3_to_f16_bits(_mm_maskz_loadu_epi8(Vec<float>::tail_mask(n), p)))};
+}
+
 inline void store_cvt_partial(float* p, Vec<float> x, int n) { x.store_partial(p, n); }
 inline void store_cvt_partial(f16_t* p, Vec<float> x, int n) {
   _mm256_mask_storeu_epi16(p, Vec<float>::tail_mask(n), cvt_to_f16_bits(x));

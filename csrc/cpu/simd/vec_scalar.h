@@ -184,6 +184,24 @@ inline void store_cvt(f16_t* p, Vec<float> x) {
 inline void store_cvt(bf16_t* p, Vec<float> x) {
   for (int i = 0; i < Vec<float>::N; ++i) p[i].bits = f32_to_bf16(x.v[i]);
 }
+// ---- 8-bit KV codes -> fp32 (value x CodeUnit<T>::kLoaded, as the SIMD variants) ----
+inline Vec<float> load_code(const int8_t* p) {
+  Vec<float> r;
+  for (int i = 0; i < Vec<float>::N; ++i) r.v[i] = static_cast<float>(p[i]);
+  return r;
+}
+inline Vec<float> load_code(const f8e4m3_t* p) {
+  Vec<float> r;
+  for (int i = 0; i < Vec<float>::N; ++i) r.v[i] = f8e4m3_to_f32(p[i].bits) * CodeUnit<f8e4m3_t>::kLoaded;
+  return r;
+}
+template <class T>
+inline Vec<float> load_code_partial(const T* p, int n) {
+  T tmp[Vec<float>::N];
+  std::memset(tmp, 0, sizeof(tmp));
+  std::memcpy(tmp, p, sizeof(T) * n);
+  return load_code(tmp);
+}
 template <class T>
 inline Vec<float> load_cvt_partial(const T* p, int n) {
   T tmp[Vec<float>::N];
