@@ -63,7 +63,7 @@ struct DecodeItem {
 };
 
 struct DecodeWork {
-  Scratch<float> qf, s, o, m, l, add;
+  Scratch<float> qf, s, o, m, l, add, vs;  // vs: 8-bit V rows' scales of one key block
 };
 
 // K/V elements as fp32 registers: float storage converted (load_cvt), 8-bit codes widened
@@ -91,83 +91,83 @@ inline float scaled(float x, float row_scale) {
     return x;
 }
 
+// Register blocks: RB query rows x 4 keys of dot products (scores), RB rows x DV vectors of O
+// (P V). AVX-512 has 32 vector registers: 4 x 4 accumulators + 4 K vectors; AVX2's 16 take
+// half of that. Independent accumulators hide the FMA latency (one accumulator per row, as in
+// the first version, left the loops latency-bound at ~1 FMA per 4 cycles: bench/NOTES.md).
+constexpr int kScoreRows = VF::N >= 16 ? 4 : 2;
+constexpr int kPvRows = VF::N >= 16 ? 4 : 2;
+
+// out[ri][u] = q_{r+ri} . k_u for RB rows of q (row stride D) and four K rows.
+template <int RB, class SKV>
+inline void dot_block(const float* q, int64_t D, const SKV* const* k, float (*out)[4]) {
+  VF acc[RB][4];
+  for (int ri = 0; ri < RB; ++ri)
+    for (int u = 0; u < 4; ++u) acc[ri][u] = VF::zero();
+  int64_t d = 0;
+  for (; d + VF::N <= D; d += VF::N) {
+    VF kv[4];
+    for (int u = 0; u < 4; ++u) kv[u] = load_kv(k[u] + d);
+    for (int ri = 0; ri < RB; ++ri) {
+      const VF qv = VF::load(q + ri * D + d);
+      for (int u = 0; u < 4; ++u) acc[ri][u] = fma(qv, kv[u], acc[ri][u]);
+    }
+  }
+  if (d < D) {
+    const int w = int(D - d);
+    VF kv[4];
+    for (int u = 0; u < 4; ++u) kv[u] = load_kv_partial(k[u] + d, w);
+    for (int ri = 0; ri < RB; ++ri) {
+      const VF qv = VF::load_partial(q + ri * D + d, w);
+      for (int u = 0; u < 4; ++u) acc[ri][u] = fma(qv, kv[u], acc[ri][u]);
+    }
+  }
+  for (int ri = 0; ri < RB; ++ri) hsum4(acc[ri][0], acc[ri][1], acc[ri][2], acc[ri][3], out[ri]);
+}
+
 // Rows of the item: for each of its KV heads g0 + t, G heads x sq queries, rows_per_head each.
-// s[r][j] = q_r . k_j for keys j0..j0+n, every head of the item, reading position by position.
+// s[r][j] = q_r . k_j (times the K row's scale for 8-bit caches) for keys j0..j0+n, every head
+// of the item, reading position by position: four keys at a time, each loaded K vector used
+// by a block of rows (GQA) and each loaded q vector by four keys.
 template <class SKV>
 void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng, int64_t rph,
             int64_t j0, int64_t n, const float* qf, float* s, int64_t lds) {
   const int64_t D = p.head_dim;
+  const int64_t v_bytes = p.head_dim_v * int64_t(sizeof(SKV));
   const SKV* K = typed<SKV>(p.k);
+  const char* V = static_cast<const char*>(p.v);
   int64_t j = 0;
-  // Fewer than four rows per head (MHA decode): four positions share each loaded q vector.
-  if (rph < 4) {
-    for (; j + 4 <= n; j += 4)
-      for (int64_t t = 0; t < ng; ++t) {
-        const SKV* k0 = K + kv_offset(p, sv, g0 + t, j0 + j, p.k_stride);
-        const SKV* k1 = K + kv_offset(p, sv, g0 + t, j0 + j + 1, p.k_stride);
-        const SKV* k2 = K + kv_offset(p, sv, g0 + t, j0 + j + 2, p.k_stride);
-        const SKV* k3 = K + kv_offset(p, sv, g0 + t, j0 + j + 3, p.k_stride);
-        float ks[4];
-        for (int u = 0; u < 4; ++u)
-          ks[u] = kv_row_scale<SKV>(p, sv, g0 + t, j0 + j + u, p.k_scale, p.k_scale_stride);
-        for (int64_t r = t * rph; r < (t + 1) * rph; ++r) {
-          const float* q0 = qf + r * D;
-          VF a0 = VF::zero(), a1 = a0, a2 = a0, a3 = a0;
-          int64_t d = 0;
-          for (; d + VF::N <= D; d += VF::N) {
-            const VF qv = VF::load(q0 + d);
-            a0 = fma(qv, load_kv(k0 + d), a0);
-            a1 = fma(qv, load_kv(k1 + d), a1);
-            a2 = fma(qv, load_kv(k2 + d), a2);
-            a3 = fma(qv, load_kv(k3 + d), a3);
-          }
-          if (d < D) {
-            const int w = int(D - d);
-            const VF qv = VF::load_partial(q0 + d, w);
-            a0 = fma(qv, load_kv_partial(k0 + d, w), a0);
-            a1 = fma(qv, load_kv_partial(k1 + d, w), a1);
-            a2 = fma(qv, load_kv_partial(k2 + d, w), a2);
-            a3 = fma(qv, load_kv_partial(k3 + d, w), a3);
-          }
-          float* sr = s + r * lds + j;
-          sr[0] = scaled<SKV>(a0.hsum(), ks[0]);
-          sr[1] = scaled<SKV>(a1.hsum(), ks[1]);
-          sr[2] = scaled<SKV>(a2.hsum(), ks[2]);
-          sr[3] = scaled<SKV>(a3.hsum(), ks[3]);
-        }
+  for (; j + 4 <= n; j += 4)
+    for (int64_t t = 0; t < ng; ++t) {
+      const SKV* k[4];
+      float ks[4];
+      for (int u = 0; u < 4; ++u) {
+        k[u] = K + kv_offset(p, sv, g0 + t, j0 + j + u, p.k_stride);
+        ks[u] = kv_row_scale<SKV>(p, sv, g0 + t, j0 + j + u, p.k_scale, p.k_scale_stride);
+        // accumulate_pv walks V head by head (a stride of Hkv rows in a position-major cache,
+        // which the hardware prefetchers do not follow): fetch the block's V rows now, in
+        // position order, while K streams.
+        const char* vrow = V + kv_offset(p, sv, g0 + t, j0 + j + u, p.v_stride) * int64_t(sizeof(SKV));
+        for (int64_t b = 0; b < v_bytes; b += 64) __builtin_prefetch(vrow + b, 0, 3);
       }
-  }
-  for (; j < n; ++j) {
+      const int64_t rend = (t + 1) * rph;
+      int64_t r = t * rph;
+      float o[kScoreRows][4];
+      for (; r + kScoreRows <= rend; r += kScoreRows) {
+        dot_block<kScoreRows>(qf + r * D, D, k, o);
+        for (int ri = 0; ri < kScoreRows; ++ri)
+          for (int u = 0; u < 4; ++u) s[(r + ri) * lds + j + u] = scaled<SKV>(o[ri][u], ks[u]);
+      }
+      for (; r < rend; ++r) {
+        dot_block<1>(qf + r * D, D, k, o);
+        for (int u = 0; u < 4; ++u) s[r * lds + j + u] = scaled<SKV>(o[0][u], ks[u]);
+      }
+    }
+  for (; j < n; ++j)  // the last few keys of a sequence, one at a time
     for (int64_t t = 0; t < ng; ++t) {
       const SKV* krow = K + kv_offset(p, sv, g0 + t, j0 + j, p.k_stride);
       const float ks = kv_row_scale<SKV>(p, sv, g0 + t, j0 + j, p.k_scale, p.k_scale_stride);
-      const int64_t rbeg = t * rph, rend = rbeg + rph;
-      int64_t r = rbeg;
-      for (; r + 4 <= rend; r += 4) {  // four rows share each loaded K vector
-        VF a0 = VF::zero(), a1 = a0, a2 = a0, a3 = a0;
-        const float* q0 = qf + r * D;
-        int64_t d = 0;
-        for (; d + VF::N <= D; d += VF::N) {
-          const VF kv = load_kv(krow + d);
-          a0 = fma(VF::load(q0 + d), kv, a0);
-          a1 = fma(VF::load(q0 + D + d), kv, a1);
-          a2 = fma(VF::load(q0 + 2 * D + d), kv, a2);
-          a3 = fma(VF::load(q0 + 3 * D + d), kv, a3);
-        }
-        if (d < D) {
-          const int w = int(D - d);
-          const VF kv = load_kv_partial(krow + d, w);
-          a0 = fma(VF::load_partial(q0 + d, w), kv, a0);
-          a1 = fma(VF::load_partial(q0 + D + d, w), kv, a1);
-          a2 = fma(VF::load_partial(q0 + 2 * D + d, w), kv, a2);
-          a3 = fma(VF::load_partial(q0 + 3 * D + d, w), kv, a3);
-        }
-        s[r * lds + j] = scaled<SKV>(a0.hsum(), ks);
-        s[(r + 1) * lds + j] = scaled<SKV>(a1.hsum(), ks);
-        s[(r + 2) * lds + j] = scaled<SKV>(a2.hsum(), ks);
-        s[(r + 3) * lds + j] = scaled<SKV>(a3.hsum(), ks);
-      }
-      for (; r < rend; ++r) {
+      for (int64_t r = t * rph; r < (t + 1) * rph; ++r) {
         VF a0 = VF::zero(), a1 = a0;
         const float* q0 = qf + r * D;
         int64_t d = 0;
@@ -181,7 +181,6 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
         s[r * lds + j] = scaled<SKV>((a0 + a1).hsum(), ks);
       }
     }
-  }
 }
 
 // One position of one KV head into rows [rbeg, rend), skipping rows whose P is 0.
@@ -191,7 +190,6 @@ void accumulate_one(const AttentionParams& p, const SeqView& sv, int64_t g, int6
                     int64_t ldo, const SKV* Vm) {
   const int64_t Dv = p.head_dim_v;
   const SKV* vrow = Vm + kv_offset(p, sv, g, pos, p.v_stride);
-  const float vs = kv_row_scale<SKV>(p, sv, g, pos, p.v_scale, p.v_scale_stride);
   for (int64_t d = 0; d < Dv; d += VF::N) {
     const int w = int(imin(VF::N, Dv - d));
     const VF vv = w == VF::N ? load_kv(vrow + d) : load_kv_partial(vrow + d, w);
@@ -199,73 +197,101 @@ void accumulate_one(const AttentionParams& p, const SeqView& sv, int64_t g, int6
       const float pr = P[r * ldp + j];
       if (pr == 0.0f) continue;
       float* o = O + r * ldo + d;
-      fma(VF::set1(scaled<SKV>(pr, vs)), vv, VF::load(o)).store(o);
+      fma(VF::set1(pr), vv, VF::load(o)).store(o);
     }
   }
 }
 
-// O[r] += sum_j P[r][j] V_j. Positions go four at a time so each O vector is loaded and
-// stored once per four V rows (O traffic, not V, bounded the first version: bench/NOTES.md).
-// A key whose P is 0 for some row of its head (masked there) takes the careful path that skips
-// those rows, so NaN/inf in a masked-out V row never reaches them.
+// 8-bit V: P[r][j] *= scale of V row j (times its load unit), for the keys j0..j0+n of every
+// head of the item, so O += P V reads the codes' values as they load. A P of 0 stays 0 (a
+// masked key: the careful path below skips it, and with it a NaN scale); a NaN scale of an
+// attended row makes that P NaN, and the output with it, as a NaN in a float V row would.
+template <class SKV>
+void scale_p_by_v_rows(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
+                       int64_t rph, int64_t j0, int64_t n, float* P, int64_t ldp, float* vs) {
+  const int64_t np = round_up(n, VF::N);  // P rows are kKeyBlock long: whole vectors
+  for (int64_t t = 0; t < ng; ++t) {
+    for (int64_t j = 0; j < np; ++j)
+      vs[j] = j < n ? kv_row_scale<SKV>(p, sv, g0 + t, j0 + j, p.v_scale, p.v_scale_stride) : 0.0f;
+    for (int64_t r = t * rph; r < (t + 1) * rph; ++r)
+      for (int64_t j = 0; j < np; j += VF::N) {
+        const VF x = VF::load(P + r * ldp + j);
+        select(x == VF::zero(), VF::zero(), x * VF::load(vs + j)).store(P + r * ldp + j);
+      }
+  }
+}
+
+// O[r][d0 .. d0 + DV vectors) += sum over the listed keys of P[r][key] V_key, for RB rows: the
+// O block stays in registers across the keys (loaded and stored once per key block), each V
+// vector is converted once for the RB rows. The last vector holds `last_w` valid lanes (O rows
+// are padded to whole vectors; V is read only up to Dv).
+template <int RB, int DV, class SKV>
+inline void pv_block(const SKV* const* vrows, const int64_t* keys, int64_t nkeys, const float* P,
+                     int64_t ldp, float* O, int64_t ldo, int64_t d0, int last_w) {
+  VF acc[RB][DV];
+  for (int ri = 0; ri < RB; ++ri)
+    for (int i = 0; i < DV; ++i) acc[ri][i] = VF::load(O + ri * ldo + d0 + i * VF::N);
+  for (int64_t e = 0; e < nkeys; ++e) {
+    const int64_t j = keys[e];
+    const SKV* v = vrows[j] + d0;
+    VF x[DV];
+    for (int i = 0; i < DV - 1; ++i) x[i] = load_kv(v + i * VF::N);
+    x[DV - 1] = last_w == VF::N ? load_kv(v + (DV - 1) * VF::N) : load_kv_partial(v + (DV - 1) * VF::N, last_w);
+    for (int ri = 0; ri < RB; ++ri) {
+      const VF pj = VF::broadcast(P + ri * ldp + j);
+      for (int i = 0; i < DV; ++i) acc[ri][i] = fma(pj, x[i], acc[ri][i]);
+    }
+  }
+  for (int ri = 0; ri < RB; ++ri)
+    for (int i = 0; i < DV; ++i) acc[ri][i].store(O + ri * ldo + d0 + i * VF::N);
+}
+
+// Rows [r, r + RB) over every vector of Dv: DV vectors at a time, then one at a time.
+template <int RB, int DV, class SKV>
+inline void pv_rows(const SKV* const* vrows, const int64_t* keys, int64_t nkeys, const float* P,
+                    int64_t ldp, float* O, int64_t ldo, int64_t Dv) {
+  int64_t d0 = 0;
+  for (; d0 + DV * VF::N <= Dv; d0 += DV * VF::N)
+    pv_block<RB, DV>(vrows, keys, nkeys, P, ldp, O, ldo, d0, VF::N);
+  for (; d0 < Dv; d0 += VF::N)
+    pv_block<RB, 1>(vrows, keys, nkeys, P, ldp, O, ldo, d0, int(imin(VF::N, Dv - d0)));
+}
+
+// O[r] += sum_j P[r][j] V_j, head by head. Keys whose P is nonzero in every row of their head
+// run through register blocks (pv_block); a key with a zero P in some row (masked there) takes
+// the careful path that skips those rows, so NaN/inf in a masked-out V row never reaches them.
+// (int8 codes are always finite and their scale is folded into P, so a zero P adds exactly 0:
+// int8 caches need no careful path.) The order of the sums depends on P's zeros only, never
+// on the thread count.
 template <class SKV>
 void accumulate_pv(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
                    int64_t rph, int64_t j0, int64_t n, const float* P, int64_t ldp, float* O,
                    int64_t ldo) {
+  constexpr bool finite_codes = std::is_same<SKV, int8_t>::value;
+  constexpr int RB = kPvRows, DV1 = VF::N >= 16 ? 8 : 4, DVB = VF::N >= 16 ? 2 : 2;
   const int64_t Dv = p.head_dim_v;
   const SKV* Vm = typed<SKV>(p.v);
-  auto has_zero = [&](int64_t rbeg, int64_t rend, int64_t j) {
-    for (int64_t r = rbeg; r < rend; ++r)
-      if (P[r * ldp + j] == 0.0f) return true;
-    return false;
-  };
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    for (int64_t t = 0; t < ng; ++t) {
-      const int64_t rbeg = t * rph, rend = rbeg + rph;
-      if (has_zero(rbeg, rend, j) || has_zero(rbeg, rend, j + 1) || has_zero(rbeg, rend, j + 2) ||
-          has_zero(rbeg, rend, j + 3))
-        continue;  // done one position at a time below
-      const SKV* v0 = Vm + kv_offset(p, sv, g0 + t, j0 + j, p.v_stride);
-      const SKV* v1 = Vm + kv_offset(p, sv, g0 + t, j0 + j + 1, p.v_stride);
-      const SKV* v2 = Vm + kv_offset(p, sv, g0 + t, j0 + j + 2, p.v_stride);
-      const SKV* v3 = Vm + kv_offset(p, sv, g0 + t, j0 + j + 3, p.v_stride);
-      float vs[4];
-      for (int u = 0; u < 4; ++u)
-        vs[u] = kv_row_scale<SKV>(p, sv, g0 + t, j0 + j + u, p.v_scale, p.v_scale_stride);
-      for (int64_t d = 0; d < Dv; d += VF::N) {
-        const int w = int(imin(VF::N, Dv - d));
-        VF x0, x1, x2, x3;
-        if (w == VF::N) {
-          x0 = load_kv(v0 + d), x1 = load_kv(v1 + d), x2 = load_kv(v2 + d), x3 = load_kv(v3 + d);
-        } else {
-          x0 = load_kv_partial(v0 + d, w), x1 = load_kv_partial(v1 + d, w);
-          x2 = load_kv_partial(v2 + d, w), x3 = load_kv_partial(v3 + d, w);
-        }
-        for (int64_t r = rbeg; r < rend; ++r) {
-          const float* pr = P + r * ldp + j;
-          float* o = O + r * ldo + d;  // O rows are padded to whole vectors
-          VF acc = VF::load(o);
-          acc = fma(VF::set1(scaled<SKV>(pr[0], vs[0])), x0, acc);
-          acc = fma(VF::set1(scaled<SKV>(pr[1], vs[1])), x1, acc);
-          acc = fma(VF::set1(scaled<SKV>(pr[2], vs[2])), x2, acc);
-          acc = fma(VF::set1(scaled<SKV>(pr[3], vs[3])), x3, acc);
-          acc.store(o);
-        }
-      }
+  const SKV* vrows[kKeyBlock];
+  int64_t clean[kKeyBlock], careful[kKeyBlock];
+  for (int64_t t = 0; t < ng; ++t) {
+    const int64_t rbeg = t * rph, rend = rbeg + rph;
+    int64_t nclean = 0, ncareful = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      vrows[j] = Vm + kv_offset(p, sv, g0 + t, j0 + j, p.v_stride);
+      bool zero = false;
+      for (int64_t r = rbeg; r < rend && !finite_codes; ++r) zero |= P[r * ldp + j] == 0.0f;
+      if (zero)
+        careful[ncareful++] = j;
+      else
+        clean[nclean++] = j;
     }
-    // Heads with a zero P among the four positions: one position at a time, skipping zeros.
-    for (int64_t t = 0; t < ng; ++t) {
-      const int64_t rbeg = t * rph, rend = rbeg + rph;
-      if (!(has_zero(rbeg, rend, j) || has_zero(rbeg, rend, j + 1) || has_zero(rbeg, rend, j + 2) ||
-            has_zero(rbeg, rend, j + 3)))
-        continue;
-      for (int64_t jj = j; jj < j + 4; ++jj) accumulate_one(p, sv, g0 + t, rbeg, rend, j0 + jj, P, ldp, jj, O, ldo, Vm);
-    }
+    int64_t r = rbeg;
+    for (; r + RB <= rend; r += RB)
+      pv_rows<RB, DVB>(vrows, clean, nclean, P + r * ldp, ldp, O + r * ldo, ldo, Dv);
+    for (; r < rend; ++r) pv_rows<1, DV1>(vrows, clean, nclean, P + r * ldp, ldp, O + r * ldo, ldo, Dv);
+    for (int64_t e = 0; e < ncareful; ++e)
+      accumulate_one(p, sv, g0 + t, rbeg, rend, j0 + careful[e], P, ldp, careful[e], O, ldo, Vm);
   }
-  for (; j < n; ++j)
-    for (int64_t t = 0; t < ng; ++t)
-      accumulate_one(p, sv, g0 + t, t * rph, t * rph + rph, j0 + j, P, ldp, j, O, ldo, Vm);
 }
 
 // Query row r of an item: KV head g0 + r / (G * sq), query head (g0 + r / (G*sq)) * G + ...
@@ -314,6 +340,7 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
       const RowCtx rc = row_ctx(p, sv, id.h, id.i, j0, n, w.add.get());
       row_update(rc, S + r * lds, m + r, l + r, O + r * Dvp, Dvp);
     }
+    if constexpr (is_code<SKV>) scale_p_by_v_rows<SKV>(p, sv, it.g0, it.ng, rph, j0, n, S, lds, w.vs.get());
     accumulate_pv<SKV>(p, sv, it.g0, it.ng, rph, j0, n, S, lds, O, Dvp);
   }
   if (part_o) {  // split: leave the chunk's partial result
@@ -433,7 +460,8 @@ Status decode_typed(const AttentionParams& p) {
     if (begin < end &&
         (!w.qf.reset(size_t(rows_max * D)) || !w.s.reset(size_t(rows_max * kKeyBlock)) ||
          !w.o.reset(size_t(rows_max * Dvp)) || !w.m.reset(size_t(rows_max)) ||
-         !w.l.reset(size_t(rows_max)) || !w.add.reset(size_t(kKeyBlock))))
+         !w.l.reset(size_t(rows_max)) || !w.add.reset(size_t(kKeyBlock)) ||
+         (is_code<SKV> && !w.vs.reset(size_t(kKeyBlock)))))
       failed = true;
     if (split && (!acc.reset(size_t(Dv)) || !wgt.reset(size_t(nchunks)))) failed = true;
 #pragma omp barrier

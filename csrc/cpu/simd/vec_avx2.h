@@ -135,6 +135,12 @@ struct Vec<double> {
 
 inline void stream_fence() { _mm_sfence(); }
 
+// out[0..3] = the sums of a, b, c, d's lanes (a fixed order; see vec_avx512.h).
+inline void hsum4(Vec<float> a, Vec<float> b, Vec<float> c, Vec<float> d, float* out) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a.v, b.v), _mm256_hadd_ps(c.v, d.v));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+}
+
 // ---- storage conversions (always to/from fp32 registers) ----
 inline Vec<float> load_cvt(const float* p) { return Vec<float>::load(p); }
 inline Vec<float> load_cvt(const f16_t* p) {

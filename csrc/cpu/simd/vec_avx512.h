@@ -130,6 +130,20 @@ struct Vec<double> {
 
 inline void stream_fence() { _mm_sfence(); }
 
+// out[0..3] = the sums of a, b, c, d's lanes (a fixed order, like hsum; not hsum's order).
+// Reduces the four together: ~18 instructions instead of four hsum chains of ~7.
+inline void hsum4(Vec<float> a, Vec<float> b, Vec<float> c, Vec<float> d, float* out) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a.v, b.v, 0x44), _mm512_shuffle_f32x4(a.v, b.v, 0xee));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c.v, d.v, 0x44), _mm512_shuffle_f32x4(c.v, d.v, 0xee));
+  // 128-bit lanes of x: four partial sums of a, of b, of c, of d
+  const __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd));
+  const __m256 lo = _mm512_castps512_ps256(x);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
+  const __m256 h1 = _mm256_hadd_ps(lo, hi);  // [a a c c | b b d d]
+  const __m256 h2 = _mm256_hadd_ps(h1, h1);  // [a c a c | b d b d]
+  _mm_storeu_ps(out, _mm_unpacklo_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1)));
+}
+
 // ---- storage conversions (always to/from fp32 registers) ----
 inline Vec<float> load_cvt(const float* p) { return Vec<float>::load(p); }
 inline Vec<float> load_cvt(const f16_t* p) {

@@ -165,6 +165,14 @@ struct Vec<double> : VecArray<double, 2> {};
 
 inline void stream_fence() {}
 
+// out[0..3] = the sums of a, b, c, d's lanes.
+inline void hsum4(Vec<float> a, Vec<float> b, Vec<float> c, Vec<float> d, float* out) {
+  out[0] = a.hsum();
+  out[1] = b.hsum();
+  out[2] = c.hsum();
+  out[3] = d.hsum();
+}
+
 // ---- storage conversions ----
 inline Vec<float> load_cvt(const float* p) { return Vec<float>::load(p); }
 inline Vec<float> load_cvt(const f16_t* p) {
