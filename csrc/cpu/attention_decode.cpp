@@ -83,6 +83,16 @@ inline VF load_kv_partial(const S* p, int n) {
   else
     return load_cvt_partial(p, n);
 }
+// Two vectors of K/V elements (2N) at p.
+template <class S>
+inline void load_kv_pair(const S* p, VF& a, VF& b) {
+  if constexpr (is_code<S>) {
+    load_code_pair(p, a, b);
+  } else {
+    a = load_cvt(p);
+    b = load_cvt(p + VF::N);
+  }
+}
 template <class S>
 inline float scaled(float x, float row_scale) {
   if constexpr (is_code<S>)
@@ -96,6 +106,7 @@ inline float scaled(float x, float row_scale) {
 // half of that. Independent accumulators hide the FMA latency (one accumulator per row, as in
 // the first version, left the loops latency-bound at ~1 FMA per 4 cycles: bench/NOTES.md).
 constexpr int kScoreRows = VF::N >= 16 ? 4 : 2;
+constexpr int64_t kPrefetchKeys = 16;  // K rows fetched this many positions ahead
 constexpr int kPvRows = VF::N >= 16 ? 4 : 2;
 
 // out[ri][u] = q_{r+ri} . k_u for RB rows of q (row stride D) and four K rows.
@@ -105,6 +116,14 @@ inline void dot_block(const float* q, int64_t D, const SKV* const* k, float (*ou
   for (int ri = 0; ri < RB; ++ri)
     for (int u = 0; u < 4; ++u) acc[ri][u] = VF::zero();
   int64_t d = 0;
+  for (; d + 2 * VF::N <= D; d += 2 * VF::N) {
+    VF kv[4], kw[4];
+    for (int u = 0; u < 4; ++u) load_kv_pair(k[u] + d, kv[u], kw[u]);
+    for (int ri = 0; ri < RB; ++ri) {
+      const VF qv = VF::load(q + ri * D + d), qw = VF::load(q + ri * D + d + VF::N);
+      for (int u = 0; u < 4; ++u) acc[ri][u] = fma(qw, kw[u], fma(qv, kv[u], acc[ri][u]));
+    }
+  }
   for (; d + VF::N <= D; d += VF::N) {
     VF kv[4];
     for (int u = 0; u < 4; ++u) kv[u] = load_kv(k[u] + d);
@@ -131,9 +150,9 @@ inline void dot_block(const float* q, int64_t D, const SKV* const* k, float (*ou
 // by a block of rows (GQA) and each loaded q vector by four keys.
 template <class SKV>
 void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng, int64_t rph,
-            int64_t j0, int64_t n, const float* qf, float* s, int64_t lds) {
+            int64_t j0, int64_t n, int64_t k_end, const float* qf, float* s, int64_t lds) {
   const int64_t D = p.head_dim;
-  const int64_t v_bytes = p.head_dim_v * int64_t(sizeof(SKV));
+  const int64_t v_bytes = p.head_dim_v * int64_t(sizeof(SKV)), k_bytes = D * int64_t(sizeof(SKV));
   const SKV* K = typed<SKV>(p.k);
   const char* V = static_cast<const char*>(p.v);
   int64_t j = 0;
@@ -149,6 +168,13 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
         // position order, while K streams.
         const char* vrow = V + kv_offset(p, sv, g0 + t, j0 + j + u, p.v_stride) * int64_t(sizeof(SKV));
         for (int64_t b = 0; b < v_bytes; b += 64) __builtin_prefetch(vrow + b, 0, 3);
+        // and K kPrefetchKeys positions ahead (the walk visits Hkv heads of four positions at
+        // a time, an order the hardware prefetchers follow only partly)
+        if (j0 + j + u + kPrefetchKeys < k_end) {
+          const char* kf = reinterpret_cast<const char*>(
+              K + kv_offset(p, sv, g0 + t, j0 + j + u + kPrefetchKeys, p.k_stride));
+          for (int64_t b = 0; b < k_bytes; b += 64) __builtin_prefetch(kf + b, 0, 3);
+        }
       }
       const int64_t rend = (t + 1) * rph;
       int64_t r = t * rph;
@@ -235,7 +261,9 @@ inline void pv_block(const SKV* const* vrows, const int64_t* keys, int64_t nkeys
     const int64_t j = keys[e];
     const SKV* v = vrows[j] + d0;
     VF x[DV];
-    for (int i = 0; i < DV - 1; ++i) x[i] = load_kv(v + i * VF::N);
+    int i0 = 0;
+    for (; i0 + 2 < DV; i0 += 2) load_kv_pair(v + i0 * VF::N, x[i0], x[i0 + 1]);
+    for (int i = i0; i < DV - 1; ++i) x[i] = load_kv(v + i * VF::N);
     x[DV - 1] = last_w == VF::N ? load_kv(v + (DV - 1) * VF::N) : load_kv_partial(v + (DV - 1) * VF::N, last_w);
     for (int ri = 0; ri < RB; ++ri) {
       const VF pj = VF::broadcast(P + ri * ldp + j);
@@ -334,7 +362,7 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
   const int64_t lds = kKeyBlock;
   for (int64_t j0 = k_begin; j0 < k_end; j0 += kKeyBlock) {
     const int64_t n = imin(kKeyBlock, k_end - j0);
-    scores<SKV>(p, sv, it.g0, it.ng, rph, j0, n, qf, S, lds);
+    scores<SKV>(p, sv, it.g0, it.ng, rph, j0, n, k_end, qf, S, lds);
     for (int64_t r = 0; r < R; ++r) {
       const RowId id = row_id(it.g0, G, sq, r);
       const RowCtx rc = row_ctx(p, sv, id.h, id.i, j0, n, w.add.get());

@@ -189,6 +189,11 @@ inline Vec<float> load_code(const f8e4m3_t* p) {
   return {_mm256_cvtph_ps(e4m3_to_f16_bits(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
 }
 template <class T>
+inline void load_code_pair(const T* p, Vec<float>& a, Vec<float>& b) {
+  a = load_code(p);
+  b = load_code(p + Vec<float>::N);
+}
+template <class T>
 inline Vec<float> load_code_partial(const T* p, int n) {
   T tmp[8];
   std::memset(tmp, 0, sizeof(tmp));

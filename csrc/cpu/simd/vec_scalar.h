@@ -204,6 +204,11 @@ inline Vec<float> load_code(const f8e4m3_t* p) {
   return r;
 }
 template <class T>
+inline void load_code_pair(const T* p, Vec<float>& a, Vec<float>& b) {
+  a = load_code(p);
+  b = load_code(p + Vec<float>::N);
+}
+template <class T>
 inline Vec<float> load_code_partial(const T* p, int n) {
   T tmp[Vec<float>::N];
   std::memset(tmp, 0, sizeof(tmp));
