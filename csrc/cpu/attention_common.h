@@ -154,17 +154,6 @@ inline const S* typed(const void* p) {
   return static_cast<const S*>(p);
 }
 
-// The fp32 scale of an 8-bit cache's row (g, j) (k_scale or v_scale with its strides), times
-// the code unit of its loads (simd/scalar_cvt.h, CodeUnit); 1 for float caches.
-template <class SKV>
-inline float kv_row_scale(const AttentionParams& p, const SeqView& s, int64_t g, int64_t j,
-                          const float* scale, const int64_t* stride) {
-  if constexpr (is_code<SKV>)
-    return scale[kv_offset(p, s, g, j, stride)] * CodeUnit<SKV>::kUnscale;
-  else
-    return 1.0f;
-}
-
 // 8-bit caches: the new rows (p.new_dtype: f32/f16/bf16) are quantized into the caches and
 // their scales written (quantize.h).
 template <class S, class C>

@@ -63,12 +63,12 @@ struct DecodeItem {
 };
 
 struct DecodeWork {
-  Scratch<float> qf, s, o, m, l, add, vs;  // vs: 8-bit V rows' scales of one key block
+  Scratch<float> qf, s, o, m, l, add, vs;  // vs: 8-bit V rows' scales of one key block, per head
 };
 
 // K/V elements as fp32 registers: float storage converted (load_cvt), 8-bit codes widened
 // (load_code). A code row's scale (times its load unit) multiplies the row's dot products (K)
-// or its P (V) instead of every element: one multiply per row (kv_row_scale, scaled).
+// or its P (V) instead of every element (apply_k_scales, scale_p_by_v_rows).
 template <class S>
 inline VF load_kv(const S* p) {
   if constexpr (is_code<S>)
@@ -93,12 +93,24 @@ inline void load_kv_pair(const S* p, VF& a, VF& b) {
     b = load_cvt(p + VF::N);
   }
 }
-template <class S>
-inline float scaled(float x, float row_scale) {
-  if constexpr (is_code<S>)
-    return x * row_scale;
-  else
-    return x;
+
+// Element offsets of one key block's rows at kv head 0 (row (g, j) is at off[j] + g * stride[1]):
+// derived once per block (pages, batches, varlen), so the loops below only add.
+struct BlockRows {
+  int64_t k[kKeyBlock], v[kKeyBlock], ks[kKeyBlock], vs[kKeyBlock];
+};
+
+template <class SKV>
+inline void block_rows(const AttentionParams& p, const SeqView& sv, int64_t j0, int64_t n,
+                       BlockRows& br) {
+  for (int64_t j = 0; j < n; ++j) {
+    br.k[j] = kv_offset(p, sv, 0, j0 + j, p.k_stride);
+    br.v[j] = kv_offset(p, sv, 0, j0 + j, p.v_stride);
+    if constexpr (is_code<SKV>) {
+      br.ks[j] = kv_offset(p, sv, 0, j0 + j, p.k_scale_stride);
+      br.vs[j] = kv_offset(p, sv, 0, j0 + j, p.v_scale_stride);
+    }
+  }
 }
 
 // Register blocks: RB query rows x 4 keys of dot products (scores), RB rows x DV vectors of O
@@ -106,12 +118,12 @@ inline float scaled(float x, float row_scale) {
 // half of that. Independent accumulators hide the FMA latency (one accumulator per row, as in
 // the first version, left the loops latency-bound at ~1 FMA per 4 cycles: bench/NOTES.md).
 constexpr int kScoreRows = VF::N >= 16 ? 4 : 2;
-constexpr int64_t kPrefetchKeys = 16;  // K rows fetched this many positions ahead
 constexpr int kPvRows = VF::N >= 16 ? 4 : 2;
+constexpr int64_t kPrefetchKeys = 16;  // K rows fetched this many positions ahead
 
-// out[ri][u] = q_{r+ri} . k_u for RB rows of q (row stride D) and four K rows.
+// s[ri * lds + u] = q_{ri} . k_u for RB rows of q (row stride D) and four K rows.
 template <int RB, class SKV>
-inline void dot_block(const float* q, int64_t D, const SKV* const* k, float (*out)[4]) {
+inline void dot_block(const float* q, int64_t D, const SKV* const* k, float* s, int64_t lds) {
   VF acc[RB][4];
   for (int ri = 0; ri < RB; ++ri)
     for (int u = 0; u < 4; ++u) acc[ri][u] = VF::zero();
@@ -124,75 +136,63 @@ inline void dot_block(const float* q, int64_t D, const SKV* const* k, float (*ou
       for (int u = 0; u < 4; ++u) acc[ri][u] = fma(qw, kw[u], fma(qv, kv[u], acc[ri][u]));
     }
   }
-  for (; d + VF::N <= D; d += VF::N) {
+  for (; d < D; d += VF::N) {
+    const int w = int(imin(VF::N, D - d));
     VF kv[4];
-    for (int u = 0; u < 4; ++u) kv[u] = load_kv(k[u] + d);
+    for (int u = 0; u < 4; ++u) kv[u] = w == VF::N ? load_kv(k[u] + d) : load_kv_partial(k[u] + d, w);
     for (int ri = 0; ri < RB; ++ri) {
-      const VF qv = VF::load(q + ri * D + d);
+      const VF qv = w == VF::N ? VF::load(q + ri * D + d) : VF::load_partial(q + ri * D + d, w);
       for (int u = 0; u < 4; ++u) acc[ri][u] = fma(qv, kv[u], acc[ri][u]);
     }
   }
-  if (d < D) {
-    const int w = int(D - d);
-    VF kv[4];
-    for (int u = 0; u < 4; ++u) kv[u] = load_kv_partial(k[u] + d, w);
-    for (int ri = 0; ri < RB; ++ri) {
-      const VF qv = VF::load_partial(q + ri * D + d, w);
-      for (int u = 0; u < 4; ++u) acc[ri][u] = fma(qv, kv[u], acc[ri][u]);
-    }
-  }
-  for (int ri = 0; ri < RB; ++ri) hsum4(acc[ri][0], acc[ri][1], acc[ri][2], acc[ri][3], out[ri]);
+  for (int ri = 0; ri < RB; ++ri) hsum4(acc[ri][0], acc[ri][1], acc[ri][2], acc[ri][3], s + ri * lds);
 }
 
 // Rows of the item: for each of its KV heads g0 + t, G heads x sq queries, rows_per_head each.
-// s[r][j] = q_r . k_j (times the K row's scale for 8-bit caches) for keys j0..j0+n, every head
-// of the item, reading position by position: four keys at a time, each loaded K vector used
-// by a block of rows (GQA) and each loaded q vector by four keys.
+// s[r][j] = q_r . k_j (code values for 8-bit caches: apply_code_scales scales them) for keys
+// j0..j0+n, every head of the item, reading position by position: four keys at a time, each
+// loaded K vector used by a block of rows (GQA) and each loaded q vector by four keys.
 template <class SKV>
 void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng, int64_t rph,
-            int64_t j0, int64_t n, int64_t k_end, const float* qf, float* s, int64_t lds) {
+            int64_t j0, int64_t n, int64_t k_end, const BlockRows& br, const float* qf, float* s,
+            int64_t lds) {
   const int64_t D = p.head_dim;
   const int64_t v_bytes = p.head_dim_v * int64_t(sizeof(SKV)), k_bytes = D * int64_t(sizeof(SKV));
   const SKV* K = typed<SKV>(p.k);
   const char* V = static_cast<const char*>(p.v);
   int64_t j = 0;
-  for (; j + 4 <= n; j += 4)
+  for (; j + 4 <= n; j += 4) {
+    int64_t ahead[4];  // K rows kPrefetchKeys positions on (-1: past the item's keys)
+    for (int u = 0; u < 4; ++u) {
+      const int64_t ja = j0 + j + u + kPrefetchKeys;
+      ahead[u] = ja < k_end ? kv_offset(p, sv, 0, ja, p.k_stride) : -1;
+    }
     for (int64_t t = 0; t < ng; ++t) {
+      const int64_t g = g0 + t;
       const SKV* k[4];
-      float ks[4];
       for (int u = 0; u < 4; ++u) {
-        k[u] = K + kv_offset(p, sv, g0 + t, j0 + j + u, p.k_stride);
-        ks[u] = kv_row_scale<SKV>(p, sv, g0 + t, j0 + j + u, p.k_scale, p.k_scale_stride);
+        k[u] = K + br.k[j + u] + g * p.k_stride[1];
         // accumulate_pv walks V head by head (a stride of Hkv rows in a position-major cache,
         // which the hardware prefetchers do not follow): fetch the block's V rows now, in
-        // position order, while K streams.
-        const char* vrow = V + kv_offset(p, sv, g0 + t, j0 + j + u, p.v_stride) * int64_t(sizeof(SKV));
+        // position order, while K streams; and K kPrefetchKeys positions ahead (the walk
+        // visits Hkv heads of four positions at a time, an order they follow only partly).
+        const char* vrow = V + (br.v[j + u] + g * p.v_stride[1]) * int64_t(sizeof(SKV));
         for (int64_t b = 0; b < v_bytes; b += 64) __builtin_prefetch(vrow + b, 0, 3);
-        // and K kPrefetchKeys positions ahead (the walk visits Hkv heads of four positions at
-        // a time, an order the hardware prefetchers follow only partly)
-        if (j0 + j + u + kPrefetchKeys < k_end) {
-          const char* kf = reinterpret_cast<const char*>(
-              K + kv_offset(p, sv, g0 + t, j0 + j + u + kPrefetchKeys, p.k_stride));
+        if (ahead[u] >= 0) {
+          const char* kf = reinterpret_cast<const char*>(K + ahead[u] + g * p.k_stride[1]);
           for (int64_t b = 0; b < k_bytes; b += 64) __builtin_prefetch(kf + b, 0, 3);
         }
       }
       const int64_t rend = (t + 1) * rph;
       int64_t r = t * rph;
-      float o[kScoreRows][4];
-      for (; r + kScoreRows <= rend; r += kScoreRows) {
-        dot_block<kScoreRows>(qf + r * D, D, k, o);
-        for (int ri = 0; ri < kScoreRows; ++ri)
-          for (int u = 0; u < 4; ++u) s[(r + ri) * lds + j + u] = scaled<SKV>(o[ri][u], ks[u]);
-      }
-      for (; r < rend; ++r) {
-        dot_block<1>(qf + r * D, D, k, o);
-        for (int u = 0; u < 4; ++u) s[r * lds + j + u] = scaled<SKV>(o[0][u], ks[u]);
-      }
+      for (; r + kScoreRows <= rend; r += kScoreRows)
+        dot_block<kScoreRows>(qf + r * D, D, k, s + r * lds + j, lds);
+      for (; r < rend; ++r) dot_block<1>(qf + r * D, D, k, s + r * lds + j, lds);
     }
+  }
   for (; j < n; ++j)  // the last few keys of a sequence, one at a time
     for (int64_t t = 0; t < ng; ++t) {
-      const SKV* krow = K + kv_offset(p, sv, g0 + t, j0 + j, p.k_stride);
-      const float ks = kv_row_scale<SKV>(p, sv, g0 + t, j0 + j, p.k_scale, p.k_scale_stride);
+      const SKV* krow = K + br.k[j] + (g0 + t) * p.k_stride[1];
       for (int64_t r = t * rph; r < (t + 1) * rph; ++r) {
         VF a0 = VF::zero(), a1 = a0;
         const float* q0 = qf + r * D;
@@ -204,18 +204,36 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
         for (; d + VF::N <= D; d += VF::N) a0 = fma(VF::load(q0 + d), load_kv(krow + d), a0);
         if (d < D)
           a1 = fma(VF::load_partial(q0 + d, int(D - d)), load_kv_partial(krow + d, int(D - d)), a1);
-        s[r * lds + j] = scaled<SKV>((a0 + a1).hsum(), ks);
+        s[r * lds + j] = (a0 + a1).hsum();
       }
     }
 }
 
+// 8-bit caches, before the softmax: S[r][j] *= the scale of K row j (times its load unit), and
+// the V rows' scales go to vs[t * kKeyBlock + j] for scale_p_by_v_rows. Lanes past n get 0
+// (the row pipeline sets them to -inf).
+template <class SKV>
+void apply_k_scales(const AttentionParams& p, int64_t g0, int64_t ng, int64_t rph, int64_t n,
+                    const BlockRows& br, float* S, int64_t lds, float* vs) {
+  const int64_t np = round_up(n, VF::N);  // S rows are kKeyBlock long: whole vectors
+  alignas(64) float ks[kKeyBlock];
+  for (int64_t t = 0; t < ng; ++t) {
+    const int64_t g = g0 + t;
+    float* vt = vs + t * kKeyBlock;
+    for (int64_t j = 0; j < np; ++j) {
+      ks[j] = j < n ? p.k_scale[br.ks[j] + g * p.k_scale_stride[1]] * CodeUnit<SKV>::kUnscale : 0.0f;
+      vt[j] = j < n ? p.v_scale[br.vs[j] + g * p.v_scale_stride[1]] * CodeUnit<SKV>::kUnscale : 0.0f;
+    }
+    for (int64_t r = t * rph; r < (t + 1) * rph; ++r)
+      for (int64_t j = 0; j < np; j += VF::N) (VF::load(S + r * lds + j) * VF::load(ks + j)).store(S + r * lds + j);
+  }
+}
+
 // One position of one KV head into rows [rbeg, rend), skipping rows whose P is 0.
 template <class SKV>
-void accumulate_one(const AttentionParams& p, const SeqView& sv, int64_t g, int64_t rbeg,
-                    int64_t rend, int64_t pos, const float* P, int64_t ldp, int64_t j, float* O,
-                    int64_t ldo, const SKV* Vm) {
+void accumulate_one(const AttentionParams& p, const SKV* vrow, int64_t rbeg, int64_t rend,
+                    const float* P, int64_t ldp, int64_t j, float* O, int64_t ldo) {
   const int64_t Dv = p.head_dim_v;
-  const SKV* vrow = Vm + kv_offset(p, sv, g, pos, p.v_stride);
   for (int64_t d = 0; d < Dv; d += VF::N) {
     const int w = int(imin(VF::N, Dv - d));
     const VF vv = w == VF::N ? load_kv(vrow + d) : load_kv_partial(vrow + d, w);
@@ -228,23 +246,18 @@ void accumulate_one(const AttentionParams& p, const SeqView& sv, int64_t g, int6
   }
 }
 
-// 8-bit V: P[r][j] *= scale of V row j (times its load unit), for the keys j0..j0+n of every
-// head of the item, so O += P V reads the codes' values as they load. A P of 0 stays 0 (a
-// masked key: the careful path below skips it, and with it a NaN scale); a NaN scale of an
-// attended row makes that P NaN, and the output with it, as a NaN in a float V row would.
-template <class SKV>
-void scale_p_by_v_rows(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
-                       int64_t rph, int64_t j0, int64_t n, float* P, int64_t ldp, float* vs) {
-  const int64_t np = round_up(n, VF::N);  // P rows are kKeyBlock long: whole vectors
-  for (int64_t t = 0; t < ng; ++t) {
-    for (int64_t j = 0; j < np; ++j)
-      vs[j] = j < n ? kv_row_scale<SKV>(p, sv, g0 + t, j0 + j, p.v_scale, p.v_scale_stride) : 0.0f;
+// 8-bit V, after the softmax: P[r][j] *= the scale of V row j (vs from apply_k_scales), so
+// O += P V reads the codes' values as they load. A P of 0 stays 0 (a masked key: the careful
+// path below skips it, and with it a NaN scale); a NaN scale of an attended row makes that P
+// NaN, and the output with it, as a NaN in a float V row would.
+void scale_p_by_v_rows(int64_t ng, int64_t rph, int64_t n, float* P, int64_t ldp, const float* vs) {
+  const int64_t np = round_up(n, VF::N);
+  for (int64_t t = 0; t < ng; ++t)
     for (int64_t r = t * rph; r < (t + 1) * rph; ++r)
       for (int64_t j = 0; j < np; j += VF::N) {
         const VF x = VF::load(P + r * ldp + j);
-        select(x == VF::zero(), VF::zero(), x * VF::load(vs + j)).store(P + r * ldp + j);
+        select(x == VF::zero(), VF::zero(), x * VF::load(vs + t * kKeyBlock + j)).store(P + r * ldp + j);
       }
-  }
 }
 
 // O[r][d0 .. d0 + DV vectors) += sum over the listed keys of P[r][key] V_key, for RB rows: the
@@ -292,20 +305,19 @@ inline void pv_rows(const SKV* const* vrows, const int64_t* keys, int64_t nkeys,
 // int8 caches need no careful path.) The order of the sums depends on P's zeros only, never
 // on the thread count.
 template <class SKV>
-void accumulate_pv(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
-                   int64_t rph, int64_t j0, int64_t n, const float* P, int64_t ldp, float* O,
-                   int64_t ldo) {
+void accumulate_pv(const AttentionParams& p, int64_t g0, int64_t ng, int64_t rph, int64_t n,
+                   const BlockRows& br, const float* P, int64_t ldp, float* O, int64_t ldo) {
   constexpr bool finite_codes = std::is_same<SKV, int8_t>::value;
-  constexpr int RB = kPvRows, DV1 = VF::N >= 16 ? 8 : 4, DVB = VF::N >= 16 ? 2 : 2;
+  constexpr int RB = kPvRows, DV1 = VF::N >= 16 ? 8 : 4, DVB = 2;
   const int64_t Dv = p.head_dim_v;
   const SKV* Vm = typed<SKV>(p.v);
   const SKV* vrows[kKeyBlock];
   int64_t clean[kKeyBlock], careful[kKeyBlock];
   for (int64_t t = 0; t < ng; ++t) {
-    const int64_t rbeg = t * rph, rend = rbeg + rph;
+    const int64_t rbeg = t * rph, rend = rbeg + rph, vg = (g0 + t) * p.v_stride[1];
     int64_t nclean = 0, ncareful = 0;
     for (int64_t j = 0; j < n; ++j) {
-      vrows[j] = Vm + kv_offset(p, sv, g0 + t, j0 + j, p.v_stride);
+      vrows[j] = Vm + br.v[j] + vg;
       bool zero = false;
       for (int64_t r = rbeg; r < rend && !finite_codes; ++r) zero |= P[r * ldp + j] == 0.0f;
       if (zero)
@@ -318,7 +330,7 @@ void accumulate_pv(const AttentionParams& p, const SeqView& sv, int64_t g0, int6
       pv_rows<RB, DVB>(vrows, clean, nclean, P + r * ldp, ldp, O + r * ldo, ldo, Dv);
     for (; r < rend; ++r) pv_rows<1, DV1>(vrows, clean, nclean, P + r * ldp, ldp, O + r * ldo, ldo, Dv);
     for (int64_t e = 0; e < ncareful; ++e)
-      accumulate_one(p, sv, g0 + t, rbeg, rend, j0 + careful[e], P, ldp, careful[e], O, ldo, Vm);
+      accumulate_one(p, vrows[careful[e]], rbeg, rend, P, ldp, careful[e], O, ldo);
   }
 }
 
@@ -360,16 +372,19 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
   k_begin = imax(k_begin, lo_min);
   k_end = imin(k_end, hi_max + 1);
   const int64_t lds = kKeyBlock;
+  BlockRows br;
   for (int64_t j0 = k_begin; j0 < k_end; j0 += kKeyBlock) {
     const int64_t n = imin(kKeyBlock, k_end - j0);
-    scores<SKV>(p, sv, it.g0, it.ng, rph, j0, n, k_end, qf, S, lds);
+    block_rows<SKV>(p, sv, j0, n, br);
+    scores<SKV>(p, sv, it.g0, it.ng, rph, j0, n, k_end, br, qf, S, lds);
+    if constexpr (is_code<SKV>) apply_k_scales<SKV>(p, it.g0, it.ng, rph, n, br, S, lds, w.vs.get());
     for (int64_t r = 0; r < R; ++r) {
       const RowId id = row_id(it.g0, G, sq, r);
       const RowCtx rc = row_ctx(p, sv, id.h, id.i, j0, n, w.add.get());
       row_update(rc, S + r * lds, m + r, l + r, O + r * Dvp, Dvp);
     }
-    if constexpr (is_code<SKV>) scale_p_by_v_rows<SKV>(p, sv, it.g0, it.ng, rph, j0, n, S, lds, w.vs.get());
-    accumulate_pv<SKV>(p, sv, it.g0, it.ng, rph, j0, n, S, lds, O, Dvp);
+    if constexpr (is_code<SKV>) scale_p_by_v_rows(it.ng, rph, n, S, lds, w.vs.get());
+    accumulate_pv<SKV>(p, it.g0, it.ng, rph, n, br, S, lds, O, Dvp);
   }
   if (part_o) {  // split: leave the chunk's partial result
     for (int64_t r = 0; r < R; ++r) {
@@ -489,7 +504,7 @@ Status decode_typed(const AttentionParams& p) {
         (!w.qf.reset(size_t(rows_max * D)) || !w.s.reset(size_t(rows_max * kKeyBlock)) ||
          !w.o.reset(size_t(rows_max * Dvp)) || !w.m.reset(size_t(rows_max)) ||
          !w.l.reset(size_t(rows_max)) || !w.add.reset(size_t(kKeyBlock)) ||
-         (is_code<SKV> && !w.vs.reset(size_t(kKeyBlock)))))
+         (is_code<SKV> && !w.vs.reset(size_t(heads_per_item * kKeyBlock)))))
       failed = true;
     if (split && (!acc.reset(size_t(Dv)) || !wgt.reset(size_t(nchunks)))) failed = true;
 #pragma omp barrier
