@@ -15,12 +15,18 @@
 //     length (its cache_seqlens, not the cache capacity) and D; chunk partials
 //     (m, l, O) are combined in chunk order through their log-sum-exp, so results do not
 //     depend on the thread count.
-//   * K/V are read in place (f16 via F16C, bf16 by widening), in fp32 registers; scores are dot
-//     products over D, then the same row pipeline as prefill (attention_rows.h), then
-//     O += P V row by row of V.
-//   * No software prefetch: the walk reads long contiguous runs that the hardware prefetchers
-//     follow (MHA fp32 reaches 0.8-1.0x of the measured read bandwidth); a prefetch of the next
-//     position in the first version made no difference that rose above the run-to-run noise.
+//   * K/V are read in place (f16 via F16C, bf16 by widening, 8-bit codes widened in registers
+//     with each row's scale applied to its scores or to P: one multiply per row), in fp32
+//     registers; scores are dot products over D in register blocks of rows x 4 keys, then the
+//     same row pipeline as prefill (attention_rows.h), then O += P V with blocks of O held in
+//     registers across a key block.
+//   * 8-bit caches move a quarter of fp32's bytes but not a quarter of the work: the FMAs and
+//     conversions per element stay, so on two cores the int8 / e4m3 kernel is compute-bound
+//     (bench/NOTES.md, "decode over 8-bit caches").
+//   * Software prefetch of V (and of K a few positions ahead) in the scores loop: O += P V walks
+//     V head by head, a stride of Hkv rows the hardware prefetchers do not follow (it made the
+//     int8 GQA decode 1.3x faster at Sk8192: bench/NOTES.md). (The first version, whose loops
+//     walked positions outermost, saw no gain from a prefetch of the next position.)
 #include <math.h>
 
 #include <atomic>
