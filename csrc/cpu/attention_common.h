@@ -154,6 +154,20 @@ inline const S* typed(const void* p) {
   return static_cast<const S*>(p);
 }
 
+// Calls f(sv, pos, g, src_k, src_v) for every new row of attention_with_kvcache: cache position
+// pos of kv head g in sequence sv, taken from element offsets src_k / src_v of k_new / v_new.
+template <class F>
+inline void for_each_new_row(const AttentionParams& p, F&& f) {
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SeqView sv = seq_view(p, b);
+    for (int64_t t = 0; t < p.n_new; ++t)
+      for (int64_t g = 0; g < p.num_kv_heads; ++g)
+        f(sv, sv.sk - p.n_new + t, g,
+          b * p.k_new_stride[0] + g * p.k_new_stride[1] + t * p.k_new_stride[2],
+          b * p.v_new_stride[0] + g * p.v_new_stride[1] + t * p.v_new_stride[2]);
+  }
+}
+
 // 8-bit caches: the new rows (p.new_dtype: f32/f16/bf16) are quantized into the caches and
 // their scales written (quantize.h).
 template <class S, class C>
@@ -164,20 +178,12 @@ inline void append_quantized_rows(const AttentionParams& p) {
   float* vs = const_cast<float*>(p.v_scale);
   const S* kn = static_cast<const S*>(p.k_new);
   const S* vn = static_cast<const S*>(p.v_new);
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const SeqView sv = seq_view(p, b);
-    for (int64_t t = 0; t < p.n_new; ++t) {
-      const int64_t pos = sv.sk - p.n_new + t;
-      for (int64_t g = 0; g < p.num_kv_heads; ++g) {
-        const S* krow = kn + b * p.k_new_stride[0] + g * p.k_new_stride[1] + t * p.k_new_stride[2];
-        const S* vrow = vn + b * p.v_new_stride[0] + g * p.v_new_stride[1] + t * p.v_new_stride[2];
-        ks[kv_offset(p, sv, g, pos, p.k_scale_stride)] =
-            quantize_row(krow, p.head_dim, kc + kv_offset(p, sv, g, pos, p.k_stride));
-        vs[kv_offset(p, sv, g, pos, p.v_scale_stride)] =
-            quantize_row(vrow, p.head_dim_v, vc + kv_offset(p, sv, g, pos, p.v_stride));
-      }
-    }
-  }
+  for_each_new_row(p, [&](const SeqView& sv, int64_t pos, int64_t g, int64_t src_k, int64_t src_v) {
+    ks[kv_offset(p, sv, g, pos, p.k_scale_stride)] =
+        quantize_row(kn + src_k, p.head_dim, kc + kv_offset(p, sv, g, pos, p.k_stride));
+    vs[kv_offset(p, sv, g, pos, p.v_scale_stride)] =
+        quantize_row(vn + src_v, p.head_dim_v, vc + kv_offset(p, sv, g, pos, p.v_stride));
+  });
 }
 
 template <class C>
@@ -207,20 +213,10 @@ inline void append_new_rows(const AttentionParams& p) {
   char* vc = static_cast<char*>(const_cast<void*>(p.v));
   const char* kn = static_cast<const char*>(p.k_new);
   const char* vn = static_cast<const char*>(p.v_new);
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const SeqView sv = seq_view(p, b);
-    for (int64_t t = 0; t < p.n_new; ++t) {
-      const int64_t pos = sv.sk - p.n_new + t;
-      for (int64_t g = 0; g < p.num_kv_heads; ++g) {
-        const int64_t src_k = b * p.k_new_stride[0] + g * p.k_new_stride[1] + t * p.k_new_stride[2];
-        const int64_t src_v = b * p.v_new_stride[0] + g * p.v_new_stride[1] + t * p.v_new_stride[2];
-        memcpy(kc + kv_offset(p, sv, g, pos, p.k_stride) * esz, kn + src_k * esz,
-               size_t(p.head_dim * esz));
-        memcpy(vc + kv_offset(p, sv, g, pos, p.v_stride) * esz, vn + src_v * esz,
-               size_t(p.head_dim_v * esz));
-      }
-    }
-  }
+  for_each_new_row(p, [&](const SeqView& sv, int64_t pos, int64_t g, int64_t src_k, int64_t src_v) {
+    memcpy(kc + kv_offset(p, sv, g, pos, p.k_stride) * esz, kn + src_k * esz, size_t(p.head_dim * esz));
+    memcpy(vc + kv_offset(p, sv, g, pos, p.v_stride) * esz, vn + src_v * esz, size_t(p.head_dim_v * esz));
+  });
 }
 
 }  // namespace ATTNKIT_ISA_NS
