@@ -475,6 +475,110 @@ def test_kvcache_refusals_leave_the_caches_untouched(dev, rng):
         assert np.array_equal(dev.get(big), big_h), msg
 
 
+# ---- 8-bit caches (int8, float8 e4m3fn; issue 15) ----
+
+CODE_FORMATS = ["int8", "fp8_e4m3"]
+
+
+def _bytes(a):
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+@pytest.mark.parametrize("fmt", CODE_FORMATS)
+@pytest.mark.parametrize("D", [1, 40, 128, 200])
+def test_quantize_kv_matches_the_cpu(dev, rng, fmt, D):
+    """quantize_kv on device arrays writes the CPU's bytes (codes and scales), every input dtype,
+    with zero and non-finite rows."""
+    import attnkit
+
+    for dt in HALF + [np.dtype(np.float32)]:
+        x = randn(rng, (3, 5, 2, D), dt, 2.0)
+        x[0, 1, 0] = 0
+        x[2, 0, 1, 0] = np.inf
+        codes, scale = dev.api.quantize_kv(dev.put(x), fmt)
+        want_c, want_s = attnkit.quantize_kv(x, fmt)
+        assert np.array_equal(_bytes(dev.get(codes)), _bytes(want_c))
+        assert np.array_equal(dev.get(scale), want_s, equal_nan=True)
+
+
+def _code_caches(rng, fmt, B, Smax, Hkv, D):
+    import attnkit
+
+    kq, ks = attnkit.quantize_kv(randn(rng, (B, Smax, Hkv, D), np.float32), fmt)
+    vq, vs = attnkit.quantize_kv(randn(rng, (B, Smax, Hkv, D), np.float32), fmt)
+    return kq, ks, vq, vs
+
+
+@pytest.mark.parametrize("fmt", CODE_FORMATS)
+@pytest.mark.parametrize("paged", [None, 16])
+@pytest.mark.parametrize("sq", [1, 5])
+def test_kvcache_codes(dev, rng, fmt, paged, sq):
+    """Decode (and a few query rows) over 8-bit caches: the float64 reference on the
+    dequantized cache, q in float32 / float16 / bfloat16; appended rows are quantized on the
+    device into the CPU's bytes; paged caches; ragged lengths."""
+    import attnkit
+
+    B, H, Hkv, D = 3, 8, 2, 64
+    Smax = 96 if dev.small else 300
+    lens = np.array([0, 40, Smax - sq])
+    for qd in TC_AND_FP32:
+        kq, ks, vq, vs = _code_caches(rng, fmt, B, Smax, Hkv, D)
+        q = randn(rng, (B, sq, H, D), qd)
+        kn, vn = randn(rng, (B, sq, Hkv, D), qd), randn(rng, (B, sq, Hkv, D), qd)
+        kw = {}
+        if paged:
+            table, num_pages = page_table(rng, B, Smax, paged)
+            pages = [to_pages(a, table, num_pages, paged) for a in (kq, vq)]
+            spages = [to_pages(a[..., None], table, num_pages, paged)[..., 0] for a in (ks, vs)]
+            kc, vc = dev.put(pages[0]), dev.put(pages[1])
+            kcs, vcs = dev.put(spages[0]), dev.put(spages[1])
+            kw["block_table"] = dev.put(table)
+        else:
+            kc, vc, kcs, vcs = dev.put(kq), dev.put(vq), dev.put(ks), dev.put(vs)
+        o = dev.api.attention_with_kvcache(dev.put(q), kc, vc, k=dev.put(kn), v=dev.put(vn),
+                                           cache_seqlens=lens, k_scale=kcs, v_scale=vcs, **kw)
+        # the append, as the CPU would quantize it
+        ckn, skn = attnkit.quantize_kv(kn, fmt)
+        cvn, svn = attnkit.quantize_kv(vn, fmt)
+        kc_h, ks_h = dev.get(kc), dev.get(kcs)
+        for b in range(B):
+            for t in range(sq):
+                pos = lens[b] + t
+                kq[b, pos], vq[b, pos], ks[b, pos], vs[b, pos] = ckn[b, t], cvn[b, t], skn[b, t], svn[b, t]
+                where = (table[b, pos // paged], pos % paged) if paged else (b, pos)
+                assert np.array_equal(_bytes(kc_h[where]), _bytes(ckn[b, t]))
+                assert np.array_equal(ks_h[where], skn[b, t])
+        deq = lambda c, s_: c.astype(np.float64) * s_.astype(np.float64)[..., None]
+        ref, _ = kvcache_reference(q, deq(kq, ks), deq(vq, vs), lens + sq, causal=True)
+        assert_close(dev.get(o), ref, qd, what=f"{fmt} cache out, q {np.dtype(qd).name}")
+
+
+def test_kvcache_codes_refusals(dev, rng):
+    """Misuse of 8-bit caches on device arrays: named, before any write."""
+    B, H, Hkv, D, Smax = 2, 4, 2, 16, 32
+    kq, ks, vq, vs = _code_caches(rng, "int8", B, Smax, Hkv, D)
+    kc, vc, kcs, vcs = dev.put(kq), dev.put(vq), dev.put(ks), dev.put(vs)
+    q = dev.put(randn(rng, (B, 1, H, D), np.float32))
+    kn, vn = dev.put(randn(rng, (B, 1, Hkv, D), np.float32)), dev.put(randn(rng, (B, 1, Hkv, D), np.float32))
+    A = dev.api.attention_with_kvcache
+    cases = [
+        ("k_scale and v_scale .* are required", dict(k_scale=None)),
+        ("v_scale has shape", dict(v_scale=dev.put(vs[:, :, :1]))),
+        ("k_scale has dtype float16", dict(k_scale=dev.put(ks.astype(np.float16)))),
+        ("q has dtype float64 but the caches are int8", dict(q=dev.put(randn(rng, (B, 1, H, D), np.float64)))),
+        ("rows appended to a int8 cache must be float32", dict(k=dev.put(np.zeros((B, 1, Hkv, D), np.int8)))),
+        ("does not fit the cache capacity", dict(cache_seqlens=np.array([1, 32]))),
+    ]
+    for msg, kw in cases:
+        args = dict(q=q, k=kn, v=vn, cache_seqlens=np.array([1, 2]), k_scale=kcs, v_scale=vcs)
+        args.update(kw)
+        with pytest.raises((ValueError, TypeError), match=msg) as info:
+            A(args.pop("q"), kc, vc, **args)
+        assert str(info.value).startswith("attention_with_kvcache: ")
+        for d, h in ((kc, kq), (vc, vq), (kcs, ks), (vcs, vs)):
+            assert np.array_equal(_bytes(dev.get(d)), _bytes(h)), msg
+
+
 # ---- softmax ----
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)

@@ -357,9 +357,13 @@ def test_api_suites_run_the_real_apis(fresh_hf_models, monkeypatch, tmp_path, ca
     assert all(r["mismatch"] == {} for r in rows.values())
     dec = [r for r in rows.values() if r["suite"] == "decode"]
     assert dec and all(r["params"]["api"] == "attention_with_kvcache" for r in dec)
-    plain = [r for r in dec if not r["params"]["capacity"]]
+    plain = [r for r in dec if not r["params"]["capacity"] and not r["params"].get("q8")]
     assert plain and all({"attnkit", "attnkit attention", "torch sdpa"} == set(r["timings"])
                          for r in plain)
+    q8 = [r for r in dec if r["params"].get("q8")]  # 8-bit caches next to fp16 / fp32 ones
+    assert {r["params"]["format"] for r in q8} == {"int8", "fp8_e4m3"}
+    assert all({"attnkit", "attnkit fp16 cache", "attnkit fp32 cache"} == set(r["timings"]) and
+               r["reference"] == "attnkit fp32 cache" and "gbs attnkit" in r["extra"] for r in q8)
     bwd = [r for r in rows.values() if r["suite"] == "backward"]
     assert {r["params"]["kind"] for r in bwd} == {"bwd", "fwd+bwd"}
     hf = [r for r in rows.values() if r["suite"] == "hf"]

@@ -32,7 +32,12 @@ SKIP_REASON = _skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))]
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16, torch.bool: np.bool_,
-       torch.int32: np.int32, torch.int64: np.int64}
+       torch.int32: np.int32, torch.int64: np.int64, torch.int8: np.int8}
+try:
+    import ml_dtypes
+    _F8 = np.dtype(ml_dtypes.float8_e4m3fn)
+except ImportError:  # pragma: no cover - ml_dtypes is in the test extra
+    _F8 = None
 
 
 class GpuBackend:
@@ -43,12 +48,17 @@ class GpuBackend:
         self.api = attnkit  # the public functions: device arrays go to the CUDA backend
 
     def put(self, a):
-        return to_torch(np.asarray(a)).cuda()
+        a = np.asarray(a)
+        if _F8 is not None and a.dtype == _F8:  # float8 e4m3fn through its bits
+            return torch.from_numpy(np.ascontiguousarray(a).view(np.uint8)).cuda().view(torch.float8_e4m3fn)
+        return to_torch(a).cuda()
 
     def get(self, t):
         t = t.detach().cpu()
         if t.dtype == torch.bfloat16:
             return from_torch(t, bfloat16)
+        if t.dtype == torch.float8_e4m3fn:
+            return t.contiguous().view(torch.uint8).numpy().view(_F8).copy()
         return t.contiguous().numpy().astype(_NP[t.dtype], copy=True)
 
     def poisoned(self, shape, dtype):

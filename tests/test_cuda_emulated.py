@@ -97,15 +97,18 @@ def dev():
     orig_describe = cb._describe
 
     def describe(obj, fn, name, stream=None):
-        # __cuda_array_interface__ has no bfloat16 typestr: describe those arrays directly.
-        if isinstance(obj, EmuArray) and bfloat16 is not None and obj.a.dtype == bfloat16:
+        # __cuda_array_interface__ has no bfloat16 / float8 typestr: describe those arrays directly.
+        if isinstance(obj, EmuArray) and obj.a.dtype.name in ("bfloat16", "float8_e4m3fn"):
             a = obj.a
-            return Arr(obj, "cai", a.ctypes.data, a.shape, tuple(s // 2 for s in a.strides), "bfloat16", 0,
-                       a.flags.writeable)
+            return Arr(obj, "cai", a.ctypes.data, a.shape, tuple(s // a.itemsize for s in a.strides),
+                       a.dtype.name, 0, a.flags.writeable)
         return orig_describe(obj, fn, name, stream)
 
     def empty(like, shape, dtype, device, fn):
-        return EmuArray(np.full(shape, np.nan, bfloat16 if dtype == "bfloat16" else np.dtype(dtype)))
+        dt = bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+        if dt.kind in "iu":  # integer results (8-bit codes): a sentinel instead of NaN
+            return EmuArray(np.full(shape, 77, dt))
+        return EmuArray(np.full(shape, np.nan, dt))
 
     cb._module_cache, cb._describe, cb._empty = emu, describe, empty
     try:

@@ -16,8 +16,13 @@ DTYPE_ALIASES = {
     "f16": "float16", "fp16": "float16", "float16": "float16", "half": "float16",
     "bf16": "bfloat16", "bfloat16": "bfloat16",
     "f64": "float64", "fp64": "float64", "float64": "float64",
+    # 8-bit KV caches (decode suite)
+    "i8": "int8", "int8": "int8",
+    "fp8": "float8_e4m3fn", "f8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
+    "float8_e4m3fn": "float8_e4m3fn",
 }
-SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64"}
+SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64", "int8": "i8",
+         "float8_e4m3fn": "fp8"}
 
 
 def canonical_dtype(name: str) -> str:

@@ -124,7 +124,8 @@ void prepare(Prepared& pr, const std::string& fn, py::handle q_o, py::handle k_o
              py::handle out_o, py::handle lse_o, py::handle mask_o, py::handle alibi_o,
              py::handle cu_q_o, py::handle cu_k_o, py::handle seqlens_k_o,
              py::handle block_table_o, py::handle k_new_o, py::handle v_new_o,
-             const AttentionOptions& opts, bool backward) {
+             const AttentionOptions& opts, bool backward, py::handle k_scale_o = py::none(),
+             py::handle v_scale_o = py::none()) {
   const char* f = fn.c_str();
   const bool appending = !k_new_o.is_none() || !v_new_o.is_none();
   AttentionTensors t;
@@ -137,6 +138,8 @@ void prepare(Prepared& pr, const std::string& fn, py::handle q_o, py::handle k_o
   t.alibi = optional(alibi_o, fn, "alibi_slopes", false);
   t.k_new = optional(k_new_o, fn, "k", false);
   t.v_new = optional(v_new_o, fn, "v", false);
+  t.k_scale = optional(k_scale_o, fn, "k_scale", appending);
+  t.v_scale = optional(v_scale_o, fn, "v_scale", appending);
   t.paged = !block_table_o.is_none();
   t.varlen = !cu_q_o.is_none();
   t.backward = backward;
@@ -150,12 +153,13 @@ void attention_entry(py::handle q, py::handle k, py::handle v, py::handle out, p
                      py::handle seqlens_k, py::handle block_table, int64_t batch, double scale,
                      double softcap, bool causal, bool bottom_right, int64_t window_left,
                      int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset,
-                     int num_threads, py::handle k_new, py::handle v_new, const std::string& fn) {
+                     int num_threads, py::handle k_new, py::handle v_new, const std::string& fn,
+                     py::handle k_scale, py::handle v_scale) {
   Prepared pr;
   const AttentionOptions opts{batch, scale, softcap, causal, bottom_right, window_left,
                               window_right, dropout_p, seed, offset};
   prepare(pr, fn, q, k, v, out, lse, mask, alibi, cu_q, cu_k, seqlens_k, block_table, k_new,
-          v_new, opts, false);
+          v_new, opts, false, k_scale, v_scale);
   if (num_threads > 0 && num_threads_override() == 0 && !in_forked_child())
     pr.p.num_threads = num_threads;
   Status s;
@@ -228,6 +232,22 @@ void attention_backward_entry(py::handle dout_o, py::handle q, py::handle k, py:
   check_status(st, "attention_backward");
 }
 
+void quantize_entry(py::handle x_o, py::handle q_o, py::handle scale_o, const std::string& fn) {
+  const char* f = fn.c_str();
+  const Tensor x = to_tensor(x_o, f, "x", false);
+  const Tensor q = to_tensor(q_o, f, "codes", true);
+  const Tensor sc = to_tensor(scale_o, f, "scale", true);
+  QuantizeParams p;
+  if (!quantize_params(fn, x, q, sc, &p)) return;
+  p.num_threads = resolve_num_threads();
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = cpu::active_kernels()->quantize_kv(p);
+  }
+  check_status(s, f);
+}
+
 // The dropout keep-mask (B, H, Sq, Sk) the kernels draw for (seed, offset): a debug/test aid.
 void dropout_mask_entry(py::handle out_o, double p, uint64_t seed, uint64_t offset, int64_t num_heads) {
   Tensor out = to_tensor(out_o, "dropout_mask", "out", true);
@@ -254,11 +274,18 @@ void bind_attention(py::module_& m) {
         py::arg("window_left"), py::arg("window_right"), py::arg("dropout_p") = 0.0,
         py::arg("seed") = 0, py::arg("offset") = 0, py::arg("num_threads") = 0,
         py::arg("k_new") = py::none(), py::arg("v_new") = py::none(),
-        py::arg("fn") = std::string("attention"),
+        py::arg("fn") = std::string("attention"), py::arg("k_scale") = py::none(),
+        py::arg("v_scale") = py::none(),
         "Attention forward on canonical (B, H, S, D) views (validated). num_threads > 0 is the "
         "caller's count (attnkit.torch passes torch's), used unless set_num_threads overrides. "
         "k_new/v_new (B, Hkv, n, D) are appended to the caches k/v at cache_seqlens[b] after "
-        "every check has passed; fn names the public function in messages.");
+        "every check has passed; fn names the public function in messages. 8-bit (int8 / "
+        "float8_e4m3fn) k/v take k_scale/v_scale, float32 (B|pages, Hkv, S) views; appended "
+        "rows (float32/float16/bfloat16) are quantized into them.");
+  m.def("quantize_kv", &quantize_entry, py::arg("x"), py::arg("q"), py::arg("scale"),
+        py::arg("fn") = std::string("quantize_kv"),
+        "Quantize the rows (last dim) of x into the codes q (int8 / float8_e4m3fn, x's shape) and "
+        "float32 scale (x's shape without the last dim); outputs allocated by the caller.");
   m.def("attention_backward", &attention_backward_entry, py::arg("dout"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"),
         py::arg("dv"), py::arg("mask"), py::arg("alibi"), py::arg("cu_seqlens_q"),

@@ -4,11 +4,57 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <utility>
 
 namespace attnkit {
 
 bool is_float_dtype(DType t) {
   return t == DType::f32 || t == DType::f64 || t == DType::f16 || t == DType::bf16;
+}
+
+bool is_code_dtype(DType t) { return t == DType::i8 || t == DType::f8e4m3; }
+
+bool quantize_params(const std::string& fn, const Tensor& x, const Tensor& q, const Tensor& scale,
+                     QuantizeParams* p) {
+  if (!(x.dtype == DType::f32 || x.dtype == DType::f16 || x.dtype == DType::bf16))
+    throw_type(fn + ": x has dtype " + dtype_name(x.dtype) +
+               "; expected float32, float16 or bfloat16");
+  if (!is_code_dtype(q.dtype))
+    throw_type(fn + ": internal: codes must be int8 or float8_e4m3fn, got " + dtype_name(q.dtype));
+  if (scale.dtype != DType::f32) throw_type(fn + ": internal: scale must be float32");
+  if (x.ndim < 1) throw_value(fn + ": x must have at least one dimension");
+  const int nd = x.ndim;
+  bool same = q.ndim == nd && scale.ndim == nd - 1;
+  for (int d = 0; same && d < nd; ++d) same = q.shape[d] == x.shape[d] && (d == nd - 1 || scale.shape[d] == x.shape[d]);
+  if (!same)
+    throw_value(fn + ": internal: codes " + shape_str(q) + " / scale " + shape_str(scale) +
+                " do not match x " + shape_str(x));
+  const int64_t n = x.shape[nd - 1];
+  if (n > 1 && (x.strides[nd - 1] != 1 || q.strides[nd - 1] != 1))
+    throw_value(fn + ": x must be contiguous along its last dim");
+  if (!q.writeable || !scale.writeable) throw_value(fn + ": internal: outputs are read-only");
+  if (may_overlap(q, x) || may_overlap(scale, x) || may_overlap(q, scale))
+    throw_value(fn + ": internal: the outputs overlap x or each other");
+  if (x.numel() == 0) return false;
+  p->x = x.data;
+  p->x_dtype = x.dtype;
+  p->q = q.data;
+  p->q_dtype = q.dtype;
+  p->scale = static_cast<float*>(scale.data);
+  p->n = n;
+  int k = 0;
+  for (int d = 0; d < nd - 1; ++d) {
+    if (x.shape[d] == 1) continue;
+    if (scale.strides[d] == 0 || q.strides[d] == 0)
+      throw_value(fn + ": internal: an output has a stride-0 dimension");
+    p->outer_shape[k] = x.shape[d];
+    p->x_outer_strides[k] = x.strides[d];
+    p->q_outer_strides[k] = q.strides[d];
+    p->scale_outer_strides[k] = scale.strides[d];
+    ++k;
+  }
+  p->outer_ndim = k;
+  return true;
 }
 
 bool softmax_params(const Tensor& x, const Tensor& out, int64_t axis, SoftmaxParams* p) {
@@ -171,11 +217,15 @@ void attention_params(const std::string& fn, const AttentionTensors& t,
                "; expected float32, float64, float16 or bfloat16");
   if (k.dtype != v.dtype)
     throw_type(fn + ": k has dtype " + dtype_name(k.dtype) + " but v has " + dtype_name(v.dtype));
+  const bool codes = is_code_dtype(k.dtype);
   const bool kv_ok = k.dtype == q.dtype ||
-                     (q.dtype == DType::f32 && (k.dtype == DType::f16 || k.dtype == DType::bf16));
+                     (q.dtype == DType::f32 && (k.dtype == DType::f16 || k.dtype == DType::bf16)) ||
+                     (codes && q.dtype != DType::f64);
   if (!kv_ok)
     throw_type(fn + ": q has dtype " + dtype_name(q.dtype) + " but k/v have " +
-               dtype_name(k.dtype) + "; k/v must match q, or be float16/bfloat16 with a float32 q");
+               dtype_name(k.dtype) + (codes ? "; 8-bit caches need a float32, float16 or bfloat16 q"
+                                            : "; k/v must match q, or be float16/bfloat16 with a "
+                                              "float32 q"));
   if (out.dtype != q.dtype)
     throw_type(fn + ": out has dtype " + dtype_name(out.dtype) + " but q has " + dtype_name(q.dtype));
   if (!t.backward && !out.writeable) throw_value(fn + ": out is read-only");
@@ -249,13 +299,55 @@ void attention_params(const std::string& fn, const AttentionTensors& t,
     p->alibi_stride[0] = al.strides[0];
     p->alibi_stride[1] = al.strides[1];
   }
-  if (present(t.k_new) || present(t.v_new)) {
+  const bool appending = present(t.k_new) || present(t.v_new);
+  if (codes) {
+    // One float32 scale per row of each 8-bit cache, shaped like the rows; written on append.
+    const char* kname = appending ? "k_cache" : "k";
+    c.require(present(t.k_scale) && present(t.v_scale),
+              std::string(kname) + " is " + dtype_name(k.dtype) +
+                  ": k_scale and v_scale (float32, one per cache row) are required");
+    for (const auto& sc : {std::make_pair(&t.k_scale, "k_scale"), std::make_pair(&t.v_scale, "v_scale")}) {
+      const Tensor& st = *sc.first;
+      if (st.dtype != DType::f32)
+        throw_type(fn + ": " + sc.second + " has dtype " + dtype_name(st.dtype) + "; expected float32");
+      c.require(st.ndim == 3 && st.shape[0] == k.shape[0] && st.shape[1] == k.shape[1] &&
+                    st.shape[2] == k.shape[2],
+                std::string(sc.second) + " must have one entry per cache row, shape (" +
+                    std::to_string(k.shape[0]) + ", " + std::to_string(k.shape[2]) + ", " +
+                    std::to_string(k.shape[1]) + ") in the caches' order");
+      c.require(!appending || st.writeable,
+                std::string(sc.second) + " is read-only but k/v were given to append");
+      for (const Tensor* cache : {&k, &v})
+        c.require(!may_overlap(st, *cache), std::string(sc.second) + " overlaps the caches");
+    }
+    c.require(!appending || !may_overlap(t.k_scale, t.v_scale), "k_scale and v_scale overlap");
+    p->k_scale = static_cast<const float*>(t.k_scale.data);
+    p->v_scale = static_cast<const float*>(t.v_scale.data);
+    for (int i = 0; i < 3; ++i) {
+      p->k_scale_stride[i] = t.k_scale.strides[i];
+      p->v_scale_stride[i] = t.v_scale.strides[i];
+    }
+  } else {
+    c.require(!present(t.k_scale) && !present(t.v_scale),
+              std::string("k_scale/v_scale go with int8 or float8_e4m3fn caches, but the caches "
+                          "are ") + dtype_name(k.dtype));
+  }
+  if (appending) {
     c.require(present(t.k_new) && present(t.v_new), "pass both k and v to append, or neither");
     const Tensor &kn = t.k_new, &vn = t.v_new;
     c.rows(kn, "k");
     c.rows(vn, "v");
-    c.require(kn.dtype == k.dtype && vn.dtype == k.dtype,
-              std::string("k and v must have the caches' dtype ") + dtype_name(k.dtype));
+    if (codes) {
+      if (!(kn.dtype == DType::f32 || kn.dtype == DType::f16 || kn.dtype == DType::bf16) ||
+          vn.dtype != kn.dtype)
+        throw_type(fn + ": k and v have dtypes " + dtype_name(kn.dtype) + " / " +
+                   dtype_name(vn.dtype) + "; rows appended to an 8-bit cache must be float32, "
+                   "float16 or bfloat16 (one dtype), quantized on append");
+    } else {
+      c.require(kn.dtype == k.dtype && vn.dtype == k.dtype,
+                std::string("k and v must have the caches' dtype ") + dtype_name(k.dtype));
+    }
+    p->new_dtype = kn.dtype;
     c.require(kn.shape[0] == o.batch && kn.shape[1] == p->num_kv_heads &&
                   kn.shape[3] == p->head_dim && vn.shape[0] == o.batch &&
                   vn.shape[1] == p->num_kv_heads && vn.shape[2] == kn.shape[2] &&
@@ -267,6 +359,10 @@ void attention_params(const std::string& fn, const AttentionTensors& t,
       for (const Tensor* cache : {&k, &v})
         c.require(!may_overlap(*n, *cache), "k/v overlap the caches they are appended to");
     c.require(!may_overlap(k, v), "k_cache and v_cache overlap; appending would write one into the other");
+    if (codes)
+      for (const Tensor* n : {&kn, &vn})
+        for (const Tensor* sc : {&t.k_scale, &t.v_scale})
+          c.require(!may_overlap(*n, *sc), "k/v overlap the scales they are appended to");
     p->k_new = kn.data;
     p->v_new = vn.data;
     p->n_new = kn.shape[2];
@@ -292,7 +388,7 @@ void attention_params(const std::string& fn, const AttentionTensors& t,
   // Outputs never alias inputs (nor each other): the kernels read inputs after writing rows.
   // (The backward's outputs are dq/dk/dv, checked by its binding.)
   if (t.backward) return;
-  for (const Tensor* in : {&q, &k, &v, &t.k_new, &t.v_new, &t.mask, &t.alibi}) {
+  for (const Tensor* in : {&q, &k, &v, &t.k_new, &t.v_new, &t.mask, &t.alibi, &t.k_scale, &t.v_scale}) {
     if (!present(*in)) continue;
     c.require(!may_overlap(out, *in), "out overlaps an input; pass a separate array");
     if (present(t.lse)) c.require(!may_overlap(t.lse, *in), "lse overlaps an input");

@@ -27,6 +27,8 @@ struct AttentionTensors {
   Tensor lse = absent_tensor(), mask = absent_tensor(), alibi = absent_tensor();
   // attention_with_kvcache: rows appended to the caches
   Tensor k_new = absent_tensor(), v_new = absent_tensor();
+  // 8-bit caches: one float32 scale per row, canonical (B|pages, Hkv, S) views
+  Tensor k_scale = absent_tensor(), v_scale = absent_tensor();
   bool paged = false;             // k/v are (pages, Hkv, page_size, D): batch need not match
   bool varlen = false;            // q/k/v are (1, H, total, D) packed sequences
   bool backward = false;          // out and lse are the forward's results (inputs here)
@@ -40,6 +42,13 @@ struct AttentionOptions {
   double dropout_p = 0.0;
   uint64_t seed = 0, offset = 0;
 };
+
+bool is_code_dtype(DType t);  // 8-bit KV-cache codes: int8, float8_e4m3fn
+
+// quantize_kv(x) into q (codes) and scale: x (..., D) float32/float16/bfloat16, q of x's shape
+// (int8 or float8_e4m3fn), scale (...) float32. Returns false when there is nothing to do.
+bool quantize_params(const std::string& fn, const Tensor& x, const Tensor& q, const Tensor& scale,
+                     QuantizeParams* p);
 
 // Checks everything the attention kernels rely on for memory safety -- dtypes, shapes,
 // unit-stride head dims, outputs that overlap inputs or each other -- and fills p but for the

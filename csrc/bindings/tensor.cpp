@@ -16,6 +16,8 @@ int64_t itemsize(DType t) {
     case DType::bf16:
       return 2;
     case DType::boolean:
+    case DType::i8:
+    case DType::f8e4m3:
       return 1;
   }
   return 1;
@@ -37,6 +39,10 @@ const char* dtype_name(DType t) {
       return "int32";
     case DType::i64:
       return "int64";
+    case DType::i8:
+      return "int8";
+    case DType::f8e4m3:
+      return "float8_e4m3fn";
   }
   return "?";
 }
@@ -116,9 +122,12 @@ static bool numpy_dtype(const py::dtype& dt, DType* out) {
   if (kind == 'b' && size == 1) return *out = DType::boolean, true;
   if (kind == 'i' && size == 4) return *out = DType::i32, true;
   if (kind == 'i' && size == 8) return *out = DType::i64, true;
-  // ml_dtypes.bfloat16 registers a numpy dtype named "bfloat16".
+  if (kind == 'i' && size == 1) return *out = DType::i8, true;
+  // ml_dtypes registers numpy dtypes named "bfloat16" and "float8_e4m3fn".
   if (size == 2 && py::str(dt.attr("name")).cast<std::string>() == "bfloat16")
     return *out = DType::bf16, true;
+  if (size == 1 && py::str(dt.attr("name")).cast<std::string>() == "float8_e4m3fn")
+    return *out = DType::f8e4m3, true;
   return false;
 }
 
@@ -128,7 +137,8 @@ static bool dtype_from_string(const std::string& s, DType* out) {
     DType t;
   } table[] = {{"float32", DType::f32}, {"float64", DType::f64}, {"float16", DType::f16},
                {"bfloat16", DType::bf16}, {"bool", DType::boolean}, {"int32", DType::i32},
-               {"int64", DType::i64}};
+               {"int64", DType::i64}, {"int8", DType::i8},
+               {"float8_e4m3fn", DType::f8e4m3}};
   for (const auto& e : table)
     if (s == e.name) return *out = e.t, true;
   return false;

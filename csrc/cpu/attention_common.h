@@ -20,6 +20,7 @@
 
 #include "common.h"
 #include "gemm/blocking.h"
+#include "quantize.h"
 #include "simd/math.h"
 #include "simd/scalar_cvt.h"
 #include "simd/vec.h"
@@ -168,31 +169,69 @@ inline const S* typed(const void* p) {
   return static_cast<const S*>(p);
 }
 
+// Calls f(sv, pos, g, src_k, src_v) for every new row of attention_with_kvcache: cache position
+// pos of kv head g in sequence sv, taken from element offsets src_k / src_v of k_new / v_new.
+template <class F>
+inline void for_each_new_row(const AttentionParams& p, F&& f) {
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SeqView sv = seq_view(p, b);
+    for (int64_t t = 0; t < p.n_new; ++t)
+      for (int64_t g = 0; g < p.num_kv_heads; ++g)
+        f(sv, sv.sk - p.n_new + t, g,
+          b * p.k_new_stride[0] + g * p.k_new_stride[1] + t * p.k_new_stride[2],
+          b * p.v_new_stride[0] + g * p.v_new_stride[1] + t * p.v_new_stride[2]);
+  }
+}
+
+// 8-bit caches: the new rows (p.new_dtype: f32/f16/bf16) are quantized into the caches and
+// their scales written (quantize.h).
+template <class S, class C>
+inline void append_quantized_rows(const AttentionParams& p) {
+  C* kc = static_cast<C*>(const_cast<void*>(p.k));
+  C* vc = static_cast<C*>(const_cast<void*>(p.v));
+  float* ks = const_cast<float*>(p.k_scale);
+  float* vs = const_cast<float*>(p.v_scale);
+  const S* kn = static_cast<const S*>(p.k_new);
+  const S* vn = static_cast<const S*>(p.v_new);
+  for_each_new_row(p, [&](const SeqView& sv, int64_t pos, int64_t g, int64_t src_k, int64_t src_v) {
+    ks[kv_offset(p, sv, g, pos, p.k_scale_stride)] =
+        quantize_row(kn + src_k, p.head_dim, kc + kv_offset(p, sv, g, pos, p.k_stride));
+    vs[kv_offset(p, sv, g, pos, p.v_scale_stride)] =
+        quantize_row(vn + src_v, p.head_dim_v, vc + kv_offset(p, sv, g, pos, p.v_stride));
+  });
+}
+
+template <class C>
+inline void append_quantized_rows_from(const AttentionParams& p) {
+  switch (p.new_dtype) {
+    case DType::f32:
+      return append_quantized_rows<float, C>(p);
+    case DType::f16:
+      return append_quantized_rows<f16_t, C>(p);
+    case DType::bf16:
+      return append_quantized_rows<bf16_t, C>(p);
+    default:
+      return;  // the binding accepts nothing else (params_from.cpp)
+  }
+}
+
 // attention_with_kvcache: copies the n_new new k/v rows of every sequence into the caches at
-// positions seqlens_k[b] - n_new .. (params.h). Raw bytes: k_new has the caches' dtype. The
-// kernels call it once (one thread), after their allocations succeeded and before any thread
-// reads K/V.
+// positions seqlens_k[b] - n_new .. (params.h). Raw bytes: k_new has the caches' dtype (8-bit
+// caches: quantized, above). The kernels call it once (one thread), after their allocations
+// succeeded and before any thread reads K/V.
 inline void append_new_rows(const AttentionParams& p) {
   if (!p.k_new || p.n_new <= 0) return;
+  if (p.kv_dtype == DType::i8) return append_quantized_rows_from<int8_t>(p);
+  if (p.kv_dtype == DType::f8e4m3) return append_quantized_rows_from<f8e4m3_t>(p);
   const int64_t esz = p.kv_dtype == DType::f64 ? 8 : p.kv_dtype == DType::f32 ? 4 : 2;
   char* kc = static_cast<char*>(const_cast<void*>(p.k));
   char* vc = static_cast<char*>(const_cast<void*>(p.v));
   const char* kn = static_cast<const char*>(p.k_new);
   const char* vn = static_cast<const char*>(p.v_new);
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const SeqView sv = seq_view(p, b);
-    for (int64_t t = 0; t < p.n_new; ++t) {
-      const int64_t pos = sv.sk - p.n_new + t;
-      for (int64_t g = 0; g < p.num_kv_heads; ++g) {
-        const int64_t src_k = b * p.k_new_stride[0] + g * p.k_new_stride[1] + t * p.k_new_stride[2];
-        const int64_t src_v = b * p.v_new_stride[0] + g * p.v_new_stride[1] + t * p.v_new_stride[2];
-        memcpy(kc + kv_offset(p, sv, g, pos, p.k_stride) * esz, kn + src_k * esz,
-               size_t(p.head_dim * esz));
-        memcpy(vc + kv_offset(p, sv, g, pos, p.v_stride) * esz, vn + src_v * esz,
-               size_t(p.head_dim_v * esz));
-      }
-    }
-  }
+  for_each_new_row(p, [&](const SeqView& sv, int64_t pos, int64_t g, int64_t src_k, int64_t src_v) {
+    memcpy(kc + kv_offset(p, sv, g, pos, p.k_stride) * esz, kn + src_k * esz, size_t(p.head_dim * esz));
+    memcpy(vc + kv_offset(p, sv, g, pos, p.v_stride) * esz, vn + src_v * esz, size_t(p.head_dim_v * esz));
+  });
 }
 
 }  // namespace ATTNKIT_ISA_NS

@@ -15,12 +15,18 @@
 //     length (its cache_seqlens, not the cache capacity) and D; chunk partials
 //     (m, l, O) are combined in chunk order through their log-sum-exp, so results do not
 //     depend on the thread count.
-//   * K/V are read in place (f16 via F16C, bf16 by widening), in fp32 registers; scores are dot
-//     products over D, then the same row pipeline as prefill (attention_rows.h), then
-//     O += P V row by row of V.
-//   * No software prefetch: the walk reads long contiguous runs that the hardware prefetchers
-//     follow (MHA fp32 reaches 0.8-1.0x of the measured read bandwidth); a prefetch of the next
-//     position in the first version made no difference that rose above the run-to-run noise.
+//   * K/V are read in place (f16 via F16C, bf16 by widening, 8-bit codes widened in registers
+//     with each row's scale applied to its scores or to P: one multiply per row), in fp32
+//     registers; scores are dot products over D in register blocks of rows x 4 keys, then the
+//     same row pipeline as prefill (attention_rows.h), then O += P V with blocks of O held in
+//     registers across a key block.
+//   * 8-bit caches move a quarter of fp32's bytes but not a quarter of the work: the FMAs and
+//     conversions per element stay, so on two cores the int8 / e4m3 kernel is compute-bound
+//     (bench/NOTES.md, "decode over 8-bit caches").
+//   * Software prefetch of V (and of K a few positions ahead) in the scores loop: O += P V walks
+//     V head by head, a stride of Hkv rows the hardware prefetchers do not follow (it made the
+//     int8 GQA decode 1.3x faster at Sk8192: bench/NOTES.md). (The first version, whose loops
+//     walked positions outermost, saw no gain from a prefetch of the next position.)
 #include <math.h>
 
 #include <atomic>
@@ -63,95 +69,169 @@ struct DecodeItem {
 };
 
 struct DecodeWork {
-  Scratch<float> qf, s, o, m, l, add;
+  Scratch<float> qf, s, o, m, l, add, vs;  // vs: 8-bit V rows' scales of one key block, per head
 };
 
+// K/V elements as fp32 registers: float storage converted (load_cvt), 8-bit codes widened
+// (load_code). A code row's scale (times its load unit) multiplies the row's dot products (K)
+// or its P (V) instead of every element (apply_k_scales, scale_p_by_v_rows).
+template <class S>
+inline VF load_kv(const S* p) {
+  if constexpr (is_code<S>)
+    return load_code(p);
+  else
+    return load_cvt(p);
+}
+template <class S>
+inline VF load_kv_partial(const S* p, int n) {
+  if constexpr (is_code<S>)
+    return load_code_partial(p, n);
+  else
+    return load_cvt_partial(p, n);
+}
+// Two vectors of K/V elements (2N) at p.
+template <class S>
+inline void load_kv_pair(const S* p, VF& a, VF& b) {
+  if constexpr (is_code<S>) {
+    load_code_pair(p, a, b);
+  } else {
+    a = load_cvt(p);
+    b = load_cvt(p + VF::N);
+  }
+}
+
+// Element offsets of one key block's rows at kv head 0 (row (g, j) is at off[j] + g * stride[1]):
+// derived once per block (pages, batches, varlen), so the loops below only add.
+struct BlockRows {
+  int64_t k[kKeyBlock], v[kKeyBlock], ks[kKeyBlock], vs[kKeyBlock];
+};
+
+template <class SKV>
+inline void block_rows(const AttentionParams& p, const SeqView& sv, int64_t j0, int64_t n,
+                       BlockRows& br) {
+  for (int64_t j = 0; j < n; ++j) {
+    br.k[j] = kv_offset(p, sv, 0, j0 + j, p.k_stride);
+    br.v[j] = kv_offset(p, sv, 0, j0 + j, p.v_stride);
+    if constexpr (is_code<SKV>) {
+      br.ks[j] = kv_offset(p, sv, 0, j0 + j, p.k_scale_stride);
+      br.vs[j] = kv_offset(p, sv, 0, j0 + j, p.v_scale_stride);
+    }
+  }
+}
+
+// Register blocks: RB query rows x 4 keys of dot products (scores), RB rows x DV vectors of O
+// (P V). AVX-512 has 32 vector registers: 4 x 4 accumulators + 4 K vectors; AVX2's 16 take
+// half of that. Independent accumulators hide the FMA latency (one accumulator per row, as in
+// the first version, left the loops latency-bound at ~1 FMA per 4 cycles: bench/NOTES.md).
+constexpr int kScoreRows = VF::N >= 16 ? 4 : 2;
+constexpr int kPvRows = VF::N >= 16 ? 4 : 2;
+constexpr int64_t kPrefetchKeys = 16;  // K rows fetched this many positions ahead
+
+// s[ri * lds + u] = q_{ri} . k_u for RB rows of q (row stride D) and four K rows.
+template <int RB, class SKV>
+inline void dot_block(const float* q, int64_t D, const SKV* const* k, float* s, int64_t lds) {
+  VF acc[RB][4];
+  for (int ri = 0; ri < RB; ++ri)
+    for (int u = 0; u < 4; ++u) acc[ri][u] = VF::zero();
+  int64_t d = 0;
+  for (; d + 2 * VF::N <= D; d += 2 * VF::N) {
+    VF kv[4], kw[4];
+    for (int u = 0; u < 4; ++u) load_kv_pair(k[u] + d, kv[u], kw[u]);
+    for (int ri = 0; ri < RB; ++ri) {
+      const VF qv = VF::load(q + ri * D + d), qw = VF::load(q + ri * D + d + VF::N);
+      for (int u = 0; u < 4; ++u) acc[ri][u] = fma(qw, kw[u], fma(qv, kv[u], acc[ri][u]));
+    }
+  }
+  for (; d < D; d += VF::N) {
+    const int w = int(imin(VF::N, D - d));
+    VF kv[4];
+    for (int u = 0; u < 4; ++u) kv[u] = w == VF::N ? load_kv(k[u] + d) : load_kv_partial(k[u] + d, w);
+    for (int ri = 0; ri < RB; ++ri) {
+      const VF qv = w == VF::N ? VF::load(q + ri * D + d) : VF::load_partial(q + ri * D + d, w);
+      for (int u = 0; u < 4; ++u) acc[ri][u] = fma(qv, kv[u], acc[ri][u]);
+    }
+  }
+  for (int ri = 0; ri < RB; ++ri) hsum4(acc[ri][0], acc[ri][1], acc[ri][2], acc[ri][3], s + ri * lds);
+}
+
 // Rows of the item: for each of its KV heads g0 + t, G heads x sq queries, rows_per_head each.
-// s[r][j] = q_r . k_j for keys j0..j0+n, every head of the item, reading position by position.
+// s[r][j] = q_r . k_j (code values for 8-bit caches: apply_code_scales scales them) for keys
+// j0..j0+n, every head of the item, reading position by position: four keys at a time, each
+// loaded K vector used by a block of rows (GQA) and each loaded q vector by four keys.
 template <class SKV>
 void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng, int64_t rph,
-            int64_t j0, int64_t n, const float* qf, float* s, int64_t lds) {
+            int64_t j0, int64_t n, int64_t k_end, const BlockRows& br, const float* qf, float* s,
+            int64_t lds) {
   const int64_t D = p.head_dim;
+  const int64_t v_bytes = p.head_dim_v * int64_t(sizeof(SKV)), k_bytes = D * int64_t(sizeof(SKV));
   const SKV* K = typed<SKV>(p.k);
+  const char* V = static_cast<const char*>(p.v);
   int64_t j = 0;
-  // Fewer than four rows per head (MHA decode): four positions share each loaded q vector.
-  if (rph < 4) {
-    for (; j + 4 <= n; j += 4)
-      for (int64_t t = 0; t < ng; ++t) {
-        const SKV* k0 = K + kv_offset(p, sv, g0 + t, j0 + j, p.k_stride);
-        const SKV* k1 = K + kv_offset(p, sv, g0 + t, j0 + j + 1, p.k_stride);
-        const SKV* k2 = K + kv_offset(p, sv, g0 + t, j0 + j + 2, p.k_stride);
-        const SKV* k3 = K + kv_offset(p, sv, g0 + t, j0 + j + 3, p.k_stride);
-        for (int64_t r = t * rph; r < (t + 1) * rph; ++r) {
-          const float* q0 = qf + r * D;
-          VF a0 = VF::zero(), a1 = a0, a2 = a0, a3 = a0;
-          int64_t d = 0;
-          for (; d + VF::N <= D; d += VF::N) {
-            const VF qv = VF::load(q0 + d);
-            a0 = fma(qv, load_cvt(k0 + d), a0);
-            a1 = fma(qv, load_cvt(k1 + d), a1);
-            a2 = fma(qv, load_cvt(k2 + d), a2);
-            a3 = fma(qv, load_cvt(k3 + d), a3);
-          }
-          if (d < D) {
-            const int w = int(D - d);
-            const VF qv = VF::load_partial(q0 + d, w);
-            a0 = fma(qv, load_cvt_partial(k0 + d, w), a0);
-            a1 = fma(qv, load_cvt_partial(k1 + d, w), a1);
-            a2 = fma(qv, load_cvt_partial(k2 + d, w), a2);
-            a3 = fma(qv, load_cvt_partial(k3 + d, w), a3);
-          }
-          float* sr = s + r * lds + j;
-          sr[0] = a0.hsum();
-          sr[1] = a1.hsum();
-          sr[2] = a2.hsum();
-          sr[3] = a3.hsum();
-        }
-      }
-  }
-  for (; j < n; ++j) {
+  for (; j + 4 <= n; j += 4) {
+    int64_t ahead[4];  // K rows kPrefetchKeys positions on (-1: past the item's keys)
+    for (int u = 0; u < 4; ++u) {
+      const int64_t ja = j0 + j + u + kPrefetchKeys;
+      ahead[u] = ja < k_end ? kv_offset(p, sv, 0, ja, p.k_stride) : -1;
+    }
     for (int64_t t = 0; t < ng; ++t) {
-      const SKV* krow = K + kv_offset(p, sv, g0 + t, j0 + j, p.k_stride);
-      const int64_t rbeg = t * rph, rend = rbeg + rph;
-      int64_t r = rbeg;
-      for (; r + 4 <= rend; r += 4) {  // four rows share each loaded K vector
-        VF a0 = VF::zero(), a1 = a0, a2 = a0, a3 = a0;
-        const float* q0 = qf + r * D;
-        int64_t d = 0;
-        for (; d + VF::N <= D; d += VF::N) {
-          const VF kv = load_cvt(krow + d);
-          a0 = fma(VF::load(q0 + d), kv, a0);
-          a1 = fma(VF::load(q0 + D + d), kv, a1);
-          a2 = fma(VF::load(q0 + 2 * D + d), kv, a2);
-          a3 = fma(VF::load(q0 + 3 * D + d), kv, a3);
+      const int64_t g = g0 + t;
+      const SKV* k[4];
+      for (int u = 0; u < 4; ++u) {
+        k[u] = K + br.k[j + u] + g * p.k_stride[1];
+        // accumulate_pv walks V head by head (a stride of Hkv rows in a position-major cache,
+        // which the hardware prefetchers do not follow): fetch the block's V rows now, in
+        // position order, while K streams; and K kPrefetchKeys positions ahead (the walk
+        // visits Hkv heads of four positions at a time, an order they follow only partly).
+        const char* vrow = V + (br.v[j + u] + g * p.v_stride[1]) * int64_t(sizeof(SKV));
+        for (int64_t b = 0; b < v_bytes; b += 64) __builtin_prefetch(vrow + b, 0, 3);
+        if (ahead[u] >= 0) {
+          const char* kf = reinterpret_cast<const char*>(K + ahead[u] + g * p.k_stride[1]);
+          for (int64_t b = 0; b < k_bytes; b += 64) __builtin_prefetch(kf + b, 0, 3);
         }
-        if (d < D) {
-          const int w = int(D - d);
-          const VF kv = load_cvt_partial(krow + d, w);
-          a0 = fma(VF::load_partial(q0 + d, w), kv, a0);
-          a1 = fma(VF::load_partial(q0 + D + d, w), kv, a1);
-          a2 = fma(VF::load_partial(q0 + 2 * D + d, w), kv, a2);
-          a3 = fma(VF::load_partial(q0 + 3 * D + d, w), kv, a3);
-        }
-        s[r * lds + j] = a0.hsum();
-        s[(r + 1) * lds + j] = a1.hsum();
-        s[(r + 2) * lds + j] = a2.hsum();
-        s[(r + 3) * lds + j] = a3.hsum();
       }
-      for (; r < rend; ++r) {
+      const int64_t rend = (t + 1) * rph;
+      int64_t r = t * rph;
+      for (; r + kScoreRows <= rend; r += kScoreRows)
+        dot_block<kScoreRows>(qf + r * D, D, k, s + r * lds + j, lds);
+      for (; r < rend; ++r) dot_block<1>(qf + r * D, D, k, s + r * lds + j, lds);
+    }
+  }
+  for (; j < n; ++j)  // the last few keys of a sequence, one at a time
+    for (int64_t t = 0; t < ng; ++t) {
+      const SKV* krow = K + br.k[j] + (g0 + t) * p.k_stride[1];
+      for (int64_t r = t * rph; r < (t + 1) * rph; ++r) {
         VF a0 = VF::zero(), a1 = a0;
         const float* q0 = qf + r * D;
         int64_t d = 0;
         for (; d + 2 * VF::N <= D; d += 2 * VF::N) {
-          a0 = fma(VF::load(q0 + d), load_cvt(krow + d), a0);
-          a1 = fma(VF::load(q0 + d + VF::N), load_cvt(krow + d + VF::N), a1);
+          a0 = fma(VF::load(q0 + d), load_kv(krow + d), a0);
+          a1 = fma(VF::load(q0 + d + VF::N), load_kv(krow + d + VF::N), a1);
         }
-        for (; d + VF::N <= D; d += VF::N) a0 = fma(VF::load(q0 + d), load_cvt(krow + d), a0);
+        for (; d + VF::N <= D; d += VF::N) a0 = fma(VF::load(q0 + d), load_kv(krow + d), a0);
         if (d < D)
-          a1 = fma(VF::load_partial(q0 + d, int(D - d)), load_cvt_partial(krow + d, int(D - d)), a1);
+          a1 = fma(VF::load_partial(q0 + d, int(D - d)), load_kv_partial(krow + d, int(D - d)), a1);
         s[r * lds + j] = (a0 + a1).hsum();
       }
     }
+}
+
+// 8-bit caches, before the softmax: S[r][j] *= the scale of K row j (times its load unit), and
+// the V rows' scales go to vs[t * kKeyBlock + j] for scale_p_by_v_rows. Lanes past n get 0
+// (the row pipeline sets them to -inf).
+template <class SKV>
+void apply_k_scales(const AttentionParams& p, int64_t g0, int64_t ng, int64_t rph, int64_t n,
+                    const BlockRows& br, float* S, int64_t lds, float* vs) {
+  const int64_t np = round_up(n, VF::N);  // S rows are kKeyBlock long: whole vectors
+  alignas(64) float ks[kKeyBlock];
+  for (int64_t t = 0; t < ng; ++t) {
+    const int64_t g = g0 + t;
+    float* vt = vs + t * kKeyBlock;
+    for (int64_t j = 0; j < np; ++j) {
+      ks[j] = j < n ? p.k_scale[br.ks[j] + g * p.k_scale_stride[1]] * CodeUnit<SKV>::kUnscale : 0.0f;
+      vt[j] = j < n ? p.v_scale[br.vs[j] + g * p.v_scale_stride[1]] * CodeUnit<SKV>::kUnscale : 0.0f;
+    }
+    for (int64_t r = t * rph; r < (t + 1) * rph; ++r)
+      for (int64_t j = 0; j < np; j += VF::N) (VF::load(S + r * lds + j) * VF::load(ks + j)).store(S + r * lds + j);
   }
 }
 
@@ -169,15 +249,14 @@ inline RowId row_id(int64_t g0, int64_t G, int64_t sq, int64_t r) {
 // (an underflowed weight still attends it: 0 * NaN = NaN, as in torch); rows of the item are
 // row_id(g0, G, sq, r), needed for that rare check only.
 template <class SKV>
-void accumulate_one(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t g,
+void accumulate_one(const AttentionParams& p, const SeqView& sv, int64_t g0, const SKV* vrow,
                     int64_t rbeg, int64_t rend, int64_t pos, const float* P, int64_t ldp,
-                    int64_t j, float* O, int64_t ldo, const SKV* Vm) {
+                    int64_t j, float* O, int64_t ldo) {
   const int64_t Dv = p.head_dim_v;
   const int64_t G = p.num_heads / p.num_kv_heads;
-  const SKV* vrow = Vm + kv_offset(p, sv, g, pos, p.v_stride);
   for (int64_t d = 0; d < Dv; d += VF::N) {
     const int w = int(imin(VF::N, Dv - d));
-    const VF vv = w == VF::N ? load_cvt(vrow + d) : load_cvt_partial(vrow + d, w);
+    const VF vv = w == VF::N ? load_kv(vrow + d) : load_kv_partial(vrow + d, w);
     const bool nonfinite = any(is_nan(vv - vv));  // inf - inf and NaN - NaN are NaN
     for (int64_t r = rbeg; r < rend; ++r) {
       const float pr = P[r * ldp + j];
@@ -192,66 +271,94 @@ void accumulate_one(const AttentionParams& p, const SeqView& sv, int64_t g0, int
   }
 }
 
-// O[r] += sum_j P[r][j] V_j. Positions go four at a time so each O vector is loaded and
-// stored once per four V rows (O traffic, not V, bounded the first version: bench/NOTES.md).
-// A key whose P is 0 for some row of its head (masked there) takes the careful path that skips
-// those rows, so NaN/inf in a masked-out V row never reaches them.
-template <class SKV>
-void accumulate_pv(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
-                   int64_t rph, int64_t j0, int64_t n, const float* P, int64_t ldp, float* O,
-                   int64_t ldo) {
-  const int64_t Dv = p.head_dim_v;
-  const SKV* Vm = typed<SKV>(p.v);
-  auto has_zero = [&](int64_t rbeg, int64_t rend, int64_t j) {
-    for (int64_t r = rbeg; r < rend; ++r)
-      if (P[r * ldp + j] == 0.0f) return true;
-    return false;
-  };
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    for (int64_t t = 0; t < ng; ++t) {
-      const int64_t rbeg = t * rph, rend = rbeg + rph;
-      if (has_zero(rbeg, rend, j) || has_zero(rbeg, rend, j + 1) || has_zero(rbeg, rend, j + 2) ||
-          has_zero(rbeg, rend, j + 3))
-        continue;  // done one position at a time below
-      const SKV* v0 = Vm + kv_offset(p, sv, g0 + t, j0 + j, p.v_stride);
-      const SKV* v1 = Vm + kv_offset(p, sv, g0 + t, j0 + j + 1, p.v_stride);
-      const SKV* v2 = Vm + kv_offset(p, sv, g0 + t, j0 + j + 2, p.v_stride);
-      const SKV* v3 = Vm + kv_offset(p, sv, g0 + t, j0 + j + 3, p.v_stride);
-      for (int64_t d = 0; d < Dv; d += VF::N) {
-        const int w = int(imin(VF::N, Dv - d));
-        VF x0, x1, x2, x3;
-        if (w == VF::N) {
-          x0 = load_cvt(v0 + d), x1 = load_cvt(v1 + d), x2 = load_cvt(v2 + d), x3 = load_cvt(v3 + d);
-        } else {
-          x0 = load_cvt_partial(v0 + d, w), x1 = load_cvt_partial(v1 + d, w);
-          x2 = load_cvt_partial(v2 + d, w), x3 = load_cvt_partial(v3 + d, w);
-        }
-        for (int64_t r = rbeg; r < rend; ++r) {
-          const float* pr = P + r * ldp + j;
-          float* o = O + r * ldo + d;  // O rows are padded to whole vectors
-          VF acc = VF::load(o);
-          acc = fma(VF::set1(pr[0]), x0, acc);
-          acc = fma(VF::set1(pr[1]), x1, acc);
-          acc = fma(VF::set1(pr[2]), x2, acc);
-          acc = fma(VF::set1(pr[3]), x3, acc);
-          acc.store(o);
-        }
+// 8-bit V, after the softmax: P[r][j] *= the scale of V row j (vs from apply_k_scales), so
+// O += P V reads the codes' values as they load. A P of 0 stays 0 (a masked key: the careful
+// path below skips it, and with it a NaN scale); a NaN scale of an attended row makes that P
+// NaN, and the output with it, as a NaN in a float V row would.
+void scale_p_by_v_rows(int64_t ng, int64_t rph, int64_t n, float* P, int64_t ldp, const float* vs) {
+  const int64_t np = round_up(n, VF::N);
+  for (int64_t t = 0; t < ng; ++t)
+    for (int64_t r = t * rph; r < (t + 1) * rph; ++r)
+      for (int64_t j = 0; j < np; j += VF::N) {
+        const VF x = VF::load(P + r * ldp + j);
+        select(x == VF::zero(), VF::zero(), x * VF::load(vs + t * kKeyBlock + j)).store(P + r * ldp + j);
       }
-    }
-    // Heads with a zero P among the four positions: one position at a time, skipping zeros.
-    for (int64_t t = 0; t < ng; ++t) {
-      const int64_t rbeg = t * rph, rend = rbeg + rph;
-      if (!(has_zero(rbeg, rend, j) || has_zero(rbeg, rend, j + 1) || has_zero(rbeg, rend, j + 2) ||
-            has_zero(rbeg, rend, j + 3)))
-        continue;
-      for (int64_t jj = j; jj < j + 4; ++jj)
-        accumulate_one(p, sv, g0, g0 + t, rbeg, rend, j0 + jj, P, ldp, jj, O, ldo, Vm);
+}
+
+// O[r][d0 .. d0 + DV vectors) += sum over the listed keys of P[r][key] V_key, for RB rows: the
+// O block stays in registers across the keys (loaded and stored once per key block), each V
+// vector is converted once for the RB rows. The last vector holds `last_w` valid lanes (O rows
+// are padded to whole vectors; V is read only up to Dv).
+template <int RB, int DV, class SKV>
+inline void pv_block(const SKV* const* vrows, const int64_t* keys, int64_t nkeys, const float* P,
+                     int64_t ldp, float* O, int64_t ldo, int64_t d0, int last_w) {
+  VF acc[RB][DV];
+  for (int ri = 0; ri < RB; ++ri)
+    for (int i = 0; i < DV; ++i) acc[ri][i] = VF::load(O + ri * ldo + d0 + i * VF::N);
+  for (int64_t e = 0; e < nkeys; ++e) {
+    const int64_t j = keys[e];
+    const SKV* v = vrows[j] + d0;
+    VF x[DV];
+    int i0 = 0;
+    for (; i0 + 2 < DV; i0 += 2) load_kv_pair(v + i0 * VF::N, x[i0], x[i0 + 1]);
+    for (int i = i0; i < DV - 1; ++i) x[i] = load_kv(v + i * VF::N);
+    x[DV - 1] = last_w == VF::N ? load_kv(v + (DV - 1) * VF::N) : load_kv_partial(v + (DV - 1) * VF::N, last_w);
+    for (int ri = 0; ri < RB; ++ri) {
+      const VF pj = VF::broadcast(P + ri * ldp + j);
+      for (int i = 0; i < DV; ++i) acc[ri][i] = fma(pj, x[i], acc[ri][i]);
     }
   }
-  for (; j < n; ++j)
-    for (int64_t t = 0; t < ng; ++t)
-      accumulate_one(p, sv, g0, g0 + t, t * rph, t * rph + rph, j0 + j, P, ldp, j, O, ldo, Vm);
+  for (int ri = 0; ri < RB; ++ri)
+    for (int i = 0; i < DV; ++i) acc[ri][i].store(O + ri * ldo + d0 + i * VF::N);
+}
+
+// Rows [r, r + RB) over every vector of Dv: DV vectors at a time, then one at a time.
+template <int RB, int DV, class SKV>
+inline void pv_rows(const SKV* const* vrows, const int64_t* keys, int64_t nkeys, const float* P,
+                    int64_t ldp, float* O, int64_t ldo, int64_t Dv) {
+  int64_t d0 = 0;
+  for (; d0 + DV * VF::N <= Dv; d0 += DV * VF::N)
+    pv_block<RB, DV>(vrows, keys, nkeys, P, ldp, O, ldo, d0, VF::N);
+  for (; d0 < Dv; d0 += VF::N)
+    pv_block<RB, 1>(vrows, keys, nkeys, P, ldp, O, ldo, d0, int(imin(VF::N, Dv - d0)));
+}
+
+// O[r] += sum_j P[r][j] V_j, head by head. Keys whose P is nonzero in every row of their head
+// run through register blocks (pv_block); a key with a zero P in some row (masked there) takes
+// the careful path that skips those rows, so NaN/inf in a masked-out V row never reaches them.
+// (int8 codes are always finite and their scale is folded into P, so a zero P adds exactly 0:
+// int8 caches need no careful path.) The order of the sums depends on P's zeros only, never
+// on the thread count.
+template <class SKV>
+void accumulate_pv(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
+                   int64_t rph, int64_t j0, int64_t n, const BlockRows& br, const float* P,
+                   int64_t ldp, float* O, int64_t ldo) {
+  constexpr bool finite_codes = std::is_same<SKV, int8_t>::value;
+  constexpr int RB = kPvRows, DV1 = VF::N >= 16 ? 8 : 4, DVB = 2;
+  const int64_t Dv = p.head_dim_v;
+  const SKV* Vm = typed<SKV>(p.v);
+  const SKV* vrows[kKeyBlock];
+  int64_t clean[kKeyBlock], careful[kKeyBlock];
+  for (int64_t t = 0; t < ng; ++t) {
+    const int64_t rbeg = t * rph, rend = rbeg + rph, vg = (g0 + t) * p.v_stride[1];
+    int64_t nclean = 0, ncareful = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      vrows[j] = Vm + br.v[j] + vg;
+      bool zero = false;
+      for (int64_t r = rbeg; r < rend && !finite_codes; ++r) zero |= P[r * ldp + j] == 0.0f;
+      if (zero)
+        careful[ncareful++] = j;
+      else
+        clean[nclean++] = j;
+    }
+    int64_t r = rbeg;
+    for (; r + RB <= rend; r += RB)
+      pv_rows<RB, DVB>(vrows, clean, nclean, P + r * ldp, ldp, O + r * ldo, ldo, Dv);
+    for (; r < rend; ++r) pv_rows<1, DV1>(vrows, clean, nclean, P + r * ldp, ldp, O + r * ldo, ldo, Dv);
+    for (int64_t e = 0; e < ncareful; ++e)
+      accumulate_one(p, sv, g0, vrows[careful[e]], rbeg, rend, j0 + careful[e], P, ldp,
+                     careful[e], O, ldo);
+  }
 }
 
 template <class SQ, class SKV>
@@ -283,15 +390,19 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
   k_begin = imax(k_begin, lo_min);
   k_end = imin(k_end, hi_max + 1);
   const int64_t lds = kKeyBlock;
+  BlockRows br;
   for (int64_t j0 = k_begin; j0 < k_end; j0 += kKeyBlock) {
     const int64_t n = imin(kKeyBlock, k_end - j0);
-    scores<SKV>(p, sv, it.g0, it.ng, rph, j0, n, qf, S, lds);
+    block_rows<SKV>(p, sv, j0, n, br);
+    scores<SKV>(p, sv, it.g0, it.ng, rph, j0, n, k_end, br, qf, S, lds);
+    if constexpr (is_code<SKV>) apply_k_scales<SKV>(p, it.g0, it.ng, rph, n, br, S, lds, w.vs.get());
     for (int64_t r = 0; r < R; ++r) {
       const RowId id = row_id(it.g0, G, sq, r);
       const auto rc = row_ctx(p, sv, id.h, id.i, j0, n, w.add.get());
       row_update(rc, S + r * lds, m + r, l + r, O + r * Dvp, Dvp);
     }
-    accumulate_pv<SKV>(p, sv, it.g0, it.ng, rph, j0, n, S, lds, O, Dvp);
+    if constexpr (is_code<SKV>) scale_p_by_v_rows(it.ng, rph, n, S, lds, w.vs.get());
+    accumulate_pv<SKV>(p, sv, it.g0, it.ng, rph, j0, n, br, S, lds, O, Dvp);
   }
   if (part_o) {  // split: leave the chunk's partial result
     for (int64_t r = 0; r < R; ++r) {
@@ -414,7 +525,8 @@ Status decode_typed(const AttentionParams& p) {
     if (begin < end &&
         (!w.qf.reset(size_t(rows_max * D)) || !w.s.reset(size_t(rows_max * kKeyBlock)) ||
          !w.o.reset(size_t(rows_max * Dvp)) || !w.m.reset(size_t(rows_max)) ||
-         !w.l.reset(size_t(rows_max)) || !w.add.reset(size_t(kKeyBlock))))
+         !w.l.reset(size_t(rows_max)) || !w.add.reset(size_t(kKeyBlock)) ||
+         (is_code<SKV> && !w.vs.reset(size_t(heads_per_item * kKeyBlock)))))
       failed = true;
     if (split && (!acc.reset(size_t(Dv)) || !wgt.reset(size_t(nchunks)))) failed = true;
 #pragma omp barrier
@@ -452,6 +564,10 @@ Status decode_kv(const AttentionParams& p) {
       return decode_typed<SQ, f16_t>(p);
     case DType::bf16:
       return decode_typed<SQ, bf16_t>(p);
+    case DType::i8:
+      return decode_typed<SQ, int8_t>(p);
+    case DType::f8e4m3:
+      return decode_typed<SQ, f8e4m3_t>(p);
     default:
       return Status::invalid_argument;
   }

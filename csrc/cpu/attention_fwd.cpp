@@ -109,6 +109,35 @@ void pack_kv_block(const AttentionParams& p, const SeqView& s, int64_t g, int64_
   *nonfinite = bad;
 }
 
+// 8-bit caches (S = int8_t / f8e4m3_t): as pack_kv_block, with each row dequantized (codes
+// times the row's scale) while it is packed.
+template <class T, class S>
+void pack_kv_block_codes(const AttentionParams& p, const SeqView& s, int64_t g, int64_t j0,
+                         int64_t bn, T* kb, T* vb, uint8_t* nonfinite) {
+  constexpr int NR = Tiles<T>::NR;
+  constexpr int64_t BNp = Tiles<T>::kBlockNPad;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, Dvp = round_up(Dv, NR);
+  bool bad = false;
+  for (int64_t jj = 0; jj < BNp; ++jj) {
+    T* kpanel = kb + (jj / NR) * D * NR + (jj % NR);
+    T ks = T(0), vs = T(0);
+    const S *krow = nullptr, *vrow = nullptr;
+    if (jj < bn) {
+      krow = typed<S>(p.k) + kv_offset(p, s, g, j0 + jj, p.k_stride);
+      vrow = typed<S>(p.v) + kv_offset(p, s, g, j0 + jj, p.v_stride);
+      ks = p.k_scale[kv_offset(p, s, g, j0 + jj, p.k_scale_stride)];
+      vs = p.v_scale[kv_offset(p, s, g, j0 + jj, p.v_scale_stride)];
+    }
+    for (int64_t d = 0; d < D; ++d) kpanel[d * NR] = krow ? to_f32(krow[d]) * ks : T(0);
+    for (int64_t d = 0; d < Dvp; ++d) {
+      const T x = vrow && d < Dv ? to_f32(vrow[d]) * vs : T(0);
+      bad |= !(x - x == T(0));  // NaN (a NaN scale or code)
+      vb[(d / NR) * BNp * NR + jj * NR + d % NR] = x;
+    }
+  }
+  *nonfinite = bad;
+}
+
 template <class T, class S>
 void ensure_packed(const AttentionParams& p, const SeqView& s, int64_t g, int64_t kb,
                    PackCache<T>& c, const T** kblk, const T** vblk, bool* nonfinite) {
@@ -123,7 +152,10 @@ void ensure_packed(const AttentionParams& p, const SeqView& s, int64_t g, int64_
   T* vp = c.v.get() + slot * c.block_elems_v;
   if (c.tag[slot] != kb) {
     const int64_t j0 = kb * BN;
-    pack_kv_block<T, S>(p, s, g, j0, imin(BN, s.sk - j0), kp, vp, &c.nonfinite[slot]);
+    if constexpr (is_code<S>)
+      pack_kv_block_codes<T, S>(p, s, g, j0, imin(BN, s.sk - j0), kp, vp, &c.nonfinite[slot]);
+    else
+      pack_kv_block<T, S>(p, s, g, j0, imin(BN, s.sk - j0), kp, vp, &c.nonfinite[slot]);
     c.tag[slot] = kb;
   }
   *kblk = kp;
@@ -341,6 +373,12 @@ Status dispatch_kv(const AttentionParams& p) {
       break;
     case DType::f64:
       if constexpr (std::is_same<T, double>::value) return attention_typed<T, SQ, double>(p);
+      break;
+    case DType::i8:
+      if constexpr (std::is_same<T, float>::value) return attention_typed<T, SQ, int8_t>(p);
+      break;
+    case DType::f8e4m3:
+      if constexpr (std::is_same<T, float>::value) return attention_typed<T, SQ, f8e4m3_t>(p);
       break;
     default:
       break;

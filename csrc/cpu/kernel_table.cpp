@@ -9,6 +9,7 @@ Status softmax(const SoftmaxParams&);
 Status gemm(const GemmParams&);
 Status attention_fwd(const AttentionParams&);
 Status attention_bwd(const AttentionBwdParams&);
+Status quantize_kv(const QuantizeParams&);
 
 const KernelTable* kernel_table() {
   static const KernelTable table = {
@@ -19,7 +20,7 @@ const KernelTable* kernel_table() {
 #else
       "scalar",
 #endif
-      &softmax, &gemm, &attention_fwd, &attention_bwd};
+      &softmax, &gemm, &attention_fwd, &attention_bwd, &quantize_kv};
   return &table;
 }
 

@@ -13,6 +13,7 @@ struct KernelTable {
   Status (*gemm)(const GemmParams&);
   Status (*attention_fwd)(const AttentionParams&);
   Status (*attention_bwd)(const AttentionBwdParams&);
+  Status (*quantize_kv)(const QuantizeParams&);
 };
 
 // One accessor per compiled variant (defined in that variant's kernel_table.cpp).

@@ -86,7 +86,7 @@ void attention_entry(const std::string& fn_name, py::handle q_o, py::handle k_o,
                      py::handle block_table_o, py::handle k_new_o, py::handle v_new_o,
                      int64_t batch, double scale, double softcap, bool causal, bool bottom_right,
                      int64_t window_left, int64_t window_right, int device, uintptr_t stream_id,
-                     std::vector<uintptr_t> wait) {
+                     std::vector<uintptr_t> wait, py::handle k_scale_o, py::handle v_scale_o) {
   const Fn f{fn_name};
   const char* fn = f.name.c_str();
   DeviceGuard guard(device, fn);
@@ -107,6 +107,8 @@ void attention_entry(const std::string& fn_name, py::handle q_o, py::handle k_o,
     t.k_new = dev_tensor(k_new_o, fn, "k", false, device);
     t.v_new = dev_tensor(v_new_o, fn, "v", false, device);
   }
+  if (!k_scale_o.is_none()) t.k_scale = dev_tensor(k_scale_o, fn, "k_scale", appending, device);
+  if (!v_scale_o.is_none()) t.v_scale = dev_tensor(v_scale_o, fn, "v_scale", appending, device);
   Upload up_cu_q, up_cu_k, up_seqlens, up_table, up_alibi;
   if (!alibi_o.is_none()) {
     if (py::isinstance<py::array>(alibi_o)) {
@@ -177,6 +179,26 @@ void attention_entry(const std::string& fn_name, py::handle q_o, py::handle k_o,
   {
     py::gil_scoped_release release;
     err = cuda::attention_fwd(p, kv, plan, scratch.get(), stream);
+  }
+  check_cuda(err, fn);
+}
+
+// attnkit.quantize_kv on device arrays: codes and scales allocated by the Python layer.
+void quantize_entry(py::handle x_o, py::handle q_o, py::handle scale_o, int device,
+                    uintptr_t stream_id, std::vector<uintptr_t> wait) {
+  const char* fn = "quantize_kv";
+  DeviceGuard guard(device, fn);
+  const cudaStream_t stream = as_stream(stream_id);
+  const Tensor x = dev_tensor(x_o, fn, "x", false, device);
+  const Tensor q = dev_tensor(q_o, fn, "codes", true, device);
+  const Tensor sc = dev_tensor(scale_o, fn, "scale", true, device);
+  QuantizeParams p;
+  if (!quantize_params(fn, x, q, sc, &p)) return;
+  wait_for(stream, wait, fn);
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = cuda::quantize_kv(p, stream);
   }
   check_cuda(err, fn);
 }
@@ -263,6 +285,7 @@ py::tuple dlpack_describe(py::capsule cap) {
     if (code == 4 && bits == 16) dtype = "bfloat16";
     if (code == 0 && bits == 32) dtype = "int32";
     if (code == 0 && bits == 64) dtype = "int64";
+    if (code == 0 && bits == 8) dtype = "int8";
     if (code == 6 && bits == 8) dtype = "bool";
   }
   if (!dtype)
@@ -289,7 +312,12 @@ void bind_attention(py::module_& m) {
         py::arg("k_new"), py::arg("v_new"), py::arg("batch"), py::arg("scale"),
         py::arg("softcap"), py::arg("causal"), py::arg("bottom_right"), py::arg("window_left"),
         py::arg("window_right"), py::arg("device"), py::arg("stream"), py::arg("wait_streams"),
-        "Attention forward on canonical (B, H, S, D) device views (validated).");
+        py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(),
+        "Attention forward on canonical (B, H, S, D) device views (validated); 8-bit caches "
+        "take k_scale/v_scale (float32, (B|pages, Hkv, S)).");
+  m.def("quantize_kv", &quantize_entry, py::arg("x"), py::arg("q"), py::arg("scale"),
+        py::arg("device"), py::arg("stream"), py::arg("wait_streams"),
+        "Quantize the rows of device array x into codes q and float32 scales (validated).");
   m.def("to_host", &to_host, py::arg("array"), py::arg("device"), py::arg("stream"),
         "Copy a small device array to a new numpy array (synchronizes the stream).");
   m.def("dlpack_describe", &dlpack_describe, py::arg("capsule"),

@@ -91,6 +91,126 @@ __global__ void kv_append_kernel(const AttentionParams p, const KvCacheArgs kv) 
   for (int64_t d = threadIdx.x; d < p.head_dim_v; d += blockDim.x) vd[d] = vs[d];
 }
 
+// ---- 8-bit caches: quantize rows (the append, and attnkit.quantize_kv on device arrays) ----
+constexpr int kQuantThreads = 128;
+
+template <class TC>
+struct CodeMax;
+template <>
+struct CodeMax<int8_t> {
+  static constexpr float value = 127.0f;
+};
+template <>
+struct CodeMax<f8e4m3_t> {
+  static constexpr float value = 448.0f;
+};
+
+// One block (kQuantThreads threads) quantizes one row of n values: scale = max|x| / CodeMax,
+// codes round(x / scale); a row of zeros gets scale 0, a row holding inf/NaN scale NaN (codes
+// 0). Division and rounding are exact IEEE operations and the max does not depend on the
+// order, so the bytes equal the CPU's (csrc/cpu/quantize.h). `red` is kQuantThreads floats of
+// shared memory; the block synchronizes, so every thread must call this.
+template <class TN, class TC>
+__device__ __forceinline__ void quantize_row_block(const TN* src, int64_t n, TC* dst, float* scale_out, float* red) {
+  float amax = 0.0f;
+  bool bad = false;
+  for (int64_t d = threadIdx.x; d < n; d += kQuantThreads) {
+    const float x = to_float(src[d]);
+    bad |= !(x - x == 0.0f);
+    amax = fmaxf(amax, fabsf(x));
+  }
+  red[threadIdx.x] = bad ? quiet_nan() : amax;
+  __syncthreads();
+  for (int w = kQuantThreads / 2; w > 0; w >>= 1) {
+    if (int(threadIdx.x) < w) {
+      const float a = red[threadIdx.x], b = red[threadIdx.x + w];
+      red[threadIdx.x] = (a != a || b != b) ? quiet_nan() : fmaxf(a, b);
+    }
+    __syncthreads();
+  }
+  const float scale = red[0] / CodeMax<TC>::value;
+  const bool usable = scale > 0.0f;  // false for zeros, an underflowing scale, NaN
+  for (int64_t d = threadIdx.x; d < n; d += kQuantThreads)
+    store_code(usable ? to_float(src[d]) / scale : 0.0f, dst + d);
+  if (threadIdx.x == 0) *scale_out = usable ? scale : (scale == scale ? 0.0f : scale);
+  __syncthreads();  // red is reused by the caller's next row
+}
+
+// 8-bit caches: one block per (batch, new token, kv head) quantizes the new k and v rows into
+// the caches and writes their scales (the float-cache twin is kv_append_kernel).
+template <class TN, class TC>
+__global__ void __launch_bounds__(kQuantThreads) kv_append_code_kernel(const AttentionParams p,
+                                                                      const KvCacheArgs kv) {
+  __shared__ float red[kQuantThreads];
+  const int64_t row = blockIdx.x;
+  const int64_t hkv = row % p.num_kv_heads;
+  const int64_t t = (row / p.num_kv_heads) % kv.n_new;
+  const int64_t b = row / (p.num_kv_heads * kv.n_new);
+  const int64_t len = p.seqlens_k[b];
+  if (len < 0) return;  // block-uniform: no thread reaches the barriers
+  const int64_t pos = len - kv.n_new + t;
+  int64_t base, in_row;
+  if (p.block_table) {
+    base = p.block_table[b * p.block_table_stride + pos / p.page_size];
+    in_row = pos % p.page_size;
+  } else {
+    base = b;
+    in_row = pos;
+  }
+  for (int which = 0; which < 2; ++which) {  // K, then V
+    const bool is_k = which == 0;
+    const int64_t* ns = is_k ? kv.k_new_stride : kv.v_new_stride;
+    const int64_t* cs = is_k ? p.k_stride : p.v_stride;
+    const int64_t* ss = is_k ? p.k_scale_stride : p.v_scale_stride;
+    const TN* src = static_cast<const TN*>(is_k ? kv.k_new : kv.v_new) + b * ns[0] + hkv * ns[1] + t * ns[2];
+    TC* dst = const_cast<TC*>(static_cast<const TC*>(is_k ? p.k : p.v)) + base * cs[0] + hkv * cs[1] +
+              in_row * cs[2];
+    float* sc = const_cast<float*>(is_k ? p.k_scale : p.v_scale) + base * ss[0] + hkv * ss[1] + in_row * ss[2];
+    quantize_row_block(src, is_k ? p.head_dim : p.head_dim_v, dst, sc, red);
+  }
+}
+
+template <class TC>
+cudaError_t launch_append_codes(const AttentionParams& p, const KvCacheArgs& kv, unsigned rows,
+                                cudaStream_t stream) {
+  auto kernel = p.new_dtype == DType::f16    ? kv_append_code_kernel<half, TC>
+                : p.new_dtype == DType::bf16 ? kv_append_code_kernel<bf16, TC>
+                                             : kv_append_code_kernel<float, TC>;
+  ATTNKIT_LAUNCH(kernel, rows, kQuantThreads, 0, stream, p, kv);
+  return cudaGetLastError();
+}
+
+// attnkit.quantize_kv: one block per row (outer index), rows up to 2^31 - 1.
+template <class TN, class TC>
+__global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const QuantizeParams p) {
+  __shared__ float red[kQuantThreads];
+  int64_t r = blockIdx.x, xo = 0, qo = 0, so = 0;
+  for (int d = p.outer_ndim - 1; d >= 0; --d) {
+    const int64_t i = r % p.outer_shape[d];
+    r /= p.outer_shape[d];
+    xo += i * p.x_outer_strides[d];
+    qo += i * p.q_outer_strides[d];
+    so += i * p.scale_outer_strides[d];
+  }
+  quantize_row_block(static_cast<const TN*>(p.x) + xo, p.n, static_cast<TC*>(p.q) + qo,
+                     p.scale + so, red);
+}
+
+template <class TC>
+cudaError_t launch_quantize(const QuantizeParams& p, unsigned rows, cudaStream_t stream) {
+  auto kernel = p.x_dtype == DType::f16    ? quantize_kernel<half, TC>
+                : p.x_dtype == DType::bf16 ? quantize_kernel<bf16, TC>
+                                           : quantize_kernel<float, TC>;
+  ATTNKIT_LAUNCH(kernel, rows, kQuantThreads, 0, stream, p);
+  return cudaGetLastError();
+}
+
+template <class TQ>
+cudaError_t launch_simt_codes(const AttentionParams& p, const FwdLaunch& L, cudaStream_t stream) {
+  return p.kv_dtype == DType::i8 ? launch_attention_simt<TQ, int8_t, float>(p, L, stream)
+                                 : launch_attention_simt<TQ, f8e4m3_t, float>(p, L, stream);
+}
+
 // ---- combine split partials: one warp per (b, h, i) row, fixed order over the splits ----
 template <class TO>
 __global__ void __launch_bounds__(32 * kWarpsPerCombineBlock)
@@ -184,6 +304,10 @@ const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
     return "sequence lengths must be below 2^30 on CUDA devices";
   if (p.dropout_p != 0.0f) return "dropout is not supported on CUDA devices";
   const bool half_types = p.q_dtype == DType::f16 || p.q_dtype == DType::bf16;
+  // 8-bit caches (any float q but float64) run the SIMT kernel, which dequantizes K/V rows as it
+  // stages them in shared memory.
+  const bool codes = p.kv_dtype == DType::i8 || p.kv_dtype == DType::f8e4m3;
+  if (codes && p.q_dtype == DType::f64) return "8-bit caches need a float32, float16 or bfloat16 q";
   plan->tensor_cores = half_types && p.kv_dtype == p.q_dtype;
   size_t acc_bytes = p.q_dtype == DType::f64 ? 8 : 4;
   if (plan->tensor_cores) {
@@ -196,7 +320,7 @@ const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
       default: mma_shape<256>(plan, 2); break;
     }
   } else {
-    if (half_types) return "k/v must have q's dtype";  // binding checks first; defensive
+    if (half_types && !codes) return "k/v must have q's dtype";  // binding checks first; defensive
     plan->block_m = kSimtBlockM;
     plan->block_n = kSimtBlockN;
     plan->smem_bytes = simt_smem_bytes(p, acc_bytes);
@@ -274,7 +398,13 @@ cudaError_t attention_fwd(AttentionParams p, const KvCacheArgs& kv, const Attent
     }
     p.seqlens_k = seqlens;
     p.block_table = table;
-    if (kv.k_new && kv.n_new > 0 && p.batch > 0 && p.num_kv_heads > 0) {
+    if (kv.k_new && kv.n_new > 0 && p.batch > 0 && p.num_kv_heads > 0 &&
+        (p.kv_dtype == DType::i8 || p.kv_dtype == DType::f8e4m3)) {
+      const unsigned rows = unsigned(p.batch * kv.n_new * p.num_kv_heads);
+      err = p.kv_dtype == DType::i8 ? launch_append_codes<int8_t>(p, kv, rows, stream)
+                                    : launch_append_codes<f8e4m3_t>(p, kv, rows, stream);
+      if (err != cudaSuccess) return err;
+    } else if (kv.k_new && kv.n_new > 0 && p.batch > 0 && p.num_kv_heads > 0) {
       const unsigned rows = unsigned(p.batch * kv.n_new * p.num_kv_heads);
       auto kernel = p.kv_dtype == DType::f64   ? kv_append_kernel<uint64_t>
                     : p.kv_dtype == DType::f32 ? kv_append_kernel<uint32_t>
@@ -306,6 +436,10 @@ cudaError_t attention_fwd(AttentionParams p, const KvCacheArgs& kv, const Attent
                   p.out_stride[1] % 2 == 0 && p.out_stride[2] % 2 == 0;
     err = p.q_dtype == DType::f16 ? launch_mma_bucket<half>(p, L, plan.head_dim_bucket, stream)
                                   : launch_mma_bucket<bf16>(p, L, plan.head_dim_bucket, stream);
+  } else if (p.kv_dtype == DType::i8 || p.kv_dtype == DType::f8e4m3) {
+    err = p.q_dtype == DType::f16    ? launch_simt_codes<half>(p, L, stream)
+          : p.q_dtype == DType::bf16 ? launch_simt_codes<bf16>(p, L, stream)
+                                     : launch_simt_codes<float>(p, L, stream);
   } else if (p.q_dtype == DType::f64) {
     err = launch_attention_simt<double, double, double>(p, L, stream);
   } else if (p.kv_dtype == DType::f16) {
@@ -326,6 +460,15 @@ cudaError_t attention_fwd(AttentionParams p, const KvCacheArgs& kv, const Attent
     default:
       return launch_combine<float>(p, L, stream);
   }
+}
+
+cudaError_t quantize_kv(const QuantizeParams& p, cudaStream_t stream) {
+  int64_t rows = 1;
+  for (int d = 0; d < p.outer_ndim; ++d) rows *= p.outer_shape[d];
+  if (rows == 0 || p.n == 0) return cudaSuccess;
+  if (rows > 0x7fffffff) return cudaErrorInvalidValue;
+  return p.q_dtype == DType::i8 ? launch_quantize<int8_t>(p, unsigned(rows), stream)
+                                : launch_quantize<f8e4m3_t>(p, unsigned(rows), stream);
 }
 
 }  // namespace cuda

@@ -75,8 +75,17 @@ __global__ void __launch_bounds__(32 * kWarps)
       const bool valid = j < bi.sk;
       const int64_t ko = valid ? kv_row_offset(p, bi, j, p.k_stride) : 0;
       const int64_t vo = valid ? kv_row_offset(p, bi, j, p.v_stride) : 0;
-      for (int d = lane; d < D; d += 32) sK[r * kst + d] = valid ? load_as<Acc>(K + ko + d) : Acc(0);
-      for (int d = lane; d < Dv; d += 32) sV[r * Dv + d] = valid ? load_as<Acc>(V + vo + d) : Acc(0);
+      // 8-bit caches: codes times the row's scale, dequantized on the way into shared memory
+      // (global memory is read in 8 bits). Float caches: a scale of 1.
+      Acc ks = Acc(1), vs = Acc(1);
+      if constexpr (IsCode<TKV>::value) {
+        if (valid) {
+          ks = Acc(p.k_scale[kv_row_offset(p, bi, j, p.k_scale_stride)]);
+          vs = Acc(p.v_scale[kv_row_offset(p, bi, j, p.v_scale_stride)]);
+        }
+      }
+      for (int d = lane; d < D; d += 32) sK[r * kst + d] = valid ? load_as<Acc>(K + ko + d) * ks : Acc(0);
+      for (int d = lane; d < Dv; d += 32) sV[r * Dv + d] = valid ? load_as<Acc>(V + vo + d) * vs : Acc(0);
     }
     __syncthreads();
 
@@ -184,6 +193,16 @@ template cudaError_t launch_attention_simt<float, bf16, float>(const AttentionPa
 template cudaError_t launch_attention_simt<double, double, double>(const AttentionParams&,
                                                                    const FwdLaunch&,
                                                                    cudaStream_t);
+// 8-bit caches under float32 / float16 / bfloat16 q
+#define ATTNKIT_SIMT_CODES(TQ)                                                                 \
+  template cudaError_t launch_attention_simt<TQ, int8_t, float>(const AttentionParams&,       \
+                                                                const FwdLaunch&, cudaStream_t); \
+  template cudaError_t launch_attention_simt<TQ, f8e4m3_t, float>(const AttentionParams&,     \
+                                                                  const FwdLaunch&, cudaStream_t);
+ATTNKIT_SIMT_CODES(float)
+ATTNKIT_SIMT_CODES(half)
+ATTNKIT_SIMT_CODES(bf16)
+#undef ATTNKIT_SIMT_CODES
 
 }  // namespace cuda
 }  // namespace attnkit

@@ -39,6 +39,48 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(double x) { return static_cast<float>(x); }
 __device__ __forceinline__ float to_float(half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
+// 8-bit KV codes: the code's value (the row's scale is applied by the caller).
+__device__ __forceinline__ float to_float(int8_t x) { return static_cast<float>(x); }
+__device__ __forceinline__ float to_float(f8e4m3_t x) {
+  // e4m3fn: bias 7, no inf, S.1111.111 = NaN; subnormals m * 2^-9 (as scalar_cvt.h on the CPU)
+  const uint32_t b = x.bits, sign = (b & 0x80u) << 24, e = (b >> 3) & 0xfu, m = b & 0x7u;
+  if (e == 0xf && m == 0x7) return __int_as_float(0x7fc00000);
+  if (e != 0) return __int_as_float(int(sign | ((e + 120u) << 23) | (m << 20)));
+  return __int_as_float(int(sign | uint32_t(__float_as_int(float(m) * 0.001953125f))));
+}
+template <class S>
+struct IsCode {
+  static constexpr bool value = false;
+};
+template <>
+struct IsCode<int8_t> {
+  static constexpr bool value = true;
+};
+template <>
+struct IsCode<f8e4m3_t> {
+  static constexpr bool value = true;
+};
+
+// fp32 -> an 8-bit code, rounded to nearest even (the quantizer keeps |x| <= 127 / 448;
+// e4m3 saturates beyond 448; NaN -> e4m3 NaN). Same results as the CPU's scalar_cvt.h.
+__device__ __forceinline__ void store_code(float y, int8_t* q) {
+  const float r = rintf(y);
+  *q = static_cast<int8_t>(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+}
+__device__ __forceinline__ void store_code(float y, f8e4m3_t* q) {
+  const uint32_t sign = (uint32_t(__float_as_int(y)) >> 24) & 0x80u;
+  const float a = fabsf(y);
+  uint32_t c;
+  if (!(a < 448.0f)) {  // NaN, or saturate at 448 (e4m3fn has no inf)
+    c = a != a ? 0x7fu : 0x7eu;
+  } else if (a < 0.015625f) {  // below 2^-6: subnormals in units of 2^-9
+    c = uint32_t(rintf(a * 512.0f));
+  } else {  // rebias the exponent (127 -> 7), round the low 20 mantissa bits to nearest even
+    const uint32_t r = uint32_t(__float_as_int(a)) - (120u << 23);
+    c = (r + 0x7ffffu + ((r >> 20) & 1u)) >> 20;
+  }
+  q->bits = uint8_t(sign | c);
+}
 
 template <class Acc, class S>
 __device__ __forceinline__ Acc load_as(const S* p) {

@@ -38,7 +38,8 @@ struct KvCacheArgs {
   DType block_table_dtype = DType::i64;
   int64_t block_table_strides[2] = {0, 0};
   int64_t num_pages = 0;
-  const void* k_new = nullptr;  // (B, Hkv, n_new, D) and (.., Dv) views, k/v dtype; or none
+  const void* k_new = nullptr;  // (B, Hkv, n_new, D) and (.., Dv) views, k/v dtype (8-bit
+                                // caches: AttentionParams::new_dtype, quantized); or none
   const void* v_new = nullptr;
   int64_t n_new = 0;
   int64_t k_new_stride[3] = {0, 0, 0};
@@ -74,6 +75,9 @@ const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
 // the end of this call's work (stream-ordered free is enough).
 cudaError_t attention_fwd(AttentionParams p, const KvCacheArgs& kv, const AttentionPlan& plan,
                           void* scratch, cudaStream_t stream);
+
+// attnkit.quantize_kv on device arrays: one block per row (QuantizeParams, params.h).
+cudaError_t quantize_kv(const QuantizeParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace attnkit

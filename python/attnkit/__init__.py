@@ -10,6 +10,7 @@ from ._attention import (
     attention_varlen,
     attention_with_kvcache,
     dropout_mask,
+    quantize_kv,
 )
 from ._alloc import empty_cache
 from ._matmul import matmul
@@ -23,6 +24,7 @@ __all__ = [
     "attention",
     "attention_varlen",
     "attention_with_kvcache",
+    "quantize_kv",
     "attention_backward",
     "dropout_mask",
     "set_num_threads",

@@ -20,8 +20,9 @@ from . import _C
 _KDL_CUDA, _KDL_CUDA_MANAGED = 2, 13
 
 FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
+CODE_DTYPES = ("int8", "float8_e4m3fn")  # 8-bit KV-cache storage (with per-row scales)
 _ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "bool": 1, "int32": 4,
-             "int64": 8, "int8": 1, "uint8": 1, "int16": 2}
+             "int64": 8, "int8": 1, "uint8": 1, "int16": 2, "float8_e4m3fn": 1}
 
 
 class Arr:

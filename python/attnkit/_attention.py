@@ -8,6 +8,7 @@ int64; ALiBi slopes converted to float32).
 import numpy as np
 
 from . import _cpu_backend
+from ._arrays import CODE_DTYPES
 from ._front import (Call, Options, check_attention_shapes, check_bool, check_float,
                      check_out_rows, check_qkv_dtypes, check_varlen, resolve_alibi, resolve_mask)
 
@@ -209,7 +210,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False,
 
 def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens,
                            block_table=None, causal=True, scale=None, window=None,
-                           alibi_slopes=None, softcap=None, return_lse=False, out=None):
+                           alibi_slopes=None, softcap=None, return_lse=False, out=None,
+                           k_scale=None, v_scale=None):
     """Attention of new query tokens against a KV cache, like FlashAttention's
     ``flash_attn_with_kvcache``; the memory-bound decode kernel serves small ``Sq``.
 
@@ -221,12 +223,16 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
         Contiguous caches (B, Smax, Hkv, D) and (B, Smax, Hkv, Dv), or paged caches
         (num_blocks, page_size, Hkv, D) addressed through ``block_table``. Same dtype as q, or
         float16/bfloat16 under a float32 q (converted in registers, never copied). Their last
-        dim must be contiguous (a cache is never copied).
+        dim must be contiguous (a cache is never copied). 8-bit caches: int8 or
+        ``ml_dtypes.float8_e4m3fn`` (``torch.float8_e4m3fn`` on a GPU) codes under a float32,
+        float16 or bfloat16 q, each row with its scale in ``k_scale`` / ``v_scale`` (see
+        :func:`quantize_kv`); the kernels read the 8-bit bytes and convert in registers.
     k, v : arrays, optional
         New keys/values (B, Sq_new, Hkv, D/Dv), written **in place** into the caches at
         positions ``cache_seqlens[b] ...`` before attending. Every argument is checked before
         the first write: a call that raises (a bad argument, or a ``MemoryError`` in the
-        kernel) leaves the caches untouched.
+        kernel) leaves the caches untouched. For 8-bit caches they are float32, float16 or
+        bfloat16 and are quantized on append (codes and scales written, as quantize_kv would).
     cache_seqlens : int or array
         (B,) int32/int64: tokens already in each sequence's cache. Sequence b then attends to
         ``cache_seqlens[b] + Sq_new`` keys (it is not modified). Split-KV sizes its chunks from
@@ -241,6 +247,9 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
         As in :func:`attention`.
     out : array, optional
         (B, Sq, H, Dv), q's dtype, contiguous along its last dim, written in place.
+    k_scale, v_scale : float32 arrays, required with 8-bit caches (refused with float ones)
+        One scale per cache row: (B, Smax, Hkv), paged (num_blocks, page_size, Hkv); row
+        element d stands for ``code[d] * scale``. Written in place for appended rows.
 
     Returns out (B, Sq, H, Dv), and with ``return_lse=True`` also lse (B, H, Sq) float32.
     """
@@ -252,7 +261,15 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
         if d.ndim != 4:
             raise ValueError(f"{fn}: {name} must be 4-D, got shape {d.shape}")
     check_float(qd, fn, "q")
-    check_qkv_dtypes(qd, kcd, vcd, fn)
+    codes = kcd.dtype in CODE_DTYPES
+    if codes:
+        if vcd.dtype != kcd.dtype:
+            raise TypeError(f"{fn}: k_cache has dtype {kcd.dtype} but v_cache has {vcd.dtype}")
+        if qd.dtype == "float64":
+            raise TypeError(f"{fn}: q has dtype float64 but the caches are {kcd.dtype}; 8-bit "
+                            "caches need a float32, float16 or bfloat16 q")
+    else:
+        check_qkv_dtypes(qd, kcd, vcd, fn)
     B, Sq, H, D = qd.shape
     paged = block_table is not None
     P, S_or_page, Hkv, Dk = kcd.shape
@@ -275,13 +292,36 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
                              "never copied)")
     if (k is None) != (v is None):
         raise ValueError(f"{fn}: pass both k and v to append, or neither")
+    ksd = vsd = None
+    if codes:
+        if k_scale is None or v_scale is None:
+            raise ValueError(f"{fn}: k_cache is {kcd.dtype}: k_scale and v_scale (float32, shape "
+                             f"{kcd.shape[:3]}, one scale per cache row) are required")
+        ksd, vsd = call.arg(k_scale, "k_scale"), call.arg(v_scale, "v_scale")
+        for name, d in (("k_scale", ksd), ("v_scale", vsd)):
+            if d.dtype != "float32":
+                raise TypeError(f"{fn}: {name} has dtype {d.dtype}; expected float32")
+            if d.shape != kcd.shape[:3]:
+                raise ValueError(f"{fn}: {name} has shape {d.shape}; expected {kcd.shape[:3]} "
+                                 "(one scale per cache row)")
+            if k is not None and not d.writeable:
+                raise ValueError(f"{fn}: {name} is read-only but k/v were given to append")
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError(f"{fn}: k_scale/v_scale go with int8 or float8_e4m3fn caches, but the "
+                         f"caches are {kcd.dtype}")
     kn = vn = None
     n_new = 0
     if k is not None:
         kn, vn = call.arg(k, "k"), call.arg(v, "v")
         for name, d in (("k", kn), ("v", vn)):
-            if d.dtype != kcd.dtype:
+            if codes and d.dtype not in ("float32", "float16", "bfloat16"):
+                raise TypeError(f"{fn}: {name} has dtype {d.dtype}; rows appended to a "
+                                f"{kcd.dtype} cache must be float32, float16 or bfloat16 "
+                                "(they are quantized on append)")
+            if not codes and d.dtype != kcd.dtype:
                 raise TypeError(f"{fn}: {name} has dtype {d.dtype} but the caches have {kcd.dtype}")
+        if vn.dtype != kn.dtype:
+            raise TypeError(f"{fn}: k has dtype {kn.dtype} but v has {vn.dtype}")
         n_new = kn.shape[1] if kn.ndim == 4 else -1
         if kn.shape != (B, n_new, Hkv, D) or vn.shape != (B, n_new, Hkv, Dv):
             raise ValueError(f"{fn}: k and v must be (B, Sq_new, Hkv, D/Dv) = ({B}, n, {Hkv}, "
@@ -330,6 +370,53 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     # Aliasing (out with any input, new k/v with the caches, k_cache with v_cache) is checked
     # by the binding (attention_params, shared by both devices), still before any write; the
     # kernel then appends k/v (after its own allocations) and attends.
+    ts = lambda d: None if d is None else d.transpose(0, 2, 1)  # scales (B, Hkv, S)
     call.backend.attention(call, t(call.contiguous(qd, "q")), t(kcd), t(vcd), t(od), lsed, None,
-                           alibi, None, None, seqlens, table, t(kn), t(vn), opts)
+                           alibi, None, None, seqlens, table, t(kn), t(vn), opts,
+                           k_scale=ts(ksd), v_scale=ts(vsd))
     return (out, lse) if return_lse else out
+
+
+_CODE_NAMES = {"int8": "int8", "fp8_e4m3": "float8_e4m3fn", "float8_e4m3fn": "float8_e4m3fn"}
+
+
+def quantize_kv(x, dtype="int8"):
+    """Quantize keys or values to an 8-bit KV-cache format, one scale per row.
+
+    Parameters
+    ----------
+    x : numpy.ndarray or CUDA device array
+        (..., Hkv, D), float32 / float16 / bfloat16: each row of D values (one token of one
+        kv head) is quantized on its own. A head dim with non-unit stride is copied first.
+    dtype : {"int8", "fp8_e4m3"}
+        ``"int8"``: symmetric int8, ``scale = max|row| / 127``, codes ``round(x / scale)`` (to
+        nearest even) in [-127, 127]. ``"fp8_e4m3"`` (alias ``"float8_e4m3fn"``): float8 e4m3fn
+        (``ml_dtypes.float8_e4m3fn``; ``torch.float8_e4m3fn`` on a GPU), ``scale = max|row| /
+        448``, codes ``x / scale`` rounded to nearest even. A row of zeros gets scale 0; a row
+        holding inf or NaN gets scale NaN (its attention output is then NaN, as with the float
+        row).
+
+    Returns
+    -------
+    (codes, scale): codes of x's shape and the 8-bit dtype, scale (...,  Hkv) float32;
+    ``codes * scale[..., None]`` approximates x (int8: within half a step, ``scale / 2``, per
+    element; e4m3: within 2^-4 of each value's magnitude, relative). These are the caches and
+    scales :func:`attention_with_kvcache` takes (``k_scale`` / ``v_scale``); it quantizes rows it
+    appends the same way, bit for bit.
+    """
+    fn = "quantize_kv"
+    call = Call(fn, x, "x")
+    xd = call.first
+    if not isinstance(dtype, str) or dtype not in _CODE_NAMES:
+        raise ValueError(f"{fn}: dtype must be 'int8' or 'fp8_e4m3', got {dtype!r}")
+    if xd.dtype not in ("float32", "float16", "bfloat16"):
+        raise TypeError(f"{fn}: x has dtype {xd.dtype}; expected float32, float16 or bfloat16")
+    if xd.ndim < 2:
+        raise ValueError(f"{fn}: x must be (..., Hkv, D), got shape {xd.shape}")
+    if xd.shape[-1] == 0:
+        raise ValueError(f"{fn}: the head dim must be at least 1, got shape {xd.shape}")
+    xd = call.contiguous(xd, "x")
+    codes, cd = call.empty(xd.shape, _CODE_NAMES[dtype])
+    scale, sd = call.empty(xd.shape[:-1], "float32")
+    call.backend.quantize_kv(call, xd, cd, sd)
+    return codes, scale

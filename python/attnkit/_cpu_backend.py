@@ -25,6 +25,13 @@ def describe(call, obj, arg):
 def _np_dtype(dtype, like):
     if like is not None and like.kind == "numpy" and like.dtype == dtype:
         return like.obj.dtype  # keeps extension dtypes (ml_dtypes.bfloat16)
+    if dtype in ("float8_e4m3fn", "bfloat16"):
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise TypeError(f"attnkit: {dtype} NumPy arrays need the ml_dtypes package "
+                            "(pip install ml_dtypes)") from None
+        return np.dtype(getattr(ml_dtypes, dtype))
     return np.dtype(dtype)
 
 
@@ -61,13 +68,21 @@ def matmul(call, a, b, out):
     _C.matmul(a.desc(), b.desc(), out.desc())
 
 
-def attention(call, q, k, v, out, lse, mask, alibi, cu_q, cu_k, seqlens, table, k_new, v_new, o):
+def attention(call, q, k, v, out, lse, mask, alibi, cu_q, cu_k, seqlens, table, k_new, v_new, o,
+              k_scale=None, v_scale=None):
     """One attention forward; with k_new/v_new the binding appends them to the caches k/v
-    after its own checks (so a refused call never writes the cache)."""
+    after its own checks (so a refused call never writes the cache). 8-bit caches come with
+    their (B|pages, Hkv, S) float32 scales."""
     _C.attention(q.desc(), k.desc(), v.desc(), out.desc(), _desc(lse), _desc(mask), _desc(alibi),
                  cu_q, cu_k, seqlens, table, o.batch, o.scale, o.softcap, o.causal,
                  o.bottom_right, o.wl, o.wr, o.dropout_p, o.seed, 0, 0,
-                 k_new=_desc(k_new), v_new=_desc(v_new), fn=call.fn)
+                 k_new=_desc(k_new), v_new=_desc(v_new), fn=call.fn, k_scale=_desc(k_scale),
+                 v_scale=_desc(v_scale))
+
+
+def quantize_kv(call, x, q, scale):
+    """Codes and per-row scales of x's rows into q and scale (allocated by the front end)."""
+    _C.quantize_kv(x.desc(), q.desc(), scale.desc(), fn=call.fn)
 
 
 def attention_backward(call, dout, q, k, v, out, lse, dq, dk, dv, mask, alibi, o):

@@ -261,7 +261,8 @@ def matmul(call, a, b, out):
     _module().matmul(a.desc(), b.desc(), out.desc(), call.device, call.stream, _waits(call))
 
 
-def attention(call, q, k, v, out, lse, mask, alibi, cu_q, cu_k, seqlens, table, k_new, v_new, o):
+def attention(call, q, k, v, out, lse, mask, alibi, cu_q, cu_k, seqlens, table, k_new, v_new, o,
+              k_scale=None, v_scale=None):
     if o.dropout_p:
         raise NotImplementedError(f"{call.fn}: dropout is not implemented for device arrays")
     if alibi is not None and alibi.kind == "numpy":
@@ -269,7 +270,13 @@ def attention(call, q, k, v, out, lse, mask, alibi, cu_q, cu_k, seqlens, table, 
     _module().attention(call.fn, q.desc(), k.desc(), v.desc(), out.desc(), _desc(lse), _desc(mask),
                         _desc(alibi), cu_q, cu_k, _desc(seqlens), _desc(table), _desc(k_new),
                         _desc(v_new), o.batch, o.scale, o.softcap, o.causal, o.bottom_right, o.wl,
-                        o.wr, call.device, call.stream, _waits(call))
+                        o.wr, call.device, call.stream, _waits(call),
+                        **({} if k_scale is None else dict(k_scale=k_scale.desc(), v_scale=v_scale.desc())))
+
+
+def quantize_kv(call, x, q, scale):
+    """Codes and per-row scales of the device array x (results allocated by the front end)."""
+    _module().quantize_kv(x.desc(), q.desc(), scale.desc(), call.device, call.stream, _waits(call))
 
 
 def attention_backward(call, *args):

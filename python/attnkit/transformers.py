@@ -11,14 +11,59 @@ included). It takes transformers' SDPA-style boolean masks (the mask function re
 the ``is_causal`` rules of transformers' sdpa path, supports ``sliding_window``, ``softcap`` (which
 the sdpa path refuses), training dropout and additive ``position_bias`` / float masks, returns
 (B, Sq, H, D), and uses the decode kernel during ``generate()`` (one query row per step).
+
+:class:`QuantizedKVCache` keeps the KV cache in 8 bits (int8 or float8 e4m3fn, one float32
+scale per token and kv head, see ``attnkit.quantize_kv``); with ``attn_implementation="attnkit"``
+the kernels read the 8-bit cache directly::
+
+    cache = attnkit.transformers.QuantizedKVCache("int8")
+    model.generate(ids, past_key_values=cache, max_new_tokens=64)
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from . import _C
 from . import torch as _atorch
 
-__all__ = ["register", "attention_forward"]
+__all__ = ["register", "attention_forward", "QuantizedKVCache", "QuantizedKVLayer"]
+
+_CODE_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn,
+                "float8_e4m3fn": torch.float8_e4m3fn}
+
+
+def _desc(t: torch.Tensor, writeable: bool = False):
+    """Raw (pointer, shape, strides, dtype, writeable) descriptor, 8-bit dtypes included."""
+    return (t.data_ptr(), tuple(t.shape), t.stride(), str(t.dtype).replace("torch.", ""), writeable)
+
+
+def _quantized_attention(module, query, key, value, attention_mask, scaling, is_causal,
+                         sliding_window, softcap):
+    """Attention over a QuantizedKVCache layer's codes: ``key`` / ``value`` are its (B, Hkv, L,
+    D) code views, their scales ride along as ``_attnkit_scale``. Inference only (the cache is
+    not differentiable). Returns (B, Sq, H, Dv) in query's dtype."""
+    if torch.is_grad_enabled() and query.requires_grad:
+        raise RuntimeError("attnkit QuantizedKVCache: attention over an 8-bit cache has no "
+                           "backward; run generation under torch.no_grad()")
+    B, H, Sq, D = query.shape
+    L, Dv = key.shape[2], value.shape[3]
+    out = torch.empty((B, Sq, H, Dv), dtype=query.dtype)
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.dtype not in (torch.bool, query.dtype):
+            attention_mask = attention_mask.to(query.dtype)
+        mask = _desc(attention_mask[..., :L].expand(B, H, Sq, L))
+    q = query if query.stride(-1) == 1 else query.contiguous()
+    wl, wr = (int(sliding_window) - 1, -1) if sliding_window else (-1, -1)
+    scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
+    _C.attention(_desc(q), _desc(key), _desc(value), _desc(out.transpose(1, 2), True), None, mask,
+                 None, None, None, None, None, B, scale, float(softcap or 0.0), is_causal,
+                 not is_causal, wl, wr, 0.0, 0, 0, torch.get_num_threads(),
+                 k_scale=_desc(key._attnkit_scale), v_scale=_desc(value._attnkit_scale),
+                 fn="attnkit.transformers attention")
+    return out
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -42,6 +87,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         is_causal = False
     if attention_mask is not None and attention_mask.dtype not in (torch.bool, query.dtype):
         attention_mask = attention_mask.to(query.dtype)
+    if key.dtype in (torch.int8, torch.float8_e4m3fn) and hasattr(key, "_attnkit_scale"):
+        return _quantized_attention(module, query, key, value, attention_mask, scaling, is_causal,
+                                    sliding_window if sliding_window and sliding_window > 0 else None,
+                                    softcap), None
     window = None
     if sliding_window is not None and sliding_window > 0:
         # transformers' window: a query sees itself and the sliding_window - 1 keys before it.
@@ -63,3 +112,160 @@ def register(name: str = "attnkit") -> str:
     # Without a mask function for the name, transformers would build no mask at all.
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
+
+
+# ---- an 8-bit KV cache for generate() ------------------------------------------------------------
+
+try:
+    from transformers.cache_utils import Cache as _Cache, CacheLayerMixin as _CacheLayerMixin
+except ImportError:  # transformers not installed: the classes below still import, and refuse
+    class _CacheLayerMixin:  # noqa: D101 - placeholder
+        def __init__(self, *a, **k):
+            raise ImportError("attnkit.transformers.QuantizedKVCache needs transformers")
+
+    _Cache = _CacheLayerMixin
+
+
+class QuantizedKVLayer(_CacheLayerMixin):
+    """One layer of :class:`QuantizedKVCache`: keys and values as 8-bit codes (B, Hkv, capacity, D)
+    with one float32 scale per (batch, kv head, position), grown by doubling.
+
+    ``update`` quantizes the new rows straight into the cache (attnkit's quantize kernel writes
+    the codes and scales in place; nothing float is kept) and returns (B, Hkv, L, D) views of the
+    codes that carry their scales, which attnkit's attention reads in 8 bits. Other attention
+    implementations cannot read them (they get int8 / float8 tensors and raise).
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, dtype: str = "int8", **kwargs):
+        super().__init__()
+        if dtype not in _CODE_DTYPES:
+            raise ValueError(f"QuantizedKVCache: dtype must be 'int8' or 'fp8_e4m3', got {dtype!r}")
+        self.code_dtype = _CODE_DTYPES[dtype]
+        self.length = 0
+        self.key_scale = self.value_scale = None
+
+    def lazy_initialization(self, key_states, value_states):
+        if key_states.device.type != "cpu":
+            raise NotImplementedError("QuantizedKVCache keeps CPU tensors (attnkit's CPU kernels)")
+        B, Hkv, _, D = key_states.shape
+        Dv = value_states.shape[-1]
+        self.device = key_states.device
+        self.keys = torch.empty((B, Hkv, 0, D), dtype=self.code_dtype)
+        self.values = torch.empty((B, Hkv, 0, Dv), dtype=self.code_dtype)
+        self.key_scale = torch.empty((B, Hkv, 0), dtype=torch.float32)
+        self.value_scale = torch.empty((B, Hkv, 0), dtype=torch.float32)
+        self.length = 0
+        self.is_initialized = True
+
+    def _grow(self, need):
+        cap = self.keys.shape[2]
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap, 256)
+        new_cap = -(-new_cap // 256) * 256
+
+        def grown(t):  # the 8-bit codes / scales copied as they are, never dequantized
+            g = torch.empty(t.shape[:2] + (new_cap,) + t.shape[3:], dtype=t.dtype)
+            g[:, :, :self.length] = t[:, :, :self.length]
+            return g
+
+        self.keys, self.values = grown(self.keys), grown(self.values)
+        self.key_scale, self.value_scale = grown(self.key_scale), grown(self.value_scale)
+
+    def _views(self):
+        k, v = self.keys[:, :, :self.length], self.values[:, :, :self.length]
+        k._attnkit_scale = self.key_scale[:, :, :self.length]
+        v._attnkit_scale = self.value_scale[:, :, :self.length]
+        return k, v
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Quantize the new (B, Hkv, n, D) rows into the cache; return the code views."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[2]
+        self._grow(self.length + n)
+        sl = slice(self.length, self.length + n)
+        for x, codes, scale in ((key_states, self.keys, self.key_scale),
+                                (value_states, self.values, self.value_scale)):
+            x = x.detach()
+            if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                x = x.float()
+            if x.stride(-1) != 1:
+                x = x.contiguous()
+            _C.quantize_kv(_desc(x), _desc(codes[:, :, sl], True), _desc(scale[:, :, sl], True),
+                           fn="QuantizedKVCache.update")
+        self.length += n
+        return self._views()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        """Bytes of the filled part: codes plus scales (the cache object's memory per token)."""
+        if not self.is_initialized:
+            return 0
+        B, Hkv = self.keys.shape[:2]
+        return self.length * B * Hkv * (self.keys.shape[3] + self.values.shape[3] + 8)
+
+    def reset(self):
+        self.keys = self.values = self.key_scale = self.value_scale = None
+        self.length = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        self.length = max(0, self.length + tokens_to_remove)
+
+    def reorder_cache(self, beam_idx):
+        if self.is_initialized:
+            idx = beam_idx.to("cpu")
+            self.keys, self.values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
+            self.key_scale = self.key_scale.index_select(0, idx)
+            self.value_scale = self.value_scale.index_select(0, idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            r = lambda t: t.repeat_interleave(repeats, dim=0)
+            self.keys, self.values = r(self.keys), r(self.values)
+            self.key_scale, self.value_scale = r(self.key_scale), r(self.value_scale)
+
+    def batch_select_indices(self, indices) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+            self.key_scale, self.value_scale = self.key_scale[indices], self.value_scale[indices]
+
+
+class QuantizedKVCache(_Cache):
+    """A transformers ``Cache`` holding keys and values in 8 bits for attnkit's kernels.
+
+    ``dtype``: ``"int8"`` (symmetric, scale = max|row| / 127) or ``"fp8_e4m3"`` (float8
+    e4m3fn, scale = max|row| / 448), one float32 scale per token and kv head
+    (``attnkit.quantize_kv``). Pass it to ``generate(..., past_key_values=cache)`` (or
+    ``cache=``) of a model loaded with ``attn_implementation="attnkit"`` (after
+    :func:`register`): new keys/values are quantized into the cache as they come, and attention
+    (prefill and decode) reads the codes and scales directly, with no dequantized copy. The
+    cache takes half the bytes of a float16 cache plus 8 bytes per token and kv head
+    (:meth:`nbytes`). CPU tensors, inference only; layers are created as the model asks for
+    them (``config`` is accepted for symmetry with transformers' caches and unused).
+    """
+
+    def __init__(self, dtype: str = "int8", config=None):
+        if dtype not in _CODE_DTYPES:
+            raise ValueError(f"QuantizedKVCache: dtype must be 'int8' or 'fp8_e4m3', got {dtype!r}")
+        self.code_dtype_name = dtype
+        super().__init__(layer_class_to_replicate=lambda: QuantizedKVLayer(dtype))
+
+    def nbytes(self) -> int:
+        """Bytes of the cached tokens over every layer: codes plus their float32 scales."""
+        return sum(layer.nbytes() for layer in self.layers)

@@ -54,12 +54,59 @@ inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+// float8 e4m3fn (bias 7, no inf, S.1111.111 = NaN, max 448) <-> fp32, exact / round to
+// nearest even. f32_to_f8e4m3 saturates finite values beyond 448 to +-448 (the quantizer's
+// scales keep |x| <= 448; saturating is what a cache wants from a rounding overshoot).
+inline float f8e4m3_to_f32(uint8_t b) {
+  const uint32_t sign = static_cast<uint32_t>(b & 0x80u) << 24;
+  const uint32_t e = (b >> 3) & 0xfu, m = b & 0x7u;
+  if (e == 0xf && m == 0x7) return bits_f32(sign | 0x7fc00000u);
+  if (e != 0) return bits_f32(sign | ((e + 120u) << 23) | (m << 20));
+  return bits_f32(f32_bits(static_cast<float>(m) * 0.001953125f) | sign);  // m * 2^-9
+}
+inline uint8_t f32_to_f8e4m3(float f) {
+  uint32_t x = f32_bits(f);
+  const uint8_t sign = static_cast<uint8_t>((x >> 24) & 0x80u);
+  x &= 0x7fffffffu;
+  if (x > 0x7f800000u) return static_cast<uint8_t>(sign | 0x7fu);  // NaN
+  if (x >= 0x43e00000u) return static_cast<uint8_t>(sign | 0x7eu);  // >= 448 (or inf): saturate
+  if (x < 0x3c800000u)  // below 2^-6, the smallest normal: subnormals in units of 2^-9
+    return static_cast<uint8_t>(sign | static_cast<uint32_t>(nearbyintf(bits_f32(x) * 512.0f)));
+  uint32_t r = x - (120u << 23);           // rebias the exponent (127 -> 7)
+  r += 0x7ffffu + ((r >> 20) & 1u);        // round the low 20 mantissa bits to nearest even
+  return static_cast<uint8_t>(sign | (r >> 20));
+}
+
 inline float to_f32(float x) { return x; }
+inline float to_f32(int8_t x) { return static_cast<float>(x); }
+inline float to_f32(f8e4m3_t x) { return f8e4m3_to_f32(x.bits); }
 inline float to_f32(f16_t x) { return f16_to_f32(x.bits); }
 inline float to_f32(bf16_t x) { return bf16_to_f32(x.bits); }
 inline void from_f32(float x, float* p) { *p = x; }
 inline void from_f32(float x, f16_t* p) { p->bits = f32_to_f16(x); }
 inline void from_f32(float x, bf16_t* p) { p->bits = f32_to_bf16(x); }
+
+// 8-bit KV codes (int8, float8 e4m3fn). The SIMD vocabulary's load_code(p) yields
+// code value * CodeUnit<T>::kLoaded: int8 exactly; e4m3 as 2^-8 x its value, because it widens
+// each code to an fp16 whose exponent bias is 8 more (two integer ops and one exact F16C
+// convert, independent of the DAZ flag an fp32 denormal trick would depend on). Kernels fold
+// kUnscale = 1 / kLoaded into the row's scale. is_code<T> tells storage codes from floats.
+template <class T>
+struct CodeUnit {
+  static constexpr bool is_code = false;
+};
+template <>
+struct CodeUnit<int8_t> {
+  static constexpr bool is_code = true;
+  static constexpr float kLoaded = 1.0f, kUnscale = 1.0f;
+};
+template <>
+struct CodeUnit<f8e4m3_t> {
+  static constexpr bool is_code = true;
+  static constexpr float kLoaded = 0.00390625f, kUnscale = 256.0f;
+};
+template <class T>
+constexpr bool is_code = CodeUnit<T>::is_code;
 
 }  // namespace ATTNKIT_ISA_NS
 }  // namespace cpu

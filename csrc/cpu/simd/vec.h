@@ -14,10 +14,14 @@
 //   + - * /, fma(a, b, c) = a*b + c, fnma(a, b, c) = c - a*b
 //   max(a, b), min(a, b)       NaN in b wins (x86 semantics: the second operand is returned
 //                              when either is NaN), so write max(limit, x) to keep a NaN x
-//   hsum(), hmax()
+//   hsum(), hmax(); hsum4(a, b, c, d, out) (Vec<float>: the four sums into out[0..3])
 //   Mask: a < b, a <= b, a == b, is_nan(a); select(mask, if_true, if_false)
 // Vec<float> also has round() (to nearest even) and pow2i(n) = 2^n for integral n in [-126, 127],
 // and the storage conversions load_cvt / store_cvt for float, f16_t and bf16_t.
+// 8-bit KV codes (int8_t, f8e4m3_t): load_code(p) / load_code_partial(p, n) /
+// load_code_pair(p, a, b) (2N codes) give the codes'
+// values times CodeUnit<T>::kLoaded (1 for int8, 2^-8 for e4m3: scalar_cvt.h says why); the
+// caller folds CodeUnit<T>::kUnscale into the row's scale.
 #pragma once
 
 #if defined(ATTNKIT_ISA_AVX512)

@@ -135,6 +135,12 @@ struct Vec<double> {
 
 inline void stream_fence() { _mm_sfence(); }
 
+// out[0..3] = the sums of a, b, c, d's lanes (a fixed order; see vec_avx512.h).
+inline void hsum4(Vec<float> a, Vec<float> b, Vec<float> c, Vec<float> d, float* out) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a.v, b.v), _mm256_hadd_ps(c.v, d.v));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+}
+
 // ---- storage conversions (always to/from fp32 registers) ----
 inline Vec<float> load_cvt(const float* p) { return Vec<float>::load(p); }
 inline Vec<float> load_cvt(const f16_t* p) {
@@ -165,6 +171,34 @@ inline void store_cvt(f16_t* p, Vec<float> x) {
 }
 inline void store_cvt(bf16_t* p, Vec<float> x) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), cvt_to_bf16_bits(x));
+}
+
+// ---- 8-bit KV codes -> fp32 (value x CodeUnit<T>::kLoaded; see scalar_cvt.h) ----
+inline Vec<float> load_code(const int8_t* p) {
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+}
+// 8 e4m3 codes -> the fp16 bits of value x 2^-8 (as vec_avx512.h's e4m3_to_f16_bits).
+inline __m128i e4m3_to_f16_bits(__m128i b) {
+  const __m128i w = _mm_cvtepi8_epi16(b);
+  const __m128i h = _mm_and_si128(_mm_slli_epi16(w, 7), _mm_set1_epi16(int16_t(0xbf80)));
+  const __m128i low7 = _mm_set1_epi16(0x7f);
+  const __m128i nan = _mm_cmpeq_epi16(_mm_and_si128(w, low7), low7);
+  return _mm_or_si128(h, _mm_and_si128(nan, _mm_set1_epi16(0x7c00)));
+}
+inline Vec<float> load_code(const f8e4m3_t* p) {
+  return {_mm256_cvtph_ps(e4m3_to_f16_bits(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+}
+template <class T>
+inline void load_code_pair(const T* p, Vec<float>& a, Vec<float>& b) {
+  a = load_code(p);
+  b = load_code(p + Vec<float>::N);
+}
+template <class T>
+inline Vec<float> load_code_partial(const T* p, int n) {
+  T tmp[8];
+  std::memset(tmp, 0, sizeof(tmp));
+  std::memcpy(tmp, p, sizeof(T) * n);
+  return load_code(tmp);
 }
 
 // Partial variants go through a small stack buffer: they run once per row tail.

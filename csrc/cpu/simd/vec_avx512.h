@@ -130,6 +130,20 @@ struct Vec<double> {
 
 inline void stream_fence() { _mm_sfence(); }
 
+// out[0..3] = the sums of a, b, c, d's lanes (a fixed order, like hsum; not hsum's order).
+// Reduces the four together: ~18 instructions instead of four hsum chains of ~7.
+inline void hsum4(Vec<float> a, Vec<float> b, Vec<float> c, Vec<float> d, float* out) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a.v, b.v, 0x44), _mm512_shuffle_f32x4(a.v, b.v, 0xee));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c.v, d.v, 0x44), _mm512_shuffle_f32x4(c.v, d.v, 0xee));
+  // 128-bit lanes of x: four partial sums of a, of b, of c, of d
+  const __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd));
+  const __m256 lo = _mm512_castps512_ps256(x);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
+  const __m256 h1 = _mm256_hadd_ps(lo, hi);  // [a a c c | b b d d]
+  const __m256 h2 = _mm256_hadd_ps(h1, h1);  // [a c a c | b d b d]
+  _mm_storeu_ps(out, _mm_unpacklo_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1)));
+}
+
 // ---- storage conversions (always to/from fp32 registers) ----
 inline Vec<float> load_cvt(const float* p) { return Vec<float>::load(p); }
 inline Vec<float> load_cvt(const f16_t* p) {
@@ -167,6 +181,44 @@ inline Vec<float> load_cvt_partial(const bf16_t* p, int n) {
   __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(Vec<float>::tail_mask(n), p));
   return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
 }
+// ---- 8-bit KV codes -> fp32 (value x CodeUnit<T>::kLoaded; see scalar_cvt.h) ----
+inline Vec<float> load_code(const int8_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+// 16 e4m3 codes -> the fp16 bits of value x 2^-8: sign-extend to 16 bits (bit 15 = sign), shift
+// exponent and mantissa into place, clear bit 14; NaN codes get an all-ones exponent.
+inline __m256i e4m3_to_f16_bits(__m128i b) {
+  const __m256i w = _mm256_cvtepi8_epi16(b);
+  const __m256i h = _mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16(int16_t(0xbf80)));
+  const __m256i low7 = _mm256_set1_epi16(0x7f);
+  const __mmask16 nan = _mm256_cmpeq_epi16_mask(_mm256_and_si256(w, low7), low7);
+  return _mm256_mask_mov_epi16(h, nan, _mm256_set1_epi16(0x7e00));
+}
+inline Vec<float> load_code(const f8e4m3_t* p) {
+  return {_mm512_cvtph_ps(e4m3_to_f16_bits(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+// 2N codes at once into (a, b): e4m3 widens all 32 codes in one 512-bit register, so the
+// integer steps are shared by two output vectors (11 instructions instead of 16).
+inline void load_code_pair(const int8_t* p, Vec<float>& a, Vec<float>& b) {
+  a = load_code(p);
+  b = load_code(p + 16);
+}
+inline void load_code_pair(const f8e4m3_t* p, Vec<float>& a, Vec<float>& b) {
+  const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i low7 = _mm512_set1_epi16(0x7f);
+  __m512i h = _mm512_and_si512(_mm512_slli_epi16(w, 7), _mm512_set1_epi16(int16_t(0xbf80)));
+  h = _mm512_mask_mov_epi16(h, _mm512_cmpeq_epi16_mask(_mm512_and_si512(w, low7), low7),
+                            _mm512_set1_epi16(0x7e00));
+  a.v = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+  b.v = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+}
+inline Vec<float> load_code_partial(const int8_t* p, int n) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(Vec<float>::tail_mask(n), p)))};
+}
+inline Vec<float> load_code_partial(const f8e4m3_t* p, int n) {
+  return {_mm512_cvtph_ps(e4m3_to_f16_bits(_mm_maskz_loadu_epi8(Vec<float>::tail_mask(n), p)))};
+}
+
 inline void store_cvt_partial(float* p, Vec<float> x, int n) { x.store_partial(p, n); }
 inline void store_cvt_partial(f16_t* p, Vec<float> x, int n) {
   _mm256_mask_storeu_epi16(p, Vec<float>::tail_mask(n), cvt_to_f16_bits(x));

@@ -165,6 +165,14 @@ struct Vec<double> : VecArray<double, 2> {};
 
 inline void stream_fence() {}
 
+// out[0..3] = the sums of a, b, c, d's lanes.
+inline void hsum4(Vec<float> a, Vec<float> b, Vec<float> c, Vec<float> d, float* out) {
+  out[0] = a.hsum();
+  out[1] = b.hsum();
+  out[2] = c.hsum();
+  out[3] = d.hsum();
+}
+
 // ---- storage conversions ----
 inline Vec<float> load_cvt(const float* p) { return Vec<float>::load(p); }
 inline Vec<float> load_cvt(const f16_t* p) {
@@ -183,6 +191,29 @@ inline void store_cvt(f16_t* p, Vec<float> x) {
 }
 inline void store_cvt(bf16_t* p, Vec<float> x) {
   for (int i = 0; i < Vec<float>::N; ++i) p[i].bits = f32_to_bf16(x.v[i]);
+}
+// ---- 8-bit KV codes -> fp32 (value x CodeUnit<T>::kLoaded, as the SIMD variants) ----
+inline Vec<float> load_code(const int8_t* p) {
+  Vec<float> r;
+  for (int i = 0; i < Vec<float>::N; ++i) r.v[i] = static_cast<float>(p[i]);
+  return r;
+}
+inline Vec<float> load_code(const f8e4m3_t* p) {
+  Vec<float> r;
+  for (int i = 0; i < Vec<float>::N; ++i) r.v[i] = f8e4m3_to_f32(p[i].bits) * CodeUnit<f8e4m3_t>::kLoaded;
+  return r;
+}
+template <class T>
+inline void load_code_pair(const T* p, Vec<float>& a, Vec<float>& b) {
+  a = load_code(p);
+  b = load_code(p + Vec<float>::N);
+}
+template <class T>
+inline Vec<float> load_code_partial(const T* p, int n) {
+  T tmp[Vec<float>::N];
+  std::memset(tmp, 0, sizeof(tmp));
+  std::memcpy(tmp, p, sizeof(T) * n);
+  return load_code(tmp);
 }
 template <class T>
 inline Vec<float> load_cvt_partial(const T* p, int n) {

@@ -109,6 +109,11 @@ inline float __int_as_float(int x) {
   std::memcpy(&f, &x, 4);
   return f;
 }
+inline int __float_as_int(float f) {
+  int x;
+  std::memcpy(&x, &f, 4);
+  return x;
+}
 inline double __longlong_as_double(long long x) {
   double d;
   std::memcpy(&d, &x, 8);

@@ -13,6 +13,10 @@ enum class DType : int32_t {
   boolean = 4,  // one byte, 0 = false
   i32 = 5,
   i64 = 6,
+  // 8-bit KV-cache storage (attention_with_kvcache): each row of D codes carries one fp32 scale
+  // (params.h, k_scale / v_scale); the value is code * scale.
+  i8 = 7,       // int8, symmetric: scale = absmax / 127
+  f8e4m3 = 8,   // float8 e4m3fn (ml_dtypes / torch float8_e4m3fn), raw bits: scale = absmax / 448
 };
 
 // Raw 16-bit storage types. They carry bits only; conversion lives in the SIMD vocabulary.
@@ -21,6 +25,11 @@ struct f16_t {
 };
 struct bf16_t {
   uint16_t bits;
+};
+// float8 e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no inf, S.1111.111 is NaN,
+// largest finite 448.
+struct f8e4m3_t {
+  uint8_t bits;
 };
 
 }  // namespace attnkit

@@ -64,7 +64,8 @@ struct AttentionParams {
   float* lse = nullptr;  // optional output, natural-log log-sum-exp of the scaled scores
 
   DType q_dtype = DType::f32;   // out has q's dtype
-  DType kv_dtype = DType::f32;  // k and v share it; f32 q may meet f16/bf16 k/v
+  DType kv_dtype = DType::f32;  // k and v share it; f32 q may meet f16/bf16 k/v; any float q
+                                // but f64 may meet 8-bit (i8 / f8e4m3) k/v with scales below
 
   int64_t batch = 0, num_heads = 0, num_kv_heads = 0;
   int64_t seqlen_q = 0, seqlen_k = 0, head_dim = 0, head_dim_v = 0;
@@ -92,6 +93,18 @@ struct AttentionParams {
   int64_t n_new = 0;
   int64_t k_new_stride[3] = {};
   int64_t v_new_stride[3] = {};
+  // k_new/v_new's dtype: kv_dtype for float caches; f32/f16/bf16 for 8-bit caches, whose new
+  // rows are quantized on append (codes and their scales written; csrc/cpu/quantize.h).
+  DType new_dtype = DType::f32;
+
+  // 8-bit caches (kv_dtype i8 / f8e4m3): one fp32 scale per K row and per V row; element d of
+  // row (b|page, g, j) stands for code * scale. The scales are addressed like the rows, by
+  // their own (batch|page, kv head, position) strides (paged caches through block_table).
+  // Written on append (the caches' rows and their scales), else read only. nullptr otherwise.
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
+  int64_t k_scale_stride[3] = {};
+  int64_t v_scale_stride[3] = {};
 
   // Mask indexed (b, h, i, j), stride 0 on broadcast dims. boolean: true = attend.
   // Float dtypes: added to the score; -inf entries count as masked out.
@@ -113,6 +126,25 @@ struct AttentionParams {
   uint64_t dropout_seed = 0;
   uint64_t dropout_offset = 0;
 
+  int32_t num_threads = 1;
+};
+
+// attnkit.quantize_kv: rows of n values (unit stride) -> n codes (i8 or f8e4m3) + one fp32
+// scale per row (symmetric: scale = absmax / 127 for i8, absmax / 448 for f8e4m3; a row of
+// zeros gets scale 0, a row holding inf/NaN gets scale NaN and codes 0). The other axes are
+// outer dims, as in SoftmaxParams.
+struct QuantizeParams {
+  const void* x = nullptr;
+  DType x_dtype = DType::f32;  // f32, f16 or bf16
+  void* q = nullptr;
+  DType q_dtype = DType::i8;   // i8 or f8e4m3
+  float* scale = nullptr;
+  int64_t n = 0;
+  int32_t outer_ndim = 0;
+  int64_t outer_shape[kMaxDims] = {};
+  int64_t x_outer_strides[kMaxDims] = {};
+  int64_t q_outer_strides[kMaxDims] = {};
+  int64_t scale_outer_strides[kMaxDims] = {};
   int32_t num_threads = 1;
 };
 
