@@ -122,7 +122,8 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False,
     query heads of each group. With dropout, the same ``dropout_seed`` regenerates the forward's
     mask. k/v must have q's dtype here. Results are bit-identical for any thread count.
     An lse of -inf (a row with no allowed key) gives a zero gradient row; NaN in lse (a
-    forward that saw NaN) gives NaN in that row's dq, as in any NaN-carrying backward.
+    forward that saw NaN) gives NaN in that row's gradients, as in any NaN-carrying backward;
+    +inf (which no forward produces) gives P = 0, a zero row, as the limit of exp(s - lse).
     """
     fn = "attention_backward"
     call = Call(fn, q, "q")
