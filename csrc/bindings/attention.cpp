@@ -18,10 +18,6 @@
 namespace attnkit {
 namespace {
 
-void require(const std::string& fn, bool ok, const std::string& msg) {
-  if (!ok) throw_value(fn + ": " + msg);
-}
-
 Tensor optional(py::handle obj, const std::string& fn, const char* name, bool writeable) {
   return to_tensor_or_none(obj, fn.c_str(), name, writeable);
 }
@@ -31,7 +27,7 @@ std::vector<int64_t> int_vector(py::handle obj, const std::string& fn, const cha
   std::vector<int64_t> v;
   if (obj.is_none()) return v;
   Tensor t = to_tensor(obj, fn.c_str(), name, false);
-  require(fn, t.dtype == DType::i64 && t.ndim == 1, std::string(name) + " must be a 1-D int64 array");
+  ATTNKIT_REQUIRE(fn, t.dtype == DType::i64 && t.ndim == 1, std::string(name) + " must be a 1-D int64 array");
   const int64_t* d = static_cast<const int64_t*>(t.data);
   v.reserve(size_t(t.shape[0]));
   for (int64_t i = 0; i < t.shape[0]; ++i) v.push_back(d[i * t.strides[0]]);
@@ -54,16 +50,16 @@ void sequences(Prepared& pr, const std::string& fn, const Tensor& q, const Tenso
   pr.cu_k = int_vector(cu_k_o, fn, "cu_seqlens_k");
   std::vector<int64_t> lens = int_vector(seqlens_o, fn, "cache_seqlens");
   if (!pr.cu_q.empty()) {
-    require(fn, int64_t(pr.cu_q.size()) == batch + 1 && int64_t(pr.cu_k.size()) == batch + 1,
+    ATTNKIT_REQUIRE(fn, int64_t(pr.cu_q.size()) == batch + 1 && int64_t(pr.cu_k.size()) == batch + 1,
             "cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries");
     for (int64_t b = 0; b < batch; ++b) {
-      require(fn, pr.cu_q[b] >= 0 && pr.cu_q[b] <= pr.cu_q[b + 1], "cu_seqlens_q must be non-decreasing from 0");
-      require(fn, pr.cu_k[b] >= 0 && pr.cu_k[b] <= pr.cu_k[b + 1], "cu_seqlens_k must be non-decreasing from 0");
+      ATTNKIT_REQUIRE(fn, pr.cu_q[b] >= 0 && pr.cu_q[b] <= pr.cu_q[b + 1], "cu_seqlens_q must be non-decreasing from 0");
+      ATTNKIT_REQUIRE(fn, pr.cu_k[b] >= 0 && pr.cu_k[b] <= pr.cu_k[b + 1], "cu_seqlens_k must be non-decreasing from 0");
     }
-    require(fn, pr.cu_q[0] == 0 && pr.cu_k[0] == 0, "cu_seqlens must start at 0");
-    require(fn, pr.cu_q[batch] == q.shape[2], "cu_seqlens_q[-1] = " + std::to_string(pr.cu_q[batch]) +
+    ATTNKIT_REQUIRE(fn, pr.cu_q[0] == 0 && pr.cu_k[0] == 0, "cu_seqlens must start at 0");
+    ATTNKIT_REQUIRE(fn, pr.cu_q[batch] == q.shape[2], "cu_seqlens_q[-1] = " + std::to_string(pr.cu_q[batch]) +
                                                   " but q has " + std::to_string(q.shape[2]) + " tokens");
-    require(fn, pr.cu_k[batch] == k.shape[2], "cu_seqlens_k[-1] = " + std::to_string(pr.cu_k[batch]) +
+    ATTNKIT_REQUIRE(fn, pr.cu_k[batch] == k.shape[2], "cu_seqlens_k[-1] = " + std::to_string(pr.cu_k[batch]) +
                                                   " but k has " + std::to_string(k.shape[2]) + " tokens");
     int64_t mq = 0, mk = 0;
     for (int64_t b = 0; b < batch; ++b) {
@@ -76,15 +72,15 @@ void sequences(Prepared& pr, const std::string& fn, const Tensor& q, const Tenso
     p.cu_seqlens_k = pr.cu_k.data();
   }
   const int64_t n_new = pr.p.n_new;
-  require(fn, n_new == 0 || !lens.empty(), "k/v need cache_seqlens");
+  ATTNKIT_REQUIRE(fn, n_new == 0 || !lens.empty(), "k/v need cache_seqlens");
   int64_t capacity = k.shape[2];
   int64_t pages = 0;
   if (!block_table_o.is_none()) {
-    require(fn, !lens.empty(), "block_table needs cache_seqlens");
+    ATTNKIT_REQUIRE(fn, !lens.empty(), "block_table needs cache_seqlens");
     Tensor bt = to_tensor(block_table_o, fn.c_str(), "block_table", false);
-    require(fn, bt.dtype == DType::i64 && bt.ndim == 2 && bt.shape[0] == batch,
+    ATTNKIT_REQUIRE(fn, bt.dtype == DType::i64 && bt.ndim == 2 && bt.shape[0] == batch,
             "block_table must be an int64 array of shape (batch, max_blocks)");
-    require(fn, k.shape[2] >= 1, "the page size must be at least 1");
+    ATTNKIT_REQUIRE(fn, k.shape[2] >= 1, "the page size must be at least 1");
     pages = k.shape[0];
     p.page_size = k.shape[2];
     p.block_table_stride = bt.shape[1];
@@ -98,11 +94,11 @@ void sequences(Prepared& pr, const std::string& fn, const Tensor& q, const Tenso
     p.seqlen_k = capacity;
   }
   if (!lens.empty()) {
-    require(fn, int64_t(lens.size()) == batch, "cache_seqlens must have batch entries");
+    ATTNKIT_REQUIRE(fn, int64_t(lens.size()) == batch, "cache_seqlens must have batch entries");
     pr.seqlens_k.resize(size_t(batch));
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t len = lens[size_t(b)], total = len + n_new;
-      require(fn, len >= 0 && total <= capacity,
+      ATTNKIT_REQUIRE(fn, len >= 0 && total <= capacity,
               "cache_seqlens[" + std::to_string(b) + "] = " + std::to_string(len) + " plus " +
                   std::to_string(n_new) + " new tokens does not fit the cache capacity " +
                   std::to_string(capacity));
@@ -110,7 +106,7 @@ void sequences(Prepared& pr, const std::string& fn, const Tensor& q, const Tenso
       // Every page a sequence reads or appends to must be a real page.
       for (int64_t j = 0; p.block_table && j < (total + p.page_size - 1) / p.page_size; ++j) {
         const int64_t e = pr.block_table[size_t(b * p.block_table_stride + j)];
-        require(fn, e >= 0 && e < pages,
+        ATTNKIT_REQUIRE(fn, e >= 0 && e < pages,
                 "block_table[" + std::to_string(b) + ", " + std::to_string(j) + "] = " +
                     std::to_string(e) + " is not a page index in [0, " + std::to_string(pages) + ")");
       }
@@ -180,7 +176,7 @@ void attention_backward_entry(py::handle dout_o, py::handle q, py::handle k, py:
                               uint64_t offset, int num_threads) {
   const std::string fn = "attention_backward";
   Prepared pr;
-  require(fn, !lse.is_none(), "lse (from the forward with return_lse=True) is required");
+  ATTNKIT_REQUIRE(fn, !lse.is_none(), "lse (from the forward with return_lse=True) is required");
   const AttentionOptions opts{batch, scale, softcap, causal, bottom_right, window_left,
                               window_right, dropout_p, seed, offset};
   prepare(pr, fn, q, k, v, out, lse, mask, alibi, cu_q, cu_k, py::none(), py::none(), py::none(),
@@ -203,16 +199,16 @@ void attention_backward_entry(py::handle dout_o, py::handle q, py::handle k, py:
       if (a.shape[d] != b.shape[d]) return false;
     return true;
   };
-  require(fn, same(dout, ot), "dout must have out's shape and dtype " + shape_str(ot));
-  require(fn, same(dq, qt) && same(dk, kt) && same(dv, vt), "dq/dk/dv must have the shapes of q/k/v");
+  ATTNKIT_REQUIRE(fn, same(dout, ot), "dout must have out's shape and dtype " + shape_str(ot));
+  ATTNKIT_REQUIRE(fn, same(dq, qt) && same(dk, kt) && same(dv, vt), "dq/dk/dv must have the shapes of q/k/v");
   for (const Tensor* t : {&dout, &dq, &dk, &dv})
-    require(fn, t->ndim == 4 && (t->shape[3] <= 1 || t->strides[3] == 1 || t->numel() == 0),
+    ATTNKIT_REQUIRE(fn, t->ndim == 4 && (t->shape[3] <= 1 || t->strides[3] == 1 || t->numel() == 0),
             "gradients must be contiguous along the head dim");
   for (const Tensor* g : {&dq, &dk, &dv}) {
     for (const Tensor* t : {&qt, &kt, &vt, &ot, &dout})
-      require(fn, !may_overlap(*g, *t), "a gradient output overlaps an input");
+      ATTNKIT_REQUIRE(fn, !may_overlap(*g, *t), "a gradient output overlaps an input");
   }
-  require(fn, !may_overlap(dq, dk) && !may_overlap(dq, dv) && !may_overlap(dk, dv),
+  ATTNKIT_REQUIRE(fn, !may_overlap(dq, dk) && !may_overlap(dq, dv) && !may_overlap(dk, dv),
           "dq, dk and dv must not overlap");
   bp.dout = dout.data;
   bp.dq = dq.data;
@@ -251,7 +247,7 @@ void quantize_entry(py::handle x_o, py::handle q_o, py::handle scale_o, const st
 // The dropout keep-mask (B, H, Sq, Sk) the kernels draw for (seed, offset): a debug/test aid.
 void dropout_mask_entry(py::handle out_o, double p, uint64_t seed, uint64_t offset, int64_t num_heads) {
   Tensor out = to_tensor(out_o, "dropout_mask", "out", true);
-  require("dropout_mask", out.dtype == DType::boolean && out.ndim == 4, "out must be a 4-D bool array");
+  ATTNKIT_REQUIRE("dropout_mask", out.dtype == DType::boolean && out.ndim == 4, "out must be a 4-D bool array");
   uint8_t* o = static_cast<uint8_t*>(out.data);
   for (int64_t b = 0; b < out.shape[0]; ++b)
     for (int64_t h = 0; h < out.shape[1]; ++h)

@@ -190,13 +190,10 @@ namespace {
 
 struct Checker {
   const std::string& fn;
-  void require(bool ok, const std::string& msg) const {
-    if (!ok) throw_value(fn + ": " + msg);
-  }
   void rows(const Tensor& t, const char* name) const {
-    require(t.ndim == 4, std::string(name) + " must be 4-D here, got " + shape_str(t));
-    require(t.shape[3] <= 1 || t.strides[3] == 1 || t.numel() == 0,
-            std::string(name) + " must be contiguous along its last (head) dim");
+    ATTNKIT_REQUIRE(fn, t.ndim == 4, std::string(name) + " must be 4-D here, got " + shape_str(t));
+    ATTNKIT_REQUIRE(fn, t.shape[3] <= 1 || t.strides[3] == 1 || t.numel() == 0,
+                    std::string(name) + " must be contiguous along its last (head) dim");
   }
 };
 
@@ -237,25 +234,25 @@ void attention_params(const std::string& fn, const AttentionTensors& t,
   p->seqlen_k = k.shape[2];
   p->head_dim = q.shape[3];
   p->head_dim_v = v.shape[3];
-  c.require(o.batch >= 0, "negative batch");
-  c.require(p->num_kv_heads > 0 && p->num_heads % p->num_kv_heads == 0,
+  ATTNKIT_REQUIRE(c.fn, o.batch >= 0, "negative batch");
+  ATTNKIT_REQUIRE(c.fn, p->num_kv_heads > 0 && p->num_heads % p->num_kv_heads == 0,
             "q has " + std::to_string(p->num_heads) + " heads, not a multiple of k's " +
                 std::to_string(p->num_kv_heads));
-  c.require(k.shape[3] == p->head_dim, "k has head_dim " + std::to_string(k.shape[3]) +
+  ATTNKIT_REQUIRE(c.fn, k.shape[3] == p->head_dim, "k has head_dim " + std::to_string(k.shape[3]) +
                                            " but q has " + std::to_string(p->head_dim));
-  c.require(v.shape[0] == k.shape[0] && v.shape[1] == k.shape[1] && v.shape[2] == k.shape[2],
+  ATTNKIT_REQUIRE(c.fn, v.shape[0] == k.shape[0] && v.shape[1] == k.shape[1] && v.shape[2] == k.shape[2],
             "v has shape " + shape_str(v) + ", inconsistent with k " + shape_str(k));
-  c.require(out.shape[0] == q.shape[0] && out.shape[1] == q.shape[1] &&
+  ATTNKIT_REQUIRE(c.fn, out.shape[0] == q.shape[0] && out.shape[1] == q.shape[1] &&
                 out.shape[2] == q.shape[2] && out.shape[3] == p->head_dim_v,
             "out has shape " + shape_str(out) + " but the result is (" +
                 std::to_string(q.shape[0]) + ", " + std::to_string(p->num_heads) + ", " +
                 std::to_string(p->seqlen_q) + ", " + std::to_string(p->head_dim_v) + ")");
-  c.require(p->head_dim >= 1 && p->head_dim_v >= 1, "head dims must be at least 1");
+  ATTNKIT_REQUIRE(c.fn, p->head_dim >= 1 && p->head_dim_v >= 1, "head dims must be at least 1");
   if (t.varlen) {
-    c.require(q.shape[0] == 1 && k.shape[0] == 1, "internal: varlen operands must be (1, H, T, D)");
+    ATTNKIT_REQUIRE(c.fn, q.shape[0] == 1 && k.shape[0] == 1, "internal: varlen operands must be (1, H, T, D)");
   } else {
-    c.require(q.shape[0] == o.batch, "internal: batch mismatch");
-    if (!t.paged) c.require(k.shape[0] == o.batch, "k and q have different batch sizes");
+    ATTNKIT_REQUIRE(c.fn, q.shape[0] == o.batch, "internal: batch mismatch");
+    if (!t.paged) ATTNKIT_REQUIRE(c.fn, k.shape[0] == o.batch, "k and q have different batch sizes");
   }
 
   p->q = q.data;
@@ -273,7 +270,7 @@ void attention_params(const std::string& fn, const AttentionTensors& t,
 
   if (present(t.lse)) {
     const Tensor& lse = t.lse;
-    c.require(lse.dtype == DType::f32 && lse.ndim == 3 && lse.shape[0] == q.shape[0] &&
+    ATTNKIT_REQUIRE(c.fn, lse.dtype == DType::f32 && lse.ndim == 3 && lse.shape[0] == q.shape[0] &&
                   lse.shape[1] == q.shape[1] && lse.shape[2] == q.shape[2],
               "lse must be float32 of shape (batch, heads, seqlen_q)");
     p->lse = static_cast<float*>(lse.data);
@@ -281,18 +278,18 @@ void attention_params(const std::string& fn, const AttentionTensors& t,
   }
   if (present(t.mask)) {
     const Tensor& mk = t.mask;
-    c.require(!t.varlen && !t.paged, "internal: no mask with varlen or paged caches");
-    c.require(mk.ndim == 4 && mk.shape[0] == o.batch && mk.shape[1] == p->num_heads &&
+    ATTNKIT_REQUIRE(c.fn, !t.varlen && !t.paged, "internal: no mask with varlen or paged caches");
+    ATTNKIT_REQUIRE(c.fn, mk.ndim == 4 && mk.shape[0] == o.batch && mk.shape[1] == p->num_heads &&
                   mk.shape[2] == p->seqlen_q && mk.shape[3] == p->seqlen_k,
               "internal: mask must be broadcast to (B, H, Sq, Sk)");
-    c.require(mk.dtype == DType::boolean || is_float_dtype(mk.dtype), "mask must be bool or float");
+    ATTNKIT_REQUIRE(c.fn, mk.dtype == DType::boolean || is_float_dtype(mk.dtype), "mask must be bool or float");
     p->mask = mk.data;
     p->mask_dtype = mk.dtype;
     for (int i = 0; i < 4; ++i) p->mask_stride[i] = mk.strides[i];
   }
   if (present(t.alibi)) {
     const Tensor& al = t.alibi;
-    c.require(al.dtype == DType::f32 && al.ndim == 2 && al.shape[0] == o.batch &&
+    ATTNKIT_REQUIRE(c.fn, al.dtype == DType::f32 && al.ndim == 2 && al.shape[0] == o.batch &&
                   al.shape[1] == p->num_heads,
               "internal: alibi_slopes must be float32 (B, H)");
     p->alibi_slopes = static_cast<const float*>(al.data);
@@ -303,24 +300,24 @@ void attention_params(const std::string& fn, const AttentionTensors& t,
   if (codes) {
     // One float32 scale per row of each 8-bit cache, shaped like the rows; written on append.
     const char* kname = appending ? "k_cache" : "k";
-    c.require(present(t.k_scale) && present(t.v_scale),
+    ATTNKIT_REQUIRE(c.fn, present(t.k_scale) && present(t.v_scale),
               std::string(kname) + " is " + dtype_name(k.dtype) +
                   ": k_scale and v_scale (float32, one per cache row) are required");
     for (const auto& sc : {std::make_pair(&t.k_scale, "k_scale"), std::make_pair(&t.v_scale, "v_scale")}) {
       const Tensor& st = *sc.first;
       if (st.dtype != DType::f32)
         throw_type(fn + ": " + sc.second + " has dtype " + dtype_name(st.dtype) + "; expected float32");
-      c.require(st.ndim == 3 && st.shape[0] == k.shape[0] && st.shape[1] == k.shape[1] &&
+      ATTNKIT_REQUIRE(c.fn, st.ndim == 3 && st.shape[0] == k.shape[0] && st.shape[1] == k.shape[1] &&
                     st.shape[2] == k.shape[2],
                 std::string(sc.second) + " must have one entry per cache row, shape (" +
                     std::to_string(k.shape[0]) + ", " + std::to_string(k.shape[2]) + ", " +
                     std::to_string(k.shape[1]) + ") in the caches' order");
-      c.require(!appending || st.writeable,
+      ATTNKIT_REQUIRE(c.fn, !appending || st.writeable,
                 std::string(sc.second) + " is read-only but k/v were given to append");
       for (const Tensor* cache : {&k, &v})
-        c.require(!may_overlap(st, *cache), std::string(sc.second) + " overlaps the caches");
+        ATTNKIT_REQUIRE(c.fn, !may_overlap(st, *cache), std::string(sc.second) + " overlaps the caches");
     }
-    c.require(!appending || !may_overlap(t.k_scale, t.v_scale), "k_scale and v_scale overlap");
+    ATTNKIT_REQUIRE(c.fn, !appending || !may_overlap(t.k_scale, t.v_scale), "k_scale and v_scale overlap");
     p->k_scale = static_cast<const float*>(t.k_scale.data);
     p->v_scale = static_cast<const float*>(t.v_scale.data);
     for (int i = 0; i < 3; ++i) {
@@ -328,12 +325,12 @@ void attention_params(const std::string& fn, const AttentionTensors& t,
       p->v_scale_stride[i] = t.v_scale.strides[i];
     }
   } else {
-    c.require(!present(t.k_scale) && !present(t.v_scale),
+    ATTNKIT_REQUIRE(c.fn, !present(t.k_scale) && !present(t.v_scale),
               std::string("k_scale/v_scale go with int8 or float8_e4m3fn caches, but the caches "
                           "are ") + dtype_name(k.dtype));
   }
   if (appending) {
-    c.require(present(t.k_new) && present(t.v_new), "pass both k and v to append, or neither");
+    ATTNKIT_REQUIRE(c.fn, present(t.k_new) && present(t.v_new), "pass both k and v to append, or neither");
     const Tensor &kn = t.k_new, &vn = t.v_new;
     c.rows(kn, "k");
     c.rows(vn, "v");
@@ -344,25 +341,25 @@ void attention_params(const std::string& fn, const AttentionTensors& t,
                    dtype_name(vn.dtype) + "; rows appended to an 8-bit cache must be float32, "
                    "float16 or bfloat16 (one dtype), quantized on append");
     } else {
-      c.require(kn.dtype == k.dtype && vn.dtype == k.dtype,
+      ATTNKIT_REQUIRE(c.fn, kn.dtype == k.dtype && vn.dtype == k.dtype,
                 std::string("k and v must have the caches' dtype ") + dtype_name(k.dtype));
     }
     p->new_dtype = kn.dtype;
-    c.require(kn.shape[0] == o.batch && kn.shape[1] == p->num_kv_heads &&
+    ATTNKIT_REQUIRE(c.fn, kn.shape[0] == o.batch && kn.shape[1] == p->num_kv_heads &&
                   kn.shape[3] == p->head_dim && vn.shape[0] == o.batch &&
                   vn.shape[1] == p->num_kv_heads && vn.shape[2] == kn.shape[2] &&
                   vn.shape[3] == p->head_dim_v,
               "k/v have shapes " + shape_str(kn) + " / " + shape_str(vn) +
                   ", inconsistent with the caches");
-    c.require(k.writeable && v.writeable, "the caches are read-only but k/v were given to append");
+    ATTNKIT_REQUIRE(c.fn, k.writeable && v.writeable, "the caches are read-only but k/v were given to append");
     for (const Tensor* n : {&kn, &vn})
       for (const Tensor* cache : {&k, &v})
-        c.require(!may_overlap(*n, *cache), "k/v overlap the caches they are appended to");
-    c.require(!may_overlap(k, v), "k_cache and v_cache overlap; appending would write one into the other");
+        ATTNKIT_REQUIRE(c.fn, !may_overlap(*n, *cache), "k/v overlap the caches they are appended to");
+    ATTNKIT_REQUIRE(c.fn, !may_overlap(k, v), "k_cache and v_cache overlap; appending would write one into the other");
     if (codes)
       for (const Tensor* n : {&kn, &vn})
         for (const Tensor* sc : {&t.k_scale, &t.v_scale})
-          c.require(!may_overlap(*n, *sc), "k/v overlap the scales they are appended to");
+          ATTNKIT_REQUIRE(c.fn, !may_overlap(*n, *sc), "k/v overlap the scales they are appended to");
     p->k_new = kn.data;
     p->v_new = vn.data;
     p->n_new = kn.shape[2];
@@ -371,10 +368,10 @@ void attention_params(const std::string& fn, const AttentionTensors& t,
       p->v_new_stride[i] = vn.strides[i];
     }
   }
-  c.require(std::isfinite(o.scale), "scale must be finite");
-  c.require(std::isfinite(o.softcap) && o.softcap >= 0, "softcap must be a finite number >= 0");
-  c.require(o.window_left >= -1 && o.window_right >= -1, "window entries must be >= -1");
-  c.require(o.dropout_p >= 0.0 && o.dropout_p < 1.0, "dropout_p must be in [0, 1)");
+  ATTNKIT_REQUIRE(c.fn, std::isfinite(o.scale), "scale must be finite");
+  ATTNKIT_REQUIRE(c.fn, std::isfinite(o.softcap) && o.softcap >= 0, "softcap must be a finite number >= 0");
+  ATTNKIT_REQUIRE(c.fn, o.window_left >= -1 && o.window_right >= -1, "window entries must be >= -1");
+  ATTNKIT_REQUIRE(c.fn, o.dropout_p >= 0.0 && o.dropout_p < 1.0, "dropout_p must be in [0, 1)");
   p->scale = o.scale;
   p->softcap = o.softcap;
   p->causal = o.causal;
@@ -390,10 +387,10 @@ void attention_params(const std::string& fn, const AttentionTensors& t,
   if (t.backward) return;
   for (const Tensor* in : {&q, &k, &v, &t.k_new, &t.v_new, &t.mask, &t.alibi, &t.k_scale, &t.v_scale}) {
     if (!present(*in)) continue;
-    c.require(!may_overlap(out, *in), "out overlaps an input; pass a separate array");
-    if (present(t.lse)) c.require(!may_overlap(t.lse, *in), "lse overlaps an input");
+    ATTNKIT_REQUIRE(c.fn, !may_overlap(out, *in), "out overlaps an input; pass a separate array");
+    if (present(t.lse)) ATTNKIT_REQUIRE(c.fn, !may_overlap(t.lse, *in), "lse overlaps an input");
   }
-  if (present(t.lse)) c.require(!may_overlap(t.lse, out), "lse overlaps out");
+  if (present(t.lse)) ATTNKIT_REQUIRE(c.fn, !may_overlap(t.lse, out), "lse overlaps out");
 }
 
 }  // namespace attnkit

@@ -27,9 +27,6 @@ namespace {
 
 struct Fn {
   std::string name;
-  void require(bool ok, const std::string& msg) const {
-    if (!ok) throw_value(name + ": " + msg);
-  }
 };
 
 // Index array (cache_seqlens, block_table): a device descriptor, int32 or int64, or a host
@@ -43,7 +40,7 @@ Tensor index_arg(const Fn& f, py::handle obj, const char* name, int ndim, Upload
   } else {
     t = dev_tensor(obj, f.name.c_str(), name, false, device);
   }
-  f.require((t.dtype == DType::i32 || t.dtype == DType::i64) && t.ndim == ndim,
+  ATTNKIT_REQUIRE(f.name, (t.dtype == DType::i32 || t.dtype == DType::i64) && t.ndim == ndim,
             std::string(name) + " must be a " + std::to_string(ndim) + "-D int32 or int64 array");
   return t;
 }
@@ -65,16 +62,16 @@ int64_t cu_arg(const Fn& f, py::handle obj, const char* name, int64_t batch, int
                Upload& up, int device, cudaStream_t stream) {
   py::array_t<int64_t, py::array::c_style | py::array::forcecast> a(
       py::reinterpret_borrow<py::object>(obj));
-  f.require(a.ndim() == 1 && a.shape(0) == batch + 1,
+  ATTNKIT_REQUIRE(f.name, a.ndim() == 1 && a.shape(0) == batch + 1,
             std::string(name) + " must have batch + 1 entries");
   const int64_t* c = a.data();
-  f.require(c[0] == 0, "cu_seqlens must start at 0");
+  ATTNKIT_REQUIRE(f.name, c[0] == 0, "cu_seqlens must start at 0");
   int64_t longest = 0;
   for (int64_t b = 0; b < batch; ++b) {
-    f.require(c[b] <= c[b + 1], std::string(name) + " must be non-decreasing from 0");
+    ATTNKIT_REQUIRE(f.name, c[b] <= c[b + 1], std::string(name) + " must be non-decreasing from 0");
     longest = std::max(longest, c[b + 1] - c[b]);
   }
-  f.require(c[batch] == total, std::string(name) + "[-1] = " + std::to_string(c[batch]) +
+  ATTNKIT_REQUIRE(f.name, c[batch] == total, std::string(name) + "[-1] = " + std::to_string(c[batch]) +
                                    " but the array has " + std::to_string(total) + " tokens");
   upload(up, a, f.name.c_str(), name, stream, device);
   return longest;
@@ -120,7 +117,7 @@ void attention_entry(const std::string& fn_name, py::handle q_o, py::handle k_o,
   }
   t.paged = paged;
   t.varlen = varlen;
-  f.require(!t.mask.data || (!varlen && !cached), "internal: no mask with varlen or a cache");
+  ATTNKIT_REQUIRE(f.name, !t.mask.data || (!varlen && !cached), "internal: no mask with varlen or a cache");
   const AttentionOptions opts{batch, scale, softcap, causal, bottom_right, window_left,
                               window_right, 0.0, 0, 0};
   AttentionParams p;
@@ -129,17 +126,17 @@ void attention_entry(const std::string& fn_name, py::handle q_o, py::handle k_o,
 
   cuda::KvCacheArgs kv;
   if (varlen) {
-    f.require(!paged && !cached, "internal: varlen layout");
+    ATTNKIT_REQUIRE(f.name, !paged && !cached, "internal: varlen layout");
     p.seqlen_q = cu_arg(f, cu_q_o, "cu_seqlens_q", batch, q.shape[2], up_cu_q, device, stream);
     p.seqlen_k = cu_arg(f, cu_k_o, "cu_seqlens_k", batch, k.shape[2], up_cu_k, device, stream);
     p.cu_seqlens_q = static_cast<const int64_t*>(up_cu_q.t.data);
     p.cu_seqlens_k = static_cast<const int64_t*>(up_cu_k.t.data);
   }
   if (paged) {
-    f.require(cached, "block_table needs cache_seqlens");
+    ATTNKIT_REQUIRE(f.name, cached, "block_table needs cache_seqlens");
     Tensor bt = index_arg(f, block_table_o, "block_table", 2, up_table, device, stream);
-    f.require(bt.shape[0] == batch, "block_table must have shape (batch, max_blocks)");
-    f.require(k.shape[2] >= 1, "the page size must be at least 1");
+    ATTNKIT_REQUIRE(f.name, bt.shape[0] == batch, "block_table must have shape (batch, max_blocks)");
+    ATTNKIT_REQUIRE(f.name, k.shape[2] >= 1, "the page size must be at least 1");
     p.page_size = k.shape[2];
     p.block_table_stride = bt.shape[1];
     p.seqlen_k = bt.shape[1] * p.page_size;  // capacity of a sequence
@@ -151,7 +148,7 @@ void attention_entry(const std::string& fn_name, py::handle q_o, py::handle k_o,
   }
   if (cached) {
     Tensor cs = index_arg(f, seqlens_o, "cache_seqlens", 1, up_seqlens, device, stream);
-    f.require(cs.shape[0] == batch, "cache_seqlens must have batch entries");
+    ATTNKIT_REQUIRE(f.name, cs.shape[0] == batch, "cache_seqlens must have batch entries");
     kv.active = true;
     kv.cache_seqlens = cs.data;
     kv.cache_seqlens_dtype = cs.dtype;
@@ -159,7 +156,7 @@ void attention_entry(const std::string& fn_name, py::handle q_o, py::handle k_o,
     kv.max_seqlen = max_host_seqlen(seqlens_o);
   }
   if (appending) {
-    f.require(cached, "k/v need cache_seqlens");
+    ATTNKIT_REQUIRE(f.name, cached, "k/v need cache_seqlens");
     kv.k_new = t.k_new.data;
     kv.v_new = t.v_new.data;
     kv.n_new = t.k_new.shape[2];
