@@ -68,8 +68,29 @@ struct DecodeItem {
   int64_t cost;
 };
 
+// Per-thread scratch, carved from one allocation (a decode call is short: a dozen separate
+// allocations per thread were ~10k instructions of malloc, a quarter of a tiny call). acc and
+// wgt serve the split combine.
 struct DecodeWork {
-  Scratch<float> qf, s, o, m, l, add, vs;  // vs: 8-bit V rows' scales of one key block, per head
+  Scratch<float> all;
+  float *qf = nullptr, *s = nullptr, *o = nullptr, *m = nullptr, *l = nullptr, *add = nullptr;
+  float *vs = nullptr;  // 8-bit V rows' scales of one key block, per head
+  float *acc = nullptr, *wgt = nullptr;
+  // Sizes in floats, each rounded up to a cache line so every part stays 64-byte aligned.
+  bool init(int64_t rows, int64_t D, int64_t Dvp, int64_t vs_count, int64_t Dv, int64_t nchunks) {
+    const int64_t sizes[9] = {rows * D, rows * kKeyBlock, rows * Dvp, rows, rows, kKeyBlock,
+                              vs_count, Dv, nchunks};
+    float** parts[9] = {&qf, &s, &o, &m, &l, &add, &vs, &acc, &wgt};
+    int64_t total = 0;
+    for (int64_t n : sizes) total += round_up(imax(n, 1), 16);
+    if (!all.reset(size_t(total))) return false;
+    float* at = all.get();
+    for (int i = 0; i < 9; ++i) {
+      *parts[i] = at;
+      at += round_up(imax(sizes[i], 1), 16);
+    }
+    return true;
+  }
 };
 
 // K/V elements as fp32 registers: float storage converted (load_cvt), 8-bit codes widened
@@ -367,7 +388,7 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
   const SeqView sv = seq_view(p, it.b);
   const int64_t G = p.num_heads / p.num_kv_heads, sq = sv.sq, rph = G * sq, R = it.ng * rph;
   const int64_t D = p.head_dim, Dv = p.head_dim_v, Dvp = round_up(Dv, VF::N);
-  float *qf = w.qf.get(), *S = w.s.get(), *O = w.o.get(), *m = w.m.get(), *l = w.l.get();
+  float *qf = w.qf, *S = w.s, *O = w.o, *m = w.m, *l = w.l;
   const SQ* Q = typed<SQ>(p.q);
   int64_t lo_min = sv.sk, hi_max = -1;
   for (int64_t r = 0; r < R; ++r) {
@@ -395,13 +416,13 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
     const int64_t n = imin(kKeyBlock, k_end - j0);
     block_rows<SKV>(p, sv, j0, n, br);
     scores<SKV>(p, sv, it.g0, it.ng, rph, j0, n, k_end, br, qf, S, lds);
-    if constexpr (is_code<SKV>) apply_k_scales<SKV>(p, it.g0, it.ng, rph, n, br, S, lds, w.vs.get());
+    if constexpr (is_code<SKV>) apply_k_scales<SKV>(p, it.g0, it.ng, rph, n, br, S, lds, w.vs);
     for (int64_t r = 0; r < R; ++r) {
       const RowId id = row_id(it.g0, G, sq, r);
-      const auto rc = row_ctx(p, sv, id.h, id.i, j0, n, w.add.get());
+      const auto rc = row_ctx(p, sv, id.h, id.i, j0, n, w.add);
       row_update(rc, S + r * lds, m + r, l + r, O + r * Dvp, Dvp);
     }
-    if constexpr (is_code<SKV>) scale_p_by_v_rows(it.ng, rph, n, S, lds, w.vs.get());
+    if constexpr (is_code<SKV>) scale_p_by_v_rows(it.ng, rph, n, S, lds, w.vs);
     accumulate_pv<SKV>(p, sv, it.g0, it.ng, rph, j0, n, br, S, lds, O, Dvp);
   }
   if (part_o) {  // split: leave the chunk's partial result
@@ -484,11 +505,13 @@ Status decode_typed(const AttentionParams& p) {
   const int64_t n_items = p.batch * sets * nchunks;
   Scratch<DecodeItem> items;
   Scratch<int64_t> prefix;
-  Scratch<float> pm, pl, po;
+  // Split partials of every item, one allocation: m and l (rows_max each), O (rows_max x Dv).
+  Scratch<float> partials;
   if (!items.reset(size_t(n_items)) || !prefix.reset(size_t(n_items + 1))) return Status::out_of_memory;
-  if (split && (!pm.reset(size_t(n_items * rows_max)) || !pl.reset(size_t(n_items * rows_max)) ||
-                !po.reset(size_t(n_items * rows_max * Dv))))
-    return Status::out_of_memory;
+  if (split && !partials.reset(size_t(n_items * rows_max * (2 + Dv)))) return Status::out_of_memory;
+  float* pm = partials.get();
+  float* pl = pm ? pm + n_items * rows_max : nullptr;
+  float* po = pm ? pl + n_items * rows_max : nullptr;
   int64_t n = 0, bytes = 0;
   for (int64_t b = 0; b < p.batch; ++b) {
     const SeqView sv = seq_view(p, b);
@@ -521,14 +544,9 @@ Status decode_typed(const AttentionParams& p) {
     // Phase 1: every thread allocates all it will need; phase 2 runs only if all of them
     // succeeded, so a failed allocation leaves out (and lse) untouched.
     DecodeWork w;
-    Scratch<float> acc, wgt;  // the combine's
-    if (begin < end &&
-        (!w.qf.reset(size_t(rows_max * D)) || !w.s.reset(size_t(rows_max * kKeyBlock)) ||
-         !w.o.reset(size_t(rows_max * Dvp)) || !w.m.reset(size_t(rows_max)) ||
-         !w.l.reset(size_t(rows_max)) || !w.add.reset(size_t(kKeyBlock)) ||
-         (is_code<SKV> && !w.vs.reset(size_t(heads_per_item * kKeyBlock)))))
+    if ((begin < end || split) &&
+        !w.init(rows_max, D, Dvp, is_code<SKV> ? heads_per_item * kKeyBlock : 0, Dv, nchunks))
       failed = true;
-    if (split && (!acc.reset(size_t(Dv)) || !wgt.reset(size_t(nchunks)))) failed = true;
 #pragma omp barrier
     // `failed` is only written before the barrier: every thread reads the same value here, so
     // they all skip, or all reach, the worksharing loop below.
@@ -538,16 +556,16 @@ Status decode_typed(const AttentionParams& p) {
         append_new_rows(p);  // the implied barrier: every thread then sees the new rows
       }
       for (int64_t i = begin; i < end; ++i)
-        run_item<SQ, SKV>(p, items[i], clen, w, split ? pm.get() + i * rows_max : nullptr,
-                          split ? pl.get() + i * rows_max : nullptr,
-                          split ? po.get() + i * rows_max * Dv : nullptr);
+        run_item<SQ, SKV>(p, items[i], clen, w, split ? pm + i * rows_max : nullptr,
+                          split ? pl + i * rows_max : nullptr,
+                          split ? po + i * rows_max * Dv : nullptr);
       if (split) {
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t f = 0; f < p.batch * sets; ++f) {
           const int64_t i0 = f * nchunks;
-          combine<SQ>(p, items[i0], nchunks, rows_max, pm.get() + i0 * rows_max,
-                      pl.get() + i0 * rows_max, po.get() + i0 * rows_max * Dv, acc.get(), wgt.get());
+          combine<SQ>(p, items[i0], nchunks, rows_max, pm + i0 * rows_max,
+                      pl + i0 * rows_max, po + i0 * rows_max * Dv, w.acc, w.wgt);
         }
       }
     }
