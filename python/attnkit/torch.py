@@ -139,10 +139,12 @@ def _cuda_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, softcap, wind
 
 
 def _forward_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, softcap, window_left,
-                  window_right, bottom_right, bshd_out):
+                  window_right, bottom_right, bshd_out, need_lse=True):
     """(B, H, Sq, D) x (B, Hkv, Sk, D) x (B, Hkv, Sk, Dv) -> out, lse (B, H, Sq) fp32.
 
-    ``bshd_out`` returns out as a contiguous (B, Sq, H, Dv) tensor (what transformers wants)."""
+    ``bshd_out`` returns out as a contiguous (B, Sq, H, Dv) tensor (what transformers wants).
+    ``need_lse=False`` (inference: no backward will read it) returns lse None, saving its
+    allocation on every decode step."""
     B, H, Sq, _ = q.shape
     Dv = v.shape[-1]
     if bshd_out:
@@ -150,10 +152,10 @@ def _forward_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, softcap
         outc = out.transpose(1, 2)
     else:
         out = outc = torch.empty((B, H, Sq, Dv), dtype=q.dtype)
-    lse = torch.empty((B, H, Sq), dtype=torch.float32)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32) if need_lse else None
     mask = None if attn_mask is None else _desc(attn_mask.expand(B, H, Sq, k.shape[2]))
     _C.attention(_desc(_rows(q)), _desc(_rows(k)), _desc(_rows(v)), _desc(outc, True),
-                 _desc(lse, True), mask, None, None, None, None, None, B, scale, softcap,
+                 _desc(lse, True) if need_lse else None, mask, None, None, None, None, None, B, scale, softcap,
                  is_causal, bottom_right, window_left, window_right, dropout_p,
                  int(seed.item()) if dropout_p > 0 else 0, 0, _threads())
     return out, lse
@@ -298,7 +300,7 @@ def _run(q, k, v, *opts):
         return torch.ops.attnkit.sdpa_forward(q, k, v, *opts)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _EagerAttention.apply(q, k, v, *opts)
-    return _forward_impl(q, k, v, *opts)
+    return _forward_impl(q, k, v, *opts, need_lse=False)
 
 
 # ---- the public twin of F.scaled_dot_product_attention ----------------------------------------
