@@ -424,6 +424,93 @@ def merge_attention_states(outs, lses):
     return _merge_kernel(outs, lses) if outs.device.type == "cpu" else _merge_math(outs, lses)
 
 
+# ---- context parallelism: ring attention over torch.distributed ---------------------------------
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, is_causal: bool = False,
+                   scale: Optional[float] = None, enable_gqa: bool = False, layout: str = "bhsd",
+                   sharding: str = "zigzag") -> Tensor:
+    """Context-parallel attention: this rank's shard of ``attention(Q, K, V)`` for a sequence
+    sharded over the ranks of a ``torch.distributed`` group, with autograd.
+
+    ``q``, ``k``, ``v`` are this rank's shards along the sequence: (B, H, S_r, D),
+    (B, Hkv, S_r, D), (B, Hkv, S_r, Dv) with ``layout="bhsd"``, or (B, S_r, H, D) with
+    ``"bshd"``; the result is this rank's shard of the output, (B, H, S_r, Dv) or
+    (B, S_r, H, Dv), in q's dtype. Every rank of ``group`` (default: the world) must call it
+    with the same options; the result equals single-process attention on the unsharded tensors
+    (within fp32 rounding: the partial results are merged in a different order).
+
+    * Sharding: ``"zigzag"`` (default; what :func:`shard_sequence` makes): the sequence is cut
+      into 2W chunks and rank r holds chunks r and 2W-1-r, so with ``is_causal`` every rank does
+      the same work. ``"contiguous"``: rank r holds the r-th of W consecutive pieces. Sequence
+      lengths need not divide: shards are cut like ``torch.tensor_split`` (the first pieces one
+      longer), and for causal zigzag the ranks' lengths must be that layout's (checked). Without
+      ``is_causal``, any shard lengths work, and k/v may hold other tokens than q
+      (cross-attention).
+    * ``is_causal``: causal over global positions (query i sees keys at positions <= i). Fully
+      masked blocks are skipped; a diagonal block runs the kernels' causal mask (or a window
+      bound, for a query block that starts after its key block).
+    * GQA (H a multiple of Hkv, with ``enable_gqa=True``) reads K/V without repeating them.
+    * dtypes: float32, float16, bfloat16 (K/V travel in their dtype; blocks are computed and
+      merged in fp32, the output rounded once), float64 (per-block torch math in fp64: a
+      reference path, it materializes each block's scores).
+    * Devices: CPU tensors over a gloo group (attnkit's CPU kernels). CUDA tensors over an NCCL
+      group when attnkit's CUDA build is present: forward blocks on attnkit's CUDA kernels, the
+      merge and the backward blocks in torch ops (attnkit has no CUDA backward kernel yet).
+      **The CUDA path has not run on a GPU.**
+
+    How it runs: the K/V shards go around the ring of ranks (``isend``/``irecv`` through
+    ``batch_isend_irecv``; rank r sends to r + 1). While a rank computes its queries against the
+    K/V it holds, the next K/V is already in transfer into a second buffer; W - 1 transfers per
+    forward, no all-gather. Each block's (out, lse) is merged into a running fp32 state with the
+    merge kernel (:func:`merge_attention_states`). The backward passes K/V around again and, with
+    them, one fp32 dK/dV accumulator per shard, which gathers every rank's contribution
+    (attnkit's backward against that shard, with the globally merged out and lse) and arrives
+    home after W steps: per rank, forward (W-1) x the K/V shard's bytes, backward (W-1) x K/V +
+    W x dK/dV (fp32) bytes.
+
+    Checks: each rank checks its arguments, then the ranks exchange a summary (one small
+    ``all_gather``) before anything else is sent; if any rank's inputs are refused (or the ranks
+    disagree on shapes, dtype, options or whether gradients are needed), every rank raises
+    (the refusing one with its own error, the others ``RuntimeError``) and nothing hangs. A
+    failure after that (e.g. ``MemoryError`` on one rank mid-ring) leaves the peers waiting until
+    the process group's timeout (``init_process_group(timeout=...)``). Eager mode only (no
+    ``torch.compile``); threads per rank: ``torch.get_num_threads()``.
+    """
+    from ._ring import ring_attention as _ring_attention
+
+    return _ring_attention(q, k, v, group=group, is_causal=is_causal, scale=scale,
+                           enable_gqa=enable_gqa, layout=layout, sharding=sharding)
+
+
+def shard_sequence(x: Tensor, dim: int, group=None, *, sharding: str = "zigzag") -> Tensor:
+    """This rank's shard of ``x`` along ``dim``, for :func:`ring_attention`.
+
+    ``x`` is the whole tensor (the same on every rank). ``"zigzag"`` (default): ``x`` is cut
+    into 2W chunks like ``torch.tensor_split`` (the first ``S % 2W`` one longer) and rank r
+    gets chunks r and 2W-1-r, concatenated (a new tensor); with causal attention this gives
+    every rank the same work. ``"contiguous"``: the r-th of W pieces (a view). Shard position
+    ids the same way (``shard_sequence(torch.arange(S), 0)``) to keep positions global. No
+    communication; differentiable. Needs at least W positions (every rank gets one).
+    """
+    from ._ring import shard_sequence as _shard
+
+    return _shard(x, dim, group, sharding=sharding)
+
+
+def unshard_sequence(x: Tensor, dim: int, group=None, *, sharding: str = "zigzag") -> Tensor:
+    """The whole tensor from every rank's shard along ``dim`` (the inverse of
+    :func:`shard_sequence`), on every rank: an ``all_gather`` (shards padded to the longest).
+    Collective: every rank of the group must call it. The shards must agree on everything but
+    their length along ``dim``, and with ``"zigzag"`` the lengths must be that layout's; if any
+    rank's input is refused, every rank raises before any data is sent. Not differentiable (the
+    result carries no gradient history): use it for outputs, logits and checks.
+    """
+    from ._ring import unshard_sequence as _unshard
+
+    return _unshard(x, dim, group, sharding=sharding)
+
+
 # ---- the public twin of F.scaled_dot_product_attention ----------------------------------------
 
 
