@@ -330,6 +330,28 @@ def _check_local(fn, q, k, v, is_causal, scale, enable_gqa, layout, sharding):
                 scale=_float_bits(scale), grad=int(grad)), scale
 
 
+_PLANS: dict = {}  # (world, rank, q_lens, k_lens, causal, sharding) -> plans (a model's layers
+                  # call the ring with the same lengths over and over)
+
+
+def _plans(world, rank, q_lens, k_lens, causal, sharding):
+    key = (world, rank, tuple(q_lens), tuple(k_lens), causal, sharding)
+    plans = _PLANS.get(key)
+    if plans is None:
+        plans = []
+        for t in range(world):
+            s = (rank - t) % world
+            if causal:
+                plans.append(plan_blocks(segments(q_lens, rank, sharding),
+                                         segments(k_lens, s, sharding)))
+            else:
+                plans.append([(0, q_lens[rank], 0, k_lens[s], None)])
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        _PLANS[key] = plans
+    return plans
+
+
 class Setup:
     """A validated ring call: the group, this rank, every rank's lengths and the block plans."""
 
@@ -339,14 +361,7 @@ class Setup:
         self.causal, self.sharding, self.scale = causal, sharding, scale
         self.next = dist.get_global_rank(group, (rank + 1) % world) if world > 1 else None
         self.prev = dist.get_global_rank(group, (rank - 1) % world) if world > 1 else None
-        self.plans = []
-        for t in range(world):
-            s = (rank - t) % world
-            if causal:
-                self.plans.append(plan_blocks(segments(q_lens, rank, sharding),
-                                              segments(k_lens, s, sharding)))
-            else:
-                self.plans.append([(0, q_lens[rank], 0, k_lens[s], None)])
+        self.plans = _plans(world, rank, q_lens, k_lens, causal, sharding)
 
     def source(self, t):
         """The rank whose K/V this rank holds at step t."""
