@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import struct
+import threading
 import time
 from typing import Optional
 
@@ -91,6 +92,54 @@ class _Timer:
         if _stats is not None:
             setattr(_stats, self.field, getattr(_stats, self.field) + time.perf_counter() - self.t0)
         return False
+
+
+# ---- reused scratch -----------------------------------------------------------------------------
+
+POOL_MAX_BYTES = 1 << 30
+
+
+class _ScratchPool:
+    """The internal buffers of ring calls (the two K/V ring buffers, the dK/dV accumulators, the
+    running output state, dQ), reused across calls on the CPU: a fresh large tensor costs page
+    faults on every call, ~40 MB of them per call of the cp bench's W = 2 forward (bench/NOTES.md,
+    "ring attention"). A call takes its buffers and gives them back once every transfer touching
+    them is done; none of them escapes (results are new tensors). At most POOL_MAX_BYTES are
+    kept; ``attnkit.empty_cache()`` releases them. CUDA tensors use torch's caching allocator."""
+
+    def __init__(self):
+        self.free, self.bytes, self.lock = {}, 0, threading.Lock()
+
+    def take(self, numel, dtype, device):
+        if device.type == "cpu":
+            with self.lock:
+                free = self.free.get((numel, dtype))
+                if free:
+                    t = free.pop()
+                    self.bytes -= t.numel() * t.element_size()
+                    return t
+        return torch.empty(numel, dtype=dtype, device=device)
+
+    def give(self, *tensors):
+        with self.lock:
+            for t in tensors:
+                n = t.numel() * t.element_size()
+                if t.device.type == "cpu" and self.bytes + n <= POOL_MAX_BYTES:
+                    self.free.setdefault((t.numel(), t.dtype), []).append(t)
+                    self.bytes += n
+
+    def clear(self):
+        with self.lock:
+            self.free.clear()
+            self.bytes = 0
+
+
+_scratch = _ScratchPool()
+
+
+def empty_cache():
+    """Release the ring's reused buffers (called by attnkit.empty_cache)."""
+    _scratch.clear()
 
 
 # ---- layouts: which global positions a rank holds -----------------------------------------------
@@ -535,7 +584,7 @@ class _KVRing:
         self.bufs = None
         if st.world > 1:
             most = max(_kv_numel(st, s, *self.shape) for s in range(st.world))
-            self.bufs = [torch.empty(most, dtype=k.dtype, device=k.device) for _ in range(2)]
+            self.bufs = [_scratch.take(most, k.dtype, k.device) for _ in range(2)]
             kb, vb = _kv_views(self.bufs[0], st, st.rank, *self.shape)
             kb.copy_(k)
             vb.copy_(v)
@@ -564,6 +613,12 @@ class _KVRing:
             self.pending = None
             self.cur = 1 - self.cur
 
+    def release(self):
+        """Give the buffers back (every transfer has been waited for)."""
+        if self.bufs is not None:
+            _scratch.give(*self.bufs)
+            self.bufs = None
+
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -577,9 +632,10 @@ def _path(q):
     return "kernels" if q.device.type == "cpu" else "cuda"
 
 
-def ring_forward(st: Setup, q: Tensor, k: Tensor, v: Tensor):
-    """(out (B, H, Sq, Dv), lse (B, H, Sq)), fp32 (fp64 for float64 inputs), of this rank's
-    queries against every rank's keys; q/k/v are canonical (B, H, S, D) views."""
+def ring_forward(st: Setup, q: Tensor, k: Tensor, v: Tensor, dtype, layout: str):
+    """This rank's queries against every rank's keys: (out, lse), out a new tensor in ``dtype``
+    and ``layout``, lse (B, H, Sq) fp32 (fp64 for float64 inputs); q/k/v are canonical
+    (B, H, S, D) views."""
     B, H, Sq, _ = q.shape
     Dv = v.shape[3]
     path = _path(q)
@@ -587,7 +643,8 @@ def ring_forward(st: Setup, q: Tensor, k: Tensor, v: Tensor):
     # Half types on the CPU: a float32 q reads the float16/bfloat16 K/V in registers, so each
     # block's out comes out in fp32 and nothing is rounded before the final output.
     qk = q.to(acc) if path == "kernels" and q.dtype != acc else q
-    o2 = torch.empty((2, B, H, Sq, Dv), dtype=acc, device=q.device)
+    obuf = _scratch.take(2 * B * H * Sq * Dv, acc, q.device)
+    o2 = obuf.view(2, B, H, Sq, Dv)
     l2 = torch.empty((2, B, H, Sq), dtype=acc, device=q.device)
     ring = _KVRing(st, k, v)
     first = st.plans[0]
@@ -616,7 +673,10 @@ def ring_forward(st: Setup, q: Tensor, k: Tensor, v: Tensor):
         ring.finish(t)
         if _stats is not None:
             _stats.steps += 1
-    return o2[0], l2[0]
+    ring.release()
+    out = _finish(o2[0], dtype, layout)
+    _scratch.give(obuf)
+    return out, l2[0].clone()
 
 
 def _merge_rows(o2, l2, lo, hi):
@@ -642,18 +702,19 @@ def _cuda_block_forward(q, k, v, scale, right):
                      return_lse=True)
 
 
-def ring_backward(st: Setup, dout, q, k, v, out, lse):
-    """(dq, dk, dv) of this rank's shards, fp32 (fp64 for float64 inputs); canonical views in
-    (out in q's dtype, lse the merged one)."""
+def ring_backward(st: Setup, dout, q, k, v, out, lse, layout: str):
+    """(dq, dk, dv) of this rank's shards as new tensors in q's dtype and ``layout``; canonical
+    views in (out in q's dtype, lse the merged one). Accumulation in fp32 (fp64 for float64)."""
     B, H, Sq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     bwd = block_backward_cpu if _path(q) == "kernels" else block_backward_math
     acc = _acc_dtype(q.dtype)
-    dq = torch.zeros((B, H, Sq, D), dtype=acc, device=q.device)
+    dqbuf = _scratch.take(B * H * Sq * D, acc, q.device)
+    dq = dqbuf.view(B, H, Sq, D).zero_()
     ring = _KVRing(st, k, v)
     shape = (B, Hkv, D, Dv)
     most = max(_kv_numel(st, s, *shape) for s in range(st.world))
-    dbufs = [torch.empty(most, dtype=acc, device=q.device) for _ in range(2 if st.world > 1 else 1)]
+    dbufs = [_scratch.take(most, acc, q.device) for _ in range(2 if st.world > 1 else 1)]
     dcur, pending = 0, None
     for t in range(st.world):
         s = st.source(t)
@@ -687,8 +748,11 @@ def ring_backward(st: Setup, dout, q, k, v, out, lse):
             _stats.steps += 1
     if pending is not None:
         pending.wait()
+    ring.release()
     dk, dv = _kv_views(dbufs[dcur], st, st.rank, *shape)
-    return dq, dk, dv
+    grads = (_finish(dq, q.dtype, layout), _finish(dk, k.dtype, layout), _finish(dv, v.dtype, layout))
+    _scratch.give(dqbuf, *dbufs)
+    return grads
 
 
 # ---- autograd and the public entry points (documented in attnkit.torch) -------------------------
@@ -716,8 +780,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, st, layout):
         qc, kc, vc = (_canonical(_rows(t), layout) for t in (q, k, v))
-        o, lse = ring_forward(st, qc, kc, vc)
-        out = _finish(o, q.dtype, layout)
+        out, lse = ring_forward(st, qc, kc, vc, q.dtype, layout)
         ctx.st, ctx.layout = st, layout
         ctx.save_for_backward(q, k, v, out, lse)
         return out
@@ -728,9 +791,8 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         layout = ctx.layout
         qc, kc, vc, oc, dc = (_canonical(_rows(t), layout) for t in (q, k, v, out, dout))
-        dq, dk, dv = ring_backward(ctx.st, dc, qc, kc, vc, oc, lse)
-        return (_finish(dq, q.dtype, layout), _finish(dk, k.dtype, layout),
-                _finish(dv, v.dtype, layout), None, None)
+        dq, dk, dv = ring_backward(ctx.st, dc, qc, kc, vc, oc, lse, layout)
+        return dq, dk, dv, None, None
 
 
 def ring_attention(q, k, v, *, group=None, is_causal=False, scale=None, enable_gqa=False,
@@ -740,8 +802,7 @@ def ring_attention(q, k, v, *, group=None, is_causal=False, scale=None, enable_g
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _RingAttention.apply(q, k, v, st, layout)
     qc, kc, vc = (_canonical(_rows(t), layout) for t in (q, k, v))
-    o, _ = ring_forward(st, qc, kc, vc)
-    return _finish(o, q.dtype, layout)
+    return ring_forward(st, qc, kc, vc, q.dtype, layout)[0]
 
 
 def _check_shard_args(fn, x, dim, sharding):
