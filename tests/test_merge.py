@@ -9,28 +9,10 @@ import numpy as np
 import pytest
 
 import attnkit
-from reference import TOLERANCE, FLOAT_DTYPES, assert_close, bfloat16, dtype_id, max_error
+from reference import FLOAT_DTYPES, assert_close, bfloat16, dtype_id, max_error, merge_ref
 
 FN = "merge_attention_states"
 NEG_INF = -np.inf
-
-
-def merge_ref(outs, lses):
-    """float64 reference: empty parts (lse -inf) skipped; all-empty rows give 0, -inf."""
-    o, l = outs.astype(np.float64), lses.astype(np.float64)
-    m = l.max(0)
-    ms = np.where(np.isneginf(m), 0.0, m)
-    empty = np.isneginf(l)
-    w = np.where(empty, 0.0, np.exp(np.where(empty, 0.0, l - ms)))
-    s = w.sum(0)
-    vals = np.where(empty[..., None], 0.0, o)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(s[..., None] > 0, (w[..., None] * vals).sum(0) / np.where(s > 0, s, 1)[..., None], 0.0)
-        lse = np.where(s > 0, ms + np.log(np.where(s > 0, s, 1)), NEG_INF)
-    bad = (np.isnan(l) | np.isposinf(l)).any(0)
-    out[bad] = np.nan
-    lse[bad] = np.nan
-    return out, lse
 
 
 def parts(rng, shape, dtype, lse_dtype=np.float32, spread=3.0):
@@ -69,6 +51,14 @@ def test_one_part_is_returned_exactly(rng):
         out, lse = attnkit.merge_attention_states(outs, lses)
         assert np.array_equal(out.astype(np.float64), outs[0].astype(np.float64))
         assert np.array_equal(lse, lses[0])
+
+
+def test_no_values_still_merges_lse():
+    """Dv = 0: no values, but each row's lse is still the merge of the parts' (found by fuzzing)."""
+    lses = np.array([[0.0, 1.0, -np.inf], [1.0, 0.0, -np.inf]], np.float32)
+    out, lse = attnkit.merge_attention_states(np.zeros((2, 3, 0), np.float32), lses)
+    assert out.shape == (3, 0)
+    assert np.allclose(lse[:2], np.log(np.exp(0.0) + np.exp(1.0))) and np.isneginf(lse[2])
 
 
 def test_float64_lse_and_mixed_precision(rng):

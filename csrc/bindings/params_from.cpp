@@ -112,7 +112,8 @@ bool merge_params(const std::string& fn, const Tensor& outs, const Tensor& lses,
                 " do not agree: expected (N, ..., Sq, Dv), (N, ..., Sq), (..., Sq, Dv), (..., Sq)");
   if (outs.shape[0] < 1) throw_value(fn + ": outs must hold at least one part (N >= 1)");
   const int64_t dv = outs.shape[nd - 1];
-  if (dv > 1 && (outs.strides[nd - 1] != 1 || out.strides[nd - 2] != 1))
+  if (dv > 1 && ((outs.numel() > 0 && outs.strides[nd - 1] != 1) ||
+                 (out.numel() > 0 && out.strides[nd - 2] != 1)))
     throw_value(fn + ": outs and out must be contiguous along their last dim");
   if (!out.writeable) throw_value(fn + ": out is read-only");
   if (!lse.writeable) throw_value(fn + ": internal: lse is read-only");
@@ -120,7 +121,7 @@ bool merge_params(const std::string& fn, const Tensor& outs, const Tensor& lses,
   check_merge_alias(fn, lses, lse, "lses", "lse");
   if (may_overlap(out, lses) || may_overlap(lse, outs) || may_overlap(out, lse))
     throw_value(fn + ": out/lse overlap each other or the other input");
-  if (out.numel() == 0) return false;
+  if (lse.numel() == 0) return false;  // no rows (Dv = 0 still has lse values to compute)
   p->outs = outs.data;
   p->out_dtype = outs.dtype;
   p->lses = lses.data;
@@ -134,7 +135,7 @@ bool merge_params(const std::string& fn, const Tensor& outs, const Tensor& lses,
   int k = 0;
   for (int d = 1; d < nd - 1; ++d) {  // the (..., Sq) row dims
     if (outs.shape[d] == 1) continue;
-    if (out.strides[d - 1] == 0 || lse.strides[d - 1] == 0)
+    if ((dv > 0 && out.strides[d - 1] == 0) || lse.strides[d - 1] == 0)
       throw_value(fn + ": out and lse must not have stride-0 (broadcast) dims");
     p->outer_shape[k] = outs.shape[d];
     p->outs_outer_strides[k] = outs.strides[d];
