@@ -424,7 +424,7 @@ def setup(fn, q, k, v, group, is_causal, scale, enable_gqa, layout, sharding):
     problem, resolved = None, None
     try:
         summary, resolved = _check_local(fn, q, k, v, is_causal, scale, enable_gqa, layout, sharding)
-    except (TypeError, ValueError, RuntimeError) as e:
+    except Exception as e:  # any local refusal is shared before it is raised (no rank hangs)
         problem, summary = e, dict.fromkeys(_FIELDS, 0)
     rows = exchange_summaries(g, world, [summary[f] for f in _FIELDS], _summary_device(g))
     rows = [dict(zip(_FIELDS, r)) for r in rows]
@@ -575,7 +575,8 @@ def _kv_views(buf, st, s, B, Hkv, D, Dv):
 
 class _KVRing:
     """The K/V shards going around: two packed buffers, one computed on (and sent), one received
-    into; ``step(t)`` posts the transfer for step t + 1 and returns this step's (k, v)."""
+    into. Per step t: ``post(t)`` starts the transfer for step t + 1, ``current(t)`` is this
+    step's (k, v), ``finish(t)`` waits for the transfer and swaps the buffers."""
 
     def __init__(self, st, k, v):
         self.st, self.k, self.v = st, k, v
@@ -849,7 +850,7 @@ def unshard_sequence(x, dim, group=None, *, sharding="zigzag"):
         shape = list(x.shape) + [0] * (8 - x.dim())
         code = _DTYPES.get(x.dtype) or 10 + _INT_DTYPES.index(x.dtype)
         summary = [1, x.dim(), dim, code, _SHARDINGS.index(sharding)] + shape
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # shared with the other ranks before it is raised
         problem, summary = e, [0] * 13
     rows = exchange_summaries(g, world, summary, _summary_device(g))
     if problem is not None:
