@@ -8,7 +8,8 @@
     python bench/run.py --compare old.json       # speedup per case against an earlier run
     python bench/run.py --load out.json --plot docs/          # re-report a saved run
 
-Suites: softmax, matmul, attention (prefill), decode, backward, hf. Every case first checks
+Suites: softmax, matmul, attention (prefill), decode, backward, hf; and cp (ring attention on
+W = 1, 2, 4 local processes), only when named with --suite cp. Every case first checks
 attnkit's result against the contender it is compared to (a mismatch is printed loudly and
 makes the exit status 1), then times the contenders interleaved in bursts; the table shows
 attnkit's median and spread, its rate, the fraction of the machine ceiling measured in the
@@ -36,6 +37,7 @@ if HERE not in sys.path:
 import env  # noqa: E402
 import harness  # noqa: E402
 import report  # noqa: E402
+from suites import OPTIONAL  # noqa: E402
 from suites import ORDER as SUITES  # noqa: E402
 from suites.common import canonical_dtype  # noqa: E402
 
@@ -64,7 +66,9 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="run the whole sweep (default: quick)")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: seconds
-    ap.add_argument("--suite", action="append", choices=SUITES, help="only this suite (repeatable)")
+    ap.add_argument("--suite", action="append", choices=SUITES + OPTIONAL,
+                    help="only this suite (repeatable); cp (context parallelism, W = 1, 2, 4 "
+                         "local processes) runs only when named")
     ap.add_argument("--shape", action="append",
                     help="only cases whose shape label has all these words, e.g. 'S1024' or "
                          "'H32 causal' or '4096x4096' (repeatable: any of them)")

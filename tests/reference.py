@@ -339,3 +339,21 @@ def nonfinite_cases(rng, B, H, Hkv, Sq, Sk, D, dtype):
     v[0, 0, j] = np.nan
     cases.append(("nan_value_underflowed_weight", q, k, v, {}))
     return cases
+
+
+def merge_ref(outs, lses):
+    """float64 reference: empty parts (lse -inf) skipped; all-empty rows give 0, -inf."""
+    o, l = outs.astype(np.float64), lses.astype(np.float64)
+    m = l.max(0)
+    ms = np.where(np.isneginf(m), 0.0, m)
+    empty = np.isneginf(l)
+    w = np.where(empty, 0.0, np.exp(np.where(empty, 0.0, l - ms)))
+    s = w.sum(0)
+    vals = np.where(empty[..., None], 0.0, o)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(s[..., None] > 0, (w[..., None] * vals).sum(0) / np.where(s > 0, s, 1)[..., None], 0.0)
+        lse = np.where(s > 0, ms + np.log(np.where(s > 0, s, 1)), -np.inf)
+    bad = (np.isnan(l) | np.isposinf(l)).any(0)
+    out[bad] = np.nan
+    lse[bad] = np.nan
+    return out, lse

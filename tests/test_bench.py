@@ -574,3 +574,30 @@ def test_missing_api_skips_with_a_notice(monkeypatch, tmp_path, capsys):
     assert "## hf: skipped (" in out
     run0 = json.loads(path.read_text())["runs"][0]
     assert set(run0["skipped"]) == {"backward", "hf"} and run0["rows"] == []
+
+
+def test_cp_suite_runs_the_ring_on_local_processes(tmp_path, capsys):
+    """--suite cp (tiny, the W = 2 rows: two spawned ranks): every row checked against one
+    process, timed, with the bytes each rank sent ((W-1) K/V shards forward; backward adds W-1
+    K/V and W fp32 dK/dV shards) and the overlap numbers. cp is not part of the default suites."""
+    cp = importlib.import_module("suites.cp")
+    assert "cp" not in run.SUITES and "cp" in run.OPTIONAL
+    assert [s.params["W"] for s in cp.specs(run.Config(mode="quick"))] == [1, 2, 4, 1, 2, 4]
+    path = tmp_path / "cp.json"
+    rc, out = bench_main(["--tiny", "--suite", "cp", "--shape", "W2", "--json", str(path)], capsys)
+    assert rc == 0, out
+    rows = json.loads(path.read_text())["runs"][0]["rows"]
+    assert [(r["params"]["kind"], r["params"]["W"]) for r in rows] == [("fwd", 2), ("fwd+bwd", 2)]
+    for r in rows:
+        assert not r["mismatch"] and set(r["timings"]) == {"attnkit", "one process"}, r["name"]
+        e, p = r["extra"], r["params"]
+        shard = p["B"] * p["Hkv"] * (p["S"] // e["W"]) * 2 * p["D"] * 4  # K/V of one rank, fp32
+        want = (e["W"] - 1) * shard
+        if p["kind"] == "fwd+bwd":
+            want += (e["W"] - 1) * shard + e["W"] * shard
+        assert e["bytes_per_rank"] == (want if e["W"] > 1 else 0), (r["name"], e)
+        assert e["threads_per_rank"] == 1 and e["compute_ms"] > 0
+        if e["W"] > 1:
+            assert e["comm_ms"] > 0 and 0.0 <= e["hidden"] <= 1.0
+    cp._POOL.close()
+    cp._POOL = None

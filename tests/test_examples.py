@@ -24,3 +24,10 @@ def test_gpt2_generate_example_without_weights():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "RANDOM weights" in r.stdout
     assert "same tokens as attn_implementation='sdpa': True" in r.stdout
+
+
+def test_ring_attention_example():
+    """Two local processes over gloo: every rank's output and gradients match one process."""
+    r = run("ring_attention.py", "--world", "2", "--seq", "203")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("-> OK") == 2, r.stdout

@@ -10,3 +10,5 @@ one case at a time so only one row's arrays are alive.
 """
 
 ORDER = ["softmax", "matmul", "attention", "decode", "backward", "hf"]
+# Suites that run only when named with --suite: cp launches W local processes per row group.
+OPTIONAL = ["cp"]

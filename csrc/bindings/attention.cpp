@@ -244,6 +244,25 @@ void quantize_entry(py::handle x_o, py::handle q_o, py::handle scale_o, const st
   check_status(s, f);
 }
 
+void merge_entry(py::handle outs_o, py::handle lses_o, py::handle out_o, py::handle lse_o,
+                 int num_threads, const std::string& fn) {
+  const char* f = fn.c_str();
+  const Tensor outs = to_tensor(outs_o, f, "outs", false);
+  const Tensor lses = to_tensor(lses_o, f, "lses", false);
+  const Tensor out = to_tensor(out_o, f, "out", true);
+  const Tensor lse = to_tensor(lse_o, f, "lse", true);
+  MergeParams p;
+  if (!merge_params(fn, outs, lses, out, lse, &p)) return;
+  p.num_threads = resolve_num_threads();
+  if (num_threads > 0 && num_threads_override() == 0 && !in_forked_child()) p.num_threads = num_threads;
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = cpu::active_kernels()->merge_attention_states(p);
+  }
+  check_status(s, f);
+}
+
 // The dropout keep-mask (B, H, Sq, Sk) the kernels draw for (seed, offset): a debug/test aid.
 void dropout_mask_entry(py::handle out_o, double p, uint64_t seed, uint64_t offset, int64_t num_heads) {
   Tensor out = to_tensor(out_o, "dropout_mask", "out", true);
@@ -282,6 +301,12 @@ void bind_attention(py::module_& m) {
         py::arg("fn") = std::string("quantize_kv"),
         "Quantize the rows (last dim) of x into the codes q (int8 / float8_e4m3fn, x's shape) and "
         "float32 scale (x's shape without the last dim); outputs allocated by the caller.");
+  m.def("merge_attention_states", &merge_entry, py::arg("outs"), py::arg("lses"), py::arg("out"),
+        py::arg("lse"), py::arg("num_threads") = 0,
+        py::arg("fn") = std::string("merge_attention_states"),
+        "Merge N partial attention states (outs (N, ..., Sq, Dv), lses (N, ..., Sq)) into out and "
+        "lse (allocated by the caller; out may be outs[0] and lse lses[0]: in place). "
+        "num_threads > 0 is the caller's count, used unless set_num_threads overrides.");
   m.def("attention_backward", &attention_backward_entry, py::arg("dout"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"),
         py::arg("dv"), py::arg("mask"), py::arg("alibi"), py::arg("cu_seqlens_q"),

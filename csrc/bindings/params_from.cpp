@@ -57,6 +57,97 @@ bool quantize_params(const std::string& fn, const Tensor& x, const Tensor& q, co
   return true;
 }
 
+namespace {
+
+// part n of a stacked (N, ...) tensor as its own view
+Tensor part_view(const Tensor& t, int64_t n) {
+  Tensor v;
+  v.data = static_cast<char*>(t.data) + n * t.strides[0] * itemsize(t.dtype);
+  v.dtype = t.dtype;
+  v.ndim = t.ndim - 1;
+  v.writeable = t.writeable;
+  for (int d = 1; d < t.ndim; ++d) {
+    v.shape[d - 1] = t.shape[d];
+    v.strides[d - 1] = t.strides[d];
+  }
+  return v;
+}
+
+// out may be exactly part 0 of the stacked input (then the parts must not overlap each other,
+// so writing a row of out touches no other part), or must not overlap it at all.
+void check_merge_alias(const std::string& fn, const Tensor& in, const Tensor& out, const char* in_name,
+                       const char* out_name) {
+  if (!may_overlap(in, out)) return;
+  const Tensor p0 = part_view(in, 0);
+  const bool parts_disjoint = in.shape[0] < 2 || !may_overlap(p0, part_view(in, 1));
+  if (same_view(p0, out) && parts_disjoint) return;
+  throw_value(fn + ": " + out_name + " overlaps " + in_name + "; pass a separate array, or exactly " +
+              in_name + "[0] (a merge in place)");
+}
+
+}  // namespace
+
+bool merge_params(const std::string& fn, const Tensor& outs, const Tensor& lses, const Tensor& out,
+                  const Tensor& lse, MergeParams* p) {
+  if (!is_float_dtype(outs.dtype))
+    throw_type(fn + ": outs has dtype " + dtype_name(outs.dtype) +
+               "; expected float32, float64, float16 or bfloat16");
+  if (lses.dtype != DType::f32 && lses.dtype != DType::f64)
+    throw_type(fn + ": lses has dtype " + dtype_name(lses.dtype) + "; expected float32 or float64");
+  if (out.dtype != outs.dtype)
+    throw_type(fn + ": out has dtype " + dtype_name(out.dtype) + " but outs has " +
+               dtype_name(outs.dtype));
+  if (lse.dtype != lses.dtype) throw_type(fn + ": internal: lse must have lses' dtype");
+  const int nd = outs.ndim;
+  if (nd < 3 || nd - 2 > kMaxDims)
+    throw_value(fn + ": outs must be (N, ..., Sq, Dv) with at most " + std::to_string(kMaxDims) +
+                " dims between N and Dv, got " + shape_str(outs));
+  bool ok = lses.ndim == nd - 1 && out.ndim == nd - 1 && lse.ndim == nd - 2;
+  for (int d = 0; ok && d < nd - 1; ++d) ok = lses.shape[d] == outs.shape[d];
+  for (int d = 1; ok && d < nd; ++d) ok = out.shape[d - 1] == outs.shape[d];
+  for (int d = 1; ok && d < nd - 1; ++d) ok = lse.shape[d - 1] == outs.shape[d];
+  if (!ok)
+    throw_value(fn + ": outs " + shape_str(outs) + ", lses " + shape_str(lses) + ", out " +
+                shape_str(out) + " and lse " + shape_str(lse) +
+                " do not agree: expected (N, ..., Sq, Dv), (N, ..., Sq), (..., Sq, Dv), (..., Sq)");
+  if (outs.shape[0] < 1) throw_value(fn + ": outs must hold at least one part (N >= 1)");
+  const int64_t dv = outs.shape[nd - 1];
+  if (dv > 1 && ((outs.numel() > 0 && outs.strides[nd - 1] != 1) ||
+                 (out.numel() > 0 && out.strides[nd - 2] != 1)))
+    throw_value(fn + ": outs and out must be contiguous along their last dim");
+  if (!out.writeable) throw_value(fn + ": out is read-only");
+  if (!lse.writeable) throw_value(fn + ": internal: lse is read-only");
+  check_merge_alias(fn, outs, out, "outs", "out");
+  check_merge_alias(fn, lses, lse, "lses", "lse");
+  if (may_overlap(out, lses) || may_overlap(lse, outs) || may_overlap(out, lse))
+    throw_value(fn + ": out/lse overlap each other or the other input");
+  if (lse.numel() == 0) return false;  // no rows (Dv = 0 still has lse values to compute)
+  p->outs = outs.data;
+  p->out_dtype = outs.dtype;
+  p->lses = lses.data;
+  p->lse_dtype = lses.dtype;
+  p->out = out.data;
+  p->lse_out = lse.data;
+  p->parts = outs.shape[0];
+  p->dv = dv;
+  p->outs_part_stride = outs.strides[0];
+  p->lses_part_stride = lses.strides[0];
+  int k = 0;
+  for (int d = 1; d < nd - 1; ++d) {  // the (..., Sq) row dims
+    if (outs.shape[d] == 1) continue;
+    if ((dv > 0 && out.strides[d - 1] == 0) || lse.strides[d - 1] == 0)
+      throw_value(fn + ": out and lse must not have stride-0 (broadcast) dims");
+    p->outer_shape[k] = outs.shape[d];
+    p->outs_outer_strides[k] = outs.strides[d];
+    p->lses_outer_strides[k] = lses.strides[d];
+    p->out_outer_strides[k] = out.strides[d - 1];
+    p->lse_out_outer_strides[k] = lse.strides[d - 1];
+    ++k;
+  }
+  p->outer_ndim = k;
+  return true;
+}
+
 bool softmax_params(const Tensor& x, const Tensor& out, int64_t axis, SoftmaxParams* p) {
   if (!is_float_dtype(x.dtype))
     throw_type(std::string("softmax: x has dtype ") + dtype_name(x.dtype) +

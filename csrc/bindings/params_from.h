@@ -50,6 +50,13 @@ bool is_code_dtype(DType t);  // 8-bit KV-cache codes: int8, float8_e4m3fn
 bool quantize_params(const std::string& fn, const Tensor& x, const Tensor& q, const Tensor& scale,
                      QuantizeParams* p);
 
+// merge_attention_states: outs (N, ..., Sq, Dv) float, lses (N, ..., Sq) float32/float64, out
+// (..., Sq, Dv) of outs' dtype, lse (..., Sq) of lses' dtype. Checks dtypes, shapes, unit-stride
+// rows and aliasing (out may be exactly outs[0] and lse exactly lses[0]: in place; any other
+// overlap is refused). Returns false when there is nothing to compute.
+bool merge_params(const std::string& fn, const Tensor& outs, const Tensor& lses, const Tensor& out,
+                  const Tensor& lse, MergeParams* p);
+
 // Checks everything the attention kernels rely on for memory safety -- dtypes, shapes,
 // unit-stride head dims, outputs that overlap inputs or each other -- and fills p but for the
 // sequence description (varlen offsets, cache lengths, pages), which each device handles.

@@ -10,6 +10,7 @@ Status gemm(const GemmParams&);
 Status attention_fwd(const AttentionParams&);
 Status attention_bwd(const AttentionBwdParams&);
 Status quantize_kv(const QuantizeParams&);
+Status merge_attention_states(const MergeParams&);
 
 const KernelTable* kernel_table() {
   static const KernelTable table = {
@@ -20,7 +21,8 @@ const KernelTable* kernel_table() {
 #else
       "scalar",
 #endif
-      &softmax, &gemm, &attention_fwd, &attention_bwd, &quantize_kv};
+      &softmax, &gemm, &attention_fwd, &attention_bwd, &quantize_kv,
+      &merge_attention_states};
   return &table;
 }
 

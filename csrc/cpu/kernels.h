@@ -14,6 +14,7 @@ struct KernelTable {
   Status (*attention_fwd)(const AttentionParams&);
   Status (*attention_bwd)(const AttentionBwdParams&);
   Status (*quantize_kv)(const QuantizeParams&);
+  Status (*merge_attention_states)(const MergeParams&);
 };
 
 // One accessor per compiled variant (defined in that variant's kernel_table.cpp).

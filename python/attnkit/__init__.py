@@ -12,6 +12,7 @@ from ._attention import (
     dropout_mask,
     quantize_kv,
 )
+from ._merge import merge_attention_states
 from ._alloc import empty_cache
 from ._matmul import matmul
 from ._softmax import softmax
@@ -26,6 +27,7 @@ __all__ = [
     "attention_with_kvcache",
     "quantize_kv",
     "attention_backward",
+    "merge_attention_states",
     "dropout_mask",
     "set_num_threads",
     "get_num_threads",

@@ -13,6 +13,7 @@ only when nothing can see it any more.
 """
 import collections
 import os
+import sys
 import threading
 
 import numpy as np
@@ -89,12 +90,16 @@ def empty(shape, dtype):
 
 
 def empty_cache():
-    """Release the cached output buffers (see ATTNKIT_OUTPUT_CACHE_MB)."""
+    """Release the cached output buffers (see ATTNKIT_OUTPUT_CACHE_MB) and, if ring attention
+    ran, its reused scratch buffers."""
     global _cached_bytes
     with _lock:
         _released.clear()
         _free.clear()
         _cached_bytes = 0
+    ring = sys.modules.get("attnkit._ring")
+    if ring is not None:
+        ring.empty_cache()
 
 
 def cached_bytes():

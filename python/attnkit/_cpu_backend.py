@@ -85,6 +85,11 @@ def quantize_kv(call, x, q, scale):
     _C.quantize_kv(x.desc(), q.desc(), scale.desc(), fn=call.fn)
 
 
+def merge_attention_states(call, outs, lses, out, lse):
+    """Partial attention states merged through their lse (csrc/cpu/merge.cpp)."""
+    _C.merge_attention_states(outs.desc(), lses.desc(), out.desc(), lse.desc(), 0, fn=call.fn)
+
+
 def attention_backward(call, dout, q, k, v, out, lse, dq, dk, dv, mask, alibi, o):
     _C.attention_backward(dout.desc(), q.desc(), k.desc(), v.desc(), out.desc(), lse.desc(),
                           dq.desc(), dk.desc(), dv.desc(), _desc(mask), _desc(alibi), None, None,

@@ -32,7 +32,8 @@ try:  # the attention-bias subclasses (torch >= 2.3)
 except ImportError:  # pragma: no cover
     _CausalBias = _CausalVariant = None
 
-__all__ = ["scaled_dot_product_attention", "sdpa_override"]
+__all__ = ["scaled_dot_product_attention", "sdpa_override", "merge_attention_states",
+           "ring_attention", "shard_sequence", "unshard_sequence"]
 
 _TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
 _DTYPES = {
@@ -301,6 +302,215 @@ def _run(q, k, v, *opts):
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _EagerAttention.apply(q, k, v, *opts)
     return _forward_impl(q, k, v, *opts, need_lse=False)
+
+
+# ---- merging partial attention states ----------------------------------------------------------
+
+_MERGE_FN = "attnkit.torch.merge_attention_states"
+
+
+def _merge_acc_dtype(outs: Tensor, lses: Tensor):
+    """fp32 accumulation, fp64 when either input is float64 (the CPU kernel's rule)."""
+    return torch.float64 if torch.float64 in (outs.dtype, lses.dtype) else torch.float32
+
+
+def _merge_math(outs: Tensor, lses: Tensor):
+    """merge_attention_states in torch ops, on any device, with the CPU kernel's semantics
+    (csrc/cpu/merge.cpp): empty parts (lse -inf) are never read, an all-empty row gives 0 and
+    -inf, a NaN or +inf lse makes the row NaN. Returns (out in outs' dtype, lse in lses')."""
+    acc = _merge_acc_dtype(outs, lses)
+    inf = float("inf")
+    lf = lses.to(acc)
+    empty = lf == -inf
+    row_bad = (torch.isnan(lf) | (lf == inf)).any(0)
+    m = lf.masked_fill(row_bad.unsqueeze(0), -inf).amax(0)
+    m = torch.where(m == -inf, torch.zeros_like(m), m)  # -inf guard: all parts empty
+    w = torch.exp(lf - m).masked_fill(empty, 0.0)
+    s = w.sum(0)
+    row_empty = s == 0
+    s1 = torch.where(row_empty, torch.ones_like(s), s)
+    p = w / s1
+    vals = outs.to(acc).masked_fill(empty.unsqueeze(-1), 0.0)  # empty parts: never read
+    out = (p.unsqueeze(-1) * vals).sum(0)
+    lse = torch.where(row_empty, torch.full_like(s, -inf), m + torch.log(s1))
+    out = out.masked_fill(row_bad.unsqueeze(-1), float("nan"))
+    lse = lse.masked_fill(row_bad, float("nan"))
+    return out.to(outs.dtype), lse.to(lses.dtype)
+
+
+def _merge_kernel(outs: Tensor, lses: Tensor):
+    """The CPU kernel on torch tensors (raw descriptors, zero copy but a non-unit last dim)."""
+    outs = _rows(outs)
+    out = torch.empty(outs.shape[1:], dtype=outs.dtype)
+    lse = torch.empty(lses.shape[1:], dtype=lses.dtype)
+    _C.merge_attention_states(_desc(outs), _desc(lses), _desc(out, True), _desc(lse, True),
+                              _threads(), fn=_MERGE_FN)
+    return out, lse
+
+
+class _MergeStates(torch.autograd.Function):
+    """Differentiable merge: p_n = exp(lse_n - lse) (0 for empty parts) gives
+    d out / d outs[n] = p_n and d lse / d lses[n] = p_n, d out / d lses[n] = p_n (outs[n] - out)."""
+
+    @staticmethod
+    def forward(ctx, outs, lses):
+        out, lse = _merge_kernel(outs, lses) if outs.device.type == "cpu" else _merge_math(outs, lses)
+        ctx.save_for_backward(outs, lses, out, lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_out, g_lse):
+        outs, lses, out, lse = ctx.saved_tensors
+        acc = _merge_acc_dtype(outs, lses)
+        lf, lm = lses.to(acc), lse.to(acc).unsqueeze(0)
+        empty = lf == float("-inf")
+        # exp(-inf - (-inf)) is NaN: an empty part (or an all-empty row) gets weight 0.
+        p = torch.where(empty, torch.zeros_like(lf), torch.exp(lf - lm))
+        g_outs = g_lses = None
+        if ctx.needs_input_grad[0]:
+            g_outs = (p.unsqueeze(-1) * g_out.to(acc).unsqueeze(0)).to(outs.dtype) \
+                if g_out is not None else torch.zeros_like(outs)
+        if ctx.needs_input_grad[1]:
+            g = torch.zeros_like(lf)
+            if g_out is not None:
+                diff = (outs.to(acc) - out.to(acc).unsqueeze(0)).masked_fill(empty.unsqueeze(-1), 0.0)
+                g = g + (diff * g_out.to(acc).unsqueeze(0)).sum(-1)
+            if g_lse is not None:
+                g = g + g_lse.to(acc).unsqueeze(0)
+            g_lses = (p * g).to(lses.dtype)
+        return g_outs, g_lses
+
+
+def _check_merge_args(outs, lses, fn):
+    if not isinstance(outs, Tensor) or not isinstance(lses, Tensor):
+        raise TypeError(f"{fn}: outs and lses must be tensors (or sequences of tensors), got "
+                        f"{type(outs).__name__} and {type(lses).__name__}")
+    if outs.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"{fn}: outs has dtype {outs.dtype}; expected float32, float64, float16 or "
+                        "bfloat16")
+    if lses.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{fn}: lses has dtype {lses.dtype}; expected float32 or float64")
+    if outs.dim() < 3:
+        raise ValueError(f"{fn}: outs must be (N, ..., Sq, Dv) with at least 3 dims, got shape "
+                         f"{tuple(outs.shape)}")
+    if tuple(lses.shape) != tuple(outs.shape[:-1]):
+        raise ValueError(f"{fn}: lses has shape {tuple(lses.shape)} but outs has "
+                         f"{tuple(outs.shape)}; expected lses of shape {tuple(outs.shape[:-1])}")
+    if outs.shape[0] < 1:
+        raise ValueError(f"{fn}: outs must hold at least one part (N >= 1)")
+    if outs.device != lses.device:
+        raise ValueError(f"{fn}: outs is on {outs.device} but lses on {lses.device}")
+
+
+def merge_attention_states(outs, lses):
+    """Merge partial attention states through their log-sum-exp, differentiably.
+
+    ``outs`` (N, ..., Sq, Dv) and ``lses`` (N, ..., Sq) (or sequences of N tensors, stacked
+    here) are N partial results of attention over the same query rows, each over its own keys,
+    with their natural-log lse (float32 or float64). Returns ``(out, lse)``: out (..., Sq, Dv) in
+    outs' dtype, lse (..., Sq) in lses' dtype, as :func:`attnkit.merge_attention_states` (same
+    semantics: fp32 accumulation, fp64 with float64 inputs; empty parts, lse -inf, are never
+    read; an all-empty row gives 0 and -inf; a NaN or +inf lse makes the row NaN).
+    CPU tensors run attnkit's kernel (results independent of the thread count); other devices
+    (CUDA) run torch ops. Autograd gives gradients for both outs and lses (first order).
+    """
+    fn = _MERGE_FN
+    if isinstance(outs, (list, tuple)):
+        outs = torch.stack(list(outs))
+    if isinstance(lses, (list, tuple)):
+        lses = torch.stack(list(lses))
+    _check_merge_args(outs, lses, fn)
+    if torch.is_grad_enabled() and (outs.requires_grad or lses.requires_grad):
+        return _MergeStates.apply(outs, lses)
+    return _merge_kernel(outs, lses) if outs.device.type == "cpu" else _merge_math(outs, lses)
+
+
+# ---- context parallelism: ring attention over torch.distributed ---------------------------------
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, is_causal: bool = False,
+                   scale: Optional[float] = None, enable_gqa: bool = False, layout: str = "bhsd",
+                   sharding: str = "zigzag") -> Tensor:
+    """Context-parallel attention: this rank's shard of ``attention(Q, K, V)`` for a sequence
+    sharded over the ranks of a ``torch.distributed`` group, with autograd.
+
+    ``q``, ``k``, ``v`` are this rank's shards along the sequence: (B, H, S_r, D),
+    (B, Hkv, S_r, D), (B, Hkv, S_r, Dv) with ``layout="bhsd"``, or (B, S_r, H, D) with
+    ``"bshd"``; the result is this rank's shard of the output, (B, H, S_r, Dv) or
+    (B, S_r, H, Dv), in q's dtype. Every rank of ``group`` (default: the world) must call it
+    with the same options; the result equals single-process attention on the unsharded tensors
+    (within fp32 rounding: the partial results are merged in a different order).
+
+    * Sharding: ``"zigzag"`` (default; what :func:`shard_sequence` makes): the sequence is cut
+      into 2W chunks and rank r holds chunks r and 2W-1-r, so with ``is_causal`` every rank does
+      the same work. ``"contiguous"``: rank r holds the r-th of W consecutive pieces. Sequence
+      lengths need not divide: shards are cut like ``torch.tensor_split`` (the first pieces one
+      longer), and for causal zigzag the ranks' lengths must be that layout's (checked). Without
+      ``is_causal``, any shard lengths work, and k/v may hold other tokens than q
+      (cross-attention).
+    * ``is_causal``: causal over global positions (query i sees keys at positions <= i). Fully
+      masked blocks are skipped; a diagonal block runs the kernels' causal mask (or a window
+      bound, for a query block that starts after its key block).
+    * GQA (H a multiple of Hkv, with ``enable_gqa=True``) reads K/V without repeating them.
+    * dtypes: float32, float16, bfloat16 (K/V travel in their dtype; blocks are computed and
+      merged in fp32, the output rounded once), float64 (per-block torch math in fp64: a
+      reference path, it materializes each block's scores).
+    * Devices: CPU tensors over a gloo group (attnkit's CPU kernels). CUDA tensors over an NCCL
+      group when attnkit's CUDA build is present: forward blocks on attnkit's CUDA kernels, the
+      merge and the backward blocks in torch ops (attnkit has no CUDA backward kernel yet).
+      **The CUDA path has not run on a GPU.**
+
+    How it runs: the K/V shards go around the ring of ranks (``isend``/``irecv`` through
+    ``batch_isend_irecv``; rank r sends to r + 1). While a rank computes its queries against the
+    K/V it holds, the next K/V is already in transfer into a second buffer; W - 1 transfers per
+    forward, no all-gather. Each block's (out, lse) is merged into a running fp32 state with the
+    merge kernel (:func:`merge_attention_states`). The backward passes K/V around again and, with
+    them, one fp32 dK/dV accumulator per shard, which gathers every rank's contribution
+    (attnkit's backward against that shard, with the globally merged out and lse) and arrives
+    home after W steps: per rank, forward (W-1) x the K/V shard's bytes, backward (W-1) x K/V +
+    W x dK/dV (fp32) bytes.
+
+    Checks: each rank checks its arguments, then the ranks exchange a summary (one small
+    ``all_gather``) before anything else is sent; if any rank's inputs are refused (or the ranks
+    disagree on shapes, dtype, options or whether gradients are needed), every rank raises
+    (the refusing one with its own error, the others ``RuntimeError``) and nothing hangs. A
+    failure after that (e.g. ``MemoryError`` on one rank mid-ring) leaves the peers waiting until
+    the process group's timeout (``init_process_group(timeout=...)``). Eager mode only (no
+    ``torch.compile``); threads per rank: ``torch.get_num_threads()``.
+    """
+    from ._ring import ring_attention as _ring_attention
+
+    return _ring_attention(q, k, v, group=group, is_causal=is_causal, scale=scale,
+                           enable_gqa=enable_gqa, layout=layout, sharding=sharding)
+
+
+def shard_sequence(x: Tensor, dim: int, group=None, *, sharding: str = "zigzag") -> Tensor:
+    """This rank's shard of ``x`` along ``dim``, for :func:`ring_attention`.
+
+    ``x`` is the whole tensor (the same on every rank). ``"zigzag"`` (default): ``x`` is cut
+    into 2W chunks like ``torch.tensor_split`` (the first ``S % 2W`` one longer) and rank r
+    gets chunks r and 2W-1-r, concatenated (a new tensor); with causal attention this gives
+    every rank the same work. ``"contiguous"``: the r-th of W pieces (a view). Shard position
+    ids the same way (``shard_sequence(torch.arange(S), 0)``) to keep positions global. No
+    communication; differentiable. Needs at least W positions (every rank gets one).
+    """
+    from ._ring import shard_sequence as _shard
+
+    return _shard(x, dim, group, sharding=sharding)
+
+
+def unshard_sequence(x: Tensor, dim: int, group=None, *, sharding: str = "zigzag") -> Tensor:
+    """The whole tensor from every rank's shard along ``dim`` (the inverse of
+    :func:`shard_sequence`), on every rank: an ``all_gather`` (shards padded to the longest).
+    Collective: every rank of the group must call it. The shards must agree on everything but
+    their length along ``dim``, and with ``"zigzag"`` the lengths must be that layout's; if any
+    rank's input is refused, every rank raises before any data is sent. Not differentiable (the
+    result carries no gradient history): use it for outputs, logits and checks.
+    """
+    from ._ring import unshard_sequence as _unshard
+
+    return _unshard(x, dim, group, sharding=sharding)
 
 
 # ---- the public twin of F.scaled_dot_product_attention ----------------------------------------

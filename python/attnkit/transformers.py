@@ -18,9 +18,21 @@ the kernels read the 8-bit cache directly::
 
     cache = attnkit.transformers.QuantizedKVCache("int8")
     model.generate(ids, past_key_values=cache, max_new_tokens=64)
+
+Context parallelism (:func:`context_parallel`): a forward, or a training step, with the sequence
+sharded over the ranks of a ``torch.distributed`` group, attention through
+``attnkit.torch.ring_attention`` ("attnkit_ring"), positions kept global::
+
+    batch = attnkit.transformers.shard_inputs(ids, labels=ids)   # this rank's shard
+    with attnkit.transformers.context_parallel(model):
+        out = model(**batch, use_cache=False)
+    out.loss.backward()                                          # this rank's share of the loss
+    for p in model.parameters():                                 # sum the shares' gradients
+        torch.distributed.all_reduce(p.grad)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -28,7 +40,8 @@ import torch
 from . import _C
 from . import torch as _atorch
 
-__all__ = ["register", "attention_forward", "QuantizedKVCache", "QuantizedKVLayer"]
+__all__ = ["register", "attention_forward", "QuantizedKVCache", "QuantizedKVLayer",
+           "context_parallel", "shard_inputs", "ring_attention_forward"]
 
 _CODE_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn,
                 "float8_e4m3fn": torch.float8_e4m3fn}
@@ -104,14 +117,132 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
 def register(name: str = "attnkit") -> str:
     """Register attnkit with transformers' ``AttentionInterface`` and ``AttentionMaskInterface``
-    under ``name``, so ``attn_implementation=name`` works. Returns ``name``."""
+    under ``name``, so ``attn_implementation=name`` works, and the context-parallel attention
+    under ``RING_NAME`` ("attnkit_ring", see :func:`context_parallel`). Returns ``name``."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(name, attention_forward)
     # Without a mask function for the name, transformers would build no mask at all.
     AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionInterface.register(RING_NAME, ring_attention_forward)
+    AttentionMaskInterface.register(RING_NAME, _ring_mask)
     return name
+
+
+# ---- context parallelism: the sequence sharded over ranks ---------------------------------------
+
+RING_NAME = "attnkit_ring"
+_cp_stack: list = []  # (group, sharding) of the active context_parallel blocks
+
+
+def _ring_mask(*args, attention_mask=None, **kwargs):
+    """The mask function of "attnkit_ring": no mask (ring_attention applies causality over
+    global positions). A padding mask cannot be sharded with the keys it masks: refused."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("attnkit.transformers context_parallel: padding (an attention_mask with "
+                         "zeros) is not supported; pass sequences without padding")
+    return None
+
+
+def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                           is_causal=None, sliding_window=None, softcap=None, **kwargs):
+    """transformers attention function of "attnkit_ring": this rank's query shard (B, H, S_r,
+    D) against every rank's keys, through ``attnkit.torch.ring_attention`` with the group and
+    sharding of the enclosing :func:`context_parallel`. Returns (B, S_r, H, Dv)."""
+    fn = "attnkit.transformers context_parallel"
+    if not _cp_stack:
+        raise RuntimeError(f"{fn}: attn_implementation='{RING_NAME}' runs inside "
+                           "attnkit.transformers.context_parallel(model, group=...)")
+    group, sharding = _cp_stack[-1]
+    if kwargs.get("output_attentions", False):
+        raise ValueError(f"{fn}: attention weights are not returned (output_attentions=True)")
+    if attention_mask is not None:
+        raise ValueError(f"{fn}: the model passed an attention mask; ring attention takes only "
+                         "causal or full attention (no padding, no custom masks)")
+    if sliding_window is not None and sliding_window > 0:
+        raise NotImplementedError(f"{fn}: sliding-window attention is not supported")
+    if softcap:
+        raise NotImplementedError(f"{fn}: attention logit softcapping is not supported")
+    if dropout and module.training:
+        raise NotImplementedError(f"{fn}: attention dropout is not supported (set the model's "
+                                  "attention dropout to 0)")
+    if key.shape[2] != query.shape[2]:
+        raise NotImplementedError(f"{fn}: keys beyond the query shard (a KV cache, i.e. "
+                                  "generation) are not supported; generation stays single-process")
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    out = _atorch.ring_attention(query, key, value, group=group, is_causal=bool(is_causal),
+                                 scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
+                                 sharding=sharding)
+    return out.transpose(1, 2), None
+
+
+@contextlib.contextmanager
+def context_parallel(model, group=None, *, sharding: str = "zigzag"):
+    """Run ``model``'s forward with the sequence sharded over the ranks of ``group``.
+
+    Inside the block the model's attention is ``attnkit.torch.ring_attention``
+    (attn_implementation "attnkit_ring", restored on exit); every rank calls the model on its
+    shard of the sequence -- ``input_ids`` and the **global** ``position_ids`` cut by
+    :func:`shard_inputs` (or ``attnkit.torch.shard_sequence``) with the same ``sharding`` --
+    and gets its shard of the hidden states / logits (``attnkit.torch.unshard_sequence``
+    gathers them). Everything outside attention is per token, so only attention talks to
+    other ranks. The backward (``loss.backward()``, also after the block) runs the ring
+    backward on every rank; sum the parameters' gradients over the group afterwards
+    (``all_reduce``), since each rank's loss is its share.
+
+    Limits: causal or full self-attention without a padding mask, no sliding window, softcap
+    or attention dropout (each refused with an error); no KV cache: ``generate()`` stays
+    single-process. Pass ``use_cache=False``. Every rank must run the same model with the same
+    weights. The CPU path is tested; CUDA (NCCL) follows ``ring_attention``.
+    """
+    from ._ring import _SHARDINGS, group_info
+
+    fn = "attnkit.transformers.context_parallel"
+    if sharding not in _SHARDINGS:
+        raise ValueError(f"{fn}: sharding must be 'zigzag' or 'contiguous', got {sharding!r}")
+    group_info(group, fn)
+    if not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"{fn}: model must be a transformers PreTrainedModel, got "
+                        f"{type(model).__name__}")
+    register()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(RING_NAME)
+    _cp_stack.append((group, sharding))
+    try:
+        yield model
+    finally:
+        _cp_stack.pop()
+        model.set_attn_implementation(previous)
+
+
+def shard_inputs(input_ids, *, labels=None, group=None, sharding: str = "zigzag",
+                 ignore_index: int = -100) -> dict:
+    """This rank's shard of a causal-LM batch, as keyword arguments for the model.
+
+    ``input_ids`` (B, S) is the whole batch (the same on every rank). Returns ``input_ids``
+    and ``position_ids`` (global positions, so rotary embeddings see the true ones) cut with
+    ``attnkit.torch.shard_sequence``. With ``labels`` (B, S): the targets shifted left by one
+    over the **whole** sequence before sharding (so the target of a shard's last token, which
+    lives on another rank, is not lost), as ``labels`` and ``shift_labels``, and
+    ``num_items_in_batch``, the number of targets of the whole batch: transformers' loss is then
+    this rank's sum over the global count, and the ranks' losses add up to the single-process
+    mean.
+    """
+    fn = "attnkit.transformers.shard_inputs"
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"{fn}: input_ids must be a (B, S) tensor")
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+        raise ValueError(f"{fn}: labels must be a tensor of input_ids' shape {tuple(input_ids.shape)}")
+    B, S = input_ids.shape
+    positions = torch.arange(S, device=input_ids.device).unsqueeze(0).expand(B, S)
+    shard = lambda t: _atorch.shard_sequence(t, 1, group, sharding=sharding)  # noqa: E731
+    out = {"input_ids": shard(input_ids), "position_ids": shard(positions)}
+    if labels is not None:
+        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+        out["labels"] = out["shift_labels"] = shard(shifted)
+        out["num_items_in_batch"] = (shifted != ignore_index).sum()
+    return out
 
 
 # ---- an 8-bit KV cache for generate() ------------------------------------------------------------

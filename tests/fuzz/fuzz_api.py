@@ -25,6 +25,7 @@ from reference import (  # noqa: E402
     bfloat16,
     grad_rounding_floors,
     max_error,
+    merge_ref,
     output_scale,
     softmax_ref,
     to64,
@@ -353,3 +354,50 @@ def test_torch_sdpa_twin(case):
     bound = max(2 * max_error(theirs, want), TOLERANCE[np.dtype(q.dtype)] * max(out_scale, 1e-3))
     err = max_error(got, want)
     assert err <= bound, f"error {err} > {bound} ({np.dtype(q.dtype).name}, output scale {out_scale})"
+
+
+# ---- merge_attention_states ----------------------------------------------------------------
+
+
+@SETTINGS
+@given(st.data())
+def test_merge_attention_states(data):
+    n = data.draw(st.integers(0, 4))
+    rows = tuple(data.draw(st.lists(st.integers(0, 5), min_size=1, max_size=3)))
+    dv = data.draw(st.integers(0, 40))
+    dtype = data.draw(st.sampled_from(ANY_DTYPES))
+    lse_dtype = data.draw(st.sampled_from([np.float32, np.float64, np.float16, np.int32]))
+    shape = (n,) + rows + (dv,)
+    outs = data.draw(views(shape, dtype)) if dtype in FLOATS else np.zeros(shape, dtype)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    lses = (rng.standard_normal(shape[:-1]) * 3).astype(lse_dtype)
+    if lse_dtype != np.int32 and lses.size:
+        lses[rng.random(lses.shape) < 0.3] = -np.inf  # empty parts, sometimes whole rows
+    if data.draw(st.booleans()):
+        lses = lses[..., :max(0, rows[-1] - 1)]       # a wrong shape
+    out_kind = data.draw(st.sampled_from(["none", "good", "wrong_shape", "wrong_dtype", "part0",
+                                          "part1"]))
+    out = None
+    if out_kind == "good":
+        out = np.full(shape[1:], np.nan, dtype=dtype)
+    elif out_kind == "wrong_shape":
+        out = np.zeros(shape[1:-1] + (dv + 1,), dtype=dtype)
+    elif out_kind == "wrong_dtype":
+        out = np.zeros(shape[1:], np.float64 if dtype != np.float64 else np.float32)
+    elif out_kind in ("part0", "part1") and n > int(out_kind[-1]):
+        outs = np.ascontiguousarray(outs)
+        out = outs[int(out_kind[-1])]
+    ref_outs = outs.copy()
+    valid = (n >= 1 and dtype in FLOATS and lse_dtype in (np.float32, np.float64)
+             and lses.shape == shape[:-1] and out_kind in ("none", "good", "part0", "part1")
+             and not (out_kind == "part1" and out is not None))
+    res, err = expected_error(attnkit.merge_attention_states, outs, lses, out=out)
+    assert err is None or not valid, f"a valid call was refused: {err}"
+    if err is None:
+        assert n >= 1 and dtype in FLOATS and lse_dtype in (np.float32, np.float64)
+        assert out_kind != "part1" or out is None or outs[0].size == 0
+        got, lse = res
+        want, want_lse = merge_ref(ref_outs, lses)
+        if got.size:
+            close(got, want, dtype)
+        assert np.array_equal(np.isneginf(lse), np.isneginf(want_lse))

@@ -148,6 +148,33 @@ struct QuantizeParams {
   int32_t num_threads = 1;
 };
 
+// merge_attention_states: N partial attention results over the same query rows (each from its
+// own block of keys), merged through their log-sum-exp: with m = max_n lse_n and
+// w_n = exp(lse_n - m), out = sum_n w_n out_n / sum_n w_n and lse = m + log(sum_n w_n).
+// Rows are the positions of the (..., Sq) "outer" dims; each row holds Dv contiguous values.
+// Parts with lse -inf are empty (never read); a row whose every part is empty gives 0 and -inf;
+// a NaN or +inf lse makes the row NaN. out may be exactly part 0 of outs (and lse_out part 0
+// of lses): a running merge in place (each row is read completely before it is written).
+struct MergeParams {
+  const void* outs = nullptr;
+  DType out_dtype = DType::f32;  // f32, f64, f16 or bf16: outs and out
+  const void* lses = nullptr;
+  DType lse_dtype = DType::f32;  // f32 or f64: lses and lse_out
+  void* out = nullptr;
+  void* lse_out = nullptr;
+  int64_t parts = 0;              // N >= 1
+  int64_t dv = 0;                 // values per row (unit stride in outs and out)
+  int64_t outs_part_stride = 0;   // between parts, in elements
+  int64_t lses_part_stride = 0;
+  int32_t outer_ndim = 0;
+  int64_t outer_shape[kMaxDims] = {};
+  int64_t outs_outer_strides[kMaxDims] = {};
+  int64_t lses_outer_strides[kMaxDims] = {};
+  int64_t out_outer_strides[kMaxDims] = {};
+  int64_t lse_out_outer_strides[kMaxDims] = {};
+  int32_t num_threads = 1;
+};
+
 // Gradients of attention, FlashAttention-2 style: P is recomputed from q, k and the saved lse.
 // dq/dk/dv have the shapes (and their own strides) of q/k/v; out/dout that of out.
 struct AttentionBwdParams {
