@@ -62,7 +62,7 @@ def test_threadpoolctl_applies():
     assert r.stdout.strip() == "1"
 
 
-@pytest.mark.parametrize("name", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("name", ["scalar", "avx2", "avx512", "avx512_vnni"])
 def test_env_forces_isa(name):
     supported = {i["name"]: i["supported"] and i["compiled"] for i in attnkit.info()["isas"]}
     r = run_py(

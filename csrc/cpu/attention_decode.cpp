@@ -37,6 +37,8 @@
 #include "common.h"
 #include "debug.h"
 #include "gemm/pack.h"
+#include "quantize.h"
+#include "simd/dot_i8.h"
 #include "simd/vec.h"
 #include "threading.h"
 
@@ -68,30 +70,82 @@ struct DecodeItem {
   int64_t cost;
 };
 
+// int8 caches quantize q too (ARCHITECTURE.md, "int8 KV caches"): each query row becomes int8
+// codes with one fp32 scale, absmax / 127 as quantize_kv, so Q K is a sum of integer products.
+// Those sums are exact in fp32 (|q k| <= 127^2, D <= kMaxQuantizedD: every partial sum below
+// 2^24) and in int32 (vpdpbusd), so every ISA computes the same scores bit for bit. Rows with a
+// non-finite element keep their float values (scale 1) so NaN/inf propagate as in torch.
+constexpr int64_t kMaxQuantizedD = 1024;
+inline int64_t q8_stride(int64_t D) { return round_up(D, 64); }  // bytes per int8 q row
+
 // Per-thread scratch, carved from one allocation (a decode call is short: a dozen separate
 // allocations per thread were ~10k instructions of malloc, a quarter of a tiny call). acc and
-// wgt serve the split combine.
+// wgt serve the split combine; q8, qs, qcorr the int8 cache's quantized q.
 struct DecodeWork {
   Scratch<float> all;
   float *qf = nullptr, *s = nullptr, *o = nullptr, *m = nullptr, *l = nullptr, *add = nullptr;
   float *vs = nullptr;  // 8-bit V rows' scales of one key block, per head
   float *acc = nullptr, *wgt = nullptr;
+  float* qs = nullptr;          // int8 caches: each q row's scale (1 for an unquantized row)
+  int8_t* q8 = nullptr;         // and its codes, rows of q8_stride(D) bytes, zero-padded
+  int32_t* qcorr = nullptr;     // 128 x the sum of a row's codes (dot_i8.h)
   // Sizes in floats, each rounded up to a cache line so every part stays 64-byte aligned.
-  bool init(int64_t rows, int64_t D, int64_t Dvp, int64_t vs_count, int64_t Dv, int64_t nchunks) {
-    const int64_t sizes[9] = {rows * D, rows * kKeyBlock, rows * Dvp, rows, rows, kKeyBlock,
-                              vs_count, Dv, nchunks};
-    float** parts[9] = {&qf, &s, &o, &m, &l, &add, &vs, &acc, &wgt};
+  bool init(int64_t rows, int64_t D, int64_t Dvp, int64_t vs_count, int64_t Dv, int64_t nchunks,
+            bool quantized_q) {
+    const int64_t qrows = quantized_q ? rows : 0;
+    const int64_t sizes[12] = {rows * D, rows * kKeyBlock, rows * Dvp, rows, rows, kKeyBlock,
+                               vs_count, Dv, nchunks, qrows, qrows * q8_stride(D) / 4, qrows};
+    float* parts[12];
     int64_t total = 0;
     for (int64_t n : sizes) total += round_up(imax(n, 1), 16);
     if (!all.reset(size_t(total))) return false;
     float* at = all.get();
-    for (int i = 0; i < 9; ++i) {
-      *parts[i] = at;
+    for (int i = 0; i < 12; ++i) {
+      parts[i] = at;
       at += round_up(imax(sizes[i], 1), 16);
     }
+    qf = parts[0], s = parts[1], o = parts[2], m = parts[3], l = parts[4], add = parts[5];
+    vs = parts[6], acc = parts[7], wgt = parts[8], qs = parts[9];
+    q8 = reinterpret_cast<int8_t*>(parts[10]);
+    qcorr = reinterpret_cast<int32_t*>(parts[11]);
     return true;
   }
 };
+
+// Quantize the item's R query rows of qf in place (int8 values as floats) and into q8 / qcorr;
+// qs gets each row's scale. Returns whether every row was quantized (all finite), i.e. whether
+// the int8 dot products may run.
+bool quantize_q_rows(float* qf, int64_t R, int64_t D, float* qs, int8_t* q8, int32_t* qcorr) {
+  bool all_finite = true;
+  const int64_t ld8 = q8_stride(D);
+  for (int64_t r = 0; r < R; ++r) {
+    float* q = qf + r * D;
+    const float amax = row_absmax(q, D);  // quantize.h: NaN when the row holds inf or NaN
+    if (amax != amax) {                   // keep the row in float, scale 1
+      qs[r] = 1.0f;
+      all_finite = false;
+      continue;
+    }
+    // quantize_row's arithmetic (quantize.h), vectorized: the same IEEE division and rounding.
+    const float scale = amax / 127.0f;
+    qs[r] = scale > 0.0f ? scale : 0.0f;
+    const VF sv = VF::set1(scale), lo = VF::set1(-127.0f), hi = VF::set1(127.0f);
+    for (int64_t d = 0; d < D; d += VF::N) {
+      const int w = int(imin(VF::N, D - d));
+      VF c = VF::zero();
+      if (scale > 0.0f) c = min(hi, max(lo, (VF::load_partial(q + d, w) / sv).round()));
+      c.store_partial(q + d, w);
+    }
+    int32_t sum = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      q8[r * ld8 + d] = int8_t(q[d]);
+      sum += int32_t(q[d]);
+    }
+    for (int64_t d = D; d < ld8; ++d) q8[r * ld8 + d] = 0;
+    qcorr[r] = 128 * sum;
+  }
+  return all_finite;
+}
 
 // K/V elements as fp32 registers: float storage converted (load_cvt), 8-bit codes widened
 // (load_code). A code row's scale (times its load unit) multiplies the row's dot products (K)
@@ -179,10 +233,12 @@ inline void dot_block(const float* q, int64_t D, const SKV* const* k, float* s, 
 // s[r][j] = q_r . k_j (code values for 8-bit caches: apply_code_scales scales them) for keys
 // j0..j0+n, every head of the item, reading position by position: four keys at a time, each
 // loaded K vector used by a block of rows (GQA) and each loaded q vector by four keys.
+// q8 / qcorr (int8 caches on a CPU with dot_i8.h, every row quantized; else null): the rows'
+// int8 codes, whose integer dot products equal those of qf's integer-valued floats exactly.
 template <class SKV>
 void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng, int64_t rph,
-            int64_t j0, int64_t n, int64_t k_end, const BlockRows& br, const float* qf, float* s,
-            int64_t lds) {
+            int64_t j0, int64_t n, int64_t k_end, const BlockRows& br, const float* qf,
+            const int8_t* q8, const int32_t* qcorr, float* s, int64_t lds) {
   const int64_t D = p.head_dim;
   const int64_t v_bytes = p.head_dim_v * int64_t(sizeof(SKV)), k_bytes = D * int64_t(sizeof(SKV));
   const SKV* K = typed<SKV>(p.k);
@@ -212,6 +268,14 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
       }
       const int64_t rend = (t + 1) * rph;
       int64_t r = t * rph;
+      if constexpr (kHasDotI8 && std::is_same<SKV, int8_t>::value) {
+        if (q8) {
+          const int64_t ld8 = q8_stride(D);
+          for (; r + 4 <= rend; r += 4) dot_i8_block<4>(q8 + r * ld8, ld8, qcorr + r, D, k, s + r * lds + j, lds);
+          for (; r < rend; ++r) dot_i8_block<1>(q8 + r * ld8, ld8, qcorr + r, D, k, s + r * lds + j, lds);
+          continue;
+        }
+      }
       for (; r + kScoreRows <= rend; r += kScoreRows)
         dot_block<kScoreRows>(qf + r * D, D, k, s + r * lds + j, lds);
       for (; r < rend; ++r) dot_block<1>(qf + r * D, D, k, s + r * lds + j, lds);
@@ -236,12 +300,12 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
     }
 }
 
-// 8-bit caches, before the softmax: S[r][j] *= the scale of K row j (times its load unit), and
-// the V rows' scales go to vs[t * kKeyBlock + j] for scale_p_by_v_rows. Lanes past n get 0
-// (the row pipeline sets them to -inf).
+// 8-bit caches, before the softmax: S[r][j] *= the scale of K row j (times its load unit), then
+// (int8) the scale qs[r] of q row r; the V rows' scales go to vs[t * kKeyBlock + j] for
+// scale_p_by_v_rows. Lanes past n get 0 (the row pipeline sets them to -inf).
 template <class SKV>
 void apply_k_scales(const AttentionParams& p, int64_t g0, int64_t ng, int64_t rph, int64_t n,
-                    const BlockRows& br, float* S, int64_t lds, float* vs) {
+                    const BlockRows& br, const float* qs, float* S, int64_t lds, float* vs) {
   const int64_t np = round_up(n, VF::N);  // S rows are kKeyBlock long: whole vectors
   alignas(64) float ks[kKeyBlock];
   for (int64_t t = 0; t < ng; ++t) {
@@ -251,8 +315,13 @@ void apply_k_scales(const AttentionParams& p, int64_t g0, int64_t ng, int64_t rp
       ks[j] = j < n ? p.k_scale[br.ks[j] + g * p.k_scale_stride[1]] * CodeUnit<SKV>::kUnscale : 0.0f;
       vt[j] = j < n ? p.v_scale[br.vs[j] + g * p.v_scale_stride[1]] * CodeUnit<SKV>::kUnscale : 0.0f;
     }
-    for (int64_t r = t * rph; r < (t + 1) * rph; ++r)
+    for (int64_t r = t * rph; r < (t + 1) * rph; ++r) {
       for (int64_t j = 0; j < np; j += VF::N) (VF::load(S + r * lds + j) * VF::load(ks + j)).store(S + r * lds + j);
+      if constexpr (std::is_same<SKV, int8_t>::value) {
+        const VF sq = VF::set1(qs[r]);
+        for (int64_t j = 0; j < np; j += VF::N) (VF::load(S + r * lds + j) * sq).store(S + r * lds + j);
+      }
+    }
   }
 }
 
@@ -355,7 +424,7 @@ void accumulate_pv(const AttentionParams& p, const SeqView& sv, int64_t g0, int6
                    int64_t rph, int64_t j0, int64_t n, const BlockRows& br, const float* P,
                    int64_t ldp, float* O, int64_t ldo) {
   constexpr bool finite_codes = std::is_same<SKV, int8_t>::value;
-  constexpr int RB = kPvRows, DV1 = VF::N >= 16 ? 8 : 4, DVB = 2;
+  constexpr int RB = kPvRows, DV1 = VF::N >= 16 ? 8 : 4, DVB = 4;
   const int64_t Dv = p.head_dim_v;
   const SKV* Vm = typed<SKV>(p.v);
   const SKV* vrows[kKeyBlock];
@@ -410,13 +479,22 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
   }
   k_begin = imax(k_begin, lo_min);
   k_end = imin(k_end, hi_max + 1);
+  const int8_t* q8 = nullptr;  // int8 caches: quantize q (see kMaxQuantizedD)
+  if constexpr (std::is_same<SKV, int8_t>::value) {
+    bool dots = false;
+    if (D <= kMaxQuantizedD)
+      dots = quantize_q_rows(qf, R, D, w.qs, w.q8, w.qcorr);
+    else
+      for (int64_t r = 0; r < R; ++r) w.qs[r] = 1.0f;
+    if (dots && kHasDotI8) q8 = w.q8;
+  }
   const int64_t lds = kKeyBlock;
   BlockRows br;
   for (int64_t j0 = k_begin; j0 < k_end; j0 += kKeyBlock) {
     const int64_t n = imin(kKeyBlock, k_end - j0);
     block_rows<SKV>(p, sv, j0, n, br);
-    scores<SKV>(p, sv, it.g0, it.ng, rph, j0, n, k_end, br, qf, S, lds);
-    if constexpr (is_code<SKV>) apply_k_scales<SKV>(p, it.g0, it.ng, rph, n, br, S, lds, w.vs);
+    scores<SKV>(p, sv, it.g0, it.ng, rph, j0, n, k_end, br, qf, q8, w.qcorr, S, lds);
+    if constexpr (is_code<SKV>) apply_k_scales<SKV>(p, it.g0, it.ng, rph, n, br, w.qs, S, lds, w.vs);
     for (int64_t r = 0; r < R; ++r) {
       const RowId id = row_id(it.g0, G, sq, r);
       const auto rc = row_ctx(p, sv, id.h, id.i, j0, n, w.add);
@@ -545,7 +623,8 @@ Status decode_typed(const AttentionParams& p) {
     // succeeded, so a failed allocation leaves out (and lse) untouched.
     DecodeWork w;
     if ((begin < end || split) &&
-        !w.init(rows_max, D, Dvp, is_code<SKV> ? heads_per_item * kKeyBlock : 0, Dv, nchunks))
+        !w.init(rows_max, D, Dvp, is_code<SKV> ? heads_per_item * kKeyBlock : 0, Dv, nchunks,
+                std::is_same<SKV, int8_t>::value))
       failed = true;
 #pragma omp barrier
     // `failed` is only written before the barrier: every thread reads the same value here, so
@@ -575,6 +654,10 @@ Status decode_typed(const AttentionParams& p) {
 
 template <class SQ>
 Status decode_kv(const AttentionParams& p) {
+#if defined(ATTNKIT_ISA_AVX512_VNNI)
+  // This variant's table sends int8 caches only here (kernel_table.cpp).
+  return p.kv_dtype == DType::i8 ? decode_typed<SQ, int8_t>(p) : Status::invalid_argument;
+#else
   switch (p.kv_dtype) {
     case DType::f32:
       return decode_typed<SQ, float>(p);
@@ -589,6 +672,7 @@ Status decode_kv(const AttentionParams& p) {
     default:
       return Status::invalid_argument;
   }
+#endif
 }
 
 }  // namespace

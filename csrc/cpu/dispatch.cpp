@@ -27,6 +27,7 @@ uint64_t read_xcr0() {
 struct X86Features {
   bool avx2 = false;    // AVX2 + FMA + F16C, and the OS saves YMM state
   bool avx512 = false;  // AVX-512 F, BW, DQ, VL, and the OS saves ZMM + opmask state
+  bool avx512_vnni = false;  // and AVX512-VNNI (vpdpbusd): Cascade Lake, Ice Lake, Zen 4 on
 };
 
 X86Features detect_x86() {
@@ -45,25 +46,29 @@ X86Features detect_x86() {
   const bool avx512bw = b & (1u << 30), avx512vl = b & (1u << 31);
   f.avx2 = ymm_state && avx2 && fma && f16c;
   f.avx512 = f.avx2 && zmm_state && avx512f && avx512dq && avx512bw && avx512vl;
+  f.avx512_vnni = f.avx512 && (c & (1u << 11));
   return f;
 }
 #endif
 
 IsaInfo* mutable_isa_list() {
   // verified: the whole test suite has passed with this variant on a real CPU of its kind.
-  // avx512 passed on an AMD EPYC Zen 4 (AVX-512 F/BW/DQ/VL), see the foundation issue note.
+  // avx512 passed on an AMD EPYC Zen 4 (AVX-512 F/BW/DQ/VL), see the foundation issue note;
+  // avx512_vnni on an Intel Xeon Emerald Rapids (bench/NOTES.md, "int8 Q K on VNNI").
   // Filled once (thread-safe static initialization).
   static IsaInfo* const list = [] {
     static IsaInfo l[kNumIsas] = {
         {"scalar", true, true, true},
         {"avx2", false, false, true},
         {"avx512", false, false, true},
+        {"avx512_vnni", false, false, true},
     };
 #if ATTNKIT_X86 && defined(ATTNKIT_HAVE_X86_VARIANTS)
     const X86Features f = detect_x86();
-    l[1].compiled = l[2].compiled = true;
+    l[1].compiled = l[2].compiled = l[3].compiled = true;
     l[1].supported = f.avx2;
     l[2].supported = f.avx512;
+    l[3].supported = f.avx512_vnni;
 #endif
     return l;
   }();
@@ -79,6 +84,8 @@ const KernelTable* table_for(int index) {
       return avx2::kernel_table();
     case 2:
       return avx512::kernel_table();
+    case 3:
+      return avx512_vnni::kernel_table();
 #endif
     default:
       return nullptr;
@@ -121,7 +128,7 @@ const char* select_isa(const char* name) {
     g_active = table_for(i);
     return "";
   }
-  return "unknown variant; expected one of scalar, avx2, avx512, auto";
+  return "unknown variant; expected one of scalar, avx2, avx512, avx512_vnni, auto";
 }
 
 }  // namespace cpu

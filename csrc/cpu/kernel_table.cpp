@@ -5,6 +5,29 @@ namespace attnkit {
 namespace cpu {
 namespace ATTNKIT_ISA_NS {
 
+#if defined(ATTNKIT_ISA_AVX512_VNNI)
+// avx512_vnni sits on top of avx512 (ARCHITECTURE.md, "ISA variants"): only the decode kernel is
+// compiled again (int8 caches: Q K on vpdpbusd); every other entry is avx512's.
+bool decode_applies(const AttentionParams& p);  // attention_decode.cpp
+Status attention_decode(const AttentionParams& p);
+
+namespace {
+Status attention_fwd(const AttentionParams& p) {
+  if (p.kv_dtype == DType::i8 && p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0 &&
+      decode_applies(p))
+    return attention_decode(p);
+  return avx512::kernel_table()->attention_fwd(p);
+}
+}  // namespace
+
+const KernelTable* kernel_table() {
+  const KernelTable* base = avx512::kernel_table();
+  static const KernelTable table = {"avx512_vnni",       base->softmax,     base->gemm,
+                                    &attention_fwd,      base->attention_bwd, base->quantize_kv,
+                                    base->merge_attention_states};
+  return &table;
+}
+#else
 Status softmax(const SoftmaxParams&);
 Status gemm(const GemmParams&);
 Status attention_fwd(const AttentionParams&);
@@ -25,6 +48,7 @@ const KernelTable* kernel_table() {
       &merge_attention_states};
   return &table;
 }
+#endif
 
 }  // namespace ATTNKIT_ISA_NS
 }  // namespace cpu

@@ -8,7 +8,7 @@ namespace attnkit {
 namespace cpu {
 
 struct KernelTable {
-  const char* isa;  // "scalar", "avx2", "avx512"
+  const char* isa;  // "scalar", "avx2", "avx512", "avx512_vnni"
   Status (*softmax)(const SoftmaxParams&);
   Status (*gemm)(const GemmParams&);
   Status (*attention_fwd)(const AttentionParams&);
@@ -27,6 +27,9 @@ const KernelTable* kernel_table();
 namespace avx512 {
 const KernelTable* kernel_table();
 }
+namespace avx512_vnni {
+const KernelTable* kernel_table();
+}
 
 // dispatch.cpp (compiled without -m flags)
 struct IsaInfo {
@@ -35,7 +38,7 @@ struct IsaInfo {
   bool supported;  // this CPU and OS can run it
   bool verified;   // its tests have passed on a real CPU of that kind
 };
-constexpr int kNumIsas = 3;                      // scalar, avx2, avx512 (in that order)
+constexpr int kNumIsas = 4;  // scalar, avx2, avx512, avx512_vnni (in that order)
 const IsaInfo* isa_list();                       // kNumIsas entries
 const KernelTable* active_kernels();             // chosen at import, see select_isa
 // Choose a variant by name ("auto" = the best verified one the CPU supports). Returns an

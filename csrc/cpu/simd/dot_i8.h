@@ -1,0 +1,103 @@
+// int8 x int8 dot products on AVX512-VNNI (vpdpbusd): part of the SIMD vocabulary (vec.h), for
+// the avx512_vnni variant only. kHasDotI8 says whether this object has them.
+//
+// vpdpbusd multiplies UNSIGNED bytes by signed bytes, four per 32-bit lane, and adds the four
+// products to the lane (no saturation). Signed K codes become unsigned by k ^ 0x80 = k + 128, so
+//   sum_d (k_d + 128) q_d = q . k + 128 sum_d q_d,
+// and each query row's correction 128 sum_d q_d (qcorr) is subtracted in the accumulator's first
+// lane before any sum: every result is the exact integer q . k (|q . k| < 2^31 for D < 2^17).
+#pragma once
+
+#include <stdint.h>
+
+#if defined(ATTNKIT_ISA_AVX512_VNNI)
+#include <immintrin.h>
+#endif
+
+namespace attnkit {
+namespace cpu {
+namespace ATTNKIT_ISA_NS {
+
+#if defined(ATTNKIT_ISA_AVX512_VNNI)
+constexpr bool kHasDotI8 = true;
+
+namespace dot_i8_detail {
+// acc += u8 x s8, four products per 32-bit lane. Inline asm, not _mm512_dpbusd_epi32: with the
+// intrinsic GCC 12 copies every accumulator through another register around each vpdpbusd (and
+// spills some), ~2 extra moves per multiply in the inner loop.
+inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "vm"(s8));
+  return acc;
+}
+// Lane i of the result, within each 128-bit lane: the sum of that lane's four int32 of a, b, c,
+// d (i = 0..3): four horizontal sums per 128-bit lane in 6 shuffles and 3 adds.
+inline __m512i sum4_in_lanes(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  return _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+}
+}  // namespace dot_i8_detail
+
+// s[ri * lds + u] = float(q_ri . k_u) for RB (1 or 4) int8 query rows q + ri * ldq (zero-padded
+// to whole 64-byte vectors past D) and four int8 K rows of D codes (read up to D only).
+template <int RB>
+inline void dot_i8_block(const int8_t* q, int64_t ldq, const int32_t* qcorr, int64_t D,
+                         const int8_t* const* k, float* s, int64_t lds) {
+  static_assert(RB == 1 || RB == 4, "dot_i8_block: 1 or 4 rows");
+  const __m512i flip = _mm512_set1_epi8(int8_t(0x80));
+  __m512i acc[RB][4];
+  for (int ri = 0; ri < RB; ++ri) {
+    const __m512i c0 = _mm512_castsi128_si512(_mm_cvtsi32_si128(-qcorr[ri]));  // lane 0 only
+    for (int u = 0; u < 4; ++u) acc[ri][u] = c0;
+  }
+  // One 64-byte step of every dot product (kx: the four K vectors, flipped to unsigned).
+  auto step = [&](const __m512i* kx, int64_t d) __attribute__((always_inline)) {
+    for (int ri = 0; ri < RB; ++ri) {
+      const __m512i qv = _mm512_loadu_si512(q + ri * ldq + d);
+      for (int u = 0; u < 4; ++u) acc[ri][u] = dot_i8_detail::dpbusd(acc[ri][u], kx[u], qv);
+    }
+  };
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) {
+    __m512i kx[4];
+    for (int u = 0; u < 4; ++u) kx[u] = _mm512_xor_si512(_mm512_loadu_si512(k[u] + d), flip);
+    step(kx, d);
+  }
+  if (d < D) {  // the tail: bytes past D load as 0 (fault-free), and meet q's zero padding
+    const __mmask64 m = (1ull << (D - d)) - 1;
+    __m512i kx[4];
+    for (int u = 0; u < 4; ++u) kx[u] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, k[u] + d), flip);
+    step(kx, d);
+  }
+  using dot_i8_detail::sum4_in_lanes;
+  if constexpr (RB == 4) {
+    // Row ri's four sums in each 128-bit lane, then the four 128-bit lanes of every row added:
+    // one vector of the 16 results, row-major (row ri, key u at lane 4 ri + u).
+    __m512i t[4];
+    for (int ri = 0; ri < 4; ++ri) t[ri] = sum4_in_lanes(acc[ri][0], acc[ri][1], acc[ri][2], acc[ri][3]);
+    const __m512i t01 = _mm512_add_epi32(_mm512_shuffle_i32x4(t[0], t[1], 0x88), _mm512_shuffle_i32x4(t[0], t[1], 0xdd));
+    const __m512i t23 = _mm512_add_epi32(_mm512_shuffle_i32x4(t[2], t[3], 0x88), _mm512_shuffle_i32x4(t[2], t[3], 0xdd));
+    const __m512i all = _mm512_add_epi32(_mm512_shuffle_i32x4(t01, t23, 0x88), _mm512_shuffle_i32x4(t01, t23, 0xdd));
+    const __m512 f = _mm512_cvtepi32_ps(all);
+    _mm_storeu_ps(s, _mm512_castps512_ps128(f));
+    _mm_storeu_ps(s + lds, _mm512_extractf32x4_ps(f, 1));
+    _mm_storeu_ps(s + 2 * lds, _mm512_extractf32x4_ps(f, 2));
+    _mm_storeu_ps(s + 3 * lds, _mm512_extractf32x4_ps(f, 3));
+  } else {
+    const __m512i t = sum4_in_lanes(acc[0][0], acc[0][1], acc[0][2], acc[0][3]);
+    const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64(t, 1));
+    const __m128i x = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    _mm_storeu_ps(s, _mm_cvtepi32_ps(x));
+  }
+}
+#else
+constexpr bool kHasDotI8 = false;
+// Declared for name lookup only: callers reach it under `if constexpr (kHasDotI8)`.
+template <int RB>
+void dot_i8_block(const int8_t* q, int64_t ldq, const int32_t* qcorr, int64_t D,
+                  const int8_t* const* k, float* s, int64_t lds);
+#endif
+
+}  // namespace ATTNKIT_ISA_NS
+}  // namespace cpu
+}  // namespace attnkit
