@@ -425,3 +425,23 @@ def test_append_then_refuse_then_append(rng):
     assert np.array_equal(kc, expect_k)
     assert_close(o, ref_from_cache(q, kc, vc, [5, 7], causal=True), np.float32)
 
+
+
+@pytest.mark.parametrize("kv,Hkv", [("float32", 5), ("float16", 6), ("bfloat16", 7)])
+def test_head_groups_of_a_key_block(isa, rng, kv, Hkv):
+    """A key block's kv heads run in groups whose V rows fit the prefetch budget (64 KB: two
+    heads of fp32 D128, four of fp16/bf16): counts that leave a last, smaller group give the
+    reference's result, with a window (some keys of a block masked for some rows) and NaN in V
+    rows past cache_seqlens, which must not reach the output."""
+    kvd = {"float32": np.float32, "float16": np.float16, "bfloat16": bfloat16}[kv]
+    if kvd is None:
+        pytest.skip("ml_dtypes not installed")
+    q, kc, vc = cache_case(rng, B=2, H=2 * Hkv, Hkv=Hkv, D=128, Dv=128, Smax=300, kv_dtype=kvd)
+    lens = np.array([300, 171], np.int32)
+    vc[1, 171:] = np.nan
+    o = attnkit.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, window=(100, 0))
+    plan = attnkit._C._last_attention_plan()
+    assert plan["kernel"] == "decode"
+    assert np.isfinite(o).all()
+    ref = ref_from_cache(q, to64(kc), to64(vc), lens, causal=True, window=(100, 0))
+    assert_close(o, ref, np.float32)

@@ -52,6 +52,10 @@ using VF = Vec<float>;
 constexpr int64_t kMaxRows = 32;      // decode path: G x Sq query rows per KV head at most
 constexpr int64_t kMaxQueryRows = 16;  // and at most this many query positions
 constexpr int64_t kKeyBlock = 64;      // keys scored before one softmax update
+// V bytes of one key block's head group (run_item): what its prefetches may bring in before
+// P V reads them back. 64 KB (about L1 + a slice of L2): 32 KB and 128 KB were no better
+// (bench/NOTES.md, "V prefetch budget").
+constexpr int64_t kBlockVBytes = 64 << 10;
 // Split-KV: a chunk holds at least this many bytes of K (so the per-chunk fixed cost stays
 // small) and a sequence is cut into at most kMaxChunks chunks. Both depend only on Sk and D.
 constexpr int64_t kMinChunkBytes = 64 << 10;
@@ -490,18 +494,32 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
   }
   const int64_t lds = kKeyBlock;
   BlockRows br;
+  // Heads of a key block in groups whose V rows (prefetched by `scores`, read back by
+  // accumulate_pv) fit in kBlockVBytes: with 32 heads of an fp16 cache one block's V is 512 KB,
+  // and its prefetches evicted each other before use (bench/NOTES.md, "V prefetch budget").
+  // Every row is computed exactly as without groups.
+  const int64_t hg = imax(1, imin(it.ng, kBlockVBytes / (kKeyBlock * Dv * int64_t(sizeof(SKV)))));
   for (int64_t j0 = k_begin; j0 < k_end; j0 += kKeyBlock) {
     const int64_t n = imin(kKeyBlock, k_end - j0);
     block_rows<SKV>(p, sv, j0, n, br);
-    scores<SKV>(p, sv, it.g0, it.ng, rph, j0, n, k_end, br, qf, q8, w.qcorr, S, lds);
-    if constexpr (is_code<SKV>) apply_k_scales<SKV>(p, it.g0, it.ng, rph, n, br, w.qs, S, lds, w.vs);
-    for (int64_t r = 0; r < R; ++r) {
-      const RowId id = row_id(it.g0, G, sq, r);
-      const auto rc = row_ctx(p, sv, id.h, id.i, j0, n, w.add);
-      row_update(rc, S + r * lds, m + r, l + r, O + r * Dvp, Dvp);
+    for (int64_t t0 = 0; t0 < it.ng; t0 += hg) {
+      const int64_t g0 = it.g0 + t0, ng = imin(hg, it.ng - t0), r0 = t0 * rph;
+      float* St = S + r0 * lds;
+      float* Ot = O + r0 * Dvp;
+      float* vst = w.vs + t0 * kKeyBlock;
+      scores<SKV>(p, sv, g0, ng, rph, j0, n, k_end, br, qf + r0 * D,
+                  q8 ? q8 + r0 * q8_stride(D) : nullptr, w.qcorr + r0, St, lds);
+      if constexpr (is_code<SKV>)
+        apply_k_scales<SKV>(p, g0, ng, rph, n, br, std::is_same<SKV, int8_t>::value ? w.qs + r0 : w.qs, St,
+                            lds, vst);
+      for (int64_t r = r0; r < r0 + ng * rph; ++r) {
+        const RowId id = row_id(it.g0, G, sq, r);
+        const auto rc = row_ctx(p, sv, id.h, id.i, j0, n, w.add);
+        row_update(rc, S + r * lds, m + r, l + r, O + r * Dvp, Dvp);
+      }
+      if constexpr (is_code<SKV>) scale_p_by_v_rows(ng, rph, n, St, lds, vst);
+      accumulate_pv<SKV>(p, sv, g0, ng, rph, j0, n, br, St, lds, Ot, Dvp);
     }
-    if constexpr (is_code<SKV>) scale_p_by_v_rows(it.ng, rph, n, S, lds, w.vs);
-    accumulate_pv<SKV>(p, sv, it.g0, it.ng, rph, j0, n, br, S, lds, O, Dvp);
   }
   if (part_o) {  // split: leave the chunk's partial result
     for (int64_t r = 0; r < R; ++r) {
