@@ -237,6 +237,16 @@ inline void dot_block(const float* q, int64_t D, const SKV* const* k, float* s, 
 // s[r][j] = q_r . k_j (code values for 8-bit caches: apply_code_scales scales them) for keys
 // j0..j0+n, every head of the item, reading position by position: four keys at a time, each
 // loaded K vector used by a block of rows (GQA) and each loaded q vector by four keys.
+// Every cache line of a K/V row of `bytes` (>= 1) into L1. Two lines unrolled: an 8-bit row of
+// D <= 128 takes no loop (the loop's compare and branch per line were ~10% of the int8
+// decode's instructions, bench/NOTES.md).
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  __builtin_prefetch(p, 0, 3);
+  if (bytes > 64) __builtin_prefetch(p + 64, 0, 3);
+  for (int64_t b = 128; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+}
+
 // q8 / qcorr (int8 caches on a CPU with dot_i8.h, every row quantized; else null): the rows'
 // int8 codes, whose integer dot products equal those of qf's integer-valued floats exactly.
 template <class SKV>
@@ -264,10 +274,10 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
         // position order, while K streams; and K kPrefetchKeys positions ahead (the walk
         // visits Hkv heads of four positions at a time, an order they follow only partly).
         const char* vrow = V + (br.v[j + u] + g * p.v_stride[1]) * int64_t(sizeof(SKV));
-        for (int64_t b = 0; b < v_bytes; b += 64) __builtin_prefetch(vrow + b, 0, 3);
+        prefetch_row(vrow, v_bytes);
         if (ahead[u] >= 0) {
           const char* kf = reinterpret_cast<const char*>(K + ahead[u] + g * p.k_stride[1]);
-          for (int64_t b = 0; b < k_bytes; b += 64) __builtin_prefetch(kf + b, 0, 3);
+          prefetch_row(kf, k_bytes);
         }
       }
       const int64_t rend = (t + 1) * rph;
