@@ -322,6 +322,19 @@ def test_int8_scores_are_the_same_on_every_avx512_variant(rng, D):
             assert np.isfinite(got["avx512_vnni"][0][0]).all()
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_head_groups_over_codes(isa, rng, fmt):
+    """Nine kv heads of 8-bit D128 rows: a key block runs as a group of eight (64 KB of V) and
+    a group of one, whose q codes, q scales, correction terms and V scales are offsets into
+    the item's scratch."""
+    kq, ks, vq, vs = cache8(rng, fmt, B=2, Smax=200, Hkv=9, D=128)
+    q = randn(rng, (2, 1, 36, 128), np.float32)
+    lens = np.array([200, 77], np.int32)
+    o = attnkit.attention_with_kvcache(q, kq, vq, cache_seqlens=lens, k_scale=ks, v_scale=vs)
+    assert _plan()["kernel"] == "decode"
+    assert_close(o, ref_from_cache(q_seen(q, fmt), deq(kq, ks), deq(vq, vs), lens), np.float32)
+
+
 def test_int8_decode_quantizes_q_and_only_there(isa, rng):
     """The quantized q is what decode attends with: the reference on q_seen passes at fp32
     tolerance and the one on float q does not (the step is observable, so the test can fail);
@@ -333,6 +346,11 @@ def test_int8_decode_quantizes_q_and_only_there(isa, rng):
     ref_f = ref_from_cache(q, deq(kq, ks), deq(vq, vs), [64])
     assert_close(o, ref_q8, np.float32)
     assert np.abs(to64(o) - ref_f).max() > 1e2 * np.abs(to64(o) - ref_q8).max()
+    # prefill (many query rows): float q
+    q = randn(rng, (1, 40, 8, 64), np.float32)
+    o = attnkit.attention_with_kvcache(q, kq, vq, cache_seqlens=64, k_scale=ks, v_scale=vs)
+    assert _plan()["kernel"] == "prefill"
+    assert_close(o, ref_from_cache(q, deq(kq, ks), deq(vq, vs), [64], causal=True), np.float32)
     # D > 1024: float q (the integer sums would pass 2^24 in the fp32 path)
     kq, ks, vq, vs = cache8(rng, "int8", B=1, Smax=20, Hkv=1, D=1100)
     q = randn(rng, (1, 1, 2, 1100), np.float32)

@@ -233,10 +233,6 @@ inline void dot_block(const float* q, int64_t D, const SKV* const* k, float* s, 
   for (int ri = 0; ri < RB; ++ri) hsum4(acc[ri][0], acc[ri][1], acc[ri][2], acc[ri][3], s + ri * lds);
 }
 
-// Rows of the item: for each of its KV heads g0 + t, G heads x sq queries, rows_per_head each.
-// s[r][j] = q_r . k_j (code values for 8-bit caches: apply_code_scales scales them) for keys
-// j0..j0+n, every head of the item, reading position by position: four keys at a time, each
-// loaded K vector used by a block of rows (GQA) and each loaded q vector by four keys.
 // Every cache line of a K/V row of `bytes` (>= 1) into L1. Two lines unrolled: an 8-bit row of
 // D <= 128 takes no loop (the loop's compare and branch per line were ~10% of the int8
 // decode's instructions, bench/NOTES.md).
@@ -247,6 +243,10 @@ inline void prefetch_row(const void* row, int64_t bytes) {
   for (int64_t b = 128; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
 }
 
+// Rows of the item: for each of its KV heads g0 + t, G heads x sq queries, rows_per_head each.
+// s[r][j] = q_r . k_j (code values for 8-bit caches: apply_code_scales scales them) for keys
+// j0..j0+n, every head of the item, reading position by position: four keys at a time, each
+// loaded K vector used by a block of rows (GQA) and each loaded q vector by four keys.
 // q8 / qcorr (int8 caches on a CPU with dot_i8.h, every row quantized; else null): the rows'
 // int8 codes, whose integer dot products equal those of qf's integer-valued floats exactly.
 template <class SKV>

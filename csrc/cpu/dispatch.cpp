@@ -65,7 +65,10 @@ IsaInfo* mutable_isa_list() {
     };
 #if ATTNKIT_X86 && defined(ATTNKIT_HAVE_X86_VARIANTS)
     const X86Features f = detect_x86();
-    l[1].compiled = l[2].compiled = l[3].compiled = true;
+    l[1].compiled = l[2].compiled = true;
+#if defined(ATTNKIT_HAVE_VNNI_VARIANT)
+    l[3].compiled = true;
+#endif
     l[1].supported = f.avx2;
     l[2].supported = f.avx512;
     l[3].supported = f.avx512_vnni;
@@ -84,8 +87,10 @@ const KernelTable* table_for(int index) {
       return avx2::kernel_table();
     case 2:
       return avx512::kernel_table();
+#if defined(ATTNKIT_HAVE_VNNI_VARIANT)
     case 3:
       return avx512_vnni::kernel_table();
+#endif
 #endif
     default:
       return nullptr;

@@ -50,7 +50,7 @@ __attribute__((always_inline)) inline void dot_i8_block(const int8_t* q, int64_t
   const __m512i flip = _mm512_set1_epi8(int8_t(0x80));
   __m512i acc[RB][4];
   for (int ri = 0; ri < RB; ++ri) {
-    const __m512i c0 = _mm512_castsi128_si512(_mm_cvtsi32_si128(-qcorr[ri]));  // lane 0 only
+    const __m512i c0 = _mm512_maskz_set1_epi32(1, -qcorr[ri]);  // lane 0 only, the rest 0
     for (int u = 0; u < 4; ++u) acc[ri][u] = c0;
   }
   // One 64-byte step of every dot product (kx: the four K vectors, flipped to unsigned).
