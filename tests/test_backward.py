@@ -6,6 +6,8 @@ import torch
 import attnkit
 from reference import assert_close, bfloat16, grad_rounding_floors, randn, to64
 
+ISA_KERNELS = ("attention_bwd",)  # the kernel-table entries tested here (conftest.isas_for)
+
 
 def torch_reference_grads(q, k, v, dout, *, mask=None, causal=False, bottom_right=False,
                           scale=None, window=None, alibi=None, softcap=None, keep=None, p=0.0):

@@ -6,6 +6,8 @@ import attnkit
 from conftest import poisoned
 from reference import FLOAT_DTYPES, assert_close, bfloat16, dtype_id, from_torch, randn, to64, to_torch
 
+ISA_KERNELS = ("gemm",)  # the kernel-table entries tested here (conftest.isas_for)
+
 SIZES = [1, 2, 5, 13, 17, 63, 65, 127, 255, 257, 1000]
 
 

@@ -11,6 +11,8 @@ import pytest
 import attnkit
 from reference import FLOAT_DTYPES, assert_close, bfloat16, dtype_id, max_error, merge_ref
 
+ISA_KERNELS = ("merge_attention_states",)  # the kernel-table entries tested here (conftest.isas_for)
+
 FN = "merge_attention_states"
 NEG_INF = -np.inf
 

@@ -179,3 +179,17 @@ def test_output_cache_release_never_takes_the_lock():
     assert done.wait(10), "releasing a buffer under the cache lock deadlocked"
     assert _alloc.cached_bytes() == 1024 * 2048 * 4  # and it did reach the cache
     attnkit.empty_cache()
+
+
+def test_info_lists_the_kernels_each_variant_compiles():
+    """Full variants own every kernel-table entry; avx512_vnni owns only attention_fwd (its int8
+    decode) and shares the rest with avx512, so the test suite runs those once (conftest)."""
+    everything = {"softmax", "gemm", "attention_fwd", "attention_bwd", "quantize_kv",
+                  "merge_attention_states"}
+    for i in attnkit.info()["isas"]:
+        if not i["compiled"]:
+            assert i["kernels"] == []
+        elif i["name"] == "avx512_vnni":
+            assert i["kernels"] == ["attention_fwd"]
+        else:
+            assert set(i["kernels"]) == everything, i

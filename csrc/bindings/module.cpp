@@ -31,6 +31,24 @@ py::list isa_list_py() {
     d["compiled"] = list[i].compiled;
     d["supported"] = list[i].supported;
     d["verified"] = list[i].verified;
+    // The kernels this variant compiles itself: for a variant on top of another (avx512_vnni),
+    // the table entries that differ from the variant below; tests run the others once.
+    py::list own;
+    const cpu::KernelTable* t = cpu::variant_table(i);
+    const cpu::KernelTable* below = i > 0 ? cpu::variant_table(i - 1) : nullptr;
+    if (t) {
+      const std::pair<const char*, bool> entries[] = {
+          {"softmax", !below || t->softmax != below->softmax},
+          {"gemm", !below || t->gemm != below->gemm},
+          {"attention_fwd", !below || t->attention_fwd != below->attention_fwd},
+          {"attention_bwd", !below || t->attention_bwd != below->attention_bwd},
+          {"quantize_kv", !below || t->quantize_kv != below->quantize_kv},
+          {"merge_attention_states",
+           !below || t->merge_attention_states != below->merge_attention_states}};
+      for (const auto& e : entries)
+        if (e.second) own.append(e.first);
+    }
+    d["kernels"] = own;
     out.append(d);
   }
   return out;

@@ -103,6 +103,8 @@ std::atomic<const KernelTable*> g_active{nullptr};
 
 const IsaInfo* isa_list() { return mutable_isa_list(); }
 
+const KernelTable* variant_table(int index) { return table_for(index); }
+
 const KernelTable* active_kernels() {
   const KernelTable* t = g_active.load();
   return t ? t : table_for(0);

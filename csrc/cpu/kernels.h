@@ -41,6 +41,7 @@ struct IsaInfo {
 constexpr int kNumIsas = 4;  // scalar, avx2, avx512, avx512_vnni (in that order)
 const IsaInfo* isa_list();                       // kNumIsas entries
 const KernelTable* active_kernels();             // chosen at import, see select_isa
+const KernelTable* variant_table(int index);     // variant `index`'s table, null if not compiled
 // Choose a variant by name ("auto" = the best verified one the CPU supports). Returns an
 // empty string on success, else the reason it cannot be used.
 const char* select_isa(const char* name);

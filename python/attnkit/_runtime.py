@@ -50,7 +50,9 @@ def info():
     """A dict describing this build and machine.
 
     Keys: ``version``, ``isa`` (the variant in use), ``isas`` (every variant with its
-    ``compiled``/``supported``/``verified`` flags), ``isas_compiled``, ``openmp``, ``threads``,
+    ``compiled``/``supported``/``verified`` flags and ``kernels``, the kernels it compiles
+    itself: ``avx512_vnni`` has only ``attention_fwd``, whose int8 decode it replaces, and uses
+    ``avx512``'s for the rest), ``isas_compiled``, ``openmp``, ``threads``,
     ``cuda_built``, ``cuda_available``, ``cuda_devices`` (and, with the CUDA build,
     ``cuda_archs``, ``cuda_runtime``, ``cuda_device_names``).
     """
