@@ -1,4 +1,3 @@
-import os
 import zlib
 
 import numpy as np
@@ -42,6 +41,20 @@ def threads():
     """Restore the thread override after a test that changes it."""
     yield
     attnkit.set_num_threads(None)
+
+
+def assert_refusals_write_nothing(cases, arrays, fn):
+    """Each (name, exception, message regex, call) of `cases` raises that exception naming
+    `fn`, and leaves every array of `arrays` byte for byte as it was."""
+    before = [a.copy() for a in arrays]
+    for name, exc, msg, call in cases:
+        with pytest.raises(exc, match=msg) as info:
+            call()
+        assert str(info.value).startswith(f"{fn}: "), (name, str(info.value))
+        for a, a0 in zip(arrays, before):
+            assert np.array_equal(np.ascontiguousarray(a).view(np.uint8),
+                                  np.ascontiguousarray(a0).view(np.uint8)), \
+                f"{name}: a refused call changed {fn}'s arrays"
 
 
 def poisoned(shape, dtype):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import attnkit
-from conftest import poisoned
+from conftest import assert_refusals_write_nothing, poisoned
 from reference import assert_close, attention_ref, bfloat16, nonfinite_cases, randn, to64
 
 from test_attention import ak_options, check, make_qkv, masks
@@ -241,13 +241,7 @@ def _refusals(rng):
 def test_every_refusal_leaves_the_caches_untouched(rng):
     """Every refused call names attention_with_kvcache and writes nothing into any cache."""
     cases, caches = _refusals(rng)
-    before = [c.copy() for c in caches]
-    for name, exc, msg, call in cases:
-        with pytest.raises(exc, match=msg) as info:
-            call()
-        assert str(info.value).startswith("attention_with_kvcache: "), (name, str(info.value))
-        for c, c0 in zip(caches, before):
-            assert np.array_equal(c, c0, equal_nan=True), f"{name}: a refused call changed a cache"
+    assert_refusals_write_nothing(cases, caches, "attention_with_kvcache")
 
 
 @pytest.mark.parametrize("paged", [False, True])

@@ -330,11 +330,10 @@ void apply_k_scales(const AttentionParams& p, int64_t g0, int64_t ng, int64_t rp
       vt[j] = j < n ? p.v_scale[br.vs[j] + g * p.v_scale_stride[1]] * CodeUnit<SKV>::kUnscale : 0.0f;
     }
     for (int64_t r = t * rph; r < (t + 1) * rph; ++r) {
-      for (int64_t j = 0; j < np; j += VF::N) (VF::load(S + r * lds + j) * VF::load(ks + j)).store(S + r * lds + j);
-      if constexpr (std::is_same<SKV, int8_t>::value) {
-        const VF sq = VF::set1(qs[r]);
-        for (int64_t j = 0; j < np; j += VF::N) (VF::load(S + r * lds + j) * sq).store(S + r * lds + j);
-      }
+      // (S * ks) * qs, one pass; 1 (exact) where q is not quantized
+      const VF sq = VF::set1(std::is_same<SKV, int8_t>::value ? qs[r] : 1.0f);
+      for (int64_t j = 0; j < np; j += VF::N)
+        (VF::load(S + r * lds + j) * VF::load(ks + j) * sq).store(S + r * lds + j);
     }
   }
 }

@@ -281,12 +281,12 @@ def quantize_kv(call, x, q, scale):
 
 def merge_attention_states(call, outs, lses, out, lse):
     """CUDA torch tensors: merged by torch ops on their device and the current stream
-    (attnkit.torch._merge_math, the CPU kernel's semantics); there is no CUDA kernel for it."""
+    (attnkit._torch_merge._merge_math, the CPU kernel's semantics); there is no CUDA kernel for it."""
     if any(d.kind != "torch" for d in (outs, lses, out, lse)):
         raise NotImplementedError(f"{call.fn}: on a GPU only torch tensors are merged (by torch on "
                                   "the device; there is no CUDA kernel); convert with "
                                   "torch.from_dlpack")
-    from .torch import _merge_math
+    from ._torch_merge import _merge_math
 
     o, l = _merge_math(outs.obj, lses.obj)
     out.obj.copy_(o)

@@ -233,19 +233,20 @@ def resolve_mask(call, mask, shape):
 
 def check_attention_shapes(fn, layout, q, k, v, qc, kc, vc):
     """Shape checks of attention's q/k/v: ``q`` etc. as passed (for messages), ``qc`` etc. their
-    canonical (B, H, S, D) views. Returns (B, H, Sq, D, Hkv, Sk, Dv)."""
+    canonical (B, H, S, D) views (Arr descriptors, or torch tensors for the ring). Returns
+    (B, H, Sq, D, Hkv, Sk, Dv)."""
     B, H, Sq, D = qc.shape
     Bk, Hkv, Sk, Dk = kc.shape
     Dv = vc.shape[3]
     names = "(B, S, H, D)" if layout == "bshd" else "(B, H, S, D)"
     if Bk != B or vc.shape[0] != B:
-        raise ValueError(f"{fn}: q, k and v must have the same batch size, got {q.shape}, "
-                         f"{k.shape}, {v.shape}")
+        raise ValueError(f"{fn}: q, k and v must have the same batch size, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     if Dk != D:
         raise ValueError(f"{fn}: k has head_dim {Dk} but q has {D}")
     if vc.shape[1] != Hkv or vc.shape[2] != Sk:
-        raise ValueError(f"{fn}: v has shape {v.shape} but k has {k.shape}; {names} must agree "
-                         "but for D")
+        raise ValueError(f"{fn}: v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; {names} "
+                         "must agree but for D")
     if Hkv == 0 or H % Hkv != 0:
         raise ValueError(f"{fn}: q has {H} heads, which is not a multiple of k/v's {Hkv} "
                          "(GQA needs H % Hkv == 0)")

@@ -36,10 +36,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _C
+from ._ring_plan import _starts, chunk_sizes, plan_blocks, segments, shard_lengths, zigzag_chunks  # noqa: F401
+from ._torch_binding import desc as _desc
+from ._torch_binding import rows as _rows
+from ._torch_binding import threads as _threads
 
 _DTYPES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
-_DT_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
-             torch.bfloat16: "bfloat16"}
 _LAYOUTS = ("bhsd", "bshd")
 _SHARDINGS = ("zigzag", "contiguous")
 _TAG_KV, _TAG_DKV = 11, 12
@@ -142,126 +144,6 @@ def empty_cache():
     _scratch.clear()
 
 
-# ---- layouts: which global positions a rank holds -----------------------------------------------
-
-
-def chunk_sizes(total: int, parts: int) -> list:
-    """Sizes of ``torch.tensor_split(x, parts)`` for a length ``total``: the first
-    ``total % parts`` chunks are one longer."""
-    base, rem = divmod(total, parts)
-    return [base + (1 if i < rem else 0) for i in range(parts)]
-
-
-def _starts(sizes):
-    out, acc = [], 0
-    for n in sizes:
-        out.append(acc)
-        acc += n
-    return out
-
-
-def zigzag_chunks(world: int, rank: int) -> tuple:
-    """The two chunks (of 2W) that rank holds in the zigzag layout: r and 2W-1-r."""
-    return rank, 2 * world - 1 - rank
-
-
-def shard_lengths(total: int, world: int, sharding: str) -> list:
-    """Tokens each rank holds when ``total`` tokens are sharded by :func:`shard_sequence`."""
-    if sharding == "contiguous":
-        return chunk_sizes(total, world)
-    sizes = chunk_sizes(total, 2 * world)
-    return [sizes[a] + sizes[b] for a, b in (zigzag_chunks(world, r) for r in range(world))]
-
-
-def segments(lengths: list, rank: int, sharding: str) -> list:
-    """Global (start, length) of the runs of consecutive positions rank holds, in local order.
-    ``lengths``: every rank's shard length (validated against the layout by the caller)."""
-    world = len(lengths)
-    if sharding == "contiguous":
-        return [(sum(lengths[:rank]), lengths[rank])]
-    sizes = chunk_sizes(sum(lengths), 2 * world)
-    starts = _starts(sizes)
-    return [(starts[c], sizes[c]) for c in zigzag_chunks(world, rank) if sizes[c] > 0]
-
-
-# ---- blocks: which kernel calls cover a (query shard, key shard) pair ---------------------------
-
-
-def _local(segs):
-    """[(local_start, global_start, length)] of segments given in local order."""
-    out, off = [], 0
-    for g, n in segs:
-        out.append((off, g, n))
-        off += n
-    return out
-
-
-def plan_blocks(q_segs: list, k_segs: list) -> list:
-    """Kernel calls that cover exactly the causal (query, key) pairs of a query shard and a key
-    shard, each pair once.
-
-    ``q_segs`` / ``k_segs``: global (start, length) runs in local order. Returns a list of
-    ``(q_lo, q_hi, k_lo, k_hi, right)``: rows ``q_lo:q_hi`` of the local queries against keys
-    ``k_lo:k_hi``, with ``right`` None (no mask) or the window's right bound in top-left
-    alignment (key j' allowed for query i' of the block when j' <= i' + right; 0 = causal).
-
-    A (query segment, key segment) pair is fully visible, fully masked or crossed by the
-    diagonal, where local key j is allowed for local query i when j <= i + R with
-    R = (a - b) + (kj - qi) (a, b the segments' global starts, qi, kj their local starts). One
-    call over the rectangle of every segment that takes part works when a single R satisfies
-    every pair inside it (full pairs: R at least their largest j - i; masked pairs: R below
-    their smallest j - i; crossed pairs: exactly their R) and the kernel's bound
-    R - k_lo + q_lo is >= 0; else each visible or crossed pair is its own call (query rows that
-    see no key of a crossed pair are trimmed off).
-    """
-    ql, kl = _local(q_segs), _local(k_segs)
-    pairs = []  # (qi, m, kj, n, kind, R)
-    for qi, a, m in ql:
-        for kj, b, n in kl:
-            if m == 0 or n == 0:
-                continue
-            if b + n - 1 <= a:
-                kind = "full"
-            elif b > a + m - 1:
-                kind = "skip"
-            else:
-                kind = "cross"
-            pairs.append((qi, m, kj, n, kind, (a - b) + (kj - qi)))
-    live = [p for p in pairs if p[4] != "skip"]
-    if not live:
-        return []
-    q_lo = min(p[0] for p in live)
-    q_hi = max(p[0] + p[1] for p in live)
-    k_lo = min(p[2] for p in live)
-    k_hi = max(p[2] + p[3] for p in live)
-    inside = [p for p in pairs if p[0] < q_hi and p[0] + p[1] > q_lo and p[2] < k_hi and p[2] + p[3] > k_lo]
-    lo, hi, exact = -math.inf, math.inf, set()
-    for qi, m, kj, n, kind, r in inside:
-        if kind == "full":
-            lo = max(lo, (kj + n - 1) - qi)
-        elif kind == "skip":
-            hi = min(hi, kj - (qi + m - 1) - 1)
-        else:
-            exact.add(r)
-    if not exact and hi == math.inf:
-        return [(q_lo, q_hi, k_lo, k_hi, None)]
-    R = exact.pop() if len(exact) == 1 else (None if exact else lo)
-    if R is not None and lo <= R <= hi and R - k_lo + q_lo >= 0:
-        right = int(R - k_lo + q_lo)
-        if R >= (k_hi - 1) - q_lo:  # the bound allows every key of the rectangle
-            right = None
-        return [(q_lo, q_hi, k_lo, k_hi, right)]
-    calls = []
-    for qi, m, kj, n, kind, r in live:
-        if kind == "full":
-            calls.append((qi, qi + m, kj, kj + n, None))
-            continue
-        right = r - kj + qi  # = a - b
-        trim = max(0, -right)  # query rows before the key segment starts see none of it
-        calls.append((qi + trim, qi + m, kj, kj + n, right + trim))
-    return calls
-
-
 # ---- checks before the first collective ---------------------------------------------------------
 
 
@@ -342,35 +224,21 @@ def _check_local(fn, q, k, v, is_causal, scale, enable_gqa, layout, sharding):
 
         if not _cuda_ready():
             raise RuntimeError(f"{fn}: CUDA tensors need attnkit's CUDA build and a visible GPU")
+    from ._front import check_attention_shapes, resolve_scale
+
     qc, kc, vc = (_canonical(t, layout) for t in (q, k, v))
-    B, H, Sq, D = qc.shape
-    Bk, Hkv, Sk, Dk = kc.shape
-    Dv = vc.shape[3]
-    names = "(B, S, H, D)" if layout == "bshd" else "(B, H, S, D)"
-    if Bk != B or vc.shape[0] != B:
-        raise ValueError(f"{fn}: q, k and v must have the same batch size, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if Dk != D:
-        raise ValueError(f"{fn}: k has head_dim {Dk} but q has {D}")
-    if vc.shape[1] != Hkv or vc.shape[2] != Sk:
-        raise ValueError(f"{fn}: v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; {names} "
-                         "must agree but for D")
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"{fn}: q has {H} heads, which is not a multiple of k/v's {Hkv}")
+    B, H, Sq, D, Hkv, Sk, Dv = check_attention_shapes(fn, layout, q, k, v, qc, kc, vc)
     if H != Hkv and not enable_gqa:
         raise ValueError(f"{fn}: q has {H} heads but k/v have {Hkv}; pass enable_gqa=True for "
                          "grouped-query attention")
-    if D == 0 or Dv == 0 or B == 0 or H == 0:
-        raise ValueError(f"{fn}: B, H and the head dims must be at least 1, got q {tuple(q.shape)}, "
-                         f"v {tuple(v.shape)}")
+    if B == 0 or H == 0:
+        raise ValueError(f"{fn}: B and H must be at least 1, got q {tuple(q.shape)}")
     if Sq == 0 or Sk == 0:
         raise ValueError(f"{fn}: every rank must hold at least one token, but this one has "
                          f"Sq={Sq}, Sk={Sk}")
     if is_causal and Sq != Sk:
         raise ValueError(f"{fn}: is_causal=True needs the same tokens for queries and keys on "
                          f"each rank, but q holds {Sq} and k {Sk}")
-    from ._front import resolve_scale
-
     scale = resolve_scale(scale, D, fn)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return dict(ok=1, B=B, H=H, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, Dv=Dv, dtype=_DTYPES[q.dtype],
@@ -456,10 +324,6 @@ def setup(fn, q, k, v, group, is_causal, scale, enable_gqa, layout, sharding):
 # ---- one block on one device --------------------------------------------------------------------
 
 
-def _desc(t: Tensor, writeable: bool = False):
-    return (t.data_ptr(), t.shape, t.stride(), _DT_NAMES[t.dtype], writeable)
-
-
 def _mask_args(right):
     """(causal, window_right) of the kernels for a block's bound (None: no mask)."""
     if right is None:
@@ -467,10 +331,6 @@ def _mask_args(right):
     if right == 0:
         return True, -1
     return False, int(right)
-
-
-def _threads():
-    return torch.get_num_threads()
 
 
 def block_forward_cpu(q, k, v, out, lse, scale, right):
@@ -687,7 +547,7 @@ def _merge_rows(o2, l2, lo, hi):
         _C.merge_attention_states(_desc(parts), _desc(lses), _desc(parts[0], True),
                                   _desc(lses[0], True), _threads(), fn="ring_attention")
     else:
-        from .torch import _merge_math
+        from ._torch_merge import _merge_math
 
         o, l = _merge_math(parts, lses)
         parts[0].copy_(o)
@@ -757,11 +617,6 @@ def ring_backward(st: Setup, dout, q, k, v, out, lse, layout: str):
 
 
 # ---- autograd and the public entry points (documented in attnkit.torch) -------------------------
-
-
-def _rows(t: Tensor) -> Tensor:
-    """The kernels read the head dim with unit stride; anything else is copied."""
-    return t.contiguous() if t.shape[-1] > 1 and t.stride(-1) != 1 else t
 
 
 def _finish(o: Tensor, dtype, layout: str) -> Tensor:

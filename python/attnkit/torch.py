@@ -25,6 +25,10 @@ import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
 from . import _C
+from ._torch_binding import desc as _desc
+from ._torch_binding import rows as _rows
+from ._torch_binding import threads as _threads
+from ._torch_merge import merge_attention_states
 
 try:  # the attention-bias subclasses (torch >= 2.3)
     from torch.nn.attention.bias import CausalBias as _CausalBias
@@ -36,13 +40,6 @@ __all__ = ["scaled_dot_product_attention", "sdpa_override", "merge_attention_sta
            "ring_attention", "shard_sequence", "unshard_sequence"]
 
 _TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
-_DTYPES = {
-    torch.float32: "float32",
-    torch.float64: "float64",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.bool: "bool",
-}
 _warned: set = set()
 _local = threading.local()
 
@@ -52,22 +49,6 @@ def _warn_once(reason: str) -> None:
         _warned.add(reason)
         warnings.warn(f"attnkit.torch: falling back to torch's scaled_dot_product_attention: {reason}",
                       stacklevel=3)
-
-
-def _desc(t: Tensor, writeable: bool = False):
-    """A raw (pointer, shape, strides, dtype, writeable) descriptor for the binding."""
-    return (t.data_ptr(), t.shape, t.stride(), _DTYPES[t.dtype], writeable)
-
-
-def _rows(t: Tensor) -> Tensor:
-    """The kernels read the head dim with unit stride; anything else is copied (documented)."""
-    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
-        return t.contiguous()
-    return t
-
-
-def _threads() -> int:
-    return torch.get_num_threads()
 
 
 def _cuda_ready() -> bool:
@@ -304,128 +285,6 @@ def _run(q, k, v, *opts):
     return _forward_impl(q, k, v, *opts, need_lse=False)
 
 
-# ---- merging partial attention states ----------------------------------------------------------
-
-_MERGE_FN = "attnkit.torch.merge_attention_states"
-
-
-def _merge_acc_dtype(outs: Tensor, lses: Tensor):
-    """fp32 accumulation, fp64 when either input is float64 (the CPU kernel's rule)."""
-    return torch.float64 if torch.float64 in (outs.dtype, lses.dtype) else torch.float32
-
-
-def _merge_math(outs: Tensor, lses: Tensor):
-    """merge_attention_states in torch ops, on any device, with the CPU kernel's semantics
-    (csrc/cpu/merge.cpp): empty parts (lse -inf) are never read, an all-empty row gives 0 and
-    -inf, a NaN or +inf lse makes the row NaN. Returns (out in outs' dtype, lse in lses')."""
-    acc = _merge_acc_dtype(outs, lses)
-    inf = float("inf")
-    lf = lses.to(acc)
-    empty = lf == -inf
-    row_bad = (torch.isnan(lf) | (lf == inf)).any(0)
-    m = lf.masked_fill(row_bad.unsqueeze(0), -inf).amax(0)
-    m = torch.where(m == -inf, torch.zeros_like(m), m)  # -inf guard: all parts empty
-    w = torch.exp(lf - m).masked_fill(empty, 0.0)
-    s = w.sum(0)
-    row_empty = s == 0
-    s1 = torch.where(row_empty, torch.ones_like(s), s)
-    p = w / s1
-    vals = outs.to(acc).masked_fill(empty.unsqueeze(-1), 0.0)  # empty parts: never read
-    out = (p.unsqueeze(-1) * vals).sum(0)
-    lse = torch.where(row_empty, torch.full_like(s, -inf), m + torch.log(s1))
-    out = out.masked_fill(row_bad.unsqueeze(-1), float("nan"))
-    lse = lse.masked_fill(row_bad, float("nan"))
-    return out.to(outs.dtype), lse.to(lses.dtype)
-
-
-def _merge_kernel(outs: Tensor, lses: Tensor):
-    """The CPU kernel on torch tensors (raw descriptors, zero copy but a non-unit last dim)."""
-    outs = _rows(outs)
-    out = torch.empty(outs.shape[1:], dtype=outs.dtype)
-    lse = torch.empty(lses.shape[1:], dtype=lses.dtype)
-    _C.merge_attention_states(_desc(outs), _desc(lses), _desc(out, True), _desc(lse, True),
-                              _threads(), fn=_MERGE_FN)
-    return out, lse
-
-
-class _MergeStates(torch.autograd.Function):
-    """Differentiable merge: p_n = exp(lse_n - lse) (0 for empty parts) gives
-    d out / d outs[n] = p_n and d lse / d lses[n] = p_n, d out / d lses[n] = p_n (outs[n] - out)."""
-
-    @staticmethod
-    def forward(ctx, outs, lses):
-        out, lse = _merge_kernel(outs, lses) if outs.device.type == "cpu" else _merge_math(outs, lses)
-        ctx.save_for_backward(outs, lses, out, lse)
-        return out, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_out, g_lse):
-        outs, lses, out, lse = ctx.saved_tensors
-        acc = _merge_acc_dtype(outs, lses)
-        lf, lm = lses.to(acc), lse.to(acc).unsqueeze(0)
-        empty = lf == float("-inf")
-        # exp(-inf - (-inf)) is NaN: an empty part (or an all-empty row) gets weight 0.
-        p = torch.where(empty, torch.zeros_like(lf), torch.exp(lf - lm))
-        g_outs = g_lses = None
-        if ctx.needs_input_grad[0]:
-            g_outs = (p.unsqueeze(-1) * g_out.to(acc).unsqueeze(0)).to(outs.dtype) \
-                if g_out is not None else torch.zeros_like(outs)
-        if ctx.needs_input_grad[1]:
-            g = torch.zeros_like(lf)
-            if g_out is not None:
-                diff = (outs.to(acc) - out.to(acc).unsqueeze(0)).masked_fill(empty.unsqueeze(-1), 0.0)
-                g = g + (diff * g_out.to(acc).unsqueeze(0)).sum(-1)
-            if g_lse is not None:
-                g = g + g_lse.to(acc).unsqueeze(0)
-            g_lses = (p * g).to(lses.dtype)
-        return g_outs, g_lses
-
-
-def _check_merge_args(outs, lses, fn):
-    if not isinstance(outs, Tensor) or not isinstance(lses, Tensor):
-        raise TypeError(f"{fn}: outs and lses must be tensors (or sequences of tensors), got "
-                        f"{type(outs).__name__} and {type(lses).__name__}")
-    if outs.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        raise TypeError(f"{fn}: outs has dtype {outs.dtype}; expected float32, float64, float16 or "
-                        "bfloat16")
-    if lses.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{fn}: lses has dtype {lses.dtype}; expected float32 or float64")
-    if outs.dim() < 3:
-        raise ValueError(f"{fn}: outs must be (N, ..., Sq, Dv) with at least 3 dims, got shape "
-                         f"{tuple(outs.shape)}")
-    if tuple(lses.shape) != tuple(outs.shape[:-1]):
-        raise ValueError(f"{fn}: lses has shape {tuple(lses.shape)} but outs has "
-                         f"{tuple(outs.shape)}; expected lses of shape {tuple(outs.shape[:-1])}")
-    if outs.shape[0] < 1:
-        raise ValueError(f"{fn}: outs must hold at least one part (N >= 1)")
-    if outs.device != lses.device:
-        raise ValueError(f"{fn}: outs is on {outs.device} but lses on {lses.device}")
-
-
-def merge_attention_states(outs, lses):
-    """Merge partial attention states through their log-sum-exp, differentiably.
-
-    ``outs`` (N, ..., Sq, Dv) and ``lses`` (N, ..., Sq) (or sequences of N tensors, stacked
-    here) are N partial results of attention over the same query rows, each over its own keys,
-    with their natural-log lse (float32 or float64). Returns ``(out, lse)``: out (..., Sq, Dv) in
-    outs' dtype, lse (..., Sq) in lses' dtype, as :func:`attnkit.merge_attention_states` (same
-    semantics: fp32 accumulation, fp64 with float64 inputs; empty parts, lse -inf, are never
-    read; an all-empty row gives 0 and -inf; a NaN or +inf lse makes the row NaN).
-    CPU tensors run attnkit's kernel (results independent of the thread count); other devices
-    (CUDA) run torch ops. Autograd gives gradients for both outs and lses (first order).
-    """
-    fn = _MERGE_FN
-    if isinstance(outs, (list, tuple)):
-        outs = torch.stack(list(outs))
-    if isinstance(lses, (list, tuple)):
-        lses = torch.stack(list(lses))
-    _check_merge_args(outs, lses, fn)
-    if torch.is_grad_enabled() and (outs.requires_grad or lses.requires_grad):
-        return _MergeStates.apply(outs, lses)
-    return _merge_kernel(outs, lses) if outs.device.type == "cpu" else _merge_math(outs, lses)
-
-
 # ---- context parallelism: ring attention over torch.distributed ---------------------------------
 
 
@@ -615,7 +474,7 @@ def _flash_would_run(query, key, value, attn_mask, dropout_p) -> bool:
     if not query.shape[0] == key.shape[0] == value.shape[0]:
         return False
     if attn_mask is not None and attn_mask.dim() < 2:
-        raise IndexError(f"Dimension out of range (expected to be in range of [-1, 0], but got -2)"
+        raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got -2)"
                          if attn_mask.dim() == 1 else
                          "Dimension specified as -2 but tensor has no dimensions")
     if not query.shape[-1] == key.shape[-1] == value.shape[-1]:
