@@ -149,19 +149,31 @@ inline bool key_masked(const AttentionParams& p, const SeqView& s, int64_t h, in
   return p.mask && mask_value<float>(p, mask_offset(p, s.b, h, i, j)) == kNegInfF;
 }
 
-// True when a bool mask excludes every key j0..j0+n of rows i0..i0+m (the block is skipped).
-inline bool mask_block_empty(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
-                             int64_t m, int64_t j0, int64_t n) {
-  if (!p.mask || p.mask_dtype != DType::boolean) return false;
+// Keys j0..j0+n of rows i0..i0+m under a bool mask: 1 + the last key any of the rows may attend
+// (0: the mask excludes the whole block, which is skipped; keys past the extent are excluded for
+// every row, so leaving them out changes no result). Without a bool mask, n.
+inline int64_t mask_block_extent(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
+                                 int64_t m, int64_t j0, int64_t n) {
+  if (!p.mask || p.mask_dtype != DType::boolean) return n;
   const uint8_t* base = static_cast<const uint8_t*>(p.mask);
   const int64_t si = p.mask_stride[2], sj = p.mask_stride[3];
   const int64_t rows = si == 0 ? 1 : m;  // a mask broadcast over rows needs one look
-  for (int64_t i = 0; i < rows; ++i) {
+  int64_t extent = 0;
+  for (int64_t i = 0; i < rows && extent < n; ++i) {
     const uint8_t* r = base + mask_offset(p, b, h, i0 + i, j0);
-    for (int64_t j = 0; j < n; ++j)
-      if (r[j * sj]) return false;
+    for (int64_t j = n - 1; j >= extent; --j)
+      if (r[j * sj]) {
+        extent = j + 1;
+        break;
+      }
   }
-  return true;
+  return extent;
+}
+
+// True when a bool mask excludes every key j0..j0+n of rows i0..i0+m (the block is skipped).
+inline bool mask_block_empty(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
+                             int64_t m, int64_t j0, int64_t n) {
+  return mask_block_extent(p, b, h, i0, m, j0, n) == 0;
 }
 
 template <class S>

@@ -29,6 +29,7 @@
 #include "gemm/pack.h"
 #include "gemm/ukernel.h"
 #include "simd/math.h"
+#include "simd/transpose.h"
 #include "simd/vec.h"
 #include "threading.h"
 
@@ -81,61 +82,72 @@ struct Item {
   int64_t cost;      // key blocks visited (at least 1)
 };
 
+// One K or V row of a key block, read N lanes at a time in the compute type T: converted from
+// half precision, or dequantized (codes times the row's scale) for 8-bit caches. A null row
+// (keys past the block's end) reads as zeros.
+template <class T, class S>
+struct KvRow {
+  const S* row = nullptr;
+  T scale = T(0);  // 8-bit codes only: the row's scale times CodeUnit<S>::kUnscale
+  Vec<T> load(int64_t d, int n) const {
+    using V = Vec<T>;
+    if (!row) return V::zero();
+    if constexpr (is_code<S>)
+      return (n == V::N ? load_code(row + d) : load_code_partial(row + d, n)) * V::set1(scale);
+    else if constexpr (std::is_same<S, T>::value)
+      return n == V::N ? V::load(row + d) : V::load_partial(row + d, n);
+    else
+      return n == V::N ? load_cvt(row + d) : load_cvt_partial(row + d, n);
+  }
+};
+
+template <class T, class S>
+KvRow<T, S> kv_row(const AttentionParams& p, const SeqView& s, int64_t g, int64_t j,
+                   const void* base, const int64_t* stride, const float* scales,
+                   const int64_t* scale_stride) {
+  KvRow<T, S> r;
+  r.row = typed<S>(base) + kv_offset(p, s, g, j, stride);
+  if constexpr (is_code<S>) r.scale = T(scales[kv_offset(p, s, g, j, scale_stride)] * CodeUnit<S>::kUnscale);
+  return r;
+}
+
+// Packs keys j0..j0+bn of kv head g: K transposed into NR-key panels ([D][NR] each, N x N
+// register transposes; keys bn..round_up(bn, NR) zero, as the S GEMM reads whole panels) and
+// V as NR-column panels ([BNp][NR] each, rows >= bn never read). *nonfinite: V holds inf/NaN.
 template <class T, class S>
 void pack_kv_block(const AttentionParams& p, const SeqView& s, int64_t g, int64_t j0, int64_t bn,
                    T* kb, T* vb, uint8_t* nonfinite) {
-  constexpr int NR = Tiles<T>::NR;
+  using V = Vec<T>;
+  constexpr int N = V::N, NR = Tiles<T>::NR;
   constexpr int64_t BNp = Tiles<T>::kBlockNPad;
+  static_assert(NR % N == 0, "a K panel is a whole number of N-key groups");
   const int64_t D = p.head_dim, Dv = p.head_dim_v, Dvp = round_up(Dv, NR);
-  const S* K = typed<S>(p.k);
-  const S* V = typed<S>(p.v);
-  bool bad = false;
-  for (int64_t jj = 0; jj < BNp; ++jj) {
-    T* kpanel = kb + (jj / NR) * D * NR + (jj % NR);
-    if (jj >= bn) {
-      for (int64_t d = 0; d < D; ++d) kpanel[d * NR] = T(0);
-      for (int64_t d = 0; d < Dvp; ++d) vb[(d / NR) * BNp * NR + jj * NR + d % NR] = T(0);
-      continue;
-    }
-    const S* krow = K + kv_offset(p, s, g, j0 + jj, p.k_stride);
-    for (int64_t d = 0; d < D; ++d) kpanel[d * NR] = load_as<T>(krow + d);
-    const S* vrow = V + kv_offset(p, s, g, j0 + jj, p.v_stride);
-    for (int64_t d = 0; d < Dvp; ++d) {
-      const T x = d < Dv ? load_as<T>(vrow + d) : T(0);
-      bad |= !(x - x == T(0));  // inf or NaN
-      vb[(d / NR) * BNp * NR + jj * NR + d % NR] = x;
+  const int64_t rows = round_up(bn, NR);
+  for (int64_t r0 = 0; r0 < rows; r0 += N) {
+    KvRow<T, S> kr[N];
+    for (int i = 0; i < N; ++i)
+      if (r0 + i < bn)
+        kr[i] = kv_row<T, S>(p, s, g, j0 + r0 + i, p.k, p.k_stride, p.k_scale, p.k_scale_stride);
+    T* kpanel = kb + (r0 / NR) * D * NR + r0 % NR;
+    for (int64_t d0 = 0; d0 < D; d0 += N) {
+      const int n = int(imin(N, D - d0));
+      V x[N];
+      for (int i = 0; i < N; ++i) x[i] = kr[i].load(d0, n);
+      transpose<T>(x);
+      for (int t = 0; t < n; ++t) x[t].store(kpanel + (d0 + t) * NR);
     }
   }
-  *nonfinite = bad;
-}
-
-// 8-bit caches (S = int8_t / f8e4m3_t): as pack_kv_block, with each row dequantized (codes
-// times the row's scale) while it is packed.
-template <class T, class S>
-void pack_kv_block_codes(const AttentionParams& p, const SeqView& s, int64_t g, int64_t j0,
-                         int64_t bn, T* kb, T* vb, uint8_t* nonfinite) {
-  constexpr int NR = Tiles<T>::NR;
-  constexpr int64_t BNp = Tiles<T>::kBlockNPad;
-  const int64_t D = p.head_dim, Dv = p.head_dim_v, Dvp = round_up(Dv, NR);
-  bool bad = false;
-  for (int64_t jj = 0; jj < BNp; ++jj) {
-    T* kpanel = kb + (jj / NR) * D * NR + (jj % NR);
-    T ks = T(0), vs = T(0);
-    const S *krow = nullptr, *vrow = nullptr;
-    if (jj < bn) {
-      krow = typed<S>(p.k) + kv_offset(p, s, g, j0 + jj, p.k_stride);
-      vrow = typed<S>(p.v) + kv_offset(p, s, g, j0 + jj, p.v_stride);
-      ks = p.k_scale[kv_offset(p, s, g, j0 + jj, p.k_scale_stride)];
-      vs = p.v_scale[kv_offset(p, s, g, j0 + jj, p.v_scale_stride)];
-    }
-    for (int64_t d = 0; d < D; ++d) kpanel[d * NR] = krow ? to_f32(krow[d]) * ks : T(0);
-    for (int64_t d = 0; d < Dvp; ++d) {
-      const T x = vrow && d < Dv ? to_f32(vrow[d]) * vs : T(0);
-      bad |= !(x - x == T(0));  // NaN (a NaN scale or code)
-      vb[(d / NR) * BNp * NR + jj * NR + d % NR] = x;
+  V bad = V::zero();  // x - x is 0 for finite x, NaN for inf/NaN: a NaN sum flags the block
+  for (int64_t jj = 0; jj < bn; ++jj) {
+    const KvRow<T, S> vr = kv_row<T, S>(p, s, g, j0 + jj, p.v, p.v_stride, p.v_scale, p.v_scale_stride);
+    for (int64_t c0 = 0; c0 < Dvp; c0 += N) {
+      const V x = c0 < Dv ? vr.load(c0, int(imin(N, Dv - c0))) : V::zero();
+      bad = bad + (x - x);
+      x.store(vb + (c0 / NR) * BNp * NR + jj * NR + c0 % NR);
     }
   }
-  *nonfinite = bad;
+  const T flag = bad.hsum();
+  *nonfinite = !(flag == T(0));
 }
 
 template <class T, class S>
@@ -152,10 +164,7 @@ void ensure_packed(const AttentionParams& p, const SeqView& s, int64_t g, int64_
   T* vp = c.v.get() + slot * c.block_elems_v;
   if (c.tag[slot] != kb) {
     const int64_t j0 = kb * BN;
-    if constexpr (is_code<S>)
-      pack_kv_block_codes<T, S>(p, s, g, j0, imin(BN, s.sk - j0), kp, vp, &c.nonfinite[slot]);
-    else
-      pack_kv_block<T, S>(p, s, g, j0, imin(BN, s.sk - j0), kp, vp, &c.nonfinite[slot]);
+    pack_kv_block<T, S>(p, s, g, j0, imin(BN, s.sk - j0), kp, vp, &c.nonfinite[slot]);
     c.tag[slot] = kb;
   }
   *kblk = kp;
@@ -219,8 +228,10 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
     hi_max = imax(hi_max, kr.hi);
   }
   for (int64_t kb = lo_min / BN; hi_max >= 0 && kb <= hi_max / BN; ++kb) {
-    const int64_t j0 = kb * BN, bn = imin(BN, s.sk - j0);
-    if (mask_block_empty(p, s.b, h, i0, bm, j0, bn)) continue;
+    const int64_t j0 = kb * BN;
+    // Keys past the last one a bool mask lets any row see (key padding) are left out.
+    const int64_t bn = mask_block_extent(p, s.b, h, i0, bm, j0, imin(BN, s.sk - j0));
+    if (bn == 0) continue;
     const T *kblk, *vblk;
     bool v_nonfinite;
     ensure_packed<T, SKV>(p, s, g, kb, w.cache, &kblk, &vblk, &v_nonfinite);
