@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "attention_common.h"
+#include "attention_pack.h"
 #include "attention_rows.h"
 #include "attnkit/philox.h"
 #include "common.h"
@@ -88,33 +89,30 @@ template <class T, class S>
 bool pack_block(const AttentionParams& p, const SeqView& sv, int64_t g, int64_t j0, int64_t bn,
                 BwdWork<T>& w) {
   using Tl = BwdTiles<T>;
-  constexpr int NR = Tl::NR;
-  const int64_t D = p.head_dim, Dv = p.head_dim_v, Dp = round_up(D, NR), Dvp = round_up(Dv, NR);
-  const S* K = typed<S>(p.k);
-  const S* V = typed<S>(p.v);
-  bool bad = false;
+  using V = Vec<T>;
+  constexpr int NR = Tl::NR, N = V::N;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, Dp = round_up(D, NR);
+  auto k_row = [&](int64_t jj) {
+    return jj < bn ? kv_row<T, S>(p, sv, g, j0 + jj, p.k, p.k_stride, p.k_scale, p.k_scale_stride)
+                   : KvRow<T, S>{};
+  };
+  pack_panels_transposed<T, NR>(Tl::kBlockNPad, D, w.kt.get(), k_row);
+  pack_panels_transposed<T, NR>(Tl::kBlockNPad, Dv, w.vt.get(), [&](int64_t jj) {
+    return jj < bn ? kv_row<T, S>(p, sv, g, j0 + jj, p.v, p.v_stride, p.v_scale, p.v_scale_stride)
+                   : KvRow<T, S>{};
+  });
+  V bad = V::zero();  // x - x is 0 for finite x, NaN for inf/NaN: a NaN sum flags the block
   for (int64_t jj = 0; jj < Tl::kBlockNPad; ++jj) {
-    T* kt = w.kt.get() + (jj / NR) * D * NR + jj % NR;
-    T* vt = w.vt.get() + (jj / NR) * Dv * NR + jj % NR;
-    T* kr = w.krow.get() + jj * Dp;
-    if (jj >= bn) {
-      for (int64_t d = 0; d < D; ++d) kt[d * NR] = T(0);
-      for (int64_t d = 0; d < Dv; ++d) vt[d * NR] = T(0);
-      for (int64_t d = 0; d < Dp; ++d) kr[d] = T(0);
-      continue;
+    const KvRow<T, S> kr = k_row(jj);
+    T* dst = w.krow.get() + jj * Dp;
+    for (int64_t d0 = 0; d0 < Dp; d0 += N) {
+      const V x = d0 < D ? kr.load(d0, int(imin(N, D - d0))) : V::zero();
+      bad = bad + (x - x);
+      x.store(dst + d0);
     }
-    const S* ks = K + kv_offset(p, sv, g, j0 + jj, p.k_stride);
-    const S* vs = V + kv_offset(p, sv, g, j0 + jj, p.v_stride);
-    for (int64_t d = 0; d < D; ++d) {
-      const T x = load_as<T>(ks + d);
-      bad |= !(x - x == T(0));
-      kt[d * NR] = x;
-      kr[d] = x;
-    }
-    for (int64_t d = D; d < Dp; ++d) kr[d] = T(0);
-    for (int64_t d = 0; d < Dv; ++d) vt[d * NR] = load_as<T>(vs + d);
   }
-  return bad;
+  const T flag = bad.hsum();
+  return !(flag == T(0));
 }
 
 // C (M x n, ld ldc) += X^T (M x k) * B (k x n, ld ldb) where X is a (k x M) tile with row

@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "attention_common.h"
+#include "attention_pack.h"
 #include "attention_rows.h"
 #include "common.h"
 #include "debug.h"
@@ -29,7 +30,6 @@
 #include "gemm/pack.h"
 #include "gemm/ukernel.h"
 #include "simd/math.h"
-#include "simd/transpose.h"
 #include "simd/vec.h"
 #include "threading.h"
 
@@ -82,37 +82,8 @@ struct Item {
   int64_t cost;      // key blocks visited (at least 1)
 };
 
-// One K or V row of a key block, read N lanes at a time in the compute type T: converted from
-// half precision, or dequantized (codes times the row's scale) for 8-bit caches. A null row
-// (keys past the block's end) reads as zeros.
-template <class T, class S>
-struct KvRow {
-  const S* row = nullptr;
-  T scale = T(0);  // 8-bit codes only: the row's scale times CodeUnit<S>::kUnscale
-  Vec<T> load(int64_t d, int n) const {
-    using V = Vec<T>;
-    if (!row) return V::zero();
-    if constexpr (is_code<S>)
-      return (n == V::N ? load_code(row + d) : load_code_partial(row + d, n)) * V::set1(scale);
-    else if constexpr (std::is_same<S, T>::value)
-      return n == V::N ? V::load(row + d) : V::load_partial(row + d, n);
-    else
-      return n == V::N ? load_cvt(row + d) : load_cvt_partial(row + d, n);
-  }
-};
-
-template <class T, class S>
-KvRow<T, S> kv_row(const AttentionParams& p, const SeqView& s, int64_t g, int64_t j,
-                   const void* base, const int64_t* stride, const float* scales,
-                   const int64_t* scale_stride) {
-  KvRow<T, S> r;
-  r.row = typed<S>(base) + kv_offset(p, s, g, j, stride);
-  if constexpr (is_code<S>) r.scale = T(scales[kv_offset(p, s, g, j, scale_stride)] * CodeUnit<S>::kUnscale);
-  return r;
-}
-
-// Packs keys j0..j0+bn of kv head g: K transposed into NR-key panels ([D][NR] each, N x N
-// register transposes; keys bn..round_up(bn, NR) zero, as the S GEMM reads whole panels) and
+// Packs keys j0..j0+bn of kv head g: K transposed into NR-key panels ([D][NR] each; keys
+// bn..round_up(bn, NR) zero, as the S GEMM reads whole panels) and
 // V as NR-column panels ([BNp][NR] each, rows >= bn never read). *nonfinite: V holds inf/NaN.
 template <class T, class S>
 void pack_kv_block(const AttentionParams& p, const SeqView& s, int64_t g, int64_t j0, int64_t bn,
@@ -120,23 +91,11 @@ void pack_kv_block(const AttentionParams& p, const SeqView& s, int64_t g, int64_
   using V = Vec<T>;
   constexpr int N = V::N, NR = Tiles<T>::NR;
   constexpr int64_t BNp = Tiles<T>::kBlockNPad;
-  static_assert(NR % N == 0, "a K panel is a whole number of N-key groups");
   const int64_t D = p.head_dim, Dv = p.head_dim_v, Dvp = round_up(Dv, NR);
-  const int64_t rows = round_up(bn, NR);
-  for (int64_t r0 = 0; r0 < rows; r0 += N) {
-    KvRow<T, S> kr[N];
-    for (int i = 0; i < N; ++i)
-      if (r0 + i < bn)
-        kr[i] = kv_row<T, S>(p, s, g, j0 + r0 + i, p.k, p.k_stride, p.k_scale, p.k_scale_stride);
-    T* kpanel = kb + (r0 / NR) * D * NR + r0 % NR;
-    for (int64_t d0 = 0; d0 < D; d0 += N) {
-      const int n = int(imin(N, D - d0));
-      V x[N];
-      for (int i = 0; i < N; ++i) x[i] = kr[i].load(d0, n);
-      transpose<T>(x);
-      for (int t = 0; t < n; ++t) x[t].store(kpanel + (d0 + t) * NR);
-    }
-  }
+  pack_panels_transposed<T, NR>(round_up(bn, NR), D, kb, [&](int64_t jj) {
+    return jj < bn ? kv_row<T, S>(p, s, g, j0 + jj, p.k, p.k_stride, p.k_scale, p.k_scale_stride)
+                   : KvRow<T, S>{};
+  });
   V bad = V::zero();  // x - x is 0 for finite x, NaN for inf/NaN: a NaN sum flags the block
   for (int64_t jj = 0; jj < bn; ++jj) {
     const KvRow<T, S> vr = kv_row<T, S>(p, s, g, j0 + jj, p.v, p.v_stride, p.v_scale, p.v_scale_stride);

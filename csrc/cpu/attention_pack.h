@@ -1,0 +1,70 @@
+// Packing K and V rows of a key block for the GEMM micro-kernel (ARCHITECTURE.md rule 5), shared
+// by the attention forward and backward: rows read N lanes at a time in the compute type
+// (converted or dequantized on the way), K^T / V^T panels built with N x N register transposes
+// (simd/transpose.h) instead of one scalar move per element.
+#pragma once
+#include <cstdint>
+#include <type_traits>
+
+#include "attention_common.h"
+#include "simd/scalar_cvt.h"
+#include "simd/transpose.h"
+#include "simd/vec.h"
+
+namespace attnkit {
+namespace cpu {
+namespace ATTNKIT_ISA_NS {
+
+// One K or V row of a key block, read N lanes at a time in the compute type T: converted from
+// half precision, or dequantized (codes times the row's scale) for 8-bit caches. A null row
+// (keys past the block's end) reads as zeros.
+template <class T, class S>
+struct KvRow {
+  const S* row = nullptr;
+  T scale = T(0);  // 8-bit codes only: the row's scale times CodeUnit<S>::kUnscale
+  Vec<T> load(int64_t d, int n) const {
+    using V = Vec<T>;
+    if (!row) return V::zero();
+    if constexpr (is_code<S>)
+      return (n == V::N ? load_code(row + d) : load_code_partial(row + d, n)) * V::set1(scale);
+    else if constexpr (std::is_same<S, T>::value)
+      return n == V::N ? V::load(row + d) : V::load_partial(row + d, n);
+    else
+      return n == V::N ? load_cvt(row + d) : load_cvt_partial(row + d, n);
+  }
+};
+
+template <class T, class S>
+KvRow<T, S> kv_row(const AttentionParams& p, const SeqView& s, int64_t g, int64_t j,
+                   const void* base, const int64_t* stride, const float* scales,
+                   const int64_t* scale_stride) {
+  KvRow<T, S> r;
+  r.row = typed<S>(base) + kv_offset(p, s, g, j, stride);
+  if constexpr (is_code<S>) r.scale = T(scales[kv_offset(p, s, g, j, scale_stride)] * CodeUnit<S>::kUnscale);
+  return r;
+}
+
+// Rows 0..nrows (nrows a multiple of N; row(j) gives a KvRow, a null one reads as zeros) written
+// transposed into NR-row panels: element (row j, dim d) at dst[(j / NR) * D * NR + d * NR + j % NR].
+template <class T, int NR, class RowFn>
+inline void pack_panels_transposed(int64_t nrows, int64_t D, T* dst, RowFn&& row) {
+  using V = Vec<T>;
+  constexpr int N = V::N;
+  static_assert(NR % N == 0, "a panel is a whole number of N-row groups");
+  for (int64_t r0 = 0; r0 < nrows; r0 += N) {
+    decltype(row(r0)) rows[N];
+    for (int i = 0; i < N; ++i) rows[i] = row(r0 + i);
+    T* panel = dst + (r0 / NR) * D * NR + r0 % NR;
+    for (int64_t d0 = 0; d0 < D; d0 += N) {
+      const int n = int(imin(N, D - d0));
+      V x[N];
+      for (int i = 0; i < N; ++i) x[i] = rows[i].load(d0, n);
+      transpose<T>(x);
+      for (int t = 0; t < n; ++t) x[t].store(panel + (d0 + t) * NR);
+    }
+  }
+}
+
+}  // namespace ATTNKIT_ISA_NS
+}  // namespace cpu
+}  // namespace attnkit
