@@ -291,6 +291,60 @@ def test_bit_identical_across_threads(threads, rng):
             assert np.array_equal(o[0], outs[0][0]) and np.array_equal(o[1], outs[0][1])
 
 
+def test_shared_kv_packing_when_groups_are_fewer_than_threads(rng):
+    """Fewer (batch, kv head) groups than threads: K/V are packed once for all threads
+    (the plan says so) and the results are bit-identical to one thread's, which packs per
+    thread: causal, key padding with NaN in the padded V rows, a window, fp16 K/V, and a KV
+    cache appended in the same call (packing must follow the append)."""
+    from attnkit import _C
+
+    def run(nt, fn):
+        attnkit.set_num_threads(nt)
+        out = fn()
+        return out, _C._last_attention_plan()["shared_pack"]
+
+    q, k, v = make_qkv(rng, 1, 4, 1, 300, 700, 40)
+    keypad = (np.arange(700) < 450)[None, None, None, :]
+    v_nan = v.copy()
+    v_nan[..., 450:, :] = np.nan  # masked out: must never reach the output
+    q16, k16, v16 = make_qkv(rng, 1, 2, 1, 100, 600, 64, kv_dtype=np.float16)
+    cases = {
+        "causal": (lambda: attnkit.attention(q, k, v, causal=True, return_lse=True),
+                   lambda o: check(q, k, v, o[0], lse=o[1], causal=True)),
+        "keypad_nan_v": (lambda: attnkit.attention(q, k, v_nan, mask=keypad, return_lse=True),
+                         lambda o: check(q, k, v, o[0], lse=o[1], mask=keypad)),
+        "window": (lambda: attnkit.attention(q, k, v, window=(100, 20), return_lse=True),
+                   lambda o: check(q, k, v, o[0], lse=o[1], window=(100, 20))),
+        "fp16_kv": (lambda: attnkit.attention(q16, k16, v16, return_lse=True),
+                    lambda o: check(q16, k16.astype(np.float32), v16.astype(np.float32), o[0], lse=o[1])),
+    }
+    for name, (fn, verify) in cases.items():
+        one, shared1 = run(1, fn)
+        verify(one)
+        for nt in (2, 3):
+            many, shared = run(nt, fn)
+            assert shared and not shared1, name
+            assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(one, many)), name
+
+    # attention_with_kvcache with a prefill-sized Sq: the new rows are appended, then packed.
+    B, Smax, Hkv, H, D, n0, sn = 1, 512, 1, 4, 32, 200, 96
+    cache = [randn(rng, (B, Smax, Hkv, D), np.float32) for _ in range(2)]
+    qn = randn(rng, (B, sn, H, D), np.float32)
+    kn, vn = (randn(rng, (B, sn, Hkv, D), np.float32) for _ in range(2))
+    results = []
+    for nt in (1, 2):
+        kc, vc = (c.copy() for c in cache)
+        out, shared = run(nt, lambda: attnkit.attention_with_kvcache(
+            qn, kc, vc, k=kn, v=vn, cache_seqlens=n0, causal=True))
+        assert shared == (nt > 1)
+        results.append(out)
+    assert np.array_equal(results[0], results[1])
+    keys = np.concatenate([cache[0][:, :n0], kn], 1).transpose(0, 2, 1, 3)
+    vals = np.concatenate([cache[1][:, :n0], vn], 1).transpose(0, 2, 1, 3)
+    ref, _ = attention_ref(qn.transpose(0, 2, 1, 3), keys, vals, causal=True, bottom_right=True)
+    assert_close(results[1].transpose(0, 2, 1, 3), ref, np.float32)
+
+
 # ---- varlen ----
 
 

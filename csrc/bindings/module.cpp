@@ -65,6 +65,7 @@ py::dict last_attention_plan_py() {
   d["items"] = r.items;
   d["threads"] = r.threads;
   d["pack_slots"] = r.pack_slots;
+  d["shared_pack"] = bool(r.shared_pack);
   return d;
 }
 

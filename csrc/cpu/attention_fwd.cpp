@@ -13,7 +13,10 @@
 // Threads: items are ordered (batch, kv head, query head of the group, query block) and cut
 // into one contiguous range per thread by estimated cost (the number of key blocks each item
 // visits), which balances causal masks where later blocks do more work. Each thread packs a
-// group's K/V once and reuses it for every query block and every head of that GQA group.
+// group's K/V once and reuses it for every query block and every head of that GQA group; with
+// fewer groups than threads (threads would share groups) the threads first pack every group
+// once together, into one shared copy, and then compute (SharedPack). A bool mask trims each
+// key block to the last key any of the block's rows may attend (key padding costs nothing).
 // Every output row is computed by one thread in a fixed order: bit-identical for any thread
 // count.
 #include <math.h>
@@ -60,6 +63,17 @@ struct Tiles {
 // one block that is repacked on use.
 constexpr int64_t kPackCacheBytes = int64_t(16) << 20;
 
+// K/V of every (batch, kv head) group packed once, cooperatively, before any thread computes:
+// used when there are fewer groups than threads, so that threads sharing a group do not each
+// pack (and hold) their own copy. Group gi = b * Hkv + g, key block kb at slot gi * blocks + kb.
+template <class T>
+struct SharedPack {
+  const T* k = nullptr;  // null: not shared, each thread packs into its PackCache
+  const T* v = nullptr;
+  const uint8_t* nonfinite = nullptr;
+  int64_t blocks = 0;  // key blocks per group (of the longest sequence)
+};
+
 template <class T>
 struct PackCache {
   int64_t b = -1, g = -1;
@@ -67,6 +81,7 @@ struct PackCache {
   Scratch<T> k, v;
   Scratch<int64_t> tag;   // key block held by each slot (-1: none)
   Scratch<uint8_t> nonfinite;  // the V block holds inf/NaN (see pv_with_nonfinite)
+  SharedPack<T> shared;
 };
 
 template <class T>
@@ -113,6 +128,13 @@ template <class T, class S>
 void ensure_packed(const AttentionParams& p, const SeqView& s, int64_t g, int64_t kb,
                    PackCache<T>& c, const T** kblk, const T** vblk, bool* nonfinite) {
   constexpr int64_t BN = Tiles<T>::kBlockN;
+  if (c.shared.k) {
+    const int64_t slot = (s.b * p.num_kv_heads + g) * c.shared.blocks + kb;
+    *kblk = c.shared.k + slot * c.block_elems_k;
+    *vblk = c.shared.v + slot * c.block_elems_v;
+    *nonfinite = c.shared.nonfinite[slot];
+    return;
+  }
   if (c.b != s.b || c.g != g) {
     c.b = s.b;
     c.g = g;
@@ -246,7 +268,8 @@ int64_t pack_cache_slots(const AttentionParams& p, int64_t max_sk) {
 }
 
 template <class T>
-bool init_workspace(const AttentionParams& p, Workspace<T>& w, int64_t max_sk) {
+bool init_workspace(const AttentionParams& p, Workspace<T>& w, int64_t max_sk,
+                    const SharedPack<T>& shared) {
   using Tl = Tiles<T>;
   constexpr int NR = Tl::NR;
   const int64_t BM = Tl::kBlockM, BNp = Tl::kBlockNPad;
@@ -254,7 +277,8 @@ bool init_workspace(const AttentionParams& p, Workspace<T>& w, int64_t max_sk) {
   PackCache<T>& c = w.cache;
   c.block_elems_k = BNp * D;
   c.block_elems_v = BNp * Dvp;
-  c.slots = pack_cache_slots<T>(p, max_sk);
+  c.shared = shared;
+  c.slots = shared.k ? 0 : pack_cache_slots<T>(p, max_sk);
   return w.qf.reset(size_t(BM * D)) && w.s.reset(size_t(BM * BNp)) && w.o.reset(size_t(BM * Dvp)) &&
          w.m.reset(size_t(BM)) && w.l.reset(size_t(BM)) && w.add.reset(size_t(Tl::kBlockN)) && w.keep.reset(size_t(Tl::kBlockN)) &&
          c.k.reset(size_t(c.slots * c.block_elems_k)) && c.v.reset(size_t(c.slots * c.block_elems_v)) &&
@@ -299,10 +323,30 @@ Status attention_typed(const AttentionParams& p) {
   prefix[0] = 0;
   for (int64_t i = 0; i < n_items; ++i) prefix[i + 1] = prefix[i] + items[i].cost;
   const int nt = threads_for(int64_t(flops / 16), p.num_threads);
+  // Fewer groups than threads: threads would share groups, so K/V are packed once for all
+  // (when every group's blocks fit in the memory the per-thread caches would have taken).
+  const int64_t n_groups = p.batch * p.num_kv_heads;
+  const int64_t blocks = imax(1, ceil_div(max_sk, BN));
+  const int64_t block_elems_k = Tl::kBlockNPad * p.head_dim;
+  const int64_t block_elems_v = Tl::kBlockNPad * round_up(p.head_dim_v, Tl::NR);
+  const bool share = nt > 1 && n_groups < nt && pack_cache_slots<T>(p, max_sk) == blocks &&
+                     n_groups * blocks * (block_elems_k + block_elems_v) * int64_t(sizeof(T)) <=
+                         int64_t(nt) * kPackCacheBytes;
+  Scratch<T> shared_k, shared_v;
+  Scratch<uint8_t> shared_nonfinite;
+  SharedPack<T> shared;
+  if (share) {
+    const size_t slots = size_t(n_groups * blocks);
+    if (!shared_k.reset(slots * size_t(block_elems_k)) || !shared_v.reset(slots * size_t(block_elems_v)) ||
+        !shared_nonfinite.reset(slots))
+      return Status::out_of_memory;
+    shared = {shared_k.get(), shared_v.get(), shared_nonfinite.get(), blocks};
+  }
   AttentionPlanRecord rec;
   rec.kernel = 1;
   rec.num_chunks = 1;
-  rec.pack_slots = pack_cache_slots<T>(p, max_sk);
+  rec.pack_slots = share ? blocks : pack_cache_slots<T>(p, max_sk);
+  rec.shared_pack = share;
   rec.items = n_items;
   rec.threads = nt;
   debug_record_attention_plan(rec);
@@ -316,12 +360,25 @@ Status attention_typed(const AttentionParams& p) {
     // Phase 1 allocates, phase 2 computes only if every thread's allocation succeeded: a
     // failed allocation leaves out and lse untouched.
     Workspace<T> w;
-    if (begin < end && !init_workspace<T>(p, w, max_sk)) failed = true;
+    if (begin < end && !init_workspace<T>(p, w, max_sk, shared)) failed = true;
 #pragma omp barrier
     if (!failed.load()) {
       if (p.n_new > 0) {
 #pragma omp single
         append_new_rows(p);  // the implied barrier: every thread then sees the new rows
+      }
+      if (share) {  // every (group, key block) packed by one thread, then a barrier
+        int64_t t0, t1;
+        split_range(n_groups * blocks, team, tid, &t0, &t1);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t gi = t / blocks, kb = t % blocks;
+          const SeqView s = seq_view(p, gi / p.num_kv_heads);
+          if (kb * BN >= s.sk) continue;  // a shorter sequence (varlen) has fewer blocks
+          pack_kv_block<T, SKV>(p, s, gi % p.num_kv_heads, kb * BN, imin(BN, s.sk - kb * BN),
+                                shared_k.get() + t * block_elems_k, shared_v.get() + t * block_elems_v,
+                                &shared_nonfinite[t]);
+        }
+#pragma omp barrier
       }
       for (int64_t i = begin; i < end; ++i) run_item<T, SQ, SKV>(p, items[i], w);
     }

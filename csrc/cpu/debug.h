@@ -28,6 +28,7 @@ struct AttentionPlanRecord {
   int64_t threads = 0;      // threads the parallel region was asked for
   int64_t pack_slots = 0;   // prefill: key blocks the per-thread K/V pack cache holds
                             // (1: the blocks are repacked on every use, a long sequence)
+  int32_t shared_pack = 0;  // prefill: K/V packed once for all threads (fewer groups than threads)
 };
 void debug_record_attention_plan(const AttentionPlanRecord& r);
 AttentionPlanRecord debug_last_attention_plan();
