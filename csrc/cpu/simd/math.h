@@ -26,8 +26,8 @@ inline Vec<float> vexp(Vec<float> x) {
   p = fma(p, r, V::set1(1.6666665459e-1f));
   p = fma(p, r, V::set1(5.0000001201e-1f));
   V y = fma(p * r, r, r + V::set1(1.0f));
-  // 2y * 2^(n-1): n may be 128 at the top of the range; n-1 stays a normal exponent.
-  V res = (y + y) * V::pow2i(n - V::set1(1.0f));
+  // y * 2^n; n may be 128 at the top of the range (scale_pow2 handles it).
+  V res = V::scale_pow2(y, n);
   return select(x < lo, V::zero(), res);
 }
 

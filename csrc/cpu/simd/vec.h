@@ -16,7 +16,8 @@
 //                              when either is NaN), so write max(limit, x) to keep a NaN x
 //   hsum(), hmax(); hsum4(a, b, c, d, out) (Vec<float>: the four sums into out[0..3])
 //   Mask: a < b, a <= b, a == b, is_nan(a); select(mask, if_true, if_false)
-// Vec<float> also has round() (to nearest even) and pow2i(n) = 2^n for integral n in [-126, 127],
+// Vec<float> also has round() (to nearest even) and scale_pow2(y, n) = y * 2^n for integral n in
+// [-125, 128] and normal results (vscalefps on AVX-512, the exponent field elsewhere),
 // and the storage conversions load_cvt / store_cvt for float, f16_t and bf16_t.
 // 8-bit KV codes (int8_t, f8e4m3_t): load_code(p) / load_code_partial(p, n) /
 // load_code_pair(p, a, b) (2N codes) give the codes'

@@ -81,9 +81,10 @@ struct Vec<float> {
     return {_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
   }
   // 2^n for integral n in [-126, 127], built directly in the exponent field.
-  static inline Vec pow2i(Vec n) {
-    __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127));
-    return {_mm256_castsi256_ps(_mm256_slli_epi32(e, 23))};
+  // y * 2^n for integral n in [-125, 128]: (2y) * 2^(n-1), 2^(n-1) built in the exponent field.
+  static inline Vec scale_pow2(Vec y, Vec n) {
+    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(126));
+    return {_mm256_mul_ps(_mm256_add_ps(y.v, y.v), _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)))};
   }
   // lane i = base + i
   static inline Vec iota(float base) {

@@ -78,10 +78,8 @@ struct Vec<float> {
   inline Vec round() const {
     return {_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
   }
-  static inline Vec pow2i(Vec n) {
-    __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127));
-    return {_mm512_castsi512_ps(_mm512_slli_epi32(e, 23))};
-  }
+  // y * 2^n for integral n: one vscalefps (exact for normal results).
+  static inline Vec scale_pow2(Vec y, Vec n) { return {_mm512_scalef_ps(y.v, n.v)}; }
   static inline Vec iota(float base) {
     return {_mm512_add_ps(_mm512_set1_ps(base),
                           _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))};

@@ -147,10 +147,12 @@ struct Vec<float> : VecArray<float, 4> {
     for (int i = 0; i < N; ++i) r.v[i] = nearbyintf(v[i]);
     return r;
   }
-  static inline Vec pow2i(Vec n) {
+  // y * 2^n for integral n in [-125, 128]: (2y) * 2^(n-1), as vec_avx2.h.
+  static inline Vec scale_pow2(Vec y, Vec n) {
     Vec r;
     for (int i = 0; i < N; ++i)
-      r.v[i] = bits_f32(static_cast<uint32_t>(static_cast<int32_t>(n.v[i]) + 127) << 23);
+      r.v[i] = (y.v[i] + y.v[i]) *
+               bits_f32(static_cast<uint32_t>(static_cast<int32_t>(n.v[i]) + 126) << 23);
     return r;
   }
   static inline Vec iota(float base) {
