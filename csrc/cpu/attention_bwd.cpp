@@ -398,8 +398,8 @@ void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdI
       }
       SKV* dko = static_cast<SKV*>(bp.dk) + kv_offset(p, sv, it.g, j0 + jj, bp.dk_stride);
       SKV* dvo = static_cast<SKV*>(bp.dv) + kv_offset(p, sv, it.g, j0 + jj, bp.dv_stride);
-      for (int64_t d = 0; d < D; ++d) store_as<T, SKV>(dk[jj * Dp + d], dko + d);
-      for (int64_t d = 0; d < Dv; ++d) store_as<T, SKV>(dv[jj * Dvp + d], dvo + d);
+      store_row_scaled(dk + jj * Dp, T(1), D, dko);
+      store_row_scaled(dv + jj * Dvp, T(1), Dv, dvo);
     }
   }
   // dQ of every row of the item.
@@ -408,7 +408,7 @@ void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdI
     for (int64_t r = 0; r < rows; ++r) {
       SQ* o = dQ + out_offset(p, sv, it.g * G + hh, it.r0 + r, bp.dq_stride);
       const T* src = w.dq.get() + (hh * rows + r) * Dp;
-      for (int64_t d = 0; d < D; ++d) store_as<T, SQ>(src[d], o + d);
+      store_row_scaled(src, T(1), D, o);
     }
 }
 

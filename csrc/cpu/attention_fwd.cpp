@@ -189,10 +189,7 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
     A = Q + q_offset(p, s, h, i0);
     rs_a = p.q_stride[2];
   } else {
-    for (int64_t r = 0; r < bm; ++r) {
-      const SQ* qr = Q + q_offset(p, s, h, i0 + r);
-      for (int64_t d = 0; d < D; ++d) w.qf[r * D + d] = load_as<T>(qr + d);
-    }
+    for (int64_t r = 0; r < bm; ++r) convert_row(Q + q_offset(p, s, h, i0 + r), D, w.qf.get() + r * D);
     A = w.qf.get();
     rs_a = D;
   }
@@ -250,7 +247,7 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
   for (int64_t r = 0; r < bm; ++r) {
     const T inv = l[r] == T(0) ? T(0) : T(1) / l[r];
     SQ* orow = out + out_offset(p, s, h, i0 + r, p.out_stride);
-    for (int64_t d = 0; d < Dv; ++d) store_as<T, SQ>(O[r * Dvp + d] * inv, orow + d);
+    store_row_scaled(O + r * Dvp, inv, Dv, orow);
     if (p.lse)
       p.lse[out_offset(p, s, h, i0 + r, p.lse_stride)] =
           l[r] == T(0) ? kNegInfF : float(m[r] + T(log(double(l[r]))));

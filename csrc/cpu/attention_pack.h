@@ -44,6 +44,45 @@ KvRow<T, S> kv_row(const AttentionParams& p, const SeqView& s, int64_t g, int64_
   return r;
 }
 
+// dst[0..n) = src[0..n) in the compute type T (converted from half precision).
+template <class T, class S>
+inline void convert_row(const S* src, int64_t n, T* dst) {
+  using V = Vec<T>;
+  KvRow<T, S> r;
+  r.row = src;
+  for (int64_t d = 0; d < n; d += V::N) {
+    const int w = int(imin(V::N, n - d));
+    const V x = r.load(d, w);
+    if (w == V::N)
+      x.store(dst + d);
+    else
+      x.store_partial(dst + d, w);
+  }
+}
+
+// dst[0..n) = src[0..n) * f, stored as S (rounded to nearest even for half precision, as
+// from_f32).
+template <class T, class S>
+inline void store_row_scaled(const T* src, T f, int64_t n, S* dst) {
+  using V = Vec<T>;
+  const V vf = V::set1(f);
+  for (int64_t d = 0; d < n; d += V::N) {
+    const int w = int(imin(V::N, n - d));
+    const V x = (w == V::N ? V::load(src + d) : V::load_partial(src + d, w)) * vf;
+    if constexpr (std::is_same<S, T>::value) {
+      if (w == V::N)
+        x.store(dst + d);
+      else
+        x.store_partial(dst + d, w);
+    } else {
+      if (w == V::N)
+        store_cvt(dst + d, x);
+      else
+        store_cvt_partial(dst + d, x, w);
+    }
+  }
+}
+
 // Rows 0..nrows (nrows a multiple of N; row(j) gives a KvRow, a null one reads as zeros) written
 // transposed into NR-row panels: element (row j, dim d) at dst[(j / NR) * D * NR + d * NR + j % NR].
 template <class T, int NR, class RowFn>
