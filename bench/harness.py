@@ -335,6 +335,7 @@ def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=N
         fns["torch mm"] = lambda: torch.mm(ta, tb)
     with _blas_limit(threads), _TorchThreads(threads):
         sgemm = _best_rates(fns, {k: matmul_flops(n, n, n) / 1e9 for k in fns}, cfg)
+        bf16 = _bf16_gemm_rates(a, b, threads, torch, cfg)
     del a, b, fns
 
     data = np.ones(buf // 4, np.float32)  # written: every page is mapped before timing
@@ -350,6 +351,8 @@ def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=N
         "sgemm_gflops": max(sgemm.values()),
         "sgemm_n": n,
         "sgemm_by_method": sgemm,
+        "bf16_gemm_gflops": max(bf16.values()) if bf16 else None,
+        "bf16_gemm_by_method": bf16,
         "copy_gbs": max(copy_by.values()),  # read + write
         "copy_by_method": copy_by,
         "read_gbs": max(read_by.values()),
@@ -370,6 +373,30 @@ def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=N
             f"read ceiling {out['read_gbs']:.1f} GB/s is under half the copy rate "
             f"{out['copy_gbs']:.1f} GB/s: the read ops are arithmetic-bound here")
     return out
+
+
+def _bf16_gemm_rates(a, b, threads, torch, cfg) -> dict:
+    """bf16 x bf16 -> bf16 GEMMs of the sgemm's N x N through attnkit's matmul (its best variant
+    here: AVX512-BF16 or AMX when the CPU has them) and torch (oneDNN): the machine's bf16
+    matrix rate, shown beside the sgemm ceiling (method -> GFLOP/s; {} without either)."""
+    n = a.shape[0]
+    fns = {}
+    try:
+        import ml_dtypes
+
+        import attnkit
+
+        ab, bb = a.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16)
+        attnkit.set_num_threads(threads)
+        fns["attnkit matmul"] = lambda: attnkit.matmul(ab, bb)
+    except ImportError:
+        pass
+    if torch is not None:
+        ta, tb = torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16()
+        fns["torch mm"] = lambda: torch.mm(ta, tb)
+    if not fns:
+        return {}
+    return _best_rates(fns, {k: matmul_flops(n, n, n) / 1e9 for k in fns}, cfg)
 
 
 CEILING_KEYS = {"sgemm": "sgemm_gflops", "copy": "copy_gbs", "read": "read_gbs"}

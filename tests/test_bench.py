@@ -35,7 +35,8 @@ MACHINE_KEYS = {"cpu", "logical_cpus", "threads", "machine", "hostname", "date",
 CONFIG_KEYS = {"mode", "threads", "suites", "shape", "dtype", "rounds", "burst_s", "argv"}
 RUN_KEYS = {"threads", "threads_by_library", "ceilings", "skipped", "rows", "wall_s",
             "loadavg_end"}
-CEILING_KEYS = {"sgemm_gflops", "sgemm_n", "sgemm_by_method", "copy_gbs", "copy_by_method",
+CEILING_KEYS = {"sgemm_gflops", "sgemm_n", "sgemm_by_method", "bf16_gemm_gflops",
+                "bf16_gemm_by_method", "copy_gbs", "copy_by_method",
                 "read_gbs", "read_by_method", "buffer_mb", "copy_buffer_mb", "llc_bytes",
                 "buffer_vs_llc", "stat", "warnings", "wall_s"}
 ROW_KEYS = {"suite", "name", "params", "unit", "ceiling", "work", "subject", "reference",
@@ -491,6 +492,8 @@ def test_measure_ceilings_takes_the_best_method():
     assert c["read_gbs"] == max(c["read_by_method"].values()) > 0
     assert c["copy_gbs"] == max(c["copy_by_method"].values()) > 0
     assert c["sgemm_gflops"] == max(c["sgemm_by_method"].values()) > 0
+    assert {"attnkit matmul", "torch mm"} <= set(c["bf16_gemm_by_method"])
+    assert c["bf16_gemm_gflops"] == max(c["bf16_gemm_by_method"].values()) > 0
     assert c["buffer_vs_llc"] == pytest.approx(8.0)
     assert not any("ceiling buffer" in w for w in c["warnings"])
     c = harness.measure_ceilings(1, "tiny", llc_bytes=64 << 20)
