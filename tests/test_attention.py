@@ -453,3 +453,23 @@ def test_long_keys_repack_the_kv_cache(isa, rng):
     attnkit.attention(q, k, v)
     assert _C._last_attention_plan()["pack_slots"] > 1  # the cached path, for contrast
 
+
+
+# bf16 q, k, v through the prefill kernel (avx512_bf16: S = Q K^T on vdpbf16ps, K in pair
+# words): odd and even head dims, q rows not whole words (odd D, odd row strides), GQA,
+# masks and windows, several key blocks, reversed sequences.
+@pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
+@pytest.mark.parametrize("D", [1, 7, 64, 111, 128])
+def test_bf16_prefill_paths(isa, rng, D):
+    q, k, v = make_qkv(rng, 2, 4, 2, 70, 300, D, dtype=bfloat16)
+    o = attnkit.attention(q, k, v, causal=True)
+    check(q, k, v, o, use_torch=True, causal=True)
+    # odd q row stride (a bshd view of a fused (B, S, 3 * H + 1, D) projection) and reversed keys
+    big = randn(rng, (2, 70, 13, D), bfloat16)
+    qv = big[:, :, :4].transpose(0, 2, 1, 3)
+    kv_, vv = k[:, :, ::-1], v[:, :, ::-1]
+    o = attnkit.attention(qv, kv_, vv, window=(40, 3))
+    check(qv, kv_, vv, o, use_torch=False, window=(40, 3))
+    mask = rng.random((1, 1, 70, 300)) < 0.7
+    o = attnkit.attention(q, k, v, mask=mask, softcap=5.0)
+    check(q, k, v, o, mask=mask, softcap=5.0)
