@@ -473,3 +473,22 @@ def test_bf16_prefill_paths(isa, rng, D):
     mask = rng.random((1, 1, 70, 300)) < 0.7
     o = attnkit.attention(q, k, v, mask=mask, softcap=5.0)
     check(q, k, v, o, mask=mask, softcap=5.0)
+
+
+@pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
+def test_bf16_subnormal_scores(isa, rng):
+    """vdpbf16ps reads subnormal bf16 as zero (Intel SDM: DAZ, MXCSR ignored). The fp32 paths
+    attend with the subnormal q; avx512_bf16's Q K^T attends as if it were 0 (documented in
+    ARCHITECTURE.md, "ISA variants"). Here that moves one score from 1 to 0."""
+    q = np.zeros((1, 1, 40, 8), bfloat16)
+    k = np.zeros((1, 1, 40, 8), bfloat16)
+    q[0, 0, 0, 0] = np.float32(2.0 ** -130)  # subnormal in bf16
+    k[0, 0, 0, 0] = np.float32(2.0 ** 126)   # q k = 2^-4, times scale 16 = 1
+    v = randn(rng, (1, 1, 40, 8), bfloat16)
+    o = attnkit.attention(q, k, v, scale=16.0)
+    flushed = q.copy()
+    flushed[0, 0, 0, 0] = 0
+    exact, _ = attention_ref(q, k, v, scale=16.0)
+    daz, _ = attention_ref(flushed, k, v, scale=16.0)
+    assert np.abs(exact - daz).max() > 0.05  # the two semantics differ visibly
+    assert_close(o, daz if isa == "avx512_bf16" else exact, bfloat16, what="attention out")
