@@ -6,7 +6,9 @@
 //   online softmax per row    scale, softcap, ALiBi, bounds and masks, running max m and sum l
 //                             (the -inf guard below), P = exp(S - m) written over S
 //   O = alpha O + P V         GEMM micro-kernel: A = P in place, B = V packed in NR-column panels
-// and finally out = O / l, lse = m + log l. No Sq x Sk matrix exists: per-thread scratch is
+// and finally out = O / l, lse = m + log l. The avx512_bf16 variant compiles this file again
+// for bf16 q, k, v only: S = Q K^T then runs on vdpbf16ps over K packed in pair words
+// (kPairK below); the softmax and P V stay fp32. No Sq x Sk matrix exists: per-thread scratch is
 // one S tile (kBlockM x kBlockN), one O tile (kBlockM x Dv) and the packed K/V of the current
 // (batch, kv head) group (see PackCache).
 //
@@ -237,6 +239,7 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
   int64_t rs_a = 0;
   const SQ* Q = typed<SQ>(p.q);
   constexpr bool pairs = kPairK<SQ> && kPairK<SKV>;
+  static_assert(pairs || !kPairK<SKV>, "K packed in pair words needs bf16 q (attention_fwd)");
   const int64_t Dw = (D + 1) / 2;  // pair words of a q / K row
   const uint32_t* Aw = nullptr;
   int64_t rs_w = 0;
