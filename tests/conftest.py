@@ -1,10 +1,53 @@
+import os
+import subprocess
+import sys
 import zlib
 
 import numpy as np
 import pytest
 
-import attnkit
-from attnkit._runtime import _use_isa
+# Variants whose instructions run on this CPU although CPUID does not list them (a hypervisor
+# that masks CPUID bits: AVX512-BF16 on an Emerald Rapids VM). Probed before attnkit is
+# imported, each in a child process that forces the variant and runs one of its kernels: a
+# return code 0 (not -SIGILL) means it executes, and this session then imports attnkit with
+# ATTNKIT_CPU_ASSUME naming it, so the `isa` tests run it too. An ATTNKIT_CPU_ASSUME set by the
+# caller is kept as it is.
+_PROBES = {
+    # a bf16 matmul big enough to take the vdpbf16ps path (gemm_bf16.cpp), checked
+    "avx512_bf16": "import attnkit, numpy as np, ml_dtypes; "
+                   "a = np.ones((64, 1024), ml_dtypes.bfloat16); "
+                   "assert attnkit.info()['isa'] == 'avx512_bf16'; "
+                   "assert (attnkit.matmul(a, a.T).astype(np.float32) == 1024).all()",
+}
+
+
+def _probe(name):
+    env = dict(os.environ, ATTNKIT_CPU_ASSUME=name, ATTNKIT_CPU=name)
+    try:
+        r = subprocess.run([sys.executable, "-c", _PROBES[name]], env=env, capture_output=True,
+                           text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "the probe timed out"
+    if r.returncode == 0:
+        return None
+    last = (r.stderr.strip().splitlines() or [""])[-1]
+    return f"return code {r.returncode}" + (f": {last}" if last else "")
+
+
+PROBE_FAILURES = {}  # variant -> why it cannot run here (for the skip reasons)
+if "ATTNKIT_CPU_ASSUME" not in os.environ:
+    _runs = []
+    for _name in _PROBES:
+        _why = _probe(_name)
+        if _why is None:
+            _runs.append(_name)
+        else:
+            PROBE_FAILURES[_name] = _why
+    if _runs:
+        os.environ["ATTNKIT_CPU_ASSUME"] = ",".join(_runs)
+
+import attnkit  # noqa: E402
+from attnkit._runtime import _use_isa  # noqa: E402
 
 
 def isas_for(kernels):
@@ -14,12 +57,30 @@ def isas_for(kernels):
             and (kernels is None or set(i["kernels"]) & set(kernels))]
 
 
+def unrunnable_isas_for(kernels):
+    """(variant, reason) for the compiled variants owning one of `kernels` that this machine
+    cannot run: CPUID does not list them and their probe (above) failed or was not run."""
+    out = []
+    for i in attnkit.info()["isas"]:
+        if not i["compiled"] or i["supported"]:
+            continue
+        if kernels is not None and not set(i["kernels"]) & set(kernels):
+            continue
+        why = PROBE_FAILURES.get(i["name"], "not supported by this CPU (CPUID) and not probed")
+        out.append((i["name"], f"{i['name']} cannot run here: {why}"))
+    return out
+
+
 def pytest_generate_tests(metafunc):
     """`isa` runs each test once per ISA variant this machine can execute; a module that sets
-    ISA_KERNELS (the kernel-table entries it tests) skips variants that do not own any."""
+    ISA_KERNELS (the kernel-table entries it tests) skips variants that do not own any.
+    Compiled variants that cannot run here appear as skipped, with the reason."""
     if "isa" in metafunc.fixturenames:
-        metafunc.parametrize("isa", isas_for(getattr(metafunc.module, "ISA_KERNELS", None)),
-                             indirect=True)
+        kernels = getattr(metafunc.module, "ISA_KERNELS", None)
+        params = isas_for(kernels)
+        params += [pytest.param(name, marks=pytest.mark.skip(reason=why))
+                   for name, why in unrunnable_isas_for(kernels) if name in _PROBES]
+        metafunc.parametrize("isa", params, indirect=True)
 
 
 @pytest.fixture

@@ -507,3 +507,42 @@ def test_long_keys_repack_the_kv_cache(isa, rng):
     attnkit.attention(q, k, v)
     assert _C._last_attention_plan()["pack_slots"] > 1  # the cached path, for contrast
 
+
+
+# bf16 q, k, v through the prefill kernel (avx512_bf16: S = Q K^T on vdpbf16ps, K in pair
+# words): odd and even head dims, q rows not whole words (odd D, odd row strides), GQA,
+# masks and windows, several key blocks, reversed sequences.
+@pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
+@pytest.mark.parametrize("D", [1, 7, 64, 111, 128])
+def test_bf16_prefill_paths(isa, rng, D):
+    q, k, v = make_qkv(rng, 2, 4, 2, 70, 300, D, dtype=bfloat16)
+    o = attnkit.attention(q, k, v, causal=True)
+    check(q, k, v, o, use_torch=True, causal=True)
+    # odd q row stride (a bshd view of a fused (B, S, 3 * H + 1, D) projection) and reversed keys
+    big = randn(rng, (2, 70, 13, D), bfloat16)
+    qv = big[:, :, :4].transpose(0, 2, 1, 3)
+    kv_, vv = k[:, :, ::-1], v[:, :, ::-1]
+    o = attnkit.attention(qv, kv_, vv, window=(40, 3))
+    check(qv, kv_, vv, o, use_torch=False, window=(40, 3))
+    mask = rng.random((1, 1, 70, 300)) < 0.7
+    o = attnkit.attention(q, k, v, mask=mask, softcap=5.0)
+    check(q, k, v, o, mask=mask, softcap=5.0)
+
+
+@pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
+def test_bf16_subnormal_scores(isa, rng):
+    """vdpbf16ps reads subnormal bf16 as zero (Intel SDM: DAZ, MXCSR ignored). The fp32 paths
+    attend with the subnormal q; avx512_bf16's Q K^T attends as if it were 0 (documented in
+    ARCHITECTURE.md, "ISA variants"). Here that moves one score from 1 to 0."""
+    q = np.zeros((1, 1, 40, 8), bfloat16)
+    k = np.zeros((1, 1, 40, 8), bfloat16)
+    q[0, 0, 0, 0] = np.float32(2.0 ** -130)  # subnormal in bf16
+    k[0, 0, 0, 0] = np.float32(2.0 ** 126)   # q k = 2^-4, times scale 16 = 1
+    v = randn(rng, (1, 1, 40, 8), bfloat16)
+    o = attnkit.attention(q, k, v, scale=16.0)
+    flushed = q.copy()
+    flushed[0, 0, 0, 0] = 0
+    exact, _ = attention_ref(q, k, v, scale=16.0)
+    daz, _ = attention_ref(flushed, k, v, scale=16.0)
+    assert np.abs(exact - daz).max() > 0.05  # the two semantics differ visibly
+    assert_close(o, daz if isa == "avx512_bf16" else exact, bfloat16, what="attention out")

@@ -165,3 +165,68 @@ def test_blocks_larger_than_nc_kc_mc(isa, rng, dtype):
         check(a, b, attnkit.matmul(a, b))
         bt = np.asfortranarray(b)  # the packed path, not the skinny in-place one
         check(a, bt, attnkit.matmul(a, bt))
+
+
+# Shapes past gemm_bf16.cpp's thresholds (>= 24 rows, > 2^21 multiply-adds), so the
+# avx512_bf16 variant runs them on vdpbf16ps: odd K (the zero pad of the last pair), K over
+# one k-block (512), M over one A block (144), N tails, strided and transposed operands.
+@pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
+@pytest.mark.parametrize("mkn", [(24, 4097, 33), (130, 301, 77), (150, 1025, 70), (301, 77, 129)])
+def test_bf16_pair_path_shapes(isa, rng, mkn):
+    m, k, n = mkn
+    a, b = randn(rng, (m, k), bfloat16), randn(rng, (k, n), bfloat16)
+    check(a, b, attnkit.matmul(a, b))
+    A = randn(rng, (2 * m, 2 * k), bfloat16)
+    B = randn(rng, (k + 1, 3 * n), bfloat16)
+    for av, bv in [(A[::2, ::2], B[:k, ::3]), (A[:m, ::-2], B[:k][::-1, :n]),
+                   (randn(rng, (k, m), bfloat16).T, randn(rng, (n, k), bfloat16).T)]:
+        check(av, bv, attnkit.matmul(av, bv))
+    ab = randn(rng, (3, m, k), bfloat16)
+    check(ab, b, attnkit.matmul(ab, b))
+
+
+@pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
+def test_bf16_subnormal_inputs_take_the_exact_path(isa, rng):
+    """vdpbf16ps reads subnormal bf16 as zero (Intel SDM: DAZ); a product with a subnormal
+    input is computed on the fp32 path instead, so every variant gives the same bits as avx512."""
+    m, k, n = 64, 700, 96
+    a, b = randn(rng, (m, k), bfloat16), randn(rng, (k, n), bfloat16)
+    tiny = np.float32(2.0 ** -130)  # subnormal in bf16 (and fp32)
+    assert np.asarray(tiny).astype(bfloat16).view(np.uint16) & 0x7f80 == 0
+    a[5] = 0
+    a[5, 3] = tiny
+    b[3, 7] = np.float32(2.0 ** 126)  # c[5, 7] = 2^-4 exactly; 0 if the input were flushed
+    got = attnkit.matmul(a, b)
+    check(a, b, got)
+    assert float(got[5, 7]) == 2.0 ** -4
+    if isa.startswith("avx512"):  # the isa fixture holds the selection lock: switch directly
+        from attnkit import _C
+        _C._select_isa("avx512")
+        try:
+            base = attnkit.matmul(a, b)
+        finally:
+            _C._select_isa(isa)
+        assert np.array_equal(got.view(np.uint16), base.view(np.uint16))
+    # Batched, with the subnormal in the last product only: the whole call takes the exact
+    # path, decided before anything is written, so a MemoryError at any allocation leaves out
+    # untouched (the first version recomputed that product after writing the others).
+    from attnkit import _C
+
+    a3, b3 = randn(rng, (3, m, k), bfloat16), randn(rng, (3, k, n), bfloat16)
+    a3[2], b3[2] = a, b
+    raised = 0
+    for nfail in range(1, 40):
+        out = np.full((3, m, n), np.nan, dtype=np.float32).astype(bfloat16)
+        _C._debug_fail_allocation_after(nfail)
+        try:
+            attnkit.matmul(a3, b3, out=out)
+        except MemoryError:
+            assert np.isnan(out.astype(np.float32)).all(), f"out written before allocation {nfail} failed"
+            raised += 1
+            continue
+        finally:
+            _C._debug_fail_allocation_after(0)
+        break
+    assert raised >= 1
+    check(a3, b3, out)
+    assert float(out[2, 5, 7]) == 2.0 ** -4

@@ -62,7 +62,7 @@ def test_threadpoolctl_applies():
     assert r.stdout.strip() == "1"
 
 
-@pytest.mark.parametrize("name", ["scalar", "avx2", "avx512", "avx512_vnni"])
+@pytest.mark.parametrize("name", ["scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16"])
 def test_env_forces_isa(name):
     supported = {i["name"]: i["supported"] and i["compiled"] for i in attnkit.info()["isas"]}
     r = run_py(
@@ -191,5 +191,39 @@ def test_info_lists_the_kernels_each_variant_compiles():
             assert i["kernels"] == []
         elif i["name"] == "avx512_vnni":
             assert i["kernels"] == ["attention_fwd"]
+        elif i["name"] == "avx512_bf16":
+            assert i["kernels"] == ["gemm", "attention_fwd"]
         else:
             assert set(i["kernels"]) == everything, i
+
+
+def test_cpu_assume_env():
+    """ATTNKIT_CPU_ASSUME marks a variant supported without its CPUID bit (and says so in
+    info()); it accepts only the variants a hypervisor may hide; auto never takes a variant
+    that is not verified or that has an auto_skip (avx512_bf16: slower where measured)."""
+    code = """
+        import attnkit, json
+        i = attnkit.info()
+        print(json.dumps([i["isa"], i["assumed_isas"],
+                          {x["name"]: [x["supported"], x["assumed"], x["verified"], x["auto_skip"]]
+                           for x in i["isas"]}]))
+        """
+    env = {"ATTNKIT_CPU": "auto"}
+    plain = run_py(code, dict(env, ATTNKIT_CPU_ASSUME=""))
+    assert plain.returncode == 0, plain.stderr
+    import json
+    isa0, assumed0, flags0 = json.loads(plain.stdout)
+    assert assumed0 == [] and not any(f[1] for f in flags0.values())
+    r = run_py(code, dict(env, ATTNKIT_CPU_ASSUME="avx512_bf16"))
+    assert r.returncode == 0, r.stderr
+    isa, assumed, flags = json.loads(r.stdout)
+    compiled = set(attnkit.info()["isas_compiled"])
+    if "avx512_bf16" in compiled and flags0["avx512_vnni"][0] and not flags0["avx512_bf16"][0]:
+        assert assumed == ["avx512_bf16"] and flags["avx512_bf16"][:2] == [True, True]
+    else:  # CPUID lists it already, or the variant below is missing: nothing is assumed
+        assert assumed == []
+    if not flags["avx512_bf16"][2] or flags["avx512_bf16"][3]:
+        assert isa == isa0  # auto takes verified variants without an auto_skip only
+    bad = run_py("import attnkit", dict(env, ATTNKIT_CPU_ASSUME="avx2"))
+    assert bad.returncode != 0
+    assert "ATTNKIT_CPU_ASSUME=avx2" in bad.stderr and "cannot assume avx2" in bad.stderr

@@ -30,6 +30,8 @@ GQA_HEADS = (32, 8, 128)
 TINY = [(2, 4, 2, 48, 32, "causal"), (2, 4, 4, 40, 16, "padmask")]
 FULL_EXTRA = [(1, 12, 12, 1024, 64, "floatmask"), (1, 12, 12, 2048, 64, "window")]
 HALF = ["bfloat16", "float16"]  # --full: the first issue case in these dtypes
+# bf16 rows of issue 13 (the avx512_bf16 variant's target: B1 H32 S2048 D128), quick and full
+BF16_ROWS = [(1, 32, 32, 2048, 128, ""), (1, 32, 32, 2048, 128, "causal")]
 WINDOW = (256, 0)
 
 
@@ -80,6 +82,8 @@ def specs(cfg):
     for c in ISSUE:
         heavy = c[3] * c[4] * c[1] >= 2048 * 128 * 32
         add(_spec(*c, heavy=heavy, naive=full or not heavy))
+    for c in BF16_ROWS:
+        add(_spec(*c, dtype="bfloat16", heavy=True, naive=False))
     if full:
         for c in FULL_EXTRA:
             add(_spec(*c))

@@ -31,6 +31,8 @@ py::list isa_list_py() {
     d["compiled"] = list[i].compiled;
     d["supported"] = list[i].supported;
     d["verified"] = list[i].verified;
+    d["assumed"] = list[i].assumed;  // supported only through $ATTNKIT_CPU_ASSUME
+    d["auto_skip"] = list[i].auto_skip ? py::object(py::str(list[i].auto_skip)) : py::none();
     // The kernels this variant compiles itself: for a variant on top of another (avx512_vnni),
     // the table entries that differ from the variant below; tests run the others once.
     py::list own;
@@ -82,7 +84,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("_isa_list", &isa_list_py, "Compiled ISA variants with support/verification flags.");
   m.def("_select_isa", &select_isa_py, py::arg("name"),
-        "Select the CPU kernel variant ('auto', 'scalar', 'avx2', 'avx512', 'avx512_vnni').");
+        "Select the CPU kernel variant ('auto', 'scalar', 'avx2', 'avx512', 'avx512_vnni', 'avx512_bf16').");
   m.def("_active_isa", [] { return std::string(cpu::active_kernels()->isa); });
   m.def("_openmp", &openmp_enabled);
   m.def("_in_forked_child", &in_forked_child);

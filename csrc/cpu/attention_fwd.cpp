@@ -6,7 +6,9 @@
 //   online softmax per row    scale, softcap, ALiBi, bounds and masks, running max m and sum l
 //                             (the -inf guard below), P = exp(S - m) written over S
 //   O = alpha O + P V         GEMM micro-kernel: A = P in place, B = V packed in NR-column panels
-// and finally out = O / l, lse = m + log l. No Sq x Sk matrix exists: per-thread scratch is
+// and finally out = O / l, lse = m + log l. The avx512_bf16 variant compiles this file again
+// for bf16 q, k, v only: S = Q K^T then runs on vdpbf16ps over K packed in pair words
+// (kPairK below); the softmax and P V stay fp32. No Sq x Sk matrix exists: per-thread scratch is
 // one S tile (kBlockM x kBlockN), one O tile (kBlockM x Dv) and the packed K/V of the current
 // (batch, kv head) group (see PackCache).
 //
@@ -35,9 +37,18 @@
 #include "simd/math.h"
 #include "simd/vec.h"
 #include "threading.h"
+#if defined(ATTNKIT_ISA_AVX512_BF16)
+#include "gemm/ukernel_bf16.h"
+#include "kernels.h"
+#endif
 
 namespace attnkit {
 namespace cpu {
+#if defined(ATTNKIT_ISA_AVX512_BF16)
+namespace avx512_vnni {
+bool decode_applies(const AttentionParams& p);  // attention_decode.cpp, the variant below
+}
+#endif
 namespace ATTNKIT_ISA_NS {
 
 bool decode_applies(const AttentionParams& p);   // attention_decode.cpp
@@ -45,6 +56,22 @@ Status attention_decode(const AttentionParams& p);
 
 
 namespace {
+
+// avx512_bf16: with bf16 q and K, S = Q K^T runs on vdpbf16ps (gemm/ukernel_bf16.h): K is
+// packed in pair words along the head dim, q rows are read in place as pair words. Every
+// other variant and dtype packs K in fp32 panels.
+#if defined(ATTNKIT_ISA_AVX512_BF16)
+template <class S>
+constexpr bool kPairK = std::is_same<S, bf16_t>::value;
+#else
+template <class S>
+constexpr bool kPairK = false;
+// Declared only so that run_item's pair branches (discarded when kPairK is false) parse.
+template <bool kPackedA>
+void ukernel_bf16_rows(int, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*,
+                       int64_t, bool, int);
+uint32_t load_pair(const void*);
+#endif
 
 template <class T>
 struct Tiles {
@@ -97,8 +124,19 @@ struct Item {
   int64_t cost;      // key blocks visited (at least 1)
 };
 
-// Packs keys j0..j0+bn of kv head g: K transposed into NR-key panels ([D][NR] each; keys
-// bn..round_up(bn, NR) zero, as the S GEMM reads whole panels) and
+// avx512_bf16 (kPairK): key row jj of a block (null: a zero pad row) as pair words in the K
+// panels at kb, [ceil(D/2)][NR] (an odd D's last word has a zero high half).
+template <class T, class S>
+inline void pack_k_pair_row(const S* krow, int64_t D, T* kb, int64_t jj) {
+  constexpr int NR = Tiles<T>::NR;
+  const int64_t dp = (D + 1) / 2;
+  uint32_t* kw = reinterpret_cast<uint32_t*>(kb) + (jj / NR) * dp * NR + jj % NR;
+  for (int64_t d = 0; d < dp; ++d)
+    kw[d * NR] = !krow ? 0u : 2 * d + 1 < D ? load_pair(krow + 2 * d) : uint32_t(krow[2 * d].bits);
+}
+
+// Packs keys j0..j0+bn of kv head g: K transposed into NR-key panels ([D][NR] each, or pair
+// words with kPairK; keys bn..round_up(bn, NR) zero, as the S GEMM reads whole panels) and
 // V as NR-column panels ([BNp][NR] each, rows >= bn never read). *nonfinite: V holds inf/NaN.
 template <class T, class S>
 void pack_kv_block(const AttentionParams& p, const SeqView& s, int64_t g, int64_t j0, int64_t bn,
@@ -107,10 +145,16 @@ void pack_kv_block(const AttentionParams& p, const SeqView& s, int64_t g, int64_
   constexpr int N = V::N, NR = Tiles<T>::NR;
   constexpr int64_t BNp = Tiles<T>::kBlockNPad;
   const int64_t D = p.head_dim, Dv = p.head_dim_v, Dvp = round_up(Dv, NR);
-  pack_panels_transposed<T, NR>(round_up(bn, NR), D, kb, [&](int64_t jj) {
-    return jj < bn ? kv_row<T, S>(p, s, g, j0 + jj, p.k, p.k_stride, p.k_scale, p.k_scale_stride)
-                   : KvRow<T, S>{};
-  });
+  if constexpr (kPairK<S>) {
+    for (int64_t jj = 0; jj < round_up(bn, NR); ++jj)
+      pack_k_pair_row<T, S>(jj < bn ? typed<S>(p.k) + kv_offset(p, s, g, j0 + jj, p.k_stride) : nullptr,
+                            D, kb, jj);
+  } else {
+    pack_panels_transposed<T, NR>(round_up(bn, NR), D, kb, [&](int64_t jj) {
+      return jj < bn ? kv_row<T, S>(p, s, g, j0 + jj, p.k, p.k_stride, p.k_scale, p.k_scale_stride)
+                     : KvRow<T, S>{};
+    });
+  }
   V bad = V::zero();  // x - x is 0 for finite x, NaN for inf/NaN: a NaN sum flags the block
   for (int64_t jj = 0; jj < bn; ++jj) {
     const KvRow<T, S> vr = kv_row<T, S>(p, s, g, j0 + jj, p.v, p.v_stride, p.v_scale, p.v_scale_stride);
@@ -181,11 +225,31 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
   const int64_t D = p.head_dim, Dv = p.head_dim_v, Dvp = round_up(Dv, NR);
   T *S = w.s.get(), *O = w.o.get(), *m = w.m.get(), *l = w.l.get();
 
-  // Query rows: read in place when they are fp32 already, else converted into qf.
-  const T* A;
-  int64_t rs_a;
+  // Query rows: read in place when they are fp32 already (or pair words, see kPairK), else
+  // converted into qf.
+  const T* A = nullptr;
+  int64_t rs_a = 0;
   const SQ* Q = typed<SQ>(p.q);
-  if constexpr (std::is_same<SQ, T>::value) {
+  constexpr bool pairs = kPairK<SQ> && kPairK<SKV>;
+  static_assert(pairs || !kPairK<SKV>, "K packed in pair words needs bf16 q (attention_fwd)");
+  const int64_t Dw = (D + 1) / 2;  // pair words of a q / K row
+  const uint32_t* Aw = nullptr;
+  int64_t rs_w = 0;
+  if constexpr (pairs) {
+    if (D % 2 == 0 && p.q_stride[2] % 2 == 0) {  // rows of whole words: in place
+      Aw = reinterpret_cast<const uint32_t*>(Q + q_offset(p, s, h, i0));
+      rs_w = p.q_stride[2] / 2;
+    } else {
+      uint32_t* qw = reinterpret_cast<uint32_t*>(w.qf.get());
+      for (int64_t r = 0; r < bm; ++r) {
+        const SQ* qr = Q + q_offset(p, s, h, i0 + r);
+        for (int64_t d = 0; d < Dw; ++d)
+          qw[r * Dw + d] = 2 * d + 1 < D ? load_pair(qr + 2 * d) : uint32_t(qr[2 * d].bits);
+      }
+      Aw = qw;
+      rs_w = Dw;
+    }
+  } else if constexpr (std::is_same<SQ, T>::value) {
     A = Q + q_offset(p, s, h, i0);
     rs_a = p.q_stride[2];
   } else {
@@ -216,9 +280,15 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
     // S = Q K^T
     for (int64_t ir = 0; ir < bm; ir += MR) {
       const int mr = int(imin(MR, bm - ir));
-      for (int64_t jp = 0; jp < bn; jp += NR)
-        ukernel_rows<T, false>(mr, D, A + ir * rs_a, rs_a, kblk + (jp / NR) * D * NR, NR,
-                               S + ir * BNp + jp, BNp, false, NR);
+      for (int64_t jp = 0; jp < bn; jp += NR) {
+        if constexpr (pairs)
+          ukernel_bf16_rows<false>(mr, Dw, Aw + ir * rs_w, rs_w,
+                                   reinterpret_cast<const uint32_t*>(kblk) + (jp / NR) * Dw * NR,
+                                   NR, S + ir * BNp + jp, BNp, false, NR);
+        else
+          ukernel_rows<T, false>(mr, D, A + ir * rs_a, rs_a, kblk + (jp / NR) * D * NR, NR,
+                                 S + ir * BNp + jp, BNp, false, NR);
+      }
     }
     // Softmax update row by row. A mask broadcast over query rows (key padding) is the same
     // for every row: it is read once per block.
@@ -412,6 +482,16 @@ Status dispatch_kv(const AttentionParams& p) {
 
 }  // namespace
 
+#if defined(ATTNKIT_ISA_AVX512_BF16)
+// bf16 q, k and v in the prefill kernel: this variant's pair path; everything else (other
+// dtypes, decode-shaped calls, 8-bit caches) is avx512_vnni's.
+Status attention_fwd(const AttentionParams& p) {
+  if (p.q_dtype == DType::bf16 && p.kv_dtype == DType::bf16 && p.num_kv_heads > 0 &&
+      p.num_heads % p.num_kv_heads == 0 && !avx512_vnni::decode_applies(p))
+    return attention_typed<float, bf16_t, bf16_t>(p);
+  return avx512_vnni::kernel_table()->attention_fwd(p);
+}
+#else
 Status attention_fwd(const AttentionParams& p) {
   if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0) return Status::invalid_argument;
   // Few query rows per KV head: the memory-bound decode kernel (chosen by shape only).
@@ -429,6 +509,7 @@ Status attention_fwd(const AttentionParams& p) {
       return Status::invalid_argument;
   }
 }
+#endif
 
 }  // namespace ATTNKIT_ISA_NS
 }  // namespace cpu

@@ -2,9 +2,18 @@
 //
 // The variant is chosen once, when the module is imported (the binding calls select_isa with
 // $ATTNKIT_CPU or "auto"). "auto" takes the best variant that is compiled, supported by this
-// CPU and OS, and verified, i.e. whose test suite has passed on a real CPU of that kind.
+// CPU and OS (by CPUID, or by $ATTNKIT_CPU_ASSUME), and verified, i.e. whose test suite has
+// passed on a real CPU of that kind, unless the variant says why auto should pass it over
+// (IsaInfo::auto_skip: measured slower than the variant below).
+//
+// $ATTNKIT_CPU_ASSUME (read once, with the list) names variants to treat as supported although
+// CPUID does not list their feature: for virtual machines whose hypervisor masks CPUID bits
+// (AVX512-BF16 hidden on an Emerald Rapids VM). Unsafe by design: a wrong claim is SIGILL.
+// The OS must still save ZMM state (XCR0) and the variant below must be supported.
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels.h"
 
@@ -28,6 +37,8 @@ struct X86Features {
   bool avx2 = false;    // AVX2 + FMA + F16C, and the OS saves YMM state
   bool avx512 = false;  // AVX-512 F, BW, DQ, VL, and the OS saves ZMM + opmask state
   bool avx512_vnni = false;  // and AVX512-VNNI (vpdpbusd): Cascade Lake, Ice Lake, Zen 4 on
+  bool avx512_bf16 = false;  // and AVX512-BF16 (vdpbf16ps): Cooper Lake, Sapphire Rapids, Zen 4 on
+  bool zmm_state = false;    // the OS saves ZMM + opmask state (what ATTNKIT_CPU_ASSUME needs)
 };
 
 X86Features detect_x86() {
@@ -47,7 +58,46 @@ X86Features detect_x86() {
   f.avx2 = ymm_state && avx2 && fma && f16c;
   f.avx512 = f.avx2 && zmm_state && avx512f && avx512dq && avx512bw && avx512vl;
   f.avx512_vnni = f.avx512 && (c & (1u << 11));
+  f.zmm_state = zmm_state;
+  unsigned a1 = 0, b1, c1, d1;
+  if (__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1))  // leaf 7 subleaf 1, EAX bit 5: AVX512_BF16
+    f.avx512_bf16 = f.avx512_vnni && (a1 & (1u << 5));
   return f;
+}
+#endif
+
+// Why auto passes over avx512_bf16 even where it is supported and verified: measured on the
+// Emerald Rapids it was developed on, vdpbf16ps retires at a quarter of the rate of
+// vfmadd231ps (twice the FLOP per instruction: half the FLOP rate), so its bf16 matmul and
+// attention ran slower than avx512_vnni's fp32 path over widened bf16 (bench/NOTES.md,
+// "avx512_bf16 variant"). Not yet measured on a CPU where it could win (Zen 4/5).
+constexpr const char* kBf16AutoSkip =
+    "slower than avx512_vnni where measured (Emerald Rapids: vdpbf16ps at half the fp32 FMA "
+    "FLOP rate); force it with ATTNKIT_CPU=avx512_bf16";
+
+#if ATTNKIT_X86
+// ATTNKIT_CPU_ASSUME: a comma list of variant names marked supported without their CPUID bit
+// (see the top of this file). Only AVX-512 variants above avx512 can be assumed, and only when
+// the OS saves ZMM state and every variant below them is supported (by CPUID or assumption),
+// so the claim is at most one feature bit. Unknown names are ignored here (the Python layer
+// reports them).
+void apply_assumptions(IsaInfo* l, bool zmm_state) {
+  const char* env = std::getenv("ATTNKIT_CPU_ASSUME");
+  if (!env || !zmm_state) return;
+  for (int i = 3; i < kNumIsas; ++i) {
+    const size_t len = std::strlen(l[i].name);
+    for (const char* p = env; *p;) {
+      while (*p == ',' || *p == ' ') ++p;
+      const char* e = p;
+      while (*e && *e != ',' && *e != ' ') ++e;
+      if (size_t(e - p) == len && std::strncmp(p, l[i].name, len) == 0 && !l[i].supported &&
+          l[i - 1].supported) {
+        l[i].supported = true;
+        l[i].assumed = true;
+      }
+      p = e;
+    }
+  }
 }
 #endif
 
@@ -55,13 +105,17 @@ IsaInfo* mutable_isa_list() {
   // verified: the whole test suite has passed with this variant on a real CPU of its kind.
   // avx512 passed on an AMD EPYC Zen 4 (AVX-512 F/BW/DQ/VL), see the foundation issue note;
   // avx512_vnni on an Intel Xeon Emerald Rapids (bench/NOTES.md, "int8 Q K on VNNI").
+  // avx512_bf16 on the same Emerald Rapids (family 6 model 207, a VM whose CPUID hides
+  // AVX512-BF16: run with ATTNKIT_CPU_ASSUME=avx512_bf16 ATTNKIT_CPU=avx512_bf16, the whole
+  // suite, 2005 passed; bench/NOTES.md, "avx512_bf16 variant"). auto still skips it (kBf16AutoSkip).
   // Filled once (thread-safe static initialization).
   static IsaInfo* const list = [] {
     static IsaInfo l[kNumIsas] = {
-        {"scalar", true, true, true},
-        {"avx2", false, false, true},
-        {"avx512", false, false, true},
-        {"avx512_vnni", false, false, true},
+        {"scalar", true, true, true, false, nullptr},
+        {"avx2", false, false, true, false, nullptr},
+        {"avx512", false, false, true, false, nullptr},
+        {"avx512_vnni", false, false, true, false, nullptr},
+        {"avx512_bf16", false, false, true, false, kBf16AutoSkip},
     };
 #if ATTNKIT_X86 && defined(ATTNKIT_HAVE_X86_VARIANTS)
     const X86Features f = detect_x86();
@@ -72,6 +126,11 @@ IsaInfo* mutable_isa_list() {
     l[1].supported = f.avx2;
     l[2].supported = f.avx512;
     l[3].supported = f.avx512_vnni;
+#if defined(ATTNKIT_HAVE_BF16_VARIANT)
+    l[4].compiled = true;
+#endif
+    l[4].supported = f.avx512_bf16;
+    apply_assumptions(l, f.zmm_state);
 #endif
     return l;
   }();
@@ -90,6 +149,10 @@ const KernelTable* table_for(int index) {
 #if defined(ATTNKIT_HAVE_VNNI_VARIANT)
     case 3:
       return avx512_vnni::kernel_table();
+#endif
+#if defined(ATTNKIT_HAVE_BF16_VARIANT)
+    case 4:
+      return avx512_bf16::kernel_table();
 #endif
 #endif
     default:
@@ -117,7 +180,7 @@ const char* select_isa(const char* name) {
                         name[4] == '\0');
   if (is_auto) {
     for (int i = kNumIsas - 1; i >= 0; --i) {
-      if (list[i].compiled && list[i].supported && list[i].verified) {
+      if (list[i].compiled && list[i].supported && list[i].verified && !list[i].auto_skip) {
         g_active = table_for(i);
         return "";
       }
@@ -131,11 +194,13 @@ const char* select_isa(const char* name) {
     while (*a && *a == *b) ++a, ++b;
     if (*a != *b) continue;
     if (!list[i].compiled) return "that variant is not compiled into this build";
-    if (!list[i].supported) return "this CPU (or its operating system) does not support it";
+    if (!list[i].supported)
+      return "this CPU (or its operating system) does not support it (if a hypervisor hides the "
+             "CPUID bit of a feature the CPU has, see ATTNKIT_CPU_ASSUME in the README)";
     g_active = table_for(i);
     return "";
   }
-  return "unknown variant; expected one of scalar, avx2, avx512, avx512_vnni, auto";
+  return "unknown variant; expected one of scalar, avx2, avx512, avx512_vnni, avx512_bf16, auto";
 }
 
 }  // namespace cpu

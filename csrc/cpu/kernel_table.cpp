@@ -5,7 +5,21 @@ namespace attnkit {
 namespace cpu {
 namespace ATTNKIT_ISA_NS {
 
-#if defined(ATTNKIT_ISA_AVX512_VNNI)
+#if defined(ATTNKIT_ISA_AVX512_BF16)
+// avx512_bf16 sits on top of avx512_vnni: bf16 matmul (gemm_bf16.cpp) and the bf16 attention
+// forward (attention_fwd.cpp's pair path) are its own; each sends the rest (other dtypes,
+// decode-shaped attention) to avx512_vnni, as does every other entry.
+Status gemm(const GemmParams& p);            // gemm_bf16.cpp
+Status attention_fwd(const AttentionParams& p);  // attention_fwd.cpp
+
+const KernelTable* kernel_table() {
+  const KernelTable* base = avx512_vnni::kernel_table();
+  static const KernelTable table = {"avx512_bf16",  base->softmax,       &gemm,
+                                    &attention_fwd, base->attention_bwd, base->quantize_kv,
+                                    base->merge_attention_states};
+  return &table;
+}
+#elif defined(ATTNKIT_ISA_AVX512_VNNI)
 // avx512_vnni sits on top of avx512 (ARCHITECTURE.md, "ISA variants"): only the decode kernel is
 // compiled again (int8 caches: Q K on vpdpbusd); every other entry is avx512's.
 bool decode_applies(const AttentionParams& p);  // attention_decode.cpp

@@ -8,7 +8,7 @@ namespace attnkit {
 namespace cpu {
 
 struct KernelTable {
-  const char* isa;  // "scalar", "avx2", "avx512", "avx512_vnni"
+  const char* isa;  // "scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16"
   Status (*softmax)(const SoftmaxParams&);
   Status (*gemm)(const GemmParams&);
   Status (*attention_fwd)(const AttentionParams&);
@@ -30,6 +30,9 @@ const KernelTable* kernel_table();
 namespace avx512_vnni {
 const KernelTable* kernel_table();
 }
+namespace avx512_bf16 {
+const KernelTable* kernel_table();
+}
 
 // dispatch.cpp (compiled without -m flags)
 struct IsaInfo {
@@ -37,8 +40,11 @@ struct IsaInfo {
   bool compiled;   // built into this module
   bool supported;  // this CPU and OS can run it
   bool verified;   // its tests have passed on a real CPU of that kind
+  bool assumed;    // supported only because $ATTNKIT_CPU_ASSUME says so (CPUID does not)
+  const char* auto_skip;  // non-null: why "auto" does not take it (it can still be forced)
 };
-constexpr int kNumIsas = 4;  // scalar, avx2, avx512, avx512_vnni (in that order)
+// scalar, avx2, avx512, avx512_vnni, avx512_bf16 (in that order; each x86 one on top of the last)
+constexpr int kNumIsas = 5;
 const IsaInfo* isa_list();                       // kNumIsas entries
 const KernelTable* active_kernels();             // chosen at import, see select_isa
 const KernelTable* variant_table(int index);     // variant `index`'s table, null if not compiled

@@ -55,6 +55,29 @@ inline void split_range(int64_t n, int parts, int part, int64_t* begin, int64_t*
   *end = *begin + base + (part < rem ? 1 : 0);
 }
 
+// A thread's share of a packed GEMM: a grid of tm x tn threads over (mr-row panels) x
+// (column panels). Rows are split first (each thread then packs only its own A), columns only
+// when there are too few row panels for every thread (fewer than two per thread row).
+// Splitting by panels, not MC blocks, keeps the shares within one panel.
+struct GemmShare {
+  int64_t row0, row1;  // the thread's rows [row0, row1)
+  int tj, tn;          // its column share tj of tn (split_range over the column panels)
+};
+inline GemmShare gemm_share(int64_t m, int mr, int tid, int team) {
+  const int64_t m_panels = (m + mr - 1) / mr;
+  int tm = team, tn = 1;
+  while (tm > 1 && m_panels < 2 * tm) {
+    int f = 2;
+    while (tm % f) ++f;
+    tm /= f;
+    tn *= f;
+  }
+  int64_t rbeg, rend;
+  split_range(m_panels, tm, tid / tn, &rbeg, &rend);
+  const int64_t row1 = rend * mr;
+  return {rbeg * mr, row1 < m ? row1 : m, tid % tn, tn};
+}
+
 // Items [begin, end) of thread `tid` of `team` when n items with cost prefix sums prefix[0..n]
 // are shared by cost: item i goes to the thread whose share [tid, tid+1) * total / team holds
 // the item's cost midpoint. (Going by where an item *starts* gave one thread 3 of 4 big items

@@ -7,7 +7,26 @@ from . import _C
 _isa_lock = threading.Lock()
 
 
+# Variants ATTNKIT_CPU_ASSUME may claim (csrc/cpu/dispatch.cpp reads the variable itself).
+_ASSUMABLE = ("avx512_vnni", "avx512_bf16")
+
+
+def _check_assume_env():
+    """ATTNKIT_CPU_ASSUME names variants to treat as supported although CPUID does not list
+    their feature (a hypervisor that masks CPUID bits). Unsafe: a wrong claim is SIGILL."""
+    raw = os.environ.get("ATTNKIT_CPU_ASSUME", "")
+    names = [n for n in raw.replace(" ", ",").split(",") if n]
+    bad = [n for n in names if n not in _ASSUMABLE]
+    if bad:
+        raise RuntimeError(
+            f"attnkit: ATTNKIT_CPU_ASSUME={raw}: cannot assume {', '.join(bad)}; only "
+            f"{', '.join(_ASSUMABLE)} can be assumed (variants whose CPUID bit a hypervisor "
+            "may hide). Unset it to trust CPUID."
+        )
+
+
 def _select_from_env():
+    _check_assume_env()
     name = os.environ.get("ATTNKIT_CPU", "auto").strip().lower() or "auto"
     try:
         _C._select_isa(name)
@@ -50,9 +69,14 @@ def info():
     """A dict describing this build and machine.
 
     Keys: ``version``, ``isa`` (the variant in use), ``isas`` (every variant with its
-    ``compiled``/``supported``/``verified`` flags and ``kernels``, the kernels it compiles
-    itself: ``avx512_vnni`` has only ``attention_fwd``, whose int8 decode it replaces, and uses
-    ``avx512``'s for the rest), ``isas_compiled``, ``openmp``, ``threads``,
+    ``compiled``/``supported``/``verified``/``assumed`` flags, ``auto_skip`` (None, or why
+    ``auto`` passes the variant over although it may be forced) and ``kernels``, the kernels it
+    compiles itself: ``avx512_vnni`` has only ``attention_fwd``, whose int8 decode it replaces,
+    and uses ``avx512``'s for the rest; ``avx512_bf16`` has ``gemm`` and ``attention_fwd``, its
+    bf16 paths, and uses ``avx512_vnni``'s for the rest), ``isas_compiled``,
+    ``unverified_isas``, ``assumed_isas`` (variants supported only because
+    ``ATTNKIT_CPU_ASSUME`` names them: CPUID does not list their feature; ``auto`` takes one
+    only if it is also verified and has no ``auto_skip``), ``openmp``, ``threads``,
     ``cuda_built``, ``cuda_available``, ``cuda_devices`` (and, with the CUDA build,
     ``cuda_archs``, ``cuda_runtime``, ``cuda_device_names``).
     """
@@ -79,6 +103,7 @@ def info():
         "isas": isas,
         "isas_compiled": [i["name"] for i in isas if i["compiled"]],
         "unverified_isas": [i["name"] for i in isas if i["compiled"] and not i["verified"]],
+        "assumed_isas": [i["name"] for i in isas if i["assumed"]],
         "openmp": _C._openmp(),
         "threads": get_num_threads(),
         "cuda_built": cuda_built,

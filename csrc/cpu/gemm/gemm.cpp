@@ -65,21 +65,9 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack, T* apack_all, T* ta
     const int tid = thread_id(), team = team_size();
     T* apack = apack_all + int64_t(tid) * B::MC * B::KC;
     T* tail = tail_all + int64_t(tid) * B::KC * NR;
-    // Thread grid tm x tn over (MR-row panels) x (NR-column panels): rows are split first
-    // (each thread then packs only its own A), columns only when there are too few row panels
-    // for every thread. Splitting by panels, not MC blocks, keeps the shares within one panel.
-    const int64_t m_panels = ceil_div(m, MR);
-    int tm = team, tn = 1;
-    while (tm > 1 && m_panels < 2 * tm) {
-      int f = 2;
-      while (tm % f) ++f;
-      tm /= f;
-      tn *= f;
-    }
-    const int ti = tid / tn, tj = tid % tn;
-    int64_t rbeg, rend;
-    split_range(m_panels, tm, ti, &rbeg, &rend);
-    const int64_t row0 = rbeg * MR, row1 = imin(m, rend * MR);
+    const GemmShare share = gemm_share(m, MR, tid, team);  // threading.h
+    const int64_t row0 = share.row0, row1 = share.row1;
+    const int tj = share.tj, tn = share.tn;
     for (int64_t jc = 0; jc < n; jc += B::NC) {
       const int64_t nc = imin(B::NC, n - jc);
       const int64_t np = ceil_div(nc, NR);

@@ -1,0 +1,155 @@
+// bf16 matmul on vdpbf16ps (the avx512_bf16 variant; ARCHITECTURE.md, "ISA variants").
+//
+// BLIS-style like gemm.cpp, but A and B stay bf16: they are packed into pair words
+// (gemm/ukernel_bf16.h) and the micro-kernel multiplies two k per instruction, accumulating in
+// fp32. C is accumulated in an fp32 workspace over the k-blocks and rounded to bf16 once at
+// the end. Every C element is accumulated in the same order for any thread count or split.
+//
+// Products that gemm.cpp reads in place (small, or few rows: bandwidth-bound) and every other
+// dtype go to the variant below. A call with a subnormal bf16 input anywhere in A or B goes
+// there too (vdpbf16ps would read those inputs as zero): results then match the fp32 path
+// exactly. That is decided by a scan before anything is written, so a MemoryError on either
+// path leaves C untouched.
+#include <atomic>
+
+#include "common.h"
+#include "gemm/ukernel_bf16.h"
+#include "kernels.h"
+#include "simd/scalar_cvt.h"
+#include "threading.h"
+
+namespace attnkit {
+namespace cpu {
+namespace ATTNKIT_ISA_NS {
+namespace {
+
+using Bk = BlockingBf16;
+// Up to this many multiply-adds per product (gemm.cpp's kSmallMacs) or fewer rows than two
+// micro-panels, the fp32 path (operands read in place, no packing) is as fast or faster.
+constexpr int64_t kMinMacs = int64_t(1) << 21;
+constexpr int64_t kMinRows = 2 * Bk::MR;
+
+struct Bf16Buffers {
+  Scratch<float> ws;         // m x n fp32 C
+  Scratch<uint32_t> bpack;   // KCP x NC words, shared
+  Scratch<uint32_t> apack;   // MC x KCP words per thread
+  bool init(int64_t m, int64_t n, int nt) {
+    return ws.reset(size_t(m * n)) && bpack.reset(size_t(Bk::KCP * round_up(Bk::NC, Bk::NR))) &&
+           apack.reset(size_t(nt * Bk::MC * Bk::KCP));
+  }
+};
+
+struct Operands {
+  const bf16_t* a;
+  const bf16_t* b;
+  int64_t m, n, k, rs_a, cs_a, rs_b, cs_b;
+};
+
+// ws = A B (fp32, row stride n); the inputs hold no subnormal (the caller scanned them).
+void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf) {
+  constexpr int MR = Bk::MR, NR = Bk::NR;
+  const int64_t m = g.m, n = g.n, k = g.k;
+  float* c = buf.ws.get();
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int tid = thread_id(), team = team_size();
+    uint32_t* apack = buf.apack.get() + int64_t(tid) * Bk::MC * Bk::KCP;
+    uint32_t* bpack = buf.bpack.get();
+    const GemmShare share = gemm_share(m, MR, tid, team);  // gemm.cpp's split
+    const int64_t row0 = share.row0, row1 = share.row1;
+    for (int64_t jc = 0; jc < n; jc += Bk::NC) {
+      const int64_t nc = imin(Bk::NC, n - jc);
+      const int64_t np = ceil_div(nc, NR);
+      int64_t jbeg, jend;
+      split_range(np, share.tn, share.tj, &jbeg, &jend);
+      for (int64_t pc = 0; pc < k; pc += 2 * Bk::KCP) {
+        const int64_t kc = imin(2 * Bk::KCP, k - pc), kp = (kc + 1) / 2;
+        int64_t pbeg, pend;
+        split_range(np, team, tid, &pbeg, &pend);
+        for (int64_t jp = pbeg; jp < pend; ++jp)
+          pack_b_pairs(g.b + pc * g.rs_b + (jc + jp * NR) * g.cs_b, g.rs_b, g.cs_b, kc,
+                              int(imin(NR, nc - jp * NR)), bpack + jp * kp * NR);
+#pragma omp barrier
+        for (int64_t ic = row0; ic < row1; ic += Bk::MC) {
+          const int64_t mc = imin(Bk::MC, row1 - ic);
+          for (int64_t ir = 0; ir < mc; ir += MR)
+            pack_a_pairs(g.a + (ic + ir) * g.rs_a + pc * g.cs_a, g.rs_a, g.cs_a,
+                                int(imin(MR, mc - ir)), kc, apack + ir * kp);
+          for (int64_t jp = jbeg; jp < jend; ++jp) {
+            const int nr = int(imin(NR, nc - jp * NR));
+            float* cp = c + ic * n + jc + jp * NR;
+            for (int64_t ir = 0; ir < mc; ir += MR)
+              ukernel_bf16_rows<true>(int(imin(MR, mc - ir)), kp, apack + ir * kp, 0,
+                                      bpack + jp * kp * NR, NR, cp + ir * n, n, pc > 0, nr);
+          }
+        }
+#pragma omp barrier
+      }
+    }
+  }
+}
+
+// Whether any A or B element of any product is a subnormal bf16 (one read of the inputs).
+bool any_subnormal(const GemmParams& p, int64_t batch) {
+  const bf16_t* a = static_cast<const bf16_t*>(p.a);
+  const bf16_t* b = static_cast<const bf16_t*>(p.b);
+  for (int64_t bi = 0; bi < batch; ++bi) {
+    const bf16_t* ai = a + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.a_batch_strides);
+    const bf16_t* bbi = b + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.b_batch_strides);
+    bool sub = false;
+    for (int64_t i = 0; i < p.m; ++i)
+      for (int64_t k = 0; k < p.k; ++k) sub |= bf16_subnormal(ai[i * p.rs_a + k * p.cs_a].bits);
+    for (int64_t k = 0; k < p.k; ++k)
+      for (int64_t j = 0; j < p.n; ++j) sub |= bf16_subnormal(bbi[k * p.rs_b + j * p.cs_b].bits);
+    if (sub) return true;
+  }
+  return false;
+}
+
+// C (bf16, strides rs_c / cs_c) = the fp32 workspace rounded to nearest even.
+void store_c(const float* w, bf16_t* c, int64_t m, int64_t n, int64_t rs_c, int64_t cs_c, int nt) {
+  using V = Vec<float>;
+  const int ntc = threads_for(m * n, nt);
+#pragma omp parallel for num_threads(ntc) if (ntc > 1) schedule(static)
+  for (int64_t i = 0; i < m; ++i) {
+    const float* wi = w + i * n;
+    bf16_t* ci = c + i * rs_c;
+    int64_t j = 0;
+    if (cs_c == 1)
+      for (; j + V::N <= n; j += V::N) store_cvt(ci + j, V::load(wi + j));
+    for (; j < n; ++j) ci[j * cs_c].bits = f32_to_bf16(wi[j]);
+  }
+}
+
+}  // namespace
+
+bool gemm_bf16_applies(const GemmParams& p) {
+  return p.dtype == DType::bf16 && p.m >= kMinRows && p.n > 0 && p.m * p.n * p.k > kMinMacs;
+}
+
+Status gemm(const GemmParams& p) {
+  if (!gemm_bf16_applies(p)) return avx512_vnni::kernel_table()->gemm(p);
+  int64_t batch = 1;
+  for (int d = 0; d < p.batch_ndim; ++d) batch *= p.batch_shape[d];
+  if (batch == 0) return Status::ok;
+  if (any_subnormal(p, batch)) return avx512_vnni::kernel_table()->gemm(p);
+  const int nt = p.num_threads < 1 ? 1 : p.num_threads;
+  Bf16Buffers buf;
+  if (!buf.init(p.m, p.n, nt)) return Status::out_of_memory;
+  const bf16_t* a = static_cast<const bf16_t*>(p.a);
+  const bf16_t* b = static_cast<const bf16_t*>(p.b);
+  bf16_t* c = static_cast<bf16_t*>(p.c);
+  for (int64_t bi = 0; bi < batch; ++bi) {
+    const bf16_t* ai = a + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.a_batch_strides);
+    const bf16_t* bbi = b + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.b_batch_strides);
+    bf16_t* ci = c + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.c_batch_strides);
+    const Operands g{ai, bbi, p.m, p.n, p.k, p.rs_a, p.cs_a, p.rs_b, p.cs_b};
+    gemm_pairs(g, nt, buf);  // no subnormal inputs (scanned above)
+    store_c(buf.ws.get(), ci, p.m, p.n, p.rs_c, p.cs_c, nt);
+  }
+  return Status::ok;
+}
+
+}  // namespace ATTNKIT_ISA_NS
+}  // namespace cpu
+}  // namespace attnkit
