@@ -38,6 +38,15 @@ constexpr int64_t kSmallMacs = int64_t(1) << 21;
 // kc 16 -> 12.7 and 83; kc 8 -> 16 and 66. Tiny M takes 8 (memory-bound), larger M 16.
 inline int64_t skinny_kc(int64_t m) { return m <= 4 ? 8 : 16; }
 
+// Depth of the packed k-blocks: the fewest blocks of at most kc_max, of equal depth (rounded
+// up to 16), so that no thin last block pays a whole pass over C for little work (K = 512
+// with KC = 384: 2 x 256, not 384 + 128). A function of K and the machine only, so every C
+// element gets the same sums on any thread count.
+inline int64_t balanced_kc(int64_t k, int64_t kc_max) {
+  const int64_t blocks = ceil_div(k, kc_max);
+  return imin(kc_max, round_up(ceil_div(k, blocks), 16));
+}
+
 template <class T, class S>
 struct GemmArgs {
   const S* a;
@@ -48,9 +57,10 @@ struct GemmArgs {
 };
 
 template <class T, class S>
-void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack, T* apack_all, T* tail_all) {
+void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack_all, T* apack_all, T* tail_all) {
   using B = Blocking<T>;
   constexpr int MR = B::MR, NR = B::NR;
+  const GemmBlocks& blk = gemm_blocks<T>();
   constexpr bool same = std::is_same<S, T>::value;
   const int64_t m = g.m, n = g.n, k = g.k;
   // Up to 8 micro-panels of rows, streaming B in place beats packing it (packing reads and
@@ -63,8 +73,8 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack, T* apack_all, T* ta
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int tid = thread_id(), team = team_size();
-    T* apack = apack_all + int64_t(tid) * B::MC * B::KC;
-    T* tail = tail_all + int64_t(tid) * B::KC * NR;
+    T* apack = apack_all + int64_t(tid) * blk.mc * blk.kc;
+    T* tail = tail_all + int64_t(tid) * blk.kc * NR;
     // Thread grid tm x tn over (MR-row panels) x (NR-column panels): rows are split first
     // (each thread then packs only its own A), columns only when there are too few row panels
     // for every thread. Splitting by panels, not MC blocks, keeps the shares within one panel.
@@ -80,25 +90,31 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack, T* apack_all, T* ta
     int64_t rbeg, rend;
     split_range(m_panels, tm, ti, &rbeg, &rend);
     const int64_t row0 = rbeg * MR, row1 = imin(m, rend * MR);
-    for (int64_t jc = 0; jc < n; jc += B::NC) {
-      const int64_t nc = imin(B::NC, n - jc);
+    // Packed B blocks alternate between two buffers (one when the team is a single thread),
+    // so a block is packed while slower threads may still read the previous one: one barrier
+    // per block (packed -> readable) instead of two. A buffer is repacked two blocks later,
+    // once every thread has passed the barrier of the block in between, i.e. finished with it.
+    int64_t block_index = 0;
+    for (int64_t jc = 0; jc < n; jc += blk.nc) {
+      const int64_t nc = imin(blk.nc, n - jc);
       const int64_t np = ceil_div(nc, NR);
       int64_t jbeg, jend;
       split_range(np, tn, tj, &jbeg, &jend);
-      const int64_t kc_step = direct_b && skinny ? skinny_kc(m) : B::KC;
+      const int64_t kc_step = direct_b && skinny ? skinny_kc(m) : balanced_kc(k, blk.kc);
       for (int64_t pc = 0; pc < k; pc += kc_step) {
         const int64_t kc = imin(kc_step, k - pc);
         const bool accumulate = pc > 0;
+        T* bpack = bpack_all + (team > 1 ? block_index++ % 2 : 0) * blk.kc * blk.nc;
         if (!direct_b) {
           int64_t pbeg, pend;
           split_range(np, team, tid, &pbeg, &pend);
-          for (int64_t jp = pbeg; jp < pend; ++jp)
-            pack_b_panel<T, S>(g.b + pc * g.rs_b + (jc + jp * NR) * g.cs_b, g.rs_b, g.cs_b, kc,
-                               int(imin(NR, nc - jp * NR)), bpack + jp * kc * NR);
+          if (pbeg < pend)
+            pack_b_block<T, S>(g.b + pc * g.rs_b + (jc + pbeg * NR) * g.cs_b, g.rs_b, g.cs_b, kc,
+                               imin(nc, pend * NR) - pbeg * NR, bpack + pbeg * kc * NR);
 #pragma omp barrier
         }
-        for (int64_t ic = row0; ic < row1; ic += B::MC) {
-          const int64_t mc = imin(B::MC, row1 - ic);
+        for (int64_t ic = row0; ic < row1; ic += blk.mc) {
+          const int64_t mc = imin(blk.mc, row1 - ic);
           if (!direct_a)
             for (int64_t ir = 0; ir < mc; ir += MR)
               pack_a_panel<T, S>(g.a + (ic + ir) * g.rs_a + pc * g.cs_a, g.rs_a, g.cs_a,
@@ -119,8 +135,15 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack, T* apack_all, T* ta
               ldb = NR;
             }
             T* cp = g.c + ic * g.ldc + jc + jp * NR;
+            // The next packed B panel, a slice per micro-kernel call, towards L2
+            const T* bnext = !direct_b && jp + 1 < jend ? bpack + (jp + 1) * kc * NR : nullptr;
+            const int64_t slice = ceil_div(kc * NR, ceil_div(mc, MR));
             for (int64_t ir = 0; ir < mc; ir += MR) {
               const int mr = int(imin(MR, mc - ir));
+              if (bnext) {
+                const T* s0 = bnext + (ir / MR) * slice;
+                for (int64_t o = 0; o < slice; o += 64 / sizeof(T)) __builtin_prefetch(s0 + o, 0, 2);
+              }
               if (direct_a)
                 ukernel_rows<T, false>(mr, kc, reinterpret_cast<const T*>(g.a) + (ic + ir) * g.rs_a + pc,
                                        g.rs_a, bp, ldb, cp + ir * g.ldc, g.ldc, accumulate, nr);
@@ -129,9 +152,6 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack, T* apack_all, T* ta
                                       accumulate, nr);
             }
           }
-        }
-        if (!direct_b) {
-#pragma omp barrier
         }
       }
     }
@@ -145,9 +165,11 @@ template <class T>
 struct GemmBuffers {
   Scratch<T> ws, bpack, apack, tail;
   bool init(int64_t m, int64_t n, bool direct_c, int nt) {
-    using B = Blocking<T>;
-    return (direct_c || ws.reset(size_t(m * n))) && bpack.reset(size_t(B::KC * B::NC)) &&
-           apack.reset(size_t(nt * B::MC * B::KC)) && tail.reset(size_t(nt * B::KC * B::NR));
+    const GemmBlocks& blk = gemm_blocks<T>();
+    return (direct_c || ws.reset(size_t(m * n))) &&
+           bpack.reset(size_t((nt > 1 ? 2 : 1) * blk.kc * blk.nc)) &&
+           apack.reset(size_t(nt * blk.mc * blk.kc)) &&
+           tail.reset(size_t(nt * blk.kc * Blocking<T>::NR));
   }
 };
 

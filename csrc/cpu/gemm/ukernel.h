@@ -28,6 +28,13 @@ inline void ukernel(int64_t kc, const T* __restrict a, int64_t rs_a, const T* __
   // Every loop over i and v is fully unrolled, so the accumulators never need an address
   // (one loop left rolled makes GCC spill all of them on every k step).
   V acc[M][NV];
+  // The C tile is read (or written) once, after kc steps: fetch its lines now so the
+  // write-back does not wait on them (C rows are ldc apart; no hardware prefetcher follows).
+#pragma GCC unroll 16
+  for (int i = 0; i < M; ++i) {
+    __builtin_prefetch(c + i * ldc, 1, 3);
+    __builtin_prefetch(c + i * ldc + Blocking<T>::NR - 1, 1, 3);
+  }
 #pragma GCC unroll 16
   for (int i = 0; i < M; ++i)
 #pragma GCC unroll 4
