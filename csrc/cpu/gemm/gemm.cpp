@@ -43,7 +43,7 @@ inline int64_t skinny_kc(int64_t m) { return m <= 4 ? 8 : 16; }
 // with KC = 384: 2 x 256, not 384 + 128). A function of K and the machine only, so every C
 // element gets the same sums on any thread count.
 inline int64_t balanced_kc(int64_t k, int64_t kc_max) {
-  const int64_t blocks = ceil_div(k, kc_max);
+  const int64_t blocks = imax(1, ceil_div(k, kc_max));  // K = 0 records 0
   return imin(kc_max, round_up(ceil_div(k, blocks), 16));
 }
 
@@ -201,6 +201,24 @@ void gemm_one(const S* a, const S* b, S* c, const GemmParams& p, int nt, GemmBuf
   }
 }
 
+// The blocking of this call, for the tests (debug.h). The packed path's k-block depth; the
+// skinny in-place path uses skinny_kc instead.
+template <class T>
+void record_plan(int64_t k) {
+  const GemmBlocks& blk = gemm_blocks<T>();
+  GemmPlanRecord r;
+  r.mr = Blocking<T>::MR;
+  r.nr = Blocking<T>::NR;
+  r.kc = balanced_kc(k, blk.kc);
+  r.kc_max = blk.kc;
+  r.mc = blk.mc;
+  r.nc = blk.nc;
+  r.l1d = cache_sizes().l1d;
+  r.l2 = cache_sizes().l2;
+  r.elem_bytes = int32_t(sizeof(T));
+  debug_record_gemm_plan(r);
+}
+
 template <class T, class S>
 Status gemm_typed(const GemmParams& p) {
   const S* a = static_cast<const S*>(p.a);
@@ -211,6 +229,7 @@ Status gemm_typed(const GemmParams& p) {
   const int64_t macs = p.m * p.n * p.k;
   if (batch == 0 || p.m == 0 || p.n == 0) return Status::ok;
   const int nt = (macs * batch < kSerialMacs || p.num_threads < 1) ? 1 : p.num_threads;
+  record_plan<T>(p.k);
   const bool direct_c = writes_c_directly<T, S>(p);
   auto at = [&](int64_t bi, const int64_t* strides) {
     return unravel_offset(bi, p.batch_ndim, p.batch_shape, strides);
