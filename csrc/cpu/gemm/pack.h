@@ -101,7 +101,12 @@ inline void pack_a_panel(const S* a, int64_t rs_a, int64_t cs_a, int m, int64_t 
       for (int i = 0; i < m; ++i) {
         const S* row = a + i * rs_a;
         __builtin_prefetch(ahead < kc ? row + ahead : row + MR * rs_a + (ahead - kc), 0, 3);
-        for (int64_t k = k0; k < k1; ++k) dst[k * MR + i] = load_as<T>(row + k);
+        if (k1 - k0 == kLine) {  // a whole line: a fixed count, unrolled
+#pragma GCC unroll 32
+          for (int64_t k = k0; k < k0 + kLine; ++k) dst[k * MR + i] = load_as<T>(row + k);
+        } else {
+          for (int64_t k = k0; k < k1; ++k) dst[k * MR + i] = load_as<T>(row + k);
+        }
       }
     }
   } else {
