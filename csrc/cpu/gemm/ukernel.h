@@ -30,14 +30,12 @@ inline void ukernel(int64_t kc, const T* __restrict a, int64_t rs_a, const T* __
   V acc[M][NV];
   // The C tile is read (or written) once, after kc steps: fetch its lines now so the
   // write-back does not wait on them (C rows are ldc apart; no hardware prefetcher follows).
-  // Short passes (skinny products' k-blocks of 8-16) find C in cache and could not hide the
-  // latency anyway.
-  if (kc >= 128) {
+  // Skinny products' short k-blocks (kc 16) gain too: their C block waits in L2, not L1
+  // (bench/NOTES.md, "fp32 GEMM on Emerald Rapids").
 #pragma GCC unroll 16
-    for (int i = 0; i < M; ++i) {
-      __builtin_prefetch(c + i * ldc, 1, 3);
-      __builtin_prefetch(c + i * ldc + Blocking<T>::NR - 1, 1, 3);
-    }
+  for (int i = 0; i < M; ++i) {
+    __builtin_prefetch(c + i * ldc, 1, 3);
+    __builtin_prefetch(c + i * ldc + Blocking<T>::NR - 1, 1, 3);
   }
 #pragma GCC unroll 16
   for (int i = 0; i < M; ++i)
