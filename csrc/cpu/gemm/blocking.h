@@ -33,11 +33,13 @@ struct Blocking;
 template <>
 struct Blocking<float> {
   static constexpr int MR = 12, NR = 32;
-  // KC = 256: the B micro-panel is 256 x 32 x 4 B = 32 KB, all of a Zen 4 L1d (2/3 of an
-  // Emerald Rapids 48 KB one), so by the textbook rule 192 (24 KB) should win; measured on
-  // Zen 4 at 1 thread, 12x32x256 ran 94 GFLOP/s against 84 for 12x32x192 (bench/NOTES.md): the
-  // hardware prefetchers keep the panel streaming. A block 144 x 256 x 4 B = 144 KB of L2;
-  // B block 256 x 3072 x 4 B = 3 MB of the shared L3.
+  // KC0 = 256: the B micro-panel is 256 x 32 x 4 B = 32 KB, all of a Zen 4 L1d, so by the
+  // textbook rule 192 (24 KB) should win; measured on Zen 4 at 1 thread, 12x32x256 ran 94
+  // GFLOP/s against 84 for 12x32x192 (bench/NOTES.md): the hardware prefetchers keep the panel
+  // streaming. A block 144 x 256 x 4 B = 144 KB of L2; B block 256 x 3072 x 4 B = 3 MB of the
+  // shared L3. On an Emerald Rapids (48 KB L1d, 2 MB L2) this gives KC 384, MC 192, NC 2048;
+  // there KC 256..512, MC 144..576 and NC 512..3072 all ran within 10% of each other
+  // (bench/NOTES.md, "fp32 GEMM on Emerald Rapids"): the cache budget, not a tuned value.
   static constexpr int64_t KC0 = 256, MC0 = 144, NC0 = 3072;
 };
 template <>

@@ -1,11 +1,19 @@
 // Packed GEMM, BLIS style (ARCHITECTURE.md rule 5). Compiled once per ISA.
 //
 //   for jc in N by NC                      B block (KC x NC) packed once, shared by threads
-//     for pc in K by KC                    K is never split across threads (rule 6)
-//       pack B block                       threads pack disjoint panels, then a barrier
+//     for pc in K by KC                    K is never split across threads (rule 6); equal
+//                                          k-blocks of at most KC (balanced_kc)
+//       pack B block                       threads pack disjoint panels into one of two
+//                                          alternating buffers, then a barrier
 //       for ic in the thread's rows by MC  threads own disjoint (row, column) panel ranges
 //         pack A block (MC x KC)           per thread
-//         for jr, ir: micro-kernel         C (+)= A_panel * B_panel
+//         for jr, ir: micro-kernel         C (+)= A_panel * B_panel; the next B panel is
+//                                          prefetched a slice per call
+//
+// KC, MC, NC come from the CPU's caches at run time (gemm/blocking.h). The micro-kernel
+// itself is not the limit (fp32, one Emerald Rapids core, operands in L1: 173 GFLOP/s, more
+// than NumPy's whole sgemm reaches); what the loops around it lose is L3 traffic (B blocks,
+// C passes) and packing (bench/NOTES.md, "fp32 GEMM on Emerald Rapids").
 //
 // Every C element is accumulated in the same order (k-blocks in order, k within a block in
 // order) whatever the thread count or the split, so results are bit-identical across thread
