@@ -1,8 +1,12 @@
+import glob
+import os
+
 import numpy as np
 import pytest
 import torch
 
 import attnkit
+from attnkit import _C
 from conftest import poisoned
 from reference import FLOAT_DTYPES, assert_close, bfloat16, dtype_id, from_torch, randn, to64, to_torch
 
@@ -230,3 +234,58 @@ def test_bf16_subnormal_inputs_take_the_exact_path(isa, rng):
     assert raised >= 1
     check(a3, b3, out)
     assert float(out[2, 5, 7]) == 2.0 ** -4
+
+
+def _sysfs_cache_bytes(level):
+    """cpu0's level-`level` data (or unified) cache size per Linux sysfs, or None."""
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            fields = [open(os.path.join(d, f)).read().strip() for f in ("level", "type", "size")]
+        except OSError:
+            continue
+        lv, kind, size = fields
+        if lv == str(level) and kind in ("Data", "Unified"):
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
+            return int(size.rstrip("KM")) * scale
+    return None
+
+
+def _plan_for(dtype):
+    """The blocking this variant uses for `dtype` (recorded by a product on the packed path)."""
+    attnkit.matmul(np.ones((200, 300), dtype), np.ones((300, 200), dtype))
+    return _C._last_gemm_plan()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=dtype_id)
+def test_blocking_comes_from_the_cpu_caches(isa, dtype):
+    """KC / MC / NC are derived at run time from the L1d and L2 (gemm/blocking.h): the sizes
+    are the ones sysfs reports, the blocks keep their cache budgets, k-blocks are balanced."""
+    plan = _plan_for(dtype)
+    eb = np.dtype(dtype).itemsize
+    assert plan["elem_bytes"] == eb
+    for level, key in ((1, "l1d"), (2, "l2")):
+        size = _sysfs_cache_bytes(level)
+        if size is not None and (16 << 10 if level == 1 else 128 << 10) <= size <= (1 << 20 if level == 1 else 64 << 20):
+            assert plan[key] == size, (key, plan)
+    assert 16 << 10 <= plan["l1d"] <= 1 << 20 and 128 << 10 <= plan["l2"] <= 64 << 20
+    kc, mc, nc, mr, nr = plan["kc_max"], plan["mc"], plan["nc"], plan["mr"], plan["nr"]
+    assert kc % 16 == 0 and 64 <= kc <= 1024, plan
+    assert kc * nr * eb <= plan["l1d"], plan          # the B micro-panel fits the L1d
+    assert mc % mr == 0 and mc * kc * eb <= plan["l2"] // 2, plan  # the A block half the L2
+    assert nc % nr == 0 and nc >= nr, plan
+    attnkit.matmul(np.ones((200, 700), dtype), np.ones((700, 200), dtype))
+    blocks = -(-700 // kc)  # fewest k-blocks of at most kc, of equal depth rounded up to 16
+    assert _C._last_gemm_plan()["kc"] == min(kc, -(-(-(-700 // blocks)) // 16) * 16)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=dtype_id)
+def test_shapes_across_the_run_time_block_edges(isa, rng, dtype):
+    """M, K and N one past (or one short of) this machine's MC, KC and NC, against float64."""
+    plan = _plan_for(dtype)
+    kc, mc, nc = plan["kc_max"], plan["mc"], plan["nc"]
+    for m, k, n in [(mc + 1, kc + 1, 70), (max(mc - 1, 100), 2 * kc + 3, 40),
+                    (100, kc - 1, nc + 5), (mc + 13, 3 * kc, 2 * plan["nr"] + 1)]:
+        a, b = randn(rng, (m, k), dtype), randn(rng, (k, n), dtype)
+        check(a, b, attnkit.matmul(a, b))
+        bt = np.asfortranarray(b)  # B packed from strided columns
+        check(a, bt, attnkit.matmul(a, bt))

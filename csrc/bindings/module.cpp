@@ -71,6 +71,21 @@ py::dict last_attention_plan_py() {
   return d;
 }
 
+py::dict last_gemm_plan_py() {
+  const cpu::GemmPlanRecord r = cpu::debug_last_gemm_plan();
+  py::dict d;
+  d["mr"] = r.mr;
+  d["nr"] = r.nr;
+  d["kc"] = r.kc;
+  d["kc_max"] = r.kc_max;
+  d["mc"] = r.mc;
+  d["nc"] = r.nc;
+  d["l1d"] = r.l1d;
+  d["l2"] = r.l2;
+  d["elem_bytes"] = r.elem_bytes;
+  return d;
+}
+
 void select_isa_py(const std::string& name) {
   const char* err = cpu::select_isa(name.c_str());
   if (err[0] != '\0') throw py::value_error("ATTNKIT_CPU=" + name + ": " + err);
@@ -99,6 +114,8 @@ PYBIND11_MODULE(_C, m) {
         "Make the n-th kernel scratch allocation from now fail (n <= 0: disarm). Tests only.");
   m.def("_last_attention_plan", &last_attention_plan_py,
         "How the last CPU attention call ran: kernel, split-KV, chunks, items, threads.");
+  m.def("_last_gemm_plan", &last_gemm_plan_py,
+        "The blocking of the last CPU matmul: mr, nr, kc (used), kc_max, mc, nc, l1d, l2.");
 
   bind_softmax(m);
   bind_matmul(m);

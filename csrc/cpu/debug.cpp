@@ -11,6 +11,7 @@ namespace {
 std::atomic<int64_t> g_fail_countdown{0};  // > 0: armed
 std::mutex g_plan_mutex;
 AttentionPlanRecord g_last_plan;
+GemmPlanRecord g_last_gemm_plan;
 
 }  // namespace
 
@@ -30,6 +31,16 @@ void debug_record_attention_plan(const AttentionPlanRecord& r) {
 AttentionPlanRecord debug_last_attention_plan() {
   std::lock_guard<std::mutex> lock(g_plan_mutex);
   return g_last_plan;
+}
+
+void debug_record_gemm_plan(const GemmPlanRecord& r) {
+  std::lock_guard<std::mutex> lock(g_plan_mutex);
+  g_last_gemm_plan = r;
+}
+
+GemmPlanRecord debug_last_gemm_plan() {
+  std::lock_guard<std::mutex> lock(g_plan_mutex);
+  return g_last_gemm_plan;
 }
 
 }  // namespace cpu

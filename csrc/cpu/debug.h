@@ -6,7 +6,8 @@
 //    kernel whose allocation fails inside a parallel region reports out_of_memory and writes
 //    nothing (issue: failures inside parallel regions).
 //  * Plan records: the attention kernels record how they ran the last call (which kernel,
-//    split-KV or not, chunk count and length), so tests assert the path, not only the result.
+//    split-KV or not, chunk count and length), so tests assert the path, not only the result;
+//    matmul records the blocking its last call used (sizes read from the CPU's caches).
 #pragma once
 #include <cstdint>
 
@@ -32,6 +33,16 @@ struct AttentionPlanRecord {
 };
 void debug_record_attention_plan(const AttentionPlanRecord& r);
 AttentionPlanRecord debug_last_attention_plan();
+
+struct GemmPlanRecord {
+  int32_t mr = 0, nr = 0;    // register tile
+  int64_t kc = 0;            // depth of the packed k-blocks of the last product (balanced)
+  int64_t kc_max = 0, mc = 0, nc = 0;  // the run-time blocking (gemm/blocking.h)
+  int64_t l1d = 0, l2 = 0;   // the cache sizes it was derived from (bytes)
+  int32_t elem_bytes = 0;    // 4: fp32 compute (also fp16/bf16 storage), 8: fp64
+};
+void debug_record_gemm_plan(const GemmPlanRecord& r);
+GemmPlanRecord debug_last_gemm_plan();
 
 }  // namespace cpu
 }  // namespace attnkit

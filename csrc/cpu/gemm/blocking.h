@@ -1,13 +1,24 @@
-// GEMM blocking constants per ISA and element type (docs/ARCHITECTURE.md, "GEMM"), BLIS style:
-//   MR x NR   register tile of C held in accumulators by the micro-kernel
+// GEMM blocking per ISA and element type (docs/ARCHITECTURE.md, "GEMM"), BLIS style:
+//   MR x NR   register tile of C held in accumulators by the micro-kernel (compile time)
 //   KC        depth of one pass: a KC x NR micro-panel of B stays in L1 while the
 //             micro-kernel walks the MR-row micro-panels of A under it
 //   MC        rows of the packed A block, sized for L2
-//   NC        columns of the packed B block, sized for L3
+//   NC        columns of the packed B block, sized for a core's share of L3
 // Register budget, vectors along N (row-major C): NR = 2 vectors, MR rows, so MR*2
 // accumulators + 2 B vectors + 1 broadcast must fit the register file.
+//
+// KC, MC and NC are run-time values (gemm_blocks): the constants below (KC0, MC0, NC0) are the
+// ones measured on the reference CPU, an AMD Zen 4 with a 32 KB L1d and a 1 MB L2
+// (bench/NOTES.md, "matmul"); on another CPU the B micro-panel keeps its share of the L1d
+// (KC scales with the L1d), the A block its share of the L2 (MC from the L2 and KC) and the
+// B block its bytes (NC = NC0 * KC0 / KC). They depend on the machine, never on the thread
+// count, so results stay bit-identical across thread counts (gemm.cpp).
 #pragma once
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <unistd.h>
 
 namespace attnkit {
 namespace cpu {
@@ -22,17 +33,19 @@ struct Blocking;
 template <>
 struct Blocking<float> {
   static constexpr int MR = 12, NR = 32;
-  // KC = 256: the B micro-panel is 256 x 32 x 4 B = 32 KB, all of a Zen 4 L1d (2/3 of an
-  // Emerald Rapids 48 KB one), so by the textbook rule 192 (24 KB) should win; measured on
-  // Zen 4 at 1 thread, 12x32x256 ran 94 GFLOP/s against 84 for 12x32x192 (bench/NOTES.md): the
-  // hardware prefetchers keep the panel streaming. A block 144 x 256 x 4 B = 144 KB of L2;
-  // B block 256 x 3072 x 4 B = 3 MB of the shared L3.
-  static constexpr int64_t KC = 256, MC = 144, NC = 3072;
+  // KC0 = 256: the B micro-panel is 256 x 32 x 4 B = 32 KB, all of a Zen 4 L1d, so by the
+  // textbook rule 192 (24 KB) should win; measured on Zen 4 at 1 thread, 12x32x256 ran 94
+  // GFLOP/s against 84 for 12x32x192 (bench/NOTES.md): the hardware prefetchers keep the panel
+  // streaming. A block 144 x 256 x 4 B = 144 KB of L2; B block 256 x 3072 x 4 B = 3 MB of the
+  // shared L3. On an Emerald Rapids (48 KB L1d, 2 MB L2) this gives KC 384, MC 192, NC 2048;
+  // there KC 256..512, MC 144..576 and NC 512..3072 all ran within 10% of each other
+  // (bench/NOTES.md, "fp32 GEMM on Emerald Rapids"): the cache budget, not a tuned value.
+  static constexpr int64_t KC0 = 256, MC0 = 144, NC0 = 3072;
 };
 template <>
 struct Blocking<double> {
   static constexpr int MR = 12, NR = 16;
-  static constexpr int64_t KC = 192, MC = 144, NC = 1536;  // same bytes as fp32
+  static constexpr int64_t KC0 = 192, MC0 = 144, NC0 = 1536;  // same bytes as fp32
 };
 #elif defined(ATTNKIT_ISA_AVX2)
 // 16 ymm: 6x2 = 12 accumulators + 2 B + 1 broadcast = 15.
@@ -41,26 +54,103 @@ struct Blocking<float> {
   // B micro-panel 256 x 16 x 4 B = 16 KB (half of L1); A block 144 x 256 x 4 B = 144 KB of L2;
   // B block 256 x 3072 x 4 B = 3 MB of L3.
   static constexpr int MR = 6, NR = 16;
-  static constexpr int64_t KC = 256, MC = 144, NC = 3072;
+  static constexpr int64_t KC0 = 256, MC0 = 144, NC0 = 3072;
 };
 template <>
 struct Blocking<double> {
   static constexpr int MR = 6, NR = 8;
-  static constexpr int64_t KC = 256, MC = 144, NC = 1536;
+  static constexpr int64_t KC0 = 256, MC0 = 144, NC0 = 1536;
 };
 #else
 // Portable baseline: 4-lane float vectors (SSE2/NEON width), 4x2 = 8 accumulators.
 template <>
 struct Blocking<float> {
   static constexpr int MR = 4, NR = 8;
-  static constexpr int64_t KC = 256, MC = 128, NC = 2048;
+  static constexpr int64_t KC0 = 256, MC0 = 128, NC0 = 2048;
 };
 template <>
 struct Blocking<double> {
   static constexpr int MR = 4, NR = 4;
-  static constexpr int64_t KC = 256, MC = 128, NC = 1024;
+  static constexpr int64_t KC0 = 256, MC0 = 128, NC0 = 1024;
 };
 #endif
+
+// The reference CPU of KC0 / MC0 (Zen 4).
+constexpr int64_t kRefL1d = 32 << 10, kRefL2 = 1 << 20;
+
+struct CacheSizes {
+  int64_t l1d = kRefL1d, l2 = kRefL2;  // bytes per core
+};
+
+// "48K", "2048K", "2M" -> bytes; 0 if unreadable.
+static inline int64_t parse_cache_size(const char* text) {
+  char* end = nullptr;
+  const long long v = std::strtoll(text, &end, 10);
+  if (end == text || v <= 0) return 0;
+  if (*end == 'K' || *end == 'k') return int64_t(v) << 10;
+  if (*end == 'M' || *end == 'm') return int64_t(v) << 20;
+  return int64_t(v);
+}
+
+// The L1d and L2 of cpu0: Linux sysfs (the kernel's reading of CPUID leaf 4 / 0x8000001D,
+// also inside a VM), else glibc's sysconf, else the reference sizes. Implausible values
+// (outside 16 KB..1 MB for L1d, 128 KB..64 MB for L2) are ignored.
+static inline CacheSizes read_cache_sizes() {
+  CacheSizes c;
+  int64_t l1d = 0, l2 = 0;
+  for (int i = 0; i < 16; ++i) {
+    char path[96], level[16] = {0}, type[32] = {0}, size[32] = {0};
+    auto read = [&](const char* leaf, char* buf, int n) {
+      std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/%s", i, leaf);
+      FILE* f = std::fopen(path, "r");
+      if (!f) return false;
+      const bool ok = std::fgets(buf, n, f) != nullptr;
+      std::fclose(f);
+      return ok;
+    };
+    if (!read("level", level, sizeof level)) break;
+    if (!read("type", type, sizeof type) || !read("size", size, sizeof size)) continue;
+    const bool data = std::strncmp(type, "Data", 4) == 0 || std::strncmp(type, "Unified", 7) == 0;
+    if (data && level[0] == '1') l1d = parse_cache_size(size);
+    if (data && level[0] == '2') l2 = parse_cache_size(size);
+  }
+#if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+  if (l1d <= 0) l1d = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+  if (l2 <= 0) l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+  if (l1d >= (16 << 10) && l1d <= (1 << 20)) c.l1d = l1d;
+  if (l2 >= (128 << 10) && l2 <= (64 << 20)) c.l2 = l2;
+  return c;
+}
+
+static inline const CacheSizes& cache_sizes() {
+  static const CacheSizes sizes = read_cache_sizes();
+  return sizes;
+}
+
+struct GemmBlocks {
+  int64_t kc, mc, nc;
+};
+
+// KC0 / MC0 / NC0 scaled to this CPU's caches (see the top of this file). KC stays a multiple
+// of 16 within [KC0 / 2, 2 KC0]; MC a multiple of MR, at least MR; NC a multiple of NR.
+template <class T>
+GemmBlocks blocks_for(const CacheSizes& cs) {
+  using B = Blocking<T>;
+  int64_t kc = B::KC0 * cs.l1d / kRefL1d / 16 * 16;
+  kc = kc < B::KC0 / 2 ? B::KC0 / 2 : kc > 2 * B::KC0 ? 2 * B::KC0 : kc;
+  int64_t mc = B::MC0 * B::KC0 * (cs.l2 / 1024) / (kRefL2 / 1024) / kc / B::MR * B::MR;
+  if (mc < B::MR) mc = B::MR;
+  int64_t nc = B::NC0 * B::KC0 / kc / B::NR * B::NR;
+  if (nc < B::NR) nc = B::NR;
+  return {kc, mc, nc};
+}
+
+template <class T>
+const GemmBlocks& gemm_blocks() {
+  static const GemmBlocks blocks = blocks_for<T>(cache_sizes());
+  return blocks;
+}
 
 }  // namespace ATTNKIT_ISA_NS
 }  // namespace cpu

@@ -1,11 +1,19 @@
 // Packed GEMM, BLIS style (ARCHITECTURE.md rule 5). Compiled once per ISA.
 //
 //   for jc in N by NC                      B block (KC x NC) packed once, shared by threads
-//     for pc in K by KC                    K is never split across threads (rule 6)
-//       pack B block                       threads pack disjoint panels, then a barrier
+//     for pc in K by KC                    K is never split across threads (rule 6); equal
+//                                          k-blocks of at most KC (balanced_kc)
+//       pack B block                       threads pack disjoint panels into one of two
+//                                          alternating buffers, then a barrier
 //       for ic in the thread's rows by MC  threads own disjoint (row, column) panel ranges
 //         pack A block (MC x KC)           per thread
-//         for jr, ir: micro-kernel         C (+)= A_panel * B_panel
+//         for jr, ir: micro-kernel         C (+)= A_panel * B_panel; the next B panel is
+//                                          prefetched a slice per call
+//
+// KC, MC, NC come from the CPU's caches at run time (gemm/blocking.h). The micro-kernel
+// itself is not the limit (fp32, one Emerald Rapids core, operands in L1: 173 GFLOP/s, more
+// than NumPy's whole sgemm reaches); what the loops around it lose is L3 traffic (B blocks,
+// C passes) and packing (bench/NOTES.md, "fp32 GEMM on Emerald Rapids").
 //
 // Every C element is accumulated in the same order (k-blocks in order, k within a block in
 // order) whatever the thread count or the split, so results are bit-identical across thread
@@ -38,6 +46,15 @@ constexpr int64_t kSmallMacs = int64_t(1) << 21;
 // kc 16 -> 12.7 and 83; kc 8 -> 16 and 66. Tiny M takes 8 (memory-bound), larger M 16.
 inline int64_t skinny_kc(int64_t m) { return m <= 4 ? 8 : 16; }
 
+// Depth of the packed k-blocks: the fewest blocks of at most kc_max, of equal depth (rounded
+// up to 16), so that no thin last block pays a whole pass over C for little work (K = 512
+// with KC = 384: 2 x 256, not 384 + 128). A function of K and the machine only, so every C
+// element gets the same sums on any thread count.
+inline int64_t balanced_kc(int64_t k, int64_t kc_max) {
+  const int64_t blocks = imax(1, ceil_div(k, kc_max));  // K = 0 records 0
+  return imin(kc_max, round_up(ceil_div(k, blocks), 16));
+}
+
 template <class T, class S>
 struct GemmArgs {
   const S* a;
@@ -48,9 +65,10 @@ struct GemmArgs {
 };
 
 template <class T, class S>
-void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack, T* apack_all, T* tail_all) {
+void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack_all, T* apack_all, T* tail_all) {
   using B = Blocking<T>;
   constexpr int MR = B::MR, NR = B::NR;
+  const GemmBlocks& blk = gemm_blocks<T>();
   constexpr bool same = std::is_same<S, T>::value;
   const int64_t m = g.m, n = g.n, k = g.k;
   // Up to 8 micro-panels of rows, streaming B in place beats packing it (packing reads and
@@ -63,30 +81,43 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack, T* apack_all, T* ta
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int tid = thread_id(), team = team_size();
-    T* apack = apack_all + int64_t(tid) * B::MC * B::KC;
-    T* tail = tail_all + int64_t(tid) * B::KC * NR;
+    T* apack = apack_all + int64_t(tid) * blk.mc * blk.kc;
+    T* tail = tail_all + int64_t(tid) * blk.kc * NR;
     const GemmShare share = gemm_share(m, MR, tid, team);  // threading.h
     const int64_t row0 = share.row0, row1 = share.row1;
     const int tj = share.tj, tn = share.tn;
-    for (int64_t jc = 0; jc < n; jc += B::NC) {
-      const int64_t nc = imin(B::NC, n - jc);
+    // Packed B blocks alternate between two buffers (one when the team is a single thread),
+    // so a block is packed while slower threads may still read the previous one: one barrier
+    // per block (packed -> readable) instead of two. A buffer is repacked two blocks later,
+    // once every thread has passed the barrier of the block in between, i.e. finished with it.
+    int64_t block_index = 0;
+    // NC budgets a packed B block. A skinny product's B, read in place, takes every column in
+    // one block: each k-block then streams whole rows (NC = 2048 on a 48 KB-L1d Xeon cut
+    // 4096-wide rows into 8 KB runs, and M = 1..64 x 4096 x 4096 lost 3-13%).
+    const int64_t nc_step = direct_b && skinny ? n : blk.nc;
+    for (int64_t jc = 0; jc < n; jc += nc_step) {
+      const int64_t nc = imin(nc_step, n - jc);
       const int64_t np = ceil_div(nc, NR);
       int64_t jbeg, jend;
       split_range(np, tn, tj, &jbeg, &jend);
-      const int64_t kc_step = direct_b && skinny ? skinny_kc(m) : B::KC;
+      const int64_t kc_step = direct_b && skinny ? skinny_kc(m) : balanced_kc(k, blk.kc);
       for (int64_t pc = 0; pc < k; pc += kc_step) {
         const int64_t kc = imin(kc_step, k - pc);
         const bool accumulate = pc > 0;
+        T* bpack = bpack_all + (team > 1 ? block_index++ % 2 : 0) * blk.kc * blk.nc;
         if (!direct_b) {
           int64_t pbeg, pend;
           split_range(np, team, tid, &pbeg, &pend);
-          for (int64_t jp = pbeg; jp < pend; ++jp)
-            pack_b_panel<T, S>(g.b + pc * g.rs_b + (jc + jp * NR) * g.cs_b, g.rs_b, g.cs_b, kc,
-                               int(imin(NR, nc - jp * NR)), bpack + jp * kc * NR);
+          if (pbeg < pend)
+            pack_b_block<T, S>(g.b + pc * g.rs_b + (jc + pbeg * NR) * g.cs_b, g.rs_b, g.cs_b, kc,
+                               imin(nc, pend * NR) - pbeg * NR, bpack + pbeg * kc * NR);
 #pragma omp barrier
         }
-        for (int64_t ic = row0; ic < row1; ic += B::MC) {
-          const int64_t mc = imin(B::MC, row1 - ic);
+        for (int64_t ic = row0; ic < row1; ic += blk.mc) {
+          const int64_t mc = imin(blk.mc, row1 - ic);
+          // Prefetch share of one micro-kernel call in the next B panel (below). Computed here:
+          // two divisions per panel cost 5-10% of a skinny product's short k-blocks.
+          const int64_t slice = ceil_div(kc * NR, ceil_div(mc, MR));
           if (!direct_a)
             for (int64_t ir = 0; ir < mc; ir += MR)
               pack_a_panel<T, S>(g.a + (ic + ir) * g.rs_a + pc * g.cs_a, g.rs_a, g.cs_a,
@@ -107,8 +138,14 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack, T* apack_all, T* ta
               ldb = NR;
             }
             T* cp = g.c + ic * g.ldc + jc + jp * NR;
+            // The next packed B panel, a slice per micro-kernel call, towards L2
+            const T* bnext = !direct_b && jp + 1 < jend ? bpack + (jp + 1) * kc * NR : nullptr;
             for (int64_t ir = 0; ir < mc; ir += MR) {
               const int mr = int(imin(MR, mc - ir));
+              if (bnext) {
+                const T* s0 = bnext + (ir / MR) * slice;
+                for (int64_t o = 0; o < slice; o += 64 / sizeof(T)) __builtin_prefetch(s0 + o, 0, 2);
+              }
               if (direct_a)
                 ukernel_rows<T, false>(mr, kc, reinterpret_cast<const T*>(g.a) + (ic + ir) * g.rs_a + pc,
                                        g.rs_a, bp, ldb, cp + ir * g.ldc, g.ldc, accumulate, nr);
@@ -117,9 +154,6 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack, T* apack_all, T* ta
                                       accumulate, nr);
             }
           }
-        }
-        if (!direct_b) {
-#pragma omp barrier
         }
       }
     }
@@ -133,9 +167,11 @@ template <class T>
 struct GemmBuffers {
   Scratch<T> ws, bpack, apack, tail;
   bool init(int64_t m, int64_t n, bool direct_c, int nt) {
-    using B = Blocking<T>;
-    return (direct_c || ws.reset(size_t(m * n))) && bpack.reset(size_t(B::KC * B::NC)) &&
-           apack.reset(size_t(nt * B::MC * B::KC)) && tail.reset(size_t(nt * B::KC * B::NR));
+    const GemmBlocks& blk = gemm_blocks<T>();
+    return (direct_c || ws.reset(size_t(m * n))) &&
+           bpack.reset(size_t((nt > 1 ? 2 : 1) * blk.kc * blk.nc)) &&
+           apack.reset(size_t(nt * blk.mc * blk.kc)) &&
+           tail.reset(size_t(nt * blk.kc * Blocking<T>::NR));
   }
 };
 
@@ -167,6 +203,24 @@ void gemm_one(const S* a, const S* b, S* c, const GemmParams& p, int nt, GemmBuf
   }
 }
 
+// The blocking of this call, for the tests (debug.h). The packed path's k-block depth; the
+// skinny in-place path uses skinny_kc instead.
+template <class T>
+void record_plan(int64_t k) {
+  const GemmBlocks& blk = gemm_blocks<T>();
+  GemmPlanRecord r;
+  r.mr = Blocking<T>::MR;
+  r.nr = Blocking<T>::NR;
+  r.kc = balanced_kc(k, blk.kc);
+  r.kc_max = blk.kc;
+  r.mc = blk.mc;
+  r.nc = blk.nc;
+  r.l1d = cache_sizes().l1d;
+  r.l2 = cache_sizes().l2;
+  r.elem_bytes = int32_t(sizeof(T));
+  debug_record_gemm_plan(r);
+}
+
 template <class T, class S>
 Status gemm_typed(const GemmParams& p) {
   const S* a = static_cast<const S*>(p.a);
@@ -177,6 +231,7 @@ Status gemm_typed(const GemmParams& p) {
   const int64_t macs = p.m * p.n * p.k;
   if (batch == 0 || p.m == 0 || p.n == 0) return Status::ok;
   const int nt = (macs * batch < kSerialMacs || p.num_threads < 1) ? 1 : p.num_threads;
+  record_plan<T>(p.k);
   const bool direct_c = writes_c_directly<T, S>(p);
   auto at = [&](int64_t bi, const int64_t* strides) {
     return unravel_offset(bi, p.batch_ndim, p.batch_shape, strides);

@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "blocking.h"
+#include "common.h"
 #include "simd/scalar_cvt.h"
 #include "simd/vec.h"
 
@@ -31,20 +32,27 @@ inline void store_as(T v, S* p) {
     from_f32(static_cast<float>(v), p);
 }
 
+// Packing A reads MR rows a stride apart, runs of KC values the hardware prefetchers pick up
+// late: the pack loop asks for each row's data kPackAhead cache lines ahead.
+constexpr int64_t kPackAhead = 8;
+
+// NR unit-stride values of one row of B into a packed panel row.
+template <class T, class S>
+inline void pack_b_row(const S* src, T* d) {
+  using V = Vec<T>;
+  for (int j = 0; j < Blocking<T>::NR; j += V::N) {
+    if constexpr (std::is_same<S, T>::value)
+      V::load(src + j).store(d + j);
+    else
+      load_cvt(src + j).store(d + j);
+  }
+}
+
 template <class T, class S>
 inline void pack_b_panel(const S* b, int64_t rs_b, int64_t cs_b, int64_t kc, int nr, T* dst) {
   constexpr int NR = Blocking<T>::NR;
-  using V = Vec<T>;
   if (cs_b == 1 && nr == NR) {
-    for (int64_t k = 0; k < kc; ++k) {
-      const S* src = b + k * rs_b;
-      T* d = dst + k * NR;
-      if constexpr (std::is_same<S, T>::value) {
-        for (int j = 0; j < NR; j += V::N) V::load(src + j).store(d + j);
-      } else {
-        for (int j = 0; j < NR; j += V::N) load_cvt(src + j).store(d + j);
-      }
-    }
+    for (int64_t k = 0; k < kc; ++k) pack_b_row<T, S>(b + k * rs_b, dst + k * NR);
     return;
   }
   if (cs_b == 1) {
@@ -64,13 +72,42 @@ inline void pack_b_panel(const S* b, int64_t rs_b, int64_t cs_b, int64_t kc, int
     for (int j = nr; j < NR; ++j) dst[k * NR + j] = T(0);
 }
 
+// The panels of a kc x ncols block of B, one after the other (panel p at dst + p*kc*NR).
+// Unit-stride rows are copied row by row across every full panel: one sequential stream per
+// row, which the hardware prefetchers follow (panel by panel, each row is one 128-byte run a
+// row stride from the last, which they do not: 8% of a 2048^3 product went to packing).
+template <class T, class S>
+inline void pack_b_block(const S* b, int64_t rs_b, int64_t cs_b, int64_t kc, int64_t ncols,
+                         T* dst) {
+  constexpr int NR = Blocking<T>::NR;
+  const int64_t full = cs_b == 1 ? ncols / NR : 0;
+  for (int64_t k = 0; full > 0 && k < kc; ++k)
+    for (int64_t p = 0; p < full; ++p) pack_b_row<T, S>(b + k * rs_b + p * NR, dst + (p * kc + k) * NR);
+  for (int64_t p = full; p * NR < ncols; ++p)
+    pack_b_panel<T, S>(b + p * NR * cs_b, rs_b, cs_b, kc, int(imin(NR, ncols - p * NR)),
+                       dst + p * kc * NR);
+}
+
 template <class T, class S>
 inline void pack_a_panel(const S* a, int64_t rs_a, int64_t cs_a, int m, int64_t kc, T* dst) {
   constexpr int MR = Blocking<T>::MR;
   if (cs_a == 1) {  // row-major: each row is contiguous along k
-    for (int i = 0; i < m; ++i) {
-      const S* row = a + i * rs_a;
-      for (int64_t k = 0; k < kc; ++k) dst[k * MR + i] = load_as<T>(row + k);
+    // One cache line of every row at a time, the line kPackAhead lines ahead prefetched
+    // (past the end of the row: the same row of the next panel, which the caller packs
+    // next). Row after row, each row's misses were waited in turn: 6% of a 2048^3 product.
+    constexpr int64_t kLine = 64 / sizeof(S);
+    for (int64_t k0 = 0; k0 < kc; k0 += kLine) {
+      const int64_t k1 = imin(kc, k0 + kLine), ahead = k0 + kPackAhead * kLine;
+      for (int i = 0; i < m; ++i) {
+        const S* row = a + i * rs_a;
+        __builtin_prefetch(ahead < kc ? row + ahead : row + MR * rs_a + (ahead - kc), 0, 3);
+        if (k1 - k0 == kLine) {  // a whole line: a fixed count, unrolled
+#pragma GCC unroll 32
+          for (int64_t k = k0; k < k0 + kLine; ++k) dst[k * MR + i] = load_as<T>(row + k);
+        } else {
+          for (int64_t k = k0; k < k1; ++k) dst[k * MR + i] = load_as<T>(row + k);
+        }
+      }
     }
   } else {
     for (int64_t k = 0; k < kc; ++k)

@@ -28,6 +28,19 @@ inline void ukernel(int64_t kc, const T* __restrict a, int64_t rs_a, const T* __
   // Every loop over i and v is fully unrolled, so the accumulators never need an address
   // (one loop left rolled makes GCC spill all of them on every k step).
   V acc[M][NV];
+  // The C tile is read (or written) once, after kc steps: fetch its lines now so the
+  // write-back does not wait on them (C rows are ldc apart; no hardware prefetcher follows;
+  // a large C comes from L3 on every k-pass). A short pass (skinny products' k-blocks of
+  // 8-16) is left to out-of-order execution, which overlaps its C loads with the next call:
+  // there the prefetches were +5% instructions for no measurable gain (bench/NOTES.md,
+  // "fp32 GEMM on Emerald Rapids").
+  if (kc >= 64) {
+#pragma GCC unroll 16
+    for (int i = 0; i < M; ++i) {
+      __builtin_prefetch(c + i * ldc, 1, 3);
+      __builtin_prefetch(c + i * ldc + Blocking<T>::NR - 1, 1, 3);
+    }
+  }
 #pragma GCC unroll 16
   for (int i = 0; i < M; ++i)
 #pragma GCC unroll 4
