@@ -21,6 +21,7 @@
 
 #include <type_traits>
 
+#include "cache_sizes.h"
 #include "common.h"
 #include "simd/math.h"
 #include "simd/vec.h"
@@ -35,9 +36,12 @@ using VF = Vec<float>;
 
 // 4096 fp32 = 16 KB: pass 2 re-reads the chunk from the 32 KB L1d, beside 16 KB of e.
 constexpr int64_t kChunk = 4096;
-// Outputs larger than this are written with non-temporal stores. Below it they are likely
-// to be read again soon and fit the 32 MB L3, so normal stores are the better choice.
-constexpr int64_t kStreamBytes = int64_t(16) << 20;
+// Outputs are written with non-temporal stores when input and output together fill the
+// last-level cache (cache_sizes.h): they would evict each other anyway. Below that the output
+// is likely read again soon from the cache, so normal stores are the better choice. (A 16 MB
+// fp32 output streams on a 32 MB L3, as the tuned constant did; a 64 MB one on a 260 MB L3
+// stays cached.)
+inline bool stream_output(int64_t out_bytes) { return 2 * out_bytes >= cache_sizes().l3; }
 // Lanes handled together by the strided-axis kernel: 4 vectors of accumulators.
 constexpr int kLaneVecs = 4;
 
@@ -276,7 +280,7 @@ Status softmax_typed(const SoftmaxParams& p) {
   const int64_t nchunks = ceil_div(n, kChunk);
   if (nchunks == 1) {
     const bool stream = std::is_same<T, float>::value && p.out_stride == 1 &&
-                        rows * n * int64_t(sizeof(T)) >= kStreamBytes;
+                        stream_output(rows * n * int64_t(sizeof(T)));
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
       alignas(64) float buf[kChunk];

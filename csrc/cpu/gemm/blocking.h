@@ -15,10 +15,8 @@
 // count, so results stay bit-identical across thread counts (gemm.cpp).
 #pragma once
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <unistd.h>
+
+#include "cache_sizes.h"
 
 namespace attnkit {
 namespace cpu {
@@ -75,58 +73,9 @@ struct Blocking<double> {
 };
 #endif
 
-// The reference CPU of KC0 / MC0 (Zen 4).
-constexpr int64_t kRefL1d = 32 << 10, kRefL2 = 1 << 20;
-
-struct CacheSizes {
-  int64_t l1d = kRefL1d, l2 = kRefL2;  // bytes per core
-};
-
-// "48K", "2048K", "2M" -> bytes; 0 if unreadable.
-static inline int64_t parse_cache_size(const char* text) {
-  char* end = nullptr;
-  const long long v = std::strtoll(text, &end, 10);
-  if (end == text || v <= 0) return 0;
-  if (*end == 'K' || *end == 'k') return int64_t(v) << 10;
-  if (*end == 'M' || *end == 'm') return int64_t(v) << 20;
-  return int64_t(v);
-}
-
-// The L1d and L2 of cpu0: Linux sysfs (the kernel's reading of CPUID leaf 4 / 0x8000001D,
-// also inside a VM), else glibc's sysconf, else the reference sizes. Implausible values
-// (outside 16 KB..1 MB for L1d, 128 KB..64 MB for L2) are ignored.
-static inline CacheSizes read_cache_sizes() {
-  CacheSizes c;
-  int64_t l1d = 0, l2 = 0;
-  for (int i = 0; i < 16; ++i) {
-    char path[96], level[16] = {0}, type[32] = {0}, size[32] = {0};
-    auto read = [&](const char* leaf, char* buf, int n) {
-      std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/%s", i, leaf);
-      FILE* f = std::fopen(path, "r");
-      if (!f) return false;
-      const bool ok = std::fgets(buf, n, f) != nullptr;
-      std::fclose(f);
-      return ok;
-    };
-    if (!read("level", level, sizeof level)) break;
-    if (!read("type", type, sizeof type) || !read("size", size, sizeof size)) continue;
-    const bool data = std::strncmp(type, "Data", 4) == 0 || std::strncmp(type, "Unified", 7) == 0;
-    if (data && level[0] == '1') l1d = parse_cache_size(size);
-    if (data && level[0] == '2') l2 = parse_cache_size(size);
-  }
-#if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
-  if (l1d <= 0) l1d = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-  if (l2 <= 0) l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#endif
-  if (l1d >= (16 << 10) && l1d <= (1 << 20)) c.l1d = l1d;
-  if (l2 >= (128 << 10) && l2 <= (64 << 20)) c.l2 = l2;
-  return c;
-}
-
-static inline const CacheSizes& cache_sizes() {
-  static const CacheSizes sizes = read_cache_sizes();
-  return sizes;
-}
+// The reference CPU of KC0 / MC0 (Zen 4); cache_sizes.h assumes these sizes when it cannot read
+// the CPU's.
+constexpr int64_t kRefL1d = kAssumedL1d, kRefL2 = kAssumedL2;
 
 struct GemmBlocks {
   int64_t kc, mc, nc;
