@@ -211,6 +211,17 @@ def test_bf16_subnormal_inputs_take_the_exact_path(isa, rng):
         finally:
             _C._select_isa(isa)
         assert np.array_equal(got.view(np.uint16), base.view(np.uint16))
+    # The scan before the bf16 kernel sees a subnormal in a row's scalar tail (k = 699 of 700)
+    # and in a transposed operand (walked along its contiguous axis).
+    a2, b2 = a.copy(), b.copy()
+    a2[5] = 0
+    a2[5, 699] = tiny
+    b2[3, 7], b2[699, 7] = 1.0, np.float32(2.0 ** 126)  # c[5, 7] = 2^-4 as above
+    bt = np.ascontiguousarray(b.T).T  # b as a (k, n) view with unit row stride
+    for x, y in ((a2, b2), (a, bt)):
+        got2 = attnkit.matmul(x, y)
+        check(x, y, got2)
+        assert float(got2[5, 7]) == 2.0 ** -4
     # Batched, with the subnormal in the last product only: the whole call takes the exact
     # path, decided before anything is written, so a MemoryError at any allocation leaves out
     # untouched (the first version recomputed that product after writing the others).

@@ -89,30 +89,16 @@ template <class T, class S>
 bool pack_block(const AttentionParams& p, const SeqView& sv, int64_t g, int64_t j0, int64_t bn,
                 BwdWork<T>& w) {
   using Tl = BwdTiles<T>;
-  using V = Vec<T>;
-  constexpr int NR = Tl::NR, N = V::N;
+  constexpr int NR = Tl::NR;
   const int64_t D = p.head_dim, Dv = p.head_dim_v, Dp = round_up(D, NR);
-  auto k_row = [&](int64_t jj) {
-    return jj < bn ? kv_row<T, S>(p, sv, g, j0 + jj, p.k, p.k_stride, p.k_scale, p.k_scale_stride)
-                   : KvRow<T, S>{};
-  };
+  auto k_row = [&](int64_t jj) { return kv_row<T, S>(p, sv, g, j0, jj, bn, false); };
   pack_panels_transposed<T, NR>(Tl::kBlockNPad, D, w.kt.get(), k_row);
-  pack_panels_transposed<T, NR>(Tl::kBlockNPad, Dv, w.vt.get(), [&](int64_t jj) {
-    return jj < bn ? kv_row<T, S>(p, sv, g, j0 + jj, p.v, p.v_stride, p.v_scale, p.v_scale_stride)
-                   : KvRow<T, S>{};
-  });
-  V bad = V::zero();  // x - x is 0 for finite x, NaN for inf/NaN: a NaN sum flags the block
-  for (int64_t jj = 0; jj < Tl::kBlockNPad; ++jj) {
-    const KvRow<T, S> kr = k_row(jj);
-    T* dst = w.krow.get() + jj * Dp;
-    for (int64_t d0 = 0; d0 < Dp; d0 += N) {
-      const V x = d0 < D ? kr.load(d0, int(imin(N, D - d0))) : V::zero();
-      bad = bad + (x - x);
-      x.store(dst + d0);
-    }
-  }
-  const T flag = bad.hsum();
-  return !(flag == T(0));
+  pack_panels_transposed<T, NR>(Tl::kBlockNPad, Dv, w.vt.get(),
+                                [&](int64_t jj) { return kv_row<T, S>(p, sv, g, j0, jj, bn, true); });
+  NonfiniteSum<T> nf;
+  for (int64_t jj = 0; jj < Tl::kBlockNPad; ++jj)
+    copy_row_padded(k_row(jj), D, Dp, nf, [&](int64_t d0) { return w.krow.get() + jj * Dp + d0; });
+  return nf.any();
 }
 
 // C (M x n, ld ldc) += X^T (M x k) * B (k x n, ld ldb) where X is a (k x M) tile with row

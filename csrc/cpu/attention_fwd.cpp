@@ -141,8 +141,7 @@ inline void pack_k_pair_row(const S* krow, int64_t D, T* kb, int64_t jj) {
 template <class T, class S>
 void pack_kv_block(const AttentionParams& p, const SeqView& s, int64_t g, int64_t j0, int64_t bn,
                    T* kb, T* vb, uint8_t* nonfinite) {
-  using V = Vec<T>;
-  constexpr int N = V::N, NR = Tiles<T>::NR;
+  constexpr int NR = Tiles<T>::NR;
   constexpr int64_t BNp = Tiles<T>::kBlockNPad;
   const int64_t D = p.head_dim, Dv = p.head_dim_v, Dvp = round_up(Dv, NR);
   if constexpr (kPairK<S>) {
@@ -150,22 +149,14 @@ void pack_kv_block(const AttentionParams& p, const SeqView& s, int64_t g, int64_
       pack_k_pair_row<T, S>(jj < bn ? typed<S>(p.k) + kv_offset(p, s, g, j0 + jj, p.k_stride) : nullptr,
                             D, kb, jj);
   } else {
-    pack_panels_transposed<T, NR>(round_up(bn, NR), D, kb, [&](int64_t jj) {
-      return jj < bn ? kv_row<T, S>(p, s, g, j0 + jj, p.k, p.k_stride, p.k_scale, p.k_scale_stride)
-                     : KvRow<T, S>{};
-    });
+    pack_panels_transposed<T, NR>(round_up(bn, NR), D, kb,
+                                  [&](int64_t jj) { return kv_row<T, S>(p, s, g, j0, jj, bn, false); });
   }
-  V bad = V::zero();  // x - x is 0 for finite x, NaN for inf/NaN: a NaN sum flags the block
-  for (int64_t jj = 0; jj < bn; ++jj) {
-    const KvRow<T, S> vr = kv_row<T, S>(p, s, g, j0 + jj, p.v, p.v_stride, p.v_scale, p.v_scale_stride);
-    for (int64_t c0 = 0; c0 < Dvp; c0 += N) {
-      const V x = c0 < Dv ? vr.load(c0, int(imin(N, Dv - c0))) : V::zero();
-      bad = bad + (x - x);
-      x.store(vb + (c0 / NR) * BNp * NR + jj * NR + c0 % NR);
-    }
-  }
-  const T flag = bad.hsum();
-  *nonfinite = !(flag == T(0));
+  NonfiniteSum<T> nf;
+  for (int64_t jj = 0; jj < bn; ++jj)
+    copy_row_padded(kv_row<T, S>(p, s, g, j0, jj, bn, true), Dv, Dvp, nf,
+                    [&](int64_t c0) { return vb + (c0 / NR) * BNp * NR + jj * NR + c0 % NR; });
+  *nonfinite = nf.any();
 }
 
 template <class T, class S>

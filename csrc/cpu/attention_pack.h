@@ -34,14 +34,42 @@ struct KvRow {
   }
 };
 
+// Key j0 + jj of kv head g in sequence s, read from K (is_v false) or V: jj counts from the
+// block's first key; from jj = bn on (past the block's keys) a null row, read as zeros.
 template <class T, class S>
-KvRow<T, S> kv_row(const AttentionParams& p, const SeqView& s, int64_t g, int64_t j,
-                   const void* base, const int64_t* stride, const float* scales,
-                   const int64_t* scale_stride) {
+KvRow<T, S> kv_row(const AttentionParams& p, const SeqView& s, int64_t g, int64_t j0, int64_t jj,
+                   int64_t bn, bool is_v) {
   KvRow<T, S> r;
-  r.row = typed<S>(base) + kv_offset(p, s, g, j, stride);
-  if constexpr (is_code<S>) r.scale = T(scales[kv_offset(p, s, g, j, scale_stride)] * CodeUnit<S>::kUnscale);
+  if (jj >= bn) return r;
+  const int64_t j = j0 + jj;
+  r.row = typed<S>(is_v ? p.v : p.k) + kv_offset(p, s, g, j, is_v ? p.v_stride : p.k_stride);
+  if constexpr (is_code<S>) {
+    const float* scales = is_v ? p.v_scale : p.k_scale;
+    r.scale = T(scales[kv_offset(p, s, g, j, is_v ? p.v_scale_stride : p.k_scale_stride)] *
+                CodeUnit<S>::kUnscale);
+  }
   return r;
+}
+
+// Non-finite tracking for packed rows: summing x - x (0 for finite x, NaN for inf/NaN) over every
+// packed vector leaves a NaN exactly when some value was inf or NaN.
+template <class T>
+struct NonfiniteSum {
+  Vec<T> acc = Vec<T>::zero();
+  bool any() const { return !(acc.hsum() == T(0)); }
+};
+
+// Row r's first n values, zero-padded to npad (a multiple of N), stored N lanes at a time at
+// dst(d0) for d0 = 0, N, 2N, ...; every vector is added to the non-finite sum.
+template <class T, class S, class DstFn>
+inline void copy_row_padded(const KvRow<T, S>& r, int64_t n, int64_t npad, NonfiniteSum<T>& nf,
+                            DstFn&& dst) {
+  using V = Vec<T>;
+  for (int64_t d0 = 0; d0 < npad; d0 += V::N) {
+    const V x = d0 < n ? r.load(d0, int(imin(V::N, n - d0))) : V::zero();
+    nf.acc = nf.acc + (x - x);
+    x.store(dst(d0));
+  }
 }
 
 // dst[0..n) = src[0..n) in the compute type T (converted from half precision).

@@ -89,19 +89,25 @@ void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf) {
   }
 }
 
-// Whether any A or B element of any product is a subnormal bf16 (one read of the inputs).
+// Whether the rows x cols matrix at x (strides rs, cs) holds a subnormal bf16, walked along its
+// contiguous axis when it has one.
+bool matrix_has_subnormal(const bf16_t* x, int64_t rows, int64_t cols, int64_t rs, int64_t cs) {
+  if (cs != 1 && rs == 1) return matrix_has_subnormal(x, cols, rows, cs, rs);
+  for (int64_t i = 0; i < rows; ++i)
+    if (bf16_any_subnormal(x + i * rs, cols, cs)) return true;
+  return false;
+}
+
+// Whether any A or B element of any product is a subnormal bf16 (one vector read of the inputs).
 bool any_subnormal(const GemmParams& p, int64_t batch) {
   const bf16_t* a = static_cast<const bf16_t*>(p.a);
   const bf16_t* b = static_cast<const bf16_t*>(p.b);
   for (int64_t bi = 0; bi < batch; ++bi) {
     const bf16_t* ai = a + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.a_batch_strides);
     const bf16_t* bbi = b + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.b_batch_strides);
-    bool sub = false;
-    for (int64_t i = 0; i < p.m; ++i)
-      for (int64_t k = 0; k < p.k; ++k) sub |= bf16_subnormal(ai[i * p.rs_a + k * p.cs_a].bits);
-    for (int64_t k = 0; k < p.k; ++k)
-      for (int64_t j = 0; j < p.n; ++j) sub |= bf16_subnormal(bbi[k * p.rs_b + j * p.cs_b].bits);
-    if (sub) return true;
+    if (matrix_has_subnormal(ai, p.m, p.k, p.rs_a, p.cs_a) ||
+        matrix_has_subnormal(bbi, p.k, p.n, p.rs_b, p.cs_b))
+      return true;
   }
   return false;
 }

@@ -47,6 +47,25 @@ inline uint32_t load_pair(const void* p) {  // an unaligned word (bf16 rows are 
 // 1 <= (bits & 0x7fff) <= 0x7f: a subnormal bf16 (zero exponent, nonzero mantissa).
 inline bool bf16_subnormal(uint16_t bits) { return uint16_t((bits & 0x7fffu) - 1u) < 0x7fu; }
 
+// Whether p[0], p[s], ..., p[(n-1) s] holds a subnormal bf16; 32 at a time when s is 1.
+inline bool bf16_any_subnormal(const bf16_t* p, int64_t n, int64_t s) {
+  int64_t i = 0;
+  if (s == 1) {
+    const __m512i magnitude = _mm512_set1_epi16(0x7fff), one = _mm512_set1_epi16(1);
+    const __m512i limit = _mm512_set1_epi16(0x7f);
+    __mmask32 any = 0;
+    for (; i + 32 <= n; i += 32) {
+      const __m512i x = _mm512_loadu_si512(p + i);
+      const __m512i t = _mm512_sub_epi16(_mm512_and_si512(x, magnitude), one);
+      any |= _mm512_cmplt_epu16_mask(t, limit);
+    }
+    if (any) return true;
+  }
+  bool any = false;
+  for (; i < n; ++i) any |= bf16_subnormal(p[i * s].bits);
+  return any;
+}
+
 // C[0:M, 0:nr] (+)= A[0:M, 0:2 kp) B[0:2 kp, 0:NR) in fp32; the contract of ukernel.h's
 // ukernel (accumulate=false overwrites C without reading it).
 template <int M, bool kPackedA>
