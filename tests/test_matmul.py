@@ -300,3 +300,42 @@ def test_shapes_across_the_run_time_block_edges(isa, rng, dtype):
         check(a, b, attnkit.matmul(a, b))
         bt = np.asfortranarray(b)  # B packed from strided columns
         check(a, bt, attnkit.matmul(a, bt))
+
+
+def _run_with_threads(nt, a, b):
+    attnkit.set_num_threads(nt)
+    return attnkit.matmul(a, b), _C._last_gemm_plan()
+
+
+def test_few_rows_read_b_in_place_by_the_size_of_b(isa, rng, threads):
+    """Few rows stream B where it lies (gemm.cpp, reads_b_in_place_skinny): always up to 24
+    rows, up to 36 only when B is larger than 16 L2s; otherwise B is packed. Either way the
+    result is right and the same on 1, 2 and 3 threads."""
+    l2 = _plan_for(np.float32)["l2"]
+    k = 1024
+    n_large = 16 * l2 // (4 * k) + 40   # B just over 16 L2s
+    n_small = 16 * l2 // (4 * k) - 40   # just under
+    for m, n, in_place in [(24, n_small, True), (30, n_small, False), (30, n_large, True),
+                           (36, n_large, True), (37, n_large, False)]:
+        a, b = randn(rng, (m, k), np.float32), randn(rng, (k, n), np.float32)
+        outs = []
+        for nt in (1, 2, 3):
+            out, plan = _run_with_threads(nt, a, b)
+            assert plan["b_in_place"] == in_place, (m, n, plan)
+            outs.append(out)
+        check(a, b, outs[0])
+        assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2]), (m, n)
+
+
+def test_threads_split_columns_when_rows_are_few(isa, rng, threads):
+    """Under two MC blocks of rows per thread the threads share the columns (gemm.cpp,
+    split_columns); with more rows they share the rows. Results are bit-identical to one
+    thread either way."""
+    mc = _plan_for(np.float32)["mc"]
+    for m, columns in [(2 * mc * 2 - 1, True), (2 * mc * 2, False), (100, True)]:
+        a, b = randn(rng, (m, 300), np.float32), randn(rng, (300, 520), np.float32)
+        one, plan1 = _run_with_threads(1, a, b)
+        two, plan2 = _run_with_threads(2, a, b)
+        assert not plan1["split_columns"] and plan2["split_columns"] == columns, (m, plan2)
+        check(a, b, two)
+        assert np.array_equal(one, two), m

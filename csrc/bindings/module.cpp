@@ -83,6 +83,8 @@ py::dict last_gemm_plan_py() {
   d["l1d"] = r.l1d;
   d["l2"] = r.l2;
   d["elem_bytes"] = r.elem_bytes;
+  d["b_in_place"] = r.b_in_place;
+  d["split_columns"] = r.split_columns;
   return d;
 }
 
@@ -115,7 +117,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_last_attention_plan", &last_attention_plan_py,
         "How the last CPU attention call ran: kernel, split-KV, chunks, items, threads.");
   m.def("_last_gemm_plan", &last_gemm_plan_py,
-        "The blocking of the last CPU matmul: mr, nr, kc (used), kc_max, mc, nc, l1d, l2.");
+        "The blocking of the last CPU matmul: mr, nr, kc (used), kc_max, mc, nc, l1d, l2, "
+        "b_in_place (B not packed), split_columns (threads shared columns, not rows).");
 
   bind_softmax(m);
   bind_matmul(m);

@@ -36,10 +36,12 @@ AttentionPlanRecord debug_last_attention_plan();
 
 struct GemmPlanRecord {
   int32_t mr = 0, nr = 0;    // register tile
-  int64_t kc = 0;            // depth of the packed k-blocks of the last product (balanced)
+  int64_t kc = 0;            // depth of the k-blocks of the last product
   int64_t kc_max = 0, mc = 0, nc = 0;  // the run-time blocking (gemm/blocking.h)
   int64_t l1d = 0, l2 = 0;   // the cache sizes it was derived from (bytes)
   int32_t elem_bytes = 0;    // 4: fp32 compute (also fp16/bf16 storage), 8: fp64
+  bool b_in_place = false;     // B read where it lies (small or few-row products), not packed
+  bool split_columns = false;  // threads shared the columns, not the rows
 };
 void debug_record_gemm_plan(const GemmPlanRecord& r);
 GemmPlanRecord debug_last_gemm_plan();

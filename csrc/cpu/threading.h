@@ -56,14 +56,17 @@ inline void split_range(int64_t n, int parts, int part, int64_t* begin, int64_t*
 }
 
 // A thread's share of a packed GEMM: a grid of tm x tn threads over (mr-row panels) x
-// (column panels). Rows are split first (each thread then packs only its own A), columns only
-// when there are too few row panels for every thread (fewer than two per thread row).
-// Splitting by panels, not MC blocks, keeps the shares within one panel.
+// (column panels). Splitting by panels, not MC blocks, keeps the shares within one panel.
+// `columns`: every thread takes all rows and a share of the columns (the caller decides when:
+// gemm.cpp, split_columns). Otherwise rows are split first (each thread then packs only its
+// own A), columns only when there are too few row panels for every thread (fewer than two per
+// thread row). The split never changes a result: each C element's sum is the same either way.
 struct GemmShare {
   int64_t row0, row1;  // the thread's rows [row0, row1)
   int tj, tn;          // its column share tj of tn (split_range over the column panels)
 };
-inline GemmShare gemm_share(int64_t m, int mr, int tid, int team) {
+inline GemmShare gemm_share(int64_t m, int mr, int tid, int team, bool columns = false) {
+  if (columns) return {0, m, tid, team};
   const int64_t m_panels = (m + mr - 1) / mr;
   int tm = team, tn = 1;
   while (tm > 1 && m_panels < 2 * tm) {

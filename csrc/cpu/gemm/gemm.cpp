@@ -46,6 +46,28 @@ constexpr int64_t kSmallMacs = int64_t(1) << 21;
 // kc 16 -> 12.7 and 83; kc 8 -> 16 and 66. Tiny M takes 8 (memory-bound), larger M 16.
 inline int64_t skinny_kc(int64_t m) { return m <= 4 ? 8 : 16; }
 
+// Few rows read B in place instead of packing it (packing reads and writes all of B once
+// more): always up to kSkinnyRows rows, and up to kSkinnyRowsLargeB when B is larger than
+// kLargeBL2s L2s. Measured on Emerald Rapids (2 threads, bench/NOTES.md, "GEMM: few rows"):
+// 32 x 4096 x 4096 (B 64 MB) 140-155 GFLOP/s in place vs 90-120 packed, 32 x 2048 x 2048 (16 MB)
+// 98-122 vs 138-151, 40-64 x 4096 x 4096 121-156 vs 137-176.
+constexpr int64_t kSkinnyRows = 24, kSkinnyRowsLargeB = 36, kLargeBL2s = 16;
+inline bool reads_b_in_place_skinny(int64_t m, int64_t k, int64_t n, int64_t elem_bytes) {
+  return m <= kSkinnyRows ||
+         (m <= kSkinnyRowsLargeB && k * n * elem_bytes > kLargeBL2s * cache_sizes().l2);
+}
+
+// Columns rather than rows are split among the threads (threading.h, gemm_share) when a row
+// split would leave each thread fewer than two MC blocks of rows: then every thread reads every
+// packed B block, half of it written by the other core, and the row shares end in unequal edge
+// panels; a column split keeps each thread's B panels in its own L2. Emerald Rapids, 2 threads
+// (bench/NOTES.md, "GEMM: few rows"): 128 x 4096 x 4096 185 -> 228 GFLOP/s, 64 x 4096 x 4096
+// (packed) 132 -> 180, 512^3 184-191 -> 197-211; from 1024 rows on the two were within noise,
+// 4096^3 3% better split by rows.
+inline bool split_columns(int64_t m, int64_t n_panels, int64_t mc, int team) {
+  return team > 1 && m < 2 * mc * team && n_panels >= 2 * team;
+}
+
 // Depth of the packed k-blocks: the fewest blocks of at most kc_max, of equal depth (rounded
 // up to 16), so that no thin last block pays a whole pass over C for little work (K = 512
 // with KC = 384: 2 x 256, not 384 + 128). A function of K and the machine only, so every C
@@ -64,26 +86,52 @@ struct GemmArgs {
   int64_t rs_a, cs_a, rs_b, cs_b, ldc;
 };
 
+// How one product's loops run: which operands are read in place, the block steps, and whether
+// threads split the columns. A function of the shape, the layout, the machine and the team
+// size; only kc_step changes sums, and it never depends on the team.
+struct LoopPlan {
+  bool direct_a, direct_b;  // A / B read in place (no packing)
+  bool skinny;              // few rows: B streamed in place in shallow k-blocks
+  bool split_columns;       // threads share columns, not rows (gemm_share)
+  int64_t nc_step, kc_step;
+};
+
+template <class T, class S>
+LoopPlan plan_loops(int64_t m, int64_t n, int64_t k, int64_t cs_a, int64_t cs_b, int team) {
+  using B = Blocking<T>;
+  const GemmBlocks& blk = gemm_blocks<T>();
+  constexpr bool same = std::is_same<S, T>::value;
+  LoopPlan lp;
+  lp.skinny = reads_b_in_place_skinny(m, k, n, sizeof(S));
+  const bool small = m * n * k <= kSmallMacs;
+  lp.direct_a = same && cs_a == 1 && (small || lp.skinny);
+  lp.direct_b = same && cs_b == 1 && (small || lp.skinny);
+  // NC budgets a packed B block. A skinny product's B, read in place, takes every column in
+  // one block: each k-block then streams whole rows (NC = 2048 on a 48 KB-L1d Xeon cut
+  // 4096-wide rows into 8 KB runs, and M = 1..64 x 4096 x 4096 lost 3-13%).
+  const bool streams_b = lp.direct_b && lp.skinny;
+  lp.nc_step = streams_b ? n : blk.nc;
+  lp.kc_step = streams_b ? skinny_kc(m) : balanced_kc(k, blk.kc);
+  lp.split_columns = split_columns(m, ceil_div(imin(n, lp.nc_step), B::NR), blk.mc, team);
+  return lp;
+}
+
 template <class T, class S>
 void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack_all, T* apack_all, T* tail_all) {
   using B = Blocking<T>;
   constexpr int MR = B::MR, NR = B::NR;
   const GemmBlocks& blk = gemm_blocks<T>();
-  constexpr bool same = std::is_same<S, T>::value;
   const int64_t m = g.m, n = g.n, k = g.k;
-  // Up to 8 micro-panels of rows, streaming B in place beats packing it (packing reads and
-  // writes all of B once more): M=64 x 4096 x 4096 went from 62-65 to 91-93 GFLOP/s.
-  const bool skinny = m <= 8 * MR;
-  const bool small = m * n * k <= kSmallMacs;
-  const bool direct_a = same && g.cs_a == 1 && (small || skinny);
-  const bool direct_b = same && g.cs_b == 1 && (small || skinny);
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int tid = thread_id(), team = team_size();
     T* apack = apack_all + int64_t(tid) * blk.mc * blk.kc;
     T* tail = tail_all + int64_t(tid) * blk.kc * NR;
-    const GemmShare share = gemm_share(m, MR, tid, team);  // threading.h
+    const LoopPlan lp = plan_loops<T, S>(m, n, k, g.cs_a, g.cs_b, team);
+    const bool direct_a = lp.direct_a, direct_b = lp.direct_b;
+    const int64_t nc_step = lp.nc_step, kc_step = lp.kc_step;
+    const GemmShare share = gemm_share(m, MR, tid, team, lp.split_columns);
     const int64_t row0 = share.row0, row1 = share.row1;
     const int tj = share.tj, tn = share.tn;
     // Packed B blocks alternate between two buffers (one when the team is a single thread),
@@ -91,16 +139,11 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack_all, T* apack_all, T
     // per block (packed -> readable) instead of two. A buffer is repacked two blocks later,
     // once every thread has passed the barrier of the block in between, i.e. finished with it.
     int64_t block_index = 0;
-    // NC budgets a packed B block. A skinny product's B, read in place, takes every column in
-    // one block: each k-block then streams whole rows (NC = 2048 on a 48 KB-L1d Xeon cut
-    // 4096-wide rows into 8 KB runs, and M = 1..64 x 4096 x 4096 lost 3-13%).
-    const int64_t nc_step = direct_b && skinny ? n : blk.nc;
     for (int64_t jc = 0; jc < n; jc += nc_step) {
       const int64_t nc = imin(nc_step, n - jc);
       const int64_t np = ceil_div(nc, NR);
       int64_t jbeg, jend;
       split_range(np, tn, tj, &jbeg, &jend);
-      const int64_t kc_step = direct_b && skinny ? skinny_kc(m) : balanced_kc(k, blk.kc);
       for (int64_t pc = 0; pc < k; pc += kc_step) {
         const int64_t kc = imin(kc_step, k - pc);
         const bool accumulate = pc > 0;
@@ -203,21 +246,23 @@ void gemm_one(const S* a, const S* b, S* c, const GemmParams& p, int nt, GemmBuf
   }
 }
 
-// The blocking of this call, for the tests (debug.h). The packed path's k-block depth; the
-// skinny in-place path uses skinny_kc instead.
-template <class T>
-void record_plan(int64_t k) {
+// The blocking and loop plan of this call, for the tests (debug.h).
+template <class T, class S>
+void record_plan(const GemmParams& p, int nt) {
   const GemmBlocks& blk = gemm_blocks<T>();
+  const LoopPlan lp = plan_loops<T, S>(p.m, p.n, p.k, p.cs_a, p.cs_b, nt);
   GemmPlanRecord r;
   r.mr = Blocking<T>::MR;
   r.nr = Blocking<T>::NR;
-  r.kc = balanced_kc(k, blk.kc);
+  r.kc = lp.kc_step;
   r.kc_max = blk.kc;
   r.mc = blk.mc;
   r.nc = blk.nc;
   r.l1d = cache_sizes().l1d;
   r.l2 = cache_sizes().l2;
   r.elem_bytes = int32_t(sizeof(T));
+  r.b_in_place = lp.direct_b;
+  r.split_columns = lp.split_columns;
   debug_record_gemm_plan(r);
 }
 
@@ -231,14 +276,15 @@ Status gemm_typed(const GemmParams& p) {
   const int64_t macs = p.m * p.n * p.k;
   if (batch == 0 || p.m == 0 || p.n == 0) return Status::ok;
   const int nt = (macs * batch < kSerialMacs || p.num_threads < 1) ? 1 : p.num_threads;
-  record_plan<T>(p.k);
   const bool direct_c = writes_c_directly<T, S>(p);
   auto at = [&](int64_t bi, const int64_t* strides) {
     return unravel_offset(bi, p.batch_ndim, p.batch_shape, strides);
   };
   // Many small products: one product per thread at a time. Otherwise each product uses all
   // threads. Either way every product is computed by the same serial arithmetic.
-  if (batch >= nt && nt > 1 && macs <= kSmallMacs * 4) {
+  const bool per_thread_products = batch >= nt && nt > 1 && macs <= kSmallMacs * 4;
+  record_plan<T, S>(p, per_thread_products ? 1 : nt);
+  if (per_thread_products) {
     std::atomic<bool> failed{false};
 #pragma omp parallel num_threads(nt)
     {
