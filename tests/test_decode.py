@@ -445,3 +445,25 @@ def test_head_groups_of_a_key_block(isa, rng, kv, Hkv):
     ref = ref_from_cache(q, to64(kc), to64(vc), lens, causal=True, window=(100, 0))
     assert_close(o[0], ref[0], np.float32)
     assert_close(o[1, 1], ref[1, 1], np.float32)
+
+
+@pytest.mark.parametrize("Hkv", [1, 3, 8])
+def test_short_position_major_decode_shares_heads_among_threads(isa, rng, threads, Hkv):
+    """A short bshd decode (one key chunk) is cut into KV-head groups so every thread gets
+    items (attention_decode.cpp): the plan has at least 2 items per thread where the heads
+    allow, never a split, and the output is right and bit-identical on 1, 2 and 3 threads."""
+    B, H, Sk, D = 1, 8 if Hkv != 3 else 6, 100, 64
+    q, k, v = make_qkv(rng, B, H, Hkv, 1, Sk, D)
+    args = [np.ascontiguousarray(a.transpose(0, 2, 1, 3)) for a in (q, k, v)]
+    outs = []
+    for nt in (1, 2, 3):
+        attnkit.set_num_threads(nt)
+        o, lse = attnkit.attention(*args, layout="bshd", return_lse=True)
+        plan = _plan()
+        assert plan["kernel"] == "decode" and not plan["split"] and plan["num_chunks"] == 1, plan
+        if Hkv > 1:  # a head-major single head is one item whatever the threads
+            assert plan["items"] >= min(Hkv, 2 * plan["threads"]), (nt, plan)
+        outs.append((o, lse))
+    check(q, k, v, outs[0][0].transpose(0, 2, 1, 3), lse=outs[0][1])
+    for o, lse in outs[1:]:
+        assert np.array_equal(o, outs[0][0]) and np.array_equal(lse, outs[0][1])

@@ -595,17 +595,35 @@ Status decode_typed(const AttentionParams& p) {
   // Position-major caches (head stride below row stride) are walked position by position with
   // all KV heads in one item; head-major ones one KV head per item.
   const bool position_major = p.num_kv_heads > 1 && p.k_stride[1] < p.k_stride[2];
-  const int64_t sets = position_major ? 1 : p.num_kv_heads;
-  const int64_t heads_per_item = position_major ? p.num_kv_heads : 1;
-  const bool split = position_major || p.batch * p.num_kv_heads < kSplitBelowGroups;
+  const bool may_split = position_major || p.batch * p.num_kv_heads < kSplitBelowGroups;
   // Chunks are sized from the longest sequence actually attended (a KV cache's lengths, not
   // its capacity: 2k tokens in a 32k-position cache must not be cut into 32k-sized chunks,
   // most of them empty). The length depends on the inputs' shapes and lengths only, never on
   // the thread count, so results stay bit-identical for any number of threads.
-  int64_t longest = 0;
-  for (int64_t b = 0; b < p.batch; ++b) longest = imax(longest, seq_view(p, b).sk);
+  int64_t longest = 0, total_keys = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t sk = seq_view(p, b).sk;
+    longest = imax(longest, sk);
+    total_keys += sk;
+  }
   const int64_t clen = chunk_keys(imax(1, longest), p.head_dim);
-  const int64_t nchunks = split ? ceil_div(imax(1, longest), clen) : 1;
+  const int64_t nchunks = may_split ? ceil_div(imax(1, longest), clen) : 1;
+  // One chunk is no split: its item writes the output itself (the combine of one partial was
+  // a third of a short call's instructions and gives the same bits).
+  const bool split = nchunks > 1;
+  const int nt = threads_for(total_keys * p.num_kv_heads * (p.head_dim + p.head_dim_v), p.num_threads);
+  // An item is one KV head of a head-major cache. In a position-major one it is a set of
+  // adjacent KV heads, walked position by position: all of them, unless that leaves fewer
+  // than two items per thread (short sequences: one chunk of 128 keys was one item, so one
+  // thread did all the work). Heads are independent, so how they are grouped never changes a
+  // result; only the key chunks do, and those do not depend on the thread count.
+  int64_t heads_per_item = 1;
+  if (position_major) {
+    const int64_t per_head_set = p.batch * nchunks;
+    const int64_t sets_wanted = imin(p.num_kv_heads, ceil_div(2 * int64_t(nt), per_head_set));
+    heads_per_item = imax(1, p.num_kv_heads / imax(1, sets_wanted));  // at least sets_wanted sets
+  }
+  const int64_t sets = ceil_div(p.num_kv_heads, heads_per_item);
   const int64_t rows_max = heads_per_item * G * p.seqlen_q, Dv = p.head_dim_v;
   const int64_t n_items = p.batch * sets * nchunks;
   Scratch<DecodeItem> items;
@@ -617,20 +635,19 @@ Status decode_typed(const AttentionParams& p) {
   float* pm = partials.get();
   float* pl = pm ? pm + n_items * rows_max : nullptr;
   float* po = pm ? pl + n_items * rows_max : nullptr;
-  int64_t n = 0, bytes = 0;
+  int64_t n = 0;
   for (int64_t b = 0; b < p.batch; ++b) {
     const SeqView sv = seq_view(p, b);
     for (int64_t st = 0; st < sets; ++st)
       for (int64_t c = 0; c < nchunks; ++c) {
         const int64_t keys = split ? imax(0, imin(clen, sv.sk - c * clen)) : sv.sk;
-        const int64_t kv_bytes = keys * heads_per_item * (p.head_dim + Dv) * 4;
-        items[n++] = {b, st * heads_per_item, heads_per_item, split ? c : -1, 1 + kv_bytes / 256};
-        bytes += kv_bytes;
+        const int64_t g0 = st * heads_per_item, ng = imin(heads_per_item, p.num_kv_heads - g0);
+        const int64_t kv_bytes = keys * ng * (p.head_dim + Dv) * 4;
+        items[n++] = {b, g0, ng, split ? c : -1, 1 + kv_bytes / 256};
       }
   }
   prefix[0] = 0;
   for (int64_t i = 0; i < n_items; ++i) prefix[i + 1] = prefix[i] + items[i].cost;
-  const int nt = threads_for(bytes / 4, p.num_threads);
   AttentionPlanRecord rec;
   rec.kernel = 2;
   rec.split = split;

@@ -12,6 +12,7 @@ keeps that holder alive (NumPy points views at the owner), so a buffer goes back
 only when nothing can see it any more.
 """
 import collections
+import math
 import os
 import sys
 import threading
@@ -72,7 +73,7 @@ def empty(shape, dtype):
     """An uninitialized C-contiguous array, from the buffer cache when it is large."""
     global _cached_bytes
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize  # Python ints: np.prod cost ~3 us per call
     if nbytes < _MIN_BYTES or _cap_bytes() == 0 or dtype.hasobject:
         return np.empty(shape, dtype)
     with _lock:

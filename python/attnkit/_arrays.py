@@ -70,7 +70,17 @@ class Arr:
                    self.device, self.writeable, self.stream, self.keep)
 
     def transpose(self, *perm):
-        return self.view([self.shape[p] for p in perm], [self.strides[p] for p in perm])
+        shape, strides = self.shape, self.strides
+        return Arr(self.obj, self.kind, self.ptr, tuple([shape[p] for p in perm]),
+                   tuple([strides[p] for p in perm]), self.dtype, self.device, self.writeable,
+                   self.stream, self.keep)
+
+    def swap_seq_heads(self):
+        """(B, S, H, D) <-> (B, H, S, D) of a 4-D array: transpose(0, 2, 1, 3), on every
+        attention call with layout="bshd", so spelled out."""
+        (b, s, h, d), (tb, ts, th, td) = self.shape, self.strides
+        return Arr(self.obj, self.kind, self.ptr, (b, h, s, d), (tb, th, ts, td), self.dtype,
+                   self.device, self.writeable, self.stream, self.keep)
 
     def expand_dims(self, axis):
         shape, strides = list(self.shape), list(self.strides)

@@ -14,7 +14,7 @@ from ._front import (Call, Options, check_attention_shapes, check_bool, check_fl
 
 
 def _canonical(d, layout):
-    return d.transpose(0, 2, 1, 3) if layout == "bshd" else d
+    return d.swap_seq_heads() if layout == "bshd" else d
 
 
 class _Qkv:
@@ -34,11 +34,13 @@ def _resolve_qkv(call, q, k, v, *, layout, mask, causal, causal_align, scale, wi
     check_qkv_dtypes(qd, kd, vd, fn)
     c = _Qkv()
     c.q_arr, c.k_arr, c.v_arr = qd, kd, vd
-    B, H, Sq, D, Hkv, Sk, Dv = check_attention_shapes(
-        fn, layout, qd, kd, vd, _canonical(qd, layout), _canonical(kd, layout), _canonical(vd, layout))
+    views = [_canonical(d, layout) for d in (qd, kd, vd)]
+    B, H, Sq, D, Hkv, Sk, Dv = check_attention_shapes(fn, layout, qd, kd, vd, *views)
     c.B, c.H, c.Sq, c.D, c.Hkv, c.Sk, c.Dv = B, H, Sq, D, Hkv, Sk, Dv
-    c.q, c.k, c.v = (_canonical(call.contiguous(d, n), layout)
-                     for d, n in ((qd, "q"), (kd, "k"), (vd, "v")))
+    for i, (d, n) in enumerate(((qd, "q"), (kd, "k"), (vd, "v"))):
+        if not d.last_dim_contiguous():
+            views[i] = _canonical(call.contiguous(d, n), layout)
+    c.q, c.k, c.v = views
     c.opts = Options(fn, B, D, causal=causal, causal_align=causal_align, scale=scale, window=window,
                      softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed)
     c.alibi = resolve_alibi(call, alibi_slopes, B, H)
@@ -367,7 +369,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
     out, od = call.result(out, (B, Sq, H, Dv), qd.dtype, qd)
     check_out_rows(od, fn)
     lse, lsed = call.empty((B, H, Sq), "float32") if return_lse else (None, None)
-    t = lambda d: None if d is None else d.transpose(0, 2, 1, 3)
+    t = lambda d: None if d is None else d.swap_seq_heads()
     # Aliasing (out with any input, new k/v with the caches, k_cache with v_cache) is checked
     # by the binding (attention_params, shared by both devices), still before any write; the
     # kernel then appends k/v (after its own allocations) and attends.

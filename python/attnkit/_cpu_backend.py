@@ -73,11 +73,12 @@ def attention(call, q, k, v, out, lse, mask, alibi, cu_q, cu_k, seqlens, table, 
     """One attention forward; with k_new/v_new the binding appends them to the caches k/v
     after its own checks (so a refused call never writes the cache). 8-bit caches come with
     their (B|pages, Hkv, S) float32 scales."""
+    # Every argument positional: pybind11 matches keyword arguments by name, which was about
+    # a tenth of a short decode call (bench/NOTES.md, "fixed cost of a short decode call").
     _C.attention(q.desc(), k.desc(), v.desc(), out.desc(), _desc(lse), _desc(mask), _desc(alibi),
                  cu_q, cu_k, seqlens, table, o.batch, o.scale, o.softcap, o.causal,
-                 o.bottom_right, o.wl, o.wr, o.dropout_p, o.seed, 0, 0,
-                 k_new=_desc(k_new), v_new=_desc(v_new), fn=call.fn, k_scale=_desc(k_scale),
-                 v_scale=_desc(v_scale))
+                 o.bottom_right, o.wl, o.wr, o.dropout_p, o.seed, 0, 0, _desc(k_new),
+                 _desc(v_new), call.fn, _desc(k_scale), _desc(v_scale))
 
 
 def quantize_kv(call, x, q, scale):

@@ -73,9 +73,9 @@ def _quantized_attention(module, query, key, value, attention_mask, scaling, is_
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
     _C.attention(_desc(q), _desc(key), _desc(value), _desc(out.transpose(1, 2), True), None, mask,
                  None, None, None, None, None, B, scale, float(softcap or 0.0), is_causal,
-                 not is_causal, wl, wr, 0.0, 0, 0, torch.get_num_threads(),
-                 k_scale=_desc(key._attnkit_scale), v_scale=_desc(value._attnkit_scale),
-                 fn="attnkit.transformers attention")
+                 not is_causal, wl, wr, 0.0, 0, 0, torch.get_num_threads(), None, None,
+                 "attnkit.transformers attention", _desc(key._attnkit_scale),
+                 _desc(value._attnkit_scale))  # positional: cheaper than keywords (_cpu_backend)
     return out
 
 
