@@ -328,12 +328,14 @@ def test_few_rows_read_b_in_place_by_the_size_of_b(isa, rng, threads):
 
 
 def test_threads_split_columns_when_rows_are_few(isa, rng, threads):
-    """Under two MC blocks of rows per thread the threads share the columns (gemm.cpp,
-    split_columns); with more rows they share the rows. Results are bit-identical to one
-    thread either way."""
+    """A wide product (N > M) with under two MC blocks of rows per thread has the threads
+    share the columns (gemm.cpp, split_columns); with more rows, or N <= M, they share the
+    rows. Results are bit-identical to one thread either way."""
     mc = _plan_for(np.float32)["mc"]
-    for m, columns in [(2 * mc * 2 - 1, True), (2 * mc * 2, False), (100, True)]:
-        a, b = randn(rng, (m, 300), np.float32), randn(rng, (300, 520), np.float32)
+    m_edge = 2 * mc * 2
+    for m, n, columns in [(m_edge - 1, m_edge + 40, True), (m_edge, m_edge + 40, False),
+                          (100, 520, True), (300, 300, False)]:
+        a, b = randn(rng, (m, 300), np.float32), randn(rng, (300, n), np.float32)
         one, plan1 = _run_with_threads(1, a, b)
         two, plan2 = _run_with_threads(2, a, b)
         assert not plan1["split_columns"] and plan2["split_columns"] == columns, (m, plan2)

@@ -57,15 +57,16 @@ inline bool reads_b_in_place_skinny(int64_t m, int64_t k, int64_t n, int64_t ele
          (m <= kSkinnyRowsLargeB && k * n * elem_bytes > kLargeBL2s * cache_sizes().l2);
 }
 
-// Columns rather than rows are split among the threads (threading.h, gemm_share) when a row
-// split would leave each thread fewer than two MC blocks of rows: then every thread reads every
-// packed B block, half of it written by the other core, and the row shares end in unequal edge
-// panels; a column split keeps each thread's B panels in its own L2. Emerald Rapids, 2 threads
-// (bench/NOTES.md, "GEMM: few rows"): 128 x 4096 x 4096 185 -> 228 GFLOP/s, 64 x 4096 x 4096
-// (packed) 132 -> 180, 512^3 184-191 -> 197-211; from 1024 rows on the two were within noise,
-// 4096^3 3% better split by rows.
-inline bool split_columns(int64_t m, int64_t n_panels, int64_t mc, int team) {
-  return team > 1 && m < 2 * mc * team && n_panels >= 2 * team;
+// Columns rather than rows are split among the threads (threading.h, gemm_share) for a wide
+// product (more columns than rows) whose row split would leave each thread fewer than two MC
+// blocks of rows: there every thread read every packed B block, half of it written by the other
+// core, and the row shares ended in unequal edge panels; a column split keeps each thread's B
+// panels in its own L2. Emerald Rapids, 2 threads (bench/NOTES.md, "GEMM: few rows"):
+// 128 x 4096 x 4096 185 -> 228 GFLOP/s, 64 x 4096 x 4096 (packed) 132 -> 180, 512 x 4096 x 4096
+// 218-248 -> 257-259. Square products of 256-1000 were within the (large) noise either way, so
+// they keep the row split.
+inline bool split_columns(int64_t m, int64_t n, int64_t n_panels, int64_t mc, int team) {
+  return team > 1 && m < 2 * mc * team && n > m && n_panels >= 2 * team;
 }
 
 // Depth of the packed k-blocks: the fewest blocks of at most kc_max, of equal depth (rounded
@@ -112,7 +113,7 @@ LoopPlan plan_loops(int64_t m, int64_t n, int64_t k, int64_t cs_a, int64_t cs_b,
   const bool streams_b = lp.direct_b && lp.skinny;
   lp.nc_step = streams_b ? n : blk.nc;
   lp.kc_step = streams_b ? skinny_kc(m) : balanced_kc(k, blk.kc);
-  lp.split_columns = split_columns(m, ceil_div(imin(n, lp.nc_step), B::NR), blk.mc, team);
+  lp.split_columns = split_columns(m, n, ceil_div(imin(n, lp.nc_step), B::NR), blk.mc, team);
   return lp;
 }
 
