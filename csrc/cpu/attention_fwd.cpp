@@ -262,8 +262,11 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
   }
   for (int64_t kb = lo_min / BN; hi_max >= 0 && kb <= hi_max / BN; ++kb) {
     const int64_t j0 = kb * BN;
-    // Keys past the last one a bool mask lets any row see (key padding) are left out.
-    const int64_t bn = mask_block_extent(p, s.b, h, i0, bm, j0, imin(BN, s.sk - j0));
+    // Keys past the last one any row may see are left out: past the causal / window edge of
+    // the tile's last row (at S <= BN a causal tile computed the whole block: as slow as no
+    // mask), and past the last key a bool mask lets any row see (key padding). Those keys are
+    // excluded for every row, so no result changes.
+    const int64_t bn = mask_block_extent(p, s.b, h, i0, bm, j0, imin(imin(BN, s.sk - j0), hi_max + 1 - j0));
     if (bn == 0) continue;
     const T *kblk, *vblk;
     bool v_nonfinite;
@@ -372,9 +375,12 @@ Status attention_typed(const AttentionParams& p) {
           const int64_t bm = imin(BM, s.sq - i0);
           const KeyRange first = key_range(p, s, i0), last = key_range(p, s, i0 + bm - 1);
           const int64_t lo = imax(0, first.lo), hi = imin(s.sk - 1, last.hi);
-          const int64_t blocks = hi >= lo ? hi / BN - lo / BN + 1 : 0;
-          items[n] = {b, g * G + hh, i0, 1 + blocks};
-          flops += double(bm) * double(blocks * BN) * double(p.head_dim + p.head_dim_v);
+          // Keys the item computes: whole blocks from the first one it needs, the last one
+          // trimmed at its last allowed key (run_item). Cost in units of 64 keys, plus a fixed
+          // part worth one 256-key block.
+          const int64_t keys = hi >= lo ? hi + 1 - lo / BN * BN : 0;
+          items[n] = {b, g * G + hh, i0, 4 + ceil_div(keys, 64)};
+          flops += double(bm) * double(keys) * double(p.head_dim + p.head_dim_v);
           ++n;
         }
   }
