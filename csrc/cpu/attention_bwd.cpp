@@ -317,28 +317,38 @@ void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdI
   T *S = w.s.get(), *dP = w.dp.get(), *Sraw = w.sraw.get();
 
   for (int64_t j0 = 0; j0 < sv.sk; j0 += BN) {
-    const int64_t bn = imin(BN, sv.sk - j0);
+    const int64_t bn_full = imin(BN, sv.sk - j0);
     // Rows of this item that reach the block at all (ranges grow with i).
     const KeyRange first = key_range(p, sv, it.r0), last = key_range(p, sv, it.r1 - 1);
-    const bool touched = rows > 0 && !(j0 > last.hi || j0 + bn - 1 < first.lo);
+    const bool touched = rows > 0 && !(j0 > last.hi || j0 + bn_full - 1 < first.lo);
     T* dk = w.dk.get();
     T* dv = w.dv.get();
     for (int64_t x = 0; x < BNp * Dp; ++x) dk[x] = T(0);
     for (int64_t x = 0; x < BNp * Dvp; ++x) dv[x] = T(0);
     if (touched) {
-      const bool k_nonfinite = pack_block<T, SKV>(p, sv, it.g, j0, bn, w);
+      const bool k_nonfinite = pack_block<T, SKV>(p, sv, it.g, j0, bn_full, w);
       for (int64_t hh = 0; hh < G; ++hh) {
         const int64_t h = it.g * G + hh;
-        for (int64_t i0 = it.r0; i0 < it.r1; i0 += BM) {
-          const int64_t bm = imin(BM, it.r1 - i0);
-          const KeyRange a = key_range(p, sv, i0), z = key_range(p, sv, i0 + bm - 1);
-          if (j0 > z.hi || j0 + bn - 1 < a.lo) continue;
+        for (int64_t t0 = it.r0; t0 < it.r1; t0 += BM) {
+          // The tile's rows that reach this key block, and the block's keys any of them may
+          // attend: key ranges grow with the row (causal, window), so the rows that see no key
+          // of the block are a prefix and a suffix of the tile, and the keys past the last
+          // row's edge are excluded for all. Leaving them out only drops exact zeros (P and dS
+          // are 0 there): near a causal diagonal most of a tile x block is such zeros.
+          const int64_t t1 = imin(t0 + BM, it.r1);
+          int64_t i0 = t0, i1 = t1;
+          while (i0 < i1 && key_range(p, sv, i0).hi < j0) ++i0;
+          while (i1 > i0 && key_range(p, sv, i1 - 1).lo > j0 + bn_full - 1) --i1;
+          if (i0 == i1) continue;
+          const int64_t bm = i1 - i0;
+          const int64_t bn = imin(bn_full, key_range(p, sv, i1 - 1).hi + 1 - j0);
+          const int64_t bnp = round_up(bn, NR);
           if (mask_block_empty(p, sv.b, h, i0, bm, j0, bn)) continue;
           const int64_t row0 = hh * rows + (i0 - it.r0);
           const T* qf = w.qf.get() + row0 * Dp;
           const T* df = w.dof.get() + row0 * Dvp;
-          gemm_panels<T>(qf, Dp, bm, D, w.kt.get(), BNp, S, BNp);
-          gemm_panels<T>(df, Dvp, bm, Dv, w.vt.get(), BNp, dP, BNp);
+          gemm_panels<T>(qf, Dp, bm, D, w.kt.get(), bnp, S, BNp);
+          gemm_panels<T>(df, Dvp, bm, Dv, w.vt.get(), bnp, dP, BNp);
           if (p.softcap > 0.0f)
             for (int64_t x = 0; x < bm * BNp; ++x) Sraw[x] = S[x];
           for (int64_t r = 0; r < bm; ++r) {
@@ -356,7 +366,7 @@ void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdI
               for (int64_t j = 0; j < BNp; ++j) w.zbuf[j] = j < bn && w.keep[j] ? inv_keep : T(0);
               zbuf = w.zbuf.get();
             }
-            grad_row<T>(p, srow, dprow, Sraw + r * BNp, bn, BNp, lse, Di, zbuf);
+            grad_row<T>(p, srow, dprow, Sraw + r * BNp, bn, bnp, lse, Di, zbuf);
           }
           // dV += P^T dO, dK += dS^T Q, dQ += dS K; where the right operand holds inf/NaN
           // (rare), masked keys are skipped so it never reaches them (or from them).
@@ -376,7 +386,7 @@ void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdI
       }
     }
     // dK/dV of this key block: straight to the output, or to this chunk's partial.
-    for (int64_t jj = 0; jj < bn; ++jj) {
+    for (int64_t jj = 0; jj < bn_full; ++jj) {
       if (part_dk) {
         for (int64_t d = 0; d < D; ++d) part_dk[(j0 + jj) * D + d] = dk[jj * Dp + d];
         for (int64_t d = 0; d < Dv; ++d) part_dv[(j0 + jj) * Dv + d] = dv[jj * Dvp + d];
