@@ -341,3 +341,17 @@ def test_threads_split_columns_when_rows_are_few(isa, rng, threads):
         assert not plan1["split_columns"] and plan2["split_columns"] == columns, (m, plan2)
         check(a, b, two)
         assert np.array_equal(one, two), m
+
+
+def test_many_threads_use_a_two_dimensional_grid(isa, rng, threads):
+    """From 4 threads on, a square product is shared on a 2-D thread grid (threading.h,
+    gemm_grid_rows), not in row strips that each read all of B; the grid covers the team and
+    the result is bit-identical to one thread's."""
+    a, b = randn(rng, (300, 280), np.float32), randn(rng, (280, 300), np.float32)
+    one, _ = _run_with_threads(1, a, b)
+    for nt in (4, 6, 16):
+        out, plan = _run_with_threads(nt, a, b)
+        tm, tn = plan["grid"]
+        assert tm * tn == nt and tm > 1 and tn > 1, (nt, plan)
+        assert np.array_equal(out, one), nt
+    check(a, b, one)

@@ -85,6 +85,7 @@ py::dict last_gemm_plan_py() {
   d["elem_bytes"] = r.elem_bytes;
   d["b_in_place"] = r.b_in_place;
   d["split_columns"] = r.split_columns;
+  d["grid"] = py::make_tuple(r.grid_rows, r.grid_cols);
   return d;
 }
 
@@ -118,7 +119,8 @@ PYBIND11_MODULE(_C, m) {
         "How the last CPU attention call ran: kernel, split-KV, chunks, items, threads.");
   m.def("_last_gemm_plan", &last_gemm_plan_py,
         "The blocking of the last CPU matmul: mr, nr, kc (used), kc_max, mc, nc, l1d, l2, "
-        "b_in_place (B not packed), split_columns (threads shared columns, not rows).");
+        "b_in_place (B not packed), split_columns (threads shared columns, not rows), grid "
+        "(thread rows, thread columns).");
 
   bind_softmax(m);
   bind_matmul(m);

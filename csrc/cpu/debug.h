@@ -42,6 +42,7 @@ struct GemmPlanRecord {
   int32_t elem_bytes = 0;    // 4: fp32 compute (also fp16/bf16 storage), 8: fp64
   bool b_in_place = false;     // B read where it lies (small or few-row products), not packed
   bool split_columns = false;  // threads shared the columns, not the rows
+  int32_t grid_rows = 1, grid_cols = 1;  // the thread grid (rows x columns of C)
 };
 void debug_record_gemm_plan(const GemmPlanRecord& r);
 GemmPlanRecord debug_last_gemm_plan();

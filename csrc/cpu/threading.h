@@ -55,30 +55,53 @@ inline void split_range(int64_t n, int parts, int part, int64_t* begin, int64_t*
   *end = *begin + base + (part < rem ? 1 : 0);
 }
 
-// A thread's share of a packed GEMM: a grid of tm x tn threads over (mr-row panels) x
-// (column panels). Splitting by panels, not MC blocks, keeps the shares within one panel.
-// `columns`: every thread takes all rows and a share of the columns (the caller decides when:
-// gemm.cpp, split_columns). Otherwise rows are split first (each thread then packs only its
-// own A), columns only when there are too few row panels for every thread (fewer than two per
-// thread row). The split never changes a result: each C element's sum is the same either way.
-struct GemmShare {
-  int64_t row0, row1;  // the thread's rows [row0, row1)
-  int tj, tn;          // its column share tj of tn (split_range over the column panels)
-};
-inline GemmShare gemm_share(int64_t m, int mr, int tid, int team, bool columns = false) {
-  if (columns) return {0, m, tid, team};
-  const int64_t m_panels = (m + mr - 1) / mr;
-  int tm = team, tn = 1;
+// The thread grid of a packed GEMM: tm x tn threads over (mr-row panels) x (nr-column panels
+// of one B block). Returns tm (tn = team / tm). `columns`: all rows, a share of the columns
+// each (gemm.cpp, split_columns). From 4 threads on, a 2-D grid: per k-block a thread packs or
+// reads its A rows and its B columns, so the divisor of the team that makes
+// (rows per thread row) + (columns per thread column) smallest is taken (ties: more thread
+// rows); 16 threads on 512^3 were 16 x 1, each reading the whole B block from the other cores
+// for 3 row panels (issue 13: 0.32x NumPy there). Up to 3 threads: rows, columns only when
+// there are fewer than two row panels per thread row. The grid never changes a result.
+inline int gemm_grid_rows(int64_t m_panels, int mr, int64_t n_panels, int nr, int team,
+                          bool columns) {
+  if (columns) return 1;
+  if (team >= 4 && n_panels > 0) {
+    int best = 0;
+    int64_t best_cost = 0;
+    for (int tm = team; tm >= 1; --tm) {
+      const int tn = team / tm;
+      if (team % tm || tm > m_panels || tn > n_panels) continue;
+      const int64_t cost = (m_panels + tm - 1) / tm * mr + (n_panels + tn - 1) / tn * nr;
+      if (best == 0 || cost < best_cost) best = tm, best_cost = cost;
+    }
+    if (best > 0) return best;
+  }
+  int tm = team;
   while (tm > 1 && m_panels < 2 * tm) {
     int f = 2;
     while (tm % f) ++f;
     tm /= f;
-    tn *= f;
   }
+  return tm;
+}
+
+// A thread's share of the grid: its rows and its column share (split_range over the column
+// panels). Splitting by panels, not MC blocks, keeps the shares within one panel.
+struct GemmShare {
+  int64_t row0, row1;  // the thread's rows [row0, row1)
+  int tj, tn;          // its column share tj of tn
+};
+inline GemmShare gemm_share(int64_t m, int mr, int tid, int team, int tm) {
+  const int64_t m_panels = (m + mr - 1) / mr;
+  const int tn = team / tm;
   int64_t rbeg, rend;
   split_range(m_panels, tm, tid / tn, &rbeg, &rend);
   const int64_t row1 = rend * mr;
   return {rbeg * mr, row1 < m ? row1 : m, tid % tn, tn};
+}
+inline GemmShare gemm_share(int64_t m, int mr, int tid, int team) {  // rows first (up to 3 threads' rule)
+  return gemm_share(m, mr, tid, team, gemm_grid_rows((m + mr - 1) / mr, mr, 0, 0, team, false));
 }
 
 // Items [begin, end) of thread `tid` of `team` when n items with cost prefix sums prefix[0..n]

@@ -94,6 +94,7 @@ struct LoopPlan {
   bool direct_a, direct_b;  // A / B read in place (no packing)
   bool skinny;              // few rows: B streamed in place in shallow k-blocks
   bool split_columns;       // threads share columns, not rows (gemm_share)
+  int grid_rows;            // thread rows of the grid (threading.h, gemm_grid_rows)
   int64_t nc_step, kc_step;
 };
 
@@ -113,7 +114,9 @@ LoopPlan plan_loops(int64_t m, int64_t n, int64_t k, int64_t cs_a, int64_t cs_b,
   const bool streams_b = lp.direct_b && lp.skinny;
   lp.nc_step = streams_b ? n : blk.nc;
   lp.kc_step = streams_b ? skinny_kc(m) : balanced_kc(k, blk.kc);
-  lp.split_columns = split_columns(m, n, ceil_div(imin(n, lp.nc_step), B::NR), blk.mc, team);
+  const int64_t n_panels = ceil_div(imin(n, lp.nc_step), B::NR);
+  lp.split_columns = split_columns(m, n, n_panels, blk.mc, team);
+  lp.grid_rows = gemm_grid_rows(ceil_div(m, B::MR), B::MR, n_panels, B::NR, team, lp.split_columns);
   return lp;
 }
 
@@ -132,7 +135,7 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack_all, T* apack_all, T
     const LoopPlan lp = plan_loops<T, S>(m, n, k, g.cs_a, g.cs_b, team);
     const bool direct_a = lp.direct_a, direct_b = lp.direct_b;
     const int64_t nc_step = lp.nc_step, kc_step = lp.kc_step;
-    const GemmShare share = gemm_share(m, MR, tid, team, lp.split_columns);
+    const GemmShare share = gemm_share(m, MR, tid, team, lp.grid_rows);
     const int64_t row0 = share.row0, row1 = share.row1;
     const int tj = share.tj, tn = share.tn;
     // Packed B blocks alternate between two buffers (one when the team is a single thread),
@@ -264,6 +267,8 @@ void record_plan(const GemmParams& p, int nt) {
   r.elem_bytes = int32_t(sizeof(T));
   r.b_in_place = lp.direct_b;
   r.split_columns = lp.split_columns;
+  r.grid_rows = lp.grid_rows;
+  r.grid_cols = nt / lp.grid_rows;
   debug_record_gemm_plan(r);
 }
 
