@@ -261,16 +261,21 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
     hi_max = imax(hi_max, kr.hi);
   }
   for (int64_t kb = lo_min / BN; hi_max >= 0 && kb <= hi_max / BN; ++kb) {
-    const int64_t j0 = kb * BN;
+    const int64_t jb = kb * BN;
     // Keys past the last one any row may see are left out: past the causal / window edge of
     // the tile's last row (at S <= BN a causal tile computed the whole block: as slow as no
-    // mask), and past the last key a bool mask lets any row see (key padding). Those keys are
-    // excluded for every row, so no result changes.
-    const int64_t bn = mask_block_extent(p, s.b, h, i0, bm, j0, imin(imin(BN, s.sk - j0), hi_max + 1 - j0));
-    if (bn == 0) continue;
+    // mask), and past the last key a bool mask lets any row see (key padding). Keys before
+    // the first one any row may see (a sliding window's left edge) are left out from the
+    // NR-key panel that holds it. Those keys are excluded for every row, so no result changes.
+    const int64_t bn_end = mask_block_extent(p, s.b, h, i0, bm, jb, imin(imin(BN, s.sk - jb), hi_max + 1 - jb));
+    const int64_t off = imax(0, lo_min - jb) / NR * NR;
+    if (bn_end <= off) continue;
+    const int64_t j0 = jb + off, bn = bn_end - off;
     const T *kblk, *vblk;
     bool v_nonfinite;
     ensure_packed<T, SKV>(p, s, g, kb, w.cache, &kblk, &vblk, &v_nonfinite);
+    kblk += off * (pairs ? Dw : D);  // panels [key/NR][dim][NR]: skip off / NR of them
+    vblk += off * NR;                // [dim/NR][BNp][NR]: start at key `off` of each panel
     // S = Q K^T
     for (int64_t ir = 0; ir < bm; ir += MR) {
       const int mr = int(imin(MR, bm - ir));
@@ -375,10 +380,10 @@ Status attention_typed(const AttentionParams& p) {
           const int64_t bm = imin(BM, s.sq - i0);
           const KeyRange first = key_range(p, s, i0), last = key_range(p, s, i0 + bm - 1);
           const int64_t lo = imax(0, first.lo), hi = imin(s.sk - 1, last.hi);
-          // Keys the item computes: whole blocks from the first one it needs, the last one
-          // trimmed at its last allowed key (run_item). Cost in units of 64 keys, plus a fixed
-          // part worth one 256-key block.
-          const int64_t keys = hi >= lo ? hi + 1 - lo / BN * BN : 0;
+          // Keys the item computes: from the NR-key panel of its first allowed key to its
+          // last allowed key (run_item's trims). Cost in units of 64 keys, plus a fixed part
+          // worth one 256-key block.
+          const int64_t keys = hi >= lo ? hi + 1 - lo / Tl::NR * Tl::NR : 0;
           items[n] = {b, g * G + hh, i0, 4 + ceil_div(keys, 64)};
           flops += double(bm) * double(keys) * double(p.head_dim + p.head_dim_v);
           ++n;
