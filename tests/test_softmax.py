@@ -12,6 +12,7 @@ from reference import (
     from_torch,
     randn,
     softmax_ref,
+    to64,
     to_torch,
 )
 
@@ -167,6 +168,29 @@ def test_bit_identical_across_threads(threads, rng):
             attnkit.set_num_threads(nt)
             outs.append(attnkit.softmax(x, axis=axis))
         assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2]), shape
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_long_rows_whole_row_and_chunk_items_agree(isa, rng, threads, dtype):
+    """Long rows are done whole per thread (into a given out=, rows >= threads) or as (row,
+    chunk) items (a fresh output, or fewer rows than threads): the same bits either way, with
+    -inf chunks, an all -inf row and a NaN row among them."""
+    n = 3 * 4096 + 123
+    x = randn(rng, (5, n), dtype, scale=4.0)
+    x[1, :4096] = -np.inf
+    x[2, :] = -np.inf
+    x[3, 5000] = np.nan
+    got = []
+    for nt in (1, 2, 3, 8):  # 8 threads > 5 rows: items
+        attnkit.set_num_threads(nt)
+        out = np.empty_like(x)
+        attnkit.softmax(x, out=out)
+        got += [out, attnkit.softmax(x)]
+    for g in got[1:]:
+        assert np.array_equal(g, got[0], equal_nan=True)
+    assert np.isnan(to64(got[0][2])).all() and np.isnan(to64(got[0][3])).all()
+    keep = [0, 1, 4]
+    check(x[keep], -1, got[0][keep])
 
 
 # ---- bad input ----

@@ -19,6 +19,7 @@
 // anything else gathers each chunk into scratch. Nothing is copied outside the kernel.
 #include <math.h>
 
+#include <atomic>
 #include <type_traits>
 
 #include "cache_sizes.h"
@@ -38,7 +39,10 @@ using VF = Vec<float>;
 constexpr int64_t kChunk = 4096;
 // Outputs are written with non-temporal stores when input and output together fill the
 // last-level cache (cache_sizes.h): they would evict each other anyway. Below that the output
-// is likely read again soon from the cache, so normal stores are the better choice. (A 16 MB
+// is likely read again soon from the cache, so normal stores are the better choice. Never into
+// a freshly allocated output (SoftmaxParams::out_fresh): the OS zeroes each page on its first
+// touch, and a stream then writes every line a second time (bench/NOTES.md, "softmax: long
+// rows"). (A 16 MB
 // fp32 output streams on a 32 MB L3, as the tuned constant did; a 64 MB one on a 260 MB L3
 // stays cached.)
 inline bool stream_output(int64_t out_bytes) { return 2 * out_bytes >= cache_sizes().l3; }
@@ -279,7 +283,7 @@ Status softmax_typed(const SoftmaxParams& p) {
 
   const int64_t nchunks = ceil_div(n, kChunk);
   if (nchunks == 1) {
-    const bool stream = std::is_same<T, float>::value && p.out_stride == 1 &&
+    const bool stream = std::is_same<T, float>::value && p.out_stride == 1 && !p.out_fresh &&
                         stream_output(rows * n * int64_t(sizeof(T)));
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -294,6 +298,53 @@ Status softmax_typed(const SoftmaxParams& p) {
     }
     if (stream) stream_fence();
     return Status::ok;
+  }
+
+  // Long rows, at least one per thread, that fit in half the L2: each thread takes whole rows,
+  // keeps exp(x - max_c) of its row in an L2-resident scratch and writes out once (with
+  // non-temporal stores when the output is large). The (row, chunk) items below leave exp in
+  // out and rescale it in a second pass, so for DRAM-sized data out crossed the memory bus
+  // three times (read for ownership, write-back, rescale); here once (bench/NOTES.md,
+  // "softmax: long rows"). Same operations in the same order: the same bits either way, so
+  // the path may depend on the thread count. Not into a fresh output, whose first-touch page
+  // faults dominate: there the items below measured 5-10% faster.
+  if (rows >= nt && !p.out_fresh && nchunks * kChunk * int64_t(sizeof(float)) <= cache_sizes().l2 / 2) {
+    const bool stream = std::is_same<T, float>::value && p.out_stride == 1 &&
+                        stream_output(rows * n * int64_t(sizeof(T)));
+    std::atomic<bool> failed{false};
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+      Scratch<float> ex;  // exp(x - max_c) of one row, chunk c at c * kChunk
+      Scratch<ChunkStat> st;
+      if (!ex.reset(size_t(nchunks * kChunk)) || !st.reset(size_t(nchunks))) failed = true;
+#pragma omp barrier
+      // `failed` is only written before the barrier: all threads skip, or all run, the loop.
+      if (!failed.load()) {
+        alignas(64) float buf[kChunk];
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* xr = x + unravel_offset(r, p.outer_ndim, p.outer_shape, p.x_outer_strides);
+          T* orow = out + unravel_offset(r, p.outer_ndim, p.outer_shape, p.out_outer_strides);
+          for (int64_t c = 0; c < nchunks; ++c)
+            st[c] = chunk_stat(xr + c * kChunk * p.x_stride, p.x_stride, imin(kChunk, n - c * kChunk),
+                               buf, ex.get() + c * kChunk);
+          if (!combine(st.get(), nchunks)) {  // every element -inf: NaN, as torch
+            fill(orow, p.out_stride, n, __builtin_nanf(""));
+            continue;
+          }
+          for (int64_t c = 0; c < nchunks; ++c) {
+            const int64_t len = imin(kChunk, n - c * kChunk);
+            T* oc = orow + c * kChunk * p.out_stride;
+            if (st[c].max == kNegInf)
+              fill(oc, p.out_stride, len, 0.0f);
+            else
+              write_scaled(ex.get() + c * kChunk, st[c].sum, oc, p.out_stride, len, stream);
+          }
+        }
+      }
+    }
+    if (stream) stream_fence();
+    return failed ? Status::out_of_memory : Status::ok;
   }
 
   // Long rows: (row, chunk) items, so even a single row spreads over all threads.

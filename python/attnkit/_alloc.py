@@ -39,10 +39,11 @@ def _cap_bytes():
 class _Holder:
     """Owns one cached buffer; exposes it to NumPy; returns it to the cache when collected."""
 
-    __slots__ = ("buf", "__array_interface__")
+    __slots__ = ("buf", "fresh", "__array_interface__")
 
-    def __init__(self, buf, shape, dtype):
+    def __init__(self, buf, shape, dtype, fresh):
         self.buf = buf
+        self.fresh = fresh
         self.__array_interface__ = {
             "shape": tuple(shape),
             "typestr": np.dtype(dtype).str,
@@ -82,12 +83,23 @@ def empty(shape, dtype):
         buf = bufs.pop() if bufs else None
         if buf is not None:
             _cached_bytes -= nbytes
-    if buf is None:
+    fresh = buf is None
+    if fresh:
         buf = np.empty(nbytes, np.uint8)
-    arr = np.asarray(_Holder(buf, shape, dtype))
+    arr = np.asarray(_Holder(buf, shape, dtype, fresh))
     if arr.dtype != dtype:  # extension dtypes (ml_dtypes.bfloat16) come back as raw void
         arr = arr.view(dtype)
     return arr
+
+
+def is_fresh(arr):
+    """Whether ``arr`` (from :func:`empty`) is new memory that has never been written -- its
+    pages fault in, zeroed by the OS, on the first write -- rather than a reused cached buffer.
+    Kernels that may use non-temporal stores use ordinary ones on fresh memory."""
+    b = arr.base
+    while b is not None and not isinstance(b, _Holder):
+        b = getattr(b, "base", None)
+    return True if b is None else b.fresh
 
 
 def empty_cache():

@@ -60,8 +60,9 @@ def _desc(d):
     return None if d is None else d.desc()
 
 
-def softmax(call, x, out, axis):
-    _C.softmax(x.desc(), out.desc(), int(axis))
+def softmax(call, x, out, axis, allocated=False):
+    """allocated: out is the result array the front end just made (not the caller's out=)."""
+    _C.softmax(x.desc(), out.desc(), int(axis), allocated and _alloc.is_fresh(out.obj))
 
 
 def matmul(call, a, b, out):

@@ -253,7 +253,7 @@ def _desc(x):
     return x.desc()
 
 
-def softmax(call, x, out, axis):
+def softmax(call, x, out, axis, allocated=False):
     _module().softmax(x.desc(), out.desc(), int(axis), call.device, call.stream, _waits(call))
 
 

@@ -35,9 +35,10 @@ def softmax(x, axis=-1, *, out=None):
     check_float(xd, "softmax", "x")
     # out's shape and dtype, the axis range and aliasing are checked by the binding (bindings/params_from.cpp,
     # shared by both devices): the same messages whichever backend runs.
-    if out is None:
+    allocated = out is None
+    if allocated:
         out, od = call.empty(xd.shape, xd.dtype, xd)
     else:
         od = call.arg(out, "out")
-    call.backend.softmax(call, xd, od, axis)
+    call.backend.softmax(call, xd, od, axis, allocated)
     return out

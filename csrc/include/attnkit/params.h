@@ -23,6 +23,10 @@ struct SoftmaxParams {
   int64_t x_outer_strides[kMaxDims] = {};
   int64_t out_outer_strides[kMaxDims] = {};
   int32_t num_threads = 1;
+  // out was just allocated and never touched (its pages fault in on the first write, each one
+  // zeroed by the OS): the CPU kernel then writes it with ordinary stores, never non-temporal
+  // ones, which would write every line twice (the OS's zeroes, then the stream).
+  bool out_fresh = false;
 };
 
 // c[batch][i][j] = sum_p a[batch][i][p] * b[batch][p][j] for a (M,K), b (K,N), c (M,N).
