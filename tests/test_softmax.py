@@ -12,7 +12,6 @@ from reference import (
     from_torch,
     randn,
     softmax_ref,
-    to64,
     to_torch,
 )
 
@@ -170,27 +169,59 @@ def test_bit_identical_across_threads(threads, rng):
         assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2]), shape
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
-def test_long_rows_whole_row_and_chunk_items_agree(isa, rng, threads, dtype):
-    """Long rows are done whole per thread (into a given out=, rows >= threads) or as (row,
-    chunk) items (a fresh output, or fewer rows than threads): the same bits either way, with
-    -inf chunks, an all -inf row and a NaN row among them."""
+@pytest.fixture
+def small_llc():
+    """Softmax's store policy assumes a 64 KB last-level cache (a test hook), so small arrays
+    take the paths of DRAM-sized ones."""
+    from attnkit import _C
+
+    _C._debug_set_llc_bytes(64 << 10)
+    yield
+    _C._debug_set_llc_bytes(0)
+
+
+def test_long_rows_whole_row_and_chunk_items_agree(isa, rng, threads, small_llc):
+    """Long rows of a streamed output are done whole per thread (rows >= threads, out= or a
+    cached buffer) or as (row, chunk) items (a fresh output, or fewer rows than threads): the
+    same bits either way, with -inf chunks, an all -inf row and a NaN row among them."""
+    from attnkit import _C
+
     n = 3 * 4096 + 123
-    x = randn(rng, (5, n), dtype, scale=4.0)
+    x = randn(rng, (5, n), np.float32, scale=4.0)
     x[1, :4096] = -np.inf
     x[2, :] = -np.inf
     x[3, 5000] = np.nan
-    got = []
+    got, paths = [], set()
     for nt in (1, 2, 3, 8):  # 8 threads > 5 rows: items
         attnkit.set_num_threads(nt)
-        out = np.empty_like(x)
+        out = np.zeros_like(x)
         attnkit.softmax(x, out=out)
+        plan = _C._last_softmax_plan()
+        assert plan["path"] == ("whole_rows" if nt <= 5 else "chunk_items"), (nt, plan)
+        paths.add(plan["path"])
         got += [out, attnkit.softmax(x)]
+        paths.add(_C._last_softmax_plan()["path"])
+    assert paths == {"whole_rows", "chunk_items"}
     for g in got[1:]:
         assert np.array_equal(g, got[0], equal_nan=True)
-    assert np.isnan(to64(got[0][2])).all() and np.isnan(to64(got[0][3])).all()
+    assert np.isnan(got[0][2]).all() and np.isnan(got[0][3]).all()
     keep = [0, 1, 4]
     check(x[keep], -1, got[0][keep])
+
+
+def test_fresh_outputs_are_not_streamed(isa, rng, small_llc):
+    """A new output (its pages zeroed by the OS on first touch) gets ordinary stores; an out=
+    array gets non-temporal ones once the data fill the (assumed) last-level cache."""
+    from attnkit import _C
+
+    x = randn(rng, (64, 1000), np.float32)
+    out = np.zeros_like(x)
+    attnkit.softmax(x, out=out)
+    assert _C._last_softmax_plan() == {"path": "short_rows", "streamed": True}
+    fresh = attnkit.softmax(x)
+    assert _C._last_softmax_plan() == {"path": "short_rows", "streamed": False}
+    assert np.array_equal(fresh, out)
+    check(x, -1, out)
 
 
 # ---- bad input ----

@@ -71,6 +71,15 @@ py::dict last_attention_plan_py() {
   return d;
 }
 
+py::dict last_softmax_plan_py() {
+  const cpu::SoftmaxPlanRecord r = cpu::debug_last_softmax_plan();
+  static const char* names[] = {"none", "short_rows", "whole_rows", "chunk_items", "lanes", "f64"};
+  py::dict d;
+  d["path"] = names[static_cast<int>(r.path)];
+  d["streamed"] = r.streamed;
+  return d;
+}
+
 py::dict last_gemm_plan_py() {
   const cpu::GemmPlanRecord r = cpu::debug_last_gemm_plan();
   py::dict d;
@@ -117,6 +126,11 @@ PYBIND11_MODULE(_C, m) {
         "Make the n-th kernel scratch allocation from now fail (n <= 0: disarm). Tests only.");
   m.def("_last_attention_plan", &last_attention_plan_py,
         "How the last CPU attention call ran: kernel, split-KV, chunks, items, threads.");
+  m.def("_last_softmax_plan", &last_softmax_plan_py,
+        "How the last CPU softmax ran: path (short_rows, whole_rows, chunk_items, lanes, f64) "
+        "and whether it streamed its output (non-temporal stores).");
+  m.def("_debug_set_llc_bytes", &cpu::debug_set_llc_bytes, py::arg("bytes"),
+        "Make softmax's store policy assume this last-level cache size (0: the CPU's). Tests only.");
   m.def("_last_gemm_plan", &last_gemm_plan_py,
         "The blocking of the last CPU matmul: mr, nr, kc (used), kc_max, mc, nc, l1d, l2, "
         "b_in_place (B not packed), split_columns (threads shared columns, not rows), grid "

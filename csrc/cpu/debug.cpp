@@ -23,6 +23,22 @@ bool debug_allocation_fails() {
   return g_fail_countdown.fetch_sub(1) == 1;
 }
 
+SoftmaxPlanRecord g_last_softmax_plan;
+std::atomic<int64_t> g_llc_override{0};
+
+void debug_record_softmax_plan(const SoftmaxPlanRecord& r) {
+  std::lock_guard<std::mutex> lock(g_plan_mutex);
+  g_last_softmax_plan = r;
+}
+
+SoftmaxPlanRecord debug_last_softmax_plan() {
+  std::lock_guard<std::mutex> lock(g_plan_mutex);
+  return g_last_softmax_plan;
+}
+
+void debug_set_llc_bytes(int64_t bytes) { g_llc_override.store(bytes > 0 ? bytes : 0); }
+int64_t debug_llc_bytes() { return g_llc_override.load(std::memory_order_relaxed); }
+
 void debug_record_attention_plan(const AttentionPlanRecord& r) {
   std::lock_guard<std::mutex> lock(g_plan_mutex);
   g_last_plan = r;

@@ -20,6 +20,18 @@ void debug_fail_allocation_after(int64_t n);
 // Called by Scratch::reset: true if this allocation must fail.
 bool debug_allocation_fails();
 
+// Softmax: the last call's path, and an override of the last-level cache size its store
+// policy uses (0: the CPU's), so tests reach the streaming paths with small arrays.
+enum class SoftmaxPath : int32_t { none = 0, short_rows, whole_rows, chunk_items, lanes, f64 };
+struct SoftmaxPlanRecord {
+  SoftmaxPath path = SoftmaxPath::none;
+  bool streamed = false;  // non-temporal stores
+};
+void debug_record_softmax_plan(const SoftmaxPlanRecord& r);
+SoftmaxPlanRecord debug_last_softmax_plan();
+void debug_set_llc_bytes(int64_t bytes);
+int64_t debug_llc_bytes();
+
 struct AttentionPlanRecord {
   int32_t kernel = 0;       // 0: none yet, 1: prefill (tile) kernel, 2: decode kernel
   int32_t split = 0;        // decode: keys split into chunks (flash-decoding)

@@ -24,6 +24,7 @@
 
 #include "cache_sizes.h"
 #include "common.h"
+#include "debug.h"
 #include "simd/math.h"
 #include "simd/vec.h"
 #include "threading.h"
@@ -45,7 +46,10 @@ constexpr int64_t kChunk = 4096;
 // rows"). (A 16 MB
 // fp32 output streams on a 32 MB L3, as the tuned constant did; a 64 MB one on a 260 MB L3
 // stays cached.)
-inline bool stream_output(int64_t out_bytes) { return 2 * out_bytes >= cache_sizes().l3; }
+inline bool stream_output(int64_t out_bytes) {
+  const int64_t llc = debug_llc_bytes() > 0 ? debug_llc_bytes() : cache_sizes().l3;  // debug.h
+  return 2 * out_bytes >= llc;
+}
 // Lanes handled together by the strided-axis kernel: 4 vectors of accumulators.
 constexpr int kLaneVecs = 4;
 
@@ -271,6 +275,7 @@ Status softmax_typed(const SoftmaxParams& p) {
     const int64_t lanes = p.outer_shape[last];
     const int64_t blocks = ceil_div(lanes, W);
     const int64_t groups = rows / lanes;  // combinations of the other outer dims
+    debug_record_softmax_plan({SoftmaxPath::lanes, false});
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (int64_t item = 0; item < groups * blocks; ++item) {
       const int64_t g = item / blocks, l0 = (item % blocks) * W;
@@ -285,6 +290,7 @@ Status softmax_typed(const SoftmaxParams& p) {
   if (nchunks == 1) {
     const bool stream = std::is_same<T, float>::value && p.out_stride == 1 && !p.out_fresh &&
                         stream_output(rows * n * int64_t(sizeof(T)));
+    debug_record_softmax_plan({SoftmaxPath::short_rows, stream});
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
       alignas(64) float buf[kChunk];
@@ -300,17 +306,19 @@ Status softmax_typed(const SoftmaxParams& p) {
     return Status::ok;
   }
 
-  // Long rows, at least one per thread, that fit in half the L2: each thread takes whole rows,
-  // keeps exp(x - max_c) of its row in an L2-resident scratch and writes out once (with
-  // non-temporal stores when the output is large). The (row, chunk) items below leave exp in
-  // out and rescale it in a second pass, so for DRAM-sized data out crossed the memory bus
-  // three times (read for ownership, write-back, rescale); here once (bench/NOTES.md,
-  // "softmax: long rows"). Same operations in the same order: the same bits either way, so
-  // the path may depend on the thread count. Not into a fresh output, whose first-touch page
-  // faults dominate: there the items below measured 5-10% faster.
-  if (rows >= nt && !p.out_fresh && nchunks * kChunk * int64_t(sizeof(float)) <= cache_sizes().l2 / 2) {
-    const bool stream = std::is_same<T, float>::value && p.out_stride == 1 &&
-                        stream_output(rows * n * int64_t(sizeof(T)));
+  // Long rows of an output large enough to stream, at least one row per thread, each fitting
+  // in half the L2: each thread takes whole rows, keeps exp(x - max_c) of its row in an
+  // L2-resident scratch and writes out once, with non-temporal stores. The (row, chunk) items
+  // below leave exp in out and rescale it in a second pass, so for DRAM-sized data out crossed
+  // the memory bus three times (read for ownership, write-back, rescale); here once
+  // (bench/NOTES.md, "softmax: long rows"). For cache-resident data (16-64 MB) the items were
+  // as fast or up to 12% faster, and into a fresh output (page faults first) 5-10% faster, so
+  // they stay there. Same operations in the same order: the same bits either way, so the
+  // path may depend on the thread count.
+  const bool stream_long = std::is_same<T, float>::value && p.out_stride == 1 && !p.out_fresh &&
+                           stream_output(rows * n * int64_t(sizeof(T)));
+  if (stream_long && rows >= nt && nchunks * kChunk * int64_t(sizeof(float)) <= cache_sizes().l2 / 2) {
+    debug_record_softmax_plan({SoftmaxPath::whole_rows, true});
     std::atomic<bool> failed{false};
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -338,16 +346,17 @@ Status softmax_typed(const SoftmaxParams& p) {
             if (st[c].max == kNegInf)
               fill(oc, p.out_stride, len, 0.0f);
             else
-              write_scaled(ex.get() + c * kChunk, st[c].sum, oc, p.out_stride, len, stream);
+              write_scaled(ex.get() + c * kChunk, st[c].sum, oc, p.out_stride, len, true);
           }
         }
       }
     }
-    if (stream) stream_fence();
+    stream_fence();
     return failed ? Status::out_of_memory : Status::ok;
   }
 
   // Long rows: (row, chunk) items, so even a single row spreads over all threads.
+  debug_record_softmax_plan({SoftmaxPath::chunk_items, false});
   Scratch<ChunkStat> stats;
   if (!stats.reset(size_t(rows * nchunks))) return Status::out_of_memory;
   const int64_t items = rows * nchunks;
@@ -394,6 +403,7 @@ Status softmax_f64(const SoftmaxParams& p) {
   for (int d = 0; d < p.outer_ndim; ++d) rows *= p.outer_shape[d];
   const int64_t n = p.n;
   if (rows == 0 || n == 0) return Status::ok;
+  debug_record_softmax_plan({SoftmaxPath::f64, false});
   const int nt = threads_for(rows * n * 16, p.num_threads);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
