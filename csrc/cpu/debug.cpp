@@ -9,9 +9,23 @@ namespace cpu {
 namespace {
 
 std::atomic<int64_t> g_fail_countdown{0};  // > 0: armed
+std::atomic<int64_t> g_llc_override{0};    // > 0: softmax's assumed last-level cache
 std::mutex g_plan_mutex;
 AttentionPlanRecord g_last_plan;
 GemmPlanRecord g_last_gemm_plan;
+SoftmaxPlanRecord g_last_softmax_plan;
+
+// Plan records are written by kernels and read by tests, under one lock.
+template <class R>
+void store_record(R& slot, const R& r) {
+  std::lock_guard<std::mutex> lock(g_plan_mutex);
+  slot = r;
+}
+template <class R>
+R load_record(const R& slot) {
+  std::lock_guard<std::mutex> lock(g_plan_mutex);
+  return slot;
+}
 
 }  // namespace
 
@@ -23,41 +37,15 @@ bool debug_allocation_fails() {
   return g_fail_countdown.fetch_sub(1) == 1;
 }
 
-SoftmaxPlanRecord g_last_softmax_plan;
-std::atomic<int64_t> g_llc_override{0};
-
-void debug_record_softmax_plan(const SoftmaxPlanRecord& r) {
-  std::lock_guard<std::mutex> lock(g_plan_mutex);
-  g_last_softmax_plan = r;
-}
-
-SoftmaxPlanRecord debug_last_softmax_plan() {
-  std::lock_guard<std::mutex> lock(g_plan_mutex);
-  return g_last_softmax_plan;
-}
-
 void debug_set_llc_bytes(int64_t bytes) { g_llc_override.store(bytes > 0 ? bytes : 0); }
 int64_t debug_llc_bytes() { return g_llc_override.load(std::memory_order_relaxed); }
 
-void debug_record_attention_plan(const AttentionPlanRecord& r) {
-  std::lock_guard<std::mutex> lock(g_plan_mutex);
-  g_last_plan = r;
-}
-
-AttentionPlanRecord debug_last_attention_plan() {
-  std::lock_guard<std::mutex> lock(g_plan_mutex);
-  return g_last_plan;
-}
-
-void debug_record_gemm_plan(const GemmPlanRecord& r) {
-  std::lock_guard<std::mutex> lock(g_plan_mutex);
-  g_last_gemm_plan = r;
-}
-
-GemmPlanRecord debug_last_gemm_plan() {
-  std::lock_guard<std::mutex> lock(g_plan_mutex);
-  return g_last_gemm_plan;
-}
+void debug_record_softmax_plan(const SoftmaxPlanRecord& r) { store_record(g_last_softmax_plan, r); }
+SoftmaxPlanRecord debug_last_softmax_plan() { return load_record(g_last_softmax_plan); }
+void debug_record_attention_plan(const AttentionPlanRecord& r) { store_record(g_last_plan, r); }
+AttentionPlanRecord debug_last_attention_plan() { return load_record(g_last_plan); }
+void debug_record_gemm_plan(const GemmPlanRecord& r) { store_record(g_last_gemm_plan, r); }
+GemmPlanRecord debug_last_gemm_plan() { return load_record(g_last_gemm_plan); }
 
 }  // namespace cpu
 }  // namespace attnkit
