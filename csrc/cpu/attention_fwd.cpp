@@ -266,7 +266,10 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
     // the tile's last row (at S <= BN a causal tile computed the whole block: as slow as no
     // mask), and past the last key a bool mask lets any row see (key padding). Keys before
     // the first one any row may see (a sliding window's left edge) are left out from the
-    // NR-key panel that holds it. Those keys are excluded for every row, so no result changes.
+    // NR-key panel that holds it. Those keys are excluded for every row, so they contribute
+    // nothing; a row whose allowed keys all fall inside the trimmed block may take the row
+    // pipeline's unmasked form, which can change its last bits (deterministically, and never
+    // with the thread count).
     const int64_t bn_end = mask_block_extent(p, s.b, h, i0, bm, jb, imin(imin(BN, s.sk - jb), hi_max + 1 - jb));
     const int64_t off = imax(0, lo_min - jb) / NR * NR;
     if (bn_end <= off) continue;

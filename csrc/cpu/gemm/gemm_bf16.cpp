@@ -55,7 +55,7 @@ void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf) {
     const int tid = thread_id(), team = team_size();
     uint32_t* apack = buf.apack.get() + int64_t(tid) * Bk::MC * Bk::KCP;
     uint32_t* bpack = buf.bpack.get();
-    const GemmShare share = gemm_share(m, MR, tid, team);  // gemm.cpp's split
+    const GemmShare share = gemm_share(m, MR, tid, team);  // rows first (threading.h)
     const int64_t row0 = share.row0, row1 = share.row1;
     for (int64_t jc = 0; jc < n; jc += Bk::NC) {
       const int64_t nc = imin(Bk::NC, n - jc);
