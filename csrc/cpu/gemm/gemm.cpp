@@ -45,6 +45,7 @@ constexpr int64_t kSmallMacs = int64_t(1) << 21;
 // (bench/NOTES.md, M x 4096 x 4096, avx512): kc 256 -> 8.6 GFLOP/s at M=1, 31 at M=16;
 // kc 16 -> 12.7 and 83; kc 8 -> 16 and 66. Tiny M takes 8 (memory-bound), larger M 16.
 inline int64_t skinny_kc(int64_t m) { return m <= 4 ? 8 : 16; }
+constexpr int64_t kSkinnyPrefetchPanels = 8;
 
 // Few rows read B in place instead of packing it (packing reads and writes all of B once
 // more): always up to kSkinnyRows rows, and up to kSkinnyRowsLargeB when B is larger than
@@ -126,6 +127,11 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack_all, T* apack_all, T
   constexpr int MR = B::MR, NR = B::NR;
   const GemmBlocks& blk = gemm_blocks<T>();
   const int64_t m = g.m, n = g.n, k = g.k;
+  // GEMV-like products (k-blocks of 8 rows of B read in place) prefetch each row's panel
+  // kSkinnyPrefetchPanels ahead: 8 streams of B rows 16 KB apart were more than the hardware
+  // prefetchers kept up with (1 x 4096 x 4096: 1.81-1.95 -> 1.58-1.61 ms, Emerald Rapids,
+  // bench/NOTES.md, "GEMV prefetch").
+  const bool prefetch_rows = reads_b_in_place_skinny(m, k, n, sizeof(S)) && m <= 4;
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
@@ -193,6 +199,10 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack_all, T* apack_all, T
                 const T* s0 = bnext + (ir / MR) * slice;
                 for (int64_t o = 0; o < slice; o += 64 / sizeof(T)) __builtin_prefetch(s0 + o, 0, 2);
               }
+              if (prefetch_rows && direct_b && nr == NR && ir == 0 && jp + kSkinnyPrefetchPanels < jend)
+                for (int64_t kk = 0; kk < kc; ++kk)  // each row's panel 8 ahead (2 lines: fp32)
+                  for (int64_t o = 0; o < NR; o += 64 / int64_t(sizeof(T)))
+                    __builtin_prefetch(bp + kk * ldb + kSkinnyPrefetchPanels * NR + o, 0, 3);
               if (direct_a)
                 ukernel_rows<T, false>(mr, kc, reinterpret_cast<const T*>(g.a) + (ic + ir) * g.rs_a + pc,
                                        g.rs_a, bp, ldb, cp + ir * g.ldc, g.ldc, accumulate, nr);
