@@ -13,7 +13,7 @@
 // KC, MC, NC come from the CPU's caches at run time (gemm/blocking.h). The micro-kernel
 // itself is not the limit (fp32, one Emerald Rapids core, operands in L1: 173 GFLOP/s, more
 // than NumPy's whole sgemm reaches); what the loops around it lose is L3 traffic (B blocks,
-// C passes) and packing (bench/NOTES.md, "fp32 GEMM on Emerald Rapids").
+// C passes) and packing (bench/notes/matmul.md, "fp32 GEMM on Emerald Rapids").
 //
 // Every C element is accumulated in the same order (k-blocks in order, k within a block in
 // order) whatever the thread count or the split, so results are bit-identical across thread
@@ -42,14 +42,14 @@ constexpr int64_t kSerialMacs = int64_t(1) << 18;
 constexpr int64_t kSmallMacs = int64_t(1) << 21;
 // Depth of a k-block when a skinny product streams B in place: each k-block walks kc rows of
 // B side by side, and fewer rows means fewer concurrent streams for the prefetchers. Measured
-// (bench/NOTES.md, M x 4096 x 4096, avx512): kc 256 -> 8.6 GFLOP/s at M=1, 31 at M=16;
+// (bench/notes/matmul.md, M x 4096 x 4096, avx512): kc 256 -> 8.6 GFLOP/s at M=1, 31 at M=16;
 // kc 16 -> 12.7 and 83; kc 8 -> 16 and 66. Tiny M takes 8 (memory-bound), larger M 16.
 inline int64_t skinny_kc(int64_t m) { return m <= 4 ? 8 : 16; }
 constexpr int64_t kSkinnyPrefetchPanels = 8;
 
 // Few rows read B in place instead of packing it (packing reads and writes all of B once
 // more): always up to kSkinnyRows rows, and up to kSkinnyRowsLargeB when B is larger than
-// kLargeBL2s L2s. Measured on Emerald Rapids (2 threads, bench/NOTES.md, "GEMM: few rows"):
+// kLargeBL2s L2s. Measured on Emerald Rapids (2 threads, bench/notes/matmul.md, "GEMM: few rows"):
 // 32 x 4096 x 4096 (B 64 MB) 140-155 GFLOP/s in place vs 90-120 packed, 32 x 2048 x 2048 (16 MB)
 // 98-122 vs 138-151, 40-64 x 4096 x 4096 121-156 vs 137-176.
 constexpr int64_t kSkinnyRows = 24, kSkinnyRowsLargeB = 36, kLargeBL2s = 16;
@@ -62,7 +62,7 @@ inline bool reads_b_in_place_skinny(int64_t m, int64_t k, int64_t n, int64_t ele
 // product (more columns than rows) whose row split would leave each thread fewer than two MC
 // blocks of rows: there every thread read every packed B block, half of it written by the other
 // core, and the row shares ended in unequal edge panels; a column split keeps each thread's B
-// panels in its own L2. Emerald Rapids, 2 threads (bench/NOTES.md, "GEMM: few rows"):
+// panels in its own L2. Emerald Rapids, 2 threads (bench/notes/matmul.md, "GEMM: few rows"):
 // 128 x 4096 x 4096 185 -> 228 GFLOP/s, 64 x 4096 x 4096 (packed) 132 -> 180, 512 x 4096 x 4096
 // 218-248 -> 257-259. Square products of 256-1000 were within the (large) noise either way, so
 // they keep the row split.
@@ -94,6 +94,7 @@ struct GemmArgs {
 struct LoopPlan {
   bool direct_a, direct_b;  // A / B read in place (no packing)
   bool skinny;              // few rows: B streamed in place in shallow k-blocks
+  bool prefetch_b_rows;     // GEMV-like: prefetch the in-place B rows ahead (below)
   bool split_columns;       // threads share columns, not rows (gemm_share)
   int grid_rows;            // thread rows of the grid (threading.h, gemm_grid_rows)
   int64_t nc_step, kc_step;
@@ -115,6 +116,11 @@ LoopPlan plan_loops(int64_t m, int64_t n, int64_t k, int64_t cs_a, int64_t cs_b,
   const bool streams_b = lp.direct_b && lp.skinny;
   lp.nc_step = streams_b ? n : blk.nc;
   lp.kc_step = streams_b ? skinny_kc(m) : balanced_kc(k, blk.kc);
+  // Products of at most 4 rows (k-blocks of 8 rows of B read in place) prefetch each row's
+  // panel kSkinnyPrefetchPanels ahead: 8 streams of B rows 16 KB apart were more than the
+  // hardware prefetchers kept up with (1 x 4096 x 4096: 1.81-1.95 -> 1.58-1.61 ms, Emerald
+  // Rapids, bench/notes/matmul.md, "GEMV prefetch").
+  lp.prefetch_b_rows = streams_b && m <= 4;
   const int64_t n_panels = ceil_div(imin(n, lp.nc_step), B::NR);
   lp.split_columns = split_columns(m, n, n_panels, blk.mc, team);
   lp.grid_rows = gemm_grid_rows(ceil_div(m, B::MR), B::MR, n_panels, B::NR, team, lp.split_columns);
@@ -127,11 +133,6 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack_all, T* apack_all, T
   constexpr int MR = B::MR, NR = B::NR;
   const GemmBlocks& blk = gemm_blocks<T>();
   const int64_t m = g.m, n = g.n, k = g.k;
-  // GEMV-like products (k-blocks of 8 rows of B read in place) prefetch each row's panel
-  // kSkinnyPrefetchPanels ahead: 8 streams of B rows 16 KB apart were more than the hardware
-  // prefetchers kept up with (1 x 4096 x 4096: 1.81-1.95 -> 1.58-1.61 ms, Emerald Rapids,
-  // bench/NOTES.md, "GEMV prefetch").
-  const bool prefetch_rows = reads_b_in_place_skinny(m, k, n, sizeof(S)) && m <= 4;
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
@@ -199,7 +200,7 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack_all, T* apack_all, T
                 const T* s0 = bnext + (ir / MR) * slice;
                 for (int64_t o = 0; o < slice; o += 64 / sizeof(T)) __builtin_prefetch(s0 + o, 0, 2);
               }
-              if (prefetch_rows && direct_b && nr == NR && ir == 0 && jp + kSkinnyPrefetchPanels < jend)
+              if (lp.prefetch_b_rows && nr == NR && ir == 0 && jp + kSkinnyPrefetchPanels < jend)
                 for (int64_t kk = 0; kk < kc; ++kk)  // each row's panel 8 ahead (2 lines: fp32)
                   for (int64_t o = 0; o < NR; o += 64 / int64_t(sizeof(T)))
                     __builtin_prefetch(bp + kk * ldb + kSkinnyPrefetchPanels * NR + o, 0, 3);
