@@ -2,7 +2,7 @@
 
 Each round runs every contender once, each in its own process (ATTNKIT_CPU picks the variant
 at import), alternating, so drift from other load on a shared machine hits all of them alike;
-the per-round ratios and their spread are printed. Used for bench/NOTES.md "avx512_bf16
+the per-round ratios and their spread are printed. Used for bench/notes/matmul.md "avx512_bf16
 variant".
 
     python bench/bf16_interleave.py --rounds 5 --threads 2

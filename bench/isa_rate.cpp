@@ -1,5 +1,5 @@
 // Instruction throughput of vfmadd231ps against vdpbf16ps (zmm), 12 independent accumulator
-// chains each, one thread: what bench/NOTES.md "avx512_bf16 variant" rests on.
+// chains each, one thread: what bench/notes/matmul.md "avx512_bf16 variant" rests on.
 //   g++ -O2 -mavx512f -mavx512bf16 bench/isa_rate.cpp -o /tmp/isa_rate && /tmp/isa_rate
 // FLOP per instruction: vfmadd231ps 32 (16 lanes x 2), vdpbf16ps 64 (16 lanes x 2 pairs x 2).
 #include <immintrin.h>

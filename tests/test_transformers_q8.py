@@ -5,7 +5,7 @@ same logits up to fp32 rounding: the kernels read the codes, the reference reads
 int8 the reference also attends with q quantized where the decode kernel quantizes it), for
 its memory, and for how it stores what it is given. The format's effect on greedy decoding is
 measured on a tiny Llama trained for a few seconds on a synthetic task (slow; random-weight
-models have near-tied logits everywhere, see bench/NOTES.md).
+models have near-tied logits everywhere, see bench/notes/decode.md).
 """
 import os
 import sys

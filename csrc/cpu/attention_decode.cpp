@@ -9,7 +9,7 @@
 //     position-major cache (B, S, Hkv, D), FlashAttention's and HF's decode layout, an item
 //     takes every KV head of a range of positions and walks positions outermost, so it reads
 //     one contiguous (Hkv x D) row after another. Per head, that layout is a 16 KB stride
-//     (B1 H32 D128): 12 GB/s; walked by position: see bench/NOTES.md.
+//     (B1 H32 D128): 12 GB/s; walked by position: see bench/notes/decode.md.
 //   * Split-KV (flash-decoding): for position-major caches, or when batch x kv_heads is
 //     small, the keys are cut into chunks whose size depends only on the longest sequence's
 //     length (its cache_seqlens, not the cache capacity) and D; chunk partials
@@ -22,10 +22,10 @@
 //     registers across a key block.
 //   * 8-bit caches move a quarter of fp32's bytes but not a quarter of the work: the FMAs and
 //     conversions per element stay, so on two cores the int8 / e4m3 kernel is compute-bound
-//     (bench/NOTES.md, "decode over 8-bit caches").
+//     (bench/notes/decode.md, "decode over 8-bit caches").
 //   * Software prefetch of V (and of K a few positions ahead) in the scores loop: O += P V walks
 //     V head by head, a stride of Hkv rows the hardware prefetchers do not follow (it made the
-//     int8 GQA decode 1.3x faster at Sk8192: bench/NOTES.md). (The first version, whose loops
+//     int8 GQA decode 1.3x faster at Sk8192: bench/notes/decode.md). (The first version, whose loops
 //     walked positions outermost, saw no gain from a prefetch of the next position.)
 #include <math.h>
 
@@ -54,7 +54,7 @@ constexpr int64_t kMaxQueryRows = 16;  // and at most this many query positions
 constexpr int64_t kKeyBlock = 64;      // keys scored before one softmax update
 // V bytes of one key block's head group (run_item): what its prefetches may bring in before
 // P V reads them back. 64 KB (about L1 + a slice of L2): 32 KB and 128 KB were no better
-// (bench/NOTES.md, "V prefetch budget").
+// (bench/notes/decode.md, "V prefetch budget").
 constexpr int64_t kBlockVBytes = 64 << 10;
 // Split-KV: a chunk holds at least this many bytes of K (so the per-chunk fixed cost stays
 // small) and a sequence is cut into at most kMaxChunks chunks. Both depend only on Sk and D.
@@ -201,7 +201,7 @@ inline void block_rows(const AttentionParams& p, const SeqView& sv, int64_t j0, 
 // Register blocks: RB query rows x 4 keys of dot products (scores), RB rows x DV vectors of O
 // (P V). AVX-512 has 32 vector registers: 4 x 4 accumulators + 4 K vectors; AVX2's 16 take
 // half of that. Independent accumulators hide the FMA latency (one accumulator per row, as in
-// the first version, left the loops latency-bound at ~1 FMA per 4 cycles: bench/NOTES.md).
+// the first version, left the loops latency-bound at ~1 FMA per 4 cycles: bench/notes/decode.md).
 constexpr int kScoreRows = VF::N >= 16 ? 4 : 2;
 constexpr int kPvRows = VF::N >= 16 ? 4 : 2;
 constexpr int64_t kPrefetchKeys = 16;  // K rows fetched this many positions ahead
@@ -235,7 +235,7 @@ inline void dot_block(const float* q, int64_t D, const SKV* const* k, float* s, 
 
 // Every cache line of a K/V row of `bytes` (>= 1) into L1. Two lines unrolled: an 8-bit row of
 // D <= 128 takes no loop (the loop's compare and branch per line were ~10% of the int8
-// decode's instructions, bench/NOTES.md).
+// decode's instructions, bench/notes/decode.md).
 inline void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
   __builtin_prefetch(p, 0, 3);
@@ -505,7 +505,7 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
   BlockRows br;
   // Heads of a key block in groups whose V rows (prefetched by `scores`, read back by
   // accumulate_pv) fit in kBlockVBytes: with 32 heads of an fp16 cache one block's V is 512 KB,
-  // and its prefetches evicted each other before use (bench/NOTES.md, "V prefetch budget").
+  // and its prefetches evicted each other before use (bench/notes/decode.md, "V prefetch budget").
   // Every row is computed exactly as without groups.
   const int64_t hg = imax(1, imin(it.ng, kBlockVBytes / (kKeyBlock * Dv * int64_t(sizeof(SKV)))));
   for (int64_t j0 = k_begin; j0 < k_end; j0 += kKeyBlock) {

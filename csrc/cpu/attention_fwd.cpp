@@ -77,7 +77,7 @@ template <class T>
 struct Tiles {
   // 48 rows = 4 micro-panels of 12 (AVX-512) or 8 of 6 (AVX2). 256 keys per block: the
   // per-row work of a block (max/sum reductions, the rescale of O, one scalar exp) is fixed,
-  // and at 64 keys it cost more than the exps themselves (bench/NOTES.md: 157 -> 168 GFLOP/s
+  // and at 64 keys it cost more than the exps themselves (bench/notes/attention.md: 157 -> 168 GFLOP/s
   // at B1 H12 S1024 D64). S tile 48 x 256 x 4 B = 48 KB lives in L2.
   static constexpr int64_t kBlockM = Blocking<T>::MR >= 6 ? 48 : 32;
   static constexpr int64_t kBlockN = 256;

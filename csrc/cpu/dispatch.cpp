@@ -69,7 +69,7 @@ X86Features detect_x86() {
 // Why auto passes over avx512_bf16 even where it is supported and verified: measured on the
 // Emerald Rapids it was developed on, vdpbf16ps retires at a quarter of the rate of
 // vfmadd231ps (twice the FLOP per instruction: half the FLOP rate), so its bf16 matmul and
-// attention ran slower than avx512_vnni's fp32 path over widened bf16 (bench/NOTES.md,
+// attention ran slower than avx512_vnni's fp32 path over widened bf16 (bench/notes/matmul.md,
 // "avx512_bf16 variant"). Not yet measured on a CPU where it could win (Zen 4/5).
 constexpr const char* kBf16AutoSkip =
     "slower than avx512_vnni where measured (Emerald Rapids: vdpbf16ps at half the fp32 FMA "
@@ -104,10 +104,10 @@ void apply_assumptions(IsaInfo* l, bool zmm_state) {
 IsaInfo* mutable_isa_list() {
   // verified: the whole test suite has passed with this variant on a real CPU of its kind.
   // avx512 passed on an AMD EPYC Zen 4 (AVX-512 F/BW/DQ/VL), see the foundation issue note;
-  // avx512_vnni on an Intel Xeon Emerald Rapids (bench/NOTES.md, "int8 Q K on VNNI").
+  // avx512_vnni on an Intel Xeon Emerald Rapids (bench/notes/decode.md, "int8 Q K on VNNI").
   // avx512_bf16 on the same Emerald Rapids (family 6 model 207, a VM whose CPUID hides
   // AVX512-BF16: run with ATTNKIT_CPU_ASSUME=avx512_bf16 ATTNKIT_CPU=avx512_bf16, the whole
-  // suite, 2005 passed; bench/NOTES.md, "avx512_bf16 variant"). auto still skips it (kBf16AutoSkip).
+  // suite, 2005 passed; bench/notes/matmul.md, "avx512_bf16 variant"). auto still skips it (kBf16AutoSkip).
   // Filled once (thread-safe static initialization).
   static IsaInfo* const list = [] {
     static IsaInfo l[kNumIsas] = {

@@ -4,7 +4,7 @@
 // Limits: memory-bound. A row reads N x Dv values and N lse values, writes Dv values and one
 // lse; the arithmetic is one FMA per value read plus N exp per row. The kernel touches every
 // value once (NumPy's expression of the same merge makes 3-4 passes over each part and
-// allocates temporaries: bench/NOTES.md, "merge_attention_states").
+// allocates temporaries: bench/notes/ring.md, "merge_attention_states").
 //
 // Per row: the weights of the non-empty parts (lse > -inf) are computed once, in part order,
 // into per-thread scratch; then the row is accumulated in registers over those parts in part

@@ -42,7 +42,7 @@ constexpr int64_t kChunk = 4096;
 // last-level cache (cache_sizes.h): they would evict each other anyway. Below that the output
 // is likely read again soon from the cache, so normal stores are the better choice. Never into
 // a freshly allocated output (SoftmaxParams::out_fresh): the OS zeroes each page on its first
-// touch, and a stream then writes every line a second time (bench/NOTES.md, "softmax: long
+// touch, and a stream then writes every line a second time (bench/notes/softmax.md, "softmax: long
 // rows"). (A 16 MB
 // fp32 output streams on a 32 MB L3, as the tuned constant did; a 64 MB one on a 260 MB L3
 // stays cached.)
@@ -311,7 +311,7 @@ Status softmax_typed(const SoftmaxParams& p) {
   // L2-resident scratch and writes out once, with non-temporal stores. The (row, chunk) items
   // below leave exp in out and rescale it in a second pass, so for DRAM-sized data out crossed
   // the memory bus three times (read for ownership, write-back, rescale); here once
-  // (bench/NOTES.md, "softmax: long rows"). For cache-resident data (16-64 MB) the items were
+  // (bench/notes/softmax.md, "softmax: long rows"). For cache-resident data (16-64 MB) the items were
   // as fast or up to 12% faster, and into a fresh output (page faults first) 5-10% faster, so
   // they stay there. Same operations in the same order: the same bits either way, so the
   // path may depend on the thread count.

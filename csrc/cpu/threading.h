@@ -107,7 +107,7 @@ inline GemmShare gemm_share(int64_t m, int mr, int tid, int team) {  // rows fir
 // Items [begin, end) of thread `tid` of `team` when n items with cost prefix sums prefix[0..n]
 // are shared by cost: item i goes to the thread whose share [tid, tid+1) * total / team holds
 // the item's cost midpoint. (Going by where an item *starts* gave one thread 3 of 4 big items
-// when a few tiny ones followed: bench/NOTES.md, decode.) Contiguous ranges, deterministic.
+// when a few tiny ones followed: bench/notes/attention.md, decode.) Contiguous ranges, deterministic.
 inline void cost_split(const int64_t* prefix, int64_t n, int tid, int team, int64_t* begin,
                        int64_t* end) {
   const int64_t total = prefix[n];

@@ -1,7 +1,7 @@
 """Output allocation with a small cache of large buffers.
 
 A freshly allocated large array costs the kernel a page fault and the OS zeroing every page on
-first touch: for a 64 MB softmax output that was 4-20 ms on top of a 5.5 ms kernel (bench/NOTES.md).
+first touch: for a 64 MB softmax output that was 4-20 ms on top of a 5.5 ms kernel (bench/notes/softmax.md).
 Outputs of at least ``_MIN_BYTES`` are therefore carved from buffers that are kept, up to
 ``ATTNKIT_OUTPUT_CACHE_MB`` megabytes (default 256; 0 disables), after every array using them
 is gone, and reused for the next output of the same size -- what PyTorch's caching allocator

@@ -75,7 +75,7 @@ def attention(call, q, k, v, out, lse, mask, alibi, cu_q, cu_k, seqlens, table, 
     after its own checks (so a refused call never writes the cache). 8-bit caches come with
     their (B|pages, Hkv, S) float32 scales."""
     # Every argument positional: pybind11 matches keyword arguments by name, which was about
-    # a tenth of a short decode call (bench/NOTES.md, "fixed cost of a short decode call").
+    # a tenth of a short decode call (bench/notes/decode.md, "fixed cost of a short decode call").
     _C.attention(q.desc(), k.desc(), v.desc(), out.desc(), _desc(lse), _desc(mask), _desc(alibi),
                  cu_q, cu_k, seqlens, table, o.batch, o.scale, o.softcap, o.causal,
                  o.bottom_right, o.wl, o.wr, o.dropout_p, o.seed, 0, 0, _desc(k_new),

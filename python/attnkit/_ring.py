@@ -104,7 +104,7 @@ POOL_MAX_BYTES = 1 << 30
 class _ScratchPool:
     """The internal buffers of ring calls (the two K/V ring buffers, the dK/dV accumulators, the
     running output state, dQ), reused across calls on the CPU: a fresh large tensor costs page
-    faults on every call, ~40 MB of them per call of the cp bench's W = 2 forward (bench/NOTES.md,
+    faults on every call, ~40 MB of them per call of the cp bench's W = 2 forward (bench/notes/ring.md,
     "ring attention"). A call takes its buffers and gives them back once every transfer touching
     them is done; none of them escapes (results are new tensors). At most POOL_MAX_BYTES are
     kept; ``attnkit.empty_cache()`` releases them. CUDA tensors use torch's caching allocator."""

@@ -9,7 +9,7 @@
 //
 // KC, MC and NC are run-time values (gemm_blocks): the constants below (KC0, MC0, NC0) are the
 // ones measured on the reference CPU, an AMD Zen 4 with a 32 KB L1d and a 1 MB L2
-// (bench/NOTES.md, "matmul"); on another CPU the B micro-panel keeps its share of the L1d
+// (bench/notes/matmul.md, "matmul"); on another CPU the B micro-panel keeps its share of the L1d
 // (KC scales with the L1d), the A block its share of the L2 (MC from the L2 and KC) and the
 // B block its bytes (NC = NC0 * KC0 / KC). They depend on the machine, never on the thread
 // count, so results stay bit-identical across thread counts (gemm.cpp).
@@ -33,11 +33,11 @@ struct Blocking<float> {
   static constexpr int MR = 12, NR = 32;
   // KC0 = 256: the B micro-panel is 256 x 32 x 4 B = 32 KB, all of a Zen 4 L1d, so by the
   // textbook rule 192 (24 KB) should win; measured on Zen 4 at 1 thread, 12x32x256 ran 94
-  // GFLOP/s against 84 for 12x32x192 (bench/NOTES.md): the hardware prefetchers keep the panel
+  // GFLOP/s against 84 for 12x32x192 (bench/notes/matmul.md): the hardware prefetchers keep the panel
   // streaming. A block 144 x 256 x 4 B = 144 KB of L2; B block 256 x 3072 x 4 B = 3 MB of the
   // shared L3. On an Emerald Rapids (48 KB L1d, 2 MB L2) this gives KC 384, MC 192, NC 2048;
   // there KC 256..512, MC 144..576 and NC 512..3072 all ran within 10% of each other
-  // (bench/NOTES.md, "fp32 GEMM on Emerald Rapids"): the cache budget, not a tuned value.
+  // (bench/notes/matmul.md, "fp32 GEMM on Emerald Rapids"): the cache budget, not a tuned value.
   static constexpr int64_t KC0 = 256, MC0 = 144, NC0 = 3072;
 };
 template <>

@@ -32,7 +32,7 @@ inline void ukernel(int64_t kc, const T* __restrict a, int64_t rs_a, const T* __
   // write-back does not wait on them (C rows are ldc apart; no hardware prefetcher follows;
   // a large C comes from L3 on every k-pass). A short pass (skinny products' k-blocks of
   // 8-16) is left to out-of-order execution, which overlaps its C loads with the next call:
-  // there the prefetches were +5% instructions for no measurable gain (bench/NOTES.md,
+  // there the prefetches were +5% instructions for no measurable gain (bench/notes/matmul.md,
   // "fp32 GEMM on Emerald Rapids").
   if (kc >= 64) {
 #pragma GCC unroll 16
