@@ -9,7 +9,9 @@ Each case first checks attnkit's result against torch's, then times both interle
 contender with CUDA events, the report is the median over rounds. torch attention runs the
 FlashAttention-2 backend where it supports the case (fp16/bf16), else its own choice.
 Rates: attention 4*B*H*Sq*Sk*D FLOPs (halved for causal), matmul 2*M*N*K, softmax and decode
-in bytes moved. ratio = torch time / attnkit time (> 1: attnkit is faster).
+in bytes moved, next to the device's copy bandwidth measured in the same run (the "of copy"
+column). ratio = torch time / attnkit time (> 1: attnkit is faster). The decode-kernel rows
+turn on the CUDA decode kernel (off by default until verified on a GPU) for that row only.
 """
 import argparse
 import json
@@ -101,20 +103,64 @@ def attn_case(name, B, H, Hkv, S, D, dtype, causal, rounds):
                 torch_impl="flash" if backends else "sdpa auto")
 
 
-def decode_case(name, B, H, Hkv, S, D, dtype, rounds):
-    """attnkit attention_with_kvcache vs torch SDPA, one query token; GB/s of K+V."""
+def decode_kernel(on):
+    """Turns the CUDA decode kernel (attention_decode.cuh; off by default until verified on a
+    GPU) on or off for the cases after it; returns the previous setting."""
+    from attnkit import _cuda_backend
+
+    mod = _cuda_backend._module()
+    was = mod.decode_kernel_enabled()
+    mod._set_decode_kernel(on)
+    return was
+
+
+def decode_case(name, B, H, Hkv, S, D, dtype, rounds, kernel="mma", page=None):
+    """attnkit attention_with_kvcache vs torch SDPA, one query token; GB/s of K+V.
+
+    kernel: "mma" (the tensor-core forward) or "decode" (the decode kernel); page: paged cache
+    with pages of that many tokens, scattered in a shuffled pool (torch reads the dense copy)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(B, 1, H, D, device="cuda", dtype=dtype, generator=g)
     kc = torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype, generator=g)
     vc = torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype, generator=g)
     lens = torch.full((B,), S, device="cuda", dtype=torch.int32)
     kt, vt, qt = kc.transpose(1, 2), vc.transpose(1, 2), q.transpose(1, 2)
-    ours = lambda: ak.attention_with_kvcache(q, kc, vc, cache_seqlens=lens)
-    theirs = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=H != Hkv)
-    check(ours().transpose(1, 2), theirs(), 2e-2, name)
-    ta, tb = time_pair(ours, theirs, rounds)
+    kw = {}
+    if page:
+        nb = S // page
+        perm = torch.randperm(B * nb, device="cuda", generator=g)
+        table = perm.view(B, nb).to(torch.int32)
+        kp = torch.empty(B * nb, page, Hkv, D, device="cuda", dtype=dtype)
+        vp = torch.empty_like(kp)
+        kp[perm] = kc.reshape(B * nb, page, Hkv, D)
+        vp[perm] = vc.reshape(B * nb, page, Hkv, D)
+        kcache, vcache, kw = kp, vp, dict(block_table=table)
+    else:
+        kcache, vcache = kc, vc
+    was = decode_kernel(kernel == "decode")
+    try:
+        ours = lambda: ak.attention_with_kvcache(q, kcache, vcache, cache_seqlens=lens, **kw)
+        theirs = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=H != Hkv)
+        check(ours().transpose(1, 2), theirs(), 2e-2, name)
+        plan = attnkit._cuda_backend._module()._last_attention_plan()
+        if plan["kernel"] != kernel:
+            raise AssertionError(f"{name}: ran the {plan['kernel']} kernel, not {kernel}")
+        ta, tb = time_pair(ours, theirs, rounds)
+    finally:
+        decode_kernel(was)
     nbytes = 2.0 * B * S * Hkv * D * kc.element_size()
-    return dict(case=name, attnkit_ms=ta, torch_ms=tb, rate=nbytes / ta / 1e6, unit="GB/s", torch_impl="sdpa auto")
+    return dict(case=name, attnkit_ms=ta, torch_ms=tb, rate=nbytes / ta / 1e6, unit="GB/s", torch_impl="sdpa auto",
+                plan=plan)
+
+
+def copy_gbps(rounds):
+    """The device's copy bandwidth (read + write of 2 GiB, device to device): the ceiling the
+    GB/s rows are compared with."""
+    src = torch.empty(1 << 30, device="cuda", dtype=torch.int16)
+    dst = torch.empty_like(src)
+    f = lambda: dst.copy_(src)
+    ms, _ = time_pair(f, f, rounds)
+    return 2.0 * src.numel() * src.element_size() / ms / 1e6
 
 
 def softmax_case(name, M, N, dtype, rounds):
@@ -147,6 +193,11 @@ CASES = [
     ("attn bf16 GQA32/8 B4 S4096 D128 causal", lambda r: attn_case("attn bf16 GQA32/8 B4 S4096 D128 causal", 4, 32, 8, 4096, 128, torch.bfloat16, True, r)),
     ("attn fp32 B2 H16 S1024 D64 causal", lambda r: attn_case("attn fp32 B2 H16 S1024 D64 causal", 2, 16, 16, 1024, 64, torch.float32, True, r)),
     ("decode bf16 B8 H32/8 S8192 D128", lambda r: decode_case("decode bf16 B8 H32/8 S8192 D128", 8, 32, 8, 8192, 128, torch.bfloat16, r)),
+    ("decode-kernel bf16 B8 H32/8 S8192 D128", lambda r: decode_case("decode-kernel bf16 B8 H32/8 S8192 D128", 8, 32, 8, 8192, 128, torch.bfloat16, r, "decode")),
+    ("decode-kernel bf16 B16 H32/8 S8192 D128", lambda r: decode_case("decode-kernel bf16 B16 H32/8 S8192 D128", 16, 32, 8, 8192, 128, torch.bfloat16, r, "decode")),
+    ("decode bf16 paged256 B16 H32/8 S8192 D128", lambda r: decode_case("decode bf16 paged256 B16 H32/8 S8192 D128", 16, 32, 8, 8192, 128, torch.bfloat16, r, "mma", 256)),
+    ("decode-kernel bf16 paged256 B16 H32/8 S8192 D128", lambda r: decode_case("decode-kernel bf16 paged256 B16 H32/8 S8192 D128", 16, 32, 8, 8192, 128, torch.bfloat16, r, "decode", 256)),
+    ("decode-kernel fp16 B1 H32/32 S16384 D128", lambda r: decode_case("decode-kernel fp16 B1 H32/32 S16384 D128", 1, 32, 32, 16384, 128, torch.float16, r, "decode")),
     ("softmax fp32 8192x8192", lambda r: softmax_case("softmax fp32 8192x8192", 8192, 8192, torch.float32, r)),
     ("softmax bf16 4096x32000", lambda r: softmax_case("softmax bf16 4096x32000", 4096, 32000, torch.bfloat16, r)),
     ("matmul fp16 4096^3", lambda r: matmul_case("matmul fp16 4096^3", 4096, 4096, 4096, torch.float16, r)),
@@ -167,6 +218,8 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, attnkit {attnkit.__version__}",
           flush=True)
     results, failures = [], []
+    copy = copy_gbps(args.rounds)
+    print(f"device copy (the bandwidth ceiling of the GB/s rows): {copy:.0f} GB/s", flush=True)
     for name, fn in CASES:
         if args.case and not any(c in name for c in args.case):
             continue
@@ -180,14 +233,16 @@ def main(argv=None):
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "results": results, "failures": failures}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "copy_gbps": copy, "results": results,
+                       "failures": failures}, f, indent=1)
     print()
-    print(f"{'case':42s} {'attnkit ms':>10s} {'torch ms':>9s} {'ratio':>6s} {'attnkit rate':>16s}  torch")
+    print(f"{'case':50s} {'attnkit ms':>10s} {'torch ms':>9s} {'ratio':>6s} {'attnkit rate':>16s} {'of copy':>7s}  torch")
     for r in results:
-        print(f"{r['case']:42s} {r['attnkit_ms']:10.3f} {r['torch_ms']:9.3f} {r['torch_ms'] / r['attnkit_ms']:6.2f} "
-              f"{r['rate']:9.1f} {r['unit']:6s}  {r['torch_impl']}")
+        frac = f"{r['rate'] / copy:7.2f}" if r["unit"] == "GB/s" else " " * 7
+        print(f"{r['case']:50s} {r['attnkit_ms']:10.3f} {r['torch_ms']:9.3f} {r['torch_ms'] / r['attnkit_ms']:6.2f} "
+              f"{r['rate']:9.1f} {r['unit']:6s} {frac}  {r['torch_impl']}")
     for name, err in failures:
-        print(f"{name:42s} FAILED: {err}")
+        print(f"{name:50s} FAILED: {err}")
     return 1 if failures else 0
 
 

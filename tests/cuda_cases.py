@@ -9,6 +9,8 @@ Every test takes the `dev` fixture of its module:
   dev.small                 True on the emulator: the longest key ranges are cut (still split)
 Sizes are small enough for the emulator; the GPU module adds large and timing-sensitive cases.
 """
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -279,6 +281,10 @@ def test_nan_in_masked_kv_does_not_leak(dev, rng, dtype):
 def test_nonfinite_propagates_from_attended_entries(dev, rng, sq, sk, dtype):
     """As the CPU kernels (tests/test_attention.py): NaN/inf in an attended entry makes the row
     NaN (the split-KV combine included), masked-out entries stay out, fully masked rows are 0."""
+    check_nonfinite_cases(dev, rng, sq, sk, dtype)
+
+
+def check_nonfinite_cases(dev, rng, sq, sk, dtype):
     for name, q, k, v, opts in nonfinite_cases(rng, 1, 4, 2, sq, sk, 16, dtype):
         kw = {key: val for key, val in opts.items() if key != "bottom_right"}
         if opts.get("bottom_right"):
@@ -367,6 +373,16 @@ def to_pages(cache, table, num_pages, page):
     return pages
 
 
+def put_caches(dev, rng, k_cache, v_cache, page):
+    """Device copies of dense (B, Smax, Hkv, D) caches, or (page: tokens per page) of their pages
+    scattered by a shuffled table; returns (k, v, table or None)."""
+    if not page:
+        return dev.put(k_cache), dev.put(v_cache), None
+    table, num_pages = page_table(rng, k_cache.shape[0], k_cache.shape[1], page)
+    return (dev.put(to_pages(k_cache, table, num_pages, page)), dev.put(to_pages(v_cache, table, num_pages, page)),
+            table)
+
+
 @pytest.mark.parametrize("dtype", TC_AND_FP32, ids=dtype_id)
 @pytest.mark.parametrize("paged", [None, 16, 64])
 @pytest.mark.parametrize("sq,n_new", [(1, 1), (1, 0), (5, 5), (33, 33)])
@@ -383,14 +399,8 @@ def test_kvcache(dev, rng, dtype, paged, sq, n_new):
         k_full[b, lens[b]:lens[b] + n_new] = k_new[b]
         v_full[b, lens[b]:lens[b] + n_new] = v_new[b]
     for causal in (True, False):
-        kw = {}
-        if paged:
-            table, num_pages = page_table(rng, B, Smax, paged)
-            kc = dev.put(to_pages(k_cache, table, num_pages, paged))
-            vc = dev.put(to_pages(v_cache, table, num_pages, paged))
-            kw["block_table"] = dev.put(table.astype(np.int32)) if causal else table
-        else:
-            kc, vc = dev.put(k_cache), dev.put(v_cache)
+        kc, vc, table = put_caches(dev, rng, k_cache, v_cache, paged)
+        kw = {} if table is None else dict(block_table=dev.put(table.astype(np.int32)) if causal else table)
         seqlens = dev.put(lens.astype(np.int32)) if causal else lens
         new = dict(k=dev.put(k_new), v=dev.put(v_new)) if n_new else {}
         o, lse = dev.api.attention_with_kvcache(dev.put(q), kc, vc, cache_seqlens=seqlens, causal=causal,
@@ -473,6 +483,136 @@ def test_kvcache_refusals_leave_the_caches_untouched(dev, rng):
         assert str(info.value).startswith("attention_with_kvcache: ")
         assert np.array_equal(dev.get(kc), kc_h) and np.array_equal(dev.get(vc), vc_h), msg
         assert np.array_equal(dev.get(big), big_h), msg
+
+
+# ---- the decode kernel (attention_decode.cuh; off by default until it has run on a GPU) ----
+
+@contextlib.contextmanager
+def decode_kernel(on=True):
+    """Lets the planner choose the decode kernel (as ATTNKIT_CUDA_DECODE=1) inside the block."""
+    from attnkit import _cuda_backend as cb
+
+    mod = cb._module()
+    was = mod.decode_kernel_enabled()
+    mod._set_decode_kernel(on)
+    try:
+        yield mod
+    finally:
+        mod._set_decode_kernel(was)
+
+
+# (D, Dv, H, Hkv, page): every head-dim bucket, GQA packs of 4, 2, 1 and a 32-head group cut
+# into two 16-row blocks, dense and paged caches.
+DECODE_CASES = [(64, 64, 8, 2, None), (128, 128, 8, 2, 16), (80, 80, 4, 4, None), (40, 72, 32, 1, 16),
+                (256, 256, 6, 3, None), (192, 160, 8, 8, 64)]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "D{}-{}-H{}-{}-page{}".format(*c))
+def test_decode_kernel_kvcache(dev, rng, dtype, case):
+    """One new token appended and attended over ragged lengths (0 .. capacity) against float64;
+    unused cache slots hold NaN (they must not reach the output); with and without the (bottom-right) causal bound; repeated runs are
+    bit-identical."""
+    D, Dv, H, Hkv, paged = case
+    B, Smax = 4, 300
+    lens = np.array([0, 1, 150, Smax - 1])
+    k_full = randn(rng, (B, Smax, Hkv, D), dtype)
+    v_full = randn(rng, (B, Smax, Hkv, Dv), dtype)
+    for b in range(B):  # never written, never read
+        k_full[b, lens[b] + 1:] = np.nan
+        v_full[b, lens[b] + 1:] = np.nan
+    q = randn(rng, (B, 1, H, D), dtype)
+    k_new, v_new = randn(rng, (B, 1, Hkv, D), dtype), randn(rng, (B, 1, Hkv, Dv), dtype)
+    k_cache, v_cache = k_full.copy(), v_full.copy()
+    for b in range(B):
+        k_full[b, lens[b]], v_full[b, lens[b]] = k_new[b, 0], v_new[b, 0]
+    for causal in (True, False):
+        kc, vc, table = put_caches(dev, rng, k_cache, v_cache, paged)
+        kw = {} if table is None else dict(block_table=dev.put(table))
+        with decode_kernel() as mod:
+            o, lse = dev.api.attention_with_kvcache(dev.put(q), kc, vc, k=dev.put(k_new), v=dev.put(v_new),
+                                                    cache_seqlens=dev.put(lens.astype(np.int32)),
+                                                    causal=causal, return_lse=True, **kw)
+            plan = mod._last_attention_plan()
+            again = dev.api.attention_with_kvcache(dev.put(q), kc, vc, cache_seqlens=dev.put(lens + 1),
+                                                   causal=causal, **kw)
+        assert plan["kernel"] == "decode" and plan["block_m"] == 16, plan
+        assert plan["pack"] == min(H // Hkv, 16), plan
+        ref, ref_lse = kvcache_reference(q, k_full, v_full, lens + 1, causal=causal)
+        assert_close(dev.get(o), ref, dtype, what="decode kernel out")
+        assert_close(dev.get(lse), ref_lse, np.float32, what="decode kernel lse")
+        assert np.array_equal(dev.get(again), dev.get(o), equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
+def test_decode_kernel_features(dev, rng, dtype):
+    """Splits over a long key range, windows, ALiBi, softcap, a non-default scale, a few query
+    positions without causal bounds, the top-left causal alignment, against float64."""
+    B, H, Hkv, D = 2, 8, 2, 64
+    q, k, v = make_qkv(rng, B, H, Hkv, 1, 1100, D, dtype=dtype)
+    slopes = rng.random((B, H)).astype(np.float32)
+    runs = [dict(), dict(causal=True, causal_align="bottom_right", window=(300, 0)),
+            dict(alibi_slopes=slopes, softcap=5.0, scale=0.3), dict(causal=True)]
+    with decode_kernel() as mod:
+        for kw in runs:
+            o, lse = run(dev, q, k, v, return_lse=True, **kw)
+            plan = mod._last_attention_plan()
+            assert plan["kernel"] == "decode" and plan["num_splits"] > 1, (kw, plan)
+            ref_kw = dict(kw)
+            if "causal_align" in ref_kw:
+                ref_kw["bottom_right"] = ref_kw.pop("causal_align") == "bottom_right"
+            if "alibi_slopes" in ref_kw:
+                ref_kw["alibi"] = ref_kw.pop("alibi_slopes")
+            check(dev, q, k, v, o, lse=lse, **ref_kw)
+        q3, k3, v3 = make_qkv(rng, B, H, Hkv, 3, 200, D, dtype=dtype)
+        o = run(dev, q3, k3, v3)
+        assert mod._last_attention_plan()["kernel"] == "decode"
+        check(dev, q3, k3, v3, o)
+
+
+def test_decode_kernel_nonfinite(dev, rng):
+    """An inf in an attended value reaches its rows; a NaN in keys the window excludes, inside
+    a tile the kernel loads, does not."""
+    B, H, Hkv, D, Sk = 1, 4, 2, 64, 400
+    q, k, v = make_qkv(rng, B, H, Hkv, 1, Sk, D, dtype=np.float16)
+    v[0, 0, [195, 199], 3] = np.nan  # kv head 0: keys 192..255 are one tile; the window starts at 200
+    v[0, 1, 350, 5] = np.inf  # kv head 1: attended by query heads 2, 3
+    with decode_kernel() as mod:
+        o = run(dev, q, k, v, causal=True, causal_align="bottom_right", window=(199, 0))
+        assert mod._last_attention_plan()["kernel"] == "decode"
+    o = o.astype(np.float32)
+    assert not np.isfinite(o[0, 2:, 0, 5]).any()
+    ref, _ = attention_ref(q[:, :2], k[:, :1], v[:, :1], causal=True, bottom_right=True, window=(199, 0))
+    assert np.isfinite(ref).all()
+    assert_close(o[:, :2], ref, np.float16, what="heads beside the excluded NaN")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
+@pytest.mark.parametrize("sq,sk", [(4, 300), (1, 700)])
+def test_decode_kernel_nonfinite_cases(dev, rng, sq, sk, dtype):
+    """The forward's non-finite cases (NaN query rows, keys, values, masked entries) through the
+    decode kernel where it applies; the rest take the tensor-core forward as before."""
+    with decode_kernel():
+        check_nonfinite_cases(dev, rng, sq, sk, dtype)
+
+
+def test_decode_kernel_is_chosen_only_where_it_applies(dev, rng):
+    q, k, v = make_qkv(rng, 1, 4, 2, 4, 100, 64, dtype=np.float16)
+    mask = rng.random((1, 4, 4, 100)) < 0.8
+    with decode_kernel() as mod:
+        run(dev, q, k, v)  # 4 positions x pack 4, no bounds
+        assert mod._last_attention_plan()["kernel"] == "decode"
+        for kw in (dict(causal=True), dict(window=(10, 10)), dict(mask=mask)):
+            run(dev, q, k, v, **kw)  # rows masked unlike each other: the tensor-core forward
+            assert mod._last_attention_plan()["kernel"] == "mma", kw
+        q17, k17, v17 = make_qkv(rng, 1, 4, 4, 17, 100, 64, dtype=np.float16)
+        run(dev, q17, k17, v17)
+        assert mod._last_attention_plan()["kernel"] == "mma"
+        run(dev, *make_qkv(rng, 1, 4, 2, 1, 100, 64, dtype=np.float32))
+        assert mod._last_attention_plan()["kernel"] == "simt"
+    with decode_kernel(False) as mod:
+        run(dev, q[:, :, :1], k, v)
+        assert mod._last_attention_plan()["kernel"] == "mma"
 
 
 # ---- 8-bit caches (int8, float8 e4m3fn; issue 15) ----

@@ -77,6 +77,11 @@ int64_t cu_arg(const Fn& f, py::handle obj, const char* name, int64_t batch, int
   return longest;
 }
 
+cuda::AttentionPlan& last_plan() {
+  static thread_local cuda::AttentionPlan plan;
+  return plan;
+}
+
 void attention_entry(const std::string& fn_name, py::handle q_o, py::handle k_o, py::handle v_o,
                      py::handle out_o, py::handle lse_o, py::handle mask_o, py::handle alibi_o,
                      py::handle cu_q_o, py::handle cu_k_o, py::handle seqlens_o,
@@ -169,6 +174,7 @@ void attention_entry(const std::string& fn_name, py::handle q_o, py::handle k_o,
 
   cuda::AttentionPlan plan;
   if (const char* err = cuda::attention_plan(p, kv, dev, &plan)) throw_value(f.name + ": " + err);
+  last_plan() = plan;
   DeviceBuffer scratch;
   scratch.alloc(plan.scratch_bytes, stream, device, fn);
   wait_for(stream, wait, fn);
@@ -312,6 +318,23 @@ void bind_attention(py::module_& m) {
         py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(),
         "Attention forward on canonical (B, H, S, D) device views (validated); 8-bit caches "
         "take k_scale/v_scale (float32, (B|pages, Hkv, S)).");
+  m.def("_last_attention_plan", [] {
+    const cuda::AttentionPlan& pl = last_plan();
+    py::dict d;
+    d["kernel"] = pl.decode_kernel ? "decode" : pl.tensor_cores ? "mma" : "simt";
+    d["head_dim_bucket"] = pl.head_dim_bucket;
+    d["block_m"] = pl.block_m;
+    d["block_n"] = pl.block_n;
+    d["pack"] = pl.pack;
+    d["num_splits"] = pl.num_splits;
+    d["split_keys"] = pl.split_keys;
+    return d;
+  }, "The plan of this thread's last attention call (kernel, tile, GQA pack, key splits).");
+  m.def("_set_decode_kernel", &cuda::set_decode_kernel_enabled, py::arg("on"),
+        "Let the planner choose the decode kernel (unverified on GPUs; default from "
+        "ATTNKIT_CUDA_DECODE=1).");
+  m.def("decode_kernel_enabled", &cuda::decode_kernel_enabled,
+        "Whether the planner may choose the decode kernel (ATTNKIT_CUDA_DECODE=1).");
   m.def("quantize_kv", &quantize_entry, py::arg("x"), py::arg("q"), py::arg("scale"),
         py::arg("device"), py::arg("stream"), py::arg("wait_streams"),
         "Quantize the rows of device array x into codes q and float32 scales (validated).");

@@ -30,6 +30,7 @@ struct FwdLaunch {
   int64_t num_m_blocks = 0;  // row blocks per (batch, head group)
   int num_splits = 1;        // key-range splits; > 1 writes partials to o_accum / lse_accum
   int64_t split_keys = 0;    // the key range the splits cut: the longest sequence's length
+  bool split_own_range = false;  // splits cut each block's own key range instead (decode kernel)
   float* o_accum = nullptr;  // [split][b][h][i][dv], i < seqlen_q (the longest sequence)
   float* lse_accum = nullptr;  // [split][b][h][i]
   bool vec_loads = false;    // q/k/v rows are 16-byte aligned: cp.async tile loads
@@ -43,6 +44,7 @@ struct BlockInfo {
   int sq, sk, q_tok, k_tok, off;
   int r0, nrows;       // first packed row of the block and how many exist
   int i_lo, i_hi;      // query positions the block's rows span
+  int j_lo, j_hi;      // keys any row of the block may attend: [j_lo, j_hi) (empty: 0, 0)
   int n_begin, n_end;  // key tiles this block (split) visits
   bool poisoned;       // invalid cache metadata for this batch: results are NaN
 };
@@ -102,11 +104,22 @@ __device__ __forceinline__ bool block_info(const AttentionParams& p, const FwdLa
   if (p.window_left >= 0) j_lo = max(j_lo, c_lo - int(p.window_left));
   if (bi.poisoned || j_hi <= j_lo) {
     bi.n_begin = bi.n_end = 0;
+    bi.j_lo = bi.j_hi = 0;
   } else {
+    bi.j_lo = j_lo;
+    bi.j_hi = j_hi;
     bi.n_begin = j_lo / kBlockN;
     bi.n_end = (j_hi + kBlockN - 1) / kBlockN;
   }
-  if (L.num_splits > 1) {
+  if (L.num_splits > 1 && L.split_own_range) {
+    // Splits cut this block's own tiles evenly: the sequence's actual length (cache_seqlens,
+    // read on the device), not the cache capacity or the longest sequence. Still a function
+    // of the shapes and lengths only, so every run splits, and rounds, identically.
+    const int tiles = bi.n_end - bi.n_begin;
+    const int per = (tiles + L.num_splits - 1) / L.num_splits;
+    bi.n_begin = min(bi.n_end, bi.n_begin + int(blockIdx.z) * per);
+    bi.n_end = min(bi.n_end, bi.n_begin + per);
+  } else if (L.num_splits > 1) {
     // Splits cut the key range of the longest sequence evenly (a function of the shapes and
     // host-known lengths only, so every run splits, and therefore rounds, identically), then
     // intersect with the block's range.

@@ -1,9 +1,10 @@
-// Tensor-core attention forward, head-dim bucket 192 (fp16 and bf16). One bucket per file so
-// the build compiles the buckets in parallel.
-#include "attention_mma.cuh"
+// Tensor-core attention forward and decode kernels, head-dim bucket 192 (fp16 and bf16). One
+// bucket per file so the build compiles the buckets in parallel.
+#include "attention_decode.cuh"
 
 namespace attnkit {
 namespace cuda {
-ATTNKIT_INSTANTIATE_MMA(192)
+ATTNKIT_INSTANTIATE_FWD(launch_attention_mma, 192)
+ATTNKIT_INSTANTIATE_FWD(launch_attention_decode, 192)
 }  // namespace cuda
 }  // namespace attnkit

@@ -42,5 +42,31 @@ template <class T, int kD>
 cudaError_t launch_attention_mma(const AttentionParams& p, const FwdLaunch& L,
                                  cudaStream_t stream);
 
+// Tile shape of the decode kernel (attention_decode.cuh): 16 query rows (the GQA group's heads
+// times the few query positions) against kTileN keys per pipeline stage, 16 keys per warp.
+template <int kD>
+struct DecodeShape {
+  static constexpr int kRows = 16;
+  static constexpr int kWarps = kD <= 128 ? 4 : 2;  // above 128 the O registers double
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kTileN = 16 * kWarps;
+  static constexpr int kBlockM = kRows, kBlockN = kTileN;  // the planner's names
+  static constexpr int kStride = kD + 8;  // smem row stride (elements), as MmaShape
+  // Stages in flight: about 70-80 KB of K/V per block whatever the head dim, so two blocks
+  // share an SM (sm_80/90) and the whole fits the 99 KB of sm_86/sm_89.
+  static constexpr int kStages = kD <= 64 ? 4 : kD <= 96 ? 3 : 2;
+  static constexpr size_t kStageElems = size_t(2) * kTileN * kStride;  // a K and a V tile
+  static constexpr size_t smem_bytes(size_t elem) {
+    return (size_t(kRows) * kStride + kStages * kStageElems) * elem;
+  }
+  // The warps' fp32 O partials are merged in the stage buffers after the last tile.
+  static_assert(kStages * kStageElems * 2 >= size_t(kWarps) * kRows * kD * 4, "merge buffer");
+};
+
+// Defined in attention_decode.cuh, instantiated per head-dim bucket in attention_fwd_d*.cu.
+template <class T, int kD>
+cudaError_t launch_attention_decode(const AttentionParams& p, const FwdLaunch& L,
+                                    cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace attnkit

@@ -2,7 +2,10 @@
 // KV-cache metadata check and append, the kernel dispatch (one switch per axis: dtype, then
 // head-dim bucket; ARCHITECTURE.md rule 3) and the combine of split partials (flash-decoding).
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 
 #include "attention_kernels.h"
 
@@ -21,14 +24,33 @@ int mma_bucket(int64_t d) {
   return 256;
 }
 
-template <int kD>
-void mma_shape(AttentionPlan* plan, size_t elem) {
-  plan->block_m = MmaShape<kD>::kBlockM;
-  plan->block_n = MmaShape<kD>::kBlockN;
-  plan->smem_bytes = MmaShape<kD>::smem_bytes(elem);
+// Tile of a tensor-core kernel (MmaShape or DecodeShape) for the plan's head-dim bucket.
+template <class Shape>
+void set_tile(AttentionPlan* plan, size_t elem) {
+  plan->block_m = Shape::kBlockM;
+  plan->block_n = Shape::kBlockN;
+  plan->smem_bytes = Shape::smem_bytes(elem);
+}
+template <template <int> class Shape>
+void tile_shape(AttentionPlan* plan, size_t elem) {
+  switch (plan->head_dim_bucket) {
+    case 64: set_tile<Shape<64>>(plan, elem); break;
+    case 96: set_tile<Shape<96>>(plan, elem); break;
+    case 128: set_tile<Shape<128>>(plan, elem); break;
+    case 192: set_tile<Shape<192>>(plan, elem); break;
+    default: set_tile<Shape<256>>(plan, elem); break;
+  }
 }
 
 size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
+
+std::atomic<bool>& decode_flag() {
+  static std::atomic<bool> on{[] {
+    const char* e = std::getenv("ATTNKIT_CUDA_DECODE");
+    return e && std::strcmp(e, "1") == 0;
+  }()};
+  return on;
+}
 
 // ---- KV cache: check the metadata on the device, then append the new keys/values ----
 
@@ -275,25 +297,37 @@ cudaError_t launch_combine(const AttentionParams& p, const FwdLaunch& L, cudaStr
   return cudaGetLastError();
 }
 
+// Query heads of a kv head stacked into the decode kernel's 16 rows: the largest divisor of
+// the group that fits sq positions each (1 when even one head's rows do not fit).
+int64_t decode_pack(int64_t group, int64_t sq) {
+  for (int64_t pk = std::min<int64_t>(group, 16); pk > 1; --pk)
+    if (group % pk == 0 && pk * sq <= 16) return pk;
+  return 1;
+}
+
+// One instantiation per (dtype, head-dim bucket): the decode kernel or the tensor-core forward.
 template <class T>
-cudaError_t launch_mma_bucket(const AttentionParams& p, const FwdLaunch& L, int bucket,
-                              cudaStream_t s) {
+cudaError_t launch_tensor_core(const AttentionParams& p, const FwdLaunch& L, int bucket,
+                               bool decode, cudaStream_t s) {
   switch (bucket) {
     case 64:
-      return launch_attention_mma<T, 64>(p, L, s);
+      return decode ? launch_attention_decode<T, 64>(p, L, s) : launch_attention_mma<T, 64>(p, L, s);
     case 96:
-      return launch_attention_mma<T, 96>(p, L, s);
+      return decode ? launch_attention_decode<T, 96>(p, L, s) : launch_attention_mma<T, 96>(p, L, s);
     case 128:
-      return launch_attention_mma<T, 128>(p, L, s);
+      return decode ? launch_attention_decode<T, 128>(p, L, s) : launch_attention_mma<T, 128>(p, L, s);
     case 192:
-      return launch_attention_mma<T, 192>(p, L, s);
+      return decode ? launch_attention_decode<T, 192>(p, L, s) : launch_attention_mma<T, 192>(p, L, s);
     case 256:
-      return launch_attention_mma<T, 256>(p, L, s);
+      return decode ? launch_attention_decode<T, 256>(p, L, s) : launch_attention_mma<T, 256>(p, L, s);
   }
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
+
+bool decode_kernel_enabled() { return decode_flag().load(); }
+void set_decode_kernel_enabled(bool on) { decode_flag().store(on); }
 
 const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
                            const DeviceInfo& dev, AttentionPlan* plan) {
@@ -310,15 +344,21 @@ const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
   if (codes && p.q_dtype == DType::f64) return "8-bit caches need a float32, float16 or bfloat16 q";
   plan->tensor_cores = half_types && p.kv_dtype == p.q_dtype;
   size_t acc_bytes = p.q_dtype == DType::f64 ? 8 : 4;
+  const int64_t group = p.num_heads / p.num_kv_heads;
   if (plan->tensor_cores) {
     plan->head_dim_bucket = mma_bucket(std::max(p.head_dim, p.head_dim_v));
-    switch (plan->head_dim_bucket) {
-      case 64: mma_shape<64>(plan, 2); break;
-      case 96: mma_shape<96>(plan, 2); break;
-      case 128: mma_shape<128>(plan, 2); break;
-      case 192: mma_shape<192>(plan, 2); break;
-      default: mma_shape<256>(plan, 2); break;
+    // The decode kernel takes the calls whose masked keys are masked for all rows alike
+    // (attention_decode.cuh): one query position, or no causal/window bound; never a mask.
+    const int64_t span = p.seqlen_q + p.seqlen_k;
+    const bool bounded = p.causal || (p.window_left >= 0 && p.window_left <= span) ||
+                         (p.window_right >= 0 && p.window_right <= span);
+    plan->decode_kernel = decode_kernel_enabled() && !p.mask && p.seqlen_q <= 16 &&
+                          (p.seqlen_q == 1 || !bounded);
+    if (plan->decode_kernel) {
+      tile_shape<DecodeShape>(plan, 2);
+      if (plan->smem_bytes > size_t(dev.max_smem_optin)) plan->decode_kernel = false;
     }
+    if (!plan->decode_kernel) tile_shape<MmaShape>(plan, 2);
   } else {
     if (half_types && !codes) return "k/v must have q's dtype";  // binding checks first; defensive
     plan->block_m = kSimtBlockM;
@@ -335,8 +375,10 @@ const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
   }
 
   // GQA packing: for short query blocks (decode), stack the query heads of a kv head.
-  const int64_t group = p.num_heads / p.num_kv_heads;
-  plan->pack = (group > 1 && p.seqlen_q < plan->block_m) ? group : 1;
+  if (plan->decode_kernel)
+    plan->pack = decode_pack(group, p.seqlen_q);
+  else
+    plan->pack = (group > 1 && p.seqlen_q < plan->block_m) ? group : 1;
   plan->head_groups = p.num_heads / plan->pack;
   plan->num_m_blocks = (plan->pack * p.seqlen_q + plan->block_m - 1) / plan->block_m;
   if (plan->num_m_blocks == 0) plan->num_m_blocks = 1;
@@ -351,7 +393,9 @@ const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
                                                      : p.seqlen_k;
   const int64_t blocks = std::max<int64_t>(1, p.batch * plan->head_groups * plan->num_m_blocks);
   const int64_t tiles = (plan->split_keys + plan->block_n - 1) / plan->block_n;
-  const int64_t target = 2 * int64_t(dev.sm_count);
+  // The decode kernel's blocks are small (one 16-row tile) and only stream: up to three share
+  // an SM, and finer splits balance the SMs better, so it aims at four per SM.
+  const int64_t target = (plan->decode_kernel ? 4 : 2) * int64_t(dev.sm_count);
   // float64 partials would be rounded to float32: never split float64.
   if (blocks < target && tiles >= 4 && p.q_dtype != DType::f64) {
     const int64_t want = (target + blocks - 1) / blocks;
@@ -421,6 +465,7 @@ cudaError_t attention_fwd(AttentionParams p, const KvCacheArgs& kv, const Attent
   L.num_m_blocks = plan.num_m_blocks;
   L.num_splits = plan.num_splits;
   L.split_keys = plan.split_keys;
+  L.split_own_range = plan.decode_kernel;
   if (plan.num_splits > 1) {
     L.o_accum = reinterpret_cast<float*>(base + plan.off_o_accum);
     L.lse_accum = reinterpret_cast<float*>(base + plan.off_lse_accum);
@@ -434,8 +479,9 @@ cudaError_t attention_fwd(AttentionParams p, const KvCacheArgs& kv, const Attent
     L.vec_loads = aligned(p.q, p.q_stride) && aligned(p.k, p.k_stride) && aligned(p.v, p.v_stride);
     L.vec_store = reinterpret_cast<uintptr_t>(p.out) % 4 == 0 && p.out_stride[0] % 2 == 0 &&
                   p.out_stride[1] % 2 == 0 && p.out_stride[2] % 2 == 0;
-    err = p.q_dtype == DType::f16 ? launch_mma_bucket<half>(p, L, plan.head_dim_bucket, stream)
-                                  : launch_mma_bucket<bf16>(p, L, plan.head_dim_bucket, stream);
+    err = p.q_dtype == DType::f16
+              ? launch_tensor_core<half>(p, L, plan.head_dim_bucket, plan.decode_kernel, stream)
+              : launch_tensor_core<bf16>(p, L, plan.head_dim_bucket, plan.decode_kernel, stream);
   } else if (p.kv_dtype == DType::i8 || p.kv_dtype == DType::f8e4m3) {
     err = p.q_dtype == DType::f16    ? launch_simt_codes<half>(p, L, stream)
           : p.q_dtype == DType::bf16 ? launch_simt_codes<bf16>(p, L, stream)

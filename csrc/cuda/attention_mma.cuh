@@ -358,28 +358,33 @@ __global__ void __launch_bounds__(MmaShape<kD>::kThreads, 1)
     }
 }
 
-// Host side: launch one (dtype, head-dim bucket) instantiation.
-template <class T, int kD>
-cudaError_t launch_attention_mma(const AttentionParams& p, const FwdLaunch& L,
-                                 cudaStream_t stream) {
-  using S = MmaShape<kD>;
-  const size_t smem = S::smem_bytes(sizeof(T));
-  auto kernel = attention_mma_kernel<T, kD>;
+// Host side: opt a forward kernel into `smem` bytes of dynamic shared memory and launch it on
+// grid (batch * head groups, row blocks, splits).
+template <class Kernel>
+cudaError_t launch_fwd_kernel(Kernel kernel, int threads, size_t smem, const AttentionParams& p,
+                              const FwdLaunch& L, cudaStream_t stream) {
   cudaError_t err =
       cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                            cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned(p.batch * L.head_groups), unsigned(L.num_m_blocks),
                   unsigned(L.num_splits));
-  ATTNKIT_LAUNCH(kernel, grid, S::kThreads, smem, stream, p, L);
+  ATTNKIT_LAUNCH(kernel, grid, threads, smem, stream, p, L);
   return cudaGetLastError();
 }
 
-#define ATTNKIT_INSTANTIATE_MMA(D)                                                       \
-  template cudaError_t launch_attention_mma<half, D>(const AttentionParams&, const FwdLaunch&, \
-                                                     cudaStream_t);                       \
-  template cudaError_t launch_attention_mma<bf16, D>(const AttentionParams&, const FwdLaunch&, \
-                                                     cudaStream_t);
+// One (dtype, head-dim bucket) instantiation.
+template <class T, int kD>
+cudaError_t launch_attention_mma(const AttentionParams& p, const FwdLaunch& L,
+                                 cudaStream_t stream) {
+  return launch_fwd_kernel(attention_mma_kernel<T, kD>, MmaShape<kD>::kThreads,
+                           MmaShape<kD>::smem_bytes(sizeof(T)), p, L, stream);
+}
+
+// fn<half, D> and fn<bf16, D> of a launcher template (the attention_fwd_d*.cu files).
+#define ATTNKIT_INSTANTIATE_FWD(fn, D)                                                       \
+  template cudaError_t fn<half, D>(const AttentionParams&, const FwdLaunch&, cudaStream_t); \
+  template cudaError_t fn<bf16, D>(const AttentionParams&, const FwdLaunch&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace attnkit

@@ -57,6 +57,9 @@ struct AttentionPlan {
   int block_m = 0, block_n = 0;
   int64_t pack = 1;  // GQA heads stacked into one row block
   int64_t head_groups = 0, num_m_blocks = 0;
+  // The decode kernel (attention_decode.cuh) instead of the tensor-core forward: block_m 16,
+  // splits cut each sequence's actual length.
+  bool decode_kernel = false;
   int num_splits = 1;
   int64_t split_keys = 0;  // key range the splits cut (the longest sequence, or the capacity)
   size_t smem_bytes = 0;
@@ -64,6 +67,11 @@ struct AttentionPlan {
   size_t scratch_bytes = 0;
   size_t off_o_accum = 0, off_lse_accum = 0, off_seqlens = 0, off_block_table = 0;
 };
+
+// Whether the planner may choose the decode kernel. It has run only on the emulator, so it is
+// off unless ATTNKIT_CUDA_DECODE=1 is set when the module loads (or the setter turns it on).
+bool decode_kernel_enabled();
+void set_decode_kernel_enabled(bool on);
 
 // Checks what the kernels support on this device and fills the plan; returns nullptr, or a
 // message (without the function name) for a ValueError.

@@ -78,7 +78,10 @@ def info():
     ``ATTNKIT_CPU_ASSUME`` names them: CPUID does not list their feature; ``auto`` takes one
     only if it is also verified and has no ``auto_skip``), ``openmp``, ``threads``,
     ``cuda_built``, ``cuda_available``, ``cuda_devices`` (and, with the CUDA build,
-    ``cuda_archs``, ``cuda_runtime``, ``cuda_device_names``).
+    ``cuda_archs``, ``cuda_runtime``, ``cuda_device_names`` and ``cuda_unverified``: the CUDA
+    paths that have not passed the GPU tests on a real GPU, each with whether it is on; they
+    are off unless their environment variable turns them on, e.g. ``ATTNKIT_CUDA_DECODE=1``
+    for the decode kernel).
     """
     isas = _C._isa_list()
     cuda_built, cuda_available, cuda_devices = False, False, 0
@@ -94,6 +97,8 @@ def info():
             "cuda_runtime": _cuda.runtime_version() if hasattr(_cuda, "runtime_version") else None,
             "cuda_device_names": [_cuda.device_name(i) for i in range(cuda_devices)]
             if hasattr(_cuda, "device_name") else [],
+            "cuda_unverified": {"decode_kernel (ATTNKIT_CUDA_DECODE=1)": _cuda.decode_kernel_enabled()}
+            if hasattr(_cuda, "decode_kernel_enabled") else {},
         }
     except ImportError:
         pass

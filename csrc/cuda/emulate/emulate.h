@@ -148,6 +148,10 @@ inline void cp_async_16(void* dst, const void* src, int src_bytes) {
 inline void cp_async_commit() { ::attnkit_emu::cp_async_commit(); }
 inline void cp_async_wait_all() { ::attnkit_emu::cp_async_wait(0); }
 inline void cp_async_wait_one() { ::attnkit_emu::cp_async_wait(1); }
+template <int kPending>
+inline void cp_async_wait() {
+  ::attnkit_emu::cp_async_wait(kPending);
+}
 
 // ldmatrix .x4: lane l gives the address of row l % 8 of matrix l / 8 and receives, of each
 // matrix m, elements (row l / 4, cols 2 (l % 4), +1) -- or with .trans (rows 2 (l % 4), +1;
