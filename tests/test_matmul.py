@@ -69,6 +69,14 @@ def test_skinny_shapes(isa, rng):
         a, b = randn(rng, (m, 4096), np.float32), randn(rng, (4096, 700), np.float32)
         check(a, b, attnkit.matmul(a, b))
         check(a, b[:, :699], attnkit.matmul(a, b[:, :699]))  # N tail with B read in place
+    # GEMV-like (1-4 rows: whole panels in one loop): a short last k-block (K % 8), more panels
+    # than the prefetch distance, an N tail, a transposed A (the general loop), fp64
+    for m in (1, 2, 3, 4):
+        for dtype in (np.float32, np.float64):
+            a, b = randn(rng, (m, 1029), dtype), randn(rng, (1029, 1111), dtype)
+            check(a, b, attnkit.matmul(a, b))
+            at = randn(rng, (1029, m), dtype).T
+            check(at, b, attnkit.matmul(at, b))
 
 
 def test_one_dimensional_promotion(rng):
@@ -122,7 +130,8 @@ def test_empty_dims_and_zero_k(rng):
 
 
 def test_bit_identical_across_threads(threads, rng):
-    for sa, sb in [((300, 700), (700, 500)), ((7, 4096), (4096, 300)), ((16, 64, 32), (16, 32, 48)),
+    for sa, sb in [((300, 700), (700, 500)), ((7, 4096), (4096, 300)), ((3, 1029), (1029, 1111)),
+                   ((16, 64, 32), (16, 32, 48)),
                    ((1000, 1000), (1000, 1000))]:
         a, b = randn(rng, sa, np.float32), randn(rng, sb, np.float32)
         outs = []
