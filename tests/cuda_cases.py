@@ -723,6 +723,7 @@ def test_kvcache_codes_refusals(dev, rng):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape,axis", [((7, 300), -1), ((3, 1024), 1), ((5, 1025), -1), ((2, 4100), -1),
+                                        ((3, 2048), -1), ((2, 5000), -1),
                                         ((4, 33, 6), 1), ((300, 5), 0), ((1,), 0), ((6, 8), -1)])
 def test_softmax(dev, rng, shape, axis, dtype):
     x = randn(rng, shape, dtype, scale=3.0)
@@ -744,6 +745,13 @@ def test_softmax_special_values_and_views(dev, rng):
     d2 = dev.put(x2)
     assert dev.api.softmax(d2, out=d2) is d2
     assert_close(dev.get(d2), softmax_ref(x2, -1), np.float16)
+    for dt in HALF + [np.dtype(np.float32)]:  # long rows: the 16-byte-vector block kernel
+        xl = randn(rng, (5, 2048), dt)
+        xl[1, 1000] = np.nan
+        xl[2] = -np.inf
+        xl[3, ::3] = -np.inf
+        xl[4, 2047] = np.inf
+        assert_close(dev.get(dev.api.softmax(dev.put(xl))), softmax_ref(xl, -1), dt)
     big = randn(rng, (8, 3000), np.float32)
     db = dev.put(big)
     assert_close(dev.get(dev.api.softmax(db[::2, ::3])), softmax_ref(big[::2, ::3], -1), np.float32)

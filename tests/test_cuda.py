@@ -143,6 +143,54 @@ def test_runs_on_the_callers_stream():
     assert torch.allclose(z.float(), expect_z.float(), rtol=1e-2, atol=1e-1)
 
 
+@pytest.mark.parametrize("decode_on", [False, True], ids=["forward-decode", "decode-kernel"])
+def test_cuda_graph_capture_and_replay(decode_on):
+    """Issue 12 item 6: every CUDA entry point captures into a CUDA graph (no host
+    synchronization, scratch from the stream-ordered allocator, outputs from torch's graph
+    pool), and a replay on new input values gives the eager result bit for bit. The KV-cache
+    call appends at the same positions on every replay (the lengths are not advanced)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    rnd = lambda *shape, dtype=torch.float16: torch.randn(*shape, device="cuda", dtype=dtype, generator=g)
+    x, a, b = rnd(64, 3000, dtype=torch.float32), rnd(128, 96), rnd(96, 80)
+    q, k, v = _qkv(2, 8, 2, 300, 64, dtype=torch.float16)
+    B, Smax, H, Hkv, D = 3, 512, 8, 2, 128
+    kc, vc = rnd(B, Smax, Hkv, D, dtype=torch.bfloat16), rnd(B, Smax, Hkv, D, dtype=torch.bfloat16)
+    q1, kn, vn = (rnd(B, 1, H, D, dtype=torch.bfloat16), rnd(B, 1, Hkv, D, dtype=torch.bfloat16),
+                  rnd(B, 1, Hkv, D, dtype=torch.bfloat16))
+    lens = torch.tensor([0, 200, 510], device="cuda", dtype=torch.int32)
+    qv, kv_, vv = rnd(70, 4, 64), rnd(90, 2, 64), rnd(90, 2, 64)
+    cu_q = torch.tensor([0, 30, 70], device="cuda", dtype=torch.int32)
+    cu_k = torch.tensor([0, 50, 90], device="cuda", dtype=torch.int32)
+    x8 = rnd(4, 16, 2, 64, dtype=torch.float32)
+
+    def work():
+        o, lse = attnkit.attention_with_kvcache(q1, kc, vc, k=kn, v=vn, cache_seqlens=lens, return_lse=True)
+        codes, scale = attnkit.quantize_kv(x8, "int8")
+        return {"softmax": attnkit.softmax(x), "matmul": attnkit.matmul(a, b),
+                "attention": attnkit.attention(q, k, v, causal=True),
+                "kvcache": o, "kvcache lse": lse,
+                "varlen": attnkit.attention_varlen(qv, kv_, vv, cu_q, cu_k, causal=True),
+                "quantize codes": codes, "quantize scale": scale}
+
+    with decode_kernel(decode_on):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture, as torch asks
+            work()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = work()
+        for t in (x, a, b, q, k, v, q1, kn, vn, qv, kv_, vv, x8):
+            t.copy_(torch.randn(t.shape, device="cuda", generator=g).to(t.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        expect = work()
+        torch.cuda.synchronize()
+    for name, want in expect.items():
+        assert torch.equal(captured[name], want), name
+
+
 def test_results_keep_the_inputs_kind_and_device_guard():
     api = attnkit
 

@@ -4,7 +4,8 @@
 //   warp_rows   n <= 1024: one warp per row, the row held in registers (one read, one write);
 //               16-byte vector loads when rows are contiguous and aligned.
 //   block_rows  n > 1024: one block per row; pass 1 keeps a running (max, sum) per thread,
-//               combined across the block in a fixed tree order; pass 2 writes exp(x - max) / sum.
+//               combined across the block in a fixed tree order; pass 2 writes exp(x - max) / sum;
+//               block_rows_vec is the same with 16-byte loads for contiguous aligned rows.
 //   column_rows the softmax axis is strided but neighbouring rows are adjacent in memory
 //               (softmax over a non-last axis): one thread per row, so a warp's loads coalesce.
 // float16/bfloat16 compute in fp32, float64 in fp64. Every reduction has a fixed order, so
@@ -119,20 +120,15 @@ __global__ void __launch_bounds__(128) warp_rows(const SoftmaxParams p, int64_t 
   }
 }
 
-template <class T, class Acc>
-__global__ void __launch_bounds__(kBlockThreads) block_rows(const SoftmaxParams p) {
+// Merges every thread's running (m, s) across the block in a fixed tree order; all threads
+// get the row's (max, sum).
+template <class Acc>
+__device__ __forceinline__ void block_merge(Acc& m, Acc& s) {
   __shared__ Acc red_m[kBlockThreads], red_s[kBlockThreads];
-  const int64_t row = blockIdx.x;
-  int64_t xo, oo;
-  row_offsets(p, row, xo, oo);
-  const T* x = static_cast<const T*>(p.x) + xo;
-  T* out = static_cast<T*>(p.out) + oo;
-  Acc m = ninf<Acc>(), s = 0;
-  for (int64_t e = threadIdx.x; e < p.n; e += kBlockThreads) online_add(m, s, load_as<Acc>(x + e * p.x_stride));
   red_m[threadIdx.x] = m;
   red_s[threadIdx.x] = s;
   __syncthreads();
-  for (int half_n = kBlockThreads / 2; half_n > 0; half_n >>= 1) {  // fixed tree order
+  for (int half_n = kBlockThreads / 2; half_n > 0; half_n >>= 1) {
     if (threadIdx.x < half_n) {
       Acc m1 = red_m[threadIdx.x], s1 = red_s[threadIdx.x];
       online_merge(m1, s1, red_m[threadIdx.x + half_n], red_s[threadIdx.x + half_n]);
@@ -143,8 +139,66 @@ __global__ void __launch_bounds__(kBlockThreads) block_rows(const SoftmaxParams 
   }
   m = red_m[0];
   s = red_s[0];
+}
+
+template <class T, class Acc>
+__global__ void __launch_bounds__(kBlockThreads) block_rows(const SoftmaxParams p) {
+  const int64_t row = blockIdx.x;
+  int64_t xo, oo;
+  row_offsets(p, row, xo, oo);
+  const T* x = static_cast<const T*>(p.x) + xo;
+  T* out = static_cast<T*>(p.out) + oo;
+  Acc m = ninf<Acc>(), s = 0;
+  for (int64_t e = threadIdx.x; e < p.n; e += kBlockThreads) online_add(m, s, load_as<Acc>(x + e * p.x_stride));
+  block_merge<Acc>(m, s);
   for (int64_t e = threadIdx.x; e < p.n; e += kBlockThreads)
     out[e * p.out_stride] = store_acc<T, Acc>(exp_acc(load_as<Acc>(x + e * p.x_stride) - m) / s);
+}
+
+// block_rows for contiguous, 16-byte aligned rows whose length is a multiple of the vector
+// width: 16-byte loads and stores (8 half values a load instead of one), and one exp per
+// element in pass 1 (each vector's max first, then one rescale of the running sum), where
+// online_add takes two. Same NaN/inf rules: fmax drops a NaN, but exp(NaN - m) carries it
+// into the sum; +inf gives inf - inf = NaN; an all -inf row gives 0 / 0.
+template <class T, class Acc>
+__global__ void __launch_bounds__(kBlockThreads) block_rows_vec(const SoftmaxParams p) {
+  constexpr int kV = 16 / sizeof(T);
+  union Chunk {
+    uint4 u;
+    T t[kV];
+  };
+  const int64_t row = blockIdx.x;
+  int64_t xo, oo;
+  row_offsets(p, row, xo, oo);
+  const uint4* x = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + xo);
+  uint4* out = reinterpret_cast<uint4*>(static_cast<T*>(p.out) + oo);
+  const int64_t chunks = p.n / kV;
+  Acc m = ninf<Acc>(), s = 0;
+  for (int64_t c = threadIdx.x; c < chunks; c += kBlockThreads) {
+    Chunk in;
+    in.u = x[c];
+    Acc v[kV], cm = ninf<Acc>();
+#pragma unroll
+    for (int e = 0; e < kV; ++e) {
+      v[e] = load_as<Acc>(&in.t[e]);
+      cm = fmax(cm, v[e]);
+    }
+    const Acc m_new = fmax(m, cm);
+    const Acc m_use = m_new == ninf<Acc>() ? Acc(0) : m_new;
+    Acc cs = 0;
+#pragma unroll
+    for (int e = 0; e < kV; ++e) cs += exp_acc(v[e] - m_use);
+    s = s * exp_acc(m - m_use) + cs;
+    m = m_new;
+  }
+  block_merge<Acc>(m, s);
+  for (int64_t c = threadIdx.x; c < chunks; c += kBlockThreads) {
+    Chunk in, o;
+    in.u = x[c];
+#pragma unroll
+    for (int e = 0; e < kV; ++e) o.t[e] = store_acc<T, Acc>(exp_acc(load_as<Acc>(&in.t[e]) - m) / s);
+    out[c] = o.u;
+  }
 }
 
 template <class T, class Acc>
@@ -177,18 +231,21 @@ cudaError_t run(const SoftmaxParams& p, cudaStream_t stream) {
   if (p.x_stride != 1 && adjacent_rows && p.n <= 4096) {
     auto kernel = column_rows<T, Acc>;
     ATTNKIT_LAUNCH(kernel, grid_for(rows, 256), 256, 0, stream, p, rows);
-  } else if (p.n <= kWarpMaxN) {
-    constexpr int kV = 16 / sizeof(T);
-    bool vec = p.x_stride == 1 && p.out_stride == 1 && p.n % kV == 0 &&
-               reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
-               reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
-    for (int d = 0; d < p.outer_ndim; ++d)
-      vec = vec && p.x_outer_strides[d] % kV == 0 && p.out_outer_strides[d] % kV == 0;
+    return cudaGetLastError();
+  }
+  // Contiguous rows, 16-byte aligned, a whole number of vectors: 16-byte loads and stores.
+  constexpr int kV = 16 / sizeof(T);
+  bool vec = p.x_stride == 1 && p.out_stride == 1 && p.n % kV == 0 &&
+             reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
+             reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
+  for (int d = 0; d < p.outer_ndim; ++d)
+    vec = vec && p.x_outer_strides[d] % kV == 0 && p.out_outer_strides[d] % kV == 0;
+  if (p.n <= kWarpMaxN) {
     auto kernel = vec ? warp_rows<T, Acc, true> : warp_rows<T, Acc, false>;
     ATTNKIT_LAUNCH(kernel, grid_for(rows, 4), 128, 0, stream, p, rows);
   } else {
     if (rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    auto kernel = block_rows<T, Acc>;
+    auto kernel = vec ? block_rows_vec<T, Acc> : block_rows<T, Acc>;
     ATTNKIT_LAUNCH(kernel, unsigned(rows), kBlockThreads, 0, stream, p);
   }
   return cudaGetLastError();
