@@ -656,12 +656,26 @@ def test_kvcache_codes(dev, rng, fmt, paged, sq):
     """Decode (and a few query rows) over 8-bit caches: the float64 reference on the
     dequantized cache, q in float32 / float16 / bfloat16; appended rows are quantized on the
     device into the CPU's bytes; paged caches; ragged lengths."""
-    import attnkit
+    check_kvcache_codes(dev, rng, fmt, paged, sq, TC_AND_FP32)
 
-    B, H, Hkv, D = 3, 8, 2, 64
+
+@pytest.mark.parametrize("fmt", CODE_FORMATS)
+@pytest.mark.parametrize("D,Hkv,paged", [(64, 2, None), (64, 2, 16), (40, 2, None), (36, 1, 16), (128, 4, None)])
+def test_decode_kernel_codes(dev, rng, fmt, D, Hkv, paged):
+    """8-bit caches through the decode kernel (codes staged, dequantized per warp into q's
+    dtype): 16-byte rows and byte-aligned rows (D 36, one kv head), column tails, paged."""
+    with decode_kernel():
+        check_kvcache_codes(dev, rng, fmt, paged, 1, HALF, D=D, Hkv=Hkv, kernel="decode")
+
+
+def check_kvcache_codes(dev, rng, fmt, paged, sq, q_dtypes, D=64, Hkv=2, kernel=None):
+    import attnkit
+    from attnkit import _cuda_backend as cb
+
+    B, H = 3, 8
     Smax = 96 if dev.small else 300
     lens = np.array([0, 40, Smax - sq])
-    for qd in TC_AND_FP32:
+    for qd in q_dtypes:
         kq, ks, vq, vs = _code_caches(rng, fmt, B, Smax, Hkv, D)
         q = randn(rng, (B, sq, H, D), qd)
         kn, vn = randn(rng, (B, sq, Hkv, D), qd), randn(rng, (B, sq, Hkv, D), qd)
@@ -688,6 +702,8 @@ def test_kvcache_codes(dev, rng, fmt, paged, sq):
                 where = (table[b, pos // paged], pos % paged) if paged else (b, pos)
                 assert np.array_equal(_bytes(kc_h[where]), _bytes(ckn[b, t]))
                 assert np.array_equal(ks_h[where], skn[b, t])
+        if kernel:
+            assert cb._module()._last_attention_plan()["kernel"] == kernel
         deq = lambda c, s_: c.astype(np.float64) * s_.astype(np.float64)[..., None]
         ref, _ = kvcache_reference(q, deq(kq, ks), deq(vq, vs), lens + sq, causal=True)
         assert_close(dev.get(o), ref, qd, what=f"{fmt} cache out, q {np.dtype(qd).name}")

@@ -20,22 +20,77 @@
 // cache slot) can reach an output through P = 0. attention_mma.cuh's rare_pv path is not
 // needed. Scores use the same pipeline (attention_common.cuh) as every other kernel.
 #pragma once
+#include <type_traits>
+
 #include "attention_mma.cuh"
 
 namespace attnkit {
 namespace cuda {
 
-template <class T, int kD>
-__global__ void __launch_bounds__(DecodeShape<kD>::kThreads)
+// A (kRows x kD) tile of 8-bit codes into smem rows of kStride bytes, 16 codes per chunk:
+// row r from base + row_off(r) (kNoRow: zeros), columns >= ncols zero. vec: 16-byte cp.async
+// (rows 16-byte aligned), else byte loads.
+template <int kD, int kRows, int kThreads, int kStride, class RowOff>
+__device__ __forceinline__ void load_code_tile(uint8_t* s, const uint8_t* base, int ncols, bool vec,
+                                               RowOff row_off) {
+  constexpr int kChunks = (kD + 15) / 16;
+  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, c = idx - r * kChunks;
+    uint8_t* dst = s + r * kStride + c * 16;
+    const int64_t off = row_off(r);
+    const int valid = off == kNoRow ? 0 : min(16, max(0, ncols - c * 16));
+    if (vec) {
+      cp_async_16(dst, valid > 0 ? base + off + c * 16 : base, valid);
+    } else {
+      uint32_t w[4] = {0, 0, 0, 0};
+      for (int e = 0; e < valid; ++e) w[e >> 2] |= uint32_t(base[off + c * 16 + e]) << (8 * (e & 3));
+      *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
+}
+
+// 8 codes (8 bytes) times the row's scale, rounded to T; columns >= ncols are zero (a padded
+// column meets q's zero padding in the dot product: it must not be NaN).
+__device__ __forceinline__ float code_value(uint32_t byte, int8_t) {
+  return float(int8_t(uint8_t(byte)));
+}
+__device__ __forceinline__ float code_value(uint32_t byte, f8e4m3_t) {
+  f8e4m3_t c;
+  c.bits = uint8_t(byte);
+  return to_float(c);
+}
+template <class T, class TC>
+__device__ __forceinline__ uint4 dequant8(uint2 raw, float scale, int col0, int ncols) {
+  uint32_t w[4];
+#pragma unroll
+  for (int e = 0; e < 8; e += 2) {
+    const uint32_t word = e < 4 ? raw.x : raw.y;
+    const int sh = 8 * (e & 3);
+    const float x0 = col0 + e < ncols ? code_value(word >> sh, TC()) * scale : 0.0f;
+    const float x1 = col0 + e + 1 < ncols ? code_value(word >> (sh + 8), TC()) * scale : 0.0f;
+    w[e >> 1] = pack2<T>(x0, x1);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <class T, class TC, int kD>
+__global__ void __launch_bounds__(DecodeShape<kD>::kThreads, 2)
     attention_decode_kernel(const AttentionParams p, const FwdLaunch L) {
   using S = DecodeShape<kD>;
+  // 8-bit caches (int8 / e4m3 codes, a float scale per row): code rows are staged, then each
+  // warp dequantizes its 16 keys into q's dtype (warp-private K and V tiles) before the MMAs.
+  constexpr bool kCodes = !std::is_same<TC, T>::value;
   constexpr int kWarps = S::kWarps, kThreads = S::kThreads, kRows = S::kRows;
-  constexpr int kTileN = S::kTileN, kStride = S::kStride, kStages = S::kStages;
+  constexpr int kTileN = S::kTileN, kStride = S::kStride;
+  constexpr int kStages = kCodes ? S::kCodeStages : S::kStages;
   constexpr int kVT = kD / 8;  // O n-tiles
   ATTNKIT_DYNAMIC_SMEM(smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sStage = sQ + kRows * kStride;
+  uint8_t* sCodes = reinterpret_cast<uint8_t*>(sStage);  // kCodes: the code stages
+  T* sWarpTiles = reinterpret_cast<T*>(sCodes + S::kCodeStages * S::kCodeStageBytes);
   __shared__ float red_m[kWarps][kRows], red_l[kWarps][kRows];
+  __shared__ float s_scale[kWarps][32];  // kCodes: the warp's 16 K then 16 V row scales
 
   BlockInfo bi;
   if (!block_info<kRows, kTileN>(p, L, bi)) return;
@@ -43,24 +98,43 @@ __global__ void __launch_bounds__(DecodeShape<kD>::kThreads)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const int D = int(p.head_dim), Dv = int(p.head_dim_v);
-  const T* K = static_cast<const T*>(p.k);
-  const T* V = static_cast<const T*>(p.v);
+  const TC* K = static_cast<const TC*>(p.k);
+  const TC* V = static_cast<const TC*>(p.v);
   const int ntiles = bi.n_end - bi.n_begin;
 
   // K and V rows of tile n into stage `st`; keys outside [j_lo, j_hi) are zeros.
   auto load_stage = [&](int st, int n) {
-    T* dk = sStage + st * S::kStageElems;
-    T* dv = dk + kTileN * kStride;
     const int j0 = n * kTileN;
-    load_tile<T, kD, kTileN, kThreads>(dk, K, D, L.vec_loads, [&](int r) -> int64_t {
+    auto k_row = [&](int r) -> int64_t {
       const int j = j0 + r;
       return j >= bi.j_lo && j < bi.j_hi ? kv_row_offset(p, bi, j, p.k_stride) : kNoRow;
-    });
-    load_tile<T, kD, kTileN, kThreads>(dv, V, Dv, L.vec_loads, [&](int r) -> int64_t {
+    };
+    auto v_row = [&](int r) -> int64_t {
       const int j = j0 + r;
       return j >= bi.j_lo && j < bi.j_hi ? kv_row_offset(p, bi, j, p.v_stride) : kNoRow;
-    });
+    };
+    if constexpr (kCodes) {
+      uint8_t* dk = sCodes + st * S::kCodeStageBytes;
+      uint8_t* dv = dk + kTileN * S::kCodeStride;
+      const uint8_t* kb = reinterpret_cast<const uint8_t*>(K);
+      const uint8_t* vb = reinterpret_cast<const uint8_t*>(V);
+      load_code_tile<kD, kTileN, kThreads, S::kCodeStride>(dk, kb, D, L.vec_loads, k_row);
+      load_code_tile<kD, kTileN, kThreads, S::kCodeStride>(dv, vb, Dv, L.vec_loads, v_row);
+    } else {
+      T* dk = sStage + st * S::kStageElems;
+      load_tile<T, kD, kTileN, kThreads>(dk, K, D, L.vec_loads, k_row);
+      load_tile<T, kD, kTileN, kThreads>(dk + kTileN * kStride, V, Dv, L.vec_loads, v_row);
+    }
   };
+  // kCodes: lane l holds the scale of key l % 16 of this warp's 16 in tile n, K (l < 16) or
+  // V, loaded when the tile's codes are requested (plain loads; the codes are in flight too).
+  auto load_scale = [&](int n) -> float {
+    const int j = n * kTileN + warp * 16 + (lane & 15);
+    if (j < bi.j_lo || j >= bi.j_hi) return 0.0f;
+    return lane < 16 ? p.k_scale[kv_row_offset(p, bi, j, p.k_scale_stride)]
+                     : p.v_scale[kv_row_offset(p, bi, j, p.v_scale_stride)];
+  };
+  float scale_next = 0.0f;
 
   float o[kVT][4];
   float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.0f, 0.0f};  // log2 units
@@ -86,6 +160,10 @@ __global__ void __launch_bounds__(DecodeShape<kD>::kThreads)
     if (st < ntiles) load_stage(st, bi.n_begin + st);
     cp_async_commit();
   }
+  if constexpr (kCodes) {
+    static_assert(S::kCodeStages == 2, "one tile of scales in flight");
+    if (ntiles > 0) scale_next = load_scale(bi.n_begin);
+  }
 
   const float scale_log2 = p.scale * kLog2e;
   const bool modifiers = p.alibi_slopes || p.softcap > 0.0f;  // (no mask: the plan's rule)
@@ -96,13 +174,43 @@ __global__ void __launch_bounds__(DecodeShape<kD>::kThreads)
   for (int it = 0; it < ntiles; ++it) {
     cp_async_wait<kStages - 2>();  // tile `it` has landed for this thread ...
     __syncthreads();               // ... for all, and every warp is done with tile it - 1
+    const float scale_cur = scale_next;
     {
       const int next = it + kStages - 1;  // into the stage tile it - 1 used
-      if (next < ntiles) load_stage(next % kStages, bi.n_begin + next);
+      if (next < ntiles) {
+        load_stage(next % kStages, bi.n_begin + next);
+        if constexpr (kCodes) scale_next = load_scale(bi.n_begin + next);
+      }
       cp_async_commit();
     }
-    const T* sK = sStage + (it % kStages) * S::kStageElems + warp * 16 * kStride;
-    const T* sV = sK + kTileN * kStride;
+    const T* sK;
+    const T* sV;
+    if constexpr (kCodes) {
+      // Dequantize this warp's 16 keys into its own K and V tiles (columns padded to 16).
+      T* wk = sWarpTiles + warp * S::kWarpTileElems;
+      T* wv = wk + 16 * kStride;
+      const uint8_t* ck = sCodes + (it % kStages) * S::kCodeStageBytes + warp * 16 * S::kCodeStride;
+      const uint8_t* cv = ck + kTileN * S::kCodeStride;
+      s_scale[warp][lane] = scale_cur;
+      __syncwarp();
+      const int k8 = (D + 15) / 16 * 2, v8 = (Dv + 15) / 16 * 2;  // 8-column chunks
+      for (int idx = lane; idx < 16 * k8; idx += 32) {
+        const int r = idx / k8, c = idx - r * k8;
+        *reinterpret_cast<uint4*>(wk + r * kStride + c * 8) = dequant8<T, TC>(
+            *reinterpret_cast<const uint2*>(ck + r * S::kCodeStride + c * 8), s_scale[warp][r], c * 8, D);
+      }
+      for (int idx = lane; idx < 16 * v8; idx += 32) {
+        const int r = idx / v8, c = idx - r * v8;
+        *reinterpret_cast<uint4*>(wv + r * kStride + c * 8) = dequant8<T, TC>(
+            *reinterpret_cast<const uint2*>(cv + r * S::kCodeStride + c * 8), s_scale[warp][16 + r], c * 8, Dv);
+      }
+      __syncwarp();
+      sK = wk;
+      sV = wv;
+    } else {
+      sK = sStage + (it % kStages) * S::kStageElems + warp * 16 * kStride;
+      sV = sK + kTileN * kStride;
+    }
     const int n16 = (bi.n_begin + it) * kWarps + warp;  // this warp's 16-key tile, globally
 
     // ---- S = Q K^T (16 rows x 16 keys) ----
@@ -240,13 +348,30 @@ __global__ void __launch_bounds__(DecodeShape<kD>::kThreads)
   }
 }
 
-// One (dtype, head-dim bucket) instantiation; grid (batch * head groups, 1, splits).
-template <class T, int kD>
+// One (dtype, cache storage, head-dim bucket) instantiation; grid (batch * head groups, 1,
+// splits).
+template <class T, class TC, int kD>
 cudaError_t launch_attention_decode(const AttentionParams& p, const FwdLaunch& L,
                                     cudaStream_t stream) {
-  return launch_fwd_kernel(attention_decode_kernel<T, kD>, DecodeShape<kD>::kThreads,
-                           DecodeShape<kD>::smem_bytes(sizeof(T)), p, L, stream);
+  using S = DecodeShape<kD>;
+  const size_t smem = std::is_same<TC, T>::value ? S::smem_bytes(sizeof(T)) : S::code_smem_bytes(sizeof(T));
+  return launch_fwd_kernel(attention_decode_kernel<T, TC, kD>, S::kThreads, smem, p, L, stream);
 }
+
+// The decode kernel's instantiations of one head-dim bucket (the attention_fwd_d*.cu files).
+#define ATTNKIT_INSTANTIATE_DECODE(D)                                                       \
+  template cudaError_t launch_attention_decode<half, half, D>(const AttentionParams&,        \
+                                                              const FwdLaunch&, cudaStream_t); \
+  template cudaError_t launch_attention_decode<bf16, bf16, D>(const AttentionParams&,        \
+                                                              const FwdLaunch&, cudaStream_t); \
+  template cudaError_t launch_attention_decode<half, int8_t, D>(const AttentionParams&,      \
+                                                                const FwdLaunch&, cudaStream_t); \
+  template cudaError_t launch_attention_decode<bf16, int8_t, D>(const AttentionParams&,      \
+                                                                const FwdLaunch&, cudaStream_t); \
+  template cudaError_t launch_attention_decode<half, f8e4m3_t, D>(const AttentionParams&,    \
+                                                                  const FwdLaunch&, cudaStream_t); \
+  template cudaError_t launch_attention_decode<bf16, f8e4m3_t, D>(const AttentionParams&,    \
+                                                                  const FwdLaunch&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace attnkit

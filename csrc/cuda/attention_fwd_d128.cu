@@ -5,6 +5,6 @@
 namespace attnkit {
 namespace cuda {
 ATTNKIT_INSTANTIATE_FWD(launch_attention_mma, 128)
-ATTNKIT_INSTANTIATE_FWD(launch_attention_decode, 128)
+ATTNKIT_INSTANTIATE_DECODE(128)
 }  // namespace cuda
 }  // namespace attnkit

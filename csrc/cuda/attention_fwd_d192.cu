@@ -5,6 +5,6 @@
 namespace attnkit {
 namespace cuda {
 ATTNKIT_INSTANTIATE_FWD(launch_attention_mma, 192)
-ATTNKIT_INSTANTIATE_FWD(launch_attention_decode, 192)
+ATTNKIT_INSTANTIATE_DECODE(192)
 }  // namespace cuda
 }  // namespace attnkit

@@ -5,6 +5,6 @@
 namespace attnkit {
 namespace cuda {
 ATTNKIT_INSTANTIATE_FWD(launch_attention_mma, 256)
-ATTNKIT_INSTANTIATE_FWD(launch_attention_decode, 256)
+ATTNKIT_INSTANTIATE_DECODE(256)
 }  // namespace cuda
 }  // namespace attnkit

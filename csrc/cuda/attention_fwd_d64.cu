@@ -5,6 +5,6 @@
 namespace attnkit {
 namespace cuda {
 ATTNKIT_INSTANTIATE_FWD(launch_attention_mma, 64)
-ATTNKIT_INSTANTIATE_FWD(launch_attention_decode, 64)
+ATTNKIT_INSTANTIATE_DECODE(64)
 }  // namespace cuda
 }  // namespace attnkit

@@ -5,6 +5,6 @@
 namespace attnkit {
 namespace cuda {
 ATTNKIT_INSTANTIATE_FWD(launch_attention_mma, 96)
-ATTNKIT_INSTANTIATE_FWD(launch_attention_decode, 96)
+ATTNKIT_INSTANTIATE_DECODE(96)
 }  // namespace cuda
 }  // namespace attnkit

@@ -61,10 +61,25 @@ struct DecodeShape {
   }
   // The warps' fp32 O partials are merged in the stage buffers after the last tile.
   static_assert(kStages * kStageElems * 2 >= size_t(kWarps) * kRows * kD * 4, "merge buffer");
+
+  // 8-bit caches: two stages of K and V code rows (kCodeStride bytes, 16-byte chunks), then
+  // each warp's 16 keys dequantized into q's dtype (a K and a V tile of kStride rows).
+  static constexpr int kCodeStages = 2;
+  static constexpr int kCodeStride = kD + 16;
+  static constexpr size_t kCodeStageBytes = size_t(2) * kTileN * kCodeStride;
+  static constexpr size_t kWarpTileElems = size_t(2) * 16 * kStride;
+  static constexpr size_t code_smem_bytes(size_t elem) {
+    return size_t(kRows) * kStride * elem + kCodeStages * kCodeStageBytes +
+           kWarps * kWarpTileElems * elem;
+  }
+  static_assert(kCodeStages * kCodeStageBytes + kWarps * kWarpTileElems * 2 >=
+                    size_t(kWarps) * kRows * kD * 4,
+                "merge buffer (8-bit caches)");
 };
 
 // Defined in attention_decode.cuh, instantiated per head-dim bucket in attention_fwd_d*.cu.
-template <class T, int kD>
+// TC: the cache's storage (T itself, or int8_t / f8e4m3_t codes with per-row scales).
+template <class T, class TC, int kD>
 cudaError_t launch_attention_decode(const AttentionParams& p, const FwdLaunch& L,
                                     cudaStream_t stream);
 

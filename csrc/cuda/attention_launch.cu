@@ -305,21 +305,33 @@ int64_t decode_pack(int64_t group, int64_t sq) {
   return 1;
 }
 
-// One instantiation per (dtype, head-dim bucket): the decode kernel or the tensor-core forward.
+// One instantiation per head-dim bucket: the tensor-core forward, or the decode kernel over a
+// cache of T or of 8-bit codes (TC).
+template <class T, class TC>
+cudaError_t launch_decode(const AttentionParams& p, const FwdLaunch& L, int bucket, cudaStream_t s) {
+  switch (bucket) {
+    case 64: return launch_attention_decode<T, TC, 64>(p, L, s);
+    case 96: return launch_attention_decode<T, TC, 96>(p, L, s);
+    case 128: return launch_attention_decode<T, TC, 128>(p, L, s);
+    case 192: return launch_attention_decode<T, TC, 192>(p, L, s);
+    case 256: return launch_attention_decode<T, TC, 256>(p, L, s);
+  }
+  return cudaErrorInvalidValue;
+}
 template <class T>
 cudaError_t launch_tensor_core(const AttentionParams& p, const FwdLaunch& L, int bucket,
                                bool decode, cudaStream_t s) {
+  if (decode) {
+    if (p.kv_dtype == DType::i8) return launch_decode<T, int8_t>(p, L, bucket, s);
+    if (p.kv_dtype == DType::f8e4m3) return launch_decode<T, f8e4m3_t>(p, L, bucket, s);
+    return launch_decode<T, T>(p, L, bucket, s);
+  }
   switch (bucket) {
-    case 64:
-      return decode ? launch_attention_decode<T, 64>(p, L, s) : launch_attention_mma<T, 64>(p, L, s);
-    case 96:
-      return decode ? launch_attention_decode<T, 96>(p, L, s) : launch_attention_mma<T, 96>(p, L, s);
-    case 128:
-      return decode ? launch_attention_decode<T, 128>(p, L, s) : launch_attention_mma<T, 128>(p, L, s);
-    case 192:
-      return decode ? launch_attention_decode<T, 192>(p, L, s) : launch_attention_mma<T, 192>(p, L, s);
-    case 256:
-      return decode ? launch_attention_decode<T, 256>(p, L, s) : launch_attention_mma<T, 256>(p, L, s);
+    case 64: return launch_attention_mma<T, 64>(p, L, s);
+    case 96: return launch_attention_mma<T, 96>(p, L, s);
+    case 128: return launch_attention_mma<T, 128>(p, L, s);
+    case 192: return launch_attention_mma<T, 192>(p, L, s);
+    case 256: return launch_attention_mma<T, 256>(p, L, s);
   }
   return cudaErrorInvalidValue;
 }
@@ -339,28 +351,40 @@ const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
   if (p.dropout_p != 0.0f) return "dropout is not supported on CUDA devices";
   const bool half_types = p.q_dtype == DType::f16 || p.q_dtype == DType::bf16;
   // 8-bit caches (any float q but float64) run the SIMT kernel, which dequantizes K/V rows as it
-  // stages them in shared memory.
+  // stages them in shared memory, or with fp16/bf16 q the decode kernel where it applies.
   const bool codes = p.kv_dtype == DType::i8 || p.kv_dtype == DType::f8e4m3;
   if (codes && p.q_dtype == DType::f64) return "8-bit caches need a float32, float16 or bfloat16 q";
   plan->tensor_cores = half_types && p.kv_dtype == p.q_dtype;
   size_t acc_bytes = p.q_dtype == DType::f64 ? 8 : 4;
   const int64_t group = p.num_heads / p.num_kv_heads;
-  if (plan->tensor_cores) {
+  // The decode kernel takes the calls whose masked keys are masked for all rows alike
+  // (attention_decode.cuh): one query position, or no causal/window bound; never a mask.
+  const int64_t span = p.seqlen_q + p.seqlen_k;
+  const bool bounded = p.causal || (p.window_left >= 0 && p.window_left <= span) ||
+                       (p.window_right >= 0 && p.window_right <= span);
+  if ((plan->tensor_cores || (half_types && codes)) && decode_kernel_enabled() && !p.mask &&
+      p.seqlen_q <= 16 && (p.seqlen_q == 1 || !bounded)) {
     plan->head_dim_bucket = mma_bucket(std::max(p.head_dim, p.head_dim_v));
-    // The decode kernel takes the calls whose masked keys are masked for all rows alike
-    // (attention_decode.cuh): one query position, or no causal/window bound; never a mask.
-    const int64_t span = p.seqlen_q + p.seqlen_k;
-    const bool bounded = p.causal || (p.window_left >= 0 && p.window_left <= span) ||
-                         (p.window_right >= 0 && p.window_right <= span);
-    plan->decode_kernel = decode_kernel_enabled() && !p.mask && p.seqlen_q <= 16 &&
-                          (p.seqlen_q == 1 || !bounded);
-    if (plan->decode_kernel) {
-      tile_shape<DecodeShape>(plan, 2);
-      if (plan->smem_bytes > size_t(dev.max_smem_optin)) plan->decode_kernel = false;
+    tile_shape<DecodeShape>(plan, 2);
+    if (codes) {
+      switch (plan->head_dim_bucket) {
+        case 64: plan->smem_bytes = DecodeShape<64>::code_smem_bytes(2); break;
+        case 96: plan->smem_bytes = DecodeShape<96>::code_smem_bytes(2); break;
+        case 128: plan->smem_bytes = DecodeShape<128>::code_smem_bytes(2); break;
+        case 192: plan->smem_bytes = DecodeShape<192>::code_smem_bytes(2); break;
+        default: plan->smem_bytes = DecodeShape<256>::code_smem_bytes(2); break;
+      }
     }
-    if (!plan->decode_kernel) tile_shape<MmaShape>(plan, 2);
+    plan->decode_kernel = plan->smem_bytes <= size_t(dev.max_smem_optin);
+  }
+  if (plan->decode_kernel) {
+    // (tile, smem and bucket set above)
+  } else if (plan->tensor_cores) {
+    plan->head_dim_bucket = mma_bucket(std::max(p.head_dim, p.head_dim_v));
+    tile_shape<MmaShape>(plan, 2);
   } else {
     if (half_types && !codes) return "k/v must have q's dtype";  // binding checks first; defensive
+    plan->head_dim_bucket = 0;
     plan->block_m = kSimtBlockM;
     plan->block_n = kSimtBlockN;
     plan->smem_bytes = simt_smem_bytes(p, acc_bytes);
@@ -470,13 +494,16 @@ cudaError_t attention_fwd(AttentionParams p, const KvCacheArgs& kv, const Attent
     L.o_accum = reinterpret_cast<float*>(base + plan.off_o_accum);
     L.lse_accum = reinterpret_cast<float*>(base + plan.off_lse_accum);
   }
-  if (plan.tensor_cores) {
-    // cp.async needs 16-byte aligned rows: aligned bases and strides in multiples of 8.
-    auto aligned = [](const void* ptr, const int64_t* st) {
-      return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && st[0] % 8 == 0 && st[1] % 8 == 0 &&
-             st[2] % 8 == 0;
+  if (plan.tensor_cores || plan.decode_kernel) {
+    // cp.async needs 16-byte aligned rows: aligned bases and strides in multiples of 16 bytes
+    // (8 half values, 16 codes).
+    auto aligned = [](const void* ptr, const int64_t* st, int per16) {
+      return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && st[0] % per16 == 0 &&
+             st[1] % per16 == 0 && st[2] % per16 == 0;
     };
-    L.vec_loads = aligned(p.q, p.q_stride) && aligned(p.k, p.k_stride) && aligned(p.v, p.v_stride);
+    const int kv16 = p.kv_dtype == DType::i8 || p.kv_dtype == DType::f8e4m3 ? 16 : 8;
+    L.vec_loads = aligned(p.q, p.q_stride, 8) && aligned(p.k, p.k_stride, kv16) &&
+                  aligned(p.v, p.v_stride, kv16);
     L.vec_store = reinterpret_cast<uintptr_t>(p.out) % 4 == 0 && p.out_stride[0] % 2 == 0 &&
                   p.out_stride[1] % 2 == 0 && p.out_stride[2] % 2 == 0;
     err = p.q_dtype == DType::f16
