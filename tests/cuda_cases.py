@@ -615,6 +615,119 @@ def test_decode_kernel_is_chosen_only_where_it_applies(dev, rng):
         assert mod._last_attention_plan()["kernel"] == "mma"
 
 
+# ---- backward (attention_bwd.cu; off by default until it has run on a GPU) ----
+
+@contextlib.contextmanager
+def backward_kernel(on=True):
+    """Lets attention_backward run on device arrays (as ATTNKIT_CUDA_BACKWARD=1) in the block."""
+    from attnkit import _cuda_backend as cb
+
+    mod = cb._module()
+    was = mod.backward_kernel_enabled()
+    mod._set_backward_kernel(on)
+    try:
+        yield mod
+    finally:
+        mod._set_backward_kernel(was)
+
+
+def run_backward(dev, rng, B, H, Hkv, Sq, Sk, D, Dv, dtype, **kw):
+    """Forward and backward on the device against float64 autograd (test_backward.py)."""
+    from reference import grad_rounding_floors
+    from test_backward import torch_reference_grads
+
+    q, k, v = make_qkv(rng, B, H, Hkv, Sq, Sk, D, Dv, dtype=dtype)
+    ak = {kk: vv for kk, vv in kw.items() if kk not in ("bottom_right", "alibi")}
+    if kw.get("bottom_right"):
+        ak["causal_align"] = "bottom_right"
+    if kw.get("alibi") is not None:
+        ak["alibi_slopes"] = kw["alibi"]
+    if "mask" in ak:
+        ak["mask"] = dev.put(ak["mask"])
+    o, lse = dev.api.attention(dev.put(q), dev.put(k), dev.put(v), return_lse=True, **ak)
+    o_h = dev.get(o)
+    dout = randn(rng, o_h.shape, dtype)
+    with backward_kernel():
+        dq, dk, dv = dev.api.attention_backward(dev.put(dout), dev.put(q), dev.put(k), dev.put(v), o, lse, **ak)
+    _, rq, rk, rv = torch_reference_grads(q, k, v, dout, **kw)
+    floors = grad_rounding_floors(q, k, o_h, dout, kw.get("scale"))
+    for name, got, ref, fl in zip(("dq", "dk", "dv"), (dq, dk, dv), (rq, rk, rv), floors):
+        got = dev.get(got)
+        assert got.shape == ref.shape and got.dtype == q.dtype
+        assert_close(got, ref, dtype, floor=fl, what=f"{name} {kw}")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(2, 4, 2, 45, 70, 64, 64), (1, 2, 1, 70, 33, 40, 72), (1, 2, 2, 33, 100, 128, 128),
+                                   (1, 3, 3, 17, 17, 96, 80)], ids=lambda s: "B{}H{}/{}Sq{}Sk{}D{}Dv{}".format(*s))
+def test_backward_shapes(dev, rng, dtype, shape):
+    for causal, br in ((False, False), (True, False), (True, True)):
+        run_backward(dev, rng, *shape, dtype, causal=causal, bottom_right=br)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
+def test_backward_features(dev, rng, dtype):
+    B, H, Sq, Sk = 2, 4, 40, 75
+    keypad = (np.arange(Sk)[None, :] < np.array([50, 75])[:, None])[:, None, None, :]
+    fmask = randn(rng, (B, 1, Sq, Sk), np.float32)
+    fmask[..., ::4] = -np.inf
+    full = np.ones((B, H, Sq, Sk), bool)
+    full[:, :, 5] = False  # a fully masked row: zero gradients there
+    slopes = rng.random(H).astype(np.float32)
+    for kw in (dict(mask=keypad), dict(mask=fmask), dict(mask=full), dict(window=(10, 3), causal=True),
+               dict(alibi=slopes, bottom_right=True, causal=True), dict(softcap=2.0, scale=1.0), dict(scale=0.3)):
+        run_backward(dev, rng, B, H, 2, Sq, Sk, 64, 64, dtype, **kw)
+
+
+def test_backward_nonfinite_stays_where_it_belongs(dev, rng):
+    """NaN in keys/values every query has masked out stays out of every gradient; a NaN query
+    row reaches its own dq and the dk/dv of the keys it attends, nowhere else."""
+    q, k, v = make_qkv(rng, 1, 2, 2, 10, 80, 64, dtype=np.float16)
+    k[0, :, 70:] = np.nan
+    v[0, :, 70:] = np.nan
+    mask = np.ones((1, 1, 10, 80), bool)
+    mask[..., 70:] = False
+    o, lse = dev.api.attention(dev.put(q), dev.put(k), dev.put(v), mask=dev.put(mask), return_lse=True)
+    with backward_kernel():
+        dq, dk, dv = (dev.get(g) for g in dev.api.attention_backward(
+            dev.put(np.ones(dev.get(o).shape, np.float16)), dev.put(q), dev.put(k), dev.put(v), o, lse,
+            mask=dev.put(mask)))
+    assert np.isfinite(dq.astype(np.float32)).all() and np.isfinite(dv.astype(np.float32)).all()
+    assert np.isfinite(dk[:, :, :70].astype(np.float32)).all()
+    q2, k2, v2 = make_qkv(rng, 1, 1, 1, 40, 60, 64, dtype=np.float16)
+    q2[0, 0, 7] = np.nan
+    o2, lse2 = dev.api.attention(dev.put(q2), dev.put(k2), dev.put(v2), causal=True, return_lse=True)
+    with backward_kernel():
+        dq2, dk2, dv2 = (dev.get(g).astype(np.float32) for g in dev.api.attention_backward(
+            dev.put(np.ones(dev.get(o2).shape, np.float16)), dev.put(q2), dev.put(k2), dev.put(v2), o2, lse2,
+            causal=True))
+    assert np.isnan(dq2[0, 0, 7]).all() and np.isfinite(np.delete(dq2[0, 0], 7, axis=0)).all()
+    assert np.isnan(dk2[0, 0, :8]).any(axis=-1).all() and np.isfinite(dk2[0, 0, 8:]).all()
+    assert np.isfinite(dv2[0, 0, 8:]).all()
+
+
+def test_backward_refusals(dev, rng):
+    q, k, v = make_qkv(rng, 1, 2, 2, 8, 8, 64, dtype=np.float16)
+    o, lse = dev.api.attention(dev.put(q), dev.put(k), dev.put(v), return_lse=True)
+    args = (dev.put(np.ones(dev.get(o).shape, np.float16)), dev.put(q), dev.put(k), dev.put(v), o, lse)
+    with backward_kernel(False):
+        with pytest.raises(ValueError, match="attention_backward: .*ATTNKIT_CUDA_BACKWARD=1"):
+            dev.api.attention_backward(*args)
+    with backward_kernel():
+        with pytest.raises(NotImplementedError, match="attention_backward: dropout"):
+            dev.api.attention_backward(*args, dropout_p=0.1)
+        q32, k32, v32 = make_qkv(rng, 1, 2, 2, 8, 8, 64, dtype=np.float32)
+        o32, lse32 = dev.api.attention(dev.put(q32), dev.put(k32), dev.put(v32), return_lse=True)
+        with pytest.raises(ValueError, match="attention_backward: the CUDA backward takes float16 or bfloat16"):
+            dev.api.attention_backward(dev.put(np.ones(dev.get(o32).shape, np.float32)), dev.put(q32),
+                                       dev.put(k32), dev.put(v32), o32, lse32)
+        qb, kb, vb = make_qkv(rng, 1, 2, 2, 8, 8, 160, dtype=np.float16)
+        ob, lseb = dev.api.attention(dev.put(qb), dev.put(kb), dev.put(vb), return_lse=True)
+        with pytest.raises(ValueError, match="head dims up to 128"):
+            dev.api.attention_backward(dev.put(np.ones(dev.get(ob).shape, np.float16)), dev.put(qb),
+                                       dev.put(kb), dev.put(vb), ob, lseb)
+
+
 # ---- 8-bit caches (int8, float8 e4m3fn; issue 15) ----
 
 CODE_FORMATS = ["int8", "fp8_e4m3"]

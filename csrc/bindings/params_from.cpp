@@ -484,4 +484,38 @@ void attention_params(const std::string& fn, const AttentionTensors& t,
   if (present(t.lse)) ATTNKIT_REQUIRE(c.fn, !may_overlap(t.lse, out), "lse overlaps out");
 }
 
+void backward_grad_params(const std::string& fn, const Tensor& qt, const Tensor& kt, const Tensor& vt,
+                          const Tensor& ot, const Tensor& dout, const Tensor& dq, const Tensor& dk,
+                          const Tensor& dv, AttentionBwdParams* bp) {
+  if (kt.dtype != qt.dtype)
+    throw_type(fn + ": k/v must have q's dtype (mixed-precision k/v are forward-only)");
+  auto same = [](const Tensor& a, const Tensor& b) {
+    if (a.ndim != b.ndim || a.dtype != b.dtype) return false;
+    for (int d = 0; d < a.ndim; ++d)
+      if (a.shape[d] != b.shape[d]) return false;
+    return true;
+  };
+  ATTNKIT_REQUIRE(fn, same(dout, ot), "dout must have out's shape and dtype " + shape_str(ot));
+  ATTNKIT_REQUIRE(fn, same(dq, qt) && same(dk, kt) && same(dv, vt), "dq/dk/dv must have the shapes of q/k/v");
+  for (const Tensor* t : {&dout, &dq, &dk, &dv})
+    ATTNKIT_REQUIRE(fn, t->ndim == 4 && (t->shape[3] <= 1 || t->strides[3] == 1 || t->numel() == 0),
+            "gradients must be contiguous along the head dim");
+  for (const Tensor* g : {&dq, &dk, &dv}) {
+    for (const Tensor* t : {&qt, &kt, &vt, &ot, &dout})
+      ATTNKIT_REQUIRE(fn, !may_overlap(*g, *t), "a gradient output overlaps an input");
+  }
+  ATTNKIT_REQUIRE(fn, !may_overlap(dq, dk) && !may_overlap(dq, dv) && !may_overlap(dk, dv),
+          "dq, dk and dv must not overlap");
+  bp->dout = dout.data;
+  bp->dq = dq.data;
+  bp->dk = dk.data;
+  bp->dv = dv.data;
+  for (int i = 0; i < 3; ++i) {
+    bp->dout_stride[i] = dout.strides[i];
+    bp->dq_stride[i] = dq.strides[i];
+    bp->dk_stride[i] = dk.strides[i];
+    bp->dv_stride[i] = dv.strides[i];
+  }
+}
+
 }  // namespace attnkit

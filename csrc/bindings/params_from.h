@@ -64,4 +64,11 @@ bool merge_params(const std::string& fn, const Tensor& outs, const Tensor& lses,
 void attention_params(const std::string& fn, const AttentionTensors& t,
                       const AttentionOptions& o, AttentionParams* p);
 
+// attention_backward: checks dout (out's shape and dtype), dq/dk/dv (q/k/v's shapes, unit-stride
+// head dims, no overlap with an input or each other; k/v of q's dtype) and fills bp's gradient
+// pointers and strides. Shared by the CPU and the CUDA bindings; messages start with `fn`.
+void backward_grad_params(const std::string& fn, const Tensor& q, const Tensor& k, const Tensor& v,
+                          const Tensor& out, const Tensor& dout, const Tensor& dq, const Tensor& dk,
+                          const Tensor& dv, AttentionBwdParams* bp);
+
 }  // namespace attnkit

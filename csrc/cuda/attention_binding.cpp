@@ -77,6 +77,15 @@ int64_t cu_arg(const Fn& f, py::handle obj, const char* name, int64_t batch, int
   return longest;
 }
 
+// ALiBi slopes: a host numpy array is uploaded for the call (into up), a device array used.
+Tensor alibi_arg(py::handle obj, const char* fn, Upload& up, cudaStream_t stream, int device) {
+  if (py::isinstance<py::array>(obj)) {
+    upload(up, obj, fn, "alibi_slopes", stream, device);
+    return up.t;
+  }
+  return dev_tensor(obj, fn, "alibi_slopes", false, device);
+}
+
 cuda::AttentionPlan& last_plan() {
   static thread_local cuda::AttentionPlan plan;
   return plan;
@@ -112,14 +121,7 @@ void attention_entry(const std::string& fn_name, py::handle q_o, py::handle k_o,
   if (!k_scale_o.is_none()) t.k_scale = dev_tensor(k_scale_o, fn, "k_scale", appending, device);
   if (!v_scale_o.is_none()) t.v_scale = dev_tensor(v_scale_o, fn, "v_scale", appending, device);
   Upload up_cu_q, up_cu_k, up_seqlens, up_table, up_alibi;
-  if (!alibi_o.is_none()) {
-    if (py::isinstance<py::array>(alibi_o)) {
-      upload(up_alibi, alibi_o, fn, "alibi_slopes", stream, device);
-      t.alibi = up_alibi.t;
-    } else {
-      t.alibi = dev_tensor(alibi_o, fn, "alibi_slopes", false, device);
-    }
-  }
+  if (!alibi_o.is_none()) t.alibi = alibi_arg(alibi_o, fn, up_alibi, stream, device);
   t.paged = paged;
   t.varlen = varlen;
   ATTNKIT_REQUIRE(f.name, !t.mask.data || (!varlen && !cached), "internal: no mask with varlen or a cache");
@@ -182,6 +184,52 @@ void attention_entry(const std::string& fn_name, py::handle q_o, py::handle k_o,
   {
     py::gil_scoped_release release;
     err = cuda::attention_fwd(p, kv, plan, scratch.get(), stream);
+  }
+  check_cuda(err, fn);
+}
+
+// attnkit.attention_backward on device arrays: dq/dk/dv allocated by the Python layer, the
+// same validation as the CPU binding (attention_params with backward = true), then the
+// kernels' own limits (attention_bwd_plan) before anything is written.
+void attention_backward_entry(py::handle dout_o, py::handle q_o, py::handle k_o, py::handle v_o,
+                              py::handle out_o, py::handle lse_o, py::handle dq_o, py::handle dk_o,
+                              py::handle dv_o, py::handle mask_o, py::handle alibi_o, int64_t batch,
+                              double scale, double softcap, bool causal, bool bottom_right,
+                              int64_t window_left, int64_t window_right, double dropout_p,
+                              int device, uintptr_t stream_id, std::vector<uintptr_t> wait) {
+  const Fn f{"attention_backward"};
+  const char* fn = f.name.c_str();
+  DeviceGuard guard(device, fn);
+  const cuda::DeviceInfo& dev = device_info(device, fn);
+  const cudaStream_t stream = as_stream(stream_id);
+  AttentionTensors t;
+  t.q = dev_tensor(q_o, fn, "q", false, device);
+  t.k = dev_tensor(k_o, fn, "k", false, device);
+  t.v = dev_tensor(v_o, fn, "v", false, device);
+  t.out = dev_tensor(out_o, fn, "out", false, device);
+  t.lse = dev_tensor(lse_o, fn, "lse", false, device);
+  if (!mask_o.is_none()) t.mask = dev_tensor(mask_o, fn, "mask", false, device);
+  Upload up_alibi;
+  if (!alibi_o.is_none()) t.alibi = alibi_arg(alibi_o, fn, up_alibi, stream, device);
+  t.backward = true;
+  const AttentionOptions opts{batch, scale, softcap, causal, bottom_right, window_left,
+                              window_right, dropout_p, 0, 0};
+  AttentionBwdParams bp;
+  attention_params(f.name, t, opts, &bp.fwd);
+  const Tensor dout = dev_tensor(dout_o, fn, "dout", false, device);
+  const Tensor dq = dev_tensor(dq_o, fn, "dq", true, device), dk = dev_tensor(dk_o, fn, "dk", true, device),
+               dv = dev_tensor(dv_o, fn, "dv", true, device);
+  backward_grad_params(f.name, t.q, t.k, t.v, t.out, dout, dq, dk, dv, &bp);
+  size_t scratch_bytes = 0;
+  if (const char* err = cuda::attention_bwd_plan(bp, dev, &scratch_bytes))
+    throw py::value_error(f.name + ": " + err);
+  DeviceBuffer scratch;
+  scratch.alloc(scratch_bytes, stream, device, fn);
+  wait_for(stream, wait, fn);
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = cuda::attention_bwd(bp, scratch.get(), stream);
   }
   check_cuda(err, fn);
 }
@@ -335,6 +383,17 @@ void bind_attention(py::module_& m) {
         "ATTNKIT_CUDA_DECODE=1).");
   m.def("decode_kernel_enabled", &cuda::decode_kernel_enabled,
         "Whether the planner may choose the decode kernel (ATTNKIT_CUDA_DECODE=1).");
+  m.def("attention_backward", &attention_backward_entry, py::arg("dout"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+        py::arg("mask"), py::arg("alibi"), py::arg("batch"), py::arg("scale"), py::arg("softcap"),
+        py::arg("causal"), py::arg("bottom_right"), py::arg("window_left"), py::arg("window_right"),
+        py::arg("dropout_p"), py::arg("device"), py::arg("stream"), py::arg("wait_streams"),
+        "Gradients (dq, dk, dv) into device arrays (validated; ATTNKIT_CUDA_BACKWARD=1).");
+  m.def("_set_backward_kernel", &cuda::set_backward_kernel_enabled, py::arg("on"),
+        "Let attention_backward run on CUDA devices (unverified on GPUs; default from "
+        "ATTNKIT_CUDA_BACKWARD=1).");
+  m.def("backward_kernel_enabled", &cuda::backward_kernel_enabled,
+        "Whether attention_backward runs on CUDA devices (ATTNKIT_CUDA_BACKWARD=1).");
   m.def("quantize_kv", &quantize_entry, py::arg("x"), py::arg("q"), py::arg("scale"),
         py::arg("device"), py::arg("stream"), py::arg("wait_streams"),
         "Quantize the rows of device array x into codes q and float32 scales (validated).");

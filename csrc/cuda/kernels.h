@@ -84,6 +84,15 @@ const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
 cudaError_t attention_fwd(AttentionParams p, const KvCacheArgs& kv, const AttentionPlan& plan,
                           void* scratch, cudaStream_t stream);
 
+// Gradients of attention (attention_bwd.cu): fp16/bf16, head dims up to 128, no dropout.
+// Off unless ATTNKIT_CUDA_BACKWARD=1 (it has run only on the emulator). The plan returns
+// nullptr and the scratch size (float D_i per query row), or why it cannot run.
+bool backward_kernel_enabled();
+void set_backward_kernel_enabled(bool on);
+const char* attention_bwd_plan(const AttentionBwdParams& bp, const DeviceInfo& dev,
+                               size_t* scratch_bytes);
+cudaError_t attention_bwd(AttentionBwdParams bp, void* scratch, cudaStream_t stream);
+
 // attnkit.quantize_kv on device arrays: one block per row (QuantizeParams, params.h).
 cudaError_t quantize_kv(const QuantizeParams& p, cudaStream_t stream);
 

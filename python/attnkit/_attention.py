@@ -116,7 +116,7 @@ def attention(q, k, v, *, mask=None, causal=False, causal_align="top_left", scal
 def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False,
                        causal_align="top_left", scale=None, window=None, alibi_slopes=None,
                        softcap=None, layout="bhsd", dropout_p=0.0, dropout_seed=0):
-    """Gradients (dq, dk, dv) of :func:`attention`, FlashAttention-2 style (CPU arrays).
+    """Gradients (dq, dk, dv) of :func:`attention`, FlashAttention-2 style.
 
     ``out`` and ``lse`` are the forward's results (``return_lse=True``); every option must be the
     forward's. P is recomputed from q, k and lse (no Sq x Sk matrix); accumulation is in fp32
@@ -126,12 +126,11 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, causal=False,
     An lse of -inf (a row with no allowed key) gives a zero gradient row; NaN in lse (a
     forward that saw NaN) gives NaN in that row's gradients, as in any NaN-carrying backward;
     +inf (which no forward produces) gives P = 0, a zero row, as the limit of exp(s - lse).
+    CUDA device arrays (float16/bfloat16, head dims up to 128, no dropout) run only with
+    ``ATTNKIT_CUDA_BACKWARD=1``: that kernel has not yet run on a GPU (``info()["cuda_unverified"]``).
     """
     fn = "attention_backward"
     call = Call(fn, q, "q")
-    if call.backend is not _cpu_backend:
-        raise NotImplementedError(f"{fn}: the CUDA build has no backward kernel yet; use CPU "
-                                  "arrays (or attnkit.torch, which falls back to torch)")
     c = _resolve_qkv(call, q, k, v, layout=layout, mask=mask, causal=causal,
                      causal_align=causal_align, scale=scale, window=window,
                      alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,

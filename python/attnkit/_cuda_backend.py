@@ -293,9 +293,17 @@ def merge_attention_states(call, outs, lses, out, lse):
     lse.obj.copy_(l)
 
 
-def attention_backward(call, *args):
-    raise NotImplementedError(f"{call.fn}: the CUDA build has no backward kernel yet; use CPU "
-                              "arrays (or attnkit.torch, which falls back to torch)")
+def attention_backward(call, dout, q, k, v, out, lse, dq, dk, dv, mask, alibi, o):
+    """Gradients on the device (csrc/cuda/attention_bwd.cu): float16/bfloat16, head dims up to
+    128, no dropout; off unless ATTNKIT_CUDA_BACKWARD=1 (it has run only on the emulator)."""
+    if o.dropout_p:
+        raise NotImplementedError(f"{call.fn}: dropout is not implemented for device arrays")
+    if alibi is not None and alibi.kind == "numpy":
+        alibi = alibi.obj if alibi.shape == alibi.obj.shape else np.broadcast_to(alibi.obj, alibi.shape)
+    _module().attention_backward(dout.desc(), q.desc(), k.desc(), v.desc(), out.desc(), lse.desc(),
+                                 dq.desc(), dk.desc(), dv.desc(), _desc(mask), _desc(alibi), o.batch,
+                                 o.scale, o.softcap, o.causal, o.bottom_right, o.wl, o.wr, o.dropout_p,
+                                 call.device, call.stream, _waits(call))
 
 
 __all__ = ["begin", "describe", "empty", "contiguous", "softmax", "matmul", "attention"]

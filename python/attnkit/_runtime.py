@@ -80,8 +80,8 @@ def info():
     ``cuda_built``, ``cuda_available``, ``cuda_devices`` (and, with the CUDA build,
     ``cuda_archs``, ``cuda_runtime``, ``cuda_device_names`` and ``cuda_unverified``: the CUDA
     paths that have not passed the GPU tests on a real GPU, each with whether it is on; they
-    are off unless their environment variable turns them on, e.g. ``ATTNKIT_CUDA_DECODE=1``
-    for the decode kernel).
+    are off unless their environment variable turns them on: ``ATTNKIT_CUDA_DECODE=1`` for the
+    decode kernel, ``ATTNKIT_CUDA_BACKWARD=1`` for attention_backward on device arrays).
     """
     isas = _C._isa_list()
     cuda_built, cuda_available, cuda_devices = False, False, 0
@@ -97,8 +97,9 @@ def info():
             "cuda_runtime": _cuda.runtime_version() if hasattr(_cuda, "runtime_version") else None,
             "cuda_device_names": [_cuda.device_name(i) for i in range(cuda_devices)]
             if hasattr(_cuda, "device_name") else [],
-            "cuda_unverified": {"decode_kernel (ATTNKIT_CUDA_DECODE=1)": _cuda.decode_kernel_enabled()}
-            if hasattr(_cuda, "decode_kernel_enabled") else {},
+            "cuda_unverified": {"decode_kernel (ATTNKIT_CUDA_DECODE=1)": _cuda.decode_kernel_enabled(),
+                                "attention_backward (ATTNKIT_CUDA_BACKWARD=1)": _cuda.backward_kernel_enabled()}
+            if hasattr(_cuda, "backward_kernel_enabled") else {},
         }
     except ImportError:
         pass
