@@ -11,9 +11,11 @@ FlashAttention-2 backend where it supports the case (fp16/bf16), else its own ch
 Rates: attention 4*B*H*Sq*Sk*D FLOPs (halved for causal), matmul 2*M*N*K, softmax and decode
 in bytes moved, next to the device's copy bandwidth measured in the same run (the "of copy"
 column). ratio = torch time / attnkit time (> 1: attnkit is faster). The decode-kernel rows
-turn on the CUDA decode kernel (off by default until verified on a GPU) for that row only.
+and the bwd rows turn on the CUDA decode kernel / backward (off by default until verified on
+a GPU) for that row only.
 """
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -153,6 +155,35 @@ def decode_case(name, B, H, Hkv, S, D, dtype, rounds, kernel="mma", page=None):
                 plan=plan)
 
 
+def backward_case(name, B, H, S, D, dtype, causal, rounds):
+    """attnkit attention_backward (CUDA backward, off by default until verified: turned on for
+    this row) vs torch's SDPA backward (flash where it applies); TFLOP/s at 2.5x the forward's."""
+    from attnkit import _cuda_backend
+
+    mod = _cuda_backend._module()
+    was = mod.backward_kernel_enabled()
+    mod._set_backward_kernel(True)
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dtype, generator=g) for _ in range(3))
+        out, lse = ak.attention(q, k, v, causal=causal, return_lse=True)
+        dout = torch.randn_like(out)
+        ours = lambda: ak.attention_backward(dout, q, k, v, out, lse, causal=causal)
+        qt, kt, vt = (t.detach().requires_grad_() for t in (q, k, v))
+        backends = flash(dtype)
+        with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+            ot = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+        theirs = lambda: torch.autograd.grad(ot, (qt, kt, vt), dout, retain_graph=True)
+        for a, b, what in zip(ours(), theirs(), ("dq", "dk", "dv")):
+            check(a, b, 2e-2 if dtype == torch.bfloat16 else 5e-3, f"{name} {what}")
+        ta, tb = time_pair(ours, theirs, rounds)
+    finally:
+        mod._set_backward_kernel(was)
+    flops = 2.5 * 4.0 * B * H * S * S * D * (0.5 if causal else 1.0)
+    return dict(case=name, attnkit_ms=ta, torch_ms=tb, rate=flops / ta / 1e9, unit="TFLOP/s",
+                torch_impl="flash bwd" if backends else "sdpa auto bwd")
+
+
 def copy_gbps(rounds):
     """The device's copy bandwidth (read + write of 2 GiB, device to device): the ceiling the
     GB/s rows are compared with."""
@@ -198,6 +229,8 @@ CASES = [
     ("decode bf16 paged256 B16 H32/8 S8192 D128", lambda r: decode_case("decode bf16 paged256 B16 H32/8 S8192 D128", 16, 32, 8, 8192, 128, torch.bfloat16, r, "mma", 256)),
     ("decode-kernel bf16 paged256 B16 H32/8 S8192 D128", lambda r: decode_case("decode-kernel bf16 paged256 B16 H32/8 S8192 D128", 16, 32, 8, 8192, 128, torch.bfloat16, r, "decode", 256)),
     ("decode-kernel fp16 B1 H32/32 S16384 D128", lambda r: decode_case("decode-kernel fp16 B1 H32/32 S16384 D128", 1, 32, 32, 16384, 128, torch.float16, r, "decode")),
+    ("bwd bf16 B4 H32 S4096 D128 causal", lambda r: backward_case("bwd bf16 B4 H32 S4096 D128 causal", 4, 32, 4096, 128, torch.bfloat16, True, r)),
+    ("bwd fp16 B8 H16 S2048 D64", lambda r: backward_case("bwd fp16 B8 H16 S2048 D64", 8, 16, 2048, 64, torch.float16, False, r)),
     ("softmax fp32 8192x8192", lambda r: softmax_case("softmax fp32 8192x8192", 8192, 8192, torch.float32, r)),
     ("softmax bf16 4096x32000", lambda r: softmax_case("softmax bf16 4096x32000", 4096, 32000, torch.bfloat16, r)),
     ("matmul fp16 4096^3", lambda r: matmul_case("matmul fp16 4096^3", 4096, 4096, 4096, torch.float16, r)),
