@@ -659,7 +659,8 @@ def run_backward(dev, rng, B, H, Hkv, Sq, Sk, D, Dv, dtype, **kw):
 
 @pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
 @pytest.mark.parametrize("shape", [(2, 4, 2, 45, 70, 64, 64), (1, 2, 1, 70, 33, 40, 72), (1, 2, 2, 33, 100, 128, 128),
-                                   (1, 3, 3, 17, 17, 96, 80)], ids=lambda s: "B{}H{}/{}Sq{}Sk{}D{}Dv{}".format(*s))
+                                   (1, 3, 3, 17, 17, 96, 80), (1, 2, 1, 20, 30, 36, 36)],
+                         ids=lambda s: "B{}H{}/{}Sq{}Sk{}D{}Dv{}".format(*s))
 def test_backward_shapes(dev, rng, dtype, shape):
     for causal, br in ((False, False), (True, False), (True, True)):
         run_backward(dev, rng, *shape, dtype, causal=causal, bottom_right=br)

@@ -182,13 +182,20 @@ cudaError_t launch_bwd_kernel(Kernel kernel, dim3 grid, size_t smem, cudaStream_
   cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
-  ATTNKIT_LAUNCH(kernel, grid, kBwdThreads, smem, stream, bp, Di);
+  // cp.async tile loads need 16-byte aligned rows: aligned bases, strides in multiples of 8.
+  auto aligned = [](const void* ptr, const int64_t* st) {
+    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && st[0] % 8 == 0 && st[1] % 8 == 0 && st[2] % 8 == 0;
+  };
+  const AttentionParams& p = bp.fwd;
+  const bool vec = aligned(p.q, p.q_stride) && aligned(p.k, p.k_stride) && aligned(p.v, p.v_stride) &&
+                   aligned(bp.dout, bp.dout_stride);
+  ATTNKIT_LAUNCH(kernel, grid, kBwdThreads, smem, stream, bp, Di, vec);
   return cudaGetLastError();
 }
 
 // ---- dK, dV ----
 template <class T, int kD>
-__global__ void __launch_bounds__(kBwdThreads, 2) bwd_dkdv_kernel(const AttentionBwdParams bp, const float* Di) {
+__global__ void __launch_bounds__(kBwdThreads, 2) bwd_dkdv_kernel(const AttentionBwdParams bp, const float* Di, bool vec) {
   constexpr int kStride = kD + 8, kVT = kD / 8, kQT = kBwdQ / 8;
   const AttentionParams& p = bp.fwd;
   ATTNKIT_DYNAMIC_SMEM(smem_raw);
@@ -215,9 +222,9 @@ __global__ void __launch_bounds__(kBwdThreads, 2) bwd_dkdv_kernel(const Attentio
   auto key_row = [&](int r, const int64_t* st) -> int64_t {
     return j0 + r < bi.sk ? bi.b * st[0] + bi.hkv * st[1] + int64_t(j0 + r) * st[2] : kNoRow;
   };
-  load_tile<T, kD, kBwdKeys, kBwdThreads>(sK, static_cast<const T*>(p.k), D, false,
+  load_tile<T, kD, kBwdKeys, kBwdThreads>(sK, static_cast<const T*>(p.k), D, vec,
                                           [&](int r) { return key_row(r, p.k_stride); });
-  load_tile<T, kD, kBwdKeys, kBwdThreads>(sV, static_cast<const T*>(p.v), Dv, false,
+  load_tile<T, kD, kBwdKeys, kBwdThreads>(sV, static_cast<const T*>(p.v), Dv, vec,
                                           [&](int r) { return key_row(r, p.v_stride); });
 
   float dk[kVT][4], dv[kVT][4];
@@ -241,15 +248,17 @@ __global__ void __launch_bounds__(kBwdThreads, 2) bwd_dkdv_kernel(const Attentio
       auto q_row = [&](int r, const int64_t* st) -> int64_t {
         return i0 + r < bi.sq ? bi.b * st[0] + h * st[1] + int64_t(i0 + r) * st[2] : kNoRow;
       };
-      load_tile<T, kD, kBwdQ, kBwdThreads>(sQ, Q, D, false, [&](int r) { return q_row(r, p.q_stride); });
-      load_tile<T, kD, kBwdQ, kBwdThreads>(sdO, dO, Dv, false, [&](int r) { return q_row(r, bp.dout_stride); });
+      load_tile<T, kD, kBwdQ, kBwdThreads>(sQ, Q, D, vec, [&](int r) { return q_row(r, p.q_stride); });
+      load_tile<T, kD, kBwdQ, kBwdThreads>(sdO, dO, Dv, vec, [&](int r) { return q_row(r, bp.dout_stride); });
       for (int r = tid; r < kBwdQ; r += kBwdThreads) {
         const int i = i0 + r;
         const bool ok = i < bi.sq;
         s_lse[r] = ok ? p.lse[bi.b * p.lse_stride[0] + h * p.lse_stride[1] + int64_t(i) * p.lse_stride[2]] : neg_inf();
         s_D[r] = ok ? Di[(bi.b * p.num_heads + h) * p.seqlen_q + i] : 0.0f;
       }
-      __syncthreads();
+      cp_async_commit();
+      cp_async_wait_all();  // this Q / dO tile (and, the first time, K and V) has landed ...
+      __syncthreads();      // ... for every thread
       const bool rare = !pairs_inside(p, bi, i0, i0 + kBwdQ - 1, j0, j0 + kBwdKeys - 1) &&
                         (tile_nonfinite<T, kD, kBwdQ>(sQ) || tile_nonfinite<T, kD, kBwdQ>(sdO));
 
@@ -356,7 +365,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) bwd_dkdv_kernel(const Attentio
 
 // ---- dQ ----
 template <class T, int kD>
-__global__ void __launch_bounds__(kBwdThreads, 2) bwd_dq_kernel(const AttentionBwdParams bp, const float* Di) {
+__global__ void __launch_bounds__(kBwdThreads, 2) bwd_dq_kernel(const AttentionBwdParams bp, const float* Di, bool vec) {
   constexpr int kStride = kD + 8, kVT = kD / 8, kNT = kBwdN / 8;
   const AttentionParams& p = bp.fwd;
   ATTNKIT_DYNAMIC_SMEM(smem_raw);
@@ -381,9 +390,9 @@ __global__ void __launch_bounds__(kBwdThreads, 2) bwd_dq_kernel(const AttentionB
   auto q_row = [&](int r, const int64_t* st) -> int64_t {
     return r < bi.nrows ? bi.b * st[0] + h * st[1] + int64_t(bi.r0 + r) * st[2] : kNoRow;
   };
-  load_tile<T, kD, kBwdRows, kBwdThreads>(sQ, static_cast<const T*>(p.q), D, false,
+  load_tile<T, kD, kBwdRows, kBwdThreads>(sQ, static_cast<const T*>(p.q), D, vec,
                                           [&](int r) { return q_row(r, p.q_stride); });
-  load_tile<T, kD, kBwdRows, kBwdThreads>(sdO, static_cast<const T*>(bp.dout), Dv, false,
+  load_tile<T, kD, kBwdRows, kBwdThreads>(sdO, static_cast<const T*>(bp.dout), Dv, vec,
                                           [&](int r) { return q_row(r, bp.dout_stride); });
   float lse[2], Dr[2];
   RowScore rs[2];
@@ -409,9 +418,11 @@ __global__ void __launch_bounds__(kBwdThreads, 2) bwd_dq_kernel(const AttentionB
     auto k_row = [&](int r, const int64_t* st) -> int64_t {
       return j0 + r < bi.sk ? kv_row_offset(p, bi, j0 + r, st) : kNoRow;
     };
-    load_tile<T, kD, kBwdN, kBwdThreads>(sK, K, D, false, [&](int r) { return k_row(r, p.k_stride); });
-    load_tile<T, kD, kBwdN, kBwdThreads>(sV, V, Dv, false, [&](int r) { return k_row(r, p.v_stride); });
-    __syncthreads();
+    load_tile<T, kD, kBwdN, kBwdThreads>(sK, K, D, vec, [&](int r) { return k_row(r, p.k_stride); });
+    load_tile<T, kD, kBwdN, kBwdThreads>(sV, V, Dv, vec, [&](int r) { return k_row(r, p.v_stride); });
+    cp_async_commit();
+    cp_async_wait_all();  // this K / V tile (and, the first time, Q and dO) has landed ...
+    __syncthreads();      // ... for every thread
     const bool rare = !tile_inside(p, bi, n, kBwdN) && tile_nonfinite<T, kD, kBwdN>(sK);
 
     float s[kNT][4], dp[kNT][4];
