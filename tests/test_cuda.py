@@ -191,6 +191,31 @@ def test_cuda_graph_capture_and_replay(decode_on):
         assert torch.equal(captured[name], want), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_adapter_trains_on_the_cuda_backward(dtype):
+    """attnkit.torch with ATTNKIT_CUDA_BACKWARD on: gradients from attnkit's CUDA backward
+    (no fallback warning), close to torch's own float32 SDPA gradients; GQA, causal."""
+    import warnings
+
+    import attnkit.torch as at
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(2, h, 300, 64, device="cuda", dtype=dtype, generator=g) for h in (8, 2, 2))
+    dout = torch.randn(2, 8, 300, 64, device="cuda", dtype=dtype, generator=g)
+    with backward_kernel():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback to torch would warn
+            o = at.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
+        o.backward(dout)
+    ref = [t.float().requires_grad_() for t in (q, k, v)]
+    torch.nn.functional.scaled_dot_product_attention(*ref, is_causal=True, enable_gqa=True).backward(dout.float())
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    for got, want, name in zip(leaves, ref, ("dq", "dk", "dv")):
+        scale = want.grad.abs().max().item()
+        assert (got.grad.float() - want.grad).abs().max().item() <= tol * scale, name
+
+
 def test_results_keep_the_inputs_kind_and_device_guard():
     api = attnkit
 

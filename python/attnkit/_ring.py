@@ -375,8 +375,8 @@ def block_forward_math(q, k, v, scale, right):
 
 def block_backward_math(dout, q, k, v, out, lse, scale, right):
     """The block backward in torch ops against the merged out / lse (materializes the block's
-    scores): the CUDA path, where attnkit has no backward kernel. (dq, dk, dv) in fp32 (fp64
-    for float64 inputs); dk/dv summed over each GQA group."""
+    scores): the CUDA path (attnkit's CUDA backward is off by default, unverified on GPUs).
+    (dq, dk, dv) in fp32 (fp64 for float64 inputs); dk/dv summed over each GQA group."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]

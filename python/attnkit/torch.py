@@ -117,6 +117,57 @@ def _cuda_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, softcap, wind
     return out
 
 
+def _cuda_backward_ready(q, k, v, attn_mask, dropout_p) -> bool:
+    """attnkit's CUDA backward takes this call: turned on (ATTNKIT_CUDA_BACKWARD=1; it has run
+    only on the emulator so far), fp16/bf16, head dims up to 128, no dropout, no mask gradient."""
+    if dropout_p > 0.0 or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if max(q.shape[-1], v.shape[-1]) > 128 or (attn_mask is not None and attn_mask.requires_grad):
+        return False
+    from . import _cuda_backend
+
+    try:
+        return bool(_cuda_backend._module().backward_kernel_enabled())
+    except (ImportError, RuntimeError, AttributeError):
+        return False
+
+
+class _CudaAttention(torch.autograd.Function):
+    """CUDA tensors with autograd on attnkit's kernels: the forward keeps its lse, the backward
+    is attention_backward on the device (csrc/cuda/attention_bwd.cu), on torch's stream."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, is_causal, scale, softcap, window, bottom_right, bshd_out):
+        from ._attention import attention as _attention
+
+        B, H, Sq, _ = q.shape
+        Dv = v.shape[-1]
+        if bshd_out:
+            out = torch.empty((B, Sq, H, Dv), dtype=q.dtype, device=q.device)
+            outc = out.transpose(1, 2)
+        else:
+            out = outc = torch.empty((B, H, Sq, Dv), dtype=q.dtype, device=q.device)
+        opts = dict(mask=attn_mask, causal=is_causal,
+                    causal_align="bottom_right" if bottom_right else "top_left", scale=scale,
+                    window=window, softcap=softcap or None)
+        _, lse = _attention(q, k, v, return_lse=True, out=outc, **opts)
+        ctx.opts, ctx.bshd_out = opts, bshd_out
+        ctx.save_for_backward(q, k, v, outc, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from ._attention import attention_backward
+
+        q, k, v, outc, lse = ctx.saved_tensors
+        if ctx.bshd_out:
+            dout = dout.transpose(1, 2)
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        dq, dk, dv = attention_backward(dout, q, k, v, outc, lse, **ctx.opts)
+        return (dq, dk, dv) + (None,) * 7
+
+
 # ---- custom ops -------------------------------------------------------------------------------
 
 
@@ -401,8 +452,10 @@ def _unsupported(query, key, value, attn_mask) -> Optional[str]:
         if t.device.type == "cuda":
             if not _cuda_ready():
                 return "CUDA tensors need attnkit's CUDA build with a visible GPU, not present here"
-            if torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)):
-                return "the CUDA build has no backward kernel yet (gradients on CUDA use torch)"
+            if (torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
+                    and not _cuda_backward_ready(query, key, value, attn_mask, 0.0)):
+                return ("gradients on CUDA use torch: attnkit's CUDA backward is off (unverified on "
+                        "GPUs; ATTNKIT_CUDA_BACKWARD=1) or does not take this call")
         elif t.device.type != "cpu":
             return f"{t.device.type} tensors are not supported"
         if t.layout != torch.strided:
@@ -536,8 +589,11 @@ def attention(query: Tensor, key: Tensor, value: Tensor, *, attn_mask: Optional[
         scale = 1.0 / math.sqrt(query.shape[-1])
     if query.is_cuda:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-            _warn_once("the CUDA build has no backward kernel yet: training on CUDA runs torch "
-                       "math (materialized scores)")
+            if _cuda_backward_ready(query, key, value, attn_mask, dropout_p):
+                return _CudaAttention.apply(query, key, value, attn_mask, bool(is_causal), float(scale),
+                                            softcap, window, bool(bottom_right), bool(bshd_out))
+            _warn_once("training on CUDA runs torch math (materialized scores): attnkit's CUDA "
+                       "backward is off (ATTNKIT_CUDA_BACKWARD=1) or does not take this call")
             out = _torch_math(query, key, value, attn_mask, dropout_p, is_causal, scale, softcap,
                               window, bottom_right)
             return out.transpose(1, 2).contiguous() if bshd_out else out
