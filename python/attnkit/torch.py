@@ -98,8 +98,9 @@ def _torch_math(q, k, v, attn_mask, dropout_p, is_causal, scale, softcap, window
 
 
 def _cuda_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, softcap, window, bottom_right,
-                  bshd_out):
-    """CUDA tensors (inference): attnkit's GPU kernels on torch's current stream, zero copy."""
+                  bshd_out, need_lse=False):
+    """CUDA tensors: attnkit's GPU kernels on torch's current stream, zero copy. Returns out,
+    or with ``need_lse`` (out, its (B, H, Sq, Dv) view, lse) for the backward."""
     from ._attention import attention as _attention
 
     if dropout_p > 0.0:
@@ -111,10 +112,10 @@ def _cuda_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, softcap, wind
         outc = out.transpose(1, 2)
     else:
         out = outc = torch.empty((B, H, Sq, Dv), dtype=q.dtype, device=q.device)
-    _attention(q, k, v, mask=attn_mask, causal=is_causal,
-               causal_align="bottom_right" if bottom_right else "top_left", scale=scale,
-               window=window, softcap=softcap or None, out=outc)
-    return out
+    res = _attention(q, k, v, mask=attn_mask, causal=is_causal,
+                     causal_align="bottom_right" if bottom_right else "top_left", scale=scale,
+                     window=window, softcap=softcap or None, out=outc, return_lse=need_lse)
+    return (out, outc, res[1]) if need_lse else out
 
 
 def _cuda_backward_ready(q, k, v, attn_mask, dropout_p) -> bool:
@@ -138,20 +139,12 @@ class _CudaAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, is_causal, scale, softcap, window, bottom_right, bshd_out):
-        from ._attention import attention as _attention
-
-        B, H, Sq, _ = q.shape
-        Dv = v.shape[-1]
-        if bshd_out:
-            out = torch.empty((B, Sq, H, Dv), dtype=q.dtype, device=q.device)
-            outc = out.transpose(1, 2)
-        else:
-            out = outc = torch.empty((B, H, Sq, Dv), dtype=q.dtype, device=q.device)
-        opts = dict(mask=attn_mask, causal=is_causal,
-                    causal_align="bottom_right" if bottom_right else "top_left", scale=scale,
-                    window=window, softcap=softcap or None)
-        _, lse = _attention(q, k, v, return_lse=True, out=outc, **opts)
-        ctx.opts, ctx.bshd_out = opts, bshd_out
+        out, outc, lse = _cuda_forward(q, k, v, attn_mask, 0.0, is_causal, scale, softcap, window,
+                                       bottom_right, bshd_out, need_lse=True)
+        ctx.opts = dict(mask=attn_mask, causal=is_causal,
+                        causal_align="bottom_right" if bottom_right else "top_left", scale=scale,
+                        window=window, softcap=softcap or None)
+        ctx.bshd_out = bshd_out
         ctx.save_for_backward(q, k, v, outc, lse)
         return out
 
