@@ -488,17 +488,24 @@ def test_kvcache_refusals_leave_the_caches_untouched(dev, rng):
 # ---- the decode kernel (attention_decode.cuh; off by default until it has run on a GPU) ----
 
 @contextlib.contextmanager
-def decode_kernel(on=True):
-    """Lets the planner choose the decode kernel (as ATTNKIT_CUDA_DECODE=1) inside the block."""
+def cuda_switch(name, on=True):
+    """Turns the unverified CUDA path `name` ("decode" or "backward") on or off inside the block
+    (as ATTNKIT_CUDA_DECODE / ATTNKIT_CUDA_BACKWARD do at import); yields the CUDA module."""
     from attnkit import _cuda_backend as cb
 
     mod = cb._module()
-    was = mod.decode_kernel_enabled()
-    mod._set_decode_kernel(on)
+    enabled, setter = getattr(mod, f"{name}_kernel_enabled"), getattr(mod, f"_set_{name}_kernel")
+    was = enabled()
+    setter(on)
     try:
         yield mod
     finally:
-        mod._set_decode_kernel(was)
+        setter(was)
+
+
+def decode_kernel(on=True):
+    """The decode kernel on (or off) inside a with-block."""
+    return cuda_switch("decode", on)
 
 
 # (D, Dv, H, Hkv, page): every head-dim bucket, GQA packs of 4, 2, 1 and a 32-head group cut
@@ -617,18 +624,9 @@ def test_decode_kernel_is_chosen_only_where_it_applies(dev, rng):
 
 # ---- backward (attention_bwd.cu; off by default until it has run on a GPU) ----
 
-@contextlib.contextmanager
 def backward_kernel(on=True):
-    """Lets attention_backward run on device arrays (as ATTNKIT_CUDA_BACKWARD=1) in the block."""
-    from attnkit import _cuda_backend as cb
-
-    mod = cb._module()
-    was = mod.backward_kernel_enabled()
-    mod._set_backward_kernel(on)
-    try:
-        yield mod
-    finally:
-        mod._set_backward_kernel(was)
+    """attention_backward on device arrays allowed (or not) inside a with-block."""
+    return cuda_switch("backward", on)
 
 
 def run_backward(dev, rng, B, H, Hkv, Sq, Sk, D, Dv, dtype, **kw):

@@ -53,22 +53,6 @@ std::atomic<bool>& bwd_flag() {
   return on;
 }
 
-// The score-pipeline constants of query row i of head h (RowScore of attention_common.cuh).
-__device__ __forceinline__ RowScore bwd_row_score(const AttentionParams& p, const BlockInfo& bi,
-                                                  int64_t h, int i) {
-  RowScore rs;
-  if (i >= bi.sq) {
-    rs.c = INT_MIN;
-    rs.slope = 0.0f;
-    rs.mask0 = 0;
-    return rs;
-  }
-  rs.c = i + bi.off;
-  rs.slope = p.alibi_slopes ? p.alibi_slopes[bi.b * p.alibi_stride[0] + h * p.alibi_stride[1]] : 0.0f;
-  rs.mask0 = p.mask ? bi.b * p.mask_stride[0] + h * p.mask_stride[1] + int64_t(i) * p.mask_stride[2] : 0;
-  return rs;
-}
-
 // True if every (query, key) pair of rows [i0, i1] x keys [j0, j1] is allowed by position.
 __device__ __forceinline__ bool pairs_inside(const AttentionParams& p, const BlockInfo& bi, int i0,
                                              int i1, int j0, int j1) {
@@ -182,13 +166,9 @@ cudaError_t launch_bwd_kernel(Kernel kernel, dim3 grid, size_t smem, cudaStream_
   cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
-  // cp.async tile loads need 16-byte aligned rows: aligned bases, strides in multiples of 8.
-  auto aligned = [](const void* ptr, const int64_t* st) {
-    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && st[0] % 8 == 0 && st[1] % 8 == 0 && st[2] % 8 == 0;
-  };
   const AttentionParams& p = bp.fwd;
-  const bool vec = aligned(p.q, p.q_stride) && aligned(p.k, p.k_stride) && aligned(p.v, p.v_stride) &&
-                   aligned(bp.dout, bp.dout_stride);
+  const bool vec = rows_aligned16(p.q, p.q_stride, 8) && rows_aligned16(p.k, p.k_stride, 8) &&
+                   rows_aligned16(p.v, p.v_stride, 8) && rows_aligned16(bp.dout, bp.dout_stride, 8);
   ATTNKIT_LAUNCH(kernel, grid, kBwdThreads, smem, stream, bp, Di, vec);
   return cudaGetLastError();
 }
@@ -214,6 +194,10 @@ __global__ void __launch_bounds__(kBwdThreads, 2) bwd_dkdv_kernel(const Attentio
   bi.sq = int(p.seqlen_q);
   bi.sk = int(p.seqlen_k);
   bi.off = p.bottom_right ? bi.sk - bi.sq : 0;
+  bi.r0 = 0;  // row_score: rows are the query positions of head bi.hg (set per head below)
+  bi.nrows = bi.sq;
+  FwdLaunch rows;
+  rows.pack = 1;
   const int j0 = int(blockIdx.y) * kBwdKeys;
   const int D = int(p.head_dim), Dv = int(p.head_dim_v);
   const T* Q = static_cast<const T*>(p.q);
@@ -243,6 +227,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) bwd_dkdv_kernel(const Attentio
 
   for (int64_t hh = 0; hh < group; ++hh) {
     const int64_t h = bi.hkv * group + hh;
+    bi.hg = h;
     for (int i0 = i_begin / kBwdQ * kBwdQ; i0 < i_end; i0 += kBwdQ) {
       __syncthreads();  // every warp is done with the previous Q / dO tile
       auto q_row = [&](int r, const int64_t* st) -> int64_t {
@@ -274,7 +259,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) bwd_dkdv_kernel(const Attentio
           for (int e = 0; e < 2; ++e) {
             const int r = nt * 8 + 2 * t + e, j = jw + g + 8 * hk;
             float P, dS;
-            const RowScore rs = bwd_row_score(p, bi, h, i0 + r);
+            const RowScore rs = row_score(p, bi, rows, i0 + r);
             grad_pair(p, bi, rs, j, s[nt][2 * hk + e], dp[nt][2 * hk + e], s_lse[r], s_D[r], P, dS);
             s[nt][2 * hk + e] = P;
             dp[nt][2 * hk + e] = dS;
@@ -321,7 +306,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) bwd_dkdv_kernel(const Attentio
         __syncwarp();
 #pragma unroll 1
         for (int r = 0; r < kBwdQ; ++r) {
-          const RowScore rs = bwd_row_score(p, bi, h, i0 + r);
+          const RowScore rs = row_score(p, bi, rows, i0 + r);
 #pragma unroll
           for (int hk = 0; hk < 2; ++hk) {
             const int j = jw + g + 8 * hk;

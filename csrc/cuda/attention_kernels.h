@@ -6,6 +6,13 @@
 namespace attnkit {
 namespace cuda {
 
+// cp.async tile loads need 16-byte aligned rows: a 16-byte aligned base and (batch, head,
+// row) strides in multiples of `per16` elements (8 half values, 16 codes).
+inline bool rows_aligned16(const void* ptr, const int64_t* st, int per16) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && st[0] % per16 == 0 && st[1] % per16 == 0 &&
+         st[2] % per16 == 0;
+}
+
 // SIMT kernel tile (attention_simt.cu): 4 warps x 4 rows, one key per lane.
 constexpr int kSimtBlockM = 16;
 constexpr int kSimtBlockN = 32;
@@ -19,6 +26,7 @@ cudaError_t launch_attention_simt(const AttentionParams& p, const FwdLaunch& L,
 // Tile shape of the tensor-core kernel per head-dim bucket (attention_mma.cuh).
 template <int kD>
 struct MmaShape {
+  static constexpr int kHeadDim = kD;
   // Heads up to 128: 32 rows per warp, so each K/V fragment read from smem feeds two MMAs
   // (at 16 rows per warp ldmatrix bandwidth, not the tensor cores, would set the pace).
   // Above 128 the O accumulators (kD / 2 fp32 registers per row pair) need the registers.
@@ -46,6 +54,7 @@ cudaError_t launch_attention_mma(const AttentionParams& p, const FwdLaunch& L,
 // times the few query positions) against kTileN keys per pipeline stage, 16 keys per warp.
 template <int kD>
 struct DecodeShape {
+  static constexpr int kHeadDim = kD;
   static constexpr int kRows = 16;
   static constexpr int kWarps = kD <= 128 ? 4 : 2;  // above 128 the O registers double
   static constexpr int kThreads = 32 * kWarps;

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "attention_kernels.h"
 
@@ -24,22 +25,30 @@ int mma_bucket(int64_t d) {
   return 256;
 }
 
-// Tile of a tensor-core kernel (MmaShape or DecodeShape) for the plan's head-dim bucket.
-template <class Shape>
-void set_tile(AttentionPlan* plan, size_t elem) {
-  plan->block_m = Shape::kBlockM;
-  plan->block_n = Shape::kBlockN;
-  plan->smem_bytes = Shape::smem_bytes(elem);
-}
-template <template <int> class Shape>
-void tile_shape(AttentionPlan* plan, size_t elem) {
-  switch (plan->head_dim_bucket) {
-    case 64: set_tile<Shape<64>>(plan, elem); break;
-    case 96: set_tile<Shape<96>>(plan, elem); break;
-    case 128: set_tile<Shape<128>>(plan, elem); break;
-    case 192: set_tile<Shape<192>>(plan, elem); break;
-    default: set_tile<Shape<256>>(plan, elem); break;
+// f(Shape<kD>()) for the head-dim bucket (64, 96, 128, 192, else 256).
+template <template <int> class Shape, class F>
+void with_bucket(int bucket, F f) {
+  switch (bucket) {
+    case 64: f(Shape<64>()); break;
+    case 96: f(Shape<96>()); break;
+    case 128: f(Shape<128>()); break;
+    case 192: f(Shape<192>()); break;
+    default: f(Shape<256>()); break;
   }
+}
+// Tile of a tensor-core kernel (MmaShape or DecodeShape) for the plan's head-dim bucket;
+// `codes`: the decode kernel's layout for 8-bit caches.
+template <template <int> class Shape>
+void tile_shape(AttentionPlan* plan, size_t elem, bool codes = false) {
+  with_bucket<Shape>(plan->head_dim_bucket, [&](auto shape) {
+    using S = decltype(shape);
+    plan->block_m = S::kBlockM;
+    plan->block_n = S::kBlockN;
+    if constexpr (std::is_same<Shape<64>, DecodeShape<64>>::value)
+      plan->smem_bytes = codes ? S::code_smem_bytes(elem) : S::smem_bytes(elem);
+    else
+      plan->smem_bytes = S::smem_bytes(elem);
+  });
 }
 
 size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
@@ -305,35 +314,24 @@ int64_t decode_pack(int64_t group, int64_t sq) {
   return 1;
 }
 
-// One instantiation per head-dim bucket: the tensor-core forward, or the decode kernel over a
-// cache of T or of 8-bit codes (TC).
-template <class T, class TC>
-cudaError_t launch_decode(const AttentionParams& p, const FwdLaunch& L, int bucket, cudaStream_t s) {
-  switch (bucket) {
-    case 64: return launch_attention_decode<T, TC, 64>(p, L, s);
-    case 96: return launch_attention_decode<T, TC, 96>(p, L, s);
-    case 128: return launch_attention_decode<T, TC, 128>(p, L, s);
-    case 192: return launch_attention_decode<T, TC, 192>(p, L, s);
-    case 256: return launch_attention_decode<T, TC, 256>(p, L, s);
-  }
-  return cudaErrorInvalidValue;
-}
+// The tensor-core forward or the decode kernel (over a cache of T, or of 8-bit codes) of the
+// head-dim bucket.
 template <class T>
 cudaError_t launch_tensor_core(const AttentionParams& p, const FwdLaunch& L, int bucket,
                                bool decode, cudaStream_t s) {
-  if (decode) {
-    if (p.kv_dtype == DType::i8) return launch_decode<T, int8_t>(p, L, bucket, s);
-    if (p.kv_dtype == DType::f8e4m3) return launch_decode<T, f8e4m3_t>(p, L, bucket, s);
-    return launch_decode<T, T>(p, L, bucket, s);
-  }
-  switch (bucket) {
-    case 64: return launch_attention_mma<T, 64>(p, L, s);
-    case 96: return launch_attention_mma<T, 96>(p, L, s);
-    case 128: return launch_attention_mma<T, 128>(p, L, s);
-    case 192: return launch_attention_mma<T, 192>(p, L, s);
-    case 256: return launch_attention_mma<T, 256>(p, L, s);
-  }
-  return cudaErrorInvalidValue;
+  cudaError_t err = cudaErrorInvalidValue;
+  with_bucket<MmaShape>(bucket, [&](auto shape) {
+    constexpr int kD = decltype(shape)::kHeadDim;
+    if (!decode)
+      err = launch_attention_mma<T, kD>(p, L, s);
+    else if (p.kv_dtype == DType::i8)
+      err = launch_attention_decode<T, int8_t, kD>(p, L, s);
+    else if (p.kv_dtype == DType::f8e4m3)
+      err = launch_attention_decode<T, f8e4m3_t, kD>(p, L, s);
+    else
+      err = launch_attention_decode<T, T, kD>(p, L, s);
+  });
+  return err;
 }
 
 }  // namespace
@@ -365,24 +363,13 @@ const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
   if ((plan->tensor_cores || (half_types && codes)) && decode_kernel_enabled() && !p.mask &&
       p.seqlen_q <= 16 && (p.seqlen_q == 1 || !bounded)) {
     plan->head_dim_bucket = mma_bucket(std::max(p.head_dim, p.head_dim_v));
-    tile_shape<DecodeShape>(plan, 2);
-    if (codes) {
-      switch (plan->head_dim_bucket) {
-        case 64: plan->smem_bytes = DecodeShape<64>::code_smem_bytes(2); break;
-        case 96: plan->smem_bytes = DecodeShape<96>::code_smem_bytes(2); break;
-        case 128: plan->smem_bytes = DecodeShape<128>::code_smem_bytes(2); break;
-        case 192: plan->smem_bytes = DecodeShape<192>::code_smem_bytes(2); break;
-        default: plan->smem_bytes = DecodeShape<256>::code_smem_bytes(2); break;
-      }
-    }
+    tile_shape<DecodeShape>(plan, 2, codes);
     plan->decode_kernel = plan->smem_bytes <= size_t(dev.max_smem_optin);
   }
-  if (plan->decode_kernel) {
-    // (tile, smem and bucket set above)
-  } else if (plan->tensor_cores) {
+  if (!plan->decode_kernel && plan->tensor_cores) {
     plan->head_dim_bucket = mma_bucket(std::max(p.head_dim, p.head_dim_v));
     tile_shape<MmaShape>(plan, 2);
-  } else {
+  } else if (!plan->decode_kernel) {
     if (half_types && !codes) return "k/v must have q's dtype";  // binding checks first; defensive
     plan->head_dim_bucket = 0;
     plan->block_m = kSimtBlockM;
@@ -495,15 +482,9 @@ cudaError_t attention_fwd(AttentionParams p, const KvCacheArgs& kv, const Attent
     L.lse_accum = reinterpret_cast<float*>(base + plan.off_lse_accum);
   }
   if (plan.tensor_cores || plan.decode_kernel) {
-    // cp.async needs 16-byte aligned rows: aligned bases and strides in multiples of 16 bytes
-    // (8 half values, 16 codes).
-    auto aligned = [](const void* ptr, const int64_t* st, int per16) {
-      return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && st[0] % per16 == 0 &&
-             st[1] % per16 == 0 && st[2] % per16 == 0;
-    };
     const int kv16 = p.kv_dtype == DType::i8 || p.kv_dtype == DType::f8e4m3 ? 16 : 8;
-    L.vec_loads = aligned(p.q, p.q_stride, 8) && aligned(p.k, p.k_stride, kv16) &&
-                  aligned(p.v, p.v_stride, kv16);
+    L.vec_loads = rows_aligned16(p.q, p.q_stride, 8) && rows_aligned16(p.k, p.k_stride, kv16) &&
+                  rows_aligned16(p.v, p.v_stride, kv16);
     L.vec_store = reinterpret_cast<uintptr_t>(p.out) % 4 == 0 && p.out_stride[0] % 2 == 0 &&
                   p.out_stride[1] % 2 == 0 && p.out_stride[2] % 2 == 0;
     err = p.q_dtype == DType::f16

@@ -261,12 +261,18 @@ def matmul(call, a, b, out):
     _module().matmul(a.desc(), b.desc(), out.desc(), call.device, call.stream, _waits(call))
 
 
+def _host_alibi(alibi):
+    """Host ALiBi slopes as the numpy array the binding uploads (broadcast to their shape)."""
+    if alibi is not None and alibi.kind == "numpy":
+        return alibi.obj if alibi.shape == alibi.obj.shape else np.broadcast_to(alibi.obj, alibi.shape)
+    return alibi
+
+
 def attention(call, q, k, v, out, lse, mask, alibi, cu_q, cu_k, seqlens, table, k_new, v_new, o,
               k_scale=None, v_scale=None):
     if o.dropout_p:
         raise NotImplementedError(f"{call.fn}: dropout is not implemented for device arrays")
-    if alibi is not None and alibi.kind == "numpy":
-        alibi = alibi.obj if alibi.shape == alibi.obj.shape else np.broadcast_to(alibi.obj, alibi.shape)
+    alibi = _host_alibi(alibi)
     _module().attention(call.fn, q.desc(), k.desc(), v.desc(), out.desc(), _desc(lse), _desc(mask),
                         _desc(alibi), cu_q, cu_k, _desc(seqlens), _desc(table), _desc(k_new),
                         _desc(v_new), o.batch, o.scale, o.softcap, o.causal, o.bottom_right, o.wl,
@@ -298,8 +304,7 @@ def attention_backward(call, dout, q, k, v, out, lse, dq, dk, dv, mask, alibi, o
     128, no dropout; off unless ATTNKIT_CUDA_BACKWARD=1 (it has run only on the emulator)."""
     if o.dropout_p:
         raise NotImplementedError(f"{call.fn}: dropout is not implemented for device arrays")
-    if alibi is not None and alibi.kind == "numpy":
-        alibi = alibi.obj if alibi.shape == alibi.obj.shape else np.broadcast_to(alibi.obj, alibi.shape)
+    alibi = _host_alibi(alibi)
     _module().attention_backward(dout.desc(), q.desc(), k.desc(), v.desc(), out.desc(), lse.desc(),
                                  dq.desc(), dk.desc(), dv.desc(), _desc(mask), _desc(alibi), o.batch,
                                  o.scale, o.softcap, o.causal, o.bottom_right, o.wl, o.wr, o.dropout_p,
