@@ -59,14 +59,15 @@ def isas_for(kernels):
 
 def unrunnable_isas_for(kernels):
     """(variant, reason) for the compiled variants owning one of `kernels` that this machine
-    cannot run: CPUID does not list them and their probe (above) failed or was not run."""
+    cannot run: CPUID (or the OS) does not allow them and their probe (above), if any, failed;
+    the reason is the probe's or info()'s."""
     out = []
     for i in attnkit.info()["isas"]:
         if not i["compiled"] or i["supported"]:
             continue
         if kernels is not None and not set(i["kernels"]) & set(kernels):
             continue
-        why = PROBE_FAILURES.get(i["name"], "not supported by this CPU (CPUID) and not probed")
+        why = PROBE_FAILURES.get(i["name"]) or i["unsupported"] or "not supported by this CPU"
         out.append((i["name"], f"{i['name']} cannot run here: {why}"))
     return out
 
@@ -79,7 +80,7 @@ def pytest_generate_tests(metafunc):
         kernels = getattr(metafunc.module, "ISA_KERNELS", None)
         params = isas_for(kernels)
         params += [pytest.param(name, marks=pytest.mark.skip(reason=why))
-                   for name, why in unrunnable_isas_for(kernels) if name in _PROBES]
+                   for name, why in unrunnable_isas_for(kernels)]
         metafunc.parametrize("isa", params, indirect=True)
 
 

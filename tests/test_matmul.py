@@ -180,9 +180,10 @@ def test_blocks_larger_than_nc_kc_mc(isa, rng, dtype):
         check(a, bt, attnkit.matmul(a, bt))
 
 
-# Shapes past gemm_bf16.cpp's thresholds (>= 24 rows, > 2^21 multiply-adds), so the
-# avx512_bf16 variant runs them on vdpbf16ps: odd K (the zero pad of the last pair), K over
-# one k-block (512), M over one A block (144), N tails, strided and transposed operands.
+# Shapes past gemm_bf16.cpp's thresholds (>= 24 rows on vdpbf16ps, >= 64 on tiles, > 2^21
+# multiply-adds), so the avx512_bf16 variant runs them on vdpbf16ps and amx / amx_emulated on
+# tiles: odd K (the zero pad of the last pair), K over one k-block, M over one A block (144),
+# N tails, strided and transposed operands.
 @pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
 @pytest.mark.parametrize("mkn", [(24, 4097, 33), (130, 301, 77), (150, 1025, 70), (301, 77, 129)])
 def test_bf16_pair_path_shapes(isa, rng, mkn):
@@ -212,7 +213,7 @@ def test_bf16_subnormal_inputs_take_the_exact_path(isa, rng):
     got = attnkit.matmul(a, b)
     check(a, b, got)
     assert float(got[5, 7]) == 2.0 ** -4
-    if isa.startswith("avx512"):  # the isa fixture holds the selection lock: switch directly
+    if isa.startswith(("avx512", "amx")):  # the isa fixture holds the selection lock: switch directly
         from attnkit import _C
         _C._select_isa("avx512")
         try:
@@ -254,6 +255,31 @@ def test_bf16_subnormal_inputs_take_the_exact_path(isa, rng):
     assert raised >= 1
     check(a3, b3, out)
     assert float(out[2, 5, 7]) == 2.0 ** -4
+
+
+@pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
+def test_bf16_kernel_blocks_and_thread_counts(isa, rng, threads):
+    """The bf16 kernels (vdpbf16ps pairs, AMX tiles) past one of each block: M one past the A
+    block and over it with a tail, K over two k-blocks with an odd tail, N past the B block;
+    and the same bits on 1, 2 and 3 threads (row shares of whole micro-panels)."""
+    a, b = np.ones((256, 512), bfloat16), np.ones((512, 256), bfloat16)
+    attnkit.matmul(a, b)
+    plan = _C._last_gemm_plan()
+    if plan["elem_bytes"] != 2:
+        pytest.skip(f"{isa} has no bf16 kernel (bf16 runs on its fp32 path)")
+    assert plan["mr"] == (32 if isa.startswith("amx") else 12), plan
+    kc, mc, nc = plan["kc_max"], plan["mc"], plan["nc"]
+    for m, k, n in [(mc + 1, kc + 33, 45), (2 * mc + 37, 70, 99), (100, 2 * kc + 3, 70),
+                    (70, 40, nc + 5)]:
+        a, b = randn(rng, (m, k), bfloat16), randn(rng, (k, n), bfloat16)
+        outs = []
+        for nt in (1, 2, 3):
+            attnkit.set_num_threads(nt)
+            outs.append(attnkit.matmul(a, b))
+            assert _C._last_gemm_plan()["elem_bytes"] == 2, (m, k, n)
+        check(a, b, outs[0])
+        for o in outs[1:]:
+            assert np.array_equal(o.view(np.uint16), outs[0].view(np.uint16)), (m, k, n)
 
 
 def _sysfs_cache_bytes(level):

@@ -62,7 +62,8 @@ def test_threadpoolctl_applies():
     assert r.stdout.strip() == "1"
 
 
-@pytest.mark.parametrize("name", ["scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16"])
+@pytest.mark.parametrize("name", ["scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx",
+                                  "amx_emulated"])
 def test_env_forces_isa(name):
     supported = {i["name"]: i["supported"] and i["compiled"] for i in attnkit.info()["isas"]}
     r = run_py(
@@ -81,6 +82,19 @@ def test_env_forces_isa(name):
     else:
         assert r.returncode != 0
         assert "ATTNKIT_CPU" in r.stderr
+
+
+def test_info_says_why_a_variant_is_unsupported():
+    """A compiled variant this machine cannot run carries the reason (for amx: CPUID, the
+    OS's tile state, or a refused tile permission); a runnable one carries None."""
+    for i in attnkit.info()["isas"]:
+        if i["compiled"] and not i["supported"]:
+            assert isinstance(i["unsupported"], str) and len(i["unsupported"]) > 10, i
+        else:
+            assert i["unsupported"] is None, i
+    amx = {i["name"]: i for i in attnkit.info()["isas"]}["amx"]
+    if amx["compiled"] and not amx["supported"]:
+        assert any(w in amx["unsupported"] for w in ("CPUID", "XCR0", "permission", "AVX-512"))
 
 
 def test_env_unknown_isa_is_a_clear_error():
@@ -183,7 +197,8 @@ def test_output_cache_release_never_takes_the_lock():
 
 def test_info_lists_the_kernels_each_variant_compiles():
     """Full variants own every kernel-table entry; avx512_vnni owns only attention_fwd (its int8
-    decode) and shares the rest with avx512, so the test suite runs those once (conftest)."""
+    decode) and shares the rest with avx512, amx and amx_emulated only gemm, so the test suite
+    runs the shared ones once (conftest)."""
     everything = {"softmax", "gemm", "attention_fwd", "attention_bwd", "quantize_kv",
                   "merge_attention_states"}
     for i in attnkit.info()["isas"]:
@@ -193,6 +208,8 @@ def test_info_lists_the_kernels_each_variant_compiles():
             assert i["kernels"] == ["attention_fwd"]
         elif i["name"] == "avx512_bf16":
             assert i["kernels"] == ["gemm", "attention_fwd"]
+        elif i["name"] in ("amx", "amx_emulated"):  # bf16 matmul on tiles, on avx512_vnni
+            assert i["kernels"] == ["gemm"]
         else:
             assert set(i["kernels"]) == everything, i
 

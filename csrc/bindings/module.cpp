@@ -33,11 +33,14 @@ py::list isa_list_py() {
     d["verified"] = list[i].verified;
     d["assumed"] = list[i].assumed;  // supported only through $ATTNKIT_CPU_ASSUME
     d["auto_skip"] = list[i].auto_skip ? py::object(py::str(list[i].auto_skip)) : py::none();
+    d["unsupported"] = list[i].compiled && list[i].unsupported
+                           ? py::object(py::str(list[i].unsupported))
+                           : py::none();
     // The kernels this variant compiles itself: for a variant on top of another (avx512_vnni),
-    // the table entries that differ from the variant below; tests run the others once.
+    // the table entries that differ from the variant it builds on; tests run the others once.
     py::list own;
     const cpu::KernelTable* t = cpu::variant_table(i);
-    const cpu::KernelTable* below = i > 0 ? cpu::variant_table(i - 1) : nullptr;
+    const cpu::KernelTable* below = list[i].base >= 0 ? cpu::variant_table(list[i].base) : nullptr;
     if (t) {
       const std::pair<const char*, bool> entries[] = {
           {"softmax", !below || t->softmax != below->softmax},

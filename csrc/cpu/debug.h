@@ -51,7 +51,8 @@ struct GemmPlanRecord {
   int64_t kc = 0;            // depth of the k-blocks of the last product
   int64_t kc_max = 0, mc = 0, nc = 0;  // the run-time blocking (gemm/blocking.h)
   int64_t l1d = 0, l2 = 0;   // the cache sizes it was derived from (bytes)
-  int32_t elem_bytes = 0;    // 4: fp32 compute (also fp16/bf16 storage), 8: fp64
+  int32_t elem_bytes = 0;    // 4: fp32 compute (also fp16/bf16 storage), 8: fp64, 2: bf16 pairs
+                             // (gemm_bf16.cpp: vdpbf16ps, mr 12, or AMX tiles, mr 32)
   bool b_in_place = false;     // B read where it lies (small or few-row products), not packed
   bool split_columns = false;  // threads shared the columns, not the rows
   int32_t grid_rows = 1, grid_cols = 1;  // the thread grid (rows x columns of C)

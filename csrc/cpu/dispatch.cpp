@@ -21,6 +21,10 @@
 #define ATTNKIT_X86 1
 #include <cpuid.h>
 #endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace attnkit {
 namespace cpu {
@@ -39,7 +43,42 @@ struct X86Features {
   bool avx512_vnni = false;  // and AVX512-VNNI (vpdpbusd): Cascade Lake, Ice Lake, Zen 4 on
   bool avx512_bf16 = false;  // and AVX512-BF16 (vdpbf16ps): Cooper Lake, Sapphire Rapids, Zen 4 on
   bool zmm_state = false;    // the OS saves ZMM + opmask state (what ATTNKIT_CPU_ASSUME needs)
+  bool amx = false;          // avx512 and AMX-TILE + AMX-BF16, tile state enabled and permitted
+  const char* amx_why = "the CPU has no AVX-512";  // why not, when amx is false
 };
+
+#if defined(__linux__)
+// Linux hands out tile data state per process on request (kernel 5.16+): without it the first
+// tile instruction faults. Asked once, for the whole process (threads and forked children
+// inherit it).
+bool request_tile_permission() {
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+#else
+bool request_tile_permission() { return true; }  // no such step elsewhere (not verified)
+#endif
+
+// AMX: CPUID leaf 7 EDX bits 24 (AMX-TILE) and 22 (AMX-BF16), XCR0 bits 17 and 18 (the OS
+// enables tile configuration and data state), then the OS's permission.
+void detect_amx(X86Features& f, uint64_t xcr0, unsigned leaf7_edx) {
+  if (!f.avx512) return;
+  if (!(leaf7_edx & (1u << 24)) || !(leaf7_edx & (1u << 22))) {
+    f.amx_why = "CPUID lists no AMX-TILE and AMX-BF16";
+    return;
+  }
+  if ((xcr0 & 0x60000) != 0x60000) {
+    f.amx_why = "the operating system does not enable AMX tile state (XCR0 bits 17, 18)";
+    return;
+  }
+  if (!request_tile_permission()) {
+    f.amx_why = "the operating system refused tile data permission "
+                "(arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA))";
+    return;
+  }
+  f.amx = true;
+  f.amx_why = nullptr;
+}
 
 X86Features detect_x86() {
   X86Features f;
@@ -59,6 +98,7 @@ X86Features detect_x86() {
   f.avx512 = f.avx2 && zmm_state && avx512f && avx512dq && avx512bw && avx512vl;
   f.avx512_vnni = f.avx512 && (c & (1u << 11));
   f.zmm_state = zmm_state;
+  detect_amx(f, xcr0, d);
   unsigned a1 = 0, b1, c1, d1;
   if (__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1))  // leaf 7 subleaf 1, EAX bit 5: AVX512_BF16
     f.avx512_bf16 = f.avx512_vnni && (a1 & (1u << 5));
@@ -74,6 +114,11 @@ X86Features detect_x86() {
 constexpr const char* kBf16AutoSkip =
     "slower than avx512_vnni where measured (Emerald Rapids: vdpbf16ps at half the fp32 FMA "
     "FLOP rate); force it with ATTNKIT_CPU=avx512_bf16";
+// amx_emulated runs amx's tile kernels on a software model of the tiles (simd/amx.h): it
+// exists so that those kernels are tested on every AVX-512 CPU.
+constexpr const char* kEmulatedAutoSkip =
+    "a software model of AMX tiles for testing the amx kernels (slow); force it with "
+    "ATTNKIT_CPU=amx_emulated";
 
 #if ATTNKIT_X86
 // ATTNKIT_CPU_ASSUME: a comma list of variant names marked supported without their CPUID bit
@@ -84,7 +129,7 @@ constexpr const char* kBf16AutoSkip =
 void apply_assumptions(IsaInfo* l, bool zmm_state) {
   const char* env = std::getenv("ATTNKIT_CPU_ASSUME");
   if (!env || !zmm_state) return;
-  for (int i = 3; i < kNumIsas; ++i) {
+  for (int i = 3; i <= 4; ++i) {  // avx512_vnni, avx512_bf16
     const size_t len = std::strlen(l[i].name);
     for (const char* p = env; *p;) {
       while (*p == ',' || *p == ' ') ++p;
@@ -94,6 +139,7 @@ void apply_assumptions(IsaInfo* l, bool zmm_state) {
           l[i - 1].supported) {
         l[i].supported = true;
         l[i].assumed = true;
+        l[i].unsupported = nullptr;
       }
       p = e;
     }
@@ -108,14 +154,23 @@ IsaInfo* mutable_isa_list() {
   // avx512_bf16 on the same Emerald Rapids (family 6 model 207, a VM whose CPUID hides
   // AVX512-BF16: run with ATTNKIT_CPU_ASSUME=avx512_bf16 ATTNKIT_CPU=avx512_bf16, the whole
   // suite, 2005 passed; bench/notes/matmul.md, "avx512_bf16 variant"). auto still skips it (kBf16AutoSkip).
+  // amx has not run on an AMX CPU yet (its kernels pass the suite as amx_emulated), so auto
+  // does not take it.
   // Filled once (thread-safe static initialization).
   static IsaInfo* const list = [] {
     static IsaInfo l[kNumIsas] = {
-        {"scalar", true, true, true, false, nullptr},
-        {"avx2", false, false, true, false, nullptr},
-        {"avx512", false, false, true, false, nullptr},
-        {"avx512_vnni", false, false, true, false, nullptr},
-        {"avx512_bf16", false, false, true, false, kBf16AutoSkip},
+        {"scalar", true, true, true, false, nullptr, -1, nullptr},
+        {"avx2", false, false, true, false, nullptr, 0,
+         "needs AVX2, FMA and F16C in CPUID and YMM state saved by the OS"},
+        {"avx512", false, false, true, false, nullptr, 1,
+         "needs AVX-512 F, BW, DQ and VL in CPUID and ZMM state saved by the OS"},
+        {"avx512_vnni", false, false, true, false, nullptr, 2,
+         "needs avx512 and AVX512-VNNI in CPUID"},
+        {"avx512_bf16", false, false, true, false, kBf16AutoSkip, 3,
+         "needs avx512_vnni and AVX512-BF16 in CPUID"},
+        {"amx", false, false, false, false, nullptr, 3, "the CPU has no AVX-512"},
+        {"amx_emulated", false, false, true, false, kEmulatedAutoSkip, 3,
+         "needs avx512 (F, BW, DQ, VL)"},
     };
 #if ATTNKIT_X86 && defined(ATTNKIT_HAVE_X86_VARIANTS)
     const X86Features f = detect_x86();
@@ -130,8 +185,19 @@ IsaInfo* mutable_isa_list() {
     l[4].compiled = true;
 #endif
     l[4].supported = f.avx512_bf16;
+#if defined(ATTNKIT_HAVE_AMX_VARIANT)
+    l[5].compiled = true;
+#endif
+    l[5].supported = f.amx;
+    if (f.amx_why) l[5].unsupported = f.amx_why;
+#if defined(ATTNKIT_HAVE_AMX_EMULATED_VARIANT)
+    l[6].compiled = true;
+#endif
+    l[6].supported = f.avx512;
     apply_assumptions(l, f.zmm_state);
 #endif
+    for (IsaInfo& v : l)
+      if (v.supported) v.unsupported = nullptr;
     return l;
   }();
   return list;
@@ -153,6 +219,14 @@ const KernelTable* table_for(int index) {
 #if defined(ATTNKIT_HAVE_BF16_VARIANT)
     case 4:
       return avx512_bf16::kernel_table();
+#endif
+#if defined(ATTNKIT_HAVE_AMX_VARIANT)
+    case 5:
+      return amx::kernel_table();
+#endif
+#if defined(ATTNKIT_HAVE_AMX_EMULATED_VARIANT)
+    case 6:
+      return amx_emulated::kernel_table();
 #endif
 #endif
     default:
@@ -195,12 +269,16 @@ const char* select_isa(const char* name) {
     if (*a != *b) continue;
     if (!list[i].compiled) return "that variant is not compiled into this build";
     if (!list[i].supported)
-      return "this CPU (or its operating system) does not support it (if a hypervisor hides the "
-             "CPUID bit of a feature the CPU has, see ATTNKIT_CPU_ASSUME in the README)";
+      return i == 5 ? "this CPU (or its operating system) does not support it (see "
+                      "attnkit.info()['isas'] for why)"
+                    : "this CPU (or its operating system) does not support it (if a hypervisor "
+                      "hides the CPUID bit of a feature the CPU has, see ATTNKIT_CPU_ASSUME in "
+                      "the README)";
     g_active = table_for(i);
     return "";
   }
-  return "unknown variant; expected one of scalar, avx2, avx512, avx512_vnni, avx512_bf16, auto";
+  return "unknown variant; expected one of scalar, avx2, avx512, avx512_vnni, avx512_bf16, amx, "
+         "amx_emulated, auto";
 }
 
 }  // namespace cpu

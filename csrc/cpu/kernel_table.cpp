@@ -5,7 +5,26 @@ namespace attnkit {
 namespace cpu {
 namespace ATTNKIT_ISA_NS {
 
-#if defined(ATTNKIT_ISA_AVX512_BF16)
+#if defined(ATTNKIT_ISA_AMX) || defined(ATTNKIT_ISA_AMX_EMULATED)
+// amx (and its software model amx_emulated, simd/amx.h) sit on avx512_vnni: bf16 matmul on
+// tiles (gemm_bf16.cpp with gemm/ukernel_amx.h) is their own; every other entry, and the
+// products the tile kernel leaves to the fp32 path, are avx512_vnni's (not avx512_bf16's:
+// vdpbf16ps ran slower than the fp32 path on the Emerald Rapids where it was measured).
+Status gemm(const GemmParams& p);  // gemm_bf16.cpp
+
+const KernelTable* kernel_table() {
+  const KernelTable* base = avx512_vnni::kernel_table();
+  static const KernelTable table = {
+#if defined(ATTNKIT_ISA_AMX)
+      "amx",
+#else
+      "amx_emulated",
+#endif
+      base->softmax,       &gemm,           base->attention_fwd,
+      base->attention_bwd, base->quantize_kv, base->merge_attention_states};
+  return &table;
+}
+#elif defined(ATTNKIT_ISA_AVX512_BF16)
 // avx512_bf16 sits on top of avx512_vnni: bf16 matmul (gemm_bf16.cpp) and the bf16 attention
 // forward (attention_fwd.cpp's pair path) are its own; each sends the rest (other dtypes,
 // decode-shaped attention) to avx512_vnni, as does every other entry.

@@ -8,7 +8,7 @@ namespace attnkit {
 namespace cpu {
 
 struct KernelTable {
-  const char* isa;  // "scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16"
+  const char* isa;  // "scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx", "amx_emulated"
   Status (*softmax)(const SoftmaxParams&);
   Status (*gemm)(const GemmParams&);
   Status (*attention_fwd)(const AttentionParams&);
@@ -33,6 +33,12 @@ const KernelTable* kernel_table();
 namespace avx512_bf16 {
 const KernelTable* kernel_table();
 }
+namespace amx {
+const KernelTable* kernel_table();
+}
+namespace amx_emulated {
+const KernelTable* kernel_table();
+}
 
 // dispatch.cpp (compiled without -m flags)
 struct IsaInfo {
@@ -42,9 +48,13 @@ struct IsaInfo {
   bool verified;   // its tests have passed on a real CPU of that kind
   bool assumed;    // supported only because $ATTNKIT_CPU_ASSUME says so (CPUID does not)
   const char* auto_skip;  // non-null: why "auto" does not take it (it can still be forced)
+  int base;               // the variant whose table it builds on (-1: none); see kernel_table.cpp
+  const char* unsupported;  // non-null when compiled but not supported: why
 };
-// scalar, avx2, avx512, avx512_vnni, avx512_bf16 (in that order; each x86 one on top of the last)
-constexpr int kNumIsas = 5;
+// scalar, avx2, avx512, avx512_vnni, avx512_bf16, amx, amx_emulated: each x86 one needs the
+// one before it, except amx and amx_emulated, which build on avx512_vnni (amx_emulated is
+// the software model of amx's tiles, for tests: it needs avx512 only).
+constexpr int kNumIsas = 7;
 const IsaInfo* isa_list();                       // kNumIsas entries
 const KernelTable* active_kernels();             // chosen at import, see select_isa
 const KernelTable* variant_table(int index);     // variant `index`'s table, null if not compiled

@@ -73,7 +73,9 @@ def info():
     ``auto`` passes the variant over although it may be forced) and ``kernels``, the kernels it
     compiles itself: ``avx512_vnni`` has only ``attention_fwd``, whose int8 decode it replaces,
     and uses ``avx512``'s for the rest; ``avx512_bf16`` has ``gemm`` and ``attention_fwd``, its
-    bf16 paths, and uses ``avx512_vnni``'s for the rest), ``isas_compiled``,
+    bf16 paths, and uses ``avx512_vnni``'s for the rest; ``amx`` and ``amx_emulated`` have
+    ``gemm``, bf16 matmul on AMX tiles or on a software model of them), and ``unsupported``
+    (None, or why a compiled variant cannot run here), ``isas_compiled``,
     ``unverified_isas``, ``assumed_isas`` (variants supported only because
     ``ATTNKIT_CPU_ASSUME`` names them: CPUID does not list their feature; ``auto`` takes one
     only if it is also verified and has no ``auto_skip``), ``openmp``, ``threads``,

@@ -1,21 +1,30 @@
-// bf16 matmul on vdpbf16ps (the avx512_bf16 variant; ARCHITECTURE.md, "ISA variants").
+// bf16 matmul on vdpbf16ps (the avx512_bf16 variant) or on AMX tiles (amx, amx_emulated);
+// ARCHITECTURE.md, "ISA variants".
 //
 // BLIS-style like gemm.cpp, but A and B stay bf16: they are packed into pair words
-// (gemm/ukernel_bf16.h) and the micro-kernel multiplies two k per instruction, accumulating in
-// fp32. C is accumulated in an fp32 workspace over the k-blocks and rounded to bf16 once at
-// the end. Every C element is accumulated in the same order for any thread count or split.
+// (gemm/pairs.h) and the micro-kernel multiplies two k per step, accumulating in fp32: 12 x 32
+// broadcast products on vdpbf16ps (gemm/ukernel_bf16.h) or 32 x 32 tiles (gemm/ukernel_amx.h);
+// both headers offer the same panel interface, which this file drives. C is accumulated in an
+// fp32 workspace over the k-blocks and rounded to bf16 once at the end. Every C element is
+// accumulated in the same order for any thread count or split.
 //
 // Products that gemm.cpp reads in place (small, or few rows: bandwidth-bound) and every other
 // dtype go to the variant below. A call with a subnormal bf16 input anywhere in A or B goes
-// there too (vdpbf16ps would read those inputs as zero): results then match the fp32 path
+// there too (vdpbf16ps and TDPBF16PS would read those inputs as zero): results then match the fp32 path
 // exactly. That is decided by a scan before anything is written, so a MemoryError on either
 // path leaves C untouched.
 #include <atomic>
 
 #include "common.h"
+#include "debug.h"
+#if defined(ATTNKIT_ISA_AMX) || defined(ATTNKIT_ISA_AMX_EMULATED)
+#include "gemm/ukernel_amx.h"
+#else
 #include "gemm/ukernel_bf16.h"
+#endif
 #include "kernels.h"
 #include "simd/scalar_cvt.h"
+#include "simd/vec.h"
 #include "threading.h"
 
 namespace attnkit {
@@ -23,18 +32,19 @@ namespace cpu {
 namespace ATTNKIT_ISA_NS {
 namespace {
 
-using Bk = BlockingBf16;
+using Bk = PanelBlocking;
 // Up to this many multiply-adds per product (gemm.cpp's kSmallMacs) or fewer rows than two
 // micro-panels, the fp32 path (operands read in place, no packing) is as fast or faster.
 constexpr int64_t kMinMacs = int64_t(1) << 21;
 constexpr int64_t kMinRows = 2 * Bk::MR;
 
 struct Bf16Buffers {
-  Scratch<float> ws;         // m x n fp32 C
+  Scratch<float> ws;         // fp32 C: workspace_rows(m) x workspace_ld(n)
   Scratch<uint32_t> bpack;   // KCP x NC words, shared
   Scratch<uint32_t> apack;   // MC x KCP words per thread
   bool init(int64_t m, int64_t n, int nt) {
-    return ws.reset(size_t(m * n)) && bpack.reset(size_t(Bk::KCP * round_up(Bk::NC, Bk::NR))) &&
+    return ws.reset(size_t(workspace_rows(m) * workspace_ld(n))) &&
+           bpack.reset(size_t(Bk::KCP * round_up(Bk::NC, Bk::NR))) &&
            apack.reset(size_t(nt * Bk::MC * Bk::KCP));
   }
 };
@@ -45,13 +55,15 @@ struct Operands {
   int64_t m, n, k, rs_a, cs_a, rs_b, cs_b;
 };
 
-// ws = A B (fp32, row stride n); the inputs hold no subnormal (the caller scanned them).
+// ws = A B (fp32, row stride workspace_ld(n)); the inputs hold no subnormal (the caller
+// scanned them).
 void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf) {
   constexpr int MR = Bk::MR, NR = Bk::NR;
-  const int64_t m = g.m, n = g.n, k = g.k;
+  const int64_t m = g.m, n = g.n, k = g.k, ldc = workspace_ld(n);
   float* c = buf.ws.get();
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
+    const PanelThreadScope scope;
     const int tid = thread_id(), team = team_size();
     uint32_t* apack = buf.apack.get() + int64_t(tid) * Bk::MC * Bk::KCP;
     uint32_t* bpack = buf.bpack.get();
@@ -63,24 +75,24 @@ void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf) {
       int64_t jbeg, jend;
       split_range(np, share.tn, share.tj, &jbeg, &jend);
       for (int64_t pc = 0; pc < k; pc += 2 * Bk::KCP) {
-        const int64_t kc = imin(2 * Bk::KCP, k - pc), kp = (kc + 1) / 2;
+        const int64_t kc = imin(2 * Bk::KCP, k - pc), kp = padded_pairs((kc + 1) / 2);
         int64_t pbeg, pend;
         split_range(np, team, tid, &pbeg, &pend);
         for (int64_t jp = pbeg; jp < pend; ++jp)
-          pack_b_pairs(g.b + pc * g.rs_b + (jc + jp * NR) * g.cs_b, g.rs_b, g.cs_b, kc,
-                              int(imin(NR, nc - jp * NR)), bpack + jp * kp * NR);
+          pack_b_panel(g.b + pc * g.rs_b + (jc + jp * NR) * g.cs_b, g.rs_b, g.cs_b, kc,
+                       int(imin(NR, nc - jp * NR)), bpack + jp * kp * NR);
 #pragma omp barrier
         for (int64_t ic = row0; ic < row1; ic += Bk::MC) {
           const int64_t mc = imin(Bk::MC, row1 - ic);
           for (int64_t ir = 0; ir < mc; ir += MR)
-            pack_a_pairs(g.a + (ic + ir) * g.rs_a + pc * g.cs_a, g.rs_a, g.cs_a,
-                                int(imin(MR, mc - ir)), kc, apack + ir * kp);
+            pack_a_panel(g.a + (ic + ir) * g.rs_a + pc * g.cs_a, g.rs_a, g.cs_a,
+                         int(imin(MR, mc - ir)), kc, apack + ir * kp);
           for (int64_t jp = jbeg; jp < jend; ++jp) {
             const int nr = int(imin(NR, nc - jp * NR));
-            float* cp = c + ic * n + jc + jp * NR;
+            float* cp = c + ic * ldc + jc + jp * NR;
             for (int64_t ir = 0; ir < mc; ir += MR)
-              ukernel_bf16_rows<true>(int(imin(MR, mc - ir)), kp, apack + ir * kp, 0,
-                                      bpack + jp * kp * NR, NR, cp + ir * n, n, pc > 0, nr);
+              compute_panel(int(imin(MR, mc - ir)), kp, apack + ir * kp, bpack + jp * kp * NR,
+                            cp + ir * ldc, ldc, pc > 0, nr);
           }
         }
 #pragma omp barrier
@@ -112,13 +124,14 @@ bool any_subnormal(const GemmParams& p, int64_t batch) {
   return false;
 }
 
-// C (bf16, strides rs_c / cs_c) = the fp32 workspace rounded to nearest even.
-void store_c(const float* w, bf16_t* c, int64_t m, int64_t n, int64_t rs_c, int64_t cs_c, int nt) {
+// C (bf16, strides rs_c / cs_c) = the fp32 workspace (row stride ldw) rounded to nearest even.
+void store_c(const float* w, int64_t ldw, bf16_t* c, int64_t m, int64_t n, int64_t rs_c,
+             int64_t cs_c, int nt) {
   using V = Vec<float>;
   const int ntc = threads_for(m * n, nt);
 #pragma omp parallel for num_threads(ntc) if (ntc > 1) schedule(static)
   for (int64_t i = 0; i < m; ++i) {
-    const float* wi = w + i * n;
+    const float* wi = w + i * ldw;
     bf16_t* ci = c + i * rs_c;
     int64_t j = 0;
     if (cs_c == 1)
@@ -151,8 +164,17 @@ Status gemm(const GemmParams& p) {
     bf16_t* ci = c + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.c_batch_strides);
     const Operands g{ai, bbi, p.m, p.n, p.k, p.rs_a, p.cs_a, p.rs_b, p.cs_b};
     gemm_pairs(g, nt, buf);  // no subnormal inputs (scanned above)
-    store_c(buf.ws.get(), ci, p.m, p.n, p.rs_c, p.cs_c, nt);
+    store_c(buf.ws.get(), workspace_ld(p.n), ci, p.m, p.n, p.rs_c, p.cs_c, nt);
   }
+  GemmPlanRecord r;
+  r.mr = Bk::MR;
+  r.nr = Bk::NR;
+  r.kc = imin(2 * Bk::KCP, p.k);
+  r.kc_max = 2 * Bk::KCP;
+  r.mc = Bk::MC;
+  r.nc = Bk::NC;
+  r.elem_bytes = 2;
+  debug_record_gemm_plan(r);
   return Status::ok;
 }
 

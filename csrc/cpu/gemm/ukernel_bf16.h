@@ -1,10 +1,9 @@
-// bf16 x bf16 -> fp32 micro-kernel on vdpbf16ps (AVX512-BF16), and the pair ("VNNI") layout it
-// reads. Only the avx512_bf16 variant includes this (ARCHITECTURE.md, "ISA variants").
+// bf16 x bf16 -> fp32 micro-kernel on vdpbf16ps (AVX512-BF16). Only the avx512_bf16 variant
+// includes this (ARCHITECTURE.md, "ISA variants").
 //
-// Pair layout: one 32-bit word holds two consecutive k of one row (A) or one column (B), the
-// even k in the low half: exactly how a row-major bf16 row already sits in memory, so A rows
-// can be read in place. vdpbf16ps multiplies the pairs of two words and adds both products to
-// the fp32 lane (Intel SDM: two fp32 FMAs, the odd k first, round to nearest even).
+// It reads the pair layout of gemm/pairs.h: vdpbf16ps multiplies the pairs of two words and
+// adds both products to the fp32 lane (Intel SDM: two fp32 FMAs, the odd k first, round to
+// nearest even).
 //   B panel: [kp][NR] words (NR columns, kp = k / 2); an odd K's last word has a zero high half
 //   A panel: [kp][MR] words (packed) or row i at a + i * rs_a words (in place)
 //
@@ -20,6 +19,7 @@
 #include <cstring>
 
 #include "attnkit/dtype.h"
+#include "gemm/pairs.h"
 #include "simd/vec.h"
 
 #if !defined(ATTNKIT_ISA_AVX512_BF16)
@@ -34,37 +34,9 @@ namespace ATTNKIT_ISA_NS {
 // KCP pairs (2 KCP values of k) per pass: the B micro-panel is KCP x 32 x 4 B = 32 KB, the
 // fp32 kernel's bytes; A block MC x KCP x 4 B = 144 KB of L2; B block KCP x NC x 4 B = 3 MB.
 struct BlockingBf16 {
-  static constexpr int MR = 12, NR = 32;
+  static constexpr int MR = 12, NR = kPairPanel;
   static constexpr int64_t KCP = 256, MC = 144, NC = 3072;
 };
-
-inline uint32_t load_pair(const void* p) {  // an unaligned word (bf16 rows are 2-aligned)
-  uint32_t w;
-  std::memcpy(&w, p, 4);
-  return w;
-}
-
-// 1 <= (bits & 0x7fff) <= 0x7f: a subnormal bf16 (zero exponent, nonzero mantissa).
-inline bool bf16_subnormal(uint16_t bits) { return uint16_t((bits & 0x7fffu) - 1u) < 0x7fu; }
-
-// Whether p[0], p[s], ..., p[(n-1) s] holds a subnormal bf16; 32 at a time when s is 1.
-inline bool bf16_any_subnormal(const bf16_t* p, int64_t n, int64_t s) {
-  int64_t i = 0;
-  if (s == 1) {
-    const __m512i magnitude = _mm512_set1_epi16(0x7fff), one = _mm512_set1_epi16(1);
-    const __m512i limit = _mm512_set1_epi16(0x7f);
-    __mmask32 any = 0;
-    for (; i + 32 <= n; i += 32) {
-      const __m512i x = _mm512_loadu_si512(p + i);
-      const __m512i t = _mm512_sub_epi16(_mm512_and_si512(x, magnitude), one);
-      any |= _mm512_cmplt_epu16_mask(t, limit);
-    }
-    if (any) return true;
-  }
-  bool any = false;
-  for (; i < n; ++i) any |= bf16_subnormal(p[i * s].bits);
-  return any;
-}
 
 // C[0:M, 0:nr] (+)= A[0:M, 0:2 kp) B[0:2 kp, 0:NR) in fp32; the contract of ukernel.h's
 // ukernel (accumulate=false overwrites C without reading it).
@@ -119,49 +91,6 @@ inline void ukernel_bf16_rows(int m, int64_t kp, const uint32_t* a, int64_t rs_a
     ukernel_bf16_rows<kPackedA, M - 1>(m, kp, a, rs_a, b, ldb, c, ldc, accumulate, nr);
 }
 
-// Interleave two rows of 32 bf16 (k and k+1, columns 0..31) into 32 pair words: lo holds
-// columns 0..15, hi 16..31.
-inline void interleave_pairs(__m512i r0, __m512i r1, uint32_t* dst) {
-  alignas(64) static const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
-                                               37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
-                                               11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
-                                               53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
-                                               27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
-  _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(r0, lo, r1));
-  _mm512_storeu_si512(dst + 16, _mm512_permutex2var_epi16(r0, hi, r1));
-}
-
-// B panel: kc x nr bf16 (element (k, j) at b[k * rs_b + j * cs_b]) -> [ceil(kc/2)][NR] words,
-// columns nr..NR and the odd-k pad zero.
-inline void pack_b_pairs(const bf16_t* b, int64_t rs_b, int64_t cs_b, int64_t kc, int nr,
-                         uint32_t* dst) {
-  constexpr int NR = BlockingBf16::NR;
-  static_assert(NR == 32, "one 512-bit row of bf16 per k");
-  const int64_t kp = (kc + 1) / 2;
-  if (cs_b == 1) {
-    const __mmask32 cols = nr >= 32 ? ~__mmask32(0) : (__mmask32(1) << nr) - 1;
-    for (int64_t p = 0; p < kp; ++p) {
-      const bf16_t* r = b + 2 * p * rs_b;
-      const __m512i r0 = _mm512_maskz_loadu_epi16(cols, r);
-      const __m512i r1 = 2 * p + 1 < kc ? _mm512_maskz_loadu_epi16(cols, r + rs_b)
-                                        : _mm512_setzero_si512();
-      interleave_pairs(r0, r1, dst + p * NR);
-    }
-    return;
-  }
-  for (int64_t p = 0; p < kp; ++p)
-    for (int j = 0; j < NR; ++j) {
-      uint16_t lo = 0, hi = 0;
-      if (j < nr) {
-        lo = b[2 * p * rs_b + j * cs_b].bits;
-        if (2 * p + 1 < kc) hi = b[(2 * p + 1) * rs_b + j * cs_b].bits;
-      }
-      dst[p * NR + j] = uint32_t(lo) | (uint32_t(hi) << 16);
-    }
-}
-
 // A panel: m x kc bf16 (element (i, k) at a[i * rs_a + k * cs_a]), m <= MR -> [ceil(kc/2)][MR]
 // words, rows m..MR and the odd-k pad zero.
 inline void pack_a_pairs(const bf16_t* a, int64_t rs_a, int64_t cs_a, int m, int64_t kc,
@@ -180,6 +109,27 @@ inline void pack_a_pairs(const bf16_t* a, int64_t rs_a, int64_t cs_a, int m, int
       dst[p * MR + i] = uint32_t(lo) | (uint32_t(hi) << 16);
     }
   }
+}
+
+// ---- the panel interface of gemm_bf16.cpp (ukernel_amx.h has the same names) ----
+using PanelBlocking = BlockingBf16;
+inline int64_t padded_pairs(int64_t kp) { return kp; }
+inline int64_t workspace_rows(int64_t m) { return m; }
+inline int64_t workspace_ld(int64_t n) { return n; }
+struct PanelThreadScope {
+  PanelThreadScope() {}  // no per-thread state
+};
+inline void pack_b_panel(const bf16_t* b, int64_t rs_b, int64_t cs_b, int64_t kc, int nr,
+                         uint32_t* dst) {
+  pack_b_pairs(b, rs_b, cs_b, kc, nr, dst);
+}
+inline void pack_a_panel(const bf16_t* a, int64_t rs_a, int64_t cs_a, int m, int64_t kc,
+                         uint32_t* dst) {
+  pack_a_pairs(a, rs_a, cs_a, m, kc, dst);
+}
+inline void compute_panel(int m, int64_t kp, const uint32_t* a, const uint32_t* b, float* c,
+                          int64_t ldc, bool accumulate, int nr) {
+  ukernel_bf16_rows<true>(m, kp, a, 0, b, BlockingBf16::NR, c, ldc, accumulate, nr);
 }
 
 }  // namespace ATTNKIT_ISA_NS

@@ -1,0 +1,96 @@
+// The pair ("VNNI") layout of bf16 operands, shared by the vdpbf16ps kernel (ukernel_bf16.h,
+// avx512_bf16) and the AMX tile kernel (ukernel_amx.h): one 32-bit word holds two consecutive k
+// of one row (A) or one column (B), the even k in the low half: exactly how a row-major bf16
+// row already sits in memory. A B panel is [kp][kPairPanel] words (kp = ceil(k / 2)): one
+// 128-byte row per k pair, which is also two AMX B tiles side by side (columns 0..15 at byte 0,
+// 16..31 at byte 64, row stride 128 bytes).
+//
+// Both instructions read subnormal bf16 inputs as zero; bf16_any_subnormal finds them so a
+// caller can take the exact fp32 path instead. AVX-512 (F/BW) code only.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "attnkit/dtype.h"
+
+namespace attnkit {
+namespace cpu {
+namespace ATTNKIT_ISA_NS {
+
+constexpr int kPairPanel = 32;  // columns of a packed B panel: one 512-bit row of bf16 per k
+
+inline uint32_t load_pair(const void* p) {  // an unaligned word (bf16 rows are 2-aligned)
+  uint32_t w;
+  std::memcpy(&w, p, 4);
+  return w;
+}
+
+// 1 <= (bits & 0x7fff) <= 0x7f: a subnormal bf16 (zero exponent, nonzero mantissa).
+inline bool bf16_subnormal(uint16_t bits) { return uint16_t((bits & 0x7fffu) - 1u) < 0x7fu; }
+
+// Whether p[0], p[s], ..., p[(n-1) s] holds a subnormal bf16; 32 at a time when s is 1.
+inline bool bf16_any_subnormal(const bf16_t* p, int64_t n, int64_t s) {
+  int64_t i = 0;
+  if (s == 1) {
+    const __m512i magnitude = _mm512_set1_epi16(0x7fff), one = _mm512_set1_epi16(1);
+    const __m512i limit = _mm512_set1_epi16(0x7f);
+    __mmask32 any = 0;
+    for (; i + 32 <= n; i += 32) {
+      const __m512i x = _mm512_loadu_si512(p + i);
+      const __m512i t = _mm512_sub_epi16(_mm512_and_si512(x, magnitude), one);
+      any |= _mm512_cmplt_epu16_mask(t, limit);
+    }
+    if (any) return true;
+  }
+  bool any = false;
+  for (; i < n; ++i) any |= bf16_subnormal(p[i * s].bits);
+  return any;
+}
+
+// Interleave two rows of 32 bf16 (k and k+1, columns 0..31) into 32 pair words: lo holds
+// columns 0..15, hi 16..31.
+inline void interleave_pairs(__m512i r0, __m512i r1, uint32_t* dst) {
+  alignas(64) static const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                               37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                               11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
+                                               53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
+                                               27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
+  _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(r0, lo, r1));
+  _mm512_storeu_si512(dst + 16, _mm512_permutex2var_epi16(r0, hi, r1));
+}
+
+// B panel: kc x nr bf16 (element (k, j) at b[k * rs_b + j * cs_b]) -> [ceil(kc/2)][NR] words,
+// columns nr..NR and the odd-k pad zero.
+inline void pack_b_pairs(const bf16_t* b, int64_t rs_b, int64_t cs_b, int64_t kc, int nr,
+                         uint32_t* dst) {
+  constexpr int NR = kPairPanel;
+  const int64_t kp = (kc + 1) / 2;
+  if (cs_b == 1) {
+    const __mmask32 cols = nr >= 32 ? ~__mmask32(0) : (__mmask32(1) << nr) - 1;
+    for (int64_t p = 0; p < kp; ++p) {
+      const bf16_t* r = b + 2 * p * rs_b;
+      const __m512i r0 = _mm512_maskz_loadu_epi16(cols, r);
+      const __m512i r1 = 2 * p + 1 < kc ? _mm512_maskz_loadu_epi16(cols, r + rs_b)
+                                        : _mm512_setzero_si512();
+      interleave_pairs(r0, r1, dst + p * NR);
+    }
+    return;
+  }
+  for (int64_t p = 0; p < kp; ++p)
+    for (int j = 0; j < NR; ++j) {
+      uint16_t lo = 0, hi = 0;
+      if (j < nr) {
+        lo = b[2 * p * rs_b + j * cs_b].bits;
+        if (2 * p + 1 < kc) hi = b[(2 * p + 1) * rs_b + j * cs_b].bits;
+      }
+      dst[p * NR + j] = uint32_t(lo) | (uint32_t(hi) << 16);
+    }
+}
+
+}  // namespace ATTNKIT_ISA_NS
+}  // namespace cpu
+}  // namespace attnkit
