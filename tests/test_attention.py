@@ -19,6 +19,8 @@ from reference import (
     torch_equivalent,
 )
 
+ISA_KERNELS = ("attention_fwd",)  # the kernel-table entries tested here (conftest.isas_for)
+
 
 def make_qkv(rng, B, H, Hkv, Sq, Sk, D, Dv=None, dtype=np.float32, kv_dtype=None):
     Dv = D if Dv is None else Dv

@@ -8,6 +8,8 @@ from reference import assert_close, attention_ref, bfloat16, nonfinite_cases, ra
 
 from test_attention import ak_options, check, make_qkv, masks
 
+ISA_KERNELS = ("attention_fwd",)  # the kernel-table entries tested here (conftest.isas_for)
+
 
 def half_dtypes():
     return [np.float16] + ([bfloat16] if bfloat16 is not None else [])

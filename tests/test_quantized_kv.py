@@ -19,6 +19,8 @@ from reference import assert_close, bfloat16, ml_dtypes, output_scale, randn, to
 
 from test_decode import ref_from_cache
 
+ISA_KERNELS = ("attention_fwd", "quantize_kv")  # the kernel-table entries tested here (conftest.isas_for)
+
 if ml_dtypes is None:  # pragma: no cover - ml_dtypes is in the test extra
     pytest.skip("ml_dtypes is not installed", allow_module_level=True)
 
