@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a GPU host: build attnkit with CUDA, run the GPU tests, then the GPU benchmark against
-# torch, printing the benchmark table last. Budget: under 8 minutes on an H100/H200 host with
+# On a GPU host: build attnkit with CUDA, run the GPU tests, the host CPU's amx variant (tests
+# and bf16 matmul rows, when the CPU has AMX), then the GPU benchmark against torch, printing
+# the benchmark table last. Budget: under 8 minutes on an H100/H200 host with
 # 16 cores. Offline: uses the Python, torch, CMake, ninja, pybind11, scikit-build-core and
 # nvcc already installed (pip is told --no-index --no-deps --no-build-isolation).
 #
@@ -43,6 +44,22 @@ if $PY -c "import pytest" 2>/dev/null; then
 else
   stamp "pytest is not installed here: GPU tests SKIPPED (the benchmark still checks each result against torch)"
   status=1
+fi
+
+# The host CPU beside the GPU has AMX (issue 13): the amx variant's tests and its bf16 matmul
+# against torch's, in the same run. Unverified until this passes on an AMX CPU.
+stamp "host CPU: the amx variant (bf16 matmul on AMX tiles)"
+if $PY -c "import attnkit, sys; v = {i['name']: i for i in attnkit.info()['isas']}['amx']; print('amx:', v['supported'] or v['unsupported']); sys.exit(0 if v['supported'] else 1)"; then
+  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_matmul.py tests/test_runtime.py -k "amx or info or env" -rs \
+    > build/amx-tests.log 2>&1
+  rc=$?
+  grep -E "^(FAILED|ERROR)" build/amx-tests.log | head -20
+  tail -2 build/amx-tests.log
+  [ "$rc" = 0 ] || { stamp "amx tests FAILED or timed out (rc=$rc)"; status=1; }
+  for t in 1 16; do
+    ATTNKIT_CPU=amx timeout 120 $PY bench/run.py --suite matmul --dtype bf16 --threads $t --rounds 3 \
+      || { stamp "amx bench FAILED or timed out"; status=1; }
+  done
 fi
 
 stamp "benchmark: attnkit vs torch (table last)"
