@@ -512,7 +512,7 @@ def test_long_keys_repack_the_kv_cache(isa, rng):
 
 
 # bf16 q, k, v through the prefill kernel (avx512_bf16: S = Q K^T on vdpbf16ps, K in pair
-# words): odd and even head dims, q rows not whole words (odd D, odd row strides), GQA,
+# words; amx: both GEMMs on tiles, P rounded to bf16): odd and even head dims, q rows not whole words (odd D, odd row strides), GQA,
 # masks and windows, several key blocks, reversed sequences.
 @pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
 @pytest.mark.parametrize("D", [1, 7, 64, 111, 128])
@@ -529,13 +529,18 @@ def test_bf16_prefill_paths(isa, rng, D):
     mask = rng.random((1, 1, 70, 300)) < 0.7
     o = attnkit.attention(q, k, v, mask=mask, softcap=5.0)
     check(q, k, v, o, mask=mask, softcap=5.0)
+    # a window whose left edge leaves whole key panels out of later query tiles (run_item's
+    # `off`: the packed K and V are then read from a key past the block's start)
+    q2, k2, v2 = make_qkv(rng, 1, 2, 1, 300, 300, D, dtype=bfloat16)
+    o = attnkit.attention(q2, k2, v2, window=(40, 3))
+    check(q2, k2, v2, o, use_torch=False, window=(40, 3))
 
 
 @pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
 def test_bf16_subnormal_scores(isa, rng):
-    """vdpbf16ps reads subnormal bf16 as zero (Intel SDM: DAZ, MXCSR ignored). The fp32 paths
-    attend with the subnormal q; avx512_bf16's Q K^T attends as if it were 0 (documented in
-    ARCHITECTURE.md, "ISA variants"). Here that moves one score from 1 to 0."""
+    """vdpbf16ps and TDPBF16PS read subnormal bf16 as zero (Intel SDM: DAZ, MXCSR ignored). The
+    fp32 paths attend with the subnormal q; avx512_bf16's and amx's Q K^T attend as if it were 0
+    (documented in ARCHITECTURE.md, "ISA variants"). Here that moves one score from 1 to 0."""
     q = np.zeros((1, 1, 40, 8), bfloat16)
     k = np.zeros((1, 1, 40, 8), bfloat16)
     q[0, 0, 0, 0] = np.float32(2.0 ** -130)  # subnormal in bf16
@@ -547,4 +552,5 @@ def test_bf16_subnormal_scores(isa, rng):
     exact, _ = attention_ref(q, k, v, scale=16.0)
     daz, _ = attention_ref(flushed, k, v, scale=16.0)
     assert np.abs(exact - daz).max() > 0.05  # the two semantics differ visibly
-    assert_close(o, daz if isa == "avx512_bf16" else exact, bfloat16, what="attention out")
+    flushes = isa in ("avx512_bf16", "amx", "amx_emulated")
+    assert_close(o, daz if flushes else exact, bfloat16, what="attention out")

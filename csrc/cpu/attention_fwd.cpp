@@ -8,7 +8,10 @@
 //   O = alpha O + P V         GEMM micro-kernel: A = P in place, B = V packed in NR-column panels
 // and finally out = O / l, lse = m + log l. The avx512_bf16 variant compiles this file again
 // for bf16 q, k, v only: S = Q K^T then runs on vdpbf16ps over K packed in pair words
-// (kPairK below); the softmax and P V stay fp32. No Sq x Sk matrix exists: per-thread scratch is
+// (kPairK below); the softmax and P V stay fp32. The amx variants (kTiles) compile it for bf16
+// q, k, v too: S = Q K^T on AMX tiles (q packed per item in tile rows, K in the same pair
+// panels), the softmax in fp32, then P rounded to bf16 and O += P V on tiles with V packed in
+// pair panels along the keys (gemm/ukernel_amx.h). No Sq x Sk matrix exists: per-thread scratch is
 // one S tile (kBlockM x kBlockN), one O tile (kBlockM x Dv) and the packed K/V of the current
 // (batch, kv head) group (see PackCache).
 //
@@ -40,11 +43,14 @@
 #if defined(ATTNKIT_ISA_AVX512_BF16)
 #include "gemm/ukernel_bf16.h"
 #include "kernels.h"
+#elif defined(ATTNKIT_ISA_AMX) || defined(ATTNKIT_ISA_AMX_EMULATED)
+#include "gemm/ukernel_amx.h"  // defines ATTNKIT_AMX_TILES
+#include "kernels.h"
 #endif
 
 namespace attnkit {
 namespace cpu {
-#if defined(ATTNKIT_ISA_AVX512_BF16)
+#if defined(ATTNKIT_ISA_AVX512_BF16) || defined(ATTNKIT_AMX_TILES)
 namespace avx512_vnni {
 bool decode_applies(const AttentionParams& p);  // attention_decode.cpp, the variant below
 }
@@ -58,19 +64,38 @@ Status attention_decode(const AttentionParams& p);
 namespace {
 
 // avx512_bf16: with bf16 q and K, S = Q K^T runs on vdpbf16ps (gemm/ukernel_bf16.h): K is
-// packed in pair words along the head dim, q rows are read in place as pair words. Every
-// other variant and dtype packs K in fp32 panels.
-#if defined(ATTNKIT_ISA_AVX512_BF16)
+// packed in pair words along the head dim, q rows are read in place as pair words. amx
+// (kTiles): K in the same pair panels, their rows padded to whole tiles (16 words), and both
+// GEMMs on tiles. Every other variant and dtype packs K in fp32 panels.
+#if defined(ATTNKIT_ISA_AVX512_BF16) || defined(ATTNKIT_AMX_TILES)
 template <class S>
 constexpr bool kPairK = std::is_same<S, bf16_t>::value;
 #else
 template <class S>
 constexpr bool kPairK = false;
-// Declared only so that run_item's pair branches (discarded when kPairK is false) parse.
+uint32_t load_pair(const void*);
+#endif
+#if defined(ATTNKIT_AMX_TILES)
+constexpr bool kTiles = true;
+using TileThread = TileScope;  // a thread's tile configuration for its parallel region
+#else
+constexpr bool kTiles = false;
+struct TileThread {
+  TileThread() {}  // no tiles, nothing to configure
+};
+// Declared only so that the tile branches (discarded without AMX) parse.
+int64_t padded_pairs(int64_t);
+void pack_a_panel(const bf16_t*, int64_t, int64_t, int, int64_t, uint32_t*);
+void pack_a_panel_f32(const float*, int64_t, int, int64_t, uint32_t*);
+void compute_panel(int, int64_t, const uint32_t*, const uint32_t*, float*, int64_t, bool, int);
+template <class T, class RowFn>
+bool pack_v_pair_panels(RowFn&&, int64_t, int64_t, uint32_t*);
+#endif
+#if !defined(ATTNKIT_ISA_AVX512_BF16)
+// Declared only so that run_item's vdpbf16ps branch (discarded elsewhere) parses.
 template <bool kPackedA>
 void ukernel_bf16_rows(int, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*,
                        int64_t, bool, int);
-uint32_t load_pair(const void*);
 #endif
 
 template <class T>
@@ -79,7 +104,8 @@ struct Tiles {
   // per-row work of a block (max/sum reductions, the rescale of O, one scalar exp) is fixed,
   // and at 64 keys it cost more than the exps themselves (bench/notes/attention.md: 157 -> 168 GFLOP/s
   // at B1 H12 S1024 D64). S tile 48 x 256 x 4 B = 48 KB lives in L2.
-  static constexpr int64_t kBlockM = Blocking<T>::MR >= 6 ? 48 : 32;
+  // amx: 32 rows, one tile row pair (gemm/ukernel_amx.h).
+  static constexpr int64_t kBlockM = kTiles ? 32 : Blocking<T>::MR >= 6 ? 48 : 32;
   static constexpr int64_t kBlockN = 256;
   static constexpr int NR = Blocking<T>::NR;
   static constexpr int64_t kBlockNPad = (kBlockN + NR - 1) / NR * NR;
@@ -114,6 +140,7 @@ struct PackCache {
 template <class T>
 struct Workspace {
   Scratch<T> qf, s, o, m, l;
+  Scratch<uint32_t> pt;  // kTiles: P in bf16 tile rows (gemm/ukernel_amx.h)
   Scratch<T> add;  // mask row, in the compute type (a float64 mask stays float64)
   Scratch<uint8_t> keep;  // dropout decisions of one row
   PackCache<T> cache;
@@ -124,16 +151,56 @@ struct Item {
   int64_t cost;      // key blocks visited (at least 1)
 };
 
-// avx512_bf16 (kPairK): key row jj of a block (null: a zero pad row) as pair words in the K
-// panels at kb, [ceil(D/2)][NR] (an odd D's last word has a zero high half).
+// Elements of T a packed K row (one key of a panel) or a q row takes: D, or with kTiles the
+// pair words of D rounded up to whole tile rows when that is more.
+inline int64_t packed_row_elems(int64_t D) {
+  if constexpr (kTiles) return imax(D, padded_pairs((D + 1) / 2));
+  return D;
+}
+
+// kPairK: key row jj of a block (null: a zero pad row) as pair words in the K panels at kb,
+// [rows][NR] with rows = k_pair_rows(D) (an odd D's last word has a zero high half; rows past
+// ceil(D/2), the tile padding, are zero).
+inline int64_t k_pair_rows(int64_t D) { return kTiles ? padded_pairs((D + 1) / 2) : (D + 1) / 2; }
 template <class T, class S>
 inline void pack_k_pair_row(const S* krow, int64_t D, T* kb, int64_t jj) {
   constexpr int NR = Tiles<T>::NR;
-  const int64_t dp = (D + 1) / 2;
-  uint32_t* kw = reinterpret_cast<uint32_t*>(kb) + (jj / NR) * dp * NR + jj % NR;
-  for (int64_t d = 0; d < dp; ++d)
-    kw[d * NR] = !krow ? 0u : 2 * d + 1 < D ? load_pair(krow + 2 * d) : uint32_t(krow[2 * d].bits);
+  const int64_t dp = (D + 1) / 2, rows = k_pair_rows(D);
+  uint32_t* kw = reinterpret_cast<uint32_t*>(kb) + (jj / NR) * rows * NR + jj % NR;
+  for (int64_t d = 0; d < rows; ++d)
+    kw[d * NR] = !krow || d >= dp ? 0u
+                 : 2 * d + 1 < D  ? load_pair(krow + 2 * d)
+                                  : uint32_t(krow[2 * d].bits);
 }
+
+#if defined(ATTNKIT_AMX_TILES)
+// kTiles: keys 0..bn of V (bf16 rows at vrow(jj)) as pair panels along the keys, the B operand
+// of P V: panel c (columns 32c..32c+31) at vw + c * (BNp / 2) * 32 words, [BNp / 2][32], pair
+// rows past ceil(bn / 2) up to whole tiles zero, columns past Dv zero. Returns whether V holds
+// inf/NaN.
+template <class T, class RowFn>
+bool pack_v_pair_panels(RowFn&& vrow, int64_t bn, int64_t Dv, uint32_t* vw) {
+  constexpr int64_t half = Tiles<T>::kBlockNPad / 2;
+  const int64_t kp = (bn + 1) / 2, kpp = padded_pairs(kp);
+  const __m512i exp_mask = _mm512_set1_epi16(0x7f80);
+  __mmask32 nonfinite = 0;
+  for (int64_t c0 = 0; c0 < Dv; c0 += 32) {
+    const int64_t nc = imin(32, Dv - c0);
+    const __mmask32 cols = nc >= 32 ? ~__mmask32(0) : (__mmask32(1) << nc) - 1;
+    uint32_t* panel = vw + (c0 / 32) * half * 32;
+    for (int64_t q = 0; q < kp; ++q) {
+      const __m512i r0 = _mm512_maskz_loadu_epi16(cols, vrow(2 * q) + c0);
+      const __m512i r1 = 2 * q + 1 < bn ? _mm512_maskz_loadu_epi16(cols, vrow(2 * q + 1) + c0)
+                                        : _mm512_setzero_si512();
+      nonfinite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(r0, exp_mask), exp_mask) |
+                   _mm512_cmpeq_epi16_mask(_mm512_and_si512(r1, exp_mask), exp_mask);
+      interleave_pairs(r0, r1, panel + q * 32);
+    }
+    std::memset(panel + kp * 32, 0, size_t(kpp - kp) * 32 * 4);
+  }
+  return nonfinite != 0;
+}
+#endif
 
 // Packs keys j0..j0+bn of kv head g: K transposed into NR-key panels ([D][NR] each, or pair
 // words with kPairK; keys bn..round_up(bn, NR) zero, as the S GEMM reads whole panels) and
@@ -148,6 +215,12 @@ void pack_kv_block(const AttentionParams& p, const SeqView& s, int64_t g, int64_
     for (int64_t jj = 0; jj < round_up(bn, NR); ++jj)
       pack_k_pair_row<T, S>(jj < bn ? typed<S>(p.k) + kv_offset(p, s, g, j0 + jj, p.k_stride) : nullptr,
                             D, kb, jj);
+    if constexpr (kTiles) {
+      *nonfinite = pack_v_pair_panels<T>(
+          [&](int64_t jj) { return typed<S>(p.v) + kv_offset(p, s, g, j0 + jj, p.v_stride); }, bn,
+          Dv, reinterpret_cast<uint32_t*>(vb));
+      return;
+    }
   } else {
     pack_panels_transposed<T, NR>(round_up(bn, NR), D, kb,
                                   [&](int64_t jj) { return kv_row<T, S>(p, s, g, j0, jj, bn, false); });
@@ -191,17 +264,16 @@ void ensure_packed(const AttentionParams& p, const SeqView& s, int64_t g, int64_
 // O += P V for a V block that holds inf/NaN: keys masked out for a row are skipped, so a
 // NaN in a masked-out V row never reaches the output (0 * NaN would). A key whose P
 // underflowed to 0 is still attended (0 * NaN = NaN, as in torch).
-template <class T>
+// v(j, d) reads V's element (key j of the block, column d) from its packed layout.
+template <class T, class VFn>
 void pv_with_nonfinite(const AttentionParams& p, const SeqView& s, int64_t h, int64_t i0,
-                       int64_t j0, const T* P, int64_t ldp, int64_t bm, int64_t bn, const T* vb,
+                       int64_t j0, const T* P, int64_t ldp, int64_t bm, int64_t bn, VFn&& v,
                        T* O, int64_t ldo, int64_t dvp) {
-  constexpr int NR = Tiles<T>::NR;
-  constexpr int64_t BNp = Tiles<T>::kBlockNPad;
   for (int64_t r = 0; r < bm; ++r)
     for (int64_t j = 0; j < bn; ++j) {
       const T pj = P[r * ldp + j];
       if (pj == T(0) && key_masked(p, s, h, i0 + r, j0 + j)) continue;
-      for (int64_t d = 0; d < dvp; ++d) O[r * ldo + d] += pj * vb[(d / NR) * BNp * NR + j * NR + d % NR];
+      for (int64_t d = 0; d < dvp; ++d) O[r * ldo + d] += pj * v(j, d);
     }
 }
 
@@ -226,7 +298,11 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
   const int64_t Dw = (D + 1) / 2;  // pair words of a q / K row
   const uint32_t* Aw = nullptr;
   int64_t rs_w = 0;
-  if constexpr (pairs) {
+  if constexpr (pairs && kTiles) {  // q rows in tile layout (zero rows past bm, zero dims past D)
+    uint32_t* qt = reinterpret_cast<uint32_t*>(w.qf.get());
+    pack_a_panel(Q + q_offset(p, s, h, i0), p.q_stride[2], 1, int(bm), D, qt);
+    Aw = qt;
+  } else if constexpr (pairs) {
     if (D % 2 == 0 && p.q_stride[2] % 2 == 0) {  // rows of whole words: in place
       Aw = reinterpret_cast<const uint32_t*>(Q + q_offset(p, s, h, i0));
       rs_w = p.q_stride[2] / 2;
@@ -277,9 +353,18 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
     const T *kblk, *vblk;
     bool v_nonfinite;
     ensure_packed<T, SKV>(p, s, g, kb, w.cache, &kblk, &vblk, &v_nonfinite);
-    kblk += off * (pairs ? Dw : D);  // panels [key/NR][dim][NR]: skip off / NR of them
-    vblk += off * NR;                // [dim/NR][BNp][NR]: start at key `off` of each panel
+    const int64_t k_rows = pairs ? k_pair_rows(D) : D;
+    kblk += off * k_rows;  // panels [key/NR][k_rows][NR]: skip off / NR of them
+    // V: [dim/NR][BNp][NR], or with kTiles pair panels [dim/32][BNp/2][32] (words): start at
+    // key `off` of each panel.
+    const uint32_t* vw = reinterpret_cast<const uint32_t*>(vblk);
+    if (!kTiles) vblk += off * NR;
     // S = Q K^T
+    if constexpr (pairs && kTiles) {
+      for (int64_t jp = 0; jp < bn; jp += NR)
+        compute_panel(int(bm), k_rows, Aw, reinterpret_cast<const uint32_t*>(kblk) + (jp / NR) * k_rows * NR,
+                      S + jp, BNp, false, NR);
+    } else {
     for (int64_t ir = 0; ir < bm; ir += MR) {
       const int mr = int(imin(MR, bm - ir));
       for (int64_t jp = 0; jp < bn; jp += NR) {
@@ -292,6 +377,7 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
                                  S + ir * BNp + jp, BNp, false, NR);
       }
     }
+    }
     // Softmax update row by row. A mask broadcast over query rows (key padding) is the same
     // for every row: it is read once per block.
     for (int64_t r = 0; r < bm; ++r) {
@@ -301,8 +387,26 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
       if (p.dropout_p > 0.0f) dropout_row_apply<T>(p, s.b, h, i, j0, bn, S + r * BNp, w.keep.get());
     }
     // O += P V
+    if constexpr (pairs && kTiles) {
+      constexpr int64_t half = BNp / 2;  // pair rows of a V panel
+      if (v_nonfinite) {
+        auto v = [&](int64_t j, int64_t d) {
+          const uint32_t word = vw[(d / 32) * half * 32 + ((off + j) / 2) * 32 + d % 32];
+          return bf16_to_f32(uint16_t((off + j) % 2 ? word >> 16 : word & 0xffffu));
+        };
+        pv_with_nonfinite<T>(p, s, h, i0, j0, S, BNp, bm, bn, v, O, Dvp, Dvp);
+        continue;
+      }
+      uint32_t* pt = w.pt.get();
+      pack_a_panel_f32(S, BNp, int(bm), bn, pt);
+      const int64_t kp = padded_pairs((bn + 1) / 2);
+      for (int64_t c = 0; c < Dvp; c += 32)
+        compute_panel(int(bm), kp, pt, vw + (c / 32) * half * 32 + (off / 2) * 32, O + c, Dvp, true, 32);
+      continue;
+    }
     if (v_nonfinite) {
-      pv_with_nonfinite<T>(p, s, h, i0, j0, S, BNp, bm, bn, vblk, O, Dvp, Dvp);
+      auto v = [&](int64_t j, int64_t d) { return vblk[(d / NR) * BNp * NR + j * NR + d % NR]; };
+      pv_with_nonfinite<T>(p, s, h, i0, j0, S, BNp, bm, bn, v, O, Dvp, Dvp);
       continue;
     }
     for (int64_t ir = 0; ir < bm; ir += MR) {
@@ -331,7 +435,7 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
 template <class T>
 int64_t pack_cache_slots(const AttentionParams& p, int64_t max_sk) {
   using Tl = Tiles<T>;
-  const int64_t block_elems = Tl::kBlockNPad * (p.head_dim + round_up(p.head_dim_v, Tl::NR));
+  const int64_t block_elems = Tl::kBlockNPad * (packed_row_elems(p.head_dim) + round_up(p.head_dim_v, Tl::NR));
   const int64_t nblocks = imax(1, ceil_div(max_sk, Tl::kBlockN));
   return nblocks * block_elems * int64_t(sizeof(T)) <= kPackCacheBytes ? nblocks : 1;
 }
@@ -344,11 +448,12 @@ bool init_workspace(const AttentionParams& p, Workspace<T>& w, int64_t max_sk,
   const int64_t BM = Tl::kBlockM, BNp = Tl::kBlockNPad;
   const int64_t D = p.head_dim, Dvp = round_up(p.head_dim_v, NR);
   PackCache<T>& c = w.cache;
-  c.block_elems_k = BNp * D;
+  c.block_elems_k = BNp * packed_row_elems(D);
   c.block_elems_v = BNp * Dvp;
   c.shared = shared;
   c.slots = shared.k ? 0 : pack_cache_slots<T>(p, max_sk);
-  return w.qf.reset(size_t(BM * D)) && w.s.reset(size_t(BM * BNp)) && w.o.reset(size_t(BM * Dvp)) &&
+  if (kTiles && !w.pt.reset(size_t(BM * BNp / 2))) return false;
+  return w.qf.reset(size_t(BM * packed_row_elems(D))) && w.s.reset(size_t(BM * BNp)) && w.o.reset(size_t(BM * Dvp)) &&
          w.m.reset(size_t(BM)) && w.l.reset(size_t(BM)) && w.add.reset(size_t(Tl::kBlockN)) && w.keep.reset(size_t(Tl::kBlockN)) &&
          c.k.reset(size_t(c.slots * c.block_elems_k)) && c.v.reset(size_t(c.slots * c.block_elems_v)) &&
          c.tag.reset(size_t(c.slots)) && c.nonfinite.reset(size_t(c.slots));
@@ -399,7 +504,7 @@ Status attention_typed(const AttentionParams& p) {
   // (when every group's blocks fit in the memory the per-thread caches would have taken).
   const int64_t n_groups = p.batch * p.num_kv_heads;
   const int64_t blocks = imax(1, ceil_div(max_sk, BN));
-  const int64_t block_elems_k = Tl::kBlockNPad * p.head_dim;
+  const int64_t block_elems_k = Tl::kBlockNPad * packed_row_elems(p.head_dim);
   const int64_t block_elems_v = Tl::kBlockNPad * round_up(p.head_dim_v, Tl::NR);
   const bool share = nt > 1 && n_groups < nt && pack_cache_slots<T>(p, max_sk) == blocks &&
                      n_groups * blocks * (block_elems_k + block_elems_v) * int64_t(sizeof(T)) <=
@@ -426,6 +531,7 @@ Status attention_typed(const AttentionParams& p) {
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
+    const TileThread tiles;
     const int tid = thread_id(), team = team_size();
     int64_t begin, end;
     cost_split(prefix.get(), n_items, tid, team, &begin, &end);
@@ -487,9 +593,9 @@ Status dispatch_kv(const AttentionParams& p) {
 
 }  // namespace
 
-#if defined(ATTNKIT_ISA_AVX512_BF16)
-// bf16 q, k and v in the prefill kernel: this variant's pair path; everything else (other
-// dtypes, decode-shaped calls, 8-bit caches) is avx512_vnni's.
+#if defined(ATTNKIT_ISA_AVX512_BF16) || defined(ATTNKIT_AMX_TILES)
+// bf16 q, k and v in the prefill kernel: this variant's pair (or tile) path; everything else
+// (other dtypes, decode-shaped calls, 8-bit caches) is avx512_vnni's.
 Status attention_fwd(const AttentionParams& p) {
   if (p.q_dtype == DType::bf16 && p.kv_dtype == DType::bf16 && p.num_kv_heads > 0 &&
       p.num_heads % p.num_kv_heads == 0 && !avx512_vnni::decode_applies(p))

@@ -7,10 +7,12 @@ namespace ATTNKIT_ISA_NS {
 
 #if defined(ATTNKIT_ISA_AMX) || defined(ATTNKIT_ISA_AMX_EMULATED)
 // amx (and its software model amx_emulated, simd/amx.h) sit on avx512_vnni: bf16 matmul on
-// tiles (gemm_bf16.cpp with gemm/ukernel_amx.h) is their own; every other entry, and the
-// products the tile kernel leaves to the fp32 path, are avx512_vnni's (not avx512_bf16's:
-// vdpbf16ps ran slower than the fp32 path on the Emerald Rapids where it was measured).
-Status gemm(const GemmParams& p);  // gemm_bf16.cpp
+// tiles (gemm_bf16.cpp with gemm/ukernel_amx.h) and the bf16 attention forward on tiles
+// (attention_fwd.cpp, kTiles) are their own; every other entry, and what those kernels leave
+// to the fp32 path, are avx512_vnni's (not avx512_bf16's: vdpbf16ps ran slower than the fp32
+// path on the Emerald Rapids where it was measured).
+Status gemm(const GemmParams& p);                // gemm_bf16.cpp
+Status attention_fwd(const AttentionParams& p);  // attention_fwd.cpp
 
 const KernelTable* kernel_table() {
   const KernelTable* base = avx512_vnni::kernel_table();
@@ -20,7 +22,7 @@ const KernelTable* kernel_table() {
 #else
       "amx_emulated",
 #endif
-      base->softmax,       &gemm,           base->attention_fwd,
+      base->softmax,       &gemm,           &attention_fwd,
       base->attention_bwd, base->quantize_kv, base->merge_attention_states};
   return &table;
 }

@@ -22,6 +22,7 @@
 #include "attnkit/dtype.h"
 #include "gemm/pairs.h"
 #include "simd/amx.h"
+#include "simd/vec.h"
 
 namespace attnkit {
 namespace cpu {
@@ -74,6 +75,27 @@ inline void pack_a_panel(const bf16_t* a, int64_t rs_a, int64_t cs_a, int m, int
         _mm512_storeu_si512(row, _mm512_maskz_loadu_epi16(mask, src));
       } else {
         for (int64_t k = 0; k < 32; ++k) row[k] = k < kn ? src[k * cs_a].bits : uint16_t(0);
+      }
+    }
+  }
+}
+
+// The same layout from fp32 rows rounded to bf16 (nearest even): m x kc at a (row stride lda),
+// m <= 32. Attention's P = exp(S - m) goes to its P V tiles this way.
+inline void pack_a_panel_f32(const float* a, int64_t lda, int m, int64_t kc, uint32_t* dst) {
+  using V = Vec<float>;
+  const int64_t steps = padded_pairs((kc + 1) / 2) / 16;
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t k0 = 32 * s;
+    uint32_t* out = dst + s * 32 * 16;
+    for (int i = 0; i < 32; ++i) {
+      __m256i* row = reinterpret_cast<__m256i*>(out + i * 16);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t kn = kc - k0 - 16 * h;  // values of this half inside the matrix
+        const V x = i >= m || kn <= 0 ? V::zero()
+                    : kn >= 16        ? V::load(a + i * lda + k0 + 16 * h)
+                                      : V::load_partial(a + i * lda + k0 + 16 * h, int(kn));
+        _mm256_storeu_si256(row + h, cvt_to_bf16_bits(x));
       }
     }
   }
