@@ -43,8 +43,7 @@
 #if defined(ATTNKIT_ISA_AVX512_BF16)
 #include "gemm/ukernel_bf16.h"
 #include "kernels.h"
-#elif defined(ATTNKIT_ISA_AMX) || defined(ATTNKIT_ISA_AMX_EMULATED)
-#include "gemm/ukernel_amx.h"  // defines ATTNKIT_AMX_TILES
+#elif defined(ATTNKIT_AMX_TILES)  // attention_pack.h included gemm/ukernel_amx.h
 #include "kernels.h"
 #endif
 
@@ -75,21 +74,14 @@ template <class S>
 constexpr bool kPairK = false;
 uint32_t load_pair(const void*);
 #endif
-#if defined(ATTNKIT_AMX_TILES)
-constexpr bool kTiles = true;
-using TileThread = TileScope;  // a thread's tile configuration for its parallel region
-#else
-constexpr bool kTiles = false;
-struct TileThread {
-  TileThread() {}  // no tiles, nothing to configure
-};
+#if !defined(ATTNKIT_AMX_TILES)
 // Declared only so that the tile branches (discarded without AMX) parse.
 int64_t padded_pairs(int64_t);
 void pack_a_panel(const bf16_t*, int64_t, int64_t, int, int64_t, uint32_t*);
 void pack_a_panel_f32(const float*, int64_t, int, int64_t, uint32_t*);
 void compute_panel(int, int64_t, const uint32_t*, const uint32_t*, float*, int64_t, bool, int);
-template <class T, class RowFn>
-bool pack_v_pair_panels(RowFn&&, int64_t, int64_t, uint32_t*);
+template <class RowFn>
+bool pack_rows_pairs(RowFn&&, int64_t, int64_t, int64_t, uint32_t*, int64_t);
 #endif
 #if !defined(ATTNKIT_ISA_AVX512_BF16)
 // Declared only so that run_item's vdpbf16ps branch (discarded elsewhere) parses.
@@ -165,42 +157,9 @@ inline int64_t k_pair_rows(int64_t D) { return kTiles ? padded_pairs((D + 1) / 2
 template <class T, class S>
 inline void pack_k_pair_row(const S* krow, int64_t D, T* kb, int64_t jj) {
   constexpr int NR = Tiles<T>::NR;
-  const int64_t dp = (D + 1) / 2, rows = k_pair_rows(D);
-  uint32_t* kw = reinterpret_cast<uint32_t*>(kb) + (jj / NR) * rows * NR + jj % NR;
-  for (int64_t d = 0; d < rows; ++d)
-    kw[d * NR] = !krow || d >= dp ? 0u
-                 : 2 * d + 1 < D  ? load_pair(krow + 2 * d)
-                                  : uint32_t(krow[2 * d].bits);
+  const int64_t rows = k_pair_rows(D);
+  pack_pair_column(krow, D, rows, reinterpret_cast<uint32_t*>(kb) + (jj / NR) * rows * NR + jj % NR, NR);
 }
-
-#if defined(ATTNKIT_AMX_TILES)
-// kTiles: keys 0..bn of V (bf16 rows at vrow(jj)) as pair panels along the keys, the B operand
-// of P V: panel c (columns 32c..32c+31) at vw + c * (BNp / 2) * 32 words, [BNp / 2][32], pair
-// rows past ceil(bn / 2) up to whole tiles zero, columns past Dv zero. Returns whether V holds
-// inf/NaN.
-template <class T, class RowFn>
-bool pack_v_pair_panels(RowFn&& vrow, int64_t bn, int64_t Dv, uint32_t* vw) {
-  constexpr int64_t half = Tiles<T>::kBlockNPad / 2;
-  const int64_t kp = (bn + 1) / 2, kpp = padded_pairs(kp);
-  const __m512i exp_mask = _mm512_set1_epi16(0x7f80);
-  __mmask32 nonfinite = 0;
-  for (int64_t c0 = 0; c0 < Dv; c0 += 32) {
-    const int64_t nc = imin(32, Dv - c0);
-    const __mmask32 cols = nc >= 32 ? ~__mmask32(0) : (__mmask32(1) << nc) - 1;
-    uint32_t* panel = vw + (c0 / 32) * half * 32;
-    for (int64_t q = 0; q < kp; ++q) {
-      const __m512i r0 = _mm512_maskz_loadu_epi16(cols, vrow(2 * q) + c0);
-      const __m512i r1 = 2 * q + 1 < bn ? _mm512_maskz_loadu_epi16(cols, vrow(2 * q + 1) + c0)
-                                        : _mm512_setzero_si512();
-      nonfinite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(r0, exp_mask), exp_mask) |
-                   _mm512_cmpeq_epi16_mask(_mm512_and_si512(r1, exp_mask), exp_mask);
-      interleave_pairs(r0, r1, panel + q * 32);
-    }
-    std::memset(panel + kp * 32, 0, size_t(kpp - kp) * 32 * 4);
-  }
-  return nonfinite != 0;
-}
-#endif
 
 // Packs keys j0..j0+bn of kv head g: K transposed into NR-key panels ([D][NR] each, or pair
 // words with kPairK; keys bn..round_up(bn, NR) zero, as the S GEMM reads whole panels) and
@@ -215,10 +174,10 @@ void pack_kv_block(const AttentionParams& p, const SeqView& s, int64_t g, int64_
     for (int64_t jj = 0; jj < round_up(bn, NR); ++jj)
       pack_k_pair_row<T, S>(jj < bn ? typed<S>(p.k) + kv_offset(p, s, g, j0 + jj, p.k_stride) : nullptr,
                             D, kb, jj);
-    if constexpr (kTiles) {
-      *nonfinite = pack_v_pair_panels<T>(
+    if constexpr (kTiles) {  // V in pair panels along the keys, [Dvp / 32][BNp / 2][32] words
+      *nonfinite = pack_rows_pairs(
           [&](int64_t jj) { return typed<S>(p.v) + kv_offset(p, s, g, j0 + jj, p.v_stride); }, bn,
-          Dv, reinterpret_cast<uint32_t*>(vb));
+          Dv, padded_pairs((bn + 1) / 2), reinterpret_cast<uint32_t*>(vb), Tiles<T>::kBlockNPad / 2 * 32);
       return;
     }
   } else {

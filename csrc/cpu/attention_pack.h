@@ -10,10 +10,25 @@
 #include "simd/scalar_cvt.h"
 #include "simd/transpose.h"
 #include "simd/vec.h"
+#if defined(ATTNKIT_ISA_AMX) || defined(ATTNKIT_ISA_AMX_EMULATED)
+#include "gemm/ukernel_amx.h"  // defines ATTNKIT_AMX_TILES
+#endif
 
 namespace attnkit {
 namespace cpu {
 namespace ATTNKIT_ISA_NS {
+
+// amx / amx_emulated: bf16 attention runs its GEMMs on AMX tiles (kTiles); every thread of a
+// parallel region that may touch them holds a TileThread (simd/amx.h's TileScope).
+#if defined(ATTNKIT_AMX_TILES)
+constexpr bool kTiles = true;
+using TileThread = TileScope;
+#else
+constexpr bool kTiles = false;
+struct TileThread {
+  TileThread() {}  // no tiles, nothing to configure
+};
+#endif
 
 // One K or V row of a key block, read N lanes at a time in the compute type T: converted from
 // half precision, or dequantized (codes times the row's scale) for 8-bit caches. A null row

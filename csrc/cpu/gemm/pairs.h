@@ -91,6 +91,44 @@ inline void pack_b_pairs(const bf16_t* b, int64_t rs_b, int64_t cs_b, int64_t kc
     }
 }
 
+// One bf16 row of n values (null: zeros) as pair words down a panel column: dst[d * stride]
+// for d < rows holds values 2d and 2d + 1 (zero past n). K^T panels are built this way, one
+// key per column.
+inline void pack_pair_column(const bf16_t* src, int64_t n, int64_t rows, uint32_t* dst,
+                             int64_t stride) {
+  const int64_t dp = (n + 1) / 2;
+  for (int64_t d = 0; d < rows; ++d)
+    dst[d * stride] = !src || d >= dp ? 0u
+                      : 2 * d + 1 < n ? load_pair(src + 2 * d)
+                                      : uint32_t(src[2 * d].bits);
+}
+
+// Rows 0..kc of bf16 (row(i): a pointer to row i's first column) as pair panels along the rows:
+// panel c (columns 32c..32c+31) at dst + c * panel_words, [kpp][32] words; pair rows past
+// ceil(kc / 2) up to kpp and columns past ncols zero. Returns whether the rows hold inf/NaN.
+template <class RowFn>
+bool pack_rows_pairs(RowFn&& row, int64_t kc, int64_t ncols, int64_t kpp, uint32_t* dst,
+                     int64_t panel_words) {
+  const int64_t kp = (kc + 1) / 2;
+  const __m512i exp_mask = _mm512_set1_epi16(0x7f80);
+  __mmask32 nonfinite = 0;
+  for (int64_t c0 = 0; c0 < ncols; c0 += kPairPanel) {
+    const int64_t nc = ncols - c0 < kPairPanel ? ncols - c0 : kPairPanel;
+    const __mmask32 cols = nc >= 32 ? ~__mmask32(0) : (__mmask32(1) << nc) - 1;
+    uint32_t* panel = dst + (c0 / kPairPanel) * panel_words;
+    for (int64_t q = 0; q < kp; ++q) {
+      const __m512i r0 = _mm512_maskz_loadu_epi16(cols, row(2 * q) + c0);
+      const __m512i r1 = 2 * q + 1 < kc ? _mm512_maskz_loadu_epi16(cols, row(2 * q + 1) + c0)
+                                        : _mm512_setzero_si512();
+      nonfinite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(r0, exp_mask), exp_mask) |
+                   _mm512_cmpeq_epi16_mask(_mm512_and_si512(r1, exp_mask), exp_mask);
+      interleave_pairs(r0, r1, panel + q * kPairPanel);
+    }
+    std::memset(panel + kp * kPairPanel, 0, size_t(kpp - kp) * kPairPanel * 4);
+  }
+  return nonfinite != 0;
+}
+
 }  // namespace ATTNKIT_ISA_NS
 }  // namespace cpu
 }  // namespace attnkit

@@ -101,6 +101,45 @@ inline void pack_a_panel_f32(const float* a, int64_t lda, int m, int64_t kc, uin
   }
 }
 
+// fp32 rows 0..kc (row stride lda, rounded to bf16) as pair panels along the rows, as
+// pack_rows_pairs (gemm/pairs.h) does for bf16 rows: the B operand X of C += Y^T X when X is a
+// tile of attention's P or dS (rows = query rows, columns = keys).
+inline void pack_rows_pairs_f32(const float* a, int64_t lda, int64_t kc, int64_t ncols,
+                                int64_t kpp, uint32_t* dst, int64_t panel_words) {
+  using V = Vec<float>;
+  auto half_row = [&](int64_t r, int64_t c) {  // 16 values of row r from column c, as bf16
+    const int64_t n = ncols - c;
+    const V x = r >= kc || n <= 0 ? V::zero()
+                : n >= 16         ? V::load(a + r * lda + c)
+                                  : V::load_partial(a + r * lda + c, int(n));
+    return _mm512_castsi256_si512(cvt_to_bf16_bits(x));
+  };
+  auto row32 = [&](int64_t r, int64_t c) {
+    return _mm512_inserti64x4(half_row(r, c), _mm512_castsi512_si256(half_row(r, c + 16)), 1);
+  };
+  for (int64_t c0 = 0; c0 < ncols; c0 += kPairPanel) {
+    uint32_t* panel = dst + (c0 / kPairPanel) * panel_words;
+    for (int64_t q = 0; q < kpp; ++q) interleave_pairs(row32(2 * q, c0), row32(2 * q + 1, c0), panel + q * kPairPanel);
+  }
+}
+
+// A^T in tile layout: the A operand whose row i is column c0 + i of the kc x n bf16 matrix with
+// rows at row(r) (so A's k runs along those rows): m = min(32, n - c0) tile rows, kpp / 16
+// steps, zero past kc and past m. Built once per backward item for q^T and dO^T (scalar: it is
+// small next to the item's GEMMs).
+template <class RowFn>
+void pack_a_transposed(RowFn&& row, int64_t kc, int64_t n, int64_t c0, int64_t kpp, uint32_t* dst) {
+  for (int64_t s = 0; s < kpp / 16; ++s)
+    for (int i = 0; i < 32; ++i) {
+      uint16_t* out = reinterpret_cast<uint16_t*>(dst + (s * 32 + i) * 16);
+      const int64_t c = c0 + i;
+      for (int k = 0; k < 32; ++k) {
+        const int64_t r = 32 * s + k;
+        out[k] = c < n && r < kc ? row(r)[c].bits : uint16_t(0);
+      }
+    }
+}
+
 // C[0:32, 0:32] (fp32, row stride ldc floats) (+)= A B over kpp pairs (a multiple of 16);
 // accumulate = false overwrites C without reading it. m and nr are the panel's real rows and
 // columns: the workspace is padded, so the kernel always computes whole tiles.
