@@ -302,6 +302,57 @@ void grad_row(const AttentionParams& p, T* srow, T* dprow, const T* sraw, int64_
   }
 }
 
+// Rows i0..i0+bm of head h against keys j0..j0+bn: w.s holds S, w.dp dO V^T (row stride
+// BNp); on return w.s holds P and w.dp dS * scale (grad_row). row0: the rows' index in the
+// item's per-row arrays (lse, D_i).
+template <class T>
+void tile_grads(const AttentionParams& p, const SeqView& sv, int64_t h, int64_t i0, int64_t bm,
+                int64_t j0, int64_t bn, int64_t bnp, int64_t row0, BwdWork<T>& w) {
+  constexpr int64_t BNp = BwdTiles<T>::kBlockNPad;
+  T *S = w.s.get(), *dP = w.dp.get(), *Sraw = w.sraw.get();
+  const T inv_keep = p.dropout_p > 0.0f ? T(1) / (T(1) - T(p.dropout_p)) : T(1);
+  if (p.softcap > 0.0f)
+    for (int64_t x = 0; x < bm * BNp; ++x) Sraw[x] = S[x];
+  for (int64_t r = 0; r < bm; ++r) {
+    const int64_t i = i0 + r;
+    T* srow = S + r * BNp;
+    T* dprow = dP + r * BNp;
+    const auto rc = row_ctx(p, sv, h, i, j0, bn, w.add.get());
+    score_row(rc, srow);
+    const T lse = w.lse[row0 + r], Di = w.drow[row0 + r];
+    const T* zbuf = nullptr;
+    if (p.dropout_p > 0.0f) {
+      const DropoutRow dr = dropout_row(p.dropout_seed, p.dropout_offset, sv.b, h,
+                                        p.num_heads, i, p.dropout_p);
+      dropout_keep(dr, j0, bn, w.keep.get());
+      for (int64_t j = 0; j < BNp; ++j) w.zbuf[j] = j < bn && w.keep[j] ? inv_keep : T(0);
+      zbuf = w.zbuf.get();
+    }
+    grad_row<T>(p, srow, dprow, Sraw + r * BNp, bn, bnp, lse, Di, zbuf);
+  }
+}
+
+// dK/dV of keys j0..j0+bn_full (fp32 rows at dk / dv, strides Dp / Dvp): straight to the
+// output, or to this chunk's partial.
+template <class T, class SKV>
+void store_block_grads(const AttentionParams& p, const AttentionBwdParams& bp, const SeqView& sv,
+                       int64_t g, int64_t j0, int64_t bn_full, const T* dk, const T* dv,
+                       T* part_dk, T* part_dv) {
+  constexpr int NR = BwdTiles<T>::NR;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, Dp = round_up(D, NR), Dvp = round_up(Dv, NR);
+  for (int64_t jj = 0; jj < bn_full; ++jj) {
+    if (part_dk) {
+      for (int64_t d = 0; d < D; ++d) part_dk[(j0 + jj) * D + d] = dk[jj * Dp + d];
+      for (int64_t d = 0; d < Dv; ++d) part_dv[(j0 + jj) * Dv + d] = dv[jj * Dvp + d];
+      continue;
+    }
+    SKV* dko = static_cast<SKV*>(bp.dk) + kv_offset(p, sv, g, j0 + jj, bp.dk_stride);
+    SKV* dvo = static_cast<SKV*>(bp.dv) + kv_offset(p, sv, g, j0 + jj, bp.dv_stride);
+    store_row_scaled(dk + jj * Dp, T(1), D, dko);
+    store_row_scaled(dv + jj * Dvp, T(1), Dv, dvo);
+  }
+}
+
 template <class T, class SQ, class SKV>
 void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdItem& it,
               BwdWork<T>& w, T* part_dk, T* part_dv) {
@@ -313,8 +364,7 @@ void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdI
   const int64_t D = p.head_dim, Dv = p.head_dim_v, Dp = round_up(D, NR), Dvp = round_up(Dv, NR);
   load_item<T, SQ, SKV>(p, bp, it, sv, w);
   if constexpr (std::is_same<T, double>::value) recompute_lse<T, SKV>(p, it, sv, w);
-  const T inv_keep = p.dropout_p > 0.0f ? T(1) / (T(1) - T(p.dropout_p)) : T(1);
-  T *S = w.s.get(), *dP = w.dp.get(), *Sraw = w.sraw.get();
+  T *S = w.s.get(), *dP = w.dp.get();
 
   for (int64_t j0 = 0; j0 < sv.sk; j0 += BN) {
     const int64_t bn_full = imin(BN, sv.sk - j0);
@@ -349,25 +399,7 @@ void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdI
           const T* df = w.dof.get() + row0 * Dvp;
           gemm_panels<T>(qf, Dp, bm, D, w.kt.get(), bnp, S, BNp);
           gemm_panels<T>(df, Dvp, bm, Dv, w.vt.get(), bnp, dP, BNp);
-          if (p.softcap > 0.0f)
-            for (int64_t x = 0; x < bm * BNp; ++x) Sraw[x] = S[x];
-          for (int64_t r = 0; r < bm; ++r) {
-            const int64_t i = i0 + r;
-            T* srow = S + r * BNp;
-            T* dprow = dP + r * BNp;
-            const auto rc = row_ctx(p, sv, h, i, j0, bn, w.add.get());
-            score_row(rc, srow);
-            const T lse = w.lse[row0 + r], Di = w.drow[row0 + r];
-            const T* zbuf = nullptr;
-            if (p.dropout_p > 0.0f) {
-              const DropoutRow dr = dropout_row(p.dropout_seed, p.dropout_offset, sv.b, h,
-                                                p.num_heads, i, p.dropout_p);
-              dropout_keep(dr, j0, bn, w.keep.get());
-              for (int64_t j = 0; j < BNp; ++j) w.zbuf[j] = j < bn && w.keep[j] ? inv_keep : T(0);
-              zbuf = w.zbuf.get();
-            }
-            grad_row<T>(p, srow, dprow, Sraw + r * BNp, bn, bnp, lse, Di, zbuf);
-          }
+          tile_grads<T>(p, sv, h, i0, bm, j0, bn, bnp, row0, w);
           // dV += P^T dO, dK += dS^T Q, dQ += dS K; where the right operand holds inf/NaN
           // (rare), masked keys are skipped so it never reaches them (or from them).
           if (!w.rows_nonfinite) {
@@ -385,18 +417,7 @@ void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdI
         }
       }
     }
-    // dK/dV of this key block: straight to the output, or to this chunk's partial.
-    for (int64_t jj = 0; jj < bn_full; ++jj) {
-      if (part_dk) {
-        for (int64_t d = 0; d < D; ++d) part_dk[(j0 + jj) * D + d] = dk[jj * Dp + d];
-        for (int64_t d = 0; d < Dv; ++d) part_dv[(j0 + jj) * Dv + d] = dv[jj * Dvp + d];
-        continue;
-      }
-      SKV* dko = static_cast<SKV*>(bp.dk) + kv_offset(p, sv, it.g, j0 + jj, bp.dk_stride);
-      SKV* dvo = static_cast<SKV*>(bp.dv) + kv_offset(p, sv, it.g, j0 + jj, bp.dv_stride);
-      store_row_scaled(dk + jj * Dp, T(1), D, dko);
-      store_row_scaled(dv + jj * Dvp, T(1), Dv, dvo);
-    }
+    store_block_grads<T, SKV>(p, bp, sv, it.g, j0, bn_full, dk, dv, part_dk, part_dv);
   }
   // dQ of every row of the item.
   SQ* dQ = static_cast<SQ*>(bp.dq);
