@@ -647,8 +647,8 @@ def run_backward(dev, rng, B, H, Hkv, Sq, Sk, D, Dv, dtype, **kw):
     dout = randn(rng, o_h.shape, dtype)
     with backward_kernel():
         dq, dk, dv = dev.api.attention_backward(dev.put(dout), dev.put(q), dev.put(k), dev.put(v), o, lse, **ak)
-    _, rq, rk, rv = torch_reference_grads(q, k, v, dout, **kw)
-    floors = grad_rounding_floors(q, k, o_h, dout, kw.get("scale"))
+    _, rq, rk, rv, key_mass = torch_reference_grads(q, k, v, dout, with_key_mass=True, **kw)
+    floors = grad_rounding_floors(q, k, o_h, dout, kw.get("scale"), key_mass)
     for name, got, ref, fl in zip(("dq", "dk", "dv"), (dq, dk, dv), (rq, rk, rv), floors):
         got = dev.get(got)
         assert got.shape == ref.shape and got.dtype == q.dtype

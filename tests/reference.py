@@ -93,20 +93,24 @@ def assert_close(got, ref, dtype, *, torch_result=None, scale=None, floor=0.0, w
     )
 
 
-def grad_rounding_floors(q, k, o, dout, scale=None):
+def grad_rounding_floors(q, k, o, dout, scale=None, key_mass=None):
     """Absolute rounding floors of (dq, dk, dv) from a FlashAttention-2 backward.
 
     D_i = rowsum(dO_i * O_i) is computed from the stored O, rounded to its dtype (unit roundoff
-    eps), so dS_ij = P_ij (dP_ij - D_i) carries up to ~eps * sum_d |dO_id O_id| of error even
-    where it cancels to exactly 0 (one key per row: the float64 gradient is 0, torch's fused
-    one is not either); dq and dk then get it times scale * max|K| (resp. max|Q|, summed over
-    at most Sq rows)."""
+    eps), so dS_ij = P_ij (dP_ij - D_i) carries up to ~eps * sum_d |dO_id O_id| * P_ij of error
+    even where it cancels to exactly 0 (one key per row: the float64 gradient is 0, torch's
+    fused one is not either); dq_i then gets it times scale * max|K| (sum_j P_ij = 1), and dk_j
+    times scale * max|Q| * sum_i P_ij over the rows of every head of the group: key_mass, the
+    largest such sum (torch_reference_grads(with_key_mass=True)); without it, the number of
+    query rows times the group size, the most it can be."""
     eps = {np.dtype(np.float64): 2.0 ** -53, np.dtype(np.float32): 2.0 ** -24,
            np.dtype(np.float16): 2.0 ** -11}.get(np.dtype(o.dtype), 2.0 ** -8)  # else bfloat16
     d_err = 4 * eps * float((np.abs(to64(dout)) * np.abs(to64(o))).sum(-1).max(initial=0.0))
     sc = 1 / np.sqrt(q.shape[-1]) if scale is None else abs(scale)
+    if key_mass is None:
+        key_mass = q.shape[2] * (q.shape[1] // max(k.shape[1], 1))
     return (d_err * sc * float(np.abs(to64(k)).max(initial=0.0)),
-            d_err * sc * float(np.abs(to64(q)).max(initial=0.0)) * q.shape[2], 0.0)
+            d_err * sc * float(np.abs(to64(q)).max(initial=0.0)) * key_mass, 0.0)
 
 
 # ---- references ----

@@ -10,8 +10,12 @@ ISA_KERNELS = ("attention_bwd",)  # the kernel-table entries tested here (confte
 
 
 def torch_reference_grads(q, k, v, dout, *, mask=None, causal=False, bottom_right=False,
-                          scale=None, window=None, alibi=None, softcap=None, keep=None, p=0.0):
-    """float64 autograd through an explicit masked-softmax attention (full semantics)."""
+                          scale=None, window=None, alibi=None, softcap=None, keep=None, p=0.0,
+                          with_key_mass=False):
+    """float64 autograd through an explicit masked-softmax attention (full semantics).
+    with_key_mass: also return the largest attention mass a key receives, max over (batch, kv
+    head, key) of sum P over the query rows of every head of its group (for
+    grad_rounding_floors)."""
     tq, tk, tv = (torch.tensor(to64(a), requires_grad=True) for a in (q, k, v))
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -45,11 +49,13 @@ def torch_reference_grads(q, k, v, dout, *, mask=None, causal=False, bottom_righ
             s = s + torch.where(m == -np.inf, torch.zeros_like(m, dtype=torch.float64), m.double())
     s = s.masked_fill(~allowed, -np.inf)
     P = torch.softmax(s, -1).nan_to_num(0.0)
+    key_mass = float(P.detach().reshape(B, Hkv, G * Sq, Sk).sum(2).max()) if Sq * Sk else 0.0
     if keep is not None:
         P = P * torch.tensor(keep, dtype=torch.float64) / (1 - p)
     o = P @ vv
     o.backward(torch.tensor(to64(dout)))
-    return o.detach().numpy(), tq.grad.numpy(), tk.grad.numpy(), tv.grad.numpy()
+    out = (o.detach().numpy(), tq.grad.numpy(), tk.grad.numpy(), tv.grad.numpy())
+    return out + (key_mass,) if with_key_mass else out
 
 
 def torch_grads_in_dtype(q, k, v, dout, *, mask=None, causal=False, bottom_right=False,
@@ -105,10 +111,10 @@ def run(rng, B, H, Hkv, Sq, Sk, D, Dv=None, dtype=np.float32, **kw):
     dout = randn(rng, o.shape, dtype)
     dq, dk, dv = attnkit.attention_backward(dout, q, k, v, o, lse, **ak)
     tk = {kk: vv for kk, vv in kw.items() if kk not in ("dropout_p", "dropout_seed")}
-    ref_o, rq, rk, rv = torch_reference_grads(q, k, v, dout, **tk)
+    ref_o, rq, rk, rv, key_mass = torch_reference_grads(q, k, v, dout, with_key_mass=True, **tk)
     assert_close(o, ref_o, dtype, what="out")
     theirs = torch_grads_in_dtype(q, k, v, dout, **tk) or (None, None, None)
-    floors = grad_rounding_floors(q, k, o, dout, kw.get("scale"))
+    floors = grad_rounding_floors(q, k, o, dout, kw.get("scale"), key_mass)
     for name, got, ref, t, fl in zip(("dq", "dk", "dv"), (dq, dk, dv), (rq, rk, rv), theirs, floors):
         assert got.shape == ref.shape and got.dtype == q.dtype
         assert_close(got, ref, dtype, torch_result=t, floor=fl, what=name)
@@ -154,6 +160,36 @@ def test_dtypes(isa, rng, dtype):
     if dt is None:
         pytest.skip("ml_dtypes not installed")
     run(rng, 1, 2, 2, 50, 70, 32, dtype=dt, causal=True)
+
+
+# bf16 through the backward's shapes: the amx variants run the five GEMMs of a tile on AMX
+# tiles (P and dS rounded to bf16), the others the fp32 path over widened bf16. Several 96-row
+# query tiles and 64-key blocks with ragged ends, GQA, odd head dims and Dv != D, windows
+# (tiles whose first reaching row is mid-tile), bottom-right causal with ALiBi, softcap, a
+# float mask, query chunks with partial dK/dV, dropout.
+@pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
+@pytest.mark.parametrize("case", ["causal_gqa", "window_dv", "chunks", "alibi", "softcap",
+                                  "fmask", "dropout"])
+def test_bf16_shapes(isa, rng, case):
+    bf = bfloat16
+    if case == "causal_gqa":
+        run(rng, 1, 4, 2, 200, 150, 64, dtype=bf, causal=True)
+    elif case == "window_dv":
+        run(rng, 2, 2, 1, 230, 190, 40, 72, dtype=bf, window=(30, 5))
+    elif case == "chunks":
+        run(rng, 1, 8, 2, 300, 200, 33, dtype=bf)
+    elif case == "alibi":
+        run(rng, 2, 2, 2, 70, 130, 128, dtype=bf, causal=True, bottom_right=True,
+            alibi=rng.random(2).astype(np.float32))
+    elif case == "softcap":
+        run(rng, 1, 2, 1, 100, 100, 80, dtype=bf, softcap=2.0, scale=1.0)
+    elif case == "fmask":
+        fmask = randn(rng, (1, 1, 120, 90), np.float32)
+        fmask[..., ::3] = -np.inf
+        run(rng, 1, 2, 2, 120, 90, 32, dtype=bf, mask=fmask)
+    else:
+        keep = attnkit.dropout_mask((1, 2, 110, 70), 0.3, 99)
+        run(rng, 1, 2, 2, 110, 70, 16, dtype=bf, dropout_p=0.3, dropout_seed=99, keep=keep, p=0.3)
 
 
 def test_dropout_gradients_exact_for_realised_mask(isa, rng):

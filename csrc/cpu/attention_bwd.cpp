@@ -29,6 +29,9 @@
 #include "simd/math.h"
 #include "simd/vec.h"
 #include "threading.h"
+#if defined(ATTNKIT_AMX_TILES)
+#include "kernels.h"
+#endif
 
 namespace attnkit {
 namespace cpu {
@@ -63,7 +66,42 @@ struct BwdWork {
   Scratch<uint8_t> keep;
   Scratch<T> zbuf;  // dropout factor Z / (1-p) of one row
   bool rows_nonfinite = false;  // the item's Q or dO rows hold inf/NaN (see accumulate_unmasked)
+#if defined(ATTNKIT_AMX_TILES)
+  struct Tiles {  // the bf16 tile path's operands (run_item_tiles)
+    Scratch<uint32_t> qa, doa, qt, dot;  // per item: q, dO rows as A tiles; q^T, dO^T as A tiles
+    Scratch<uint32_t> kt, vt, kb;        // per key block: K^T, V^T pairs along the head dim; K
+                                         // pairs along the keys
+    Scratch<uint32_t> pb, dsb, dsa;      // per tile: P, dS pairs along the rows; dS rows as A tiles
+    Scratch<float> dkt, dvt, dq;         // dK^T, dV^T of a block; the item's dQ [G][rows32][Dp]
+  } tiles;
+#endif
 };
+
+#if defined(ATTNKIT_AMX_TILES)
+template <class T>
+bool init_tiles(const AttentionParams& p, BwdWork<T>& w, int64_t max_rows) {
+  if (p.q_dtype != DType::bf16) return true;
+  using Tl = BwdTiles<T>;
+  const int64_t G = p.num_heads / p.num_kv_heads, R32 = round_up(max_rows, 32);
+  const int64_t Dp = round_up(p.head_dim, 32), Dvp = round_up(p.head_dim_v, 32);
+  const int64_t Dw = padded_pairs((p.head_dim + 1) / 2), Dvw = padded_pairs((p.head_dim_v + 1) / 2);
+  const int64_t BNp = Tl::kBlockNPad, BM = Tl::kBlockM;
+  auto& t = w.tiles;
+  return t.qa.reset(size_t(G * R32 * Dw)) && t.doa.reset(size_t(G * R32 * Dvw)) &&
+         t.qt.reset(size_t(G * Dp * R32 / 2)) && t.dot.reset(size_t(G * Dvp * R32 / 2)) &&
+         t.kt.reset(size_t(BNp * Dw)) && t.vt.reset(size_t(BNp * Dvw)) &&
+         t.kb.reset(size_t(Dp * BNp / 2)) && t.pb.reset(size_t(BNp * BM / 2)) &&
+         t.dsb.reset(size_t(BNp * BM / 2)) &&
+         t.dsa.reset(size_t(BM / 32 * padded_pairs(BNp / 2) * 32)) &&
+         t.dkt.reset(size_t(Dp * BNp)) && t.dvt.reset(size_t(Dvp * BNp)) &&
+         t.dq.reset(size_t(G * R32 * Dp));
+}
+#else
+template <class T>
+bool init_tiles(const AttentionParams&, BwdWork<T>&, int64_t) {
+  return true;
+}
+#endif
 
 template <class T>
 bool init_work(const AttentionParams& p, BwdWork<T>& w, int64_t max_rows) {
@@ -79,7 +117,7 @@ bool init_work(const AttentionParams& p, BwdWork<T>& w, int64_t max_rows) {
          w.s.reset(size_t(BM * BNp)) && w.dp.reset(size_t(BM * BNp)) &&
          w.sraw.reset(size_t(BM * BNp)) && w.apack.reset(size_t(BNp * BM)) &&
          w.add.reset(size_t(Tl::kBlockN)) && w.keep.reset(size_t(Tl::kBlockN)) &&
-         w.zbuf.reset(size_t(BNp));
+         w.zbuf.reset(size_t(BNp)) && init_tiles(p, w, max_rows);
 }
 
 // Packs keys j0..j0+bn: K^T and V^T in NR-key panels ([key/NR][dim][NR], the B operand of
@@ -429,6 +467,151 @@ void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdI
     }
 }
 
+#if defined(ATTNKIT_AMX_TILES)
+// ---- bf16 on AMX tiles (amx, amx_emulated; ARCHITECTURE.md, "ISA variants") ----
+// The five GEMMs of a tile on tiles, transposed where that spares a transpose of P or dS:
+//   S = Q K^T, dP = dO V^T     A: q / dO rows (A tiles, packed once per item); B: K^T / V^T in
+//                              pair panels along the head dim (per key block)
+//   dV^T += dO^T P, dK^T += Q^T dS
+//                              A: dO^T / q^T (A tiles whose k runs along the query rows, once
+//                              per item); B: P / dS in pair rows straight from their fp32 rows
+//   dQ += dS K                 A: dS rows; B: K in pair panels along the keys
+// dK^T / dV^T accumulate in fp32 over the group's heads and tiles and are added transposed to
+// the block's dK / dV; dQ accumulates in fp32 per item. P and dS are rounded to bf16 for their
+// GEMMs, as GPU flash kernels do. Query tiles start at multiples of 32 rows from the item's
+// first row (the rows of a tile that reach no key of the block get P = dS = 0). Returns false,
+// having written nothing, when the item's q or dO or its group's K or V hold inf/NaN: the fp32
+// path (run_item) handles those, skipping masked keys.
+bool group_kv_nonfinite(const AttentionParams& p, const SeqView& sv, int64_t g) {
+  const bf16_t* K = typed<bf16_t>(p.k);
+  const bf16_t* V = typed<bf16_t>(p.v);
+  for (int64_t j = 0; j < sv.sk; ++j)
+    if (bf16_any_nonfinite(K + kv_offset(p, sv, g, j, p.k_stride), p.head_dim) ||
+        bf16_any_nonfinite(V + kv_offset(p, sv, g, j, p.v_stride), p.head_dim_v))
+      return true;
+  return false;
+}
+
+bool run_item_tiles(const AttentionParams& p, const AttentionBwdParams& bp, const BwdItem& it,
+                    BwdWork<float>& w, float* part_dk, float* part_dv) {
+  using Tl = BwdTiles<float>;
+  const int64_t BM = Tl::kBlockM, BN = Tl::kBlockN, BNp = Tl::kBlockNPad;
+  const SeqView sv = seq_view(p, it.b);
+  const int64_t G = p.num_heads / p.num_kv_heads, rows = it.r1 - it.r0, R32 = round_up(rows, 32);
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, Dp = round_up(D, 32), Dvp = round_up(Dv, 32);
+  const int64_t Dw = padded_pairs((D + 1) / 2), Dvw = padded_pairs((Dv + 1) / 2);
+  const int64_t steps = R32 / 32, half = BM / 2 * 32;  // row steps of the item; words of a P / dS panel
+  load_item<float, bf16_t, bf16_t>(p, bp, it, sv, w);
+  if (w.rows_nonfinite || group_kv_nonfinite(p, sv, it.g)) return false;
+  auto& t = w.tiles;
+  const bf16_t* Q = typed<bf16_t>(p.q);
+  const bf16_t* dO = static_cast<const bf16_t*>(bp.dout);
+  for (int64_t hh = 0; hh < G; ++hh) {
+    const int64_t h = it.g * G + hh;
+    auto qrow = [&](int64_t r) { return Q + q_offset(p, sv, h, it.r0 + r); };
+    auto dorow = [&](int64_t r) { return dO + out_offset(p, sv, h, it.r0 + r, bp.dout_stride); };
+    for (int64_t r = 0; r < rows; r += 32) {
+      pack_a_panel(qrow(r), p.q_stride[2], 1, int(imin(32, rows - r)), D, t.qa.get() + (hh * R32 + r) * Dw);
+      pack_a_panel(dorow(r), bp.dout_stride[2], 1, int(imin(32, rows - r)), Dv,
+                   t.doa.get() + (hh * R32 + r) * Dvw);
+    }
+    for (int64_t c = 0; c < Dp; c += 32)
+      pack_a_transposed(qrow, rows, D, c, R32 / 2, t.qt.get() + ((hh * (Dp / 32) + c / 32) * steps) * 512);
+    for (int64_t c = 0; c < Dvp; c += 32)
+      pack_a_transposed(dorow, rows, Dv, c, R32 / 2, t.dot.get() + ((hh * (Dvp / 32) + c / 32) * steps) * 512);
+  }
+  for (int64_t x = 0; x < G * R32 * Dp; ++x) t.dq[x] = 0.0f;
+  float *S = w.s.get(), *dP = w.dp.get();
+  for (int64_t j0 = 0; j0 < sv.sk; j0 += BN) {
+    const int64_t bn_full = imin(BN, sv.sk - j0);
+    const KeyRange first = key_range(p, sv, it.r0), last = key_range(p, sv, it.r1 - 1);
+    const bool touched = rows > 0 && !(j0 > last.hi || j0 + bn_full - 1 < first.lo);
+    float* dk = w.dk.get();
+    float* dv = w.dv.get();
+    for (int64_t x = 0; x < BNp * Dp; ++x) dk[x] = 0.0f;
+    for (int64_t x = 0; x < BNp * Dvp; ++x) dv[x] = 0.0f;
+    if (touched) {
+      auto krow = [&](int64_t jj) { return typed<bf16_t>(p.k) + kv_offset(p, sv, it.g, j0 + jj, p.k_stride); };
+      auto vrow = [&](int64_t jj) { return typed<bf16_t>(p.v) + kv_offset(p, sv, it.g, j0 + jj, p.v_stride); };
+      for (int64_t jj = 0; jj < BNp; ++jj) {
+        pack_pair_column(jj < bn_full ? krow(jj) : nullptr, D, Dw, t.kt.get() + (jj / 32) * Dw * 32 + jj % 32, 32);
+        pack_pair_column(jj < bn_full ? vrow(jj) : nullptr, Dv, Dvw, t.vt.get() + (jj / 32) * Dvw * 32 + jj % 32, 32);
+      }
+      pack_rows_pairs(krow, bn_full, D, padded_pairs((bn_full + 1) / 2), t.kb.get(), BNp / 2 * 32);
+      for (int64_t x = 0; x < Dp * BNp; ++x) t.dkt[x] = 0.0f;
+      for (int64_t x = 0; x < Dvp * BNp; ++x) t.dvt[x] = 0.0f;
+      for (int64_t hh = 0; hh < G; ++hh) {
+        const int64_t h = it.g * G + hh;
+        for (int64_t t0 = it.r0; t0 < it.r1; t0 += BM) {
+          // As run_item: the tile's rows that reach the block and the keys any of them may
+          // attend; then the first row back to a multiple of 32 from the tile's start.
+          const int64_t t1 = imin(t0 + BM, it.r1);
+          int64_t i0 = t0, i1 = t1;
+          while (i0 < i1 && key_range(p, sv, i0).hi < j0) ++i0;
+          while (i1 > i0 && key_range(p, sv, i1 - 1).lo > j0 + bn_full - 1) --i1;
+          if (i0 == i1) continue;
+          i0 = t0 + (i0 - t0) / 32 * 32;
+          const int64_t bm = i1 - i0, bm32 = round_up(bm, 32);
+          const int64_t bn = imin(bn_full, key_range(p, sv, i1 - 1).hi + 1 - j0);
+          const int64_t bnp = round_up(bn, 32), kpk = padded_pairs((bn + 1) / 2);
+          if (mask_block_empty(p, sv.b, h, i0, bm, j0, bn)) continue;
+          const int64_t row0 = hh * rows + (i0 - it.r0);  // in load_item's arrays
+          const int64_t prow = hh * R32 + (i0 - it.r0);   // in the padded tile arrays
+          const int64_t step0 = (i0 - it.r0) / 32;
+          for (int64_t g = 0; g < bm32; g += 32)
+            for (int64_t jp = 0; jp < bnp; jp += 32) {
+              compute_panel(32, Dw, t.qa.get() + (prow + g) * Dw, t.kt.get() + (jp / 32) * Dw * 32,
+                            S + g * BNp + jp, BNp, false, 32);
+              compute_panel(32, Dvw, t.doa.get() + (prow + g) * Dvw, t.vt.get() + (jp / 32) * Dvw * 32,
+                            dP + g * BNp + jp, BNp, false, 32);
+            }
+          tile_grads<float>(p, sv, h, i0, bm, j0, bn, bnp, row0, w);
+          pack_rows_pairs_f32(S, BNp, bm, bn, bm32 / 2, t.pb.get(), half);
+          pack_rows_pairs_f32(dP, BNp, bm, bn, bm32 / 2, t.dsb.get(), half);
+          for (int64_t g = 0; g < bm32; g += 32)
+            pack_a_panel_f32(dP + g * BNp, BNp, int(imin(32, bm - g)), bn, t.dsa.get() + (g / 32) * kpk * 32);
+          for (int64_t jp = 0; jp < bnp; jp += 32) {
+            for (int64_t c = 0; c < Dvp; c += 32)
+              compute_panel(32, bm32 / 2, t.dot.get() + ((hh * (Dvp / 32) + c / 32) * steps + step0) * 512,
+                            t.pb.get() + (jp / 32) * half, t.dvt.get() + c * BNp + jp, BNp, true, 32);
+            for (int64_t c = 0; c < Dp; c += 32)
+              compute_panel(32, bm32 / 2, t.qt.get() + ((hh * (Dp / 32) + c / 32) * steps + step0) * 512,
+                            t.dsb.get() + (jp / 32) * half, t.dkt.get() + c * BNp + jp, BNp, true, 32);
+          }
+          for (int64_t g = 0; g < bm32; g += 32)
+            for (int64_t c = 0; c < Dp; c += 32)
+              compute_panel(32, kpk, t.dsa.get() + (g / 32) * kpk * 32, t.kb.get() + (c / 32) * (BNp / 2 * 32),
+                            t.dq.get() + (prow + g) * Dp + c, Dp, true, 32);
+        }
+      }
+      for (int64_t jj = 0; jj < bn_full; ++jj) {
+        for (int64_t d = 0; d < D; ++d) dk[jj * Dp + d] = t.dkt[d * BNp + jj];
+        for (int64_t d = 0; d < Dv; ++d) dv[jj * Dvp + d] = t.dvt[d * BNp + jj];
+      }
+    }
+    store_block_grads<float, bf16_t>(p, bp, sv, it.g, j0, bn_full, dk, dv, part_dk, part_dv);
+  }
+  bf16_t* dQ = static_cast<bf16_t*>(bp.dq);
+  for (int64_t hh = 0; hh < G; ++hh)
+    for (int64_t r = 0; r < rows; ++r)
+      store_row_scaled(t.dq.get() + (hh * R32 + r) * Dp, 1.0f,
+                       D, dQ + out_offset(p, sv, it.g * G + hh, it.r0 + r, bp.dq_stride));
+  return true;
+}
+#endif
+
+// An item on the tile path when this variant has one for its types, else on run_item.
+template <class T, class SQ, class SKV>
+void run_any_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdItem& it,
+                  BwdWork<T>& w, T* part_dk, T* part_dv) {
+#if defined(ATTNKIT_AMX_TILES)
+  if constexpr (std::is_same<T, float>::value && std::is_same<SQ, bf16_t>::value &&
+                std::is_same<SKV, bf16_t>::value)
+    if (run_item_tiles(p, bp, it, w, part_dk, part_dv)) return;
+#endif
+  run_item<T, SQ, SKV>(p, bp, it, w, part_dk, part_dv);
+}
+
 template <class T, class SQ, class SKV>
 Status bwd_typed(const AttentionBwdParams& bp) {
   using Tl = BwdTiles<T>;
@@ -473,6 +656,7 @@ Status bwd_typed(const AttentionBwdParams& bp) {
   std::atomic<bool> failed{false};
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
+    const TileThread tiles;
     const int tid = thread_id(), team = team_size();
     int64_t begin, end;
     cost_split(prefix.get(), n_items, tid, team, &begin, &end);
@@ -483,8 +667,8 @@ Status bwd_typed(const AttentionBwdParams& bp) {
 #pragma omp barrier
     if (!failed.load()) {
       for (int64_t i = begin; i < end; ++i)
-        run_item<T, SQ, SKV>(p, bp, items[i], w, chunks > 1 ? pdk.get() + i * Sk * D : nullptr,
-                             chunks > 1 ? pdv.get() + i * Sk * Dv : nullptr);
+        run_any_item<T, SQ, SKV>(p, bp, items[i], w, chunks > 1 ? pdk.get() + i * Sk * D : nullptr,
+                                 chunks > 1 ? pdv.get() + i * Sk * Dv : nullptr);
     }
     if (!failed.load() && chunks > 1) {
 #pragma omp barrier
@@ -521,6 +705,16 @@ Status bwd_typed(const AttentionBwdParams& bp) {
 
 }  // namespace
 
+#if defined(ATTNKIT_AMX_TILES)
+// bf16 on tiles (run_item_tiles); every other dtype is avx512_vnni's (that is, avx512's).
+Status attention_bwd(const AttentionBwdParams& bp) {
+  const AttentionParams& p = bp.fwd;
+  if (p.q_dtype == DType::bf16 && p.kv_dtype == DType::bf16 && p.num_kv_heads > 0 &&
+      p.num_heads % p.num_kv_heads == 0 && !p.block_table)
+    return bwd_typed<float, bf16_t, bf16_t>(bp);
+  return avx512_vnni::kernel_table()->attention_bwd(bp);
+}
+#else
 Status attention_bwd(const AttentionBwdParams& bp) {
   const AttentionParams& p = bp.fwd;
   if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0 || p.block_table) return Status::invalid_argument;
@@ -538,6 +732,7 @@ Status attention_bwd(const AttentionBwdParams& bp) {
       return Status::invalid_argument;
   }
 }
+#endif
 
 }  // namespace ATTNKIT_ISA_NS
 }  // namespace cpu

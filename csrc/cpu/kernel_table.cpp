@@ -7,12 +7,13 @@ namespace ATTNKIT_ISA_NS {
 
 #if defined(ATTNKIT_ISA_AMX) || defined(ATTNKIT_ISA_AMX_EMULATED)
 // amx (and its software model amx_emulated, simd/amx.h) sit on avx512_vnni: bf16 matmul on
-// tiles (gemm_bf16.cpp with gemm/ukernel_amx.h) and the bf16 attention forward on tiles
-// (attention_fwd.cpp, kTiles) are their own; every other entry, and what those kernels leave
+// tiles (gemm_bf16.cpp with gemm/ukernel_amx.h) and the bf16 attention forward and backward on
+// tiles (attention_fwd.cpp, attention_bwd.cpp: kTiles) are their own; every other entry, and what those kernels leave
 // to the fp32 path, are avx512_vnni's (not avx512_bf16's: vdpbf16ps ran slower than the fp32
 // path on the Emerald Rapids where it was measured).
-Status gemm(const GemmParams& p);                // gemm_bf16.cpp
-Status attention_fwd(const AttentionParams& p);  // attention_fwd.cpp
+Status gemm(const GemmParams& p);                     // gemm_bf16.cpp
+Status attention_fwd(const AttentionParams& p);       // attention_fwd.cpp
+Status attention_bwd(const AttentionBwdParams& bp);  // attention_bwd.cpp
 
 const KernelTable* kernel_table() {
   const KernelTable* base = avx512_vnni::kernel_table();
@@ -22,8 +23,8 @@ const KernelTable* kernel_table() {
 #else
       "amx_emulated",
 #endif
-      base->softmax,       &gemm,           &attention_fwd,
-      base->attention_bwd, base->quantize_kv, base->merge_attention_states};
+      base->softmax,  &gemm,           &attention_fwd,
+      &attention_bwd, base->quantize_kv, base->merge_attention_states};
   return &table;
 }
 #elif defined(ATTNKIT_ISA_AVX512_BF16)

@@ -74,7 +74,7 @@ def info():
     compiles itself: ``avx512_vnni`` has only ``attention_fwd``, whose int8 decode it replaces,
     and uses ``avx512``'s for the rest; ``avx512_bf16`` has ``gemm`` and ``attention_fwd``, its
     bf16 paths, and uses ``avx512_vnni``'s for the rest; ``amx`` and ``amx_emulated`` have
-    ``gemm`` and ``attention_fwd``, their bf16 paths on AMX tiles or on a software model of
+    ``gemm``, ``attention_fwd`` and ``attention_bwd``, their bf16 paths on AMX tiles or on a software model of
     them), and ``unsupported``
     (None, or why a compiled variant cannot run here), ``isas_compiled``,
     ``unverified_isas``, ``assumed_isas`` (variants supported only because

@@ -49,6 +49,17 @@ inline bool bf16_any_subnormal(const bf16_t* p, int64_t n, int64_t s) {
   return any;
 }
 
+// Whether p[0..n) holds inf or NaN (an all-ones exponent), 32 at a time.
+inline bool bf16_any_nonfinite(const bf16_t* p, int64_t n) {
+  const __m512i exp_mask = _mm512_set1_epi16(0x7f80);
+  for (int64_t i = 0; i < n; i += 32) {
+    const __mmask32 m = n - i >= 32 ? ~__mmask32(0) : (__mmask32(1) << (n - i)) - 1;
+    const __m512i x = _mm512_maskz_loadu_epi16(m, p + i);
+    if (_mm512_mask_cmpeq_epi16_mask(m, _mm512_and_si512(x, exp_mask), exp_mask)) return true;
+  }
+  return false;
+}
+
 // Interleave two rows of 32 bf16 (k and k+1, columns 0..31) into 32 pair words: lo holds
 // columns 0..15, hi 16..31.
 inline void interleave_pairs(__m512i r0, __m512i r1, uint32_t* dst) {
