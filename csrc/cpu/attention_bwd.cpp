@@ -340,6 +340,25 @@ void grad_row(const AttentionParams& p, T* srow, T* dprow, const T* sraw, int64_
   }
 }
 
+// The rows [*i0, *i1) of tile [t0, t1) that reach keys j0..j0+bn_full, and the keys *bn
+// (from j0) any of them may attend: key ranges grow with the row (causal, window), so the rows
+// that see no key of the block are a prefix and a suffix of the tile, and the keys past the
+// last row's edge are excluded for all. Leaving them out only drops exact zeros (P and dS are
+// 0 there): near a causal diagonal most of a tile x block is such zeros. *i0 is then moved
+// back to a multiple of `align` rows from t0 (the rows it adds get P = dS = 0). False: no row.
+inline bool tile_span(const AttentionParams& p, const SeqView& sv, int64_t t0, int64_t t1,
+                      int64_t j0, int64_t bn_full, int64_t align, int64_t* i0, int64_t* i1,
+                      int64_t* bn) {
+  int64_t a = t0, b = t1;
+  while (a < b && key_range(p, sv, a).hi < j0) ++a;
+  while (b > a && key_range(p, sv, b - 1).lo > j0 + bn_full - 1) --b;
+  if (a == b) return false;
+  *i0 = t0 + (a - t0) / align * align;
+  *i1 = b;
+  *bn = imin(bn_full, key_range(p, sv, b - 1).hi + 1 - j0);
+  return true;
+}
+
 // Rows i0..i0+bm of head h against keys j0..j0+bn: w.s holds S, w.dp dO V^T (row stride
 // BNp); on return w.s holds P and w.dp dS * scale (grad_row). row0: the rows' index in the
 // item's per-row arrays (lse, D_i).
@@ -418,18 +437,9 @@ void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdI
       for (int64_t hh = 0; hh < G; ++hh) {
         const int64_t h = it.g * G + hh;
         for (int64_t t0 = it.r0; t0 < it.r1; t0 += BM) {
-          // The tile's rows that reach this key block, and the block's keys any of them may
-          // attend: key ranges grow with the row (causal, window), so the rows that see no key
-          // of the block are a prefix and a suffix of the tile, and the keys past the last
-          // row's edge are excluded for all. Leaving them out only drops exact zeros (P and dS
-          // are 0 there): near a causal diagonal most of a tile x block is such zeros.
-          const int64_t t1 = imin(t0 + BM, it.r1);
-          int64_t i0 = t0, i1 = t1;
-          while (i0 < i1 && key_range(p, sv, i0).hi < j0) ++i0;
-          while (i1 > i0 && key_range(p, sv, i1 - 1).lo > j0 + bn_full - 1) --i1;
-          if (i0 == i1) continue;
+          int64_t i0, i1, bn;
+          if (!tile_span(p, sv, t0, imin(t0 + BM, it.r1), j0, bn_full, 1, &i0, &i1, &bn)) continue;
           const int64_t bm = i1 - i0;
-          const int64_t bn = imin(bn_full, key_range(p, sv, i1 - 1).hi + 1 - j0);
           const int64_t bnp = round_up(bn, NR);
           if (mask_block_empty(p, sv.b, h, i0, bm, j0, bn)) continue;
           const int64_t row0 = hh * rows + (i0 - it.r0);
@@ -543,16 +553,9 @@ bool run_item_tiles(const AttentionParams& p, const AttentionBwdParams& bp, cons
       for (int64_t hh = 0; hh < G; ++hh) {
         const int64_t h = it.g * G + hh;
         for (int64_t t0 = it.r0; t0 < it.r1; t0 += BM) {
-          // As run_item: the tile's rows that reach the block and the keys any of them may
-          // attend; then the first row back to a multiple of 32 from the tile's start.
-          const int64_t t1 = imin(t0 + BM, it.r1);
-          int64_t i0 = t0, i1 = t1;
-          while (i0 < i1 && key_range(p, sv, i0).hi < j0) ++i0;
-          while (i1 > i0 && key_range(p, sv, i1 - 1).lo > j0 + bn_full - 1) --i1;
-          if (i0 == i1) continue;
-          i0 = t0 + (i0 - t0) / 32 * 32;
+          int64_t i0, i1, bn;  // the first row aligned to 32 rows from t0 (A tiles)
+          if (!tile_span(p, sv, t0, imin(t0 + BM, it.r1), j0, bn_full, 32, &i0, &i1, &bn)) continue;
           const int64_t bm = i1 - i0, bm32 = round_up(bm, 32);
-          const int64_t bn = imin(bn_full, key_range(p, sv, i1 - 1).hi + 1 - j0);
           const int64_t bnp = round_up(bn, 32), kpk = padded_pairs((bn + 1) / 2);
           if (mask_block_empty(p, sv.b, h, i0, bm, j0, bn)) continue;
           const int64_t row0 = hh * rows + (i0 - it.r0);  // in load_item's arrays
