@@ -30,8 +30,10 @@ GQA_HEADS = (32, 8, 128)
 TINY = [(2, 4, 2, 48, 32, "causal"), (2, 4, 4, 40, 16, "padmask")]
 FULL_EXTRA = [(1, 12, 12, 1024, 64, "floatmask"), (1, 12, 12, 2048, 64, "window")]
 HALF = ["bfloat16", "float16"]  # --full: the first issue case in these dtypes
-# bf16 rows of issue 13 (the avx512_bf16 variant's target: B1 H32 S2048 D128), quick and full
-BF16_ROWS = [(1, 32, 32, 2048, 128, ""), (1, 32, 32, 2048, 128, "causal")]
+# bf16 rows of issue 13 (B1 H32 S2048 D128, and its GQA 32/8 row; the avx512_bf16 and amx
+# variants' targets), quick and full
+BF16_ROWS = [(1, 32, 32, 2048, 128, ""), (1, 32, 32, 2048, 128, "causal"),
+             (1, 32, 8, 2048, 128, "causal")]
 WINDOW = (256, 0)
 
 
