@@ -22,9 +22,12 @@
 #include <cpuid.h>
 #endif
 #if defined(__linux__)
+#include <errno.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
+#include <cstdio>
+#include <mutex>
 
 namespace attnkit {
 namespace cpu {
@@ -43,37 +46,24 @@ struct X86Features {
   bool avx512_vnni = false;  // and AVX512-VNNI (vpdpbusd): Cascade Lake, Ice Lake, Zen 4 on
   bool avx512_bf16 = false;  // and AVX512-BF16 (vdpbf16ps): Cooper Lake, Sapphire Rapids, Zen 4 on
   bool zmm_state = false;    // the OS saves ZMM + opmask state (what ATTNKIT_CPU_ASSUME needs)
-  bool amx = false;          // avx512 and AMX-TILE + AMX-BF16, tile state enabled and permitted
-  const char* amx_why = "the CPU has no AVX-512";  // why not, when amx is false
+  bool amx = false;          // avx512_vnni and AMX-TILE + AMX-BF16, tile state enabled by the OS
+  const char* amx_why = "needs avx512_vnni (AVX-512 with VNNI), which this CPU lacks";
 };
 
-#if defined(__linux__)
-// Linux hands out tile data state per process on request (kernel 5.16+): without it the first
-// tile instruction faults. Asked once, for the whole process (threads and forked children
-// inherit it).
-bool request_tile_permission() {
-  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-}
-#else
-bool request_tile_permission() { return true; }  // no such step elsewhere (not verified)
-#endif
-
 // AMX: CPUID leaf 7 EDX bits 24 (AMX-TILE) and 22 (AMX-BF16), XCR0 bits 17 and 18 (the OS
-// enables tile configuration and data state), then the OS's permission.
+// enables tile configuration and data state). The OS's permission is asked only when amx is
+// selected (ensure_tiles below). amx runs avx512_vnni's kernels for everything else.
 void detect_amx(X86Features& f, uint64_t xcr0, unsigned leaf7_edx) {
-  if (!f.avx512) return;
+  if (!f.avx512_vnni) {
+    f.amx_why = "needs avx512_vnni (AVX-512 with VNNI), which this CPU lacks";
+    return;
+  }
   if (!(leaf7_edx & (1u << 24)) || !(leaf7_edx & (1u << 22))) {
     f.amx_why = "CPUID lists no AMX-TILE and AMX-BF16";
     return;
   }
   if ((xcr0 & 0x60000) != 0x60000) {
     f.amx_why = "the operating system does not enable AMX tile state (XCR0 bits 17, 18)";
-    return;
-  }
-  if (!request_tile_permission()) {
-    f.amx_why = "the operating system refused tile data permission "
-                "(arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA))";
     return;
   }
   f.amx = true;
@@ -168,9 +158,10 @@ IsaInfo* mutable_isa_list() {
          "needs avx512 and AVX512-VNNI in CPUID"},
         {"avx512_bf16", false, false, true, false, kBf16AutoSkip, 3,
          "needs avx512_vnni and AVX512-BF16 in CPUID"},
-        {"amx", false, false, false, false, nullptr, 3, "the CPU has no AVX-512"},
+        {"amx", false, false, false, false, nullptr, 3,
+         "needs avx512_vnni (AVX-512 with VNNI), which this CPU lacks"},
         {"amx_emulated", false, false, true, false, kEmulatedAutoSkip, 3,
-         "needs avx512 (F, BW, DQ, VL)"},
+         "needs avx512_vnni (AVX-512 with VNNI), whose kernels it uses"},
     };
 #if ATTNKIT_X86 && defined(ATTNKIT_HAVE_X86_VARIANTS)
     const X86Features f = detect_x86();
@@ -193,7 +184,7 @@ IsaInfo* mutable_isa_list() {
 #if defined(ATTNKIT_HAVE_AMX_EMULATED_VARIANT)
     l[6].compiled = true;
 #endif
-    l[6].supported = f.avx512;
+    l[6].supported = f.avx512_vnni;
     apply_assumptions(l, f.zmm_state);
 #endif
     for (IsaInfo& v : l)
@@ -236,6 +227,38 @@ const KernelTable* table_for(int index) {
 
 std::atomic<const KernelTable*> g_active{nullptr};
 
+// Linux hands out tile data state per process on request (kernel 5.16+): without it the first
+// tile instruction faults. Asked when amx is first selected, not at import: once granted, the
+// kernel refuses later alternate signal stacks smaller than the tile state for the whole
+// process, which other native libraries may set up. Granted once for the whole process
+// (threads and forked children inherit it). A refusal marks amx unsupported, with errno.
+bool ensure_tiles(IsaInfo* list, int i) {
+  if (i != 5) return true;
+  static std::mutex mu;
+  static int state = 0;  // 0: not asked, 1: granted, -1: refused
+  static char why[160];
+  std::lock_guard<std::mutex> lock(mu);
+  if (state == 0) {
+#if defined(__linux__)
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    const long rc = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata);
+    const int err = rc == 0 ? 0 : errno;
+    state = rc == 0 ? 1 : -1;
+    if (state < 0)
+      std::snprintf(why, sizeof why,
+                    "the operating system refused tile data permission (arch_prctl("
+                    "ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): errno %d)", err);
+#else
+    state = 1;  // no such step elsewhere (not verified)
+#endif
+  }
+  if (state < 0) {
+    list[i].supported = false;
+    list[i].unsupported = why;
+  }
+  return state > 0;
+}
+
 }  // namespace
 
 const IsaInfo* isa_list() { return mutable_isa_list(); }
@@ -254,7 +277,8 @@ const char* select_isa(const char* name) {
                         name[4] == '\0');
   if (is_auto) {
     for (int i = kNumIsas - 1; i >= 0; --i) {
-      if (list[i].compiled && list[i].supported && list[i].verified && !list[i].auto_skip) {
+      if (list[i].compiled && list[i].supported && list[i].verified && !list[i].auto_skip &&
+          ensure_tiles(list, i)) {
         g_active = table_for(i);
         return "";
       }
@@ -274,6 +298,7 @@ const char* select_isa(const char* name) {
                     : "this CPU (or its operating system) does not support it (if a hypervisor "
                       "hides the CPUID bit of a feature the CPU has, see ATTNKIT_CPU_ASSUME in "
                       "the README)";
+    if (!ensure_tiles(list, i)) return list[i].unsupported;
     g_active = table_for(i);
     return "";
   }

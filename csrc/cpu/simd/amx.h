@@ -11,9 +11,12 @@
 // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), done once by dispatch.cpp).
 //
 // tile_dpbf16<C, A, B>() is TDPBF16PS: C[m][n] += sum over k pairs of
-// A[m][2k] B[k][2n] + A[m][2k+1] B[k][2n+1] in fp32 (Intel SDM), with subnormal bf16 inputs read
-// as zero and subnormal results flushed to zero whatever MXCSR says; the model does the same,
-// adding the two products of a pair in order, each rounded to fp32.
+// A[m][2k] B[k][2n] + A[m][2k+1] B[k][2n+1] in fp32 (Intel SDM), with subnormal inputs read as
+// zero and subnormal results flushed to zero whatever MXCSR says. The model follows the SDM's
+// pseudocode (even and odd k summed apart by FMAs from 0, then added to C); Intel's
+// intrinsics guide shows another order and the silicon need match neither bit for bit, so the
+// model is a semantic check (layouts, operands, DAZ/FTZ), not a bit-exact oracle: tests
+// compare both with float64 references at bf16 tolerances.
 #pragma once
 #include <immintrin.h>
 
@@ -33,15 +36,24 @@ namespace ATTNKIT_ISA_NS {
 constexpr int kTileRows = 16, kTileBytes = 64;  // every tile: 16 rows x 64 bytes
 
 #if defined(ATTNKIT_ISA_AMX)
-inline void tile_configure() {
-  alignas(64) uint8_t cfg[64] = {};
-  cfg[0] = 1;  // palette 1
+// The configuration is constant data, not stores into a local: GCC's _tile_loadconfig tells
+// the compiler it reads 8 bytes, so stores of the rest of a local configuration could be
+// dropped as dead (seen outside the kernels' inlining context).
+struct alignas(64) TileConfig {
+  uint8_t b[64];
+};
+constexpr TileConfig make_tile_config() {
+  TileConfig c{};
+  c.b[0] = 1;  // palette 1; start_row and the reserved bytes 0
   for (int t = 0; t < 8; ++t) {
-    const uint16_t colsb = kTileBytes;
-    std::memcpy(cfg + 16 + 2 * t, &colsb, 2);
-    cfg[48 + t] = kTileRows;
+    c.b[16 + 2 * t] = kTileBytes;  // colsb, little-endian 16-bit
+    c.b[48 + t] = kTileRows;
   }
-  _tile_loadconfig(cfg);
+  return c;
+}
+inline void tile_configure() {
+  static constexpr TileConfig kConfig = make_tile_config();
+  __asm__ volatile("ldtilecfg %0" : : "m"(kConfig));
 }
 inline void tile_release() { _tile_release(); }
 // The compilers' tile intrinsics paste the tile number into the instruction's text, so each
@@ -61,6 +73,7 @@ void tile_dpbf16();
   }                                                                                    \
   template <>                                                                          \
   inline void tile_load<T>(const void* p, int64_t stride_bytes) {                      \
+    __asm__ volatile("" : : : "memory"); /* the intrinsic declares no memory read */   \
     _tile_loadd(T, p, stride_bytes);                                                   \
   }                                                                                    \
   template <>                                                                          \
@@ -125,6 +138,13 @@ inline float tile_ftz(float x) {  // subnormal results flushed to (signed) zero
   std::memcpy(&x, &w, 4);
   return x;
 }
+inline float tile_daz(float x) {  // a subnormal fp32 read as (signed) zero
+  uint32_t w;
+  std::memcpy(&w, &x, 4);
+  if ((w & 0x7f800000u) == 0) w &= 0x80000000u;
+  std::memcpy(&x, &w, 4);
+  return x;
+}
 template <int C, int A, int B>
 inline void tile_dpbf16() {
   TileFile& f = tile_file();
@@ -138,17 +158,18 @@ inline void tile_dpbf16() {
     }
   }
   for (int m = 0; m < kTileRows; ++m) {
-    float acc[16];
+    float acc[16], even[16] = {}, odd[16] = {};
     uint16_t a[32];
     std::memcpy(acc, f.t[C][m], 64);
     std::memcpy(a, f.t[A][m], 64);
     for (int k = 0; k < 16; ++k) {
       const float a0 = tile_bf16_daz(a[2 * k]), a1 = tile_bf16_daz(a[2 * k + 1]);
-      // The even k's product first, then the odd one's, each add rounded (a product of two
-      // normal bf16 is exact in fp32 unless it underflows, so contracting into an FMA changes
-      // nothing else).
-      for (int n = 0; n < 16; ++n) acc[n] = tile_ftz(tile_ftz(acc[n] + a0 * b[k][0][n]) + a1 * b[k][1][n]);
+      for (int n = 0; n < 16; ++n) {
+        even[n] = tile_ftz(__builtin_fmaf(a0, b[k][0][n], even[n]));
+        odd[n] = tile_ftz(__builtin_fmaf(a1, b[k][1][n], odd[n]));
+      }
     }
+    for (int n = 0; n < 16; ++n) acc[n] = tile_ftz(tile_daz(acc[n]) + tile_ftz(even[n] + odd[n]));
     std::memcpy(f.t[C][m], acc, 64);
   }
 }
