@@ -50,7 +50,8 @@ fi
 # against torch's, in the same run. Unverified until this passes on an AMX CPU.
 stamp "host CPU: the amx variant (bf16 matmul on AMX tiles)"
 if $PY -c "import attnkit, sys; v = {i['name']: i for i in attnkit.info()['isas']}['amx']; print('amx:', v['supported'] or v['unsupported']); sys.exit(0 if v['supported'] else 1)"; then
-  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_matmul.py tests/test_runtime.py -k "amx or info or env" -rs \
+  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_matmul.py tests/test_attention.py \
+    tests/test_backward.py tests/test_runtime.py -k "amx or info or env" -rs \
     > build/amx-tests.log 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)" build/amx-tests.log | head -20
