@@ -21,16 +21,23 @@ stamp "python: $($PY -c 'import sys, torch; print(sys.version.split()[0], "torch
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 
 mkdir -p build
-stamp "build: attnkit with ATTNKIT_CUDA=ON, CUDA architectures $ARCHS, $JOBS jobs"
+# The CUTLASS headers for gemm_sm90.cu: $CUTLASS_INCLUDE, else a copy carried to build/cutlass-include
+# (a host without network cannot pip install nvidia-cutlass), else the Python package (CMake).
+CUTLASS_DEF=()
+CUTLASS_INCLUDE=${CUTLASS_INCLUDE:-}
+if [ -z "$CUTLASS_INCLUDE" ] && [ -f build/cutlass-include/cutlass/cutlass.h ]; then CUTLASS_INCLUDE=$PWD/build/cutlass-include; fi
+if [ -n "$CUTLASS_INCLUDE" ]; then CUTLASS_DEF=(-Ccmake.define.ATTNKIT_CUTLASS_INCLUDE="$CUTLASS_INCLUDE"); fi
+stamp "build: attnkit with ATTNKIT_CUDA=ON, CUDA architectures $ARCHS, $JOBS jobs, CUTLASS ${CUTLASS_INCLUDE:-from the nvidia-cutlass package if installed}"
 export CMAKE_BUILD_PARALLEL_LEVEL=$JOBS
-if ! timeout 300 $PY -m pip install --no-index --no-deps --no-build-isolation -e . \
-      -Ccmake.define.ATTNKIT_CUDA=ON -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$ARCHS" \
+if ! timeout 300 $PY -m pip install -v --no-index --no-deps --no-build-isolation -e . \
+      -Ccmake.define.ATTNKIT_CUDA=ON -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$ARCHS" ${CUTLASS_DEF[@]+"${CUTLASS_DEF[@]}"} \
       -Cbuild-dir=build/gpu-check > build/gpu-check.log 2>&1; then
   tail -40 build/gpu-check.log
   stamp "build FAILED (log: build/gpu-check.log)"
   exit 1
 fi
 $PY -c "import attnkit; i = attnkit.info(); print({k: i.get(k) for k in ('version', 'isa', 'cuda_built', 'cuda_available', 'cuda_devices', 'cuda_unverified')})" || status=1
+grep -h "attnkit: .*CUTLASS" build/gpu-check.log || true
 
 stamp "tests: GPU suite (tests/test_cuda.py, which also forces on the unverified decode kernel and backward in their own tests) and the device-array unit tests"
 if $PY -c "import pytest" 2>/dev/null; then

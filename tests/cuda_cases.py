@@ -899,6 +899,12 @@ def test_matmul(dev, rng, sa, sb, dtype):
     assert got.shape == ref.shape and got.dtype == dtype
     scale = max(1.0, float(np.abs(np.matmul(np.abs(to64(a)), np.abs(to64(b)))).max(initial=0.0)))
     assert_close(got, ref, dtype, scale=scale)
+    if ref.size and a.size and b.size:  # which kernel ran (the CUTLASS one only when switched on)
+        from attnkit import _cuda_backend as cb
+        mod = cb._module()
+        half = np.dtype(dtype).itemsize == 2
+        want = ({"mma", "sm90"} if mod.cutlass_gemm_enabled() else {"mma"}) if half else {"simt"}
+        assert mod._last_gemm_kernel() in want
 
 
 @pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)

@@ -143,6 +143,49 @@ def test_runs_on_the_callers_stream():
     assert torch.allclose(z.float(), expect_z.float(), rtol=1e-2, atol=1e-1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_cutlass_sm90_matmul(dtype):
+    """The CUTLASS sm90 matmul (gemm_sm90.cu; off unless ATTNKIT_CUDA_CUTLASS_GEMM=1 until it has
+    run on a GPU) against float64: B row-major and column-major (w.T), ragged M and N, K over
+    many k-steps, batched, broadcast and 4-d batches; shapes it does not cover (an odd K, a
+    strided A) fall back to the mma.sync kernel and stay right. Each call says which kernel ran."""
+    from attnkit import _cuda_backend as cb
+
+    mod = cb._module()
+    if not mod.cutlass_gemm_built():
+        pytest.skip("this build has no CUTLASS sm90 matmul (CUTLASS headers and sm_90 at build time)")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the CUTLASS sm90 matmul runs on sm_90 devices only")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype, generator=g)
+    tol = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+
+    def check(a, b, kernel):
+        got = attnkit.matmul(a, b)
+        assert mod._last_gemm_kernel() == kernel, (a.shape, b.shape, a.stride(), b.stride())
+        ref = torch.matmul(a.double(), b.double())
+        scale = torch.matmul(a.double().abs(), b.double().abs()).max().item()
+        err = (got.double() - ref).abs().max().item()
+        assert err <= 4 * tol * scale, (a.shape, b.shape, err, scale)
+
+    was = mod.cutlass_gemm_enabled()
+    mod._set_cutlass_gemm(True)
+    try:
+        for m, k, n in [(256, 512, 384), (200, 1032, 136), (1000, 1000, 1000), (8, 64, 8)]:
+            a, b = rnd(m, k), rnd(k, n)
+            check(a, b, "sm90")                        # B row-major
+            check(a, rnd(n, k).t(), "sm90")            # B column-major (x @ W.T)
+        check(rnd(3, 200, 136), rnd(3, 136, 264), "sm90")      # batched
+        check(rnd(4, 128, 64), rnd(64, 72), "sm90")            # B broadcast over the batch
+        check(rnd(2, 3, 40, 96), rnd(2, 3, 96, 56), "sm90")    # two batch dims
+        check(rnd(64, 100), rnd(100, 64), "mma")               # K not a multiple of 8: TMA cannot
+        check(rnd(64, 256)[:, ::2], rnd(128, 64), "mma")       # A with a column stride
+    finally:
+        mod._set_cutlass_gemm(was)
+    a, b = rnd(256, 512), rnd(512, 384)
+    check(a, b, "mma")  # switched off again: the mma.sync kernel
+
+
 @pytest.mark.parametrize("decode_on", [False, True], ids=["forward-decode", "decode-kernel"])
 def test_cuda_graph_capture_and_replay(decode_on):
     """Issue 12 item 6: every CUDA entry point captures into a CUDA graph (no host

@@ -49,5 +49,6 @@ if [ -n "$spills" ]; then
   echo "check_cuda_build: warning: ptxas reports register spills on sm_$ARCH:"
   echo "$spills"
 fi
+grep -h "attnkit: .*CUTLASS" "$BUILD.configure.log" || true  # whether gemm_sm90.cu was built
 echo "check_cuda_build: OK (sm_$ARCH, $(( $(date +%s) - start )) s): $(ls "$BUILD"/csrc/cuda/_cuda*.so)"
 rm -rf "$BUILD" "$BUILD.configure.log" "$BUILD.build.log"

@@ -394,6 +394,15 @@ void bind_attention(py::module_& m) {
         "ATTNKIT_CUDA_BACKWARD=1).");
   m.def("backward_kernel_enabled", &cuda::backward_kernel_enabled,
         "Whether attention_backward runs on CUDA devices (ATTNKIT_CUDA_BACKWARD=1).");
+  m.def("_set_cutlass_gemm", &cuda::set_cutlass_gemm_enabled, py::arg("on"),
+        "Let fp16/bf16 matmul on sm_90 devices use the CUTLASS sm90 kernel (unverified on GPUs; "
+        "default from ATTNKIT_CUDA_CUTLASS_GEMM=1).");
+  m.def("cutlass_gemm_enabled", &cuda::cutlass_gemm_enabled,
+        "Whether matmul may use the CUTLASS sm90 kernel (ATTNKIT_CUDA_CUTLASS_GEMM=1).");
+  m.def("_last_gemm_kernel", &cuda::last_gemm_kernel,
+        "The kernel of the last CUDA matmul: sm90 (CUTLASS), mma or simt (tests).");
+  m.def("cutlass_gemm_built", &cuda::cutlass_gemm_built,
+        "Whether this build has the CUTLASS sm90 matmul (CUTLASS headers and sm_90 at build time).");
   m.def("quantize_kv", &quantize_entry, py::arg("x"), py::arg("q"), py::arg("scale"),
         py::arg("device"), py::arg("stream"), py::arg("wait_streams"),
         "Quantize the rows of device array x into codes q and float32 scales (validated).");

@@ -7,9 +7,14 @@
 // axis). B is kept in smem in whichever orientation its memory has, [k][n] (row-major b, read
 // with ldmatrix.trans) or [n][k] (b = w.T views, read with ldmatrix), so both common layouts
 // load with vector copies. Rows padded by 16 bytes keep ldmatrix free of bank conflicts.
+// On sm_90, with the CUTLASS headers at build time and ATTNKIT_CUDA_CUTLASS_GEMM=1, fp16/bf16
+// products of the layouts gemm_sm90.cu covers run there instead (TMA + wgmma).
 // fp32/fp64: FMA kernel, 64 x 64 x 16 tiles, 4 x 4 outputs per thread (TF32 would miss the
 // fp32 tolerance). Each output is one thread's fixed-order sum: bit-identical run to run.
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #include "common.cuh"
 #include "kernels.h"
@@ -232,6 +237,37 @@ __global__ void fill_zero_kernel(const GemmParams p, int64_t batch) {
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
+// The kernel of the last product (tests: which path a shape took).
+enum LastKernel : int { kNone = 0, kSm90, kMma, kSimt };
+std::atomic<int> g_last_kernel{kNone};
+
+std::atomic<bool>& cutlass_flag() {
+  static std::atomic<bool> on{[] {
+    const char* e = std::getenv("ATTNKIT_CUDA_CUTLASS_GEMM");
+    return e && std::strcmp(e, "1") == 0;
+  }()};
+  return on;
+}
+
+#if defined(ATTNKIT_HAVE_SM90_GEMM)
+// Whether the current device is an sm_90 (the sm_90a code of gemm_sm90.cu runs only there),
+// cached per device ordinal.
+bool device_is_sm90() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  static std::atomic<int> cache[64];  // 0 unknown, 1 yes, 2 no
+  int v = cache[dev].load();
+  if (v == 0) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    v = major == 9 && minor == 0 ? 1 : 2;
+    cache[dev].store(v);
+  }
+  return v == 1;
+}
+#endif
+
 template <class T>
 cudaError_t run(const GemmParams& p, cudaStream_t stream) {
   int64_t batch = 1;
@@ -251,6 +287,15 @@ cudaError_t run(const GemmParams& p, cudaStream_t stream) {
   if (gx > 0x7fffffff || gy > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(unsigned(gx), unsigned(gy), gz);
   if constexpr (kTensorCores) {
+#if defined(ATTNKIT_HAVE_SM90_GEMM)
+    if (cutlass_flag().load() && device_is_sm90()) {
+      bool applied = false;
+      const cudaError_t e = gemm_sm90(p, stream, &applied);
+      if (applied) g_last_kernel.store(kSm90);
+      if (applied || e != cudaSuccess) return e;
+    }
+#endif
+    g_last_kernel.store(kMma);
     bool batch_aligned = true;
     for (int d = 0; d < p.batch_ndim; ++d)
       batch_aligned = batch_aligned && p.a_batch_strides[d] % 8 == 0 && p.b_batch_strides[d] % 8 == 0;
@@ -263,6 +308,7 @@ cudaError_t run(const GemmParams& p, cudaStream_t stream) {
     auto kernel = b_kmajor ? gemm_tc_kernel<T, true> : gemm_tc_kernel<T, false>;
     ATTNKIT_LAUNCH(kernel, grid, kTcThreads, 0, stream, p, batch, a_vec, b_vec, c_vec);
   } else {
+    g_last_kernel.store(kSimt);
     auto kernel = gemm_simt_kernel<T>;
     ATTNKIT_LAUNCH(kernel, grid, 256, 0, stream, p, batch);
   }
@@ -270,6 +316,22 @@ cudaError_t run(const GemmParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
+
+#if defined(ATTNKIT_HAVE_SM90_GEMM)
+bool cutlass_gemm_built() { return true; }
+#else
+bool cutlass_gemm_built() { return false; }
+cudaError_t gemm_sm90(const GemmParams&, cudaStream_t, bool* applied) {
+  *applied = false;
+  return cudaSuccess;
+}
+#endif
+bool cutlass_gemm_enabled() { return cutlass_flag().load(); }
+const char* last_gemm_kernel() {
+  static const char* const names[] = {"none", "sm90", "mma", "simt"};
+  return names[g_last_kernel.load()];
+}
+void set_cutlass_gemm_enabled(bool on) { cutlass_flag().store(on); }
 
 cudaError_t gemm(const GemmParams& p, cudaStream_t stream) {
   switch (p.dtype) {

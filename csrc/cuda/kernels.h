@@ -24,6 +24,15 @@ struct DeviceInfo {
 
 cudaError_t softmax(const SoftmaxParams& p, cudaStream_t stream);
 cudaError_t gemm(const GemmParams& p, cudaStream_t stream);
+// fp16/bf16 matmul on CUTLASS's sm90 collectives (gemm_sm90.cu), for sm_90 devices and the
+// layouts it covers (*applied says whether it ran). Built only with the CUTLASS headers
+// (cutlass_gemm_built); used by gemm() only when switched on: it has not yet run on a GPU, so
+// it is off unless ATTNKIT_CUDA_CUTLASS_GEMM=1 is set when the module loads (or the setter).
+cudaError_t gemm_sm90(const GemmParams& p, cudaStream_t stream, bool* applied);
+bool cutlass_gemm_built();
+bool cutlass_gemm_enabled();
+void set_cutlass_gemm_enabled(bool on);
+const char* last_gemm_kernel();  // "sm90", "mma" or "simt": the last gemm() launch (tests)
 
 // attention_with_kvcache: what AttentionParams does not say. AttentionParams then describes
 // the cache (k/v = the caches, seqlen_k = capacity; paged: page_size, block_table_stride =

@@ -65,6 +65,17 @@ def get_num_threads():
     return _C._resolve_num_threads()
 
 
+def _cuda_unverified(mod):
+    """The CUDA paths that have not yet run on a GPU, each with whether it is switched on."""
+    out = {}
+    if hasattr(mod, "backward_kernel_enabled"):
+        out["decode_kernel (ATTNKIT_CUDA_DECODE=1)"] = mod.decode_kernel_enabled()
+        out["attention_backward (ATTNKIT_CUDA_BACKWARD=1)"] = mod.backward_kernel_enabled()
+    if hasattr(mod, "cutlass_gemm_built") and mod.cutlass_gemm_built():
+        out["cutlass_sm90_matmul (ATTNKIT_CUDA_CUTLASS_GEMM=1)"] = mod.cutlass_gemm_enabled()
+    return out
+
+
 def info():
     """A dict describing this build and machine.
 
@@ -84,7 +95,9 @@ def info():
     ``cuda_archs``, ``cuda_runtime``, ``cuda_device_names`` and ``cuda_unverified``: the CUDA
     paths that have not passed the GPU tests on a real GPU, each with whether it is on; they
     are off unless their environment variable turns them on: ``ATTNKIT_CUDA_DECODE=1`` for the
-    decode kernel, ``ATTNKIT_CUDA_BACKWARD=1`` for attention_backward on device arrays).
+    decode kernel, ``ATTNKIT_CUDA_BACKWARD=1`` for attention_backward on device arrays,
+    ``ATTNKIT_CUDA_CUTLASS_GEMM=1`` for fp16/bf16 matmul on CUTLASS's sm90 kernel in builds
+    that have it).
     """
     isas = _C._isa_list()
     cuda_built, cuda_available, cuda_devices = False, False, 0
@@ -100,9 +113,7 @@ def info():
             "cuda_runtime": _cuda.runtime_version() if hasattr(_cuda, "runtime_version") else None,
             "cuda_device_names": [_cuda.device_name(i) for i in range(cuda_devices)]
             if hasattr(_cuda, "device_name") else [],
-            "cuda_unverified": {"decode_kernel (ATTNKIT_CUDA_DECODE=1)": _cuda.decode_kernel_enabled(),
-                                "attention_backward (ATTNKIT_CUDA_BACKWARD=1)": _cuda.backward_kernel_enabled()}
-            if hasattr(_cuda, "backward_kernel_enabled") else {},
+            "cuda_unverified": _cuda_unverified(_cuda),
         }
     except ImportError:
         pass
