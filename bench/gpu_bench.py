@@ -204,16 +204,32 @@ def softmax_case(name, M, N, dtype, rounds):
                 unit="GB/s", torch_impl="torch.softmax")
 
 
-def matmul_case(name, M, N, K, dtype, rounds):
-    """attnkit vs cuBLAS (TF32 off); TFLOP/s."""
+def matmul_case(name, M, N, K, dtype, rounds, cutlass=False, b_transposed=False):
+    """attnkit vs cuBLAS (TF32 off); TFLOP/s. cutlass: with the CUTLASS sm90 kernel switched on
+    (gemm_sm90.cu; off by default until verified on a GPU), and the row says which kernel ran;
+    b_transposed: B as the transpose of an (N, K) matrix (x @ W.T)."""
+    from attnkit import _cuda_backend
+
+    mod = _cuda_backend._module()
     a = torch.randn(M, K, device="cuda", dtype=dtype)
-    b = torch.randn(K, N, device="cuda", dtype=dtype)
+    b = torch.randn(N, K, device="cuda", dtype=dtype).t() if b_transposed else \
+        torch.randn(K, N, device="cuda", dtype=dtype)
     torch.backends.cuda.matmul.allow_tf32 = False  # full fp32, as attnkit
     ours, theirs = lambda: ak.matmul(a, b), lambda: a @ b
-    check(ours(), theirs(), 1e-2 if dtype != torch.float32 else 1e-4, name)
-    ta, tb = time_pair(ours, theirs, rounds)
+    was = mod.cutlass_gemm_enabled() if hasattr(mod, "cutlass_gemm_enabled") else False
+    if cutlass:
+        if not (hasattr(mod, "cutlass_gemm_built") and mod.cutlass_gemm_built()):
+            raise RuntimeError("this build has no CUTLASS sm90 matmul")
+        mod._set_cutlass_gemm(True)
+    try:
+        check(ours(), theirs(), 1e-2 if dtype != torch.float32 else 1e-4, name)
+        kernel = mod._last_gemm_kernel() if hasattr(mod, "_last_gemm_kernel") else "?"
+        ta, tb = time_pair(ours, theirs, rounds)
+    finally:
+        if hasattr(mod, "_set_cutlass_gemm"):
+            mod._set_cutlass_gemm(was)
     return dict(case=name, attnkit_ms=ta, torch_ms=tb, rate=2.0 * M * N * K / ta / 1e9, unit="TFLOP/s",
-                torch_impl="cuBLAS")
+                torch_impl=f"cuBLAS (attnkit: {kernel})")
 
 
 CASES = [
@@ -234,6 +250,8 @@ CASES = [
     ("softmax fp32 8192x8192", lambda r: softmax_case("softmax fp32 8192x8192", 8192, 8192, torch.float32, r)),
     ("softmax bf16 4096x32000", lambda r: softmax_case("softmax bf16 4096x32000", 4096, 32000, torch.bfloat16, r)),
     ("matmul fp16 4096^3", lambda r: matmul_case("matmul fp16 4096^3", 4096, 4096, 4096, torch.float16, r)),
+    ("matmul-cutlass fp16 4096^3", lambda r: matmul_case("matmul-cutlass fp16 4096^3", 4096, 4096, 4096, torch.float16, r, True)),
+    ("matmul-cutlass bf16 8192x8192x4096 B^T", lambda r: matmul_case("matmul-cutlass bf16 8192x8192x4096 B^T", 8192, 8192, 4096, torch.bfloat16, r, True, True)),
     ("matmul fp32 2048^3", lambda r: matmul_case("matmul fp32 2048^3", 2048, 2048, 2048, torch.float32, r)),
 ]
 
