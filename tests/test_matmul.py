@@ -269,6 +269,13 @@ def test_bf16_kernel_blocks_and_thread_counts(isa, rng, threads):
         pytest.skip(f"{isa} has no bf16 kernel (bf16 runs on its fp32 path)")
     assert plan["mr"] == (32 if isa.startswith("amx") else 12), plan
     kc, mc, nc = plan["kc_max"], plan["mc"], plan["nc"]
+    # blocks from this CPU's caches (gemm_bf16.cpp, pair_blocks): the B micro-panel (kc / 2
+    # pair rows of nr words) within the L1d, the A block (mc rows) within half the L2
+    l1d = _sysfs_cache_bytes(1)
+    if l1d is not None and 16 << 10 <= l1d <= 1 << 20:
+        assert plan["l1d"] == l1d, plan
+    assert kc % 32 == 0 and kc // 2 * plan["nr"] * 4 <= plan["l1d"], plan
+    assert mc % plan["mr"] == 0 and mc * kc // 2 * 4 <= plan["l2"] // 2, plan
     for m, k, n in [(mc + 1, kc + 33, 45), (2 * mc + 37, 70, 99), (100, 2 * kc + 3, 70),
                     (70, 40, nc + 5)]:
         a, b = randn(rng, (m, k), bfloat16), randn(rng, (k, n), bfloat16)

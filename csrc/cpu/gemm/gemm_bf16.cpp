@@ -15,6 +15,7 @@
 // path leaves C untouched.
 #include <atomic>
 
+#include "cache_sizes.h"
 #include "common.h"
 #include "debug.h"
 #if defined(ATTNKIT_ISA_AMX) || defined(ATTNKIT_ISA_AMX_EMULATED)
@@ -38,14 +39,35 @@ using Bk = PanelBlocking;
 constexpr int64_t kMinMacs = int64_t(1) << 21;
 constexpr int64_t kMinRows = 2 * Bk::MR;
 
+// KCP / MC / NC for this CPU: the header's values are those of its reference caches
+// (Bk::kRefL1d, kRefL2); elsewhere the B micro-panel keeps its share of the L1d (KCP scales
+// with it, a multiple of 16 within [KCP / 2, 2 KCP]), the A block its share of the L2 and the
+// B block its bytes, as gemm/blocking.h does for fp32. Machine constants only, never the
+// thread count: results do not depend on it.
+struct PairBlocks {
+  int64_t kcp, mc, nc;
+};
+const PairBlocks& pair_blocks() {
+  static const PairBlocks b = [] {
+    const CacheSizes& cs = cache_sizes();
+    int64_t kcp = Bk::KCP * cs.l1d / Bk::kRefL1d / 16 * 16;
+    kcp = kcp < Bk::KCP / 2 ? Bk::KCP / 2 : kcp > 2 * Bk::KCP ? 2 * Bk::KCP : kcp;
+    int64_t mc = Bk::MC * Bk::KCP * (cs.l2 / 1024) / (Bk::kRefL2 / 1024) / kcp / Bk::MR * Bk::MR;
+    int64_t nc = Bk::NC * Bk::KCP / kcp / Bk::NR * Bk::NR;
+    return PairBlocks{kcp, mc < Bk::MR ? Bk::MR : mc, nc < Bk::NR ? Bk::NR : nc};
+  }();
+  return b;
+}
+
 struct Bf16Buffers {
   Scratch<float> ws;         // fp32 C: workspace_rows(m) x workspace_ld(n)
   Scratch<uint32_t> bpack;   // KCP x NC words, shared
   Scratch<uint32_t> apack;   // MC x KCP words per thread
   bool init(int64_t m, int64_t n, int nt) {
+    const PairBlocks& b = pair_blocks();
     return ws.reset(size_t(workspace_rows(m) * workspace_ld(n))) &&
-           bpack.reset(size_t(Bk::KCP * round_up(Bk::NC, Bk::NR))) &&
-           apack.reset(size_t(nt * Bk::MC * Bk::KCP));
+           bpack.reset(size_t(b.kcp * round_up(b.nc, Bk::NR))) &&
+           apack.reset(size_t(nt * b.mc * b.kcp));
   }
 };
 
@@ -59,31 +81,32 @@ struct Operands {
 // scanned them).
 void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf) {
   constexpr int MR = Bk::MR, NR = Bk::NR;
+  const PairBlocks& bl = pair_blocks();
   const int64_t m = g.m, n = g.n, k = g.k, ldc = workspace_ld(n);
   float* c = buf.ws.get();
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const PanelThreadScope scope;
     const int tid = thread_id(), team = team_size();
-    uint32_t* apack = buf.apack.get() + int64_t(tid) * Bk::MC * Bk::KCP;
+    uint32_t* apack = buf.apack.get() + int64_t(tid) * bl.mc * bl.kcp;
     uint32_t* bpack = buf.bpack.get();
     const GemmShare share = gemm_share(m, MR, tid, team);  // rows first (threading.h)
     const int64_t row0 = share.row0, row1 = share.row1;
-    for (int64_t jc = 0; jc < n; jc += Bk::NC) {
-      const int64_t nc = imin(Bk::NC, n - jc);
+    for (int64_t jc = 0; jc < n; jc += bl.nc) {
+      const int64_t nc = imin(bl.nc, n - jc);
       const int64_t np = ceil_div(nc, NR);
       int64_t jbeg, jend;
       split_range(np, share.tn, share.tj, &jbeg, &jend);
-      for (int64_t pc = 0; pc < k; pc += 2 * Bk::KCP) {
-        const int64_t kc = imin(2 * Bk::KCP, k - pc), kp = padded_pairs((kc + 1) / 2);
+      for (int64_t pc = 0; pc < k; pc += 2 * bl.kcp) {
+        const int64_t kc = imin(2 * bl.kcp, k - pc), kp = padded_pairs((kc + 1) / 2);
         int64_t pbeg, pend;
         split_range(np, team, tid, &pbeg, &pend);
         for (int64_t jp = pbeg; jp < pend; ++jp)
           pack_b_panel(g.b + pc * g.rs_b + (jc + jp * NR) * g.cs_b, g.rs_b, g.cs_b, kc,
                        int(imin(NR, nc - jp * NR)), bpack + jp * kp * NR);
 #pragma omp barrier
-        for (int64_t ic = row0; ic < row1; ic += Bk::MC) {
-          const int64_t mc = imin(Bk::MC, row1 - ic);
+        for (int64_t ic = row0; ic < row1; ic += bl.mc) {
+          const int64_t mc = imin(bl.mc, row1 - ic);
           for (int64_t ir = 0; ir < mc; ir += MR)
             pack_a_panel(g.a + (ic + ir) * g.rs_a + pc * g.cs_a, g.rs_a, g.cs_a,
                          int(imin(MR, mc - ir)), kc, apack + ir * kp);
@@ -169,10 +192,13 @@ Status gemm(const GemmParams& p) {
   GemmPlanRecord r;
   r.mr = Bk::MR;
   r.nr = Bk::NR;
-  r.kc = imin(2 * Bk::KCP, p.k);
-  r.kc_max = 2 * Bk::KCP;
-  r.mc = Bk::MC;
-  r.nc = Bk::NC;
+  const PairBlocks& bl = pair_blocks();
+  r.kc = imin(2 * bl.kcp, p.k);
+  r.kc_max = 2 * bl.kcp;
+  r.mc = bl.mc;
+  r.nc = bl.nc;
+  r.l1d = cache_sizes().l1d;
+  r.l2 = cache_sizes().l2;
   r.elem_bytes = 2;
   debug_record_gemm_plan(r);
   return Status::ok;

@@ -30,10 +30,13 @@ namespace ATTNKIT_ISA_NS {
 
 // KCP k pairs per pass (a multiple of 16): the B micro-panel is KCP x 128 B = 24 KB of a 48 KB
 // L1d; an A micro-panel 32 x KCP x 4 B = 24 KB, the A block MC x KCP x 4 B = 384 KB of a 2 MB
-// L2; the B block KCP x NC x 4 B = 3 MB. Not tuned on AMX hardware yet (none was at hand).
+// L2; the B block KCP x NC x 4 B = 3 MB. These are the values for the reference caches below
+// (Sapphire / Emerald Rapids); gemm_bf16.cpp scales them to the CPU's (pair_blocks). Not tuned
+// on AMX hardware yet (none was at hand).
 struct BlockingAmx {
   static constexpr int MR = 32, NR = kPairPanel;
   static constexpr int64_t KCP = 192, MC = 512, NC = 4096;
+  static constexpr int64_t kRefL1d = 48 << 10, kRefL2 = 2 << 20;
 };
 static_assert(BlockingAmx::KCP % 16 == 0 && BlockingAmx::MC % BlockingAmx::MR == 0 &&
                   BlockingAmx::NC % BlockingAmx::NR == 0,

@@ -36,6 +36,9 @@ namespace ATTNKIT_ISA_NS {
 struct BlockingBf16 {
   static constexpr int MR = 12, NR = kPairPanel;
   static constexpr int64_t KCP = 256, MC = 144, NC = 3072;
+  // The caches these values are for (the fp32 kernel's reference, a Zen 4); gemm_bf16.cpp
+  // scales them to the CPU's (pair_blocks).
+  static constexpr int64_t kRefL1d = 32 << 10, kRefL2 = 1 << 20;
 };
 
 // C[0:M, 0:nr] (+)= A[0:M, 0:2 kp) B[0:2 kp, 0:NR) in fp32; the contract of ukernel.h's
