@@ -81,18 +81,25 @@ struct GemmBlocks {
   int64_t kc, mc, nc;
 };
 
-// KC0 / MC0 / NC0 scaled to this CPU's caches (see the top of this file). KC stays a multiple
-// of 16 within [KC0 / 2, 2 KC0]; MC a multiple of MR, at least MR; NC a multiple of NR.
+// Blocks kc0 / mc0 / nc0, right for caches of ref_l1d / ref_l2 bytes, scaled to the caches cs
+// (see the top of this file). KC stays a multiple of 16 within [kc0 / 2, 2 kc0]; MC a multiple
+// of mr, at least mr; NC a multiple of nr. Also used by the bf16 pair / tile kernels
+// (gemm_bf16.cpp), whose KC counts k pairs.
+inline GemmBlocks scale_blocks(int64_t kc0, int64_t mc0, int64_t nc0, int mr, int nr,
+                               int64_t ref_l1d, int64_t ref_l2, const CacheSizes& cs) {
+  int64_t kc = kc0 * cs.l1d / ref_l1d / 16 * 16;
+  kc = kc < kc0 / 2 ? kc0 / 2 : kc > 2 * kc0 ? 2 * kc0 : kc;
+  int64_t mc = mc0 * kc0 * (cs.l2 / 1024) / (ref_l2 / 1024) / kc / mr * mr;
+  if (mc < mr) mc = mr;
+  int64_t nc = nc0 * kc0 / kc / nr * nr;
+  if (nc < nr) nc = nr;
+  return {kc, mc, nc};
+}
+
 template <class T>
 GemmBlocks blocks_for(const CacheSizes& cs) {
   using B = Blocking<T>;
-  int64_t kc = B::KC0 * cs.l1d / kRefL1d / 16 * 16;
-  kc = kc < B::KC0 / 2 ? B::KC0 / 2 : kc > 2 * B::KC0 ? 2 * B::KC0 : kc;
-  int64_t mc = B::MC0 * B::KC0 * (cs.l2 / 1024) / (kRefL2 / 1024) / kc / B::MR * B::MR;
-  if (mc < B::MR) mc = B::MR;
-  int64_t nc = B::NC0 * B::KC0 / kc / B::NR * B::NR;
-  if (nc < B::NR) nc = B::NR;
-  return {kc, mc, nc};
+  return scale_blocks(B::KC0, B::MC0, B::NC0, B::MR, B::NR, kRefL1d, kRefL2, cs);
 }
 
 template <class T>

@@ -17,6 +17,7 @@
 
 #include "cache_sizes.h"
 #include "common.h"
+#include "gemm/blocking.h"
 #include "debug.h"
 #if defined(ATTNKIT_ISA_AMX) || defined(ATTNKIT_ISA_AMX_EMULATED)
 #include "gemm/ukernel_amx.h"
@@ -40,21 +41,17 @@ constexpr int64_t kMinMacs = int64_t(1) << 21;
 constexpr int64_t kMinRows = 2 * Bk::MR;
 
 // KCP / MC / NC for this CPU: the header's values are those of its reference caches
-// (Bk::kRefL1d, kRefL2); elsewhere the B micro-panel keeps its share of the L1d (KCP scales
-// with it, a multiple of 16 within [KCP / 2, 2 KCP]), the A block its share of the L2 and the
-// B block its bytes, as gemm/blocking.h does for fp32. Machine constants only, never the
-// thread count: results do not depend on it.
+// (Bk::kRefL1d, kRefL2), scaled as gemm/blocking.h scales the fp32 blocks (the B micro-panel
+// keeps its share of the L1d, the A block of the L2, the B block its bytes). Machine constants
+// only, never the thread count: results do not depend on it.
 struct PairBlocks {
   int64_t kcp, mc, nc;
 };
 const PairBlocks& pair_blocks() {
   static const PairBlocks b = [] {
-    const CacheSizes& cs = cache_sizes();
-    int64_t kcp = Bk::KCP * cs.l1d / Bk::kRefL1d / 16 * 16;
-    kcp = kcp < Bk::KCP / 2 ? Bk::KCP / 2 : kcp > 2 * Bk::KCP ? 2 * Bk::KCP : kcp;
-    int64_t mc = Bk::MC * Bk::KCP * (cs.l2 / 1024) / (Bk::kRefL2 / 1024) / kcp / Bk::MR * Bk::MR;
-    int64_t nc = Bk::NC * Bk::KCP / kcp / Bk::NR * Bk::NR;
-    return PairBlocks{kcp, mc < Bk::MR ? Bk::MR : mc, nc < Bk::NR ? Bk::NR : nc};
+    const GemmBlocks g = scale_blocks(Bk::KCP, Bk::MC, Bk::NC, Bk::MR, Bk::NR, Bk::kRefL1d,
+                                      Bk::kRefL2, cache_sizes());
+    return PairBlocks{g.kc, g.mc, g.nc};
   }();
   return b;
 }
