@@ -528,6 +528,9 @@ def test_long_keys_repack_the_kv_cache(isa, rng):
 @pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
 @pytest.mark.parametrize("D", [1, 7, 64, 111, 128])
 def test_bf16_prefill_paths(isa, rng, D):
+    from attnkit import _C
+
+    _C._take_tile_items()
     q, k, v = make_qkv(rng, 2, 4, 2, 70, 300, D, dtype=bfloat16)
     o = attnkit.attention(q, k, v, causal=True)
     check(q, k, v, o, use_torch=True, causal=True)
@@ -545,6 +548,8 @@ def test_bf16_prefill_paths(isa, rng, D):
     q2, k2, v2 = make_qkv(rng, 1, 2, 1, 300, 300, D, dtype=bfloat16)
     o = attnkit.attention(q2, k2, v2, window=(40, 3))
     check(q2, k2, v2, o, use_torch=False, window=(40, 3))
+    tiles = _C._take_tile_items()["forward"]  # query tiles run on AMX tiles (amx variants only)
+    assert (tiles > 0) == isa.startswith("amx"), (isa, tiles)
 
 
 @pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")

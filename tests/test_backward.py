@@ -49,9 +49,10 @@ def torch_reference_grads(q, k, v, dout, *, mask=None, causal=False, bottom_righ
             s = s + torch.where(m == -np.inf, torch.zeros_like(m, dtype=torch.float64), m.double())
     s = s.masked_fill(~allowed, -np.inf)
     P = torch.softmax(s, -1).nan_to_num(0.0)
-    key_mass = float(P.detach().reshape(B, Hkv, G * Sq, Sk).sum(2).max()) if Sq * Sk else 0.0
     if keep is not None:
         P = P * torch.tensor(keep, dtype=torch.float64) / (1 - p)
+    # (after dropout: dS carries P's Z / (1-p) too)
+    key_mass = float(P.detach().reshape(B, Hkv, G * Sq, Sk).sum(2).max()) if Sq * Sk else 0.0
     o = P @ vv
     o.backward(torch.tensor(to64(dout)))
     out = (o.detach().numpy(), tq.grad.numpy(), tk.grad.numpy(), tv.grad.numpy())
@@ -171,7 +172,10 @@ def test_dtypes(isa, rng, dtype):
 @pytest.mark.parametrize("case", ["causal_gqa", "window_dv", "chunks", "alibi", "softcap",
                                   "fmask", "dropout"])
 def test_bf16_shapes(isa, rng, case):
+    from attnkit import _C
+
     bf = bfloat16
+    _C._take_tile_items()
     if case == "causal_gqa":
         run(rng, 1, 4, 2, 200, 150, 64, dtype=bf, causal=True)
     elif case == "window_dv":
@@ -190,6 +194,8 @@ def test_bf16_shapes(isa, rng, case):
     else:
         keep = attnkit.dropout_mask((1, 2, 110, 70), 0.3, 99)
         run(rng, 1, 2, 2, 110, 70, 16, dtype=bf, dropout_p=0.3, dropout_seed=99, keep=keep, p=0.3)
+    tiles = _C._take_tile_items()["backward"]  # the backward's items on AMX tiles
+    assert (tiles > 0) == isa.startswith("amx"), (isa, tiles)
 
 
 def test_dropout_gradients_exact_for_realised_mask(isa, rng):

@@ -182,8 +182,9 @@ def test_blocks_larger_than_nc_kc_mc(isa, rng, dtype):
 
 # Shapes past gemm_bf16.cpp's thresholds (>= 24 rows on vdpbf16ps, >= 64 on tiles, > 2^21
 # multiply-adds), so the avx512_bf16 variant runs them on vdpbf16ps and amx / amx_emulated on
-# tiles: odd K (the zero pad of the last pair), K over one k-block, M over one A block (144),
-# N tails, strided and transposed operands.
+# tiles (all but the 24-row one): odd K (the zero pad of the last pair), K over one k-block,
+# N tails, strided and transposed operands (test_bf16_kernel_blocks_and_thread_counts takes
+# M, K and N past each block of the blocking actually in use).
 @pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
 @pytest.mark.parametrize("mkn", [(24, 4097, 33), (130, 301, 77), (150, 1025, 70), (301, 77, 129)])
 def test_bf16_pair_path_shapes(isa, rng, mkn):
@@ -262,11 +263,12 @@ def test_bf16_kernel_blocks_and_thread_counts(isa, rng, threads):
     """The bf16 kernels (vdpbf16ps pairs, AMX tiles) past one of each block: M one past the A
     block and over it with a tail, K over two k-blocks with an odd tail, N past the B block;
     and the same bits on 1, 2 and 3 threads (row shares of whole micro-panels)."""
+    if isa not in ("avx512_bf16", "amx", "amx_emulated"):
+        pytest.skip(f"{isa} has no bf16 kernel (bf16 runs on its fp32 path)")
     a, b = np.ones((256, 512), bfloat16), np.ones((512, 256), bfloat16)
     attnkit.matmul(a, b)
     plan = _C._last_gemm_plan()
-    if plan["elem_bytes"] != 2:
-        pytest.skip(f"{isa} has no bf16 kernel (bf16 runs on its fp32 path)")
+    assert plan["elem_bytes"] == 2, plan  # the bf16 kernel ran
     assert plan["mr"] == (32 if isa.startswith("amx") else 12), plan
     kc, mc, nc = plan["kc_max"], plan["mc"], plan["nc"]
     # blocks from this CPU's caches (gemm_bf16.cpp, pair_blocks): the B micro-panel (kc / 2

@@ -134,6 +134,15 @@ PYBIND11_MODULE(_C, m) {
         "and whether it streamed its output (non-temporal stores).");
   m.def("_debug_set_llc_bytes", &cpu::debug_set_llc_bytes, py::arg("bytes"),
         "Make softmax's store policy assume this last-level cache size (0: the CPU's). Tests only.");
+  m.def(
+      "_take_tile_items",
+      [] {
+        py::dict d;
+        d["forward"] = cpu::debug_take_tile_items(cpu::TileKernel::forward);
+        d["backward"] = cpu::debug_take_tile_items(cpu::TileKernel::backward);
+        return d;
+      },
+      "AMX tile work items of the attention forward and backward since the last call (tests).");
   m.def("_last_gemm_plan", &last_gemm_plan_py,
         "The blocking of the last CPU matmul: mr, nr, kc (used), kc_max, mc, nc, l1d, l2, "
         "b_in_place (B not packed), split_columns (threads shared columns, not rows), grid "

@@ -23,6 +23,7 @@
 #include "attention_rows.h"
 #include "attnkit/philox.h"
 #include "common.h"
+#include "debug.h"
 #include "gemm/blocking.h"
 #include "gemm/pack.h"
 #include "gemm/ukernel.h"
@@ -610,7 +611,10 @@ void run_any_item(const AttentionParams& p, const AttentionBwdParams& bp, const 
 #if defined(ATTNKIT_AMX_TILES)
   if constexpr (std::is_same<T, float>::value && std::is_same<SQ, bf16_t>::value &&
                 std::is_same<SKV, bf16_t>::value)
-    if (run_item_tiles(p, bp, it, w, part_dk, part_dv)) return;
+    if (run_item_tiles(p, bp, it, w, part_dk, part_dv)) {
+      debug_count_tile_items(TileKernel::backward, 1);
+      return;
+    }
 #endif
   run_item<T, SQ, SKV>(p, bp, it, w, part_dk, part_dv);
 }

@@ -518,6 +518,7 @@ Status attention_typed(const AttentionParams& p) {
 #pragma omp barrier
       }
       for (int64_t i = begin; i < end; ++i) run_item<T, SQ, SKV>(p, items[i], w);
+      if (kTiles && kPairK<SQ> && kPairK<SKV>) debug_count_tile_items(TileKernel::forward, end - begin);
     }
   }
   return failed ? Status::out_of_memory : Status::ok;

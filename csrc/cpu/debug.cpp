@@ -10,6 +10,7 @@ namespace {
 
 std::atomic<int64_t> g_fail_countdown{0};  // > 0: armed
 std::atomic<int64_t> g_llc_override{0};    // > 0: softmax's assumed last-level cache
+std::atomic<int64_t> g_tile_items[2] = {{0}, {0}};
 std::mutex g_plan_mutex;
 AttentionPlanRecord g_last_plan;
 GemmPlanRecord g_last_gemm_plan;
@@ -45,6 +46,8 @@ SoftmaxPlanRecord debug_last_softmax_plan() { return load_record(g_last_softmax_
 void debug_record_attention_plan(const AttentionPlanRecord& r) { store_record(g_last_plan, r); }
 AttentionPlanRecord debug_last_attention_plan() { return load_record(g_last_plan); }
 void debug_record_gemm_plan(const GemmPlanRecord& r) { store_record(g_last_gemm_plan, r); }
+void debug_count_tile_items(TileKernel k, int64_t n) { g_tile_items[int(k)].fetch_add(n); }
+int64_t debug_take_tile_items(TileKernel k) { return g_tile_items[int(k)].exchange(0); }
 GemmPlanRecord debug_last_gemm_plan() { return load_record(g_last_gemm_plan); }
 
 }  // namespace cpu

@@ -60,5 +60,12 @@ struct GemmPlanRecord {
 void debug_record_gemm_plan(const GemmPlanRecord& r);
 GemmPlanRecord debug_last_gemm_plan();
 
+// AMX tile paths of the attention forward and backward: work items run on tiles since the last
+// take (tests assert the tile path ran, not only that results are right: a silent fall back to
+// the fp32 path passes the same tolerances).
+enum class TileKernel : int { forward = 0, backward = 1 };
+void debug_count_tile_items(TileKernel k, int64_t n);
+int64_t debug_take_tile_items(TileKernel k);
+
 }  // namespace cpu
 }  // namespace attnkit
