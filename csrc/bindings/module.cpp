@@ -114,7 +114,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("_isa_list", &isa_list_py, "Compiled ISA variants with support/verification flags.");
   m.def("_select_isa", &select_isa_py, py::arg("name"),
-        "Select the CPU kernel variant ('auto', 'scalar', 'avx2', 'avx512', 'avx512_vnni', 'avx512_bf16').");
+        "Select the CPU kernel variant ('auto', 'scalar', 'avx2', 'avx512', 'avx512_vnni', "
+        "'avx512_bf16', 'amx', 'amx_emulated').");
   m.def("_active_isa", [] { return std::string(cpu::active_kernels()->isa); });
   m.def("_openmp", &openmp_enabled);
   m.def("_in_forked_child", &in_forked_child);

@@ -146,7 +146,8 @@ IsaInfo* mutable_isa_list() {
   // suite, 2005 passed; bench/notes/matmul.md, "avx512_bf16 variant"). auto still skips it (kBf16AutoSkip).
   // amx has not run on an AMX CPU yet (its kernels pass the suite as amx_emulated), so auto
   // does not take it.
-  // Filled once (thread-safe static initialization).
+  // Filled once (thread-safe static initialization); ensure_tiles may later mark amx
+  // unsupported, under its lock, when the OS refuses tile data.
   static IsaInfo* const list = [] {
     static IsaInfo l[kNumIsas] = {
         {"scalar", true, true, true, false, nullptr, -1, nullptr},
@@ -177,10 +178,10 @@ IsaInfo* mutable_isa_list() {
 #endif
     l[4].supported = f.avx512_bf16;
 #if defined(ATTNKIT_HAVE_AMX_VARIANT)
-    l[5].compiled = true;
+    l[kAmx].compiled = true;
 #endif
-    l[5].supported = f.amx;
-    if (f.amx_why) l[5].unsupported = f.amx_why;
+    l[kAmx].supported = f.amx;
+    if (f.amx_why) l[kAmx].unsupported = f.amx_why;
 #if defined(ATTNKIT_HAVE_AMX_EMULATED_VARIANT)
     l[6].compiled = true;
 #endif
@@ -228,12 +229,13 @@ const KernelTable* table_for(int index) {
 std::atomic<const KernelTable*> g_active{nullptr};
 
 // Linux hands out tile data state per process on request (kernel 5.16+): without it the first
-// tile instruction faults. Asked when amx is first selected, not at import: once granted, the
+// tile instruction faults. Asked only when amx is selected (at import with ATTNKIT_CPU=amx;
+// never for a CPU that merely has AMX, since auto does not take it): once granted, the
 // kernel refuses later alternate signal stacks smaller than the tile state for the whole
 // process, which other native libraries may set up. Granted once for the whole process
 // (threads and forked children inherit it). A refusal marks amx unsupported, with errno.
 bool ensure_tiles(IsaInfo* list, int i) {
-  if (i != 5) return true;
+  if (i != kAmx) return true;
   static std::mutex mu;
   static int state = 0;  // 0: not asked, 1: granted, -1: refused
   static char why[160];
@@ -293,8 +295,7 @@ const char* select_isa(const char* name) {
     if (*a != *b) continue;
     if (!list[i].compiled) return "that variant is not compiled into this build";
     if (!list[i].supported)
-      return i == 5 ? "this CPU (or its operating system) does not support it (see "
-                      "attnkit.info()['isas'] for why)"
+      return i == kAmx ? list[i].unsupported
                     : "this CPU (or its operating system) does not support it (if a hypervisor "
                       "hides the CPUID bit of a feature the CPU has, see ATTNKIT_CPU_ASSUME in "
                       "the README)";

@@ -53,8 +53,9 @@ struct IsaInfo {
 };
 // scalar, avx2, avx512, avx512_vnni, avx512_bf16, amx, amx_emulated: each x86 one needs the
 // one before it, except amx and amx_emulated, which build on avx512_vnni (amx_emulated is
-// the software model of amx's tiles, for tests: it needs avx512 only).
+// the software model of amx's tiles, for tests: it needs avx512_vnni, whose kernels it uses).
 constexpr int kNumIsas = 7;
+constexpr int kAmx = 5;  // the variant that needs the OS's tile permission (dispatch.cpp)
 const IsaInfo* isa_list();                       // kNumIsas entries
 const KernelTable* active_kernels();             // chosen at import, see select_isa
 const KernelTable* variant_table(int index);     // variant `index`'s table, null if not compiled

@@ -4,11 +4,12 @@
 // (collective builders, GemmUniversal); the choice of shapes, layouts and when to use it is
 // here. Built only with the CUTLASS headers (the nvidia-cutlass package, found by CMake) and
 // for sm_90a; chosen only on an sm_90 device, for the layouts below, and only when switched on
-// (it has not yet run on a GPU: gemm_sm90_enabled, ATTNKIT_CUDA_CUTLASS_GEMM=1).
+// (it has not yet run on a GPU: cutlass_gemm_enabled, ATTNKIT_CUDA_CUTLASS_GEMM=1).
 //
 // Covered: A row-major (rows of K contiguous), B row-major (x @ W) or column-major (x @ W.T),
 // C row-major; leading dimensions, pointers and batch strides multiples of 8 elements (16
-// bytes, TMA's rule); batch dims that flatten to one stride per operand (0 = broadcast).
+// bytes, TMA's rule); batch dims that flatten to one stride per operand, none of them 0, except
+// one B shared by a batch of contiguous A and C (folded into one product of batch * M rows).
 // Everything else returns "not applied" and gemm.cu's mma.sync kernel runs.
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
@@ -74,11 +75,11 @@ bool flat_batch(const GemmParams& p, const int64_t* strides, int64_t* out) {
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 template <class Element, class LayoutB>
-cudaError_t run(const GemmParams& p, int batch, int64_t sa, int64_t sb, int64_t sc, int64_t ldb,
-                cudaStream_t stream, bool* applied) {
+cudaError_t run(const GemmParams& p, int m, int batch, int64_t sa, int64_t sb, int64_t sc,
+                int64_t ldb, cudaStream_t stream, bool* applied) {
   using G = Sm90Gemm<Element, LayoutB>;
   using Kernel = typename G::Kernel;
-  const int m = int(p.m), n = int(p.n), k = int(p.k);
+  const int n = int(p.n), k = int(p.k);
   const auto stride_a = typename Kernel::StrideA{p.rs_a, Int<1>{}, sa};
   typename Kernel::StrideB stride_b;
   if constexpr (std::is_same<LayoutB, cutlass::layout::RowMajor>::value)
@@ -97,10 +98,14 @@ cudaError_t run(const GemmParams& p, int batch, int64_t sa, int64_t sb, int64_t 
       {{1.0f, 0.0f}, c, stride_c, c, stride_d}};  // beta = 0: C is never read
   typename G::Device gemm;
   // No workspace: nothing is allocated per call (graph capture), so a configuration that
-  // needs one falls back.
+  // needs one falls back. So does one CUTLASS refuses; an error its setup left is cleared so
+  // that the fallback's launch check does not report it.
   if (G::Device::get_workspace_size(args) != 0 || gemm.can_implement(args) != cutlass::Status::kSuccess)
     return cudaSuccess;
-  if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaSuccess;
+  if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) {
+    cudaGetLastError();
+    return cudaSuccess;
+  }
   *applied = true;
   const cutlass::Status st = gemm.run(stream);
   return st == cutlass::Status::kSuccess ? cudaGetLastError() : cudaErrorLaunchFailure;
@@ -125,12 +130,21 @@ cudaError_t gemm_sm90(const GemmParams& p, cudaStream_t stream, bool* applied) {
                   (b_row || b_col) && ldb % 8 == 0 && sa % 8 == 0 && sb % 8 == 0 &&
                   sc % 8 == 0 && aligned16(p.a) && aligned16(p.b) && aligned16(p.c);
   if (!ok) return cudaSuccess;
-  const int nb = int(batch);
+  // A batch of A and C over one shared B (x @ W with x 3-d): one product of batch * m rows when
+  // A and C are contiguous over the batch; other broadcasts (a zero batch stride, which TMA
+  // descriptors are not relied on to take) fall back.
+  int64_t m = p.m;
+  if (batch > 1 && sb == 0 && sa == p.m * p.rs_a && sc == p.m * p.rs_c && batch * p.m < (int64_t(1) << 31)) {
+    m = batch * p.m;
+    batch = 1;
+  }
+  if (batch > 1 && (sa == 0 || sb == 0 || sc == 0)) return cudaSuccess;
+  const int nb = int(batch), mm = int(m);
   if (p.dtype == DType::f16)
-    return b_row ? run<cutlass::half_t, cutlass::layout::RowMajor>(p, nb, sa, sb, sc, ldb, stream, applied)
-                 : run<cutlass::half_t, cutlass::layout::ColumnMajor>(p, nb, sa, sb, sc, ldb, stream, applied);
-  return b_row ? run<cutlass::bfloat16_t, cutlass::layout::RowMajor>(p, nb, sa, sb, sc, ldb, stream, applied)
-               : run<cutlass::bfloat16_t, cutlass::layout::ColumnMajor>(p, nb, sa, sb, sc, ldb, stream, applied);
+    return b_row ? run<cutlass::half_t, cutlass::layout::RowMajor>(p, mm, nb, sa, sb, sc, ldb, stream, applied)
+                 : run<cutlass::half_t, cutlass::layout::ColumnMajor>(p, mm, nb, sa, sb, sc, ldb, stream, applied);
+  return b_row ? run<cutlass::bfloat16_t, cutlass::layout::RowMajor>(p, mm, nb, sa, sb, sc, ldb, stream, applied)
+               : run<cutlass::bfloat16_t, cutlass::layout::ColumnMajor>(p, mm, nb, sa, sb, sc, ldb, stream, applied);
 }
 
 }  // namespace cuda

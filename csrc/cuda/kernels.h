@@ -32,7 +32,7 @@ cudaError_t gemm_sm90(const GemmParams& p, cudaStream_t stream, bool* applied);
 bool cutlass_gemm_built();
 bool cutlass_gemm_enabled();
 void set_cutlass_gemm_enabled(bool on);
-const char* last_gemm_kernel();  // "sm90", "mma" or "simt": the last gemm() launch (tests)
+const char* last_gemm_kernel();  // "sm90", "mma", "simt" (or "none"): the last gemm() launch
 
 // attention_with_kvcache: what AttentionParams does not say. AttentionParams then describes
 // the cache (k/v = the caches, seqlen_k = capacity; paged: page_size, block_table_stride =

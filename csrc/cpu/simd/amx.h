@@ -1,7 +1,8 @@
 // AMX tiles (ARCHITECTURE.md, "ISA variants": amx, amx_emulated): the few tile operations the
 // kernels use, either on the hardware (`amx`: AMX-TILE + AMX-BF16) or on a software model of
 // the same semantics (`amx_emulated`: plain AVX-512 code, so the tile kernels are tested on any
-// AVX-512 CPU; it is slow and never chosen by `auto`).
+// CPU with AVX-512 VNNI, whose kernels the variant uses for the rest; it is slow and never
+// chosen by `auto`).
 //
 // Every kernel uses one configuration: the eight tiles tmm0..tmm7, each 16 rows of 64 bytes
 // (fp32 accumulators: 16 x 16; bf16 operands: 16 rows of 32, B in pair rows of 16 columns x 2 k).
@@ -131,14 +132,8 @@ inline float tile_bf16_daz(uint16_t bits) {  // subnormal inputs read as (signed
   std::memcpy(&f, &w, 4);
   return f;
 }
-inline float tile_ftz(float x) {  // subnormal results flushed to (signed) zero
-  uint32_t w;
-  std::memcpy(&w, &x, 4);
-  if ((w & 0x7f800000u) == 0) w &= 0x80000000u;
-  std::memcpy(&x, &w, 4);
-  return x;
-}
-inline float tile_daz(float x) {  // a subnormal fp32 read as (signed) zero
+// A subnormal fp32 as (signed) zero: results are flushed (FTZ) and C is read so (DAZ).
+inline float tile_flush(float x) {
   uint32_t w;
   std::memcpy(&w, &x, 4);
   if ((w & 0x7f800000u) == 0) w &= 0x80000000u;
@@ -165,11 +160,11 @@ inline void tile_dpbf16() {
     for (int k = 0; k < 16; ++k) {
       const float a0 = tile_bf16_daz(a[2 * k]), a1 = tile_bf16_daz(a[2 * k + 1]);
       for (int n = 0; n < 16; ++n) {
-        even[n] = tile_ftz(__builtin_fmaf(a0, b[k][0][n], even[n]));
-        odd[n] = tile_ftz(__builtin_fmaf(a1, b[k][1][n], odd[n]));
+        even[n] = tile_flush(__builtin_fmaf(a0, b[k][0][n], even[n]));
+        odd[n] = tile_flush(__builtin_fmaf(a1, b[k][1][n], odd[n]));
       }
     }
-    for (int n = 0; n < 16; ++n) acc[n] = tile_ftz(tile_daz(acc[n]) + tile_ftz(even[n] + odd[n]));
+    for (int n = 0; n < 16; ++n) acc[n] = tile_flush(tile_flush(acc[n]) + tile_flush(even[n] + odd[n]));
     std::memcpy(f.t[C][m], acc, 64);
   }
 }
