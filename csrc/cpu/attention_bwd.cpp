@@ -506,6 +506,9 @@ bool group_kv_nonfinite(const AttentionParams& p, const SeqView& sv, int64_t g) 
 bool run_item_tiles(const AttentionParams& p, const AttentionBwdParams& bp, const BwdItem& it,
                     BwdWork<float>& w, float* part_dk, float* part_dv) {
   using Tl = BwdTiles<float>;
+  // Query tiles and item chunks start at multiples of 32 rows (step0, the A tiles of q^T and
+  // dO^T), key blocks are whole 32-key panels.
+  static_assert(Tl::kBlockM % 32 == 0 && Tl::kBlockNPad % 32 == 0, "tile-aligned blocks");
   const int64_t BM = Tl::kBlockM, BN = Tl::kBlockN, BNp = Tl::kBlockNPad;
   const SeqView sv = seq_view(p, it.b);
   const int64_t G = p.num_heads / p.num_kv_heads, rows = it.r1 - it.r0, R32 = round_up(rows, 32);

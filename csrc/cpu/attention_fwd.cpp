@@ -101,6 +101,10 @@ struct Tiles {
   static constexpr int64_t kBlockN = 256;
   static constexpr int NR = Blocking<T>::NR;
   static constexpr int64_t kBlockNPad = (kBlockN + NR - 1) / NR * NR;
+#if defined(ATTNKIT_AMX_TILES)
+  static_assert(NR == kPairPanel && kBlockM == 32 && kBlockNPad % 32 == 0,
+                "the tile path reads 32-key pair panels and 32-row query tiles");
+#endif
 };
 
 // Per-thread packed K/V of one (batch, kv head) group, by key block. Holds every block of the

@@ -185,8 +185,8 @@ IsaInfo* mutable_isa_list() {
 #if defined(ATTNKIT_HAVE_AMX_EMULATED_VARIANT)
     l[6].compiled = true;
 #endif
-    l[6].supported = f.avx512_vnni;
     apply_assumptions(l, f.zmm_state);
+    l[6].supported = l[3].supported;  // amx_emulated runs where avx512_vnni does (assumed too)
 #endif
     for (IsaInfo& v : l)
       if (v.supported) v.unsupported = nullptr;
