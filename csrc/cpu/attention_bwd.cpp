@@ -360,6 +360,21 @@ inline bool tile_span(const AttentionParams& p, const SeqView& sv, int64_t t0, i
   return true;
 }
 
+// Starts key block j0..j0+bn_full of an item: zeroes its dK / dV accumulators (w.dk, w.dv)
+// and returns whether any row of the item reaches the block (key ranges grow with the row).
+template <class T>
+bool start_key_block(const AttentionParams& p, const SeqView& sv, const BwdItem& it, int64_t j0,
+                     int64_t bn_full, BwdWork<T>& w) {
+  constexpr int NR = BwdTiles<T>::NR;
+  constexpr int64_t BNp = BwdTiles<T>::kBlockNPad;
+  const int64_t Dp = round_up(p.head_dim, NR), Dvp = round_up(p.head_dim_v, NR);
+  for (int64_t x = 0; x < BNp * Dp; ++x) w.dk[x] = T(0);
+  for (int64_t x = 0; x < BNp * Dvp; ++x) w.dv[x] = T(0);
+  if (it.r1 <= it.r0) return false;
+  const KeyRange first = key_range(p, sv, it.r0), last = key_range(p, sv, it.r1 - 1);
+  return !(j0 > last.hi || j0 + bn_full - 1 < first.lo);
+}
+
 // Rows i0..i0+bm of head h against keys j0..j0+bn: w.s holds S, w.dp dO V^T (row stride
 // BNp); on return w.s holds P and w.dp dS * scale (grad_row). row0: the rows' index in the
 // item's per-row arrays (lse, D_i).
@@ -426,14 +441,9 @@ void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdI
 
   for (int64_t j0 = 0; j0 < sv.sk; j0 += BN) {
     const int64_t bn_full = imin(BN, sv.sk - j0);
-    // Rows of this item that reach the block at all (ranges grow with i).
-    const KeyRange first = key_range(p, sv, it.r0), last = key_range(p, sv, it.r1 - 1);
-    const bool touched = rows > 0 && !(j0 > last.hi || j0 + bn_full - 1 < first.lo);
     T* dk = w.dk.get();
     T* dv = w.dv.get();
-    for (int64_t x = 0; x < BNp * Dp; ++x) dk[x] = T(0);
-    for (int64_t x = 0; x < BNp * Dvp; ++x) dv[x] = T(0);
-    if (touched) {
+    if (start_key_block(p, sv, it, j0, bn_full, w)) {
       const bool k_nonfinite = pack_block<T, SKV>(p, sv, it.g, j0, bn_full, w);
       for (int64_t hh = 0; hh < G; ++hh) {
         const int64_t h = it.g * G + hh;
@@ -538,13 +548,9 @@ bool run_item_tiles(const AttentionParams& p, const AttentionBwdParams& bp, cons
   float *S = w.s.get(), *dP = w.dp.get();
   for (int64_t j0 = 0; j0 < sv.sk; j0 += BN) {
     const int64_t bn_full = imin(BN, sv.sk - j0);
-    const KeyRange first = key_range(p, sv, it.r0), last = key_range(p, sv, it.r1 - 1);
-    const bool touched = rows > 0 && !(j0 > last.hi || j0 + bn_full - 1 < first.lo);
     float* dk = w.dk.get();
     float* dv = w.dv.get();
-    for (int64_t x = 0; x < BNp * Dp; ++x) dk[x] = 0.0f;
-    for (int64_t x = 0; x < BNp * Dvp; ++x) dv[x] = 0.0f;
-    if (touched) {
+    if (start_key_block(p, sv, it, j0, bn_full, w)) {
       auto krow = [&](int64_t jj) { return typed<bf16_t>(p.k) + kv_offset(p, sv, it.g, j0 + jj, p.k_stride); };
       auto vrow = [&](int64_t jj) { return typed<bf16_t>(p.v) + kv_offset(p, sv, it.g, j0 + jj, p.v_stride); };
       for (int64_t jj = 0; jj < BNp; ++jj) {

@@ -24,6 +24,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "simd/scalar_cvt.h"
+
 #if defined(ATTNKIT_ISA_AMX) || defined(ATTNKIT_ISA_AMX_EMULATED)
 #define ATTNKIT_AMX_TILES 1
 #else
@@ -126,19 +128,12 @@ inline void tile_store(void* p, int64_t stride_bytes) {
     std::memcpy(static_cast<uint8_t*>(p) + r * stride_bytes, tile_file().t[T][r], kTileBytes);
 }
 inline float tile_bf16_daz(uint16_t bits) {  // subnormal inputs read as (signed) zero
-  if ((bits & 0x7f80u) == 0) bits &= 0x8000u;
-  const uint32_t w = uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &w, 4);
-  return f;
+  return bf16_to_f32((bits & 0x7f80u) == 0 ? uint16_t(bits & 0x8000u) : bits);
 }
 // A subnormal fp32 as (signed) zero: results are flushed (FTZ) and C is read so (DAZ).
 inline float tile_flush(float x) {
-  uint32_t w;
-  std::memcpy(&w, &x, 4);
-  if ((w & 0x7f800000u) == 0) w &= 0x80000000u;
-  std::memcpy(&x, &w, 4);
-  return x;
+  const uint32_t w = f32_bits(x);
+  return (w & 0x7f800000u) == 0 ? bits_f32(w & 0x80000000u) : x;
 }
 template <int C, int A, int B>
 inline void tile_dpbf16() {
