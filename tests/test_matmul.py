@@ -371,20 +371,49 @@ def test_few_rows_read_b_in_place_by_the_size_of_b(isa, rng, threads):
         assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2]), (m, n)
 
 
-def test_threads_split_columns_when_rows_are_few(isa, rng, threads):
-    """A wide product (N > M) with under two MC blocks of rows per thread has the threads
-    share the columns (gemm.cpp, split_columns); with more rows, or N <= M, they share the
-    rows. Results are bit-identical to one thread either way."""
-    mc = _plan_for(np.float32)["mc"]
-    m_edge = 2 * mc * 2
-    for m, n, columns in [(m_edge - 1, m_edge + 40, True), (m_edge, m_edge + 40, False),
-                          (100, 520, True), (300, 300, False)]:
-        a, b = randn(rng, (m, 300), np.float32), randn(rng, (300, n), np.float32)
+def test_loop_order_and_thread_split(isa, rng, threads):
+    """Products with both operands packed run in the shared-A order (gemm.cpp), except tall ones
+    whose B block fits half the L2 (N <= nb); there two threads share the columns of a product
+    wider than it is tall, the rows otherwise. Products that read B in place keep the shared-B
+    order's rule (columns for a wide product with under two MC blocks of rows per thread).
+    Results are right and bit-identical on 1, 2 and 3 threads either way."""
+    plan = _plan_for(np.float32)
+    nb, mc = plan["nb"], plan["mc"]
+    assert nb % plan["nr"] == 0 and nb * plan["kc_max"] * 4 <= plan["l2"] // 2, plan
+    cases = [  # m, k, n, shared_a, columns at 2 threads
+        (300, 300, 300, True, False),
+        (200, 300, 520, True, True),
+        (2 * nb, 200, nb, False, False),
+        (2 * nb, 200, nb + 40, True, False),
+        (60, 300, 100, False, True),  # 1.8M multiply-adds: read in place
+        (4 * mc + 8, 300, 4 * mc + 40, True, True),
+    ]
+    for m, k, n, shared_a, columns in cases:
+        a, b = randn(rng, (m, k), np.float32), randn(rng, (k, n), np.float32)
         one, plan1 = _run_with_threads(1, a, b)
         two, plan2 = _run_with_threads(2, a, b)
-        assert not plan1["split_columns"] and plan2["split_columns"] == columns, (m, plan2)
-        check(a, b, two)
-        assert np.array_equal(one, two), m
+        three, _ = _run_with_threads(3, a, b)
+        assert plan1["shared_a"] == plan2["shared_a"] == shared_a, (m, k, n, plan2)
+        assert not plan1["split_columns"] and plan2["split_columns"] == columns, (m, k, n, plan2)
+        check(a, b, one)
+        assert np.array_equal(one, two) and np.array_equal(one, three), (m, k, n)
+
+
+def test_shared_a_rows_split_with_a_shallower_last_k_block(isa, rng, threads):
+    """With the rows split the shared-A order packs without a barrier, in two alternating
+    buffers; a shallower last k-block once placed a thread's panels over panels another thread
+    was still reading (a race: wrong values near the thread boundaries, in about half of the
+    runs). Repeated products at 2 and 3 threads give one thread's bits every time."""
+    kc = _plan_for(np.float32)["kc_max"]
+    n = max(_plan_for(np.float32)["nb"] + 32, 700)
+    a, b = randn(rng, (n, 2 * kc + 1), np.float32), randn(rng, (2 * kc + 1, n), np.float32)
+    one, plan = _run_with_threads(1, a, b)
+    assert plan["shared_a"] and plan["kc"] * 2 < 2 * kc + 1 < plan["kc"] * 3, plan
+    check(a, b, one)
+    for i in range(16):
+        out, plan = _run_with_threads(2 + i % 2, a, b)
+        assert not plan["split_columns"], plan
+        assert np.array_equal(out, one), i
 
 
 def test_many_threads_use_a_two_dimensional_grid(isa, rng, threads):

@@ -95,6 +95,8 @@ py::dict last_gemm_plan_py() {
   d["l1d"] = r.l1d;
   d["l2"] = r.l2;
   d["elem_bytes"] = r.elem_bytes;
+  d["nb"] = r.nb;
+  d["shared_a"] = r.shared_a;
   d["b_in_place"] = r.b_in_place;
   d["split_columns"] = r.split_columns;
   d["grid"] = py::make_tuple(r.grid_rows, r.grid_cols);
@@ -145,8 +147,8 @@ PYBIND11_MODULE(_C, m) {
       },
       "AMX tile work items of the attention forward and backward since the last call (tests).");
   m.def("_last_gemm_plan", &last_gemm_plan_py,
-        "The blocking of the last CPU matmul: mr, nr, kc (used), kc_max, mc, nc, l1d, l2, "
-        "b_in_place (B not packed), split_columns (threads shared columns, not rows), grid "
+        "The blocking of the last CPU matmul: mr, nr, kc (used), kc_max, mc, nc, nb, l1d, l2, "
+        "shared_a (the shared-A loop order: A and B packed), b_in_place (B not packed), split_columns (threads shared columns, not rows), grid "
         "(thread rows, thread columns).");
 
   bind_softmax(m);

@@ -53,6 +53,8 @@ struct GemmPlanRecord {
   int64_t l1d = 0, l2 = 0;   // the cache sizes it was derived from (bytes)
   int32_t elem_bytes = 0;    // 4: fp32 compute (also fp16/bf16 storage), 8: fp64, 2: bf16 pairs
                              // (gemm_bf16.cpp: vdpbf16ps, mr 12, or AMX tiles, mr 32)
+  int64_t nb = 0;             // columns of a thread's B block in the shared-A order
+  bool shared_a = false;       // the shared-A loop order (gemm.cpp): A and B both packed
   bool b_in_place = false;     // B read where it lies (small or few-row products), not packed
   bool split_columns = false;  // threads shared the columns, not the rows
   int32_t grid_rows = 1, grid_cols = 1;  // the thread grid (rows x columns of C)

@@ -79,6 +79,9 @@ constexpr int64_t kRefL1d = kAssumedL1d, kRefL2 = kAssumedL2;
 
 struct GemmBlocks {
   int64_t kc, mc, nc;
+  // The shared-A order (gemm.cpp): a thread's packed B block is kc x nb, half the L2 (0 where
+  // unused: the bf16 pair kernels).
+  int64_t nb = 0;
 };
 
 // Blocks kc0 / mc0 / nc0, right for caches of ref_l1d / ref_l2 bytes, scaled to the caches cs
@@ -99,7 +102,10 @@ inline GemmBlocks scale_blocks(int64_t kc0, int64_t mc0, int64_t nc0, int mr, in
 template <class T>
 GemmBlocks blocks_for(const CacheSizes& cs) {
   using B = Blocking<T>;
-  return scale_blocks(B::KC0, B::MC0, B::NC0, B::MR, B::NR, kRefL1d, kRefL2, cs);
+  GemmBlocks g = scale_blocks(B::KC0, B::MC0, B::NC0, B::MR, B::NR, kRefL1d, kRefL2, cs);
+  g.nb = cs.l2 / 2 / (g.kc * int64_t(sizeof(T))) / B::NR * B::NR;
+  if (g.nb < B::NR) g.nb = B::NR;
+  return g;
 }
 
 template <class T>

@@ -1,23 +1,30 @@
 // Packed GEMM, BLIS style (ARCHITECTURE.md rule 5). Compiled once per ISA.
 //
-//   for jc in N by NC                      B block (KC x NC) packed once, shared by threads
-//     for pc in K by KC                    K is never split across threads (rule 6); equal
-//                                          k-blocks of at most KC (balanced_kc)
-//       pack B block                       threads pack disjoint panels into one of two
-//                                          alternating buffers, then a barrier
-//       for ic in the thread's rows by MC  threads own disjoint (row, column) panel ranges
-//         pack A block (MC x KC)           per thread
-//         for jr, ir: micro-kernel         C (+)= A_panel * B_panel; the next B panel is
-//                                          prefetched a slice per call
+// Products with both operands packed run in the shared-A order (gemm_shared_a): BLIS's loop
+// order with the roles of A and B exchanged, because with row-major C the micro-kernel loads
+// B as vectors and broadcasts A. The broadcast operand's micro-panel stays in L1 and the
+// vector operand's panels stream from a block in the core's own L2:
 //
-// KC, MC, NC come from the CPU's caches at run time (gemm/blocking.h). The micro-kernel
-// itself is not the limit (fp32, one Emerald Rapids core, operands in L1: 173 GFLOP/s, more
-// than NumPy's whole sgemm reaches); what the loops around it lose is L3 traffic (B blocks,
-// C passes) and packing (bench/notes/matmul.md, "fp32 GEMM on Emerald Rapids").
+//   for ic in M by NC (rows)               A block (NC x KC), packed once per k-block by all
+//     for pc in K by KC                    threads (two alternating buffers: one barrier per
+//                                          k-block); k-blocks equal, of at most KC (balanced_kc)
+//       pack this thread's share of A
+//       for jc in the thread's columns by NB   B block (KC x NB, half the L2) packed by the
+//                                              thread that uses it
+//         for ir in the thread's rows: for jr: micro-kernel   C (+)= A_panel * B_panel
+//
+// Products that read A or B in place (small, or few rows: bandwidth-bound) run in the
+// shared-B order (gemm_blocked): B blocks (KC x NC) shared by the threads, A blocks (MC x KC)
+// per thread, the A micro-panels streaming under a fixed B micro-panel.
+//
+// KC, MC, NC, NB come from the CPU's caches at run time (gemm/blocking.h). The micro-kernel
+// itself is not the limit (fp32, one Emerald Rapids core, operands in L1: 173 GFLOP/s);
+// what the loops around it lose is cache traffic and packing (bench/notes/matmul.md, "fp32
+// GEMM on Emerald Rapids", "the shared-A order").
 //
 // Every C element is accumulated in the same order (k-blocks in order, k within a block in
-// order) whatever the thread count or the split, so results are bit-identical across thread
-// counts. Small or skinny problems read A and/or B in place when their layout allows it: for
+// order) whatever the thread count, the split or the loop order, so results are bit-identical
+// across thread counts. Small or skinny problems read A and/or B in place when their layout allows it: for
 // M = 1..16 with K = N = 4096 packing B would triple the memory traffic of a bandwidth-bound
 // problem. Half-precision operands are converted to fp32 while packing; their C (and any C
 // whose columns are strided) is accumulated in an fp32 workspace and converted at the end.
@@ -70,6 +77,15 @@ inline bool split_columns(int64_t m, int64_t n, int64_t n_panels, int64_t mc, in
   return team > 1 && m < 2 * mc * team && n > m && n_panels >= 2 * team;
 }
 
+// In the shared-A order, up to 3 threads share the columns of a product at least as wide as it
+// is tall: each packs only the B columns it uses and reads all of the shared A block, each A
+// micro-panel serving the thread's share of columns from L1. A taller product shares the rows:
+// each thread then packs all of B (the smaller operand) and its A micro-panels serve every
+// column. From 4 threads on, the 2-D grid of gemm_grid_rows.
+inline bool split_columns_shared_a(int64_t m, int64_t n, int64_t n_panels, int team) {
+  return team > 1 && team < 4 && n > m && n_panels >= 2 * team;
+}
+
 // Depth of the packed k-blocks: the fewest blocks of at most kc_max, of equal depth (rounded
 // up to 16), so that no thin last block pays a whole pass over C for little work (K = 512
 // with KC = 384: 2 x 256, not 384 + 128). A function of K and the machine only, so every C
@@ -93,6 +109,7 @@ struct GemmArgs {
 // size; only kc_step changes sums, and it never depends on the team.
 struct LoopPlan {
   bool direct_a, direct_b;  // A / B read in place (no packing)
+  bool shared_a;            // both packed: the shared-A order (gemm_shared_a)
   bool skinny;              // few rows: B streamed in place in shallow k-blocks
   bool prefetch_b_rows;     // GEMV-like: prefetch the in-place B rows ahead (below)
   bool split_columns;       // threads share columns, not rows (gemm_share)
@@ -121,8 +138,15 @@ LoopPlan plan_loops(int64_t m, int64_t n, int64_t k, int64_t cs_a, int64_t cs_b,
   // hardware prefetchers kept up with (1 x 4096 x 4096: 1.81-1.95 -> 1.58-1.61 ms, Emerald
   // Rapids, bench/notes/matmul.md, "GEMV prefetch").
   lp.prefetch_b_rows = streams_b && m <= 4;
-  const int64_t n_panels = ceil_div(imin(n, lp.nc_step), B::NR);
-  lp.split_columns = split_columns(m, n, n_panels, blk.mc, team);
+  // Both operands packed: the shared-A order, unless the product is taller than wide and all
+  // of N fits one NB block. There the shared-B order's B block already sits in each L2 and is
+  // packed once for all threads, where the shared-A order packs B once per thread and reads
+  // its A rows back from L3 (Emerald Rapids, 2 threads: 4096 x 1024 x 640 272 vs 265 GFLOP/s,
+  // 4096 x 4096 x 512 285 vs 271; bench/notes/matmul.md, "the shared-A order").
+  lp.shared_a = !lp.direct_a && !lp.direct_b && !(m > n && n <= blk.nb);
+  const int64_t n_panels = ceil_div(lp.shared_a ? n : imin(n, lp.nc_step), B::NR);
+  lp.split_columns = lp.shared_a ? split_columns_shared_a(m, n, n_panels, team)
+                                 : split_columns(m, n, n_panels, blk.mc, team);
   lp.grid_rows = gemm_grid_rows(ceil_div(m, B::MR), B::MR, n_panels, B::NR, team, lp.split_columns);
   return lp;
 }
@@ -157,6 +181,79 @@ void stream_panels_rows(int m, int64_t kc, const T* a, int64_t rs_a, const T* b,
   }
 }
 
+// Rows of the shared A block of one product: all of M up to NC rows (the L3 budget that the
+// shared-B order gives its B block), whole micro-panels.
+template <class T>
+int64_t shared_a_rows(int64_t m) {
+  return imin(round_up(m, Blocking<T>::MR), round_up(gemm_blocks<T>().nc, Blocking<T>::MR));
+}
+
+// The shared-A order (top of this file). Measured against the shared-B order on Emerald Rapids
+// (bench/notes/matmul.md, "the shared-A order"): 2048^3 fp32 264-271 -> 292-293 GFLOP/s at 2
+// threads, 140-145 -> 151-154 at 1 thread.
+template <class T, class S>
+void gemm_shared_a(const GemmArgs<T, S>& g, int nt, T* apack_all, T* bpack_all) {
+  using B = Blocking<T>;
+  constexpr int MR = B::MR, NR = B::NR;
+  const GemmBlocks& blk = gemm_blocks<T>();
+  const int64_t m = g.m, n = g.n, k = g.k;
+  const int64_t a_rows = shared_a_rows<T>(m);
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int tid = thread_id(), team = team_size();
+    const LoopPlan lp = plan_loops<T, S>(m, n, k, g.cs_a, g.cs_b, team);
+    const int64_t kc_step = lp.kc_step;
+    const int tm = lp.grid_rows, tn = team / tm;
+    T* bpack = bpack_all + int64_t(tid) * blk.kc * blk.nb;
+    int64_t cbeg, cend;
+    split_range(ceil_div(n, NR), tn, tid % tn, &cbeg, &cend);
+    const int64_t col0 = cbeg * NR, col1 = imin(cend * NR, n);
+    // A blocks alternate between two buffers (one for a single thread): a block is packed while
+    // slower threads may still compute on the previous one, and a buffer is repacked two blocks
+    // later, once every thread has passed the barrier of the block in between.
+    int64_t block_index = 0;
+    for (int64_t ic = 0; ic < m; ic += a_rows) {
+      const int64_t mc = imin(a_rows, m - ic), mp = ceil_div(mc, MR);
+      int64_t rbeg, rend;
+      split_range(mp, tm, tid / tn, &rbeg, &rend);
+      for (int64_t pc = 0; pc < k; pc += kc_step) {
+        const int64_t kc = imin(kc_step, k - pc);
+        const bool accumulate = pc > 0;
+        T* apack = apack_all + (team > 1 ? block_index++ % 2 : 0) * a_rows * blk.kc;
+        // The threads of a row group (same rows, different columns) pack its panels together.
+        // Panels sit kc_step deep whatever this block's depth: with a single-column grid there
+        // is no barrier, and a thread's panels of a shallower last block must not reach into
+        // the panels another thread may still be reading two blocks back.
+        int64_t pbeg, pend;
+        split_range(rend - rbeg, tn, tid % tn, &pbeg, &pend);
+        for (int64_t p = rbeg + pbeg; p < rbeg + pend; ++p)
+          pack_a_panel<T, S>(g.a + (ic + p * MR) * g.rs_a + pc * g.cs_a, g.rs_a, g.cs_a,
+                             int(imin(MR, mc - p * MR)), kc, apack + p * MR * kc_step);
+        if (tn > 1) {  // (every thread of the team takes the same branch)
+#pragma omp barrier
+        }
+        for (int64_t jc = col0; jc < col1; jc += blk.nb) {
+          const int64_t nc = imin(blk.nb, col1 - jc);
+          pack_b_block<T, S>(g.b + pc * g.rs_b + jc * g.cs_b, g.rs_b, g.cs_b, kc, nc, bpack);
+          for (int64_t p = rbeg; p < rend; ++p) {
+            const int mr = int(imin(MR, mc - p * MR));
+            const T* ap = apack + p * MR * kc_step;
+            T* cp = g.c + (ic + p * MR) * g.ldc + jc;
+            for (int64_t jp = 0; jp * NR < nc; ++jp)
+              ukernel_rows<T, true>(mr, kc, ap, 0, bpack + jp * kc * NR, NR, cp + jp * NR, g.ldc,
+                                    accumulate, int(imin(NR, nc - jp * NR)));
+          }
+        }
+      }
+    }
+  }
+}
+
+// The shared-B order (top of this file): for jc in N by NC, for pc in K by KC, pack the B
+// block (threads pack disjoint panels into one of two alternating buffers, then a barrier),
+// for ic in the thread's rows by MC, pack the A block (per thread), for jr, ir: micro-kernel,
+// the next B panel prefetched a slice per call. A and/or B may be read in place.
 template <class T, class S>
 void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack_all, T* apack_all, T* tail_all) {
   using B = Blocking<T>;
@@ -265,14 +362,24 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack_all, T* apack_all, T
 template <class T>
 struct GemmBuffers {
   Scratch<T> ws, bpack, apack, tail;
-  bool init(int64_t m, int64_t n, bool direct_c, int nt) {
+  bool init(int64_t m, int64_t n, bool direct_c, bool shared_a, int nt) {
     const GemmBlocks& blk = gemm_blocks<T>();
-    return (direct_c || ws.reset(size_t(m * n))) &&
-           bpack.reset(size_t((nt > 1 ? 2 : 1) * blk.kc * blk.nc)) &&
+    if (!direct_c && !ws.reset(size_t(m * n))) return false;
+    const int buffers = nt > 1 ? 2 : 1;
+    if (shared_a)  // one shared A block per buffer, one B block per thread
+      return apack.reset(size_t(buffers * shared_a_rows<T>(m) * blk.kc)) &&
+             bpack.reset(size_t(nt * blk.kc * blk.nb));
+    return bpack.reset(size_t(buffers * blk.kc * blk.nc)) &&
            apack.reset(size_t(nt * blk.mc * blk.kc)) &&
            tail.reset(size_t(nt * blk.kc * Blocking<T>::NR));
   }
 };
+
+// Whether a product runs in the shared-A order: a function of the shape and layout only.
+template <class T, class S>
+bool uses_shared_a(const GemmParams& p) {
+  return plan_loops<T, S>(p.m, p.n, p.k, p.cs_a, p.cs_b, 1).shared_a;
+}
 
 template <class T, class S>
 bool writes_c_directly(const GemmParams& p) {
@@ -292,7 +399,10 @@ void gemm_one(const S* a, const S* b, S* c, const GemmParams& p, int nt, GemmBuf
   const bool direct_c = writes_c_directly<T, S>(p);
   GemmArgs<T, S> g{a, b, direct_c ? reinterpret_cast<T*>(c) : buf.ws.get(), m, n, k,
                    p.rs_a, p.cs_a, p.rs_b, p.cs_b, direct_c ? p.rs_c : n};
-  gemm_blocked<T, S>(g, nt, buf.bpack.get(), buf.apack.get(), buf.tail.get());
+  if (uses_shared_a<T, S>(p))
+    gemm_shared_a<T, S>(g, nt, buf.apack.get(), buf.bpack.get());
+  else
+    gemm_blocked<T, S>(g, nt, buf.bpack.get(), buf.apack.get(), buf.tail.get());
   if (!direct_c) {
     T* w = buf.ws.get();
     const int ntc = threads_for(m * n, nt);
@@ -317,6 +427,8 @@ void record_plan(const GemmParams& p, int nt) {
   r.l1d = cache_sizes().l1d;
   r.l2 = cache_sizes().l2;
   r.elem_bytes = int32_t(sizeof(T));
+  r.nb = blk.nb;
+  r.shared_a = lp.shared_a;
   r.b_in_place = lp.direct_b;
   r.split_columns = lp.split_columns;
   r.grid_rows = lp.grid_rows;
@@ -335,6 +447,7 @@ Status gemm_typed(const GemmParams& p) {
   if (batch == 0 || p.m == 0 || p.n == 0) return Status::ok;
   const int nt = (macs * batch < kSerialMacs || p.num_threads < 1) ? 1 : p.num_threads;
   const bool direct_c = writes_c_directly<T, S>(p);
+  const bool shared_a = uses_shared_a<T, S>(p);
   auto at = [&](int64_t bi, const int64_t* strides) {
     return unravel_offset(bi, p.batch_ndim, p.batch_shape, strides);
   };
@@ -347,7 +460,7 @@ Status gemm_typed(const GemmParams& p) {
 #pragma omp parallel num_threads(nt)
     {
       GemmBuffers<T> buf;  // this thread's; all allocated before any product is written
-      if (!buf.init(p.m, p.n, direct_c, 1)) failed = true;
+      if (!buf.init(p.m, p.n, direct_c, shared_a, 1)) failed = true;
 #pragma omp barrier
       if (!failed.load()) {
 #pragma omp for schedule(static)
@@ -359,7 +472,7 @@ Status gemm_typed(const GemmParams& p) {
     return failed ? Status::out_of_memory : Status::ok;
   }
   GemmBuffers<T> buf;
-  if (!buf.init(p.m, p.n, direct_c, nt)) return Status::out_of_memory;
+  if (!buf.init(p.m, p.n, direct_c, shared_a, nt)) return Status::out_of_memory;
   for (int64_t bi = 0; bi < batch; ++bi)
     gemm_one<T, S>(a + at(bi, p.a_batch_strides), b + at(bi, p.b_batch_strides),
                    c + at(bi, p.c_batch_strides), p, nt, buf);
