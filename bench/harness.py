@@ -56,15 +56,26 @@ class TimingConfig:
 # matmul ran at 108 GFLOP/s right after a NumPy burst, 169 after 0.1 s, 181 after 0.2 s, 193
 # alone). A contender whose name mentions one of these gets that long a pause after its burst.
 SETTLE_AFTER = {"numpy": 0.25}
+# libgomp's workers (attnkit's and torch's, one pool when torch is loaded first) spin ~300k
+# `pause`s after a region, ~10 ms on an Emerald Rapids core, and an OpenBLAS worker waiting for
+# that core stalls NumPy's call for all of it (a NumPy and an attnkit or torch 128^3 product
+# alternating: 8 ms per pair; bench/notes/matmul.md, "fixed cost of a small product"). A
+# contender whose name mentions one of these waits that long before its burst.
+SETTLE_BEFORE = {"numpy": 0.03}
 
 
-def settle_time(name, gap_s, settle=True):
-    """Idle time before the next burst, given that contender `name` ran the last one."""
+def settle_time(name, gap_s, settle=True, next_name=""):
+    """Idle time before the next burst (of contender `next_name`), given that contender `name`
+    ran the last one."""
+    t = gap_s
     if settle:
-        for key, t in SETTLE_AFTER.items():
+        for key, s in SETTLE_AFTER.items():
             if key in name:
-                return max(t, gap_s)
-    return gap_s
+                t = max(t, s)
+        for key, s in SETTLE_BEFORE.items():
+            if key in next_name:
+                t = max(t, s)
+    return t
 
 
 def _quartiles(v):
@@ -76,10 +87,22 @@ def _quartiles(v):
 
 
 def _calibrate(fn, burst_s):
-    """Calls per burst so that a burst lasts about burst_s (at least one call)."""
-    t0 = time.perf_counter()
-    fn()
-    one = time.perf_counter() - t0
+    """Calls per burst so that a burst lasts about burst_s (at least one call).
+
+    A single timed call is not enough for short calls: the first one after another contender
+    can wait milliseconds on that contender's spinning worker threads, and a 128^3 matmul
+    timed so got bursts of 6 calls instead of ~1000. Calls are therefore timed until there
+    are five and a tenth of a burst has passed, or half a burst has passed (one call of a heavy
+    row), and the median of all but the first is taken."""
+    times, start = [], time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - start
+        if (len(times) >= 6 and elapsed >= burst_s / 10) or elapsed >= burst_s / 2:
+            break
+    one = statistics.median(times[1:]) if len(times) > 1 else times[0]
     return max(1, int(burst_s / max(one, 1e-7)))
 
 
@@ -87,17 +110,23 @@ def time_interleaved(fns: dict, cfg: TimingConfig = TimingConfig()) -> dict:
     """Time each callable in `fns` (name -> fn) in alternating bursts; returns name -> Timing.
 
     Before each burst the runner sleeps `gap_s`, or longer after a burst of a contender listed
-    in SETTLE_AFTER, so the previous contender's worker threads have gone idle. The order of
-    contenders flips every round so none always runs first. The garbage collector is paused
+    in SETTLE_AFTER or before one listed in SETTLE_BEFORE, so the previous contender's worker
+    threads have gone idle; the warm-up calls and the calibration (calls per burst) pause the
+    same way. The order of contenders flips every round so none always runs first. The garbage collector is paused
     while timing (collected once before) so a collection never lands inside one burst.
     """
     names = list(fns)
+    previous = ""
     for _ in range(cfg.warmup):
         for n in names:
+            time.sleep(settle_time(previous, 0.0, cfg.settle, n))
             fns[n]()
-    calls = {n: _calibrate(fns[n], cfg.burst_s) for n in names}
+            previous = n
+    calls = {}
+    for n in names:  # with the same pauses as the bursts: calibration is a short burst
+        time.sleep(settle_time(previous, cfg.gap_s, cfg.settle, n))
+        calls[n], previous = _calibrate(fns[n], cfg.burst_s), n
     per_call = {n: [] for n in names}
-    previous = names[-1]
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -105,7 +134,7 @@ def time_interleaved(fns: dict, cfg: TimingConfig = TimingConfig()) -> dict:
         for r in range(cfg.rounds):
             order = names if r % 2 == 0 else names[::-1]
             for n in order:
-                time.sleep(settle_time(previous, cfg.gap_s, cfg.settle))
+                time.sleep(settle_time(previous, cfg.gap_s, cfg.settle, n))
                 previous = n
                 f, c = fns[n], calls[n]
                 t0 = time.perf_counter()

@@ -286,7 +286,7 @@ def test_two_thread_counts_give_two_runs(tmp_path, capsys):
 
 
 def test_interleaved_timing_orders_contenders():
-    """A slower callable times slower; settling applies only after NumPy."""
+    """A slower callable times slower; settling applies after NumPy's bursts and before them."""
     import time
 
     cfg = harness.TimingConfig(rounds=3, burst_s=0.004, gap_s=0.0, settle=False)
@@ -296,6 +296,23 @@ def test_interleaved_timing_orders_contenders():
     assert t["fast"].rounds == 3 and t["slow"].calls >= 1
     assert harness.settle_time("numpy", 0.01) == harness.SETTLE_AFTER["numpy"]
     assert harness.settle_time("numpy", 0.01, settle=False) == 0.01
+    assert harness.settle_time("attnkit", 0.01, next_name="numpy") == harness.SETTLE_BEFORE["numpy"]
+    assert harness.settle_time("attnkit", 0.01, next_name="torch") == 0.01
+
+
+def test_calibration_is_not_set_by_one_slow_first_call():
+    """A short call whose first run is slow (another pool's threads still spinning) still gets
+    a burst of many calls: the burst length comes from the median of repeated calls."""
+    import time
+
+    state = {"first": True}
+
+    def fn():
+        time.sleep(0.02 if state["first"] else 0.0002)
+        state["first"] = False
+
+    calls = harness._calibrate(fn, 0.5)
+    assert calls > 100, calls  # ~0.5 s / 0.2-0.3 ms; one 20 ms call would have given 25
 
 
 def test_work_helpers():

@@ -342,7 +342,9 @@ def test_memory_error_in_attention_backward_and_matmul(rng):
         assert _fail_each_allocation_in_turn(lambda: attnkit.attention(q, k, v, out=out), out) > 3
         a, b = randn(rng, (16, 33, 40), np.float32), randn(rng, (16, 40, 21), np.float32)
         out = poisoned((16, 33, 21), np.float32)
-        assert _fail_each_allocation_in_turn(lambda: attnkit.matmul(a, b, out=out), out) > 2
+        # one product per thread, each thread's scratch its own allocation (B's N tail: these
+        # small products read A and B in place)
+        assert _fail_each_allocation_in_turn(lambda: attnkit.matmul(a, b, out=out), out) >= 2
     finally:
         attnkit.set_num_threads(None)
 

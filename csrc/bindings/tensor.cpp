@@ -131,7 +131,7 @@ static bool numpy_dtype(const py::dtype& dt, DType* out) {
   return false;
 }
 
-static bool dtype_from_string(const std::string& s, DType* out) {
+static bool dtype_from_string(const char* s, DType* out) {
   static const struct {
     const char* name;
     DType t;
@@ -140,19 +140,54 @@ static bool dtype_from_string(const std::string& s, DType* out) {
                {"int64", DType::i64}, {"int8", DType::i8},
                {"float8_e4m3fn", DType::f8e4m3}};
   for (const auto& e : table)
-    if (s == e.name) return *out = e.t, true;
+    if (std::strcmp(s, e.name) == 0) return *out = e.t, true;
   return false;
+}
+
+// A raw descriptor tuple (the front end's Arr.desc(), attnkit.torch) read with the C API: it
+// is on every call's path, and pybind11's casts (a std::string per dtype, new references per
+// item) cost ~4k instructions per array, a third of a small matmul's binding time
+// (bench/notes/matmul.md, "fixed cost of a small product"). False if it is not one.
+static bool tensor_from_tuple(PyObject* tup, Tensor* t) {
+  if (!PyTuple_Check(tup) || PyTuple_GET_SIZE(tup) != 5) return false;
+  PyObject* shape = PyTuple_GET_ITEM(tup, 1);
+  PyObject* strides = PyTuple_GET_ITEM(tup, 2);
+  PyObject* dtype = PyTuple_GET_ITEM(tup, 3);
+  if (!PyTuple_Check(shape) || !PyTuple_Check(strides) || !PyUnicode_Check(dtype) ||
+      !PyLong_Check(PyTuple_GET_ITEM(tup, 0)))
+    return false;
+  const Py_ssize_t nd = PyTuple_GET_SIZE(shape);
+  if (nd > kMaxTensorDims || PyTuple_GET_SIZE(strides) != nd) return false;
+  const char* name = PyUnicode_AsUTF8(dtype);
+  if (name == nullptr || !dtype_from_string(name, &t->dtype)) {
+    PyErr_Clear();
+    t->ndim = -2;  // an unsupported dtype, reported by the caller
+    return true;
+  }
+  t->data = PyLong_AsVoidPtr(PyTuple_GET_ITEM(tup, 0));
+  t->ndim = int(nd);
+  for (Py_ssize_t d = 0; d < nd; ++d) {
+    t->shape[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, d));
+    t->strides[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides, d));
+  }
+  const int w = PyObject_IsTrue(PyTuple_GET_ITEM(tup, 4));
+  if (PyErr_Occurred() || w < 0) {  // a non-int item (or an int out of range)
+    PyErr_Clear();
+    return false;
+  }
+  t->writeable = w != 0;
+  return true;
 }
 
 Tensor to_tensor(py::handle obj, const char* fn, const char* arg, bool need_writeable) {
   Tensor t;
-  const std::string where = std::string(fn) + ": " + arg;
+  auto where = [&] { return std::string(fn) + ": " + arg; };
   if (py::isinstance<py::array>(obj)) {
     py::array a = py::reinterpret_borrow<py::array>(obj);
     if (!numpy_dtype(a.dtype(), &t.dtype))
-      throw_type(where + " has unsupported dtype " + py::str(a.dtype()).cast<std::string>());
+      throw_type(where() + " has unsupported dtype " + py::str(a.dtype()).cast<std::string>());
     if (a.ndim() > kMaxTensorDims)
-      throw_value(where + " has " + std::to_string(a.ndim()) + " dimensions; at most " +
+      throw_value(where() + " has " + std::to_string(a.ndim()) + " dimensions; at most " +
                   std::to_string(kMaxTensorDims) + " are supported");
     t.ndim = int(a.ndim());
     t.data = const_cast<void*>(a.data());
@@ -161,37 +196,28 @@ Tensor to_tensor(py::handle obj, const char* fn, const char* arg, bool need_writ
       t.shape[d] = a.shape(d);
       const int64_t sb = a.strides(d);
       if (sb % isz != 0)
-        throw_value(where + " has a stride of " + std::to_string(sb) +
-                    " bytes, not a multiple of its item size; pass np.ascontiguousarray(" +
-                    arg + ")");
+        throw_value(where() + " has a stride that is not a multiple of its item size; pass "
+                    "np.ascontiguousarray(" + std::string(arg) + ")");
       t.strides[d] = sb / isz;
     }
     if (reinterpret_cast<uintptr_t>(t.data) % uintptr_t(isz) != 0 && t.numel() > 0)
-      throw_value(where + " is not aligned to its item size; pass np.ascontiguousarray(" +
+      throw_value(where() + " is not aligned to its item size; pass np.ascontiguousarray(" +
                   std::string(arg) + ")");
     t.writeable = a.writeable();
+  } else if (tensor_from_tuple(obj.ptr(), &t)) {
+    // Raw descriptor from the Python front end or attnkit.torch (already validated there).
+    if (t.ndim == -2)
+      throw_type(where() + " has unsupported dtype " +
+                 py::str(PyTuple_GET_ITEM(obj.ptr(), 3)).cast<std::string>());
   } else if (py::isinstance<py::tuple>(obj) && py::len(obj) == 5) {
-    // Raw descriptor from attnkit.torch (already validated there).
-    py::tuple tup = py::reinterpret_borrow<py::tuple>(obj);
-    t.data = reinterpret_cast<void*>(tup[0].cast<uintptr_t>());
-    py::tuple shape = tup[1].cast<py::tuple>(), strides = tup[2].cast<py::tuple>();
-    if (!dtype_from_string(tup[3].cast<std::string>(), &t.dtype))
-      throw_type(where + " has unsupported dtype " + tup[3].cast<std::string>());
-    if (py::len(shape) > size_t(kMaxTensorDims) || py::len(shape) != py::len(strides))
-      throw_value(where + ": bad tensor descriptor");
-    t.ndim = int(py::len(shape));
-    for (int d = 0; d < t.ndim; ++d) {
-      t.shape[d] = shape[d].cast<int64_t>();
-      t.strides[d] = strides[d].cast<int64_t>();
-    }
-    t.writeable = tup[4].cast<bool>();
+    throw_value(where() + ": bad tensor descriptor");
   } else {
-    throw_type(where + " must be a numpy.ndarray, got " +
+    throw_type(where() + " must be a numpy.ndarray, got " +
                py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
   }
   for (int d = 0; d < t.ndim; ++d)
-    if (t.shape[d] < 0) throw_value(where + " has a negative dimension");
-  if (need_writeable && !t.writeable) throw_value(where + " is read-only");
+    if (t.shape[d] < 0) throw_value(where() + " has a negative dimension");
+  if (need_writeable && !t.writeable) throw_value(where() + " is read-only");
   return t;
 }
 

@@ -39,6 +39,25 @@ inline int team_size() {
 #endif
 }
 
+// body() on a team of nt threads, or straight on the calling thread when nt <= 1 outside any
+// parallel region: a region with `if (false)` still builds a one-thread team in libgomp (~2.8k
+// instructions, more than a small matmul's whole kernel; bench/notes/matmul.md, "fixed cost of
+// a small product"). Outside every region thread_id() is 0, team_size() 1, and an orphaned
+// barrier or worksharing loop acts as in a team of one, so the body is the same code either
+// way. Inside an enclosing region (one product per thread of a batch) those would bind to the
+// enclosing team, so there the body gets its own team of one, as before.
+template <class F>
+inline void parallel_team(int nt, F&& body) {
+#ifdef _OPENMP
+  if (nt > 1 || omp_in_parallel()) {
+#pragma omp parallel num_threads(nt > 1 ? nt : 1)
+    body();
+    return;
+  }
+#endif
+  body();
+}
+
 // Problems below this many "work units" (roughly flops or bytes touched) run on one thread:
 // waking the pool costs a few microseconds.
 constexpr int64_t kSerialWork = 1 << 15;

@@ -69,6 +69,15 @@ def matmul(call, a, b, out):
     _C.matmul(a.desc(), b.desc(), out.desc())
 
 
+def matmul_matrices(a, b, out=None):
+    """a @ b for two NumPy matrices (and out, if given) whose dtypes and shapes the front end
+    has matched; the binding reads the arrays themselves and checks the rest."""
+    if out is None:
+        out = _alloc.empty((a.shape[0], b.shape[1]), a.dtype)
+    _C.matmul(a, b, out)
+    return out
+
+
 def attention(call, q, k, v, out, lse, mask, alibi, cu_q, cu_k, seqlens, table, k_new, v_new, o,
               k_scale=None, v_scale=None):
     """One attention forward; with k_new/v_new the binding appends them to the caches k/v

@@ -1,7 +1,16 @@
 """attnkit.matmul: the public function (device-neutral; see _front.py)."""
 import numpy as np
 
+from . import _cpu_backend
 from ._front import Call, check_float
+
+_NUMPY_FLOATS = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+
+
+def _float_matrix_dtype(dt):
+    """float32/64/16 or ml_dtypes.bfloat16, without ``dt.name`` (a Python-level property of
+    NumPy's: 3.7 us, more than the binding's whole 8x8 product)."""
+    return dt in _NUMPY_FLOATS or (dt.char == "E" and dt.type.__name__ == "bfloat16")
 
 
 def matmul(a, b, *, out=None):
@@ -23,6 +32,16 @@ def matmul(a, b, *, out=None):
     Any strides are accepted and read in place (transposed ``a.T`` / ``b.T`` views included);
     see the README for which layouts take the fastest paths.
     """
+    if (type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == 2 and b.ndim == 2
+            and a.shape[1] == b.shape[0] and a.dtype == b.dtype and _float_matrix_dtype(a.dtype)
+            and (out is None or (type(out) is np.ndarray and out.dtype == a.dtype
+                                 and out.shape == (a.shape[0], b.shape[1])))):
+        # Two NumPy matrices (and an out= of the result's shape and dtype) that pass every
+        # check below: the arrays go to the binding as they are, without descriptors (~2.5 us
+        # of a 8x8 product's ~4.5; bench/notes/matmul.md, "fixed cost of a small product").
+        # The binding checks strides, alignment, writeability and overlap with the same
+        # messages. Anything else, errors included, takes the path below.
+        return _cpu_backend.matmul_matrices(a, b, out)
     fn = "matmul"
     call = Call(fn, a, "a")
     ad = call.first
@@ -30,6 +49,15 @@ def matmul(a, b, *, out=None):
     if ad.ndim == 0 or bd.ndim == 0:
         raise ValueError(f"matmul: operands must have at least 1 dimension, got shapes {ad.shape} "
                          f"and {bd.shape}")
+    if ad.ndim == 2 and bd.ndim == 2:
+        # Two matrices (out= or device arrays): no batch views to build.
+        if ad.shape[1] != bd.shape[0]:
+            raise ValueError(f"matmul: shapes {ad.shape} and {bd.shape} are not aligned: "
+                             f"a has K={ad.shape[1]} but b has K={bd.shape[0]}")
+        _check_dtypes(ad, bd)
+        out, od = call.result(out, (ad.shape[0], bd.shape[1]), ad.dtype, ad, "a")
+        call.backend.matmul(call, ad, bd, od)
+        return out
     a2 = ad.expand_dims(0) if ad.ndim == 1 else ad
     b2 = bd.expand_dims(1) if bd.ndim == 1 else bd
     if a2.shape[-1] != b2.shape[-2]:
@@ -39,10 +67,7 @@ def matmul(a, b, *, out=None):
         batch = tuple(np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2]))
     except ValueError:
         raise ValueError(f"matmul: batch dims of shapes {ad.shape} and {bd.shape} do not broadcast") from None
-    if ad.dtype != bd.dtype:
-        raise TypeError(f"matmul: a has dtype {ad.dtype} but b has {bd.dtype}; mixed dtypes are not "
-                        "computed, convert one operand")
-    check_float(ad, fn, "a")
+    _check_dtypes(ad, bd)
     m, n = a2.shape[-2], b2.shape[-1]
     result_shape = batch + ((m,) if ad.ndim > 1 else ()) + ((n,) if bd.ndim > 1 else ())
     out, od = call.result(out, result_shape, ad.dtype, ad, "a")
@@ -55,3 +80,10 @@ def matmul(a, b, *, out=None):
     call.backend.matmul(call, a2.broadcast_to(batch + a2.shape[-2:]),
                         b2.broadcast_to(batch + b2.shape[-2:]), od2)
     return out
+
+
+def _check_dtypes(ad, bd):
+    if ad.dtype != bd.dtype:
+        raise TypeError(f"matmul: a has dtype {ad.dtype} but b has {bd.dtype}; mixed dtypes are not "
+                        "computed, convert one operand")
+    check_float(ad, "matmul", "a")

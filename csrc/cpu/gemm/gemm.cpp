@@ -199,8 +199,7 @@ void gemm_shared_a(const GemmArgs<T, S>& g, int nt, T* apack_all, T* bpack_all) 
   const int64_t m = g.m, n = g.n, k = g.k;
   const int64_t a_rows = shared_a_rows<T>(m);
 
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_team(nt, [&] {
     const int tid = thread_id(), team = team_size();
     const LoopPlan lp = plan_loops<T, S>(m, n, k, g.cs_a, g.cs_b, team);
     const int64_t kc_step = lp.kc_step;
@@ -247,7 +246,7 @@ void gemm_shared_a(const GemmArgs<T, S>& g, int nt, T* apack_all, T* bpack_all) 
         }
       }
     }
-  }
+  });
 }
 
 // The shared-B order (top of this file): for jc in N by NC, for pc in K by KC, pack the B
@@ -261,11 +260,11 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack_all, T* apack_all, T
   const GemmBlocks& blk = gemm_blocks<T>();
   const int64_t m = g.m, n = g.n, k = g.k;
 
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_team(nt, [&] {
     const int tid = thread_id(), team = team_size();
-    T* apack = apack_all + int64_t(tid) * blk.mc * blk.kc;
-    T* tail = tail_all + int64_t(tid) * blk.kc * NR;
+    // (only the buffers of the operands this product packs exist: GemmBuffers)
+    T* apack = apack_all ? apack_all + int64_t(tid) * blk.mc * blk.kc : nullptr;
+    T* tail = tail_all ? tail_all + int64_t(tid) * blk.kc * NR : nullptr;
     const LoopPlan lp = plan_loops<T, S>(m, n, k, g.cs_a, g.cs_b, team);
     const bool direct_a = lp.direct_a, direct_b = lp.direct_b;
     const int64_t nc_step = lp.nc_step, kc_step = lp.kc_step;
@@ -285,7 +284,8 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack_all, T* apack_all, T
       for (int64_t pc = 0; pc < k; pc += kc_step) {
         const int64_t kc = imin(kc_step, k - pc);
         const bool accumulate = pc > 0;
-        T* bpack = bpack_all + (team > 1 ? block_index++ % 2 : 0) * blk.kc * blk.nc;
+        T* bpack = bpack_all ? bpack_all + (team > 1 ? block_index++ % 2 : 0) * blk.kc * blk.nc
+                             : nullptr;
         if (!direct_b) {
           int64_t pbeg, pend;
           split_range(np, team, tid, &pbeg, &pend);
@@ -353,7 +353,7 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack_all, T* apack_all, T
         }
       }
     }
-  }
+  });
 }
 
 // Scratch of one product: the compute-type workspace for C (when C cannot be written in
@@ -362,23 +362,26 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack_all, T* apack_all, T
 template <class T>
 struct GemmBuffers {
   Scratch<T> ws, bpack, apack, tail;
-  bool init(int64_t m, int64_t n, bool direct_c, bool shared_a, int nt) {
+  bool init(int64_t m, int64_t n, bool direct_c, const LoopPlan& lp, int nt) {
     const GemmBlocks& blk = gemm_blocks<T>();
     if (!direct_c && !ws.reset(size_t(m * n))) return false;
     const int buffers = nt > 1 ? 2 : 1;
-    if (shared_a)  // one shared A block per buffer, one B block per thread
+    if (lp.shared_a)  // one shared A block per buffer, one B block per thread
       return apack.reset(size_t(buffers * shared_a_rows<T>(m) * blk.kc)) &&
              bpack.reset(size_t(nt * blk.kc * blk.nb));
-    return bpack.reset(size_t(buffers * blk.kc * blk.nc)) &&
-           apack.reset(size_t(nt * blk.mc * blk.kc)) &&
-           tail.reset(size_t(nt * blk.kc * Blocking<T>::NR));
+    // The shared-B order: only the buffers of the operands it packs (a small product reads
+    // both in place and packs at most B's N tail)
+    return (lp.direct_b || bpack.reset(size_t(buffers * blk.kc * blk.nc))) &&
+           (lp.direct_a || apack.reset(size_t(nt * blk.mc * blk.kc))) &&
+           (!lp.direct_b || tail.reset(size_t(nt * blk.kc * Blocking<T>::NR)));
   }
 };
 
-// Whether a product runs in the shared-A order: a function of the shape and layout only.
+// The loop order and the operands read in place: functions of the shape and layout only (the
+// team size changes the split, never these).
 template <class T, class S>
-bool uses_shared_a(const GemmParams& p) {
-  return plan_loops<T, S>(p.m, p.n, p.k, p.cs_a, p.cs_b, 1).shared_a;
+LoopPlan order_of(const GemmParams& p) {
+  return plan_loops<T, S>(p.m, p.n, p.k, p.cs_a, p.cs_b, 1);
 }
 
 template <class T, class S>
@@ -399,16 +402,18 @@ void gemm_one(const S* a, const S* b, S* c, const GemmParams& p, int nt, GemmBuf
   const bool direct_c = writes_c_directly<T, S>(p);
   GemmArgs<T, S> g{a, b, direct_c ? reinterpret_cast<T*>(c) : buf.ws.get(), m, n, k,
                    p.rs_a, p.cs_a, p.rs_b, p.cs_b, direct_c ? p.rs_c : n};
-  if (uses_shared_a<T, S>(p))
+  if (order_of<T, S>(p).shared_a)
     gemm_shared_a<T, S>(g, nt, buf.apack.get(), buf.bpack.get());
   else
     gemm_blocked<T, S>(g, nt, buf.bpack.get(), buf.apack.get(), buf.tail.get());
   if (!direct_c) {
     T* w = buf.ws.get();
     const int ntc = threads_for(m * n, nt);
-#pragma omp parallel for num_threads(ntc) if (ntc > 1) schedule(static)
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) store_as<T, S>(w[i * n + j], c + i * p.rs_c + j * p.cs_c);
+    parallel_team(ntc, [&] {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) store_as<T, S>(w[i * n + j], c + i * p.rs_c + j * p.cs_c);
+    });
   }
 }
 
@@ -447,7 +452,7 @@ Status gemm_typed(const GemmParams& p) {
   if (batch == 0 || p.m == 0 || p.n == 0) return Status::ok;
   const int nt = (macs * batch < kSerialMacs || p.num_threads < 1) ? 1 : p.num_threads;
   const bool direct_c = writes_c_directly<T, S>(p);
-  const bool shared_a = uses_shared_a<T, S>(p);
+  const LoopPlan order = order_of<T, S>(p);
   auto at = [&](int64_t bi, const int64_t* strides) {
     return unravel_offset(bi, p.batch_ndim, p.batch_shape, strides);
   };
@@ -460,7 +465,7 @@ Status gemm_typed(const GemmParams& p) {
 #pragma omp parallel num_threads(nt)
     {
       GemmBuffers<T> buf;  // this thread's; all allocated before any product is written
-      if (!buf.init(p.m, p.n, direct_c, shared_a, 1)) failed = true;
+      if (!buf.init(p.m, p.n, direct_c, order, 1)) failed = true;
 #pragma omp barrier
       if (!failed.load()) {
 #pragma omp for schedule(static)
@@ -472,7 +477,7 @@ Status gemm_typed(const GemmParams& p) {
     return failed ? Status::out_of_memory : Status::ok;
   }
   GemmBuffers<T> buf;
-  if (!buf.init(p.m, p.n, direct_c, shared_a, nt)) return Status::out_of_memory;
+  if (!buf.init(p.m, p.n, direct_c, order, nt)) return Status::out_of_memory;
   for (int64_t bi = 0; bi < batch; ++bi)
     gemm_one<T, S>(a + at(bi, p.a_batch_strides), b + at(bi, p.b_batch_strides),
                    c + at(bi, p.c_batch_strides), p, nt, buf);
