@@ -670,8 +670,7 @@ Status bwd_typed(const AttentionBwdParams& bp) {
     return Status::out_of_memory;
   const int nt = threads_for(int64_t(flops / 16), p.num_threads);
   std::atomic<bool> failed{false};
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_team(nt, [&] {
     const TileThread tiles;
     const int tid = thread_id(), team = team_size();
     int64_t begin, end;
@@ -715,7 +714,7 @@ Status bwd_typed(const AttentionBwdParams& bp) {
         }
       }
     }
-  }
+  });
   return failed ? Status::out_of_memory : Status::ok;
 }
 

@@ -658,8 +658,7 @@ Status decode_typed(const AttentionParams& p) {
   debug_record_attention_plan(rec);
   std::atomic<bool> failed{false};
   const int64_t D = p.head_dim, Dvp = round_up(Dv, VF::N);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_team(nt, [&] {
     const int tid = thread_id(), team = team_size();
     int64_t begin, end;
     cost_split(prefix.get(), n_items, tid, team, &begin, &end);
@@ -692,7 +691,7 @@ Status decode_typed(const AttentionParams& p) {
         }
       }
     }
-  }
+  });
   return failed ? Status::out_of_memory : Status::ok;
 }
 

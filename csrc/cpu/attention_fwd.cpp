@@ -492,8 +492,7 @@ Status attention_typed(const AttentionParams& p) {
   debug_record_attention_plan(rec);
   std::atomic<bool> failed{false};
 
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_team(nt, [&] {
     const TileThread tiles;
     const int tid = thread_id(), team = team_size();
     int64_t begin, end;
@@ -524,7 +523,7 @@ Status attention_typed(const AttentionParams& p) {
       for (int64_t i = begin; i < end; ++i) run_item<T, SQ, SKV>(p, items[i], w);
       if (kTiles && kPairK<SQ> && kPairK<SKV>) debug_count_tile_items(TileKernel::forward, end - begin);
     }
-  }
+  });
   return failed ? Status::out_of_memory : Status::ok;
 }
 

@@ -166,8 +166,7 @@ Status merge_typed(const MergeParams& p) {
   const L* lses = static_cast<const L*>(p.lses);
   T* out = static_cast<T*>(p.out);
   L* lse_out = static_cast<L*>(p.lse_out);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_team(nt, [&] {
     int64_t* idx = idx_all.get() + size_t(thread_id()) * size_t(p.parts);
     A* w = w_all.get() + size_t(thread_id()) * size_t(p.parts);
     int64_t begin, end;
@@ -191,7 +190,7 @@ Status merge_typed(const MergeParams& p) {
       }
       from_f64(double(lse), lse_dst);
     }
-  }
+  });
   return Status::ok;
 }
 

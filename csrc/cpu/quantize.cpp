@@ -18,8 +18,7 @@ Status quantize_typed(const QuantizeParams& p) {
   const int nt = threads_for(rows * p.n, p.num_threads);
   const S* x = static_cast<const S*>(p.x);
   C* q = static_cast<C*>(p.q);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_team(nt, [&] {
     int64_t begin, end;
     split_range(rows, team_size(), thread_id(), &begin, &end);
     for (int64_t r = begin; r < end; ++r) {
@@ -28,7 +27,7 @@ Status quantize_typed(const QuantizeParams& p) {
       const int64_t so = unravel_offset(r, p.outer_ndim, p.outer_shape, p.scale_outer_strides);
       p.scale[so] = quantize_row(x + xo, p.n, q + qo);
     }
-  }
+  });
   return Status::ok;
 }
 

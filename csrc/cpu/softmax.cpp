@@ -276,13 +276,15 @@ Status softmax_typed(const SoftmaxParams& p) {
     const int64_t blocks = ceil_div(lanes, W);
     const int64_t groups = rows / lanes;  // combinations of the other outer dims
     debug_record_softmax_plan({SoftmaxPath::lanes, false});
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (int64_t item = 0; item < groups * blocks; ++item) {
-      const int64_t g = item / blocks, l0 = (item % blocks) * W;
-      const int64_t xo = unravel_offset(g, last, p.outer_shape, p.x_outer_strides) + l0;
-      const int64_t oo = unravel_offset(g, last, p.outer_shape, p.out_outer_strides) + l0;
-      lane_block(x + xo, p.x_stride, out + oo, p.out_stride, n, int(imin(W, lanes - l0)));
-    }
+    parallel_team(nt, [&] {
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < groups * blocks; ++item) {
+        const int64_t g = item / blocks, l0 = (item % blocks) * W;
+        const int64_t xo = unravel_offset(g, last, p.outer_shape, p.x_outer_strides) + l0;
+        const int64_t oo = unravel_offset(g, last, p.outer_shape, p.out_outer_strides) + l0;
+        lane_block(x + xo, p.x_stride, out + oo, p.out_stride, n, int(imin(W, lanes - l0)));
+      }
+    });
     return Status::ok;
   }
 
@@ -291,8 +293,7 @@ Status softmax_typed(const SoftmaxParams& p) {
     const bool stream = std::is_same<T, float>::value && p.out_stride == 1 && !p.out_fresh &&
                         stream_output(rows * n * int64_t(sizeof(T)));
     debug_record_softmax_plan({SoftmaxPath::short_rows, stream});
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
+    parallel_team(nt, [&] {
       alignas(64) float buf[kChunk];
       alignas(64) float e[kChunk];
 #pragma omp for schedule(static)
@@ -301,7 +302,7 @@ Status softmax_typed(const SoftmaxParams& p) {
         const int64_t oo = unravel_offset(r, p.outer_ndim, p.outer_shape, p.out_outer_strides);
         short_row(x + xo, p.x_stride, out + oo, p.out_stride, n, buf, e, stream);
       }
-    }
+    });
     if (stream) stream_fence();
     return Status::ok;
   }
@@ -320,8 +321,7 @@ Status softmax_typed(const SoftmaxParams& p) {
   if (stream_long && rows >= nt && nchunks * kChunk * int64_t(sizeof(float)) <= cache_sizes().l2 / 2) {
     debug_record_softmax_plan({SoftmaxPath::whole_rows, true});
     std::atomic<bool> failed{false};
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
+    parallel_team(nt, [&] {
       Scratch<float> ex;  // exp(x - max_c) of one row, chunk c at c * kChunk
       Scratch<ChunkStat> st;
       if (!ex.reset(size_t(nchunks * kChunk)) || !st.reset(size_t(nchunks))) failed = true;
@@ -350,7 +350,7 @@ Status softmax_typed(const SoftmaxParams& p) {
           }
         }
       }
-    }
+    });
     stream_fence();
     return failed ? Status::out_of_memory : Status::ok;
   }
@@ -366,8 +366,7 @@ Status softmax_typed(const SoftmaxParams& p) {
     *oo = unravel_offset(r, p.outer_ndim, p.outer_shape, p.out_outer_strides) + c * kChunk * p.out_stride;
     *len = imin(kChunk, n - c * kChunk);
   };
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_team(nt, [&] {
     alignas(64) float buf[kChunk];
     alignas(64) float e[kChunk];
 #pragma omp for schedule(static)
@@ -391,7 +390,7 @@ Status softmax_typed(const SoftmaxParams& p) {
       else
         chunk_write(x + xo, p.x_stride, out + oo, p.out_stride, len, st, buf, e);
     }
-  }
+  });
   return Status::ok;
 }
 
@@ -405,28 +404,30 @@ Status softmax_f64(const SoftmaxParams& p) {
   if (rows == 0 || n == 0) return Status::ok;
   debug_record_softmax_plan({SoftmaxPath::f64, false});
   const int nt = threads_for(rows * n * 16, p.num_threads);
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const double* xr = x + unravel_offset(r, p.outer_ndim, p.outer_shape, p.x_outer_strides);
-    double* orow = out + unravel_offset(r, p.outer_ndim, p.outer_shape, p.out_outer_strides);
-    double m = -__builtin_inf();
-    bool nan = false;
-    for (int64_t i = 0; i < n; ++i) {
-      const double v = xr[i * p.x_stride];
-      nan |= v != v;
-      m = v > m ? v : m;
+  parallel_team(nt, [&] {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const double* xr = x + unravel_offset(r, p.outer_ndim, p.outer_shape, p.x_outer_strides);
+      double* orow = out + unravel_offset(r, p.outer_ndim, p.outer_shape, p.out_outer_strides);
+      double m = -__builtin_inf();
+      bool nan = false;
+      for (int64_t i = 0; i < n; ++i) {
+        const double v = xr[i * p.x_stride];
+        nan |= v != v;
+        m = v > m ? v : m;
+      }
+      if (nan) m = __builtin_nan("");
+      double s = 0.0;
+      // Write exp first (out may alias x: each element is read before it is written).
+      for (int64_t i = 0; i < n; ++i) {
+        const double e = exp(xr[i * p.x_stride] - m);
+        orow[i * p.out_stride] = e;
+        s += e;
+      }
+      const double inv = 1.0 / s;
+      for (int64_t i = 0; i < n; ++i) orow[i * p.out_stride] *= inv;
     }
-    if (nan) m = __builtin_nan("");
-    double s = 0.0;
-    // Write exp first (out may alias x: each element is read before it is written).
-    for (int64_t i = 0; i < n; ++i) {
-      const double e = exp(xr[i * p.x_stride] - m);
-      orow[i * p.out_stride] = e;
-      s += e;
-    }
-    const double inv = 1.0 / s;
-    for (int64_t i = 0; i < n; ++i) orow[i * p.out_stride] *= inv;
-  }
+  });
   return Status::ok;
 }
 

@@ -3,8 +3,8 @@
 // GNU libgomp is not fork-safe: in a child forked after the parent ran a parallel region, the
 // first region with more than one thread waits forever for workers that no longer exist. A
 // pthread_atfork handler marks the child, and resolve_num_threads() then answers 1, so every
-// region in the child runs on the calling thread alone (the `if (nt > 1)` clause skips the
-// pool entirely). PyTorch does the same for its own pool.
+// region in the child runs on the calling thread alone (parallel_team opens no region for one
+// thread, so the pool is never touched). PyTorch does the same for its own pool.
 #include "threading.h"
 
 #include <atomic>

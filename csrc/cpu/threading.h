@@ -2,8 +2,9 @@
 //
 // The thread count of a call is resolved once, in the binding, by resolve_num_threads() and
 // travels in the params struct; kernels never call omp_set_num_threads. Every parallel region
-// is written `#pragma omp parallel num_threads(nt) if (nt > 1)`: the `if` matters after fork(),
-// where libgomp's pool is gone and a team of more than one thread would hang (see threading.cpp).
+// is `parallel_team(nt, [&] { ... })` (below): one thread runs the body without a region, which
+// also matters after fork(), where libgomp's pool is gone and a team of more than one thread
+// would hang (resolve_num_threads() is 1 there; see threading.cpp).
 #pragma once
 #include <cstdint>
 

@@ -462,8 +462,7 @@ Status gemm_typed(const GemmParams& p) {
   record_plan<T, S>(p, per_thread_products ? 1 : nt);
   if (per_thread_products) {
     std::atomic<bool> failed{false};
-#pragma omp parallel num_threads(nt)
-    {
+    parallel_team(nt, [&] {
       GemmBuffers<T> buf;  // this thread's; all allocated before any product is written
       if (!buf.init(p.m, p.n, direct_c, order, 1)) failed = true;
 #pragma omp barrier
@@ -473,7 +472,7 @@ Status gemm_typed(const GemmParams& p) {
           gemm_one<T, S>(a + at(bi, p.a_batch_strides), b + at(bi, p.b_batch_strides),
                          c + at(bi, p.c_batch_strides), p, 1, buf);
       }
-    }
+    });
     return failed ? Status::out_of_memory : Status::ok;
   }
   GemmBuffers<T> buf;

@@ -81,8 +81,7 @@ void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf) {
   const PairBlocks& bl = pair_blocks();
   const int64_t m = g.m, n = g.n, k = g.k, ldc = workspace_ld(n);
   float* c = buf.ws.get();
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_team(nt, [&] {
     const PanelThreadScope scope;
     const int tid = thread_id(), team = team_size();
     uint32_t* apack = buf.apack.get() + int64_t(tid) * bl.mc * bl.kcp;
@@ -118,7 +117,7 @@ void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf) {
 #pragma omp barrier
       }
     }
-  }
+  });
 }
 
 // Whether the rows x cols matrix at x (strides rs, cs) holds a subnormal bf16, walked along its
@@ -149,15 +148,17 @@ void store_c(const float* w, int64_t ldw, bf16_t* c, int64_t m, int64_t n, int64
              int64_t cs_c, int nt) {
   using V = Vec<float>;
   const int ntc = threads_for(m * n, nt);
-#pragma omp parallel for num_threads(ntc) if (ntc > 1) schedule(static)
-  for (int64_t i = 0; i < m; ++i) {
-    const float* wi = w + i * ldw;
-    bf16_t* ci = c + i * rs_c;
-    int64_t j = 0;
-    if (cs_c == 1)
-      for (; j + V::N <= n; j += V::N) store_cvt(ci + j, V::load(wi + j));
-    for (; j < n; ++j) ci[j * cs_c].bits = f32_to_bf16(wi[j]);
-  }
+  parallel_team(ntc, [&] {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < m; ++i) {
+      const float* wi = w + i * ldw;
+      bf16_t* ci = c + i * rs_c;
+      int64_t j = 0;
+      if (cs_c == 1)
+        for (; j + V::N <= n; j += V::N) store_cvt(ci + j, V::load(wi + j));
+      for (; j < n; ++j) ci[j * cs_c].bits = f32_to_bf16(wi[j]);
+    }
+  });
 }
 
 }  // namespace
