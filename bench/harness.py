@@ -112,8 +112,9 @@ def time_interleaved(fns: dict, cfg: TimingConfig = TimingConfig()) -> dict:
     Before each burst the runner sleeps `gap_s`, or longer after a burst of a contender listed
     in SETTLE_AFTER or before one listed in SETTLE_BEFORE, so the previous contender's worker
     threads have gone idle; the warm-up calls and the calibration (calls per burst) pause the
-    same way. The order of contenders flips every round so none always runs first. The garbage collector is paused
-    while timing (collected once before) so a collection never lands inside one burst.
+    same way. The order of contenders flips every round so none always runs first. The garbage
+    collector is paused while timing (collected once before) so a collection never lands inside
+    one burst.
     """
     names = list(fns)
     previous = ""

@@ -148,8 +148,8 @@ PYBIND11_MODULE(_C, m) {
       "AMX tile work items of the attention forward and backward since the last call (tests).");
   m.def("_last_gemm_plan", &last_gemm_plan_py,
         "The blocking of the last CPU matmul: mr, nr, kc (used), kc_max, mc, nc, nb, l1d, l2, "
-        "shared_a (the shared-A loop order: A and B packed), b_in_place (B not packed), split_columns (threads shared columns, not rows), grid "
-        "(thread rows, thread columns).");
+        "shared_a (the shared-A loop order: A and B packed), b_in_place (B not packed), "
+        "split_columns (threads shared columns, not rows), grid (thread rows, thread columns).");
 
   bind_softmax(m);
   bind_matmul(m);

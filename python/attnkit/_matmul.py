@@ -84,6 +84,6 @@ def matmul(a, b, *, out=None):
 
 def _check_dtypes(ad, bd):
     if ad.dtype != bd.dtype:
-        raise TypeError(f"matmul: a has dtype {ad.dtype} but b has {bd.dtype}; mixed dtypes are not "
-                        "computed, convert one operand")
+        raise TypeError(f"matmul: a has dtype {ad.dtype} but b has {bd.dtype}; mixed dtypes "
+                        "are not computed, convert one operand")
     check_float(ad, "matmul", "a")

@@ -24,9 +24,9 @@
 //
 // Every C element is accumulated in the same order (k-blocks in order, k within a block in
 // order) whatever the thread count, the split or the loop order, so results are bit-identical
-// across thread counts. Small or skinny problems read A and/or B in place when their layout allows it: for
-// M = 1..16 with K = N = 4096 packing B would triple the memory traffic of a bandwidth-bound
-// problem. Half-precision operands are converted to fp32 while packing; their C (and any C
+// across thread counts. Small or skinny problems read A and/or B in place when their layout
+// allows it: for M = 1..16 with K = N = 4096 packing B would triple the memory traffic of a
+// bandwidth-bound problem. Half-precision operands are converted to fp32 while packing; their C (and any C
 // whose columns are strided) is accumulated in an fp32 workspace and converted at the end.
 #include <cstring>
 #include <atomic>
