@@ -257,12 +257,19 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
   const int64_t v_bytes = p.head_dim_v * int64_t(sizeof(SKV)), k_bytes = D * int64_t(sizeof(SKV));
   const SKV* K = typed<SKV>(p.k);
   const char* V = static_cast<const char*>(p.v);
+  // fp32 rows with one query row per kv head (MHA decode): no software prefetch. There each
+  // row is 8 lines, the 16 prefetches per key and head compete with 16 loads for the load
+  // ports, and the hardware prefetchers follow the rows anyway: without them B1 H32 D128 ran
+  // 1.1-1.3x faster at Sk 512, 4096 and 32768 (from DRAM), while the same change made fp32 GQA
+  // 1.3-1.4x, fp16 MHA 1.6-1.7x and int8 MHA 1.4x slower (Emerald Rapids, 2 threads;
+  // bench/notes/decode.md, "no prefetch for fp32 MHA").
+  const bool prefetch = !(std::is_same<SKV, float>::value && rph == 1);
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
     int64_t ahead[4];  // K rows kPrefetchKeys positions on (-1: past the item's keys)
     for (int u = 0; u < 4; ++u) {
       const int64_t ja = j0 + j + u + kPrefetchKeys;
-      ahead[u] = ja < k_end ? kv_offset(p, sv, 0, ja, p.k_stride) : -1;
+      ahead[u] = prefetch && ja < k_end ? kv_offset(p, sv, 0, ja, p.k_stride) : -1;
     }
     for (int64_t t = 0; t < ng; ++t) {
       const int64_t g = g0 + t;
@@ -273,6 +280,7 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
         // which the hardware prefetchers do not follow): fetch the block's V rows now, in
         // position order, while K streams; and K kPrefetchKeys positions ahead (the walk
         // visits Hkv heads of four positions at a time, an order they follow only partly).
+        if (!prefetch) continue;
         const char* vrow = V + (br.v[j + u] + g * p.v_stride[1]) * int64_t(sizeof(SKV));
         prefetch_row(vrow, v_bytes);
         if (ahead[u] >= 0) {
