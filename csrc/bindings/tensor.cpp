@@ -147,8 +147,10 @@ static bool dtype_from_string(const char* s, DType* out) {
 // A raw descriptor tuple (the front end's Arr.desc(), attnkit.torch) read with the C API: it
 // is on every call's path, and pybind11's casts (a std::string per dtype, new references per
 // item) cost ~4k instructions per array, a third of a small matmul's binding time
-// (bench/notes/matmul.md, "fixed cost of a small product"). False if it is not one.
-static bool tensor_from_tuple(PyObject* tup, Tensor* t) {
+// (bench/notes/matmul.md, "fixed cost of a small product"). False if it is not one; a
+// descriptor of an unsupported dtype raises TypeError naming `where()`.
+template <class Where>
+static bool tensor_from_tuple(PyObject* tup, Tensor* t, const Where& where) {
   if (!PyTuple_Check(tup) || PyTuple_GET_SIZE(tup) != 5) return false;
   PyObject* shape = PyTuple_GET_ITEM(tup, 1);
   PyObject* strides = PyTuple_GET_ITEM(tup, 2);
@@ -159,11 +161,12 @@ static bool tensor_from_tuple(PyObject* tup, Tensor* t) {
   const Py_ssize_t nd = PyTuple_GET_SIZE(shape);
   if (nd > kMaxTensorDims || PyTuple_GET_SIZE(strides) != nd) return false;
   const char* name = PyUnicode_AsUTF8(dtype);
-  if (name == nullptr || !dtype_from_string(name, &t->dtype)) {
+  if (name == nullptr) {
     PyErr_Clear();
-    t->ndim = -2;  // an unsupported dtype, reported by the caller
-    return true;
+    return false;
   }
+  if (!dtype_from_string(name, &t->dtype))
+    throw_type(where() + " has unsupported dtype " + name);
   t->data = PyLong_AsVoidPtr(PyTuple_GET_ITEM(tup, 0));
   t->ndim = int(nd);
   for (Py_ssize_t d = 0; d < nd; ++d) {
@@ -204,11 +207,8 @@ Tensor to_tensor(py::handle obj, const char* fn, const char* arg, bool need_writ
       throw_value(where() + " is not aligned to its item size; pass np.ascontiguousarray(" +
                   std::string(arg) + ")");
     t.writeable = a.writeable();
-  } else if (tensor_from_tuple(obj.ptr(), &t)) {
+  } else if (tensor_from_tuple(obj.ptr(), &t, where)) {
     // Raw descriptor from the Python front end or attnkit.torch (already validated there).
-    if (t.ndim == -2)
-      throw_type(where() + " has unsupported dtype " +
-                 py::str(PyTuple_GET_ITEM(obj.ptr(), 3)).cast<std::string>());
   } else if (py::isinstance<py::tuple>(obj) && py::len(obj) == 5) {
     throw_value(where() + ": bad tensor descriptor");
   } else {

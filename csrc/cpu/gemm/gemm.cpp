@@ -362,8 +362,10 @@ void gemm_blocked(const GemmArgs<T, S>& g, int nt, T* bpack_all, T* apack_all, T
 template <class T>
 struct GemmBuffers {
   Scratch<T> ws, bpack, apack, tail;
+  bool shared_a = false;  // the loop order the buffers are laid out for
   bool init(int64_t m, int64_t n, bool direct_c, const LoopPlan& lp, int nt) {
     const GemmBlocks& blk = gemm_blocks<T>();
+    shared_a = lp.shared_a;
     if (!direct_c && !ws.reset(size_t(m * n))) return false;
     const int buffers = nt > 1 ? 2 : 1;
     if (lp.shared_a)  // one shared A block per buffer, one B block per thread
@@ -402,7 +404,7 @@ void gemm_one(const S* a, const S* b, S* c, const GemmParams& p, int nt, GemmBuf
   const bool direct_c = writes_c_directly<T, S>(p);
   GemmArgs<T, S> g{a, b, direct_c ? reinterpret_cast<T*>(c) : buf.ws.get(), m, n, k,
                    p.rs_a, p.cs_a, p.rs_b, p.cs_b, direct_c ? p.rs_c : n};
-  if (order_of<T, S>(p).shared_a)
+  if (buf.shared_a)
     gemm_shared_a<T, S>(g, nt, buf.apack.get(), buf.bpack.get());
   else
     gemm_blocked<T, S>(g, nt, buf.bpack.get(), buf.apack.get(), buf.tail.get());
