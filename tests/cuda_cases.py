@@ -622,6 +622,177 @@ def test_decode_kernel_is_chosen_only_where_it_applies(dev, rng):
         assert mod._last_attention_plan()["kernel"] == "mma"
 
 
+
+# ---- the Hopper kernel (attention_hopper.cuh: TMA, wgmma, warp specialization; sm_90 only and
+# off by default until it has run on a GPU). On the emulator the device poses as an sm_90
+# (dev.as_sm90); every call asserts which kernel the planner chose.
+
+@contextlib.contextmanager
+def hopper_kernel(dev):
+    """The Hopper forward switched on inside the block (skips where the build lacks it or the
+    GPU is not an sm_90); yields the CUDA module."""
+    from attnkit import _cuda_backend as cb
+
+    if not cb._module().hopper_kernel_built():
+        pytest.skip("this build has no Hopper attention kernel (sm_90 and the CUTLASS headers at build time)")
+    with dev.as_sm90(), cuda_switch("hopper") as mod:
+        yield mod
+
+
+def run_hopper(dev, q, k, v, kernel="hopper", **kw):
+    """run() with the Hopper kernel on; asserts the planner chose `kernel`."""
+    with hopper_kernel(dev) as mod:
+        res = run(dev, q, k, v, **kw)
+        plan = mod._last_attention_plan()
+    assert plan["kernel"] == kernel, plan
+    return res
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
+@pytest.mark.parametrize("D,Dv", [(64, 64), (40, 40), (80, 80), (96, 96), (104, 104), (128, 128), (160, 160),
+                                  (192, 192), (256, 256), (64, 32), (40, 96), (128, 256), (256, 64), (72, 136)])
+def test_hopper_head_dims(dev, rng, D, Dv, dtype):
+    """Every head-dim bucket, head dims that end inside a 64-column panel (TMA's zero fill) or
+    leave whole panels unloaded, Dv != D; 130 query rows (a second block of 2 rows) and 200 keys
+    (a partial key tile), causal and not, against float64."""
+    q, k, v = make_qkv(rng, 1, 2, 1, 130, 200, D, Dv, dtype=dtype)
+    for causal in (False, True):
+        o, lse = run_hopper(dev, q, k, v, causal=causal, return_lse=True)
+        check(dev, q, k, v, o, lse=lse, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
+def test_hopper_features(dev, rng, dtype):
+    """GQA and MQA, both causal alignments with Sq != Sk, windows, ALiBi with softcap and a
+    scale, bool / float / key-padding masks (a fully masked row, -inf entries), lse."""
+    B, H, Hkv, Sq, Sk, D = 2, 4, 2, 100, 260, 64
+    q, k, v = make_qkv(rng, B, H, Hkv, Sq, Sk, D, dtype=dtype)
+    slopes = rng.random((B, H)).astype(np.float32)
+    qs = (q.astype(np.float32) * 4).astype(dtype)  # large scores so the cap matters
+    cases = [({}, {}), (dict(causal=True), dict(causal=True)),
+             (dict(causal=True, causal_align="bottom_right"), dict(causal=True, bottom_right=True)),
+             (dict(window=(30, 10)), dict(window=(30, 10))),
+             (dict(window=(50, 0), causal=True, causal_align="bottom_right"),
+              dict(window=(50, 0), causal=True, bottom_right=True)),
+             (dict(alibi_slopes=slopes, softcap=5.0, scale=0.3), dict(alibi=slopes, softcap=5.0, scale=0.3))]
+    for run_kw, ref_kw in cases:
+        x = qs if "softcap" in run_kw else q
+        o, lse = run_hopper(dev, x, k, v, return_lse=True, **run_kw)
+        check(dev, x, k, v, o, lse=lse, **ref_kw)
+    m = masks(rng, B, H, Sq, Sk)
+    for kind in ("bool", "float_inf", "keypad"):
+        o, lse = run_hopper(dev, q, k, v, mask=m[kind], return_lse=True)
+        check(dev, q, k, v, o, lse=lse, mask=m[kind])
+    assert (o[:, :, 0] == 0).all() or kind != "bool"
+    q1, k1, v1 = make_qkv(rng, 1, 3, 1, 70, 90, 128, dtype=dtype)  # MQA
+    check(dev, q1, k1, v1, run_hopper(dev, q1, k1, v1, causal=True), causal=True)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
+def test_hopper_nonfinite(dev, rng, dtype):
+    """NaN / inf in masked-out K/V never reaches the output (the rare path), an attended one
+    does (as torch), fully masked rows give 0 and lse -inf; the grid of the CPU tests."""
+    q, k, v = make_qkv(rng, 1, 2, 2, 70, 300, 64, dtype=dtype)
+    k[0, :, 250:] = np.nan
+    v[0, :, 250:] = np.nan
+    v[0, :, 100] = np.inf
+    mask = np.ones((1, 1, 70, 300), bool)
+    mask[..., 250:] = False
+    mask[..., 100] = False
+    o = run_hopper(dev, q, k, v, mask=mask)
+    assert np.isfinite(o.astype(np.float32)).all()
+    check(dev, q, k, v, o, mask=mask)
+    q2, k2, v2 = make_qkv(rng, 1, 2, 2, 100, 200, 64, dtype=dtype)  # causal rows: V past the diagonal is NaN
+    k2[0, :, 100:] = np.nan
+    v2[0, :, 100:] = np.nan
+    o = run_hopper(dev, q2, k2, v2, causal=True)
+    assert np.isfinite(o.astype(np.float32)).all()
+    check(dev, q2, k2[:, :, :100], v2[:, :, :100], o, causal=True)
+    assert not np.isfinite(run_hopper(dev, q, k[:, :, :150], v[:, :, :150]).astype(np.float32)).all()
+    with hopper_kernel(dev):
+        check_nonfinite_cases(dev, rng, 70, 150, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
+def test_hopper_varlen_layouts_splits(dev, rng, dtype):
+    """Varlen batches (empty, 1-token and multi-block sequences: rows and keys past a sequence
+    are the next sequence's, masked), bshd and strided views, key splits with the combine,
+    repeated runs bit-identical; a layout TMA cannot describe falls back to the mma kernel."""
+    lens_q, lens_k = [5, 0, 140, 1, 70], [9, 4, 150, 0, 100]
+    H, Hkv, D = 4, 2, 64
+    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
+    q, k, v = (randn(rng, (n, h, D), dtype) for n, h in ((cu_q[-1], H), (cu_k[-1], Hkv), (cu_k[-1], Hkv)))
+    with hopper_kernel(dev) as mod:
+        o, lse = dev.api.attention_varlen(dev.put(q), dev.put(k), dev.put(v), cu_q, cu_k, causal=True,
+                                          return_lse=True)
+        assert mod._last_attention_plan()["kernel"] == "hopper"
+    o, lse = dev.get(o), dev.get(lse)
+    for b in range(len(lens_q)):
+        if lens_q[b] == 0:
+            continue
+        sl = lambda a, cu: a[cu[b]:cu[b + 1]].transpose(1, 0, 2)[None]
+        check(dev, sl(q, cu_q), sl(k, cu_k), sl(v, cu_k), sl(o, cu_q), lse=lse[:, cu_q[b]:cu_q[b + 1]][None],
+              causal=True, bottom_right=True)
+    B, S = 2, 96
+    q, k, v = make_qkv(rng, B, H, H, S, S, D, dtype=dtype)
+    A = dev.api.attention
+    qkv = randn(rng, (B, S, 3, H, D), dtype)  # bshd views of a fused projection
+    d = dev.put(qkv)
+    with hopper_kernel(dev) as mod:
+        o = dev.get(A(d[:, :, 0], d[:, :, 1], d[:, :, 2], layout="bshd", causal=True))
+        assert mod._last_attention_plan()["kernel"] == "hopper"
+        check(dev, *(qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3)), o.transpose(0, 2, 1, 3), causal=True)
+        big = randn(rng, (B * 2, H, S * 2, D * 2), dtype)  # strided batch / seq views
+        bd = dev.put(big)
+        got = dev.get(A(bd[::2, :, ::2, :D], bd[1::2, :, 1::2, D:], bd[::2, :, 1::2, :D]))
+        assert mod._last_attention_plan()["kernel"] == "hopper"
+        check(dev, big[::2, :, ::2, :D], big[1::2, :, 1::2, D:], big[::2, :, 1::2, :D], got)
+        odd = randn(rng, (B, H, S, D + 1), dtype)  # rows 2 * 65 bytes apart: not for TMA
+        od = dev.put(odd)
+        got = dev.get(A(od[..., :D], od[..., 1:], od[..., :D]))
+        assert mod._last_attention_plan()["kernel"] == "mma"
+        check(dev, odd[..., :D], odd[..., 1:], odd[..., :D], got)
+        # few blocks, many keys: split (the emulated GPU has 4 SMs) and combined
+        q1, k1, v1 = make_qkv(rng, 1, 1, 1, 64, 1000 if dev.small else 20000, 128, dtype=dtype)
+        qq, kk, vv = dev.put(q1), dev.put(k1), dev.put(v1)
+        runs = [A(qq, kk, vv, return_lse=True) for _ in range(2)]
+        plan = mod._last_attention_plan()
+        assert plan["kernel"] == "hopper" and plan["num_splits"] > 1, plan
+    check(dev, q1, k1, v1, dev.get(runs[0][0]), lse=dev.get(runs[0][1]))
+    assert np.array_equal(dev.get(runs[0][0]), dev.get(runs[1][0]))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
+def test_hopper_kvcache_prefill(dev, rng, dtype):
+    """A chunk of 70 tokens appended to contiguous caches of ragged lengths and attended
+    (bottom-right causal) through the Hopper kernel; paged caches take the mma kernel."""
+    B, H, Hkv, D, Smax, n_new = 3, 4, 2, 64, 300, 70
+    lens = np.array([0, 100, Smax - n_new])
+    k_full = randn(rng, (B, Smax, Hkv, D), dtype)
+    v_full = randn(rng, (B, Smax, Hkv, D), dtype)
+    q = randn(rng, (B, n_new, H, D), dtype)
+    k_new, v_new = randn(rng, (B, n_new, Hkv, D), dtype), randn(rng, (B, n_new, Hkv, D), dtype)
+    k_cache, v_cache = k_full.copy(), v_full.copy()
+    for b in range(B):
+        k_full[b, lens[b]:lens[b] + n_new] = k_new[b]
+        v_full[b, lens[b]:lens[b] + n_new] = v_new[b]
+        k_cache[b, lens[b]:] = np.nan  # unused slots: never attended
+        v_cache[b, lens[b]:] = np.nan
+    ref, ref_lse = kvcache_reference(q, k_full, v_full, lens + n_new, causal=True)
+    for paged, kernel in ((None, "hopper"), (64, "mma")):
+        kc, vc, table = put_caches(dev, rng, k_cache, v_cache, paged)
+        kw = {} if table is None else dict(block_table=dev.put(table.astype(np.int32)))
+        with hopper_kernel(dev) as mod:
+            o, lse = dev.api.attention_with_kvcache(dev.put(q), kc, vc, k=dev.put(k_new), v=dev.put(v_new),
+                                                    cache_seqlens=dev.put(lens.astype(np.int32)), causal=True,
+                                                    return_lse=True, **kw)
+            plan = mod._last_attention_plan()
+            assert plan["kernel"] == kernel, (paged, plan)
+        assert_close(dev.get(o), ref, dtype, what="hopper kvcache out")
+        assert_close(dev.get(lse), ref_lse, np.float32, what="hopper kvcache lse")
+
+
 # ---- backward (attention_bwd.cu; off by default until it has run on a GPU) ----
 
 def backward_kernel(on=True):

@@ -7,6 +7,7 @@ of large problems, agreement with torch SDPA at LLM sizes, the caller's stream, 
 producers (DLPack, CuPy) and several devices. Skipped, with the reason, when there is no GPU
 or attnkit was built without CUDA (ATTNKIT_CUDA=ON).
 """
+import contextlib
 import numpy as np
 import pytest
 
@@ -71,6 +72,13 @@ class GpuBackend:
 
     def transpose(self, d, axes):
         return d.permute(axes)
+
+    @contextlib.contextmanager
+    def as_sm90(self):
+        """The Hopper kernel's tests need an sm_90 device: skip on any other."""
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the Hopper attention kernel runs on sm_90 devices only")
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ two cores); the tests are skipped if that fails for want of a compiler, pybind11
 headers. What this cannot check: real concurrency, timing, register/shared-memory limits and
 the PTX instruction encodings themselves -- that is test_cuda.py's job on a GPU.
 """
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -85,6 +86,20 @@ class EmuBackend:
 
     def transpose(self, d, axes):
         return EmuArray(d.a.transpose(axes))
+
+    @contextlib.contextmanager
+    def as_sm90(self):
+        """The emulated GPU poses as an H100/H200 (sm_90, 227 KB of shared memory per block)."""
+        saved = {k: os.environ.get(k) for k in ("ATTNKIT_EMU_CC", "ATTNKIT_EMU_SMEM")}
+        os.environ.update(ATTNKIT_EMU_CC="90", ATTNKIT_EMU_SMEM="232448")
+        try:
+            yield
+        finally:
+            for k, val in saved.items():
+                if val is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = val
 
 
 @pytest.fixture(scope="module")

@@ -30,14 +30,14 @@ fi
 EXT=$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 # -O1: the emulator spends its time in fiber switches, not in the kernels' arithmetic.
 FLAGS="-std=c++17 -O1 -g0 -fPIC -U_FORTIFY_SOURCE -fvisibility=hidden -DATTNKIT_CUDA_EMULATE=1 \
-  -DATTNKIT_CUDA_MODULE_NAME=_cuda_emu -DATTNKIT_CUDA_ARCHS=\"emulated\" \
+  -DATTNKIT_HAVE_SM90_ATTENTION=1 -DATTNKIT_CUDA_MODULE_NAME=_cuda_emu -DATTNKIT_CUDA_ARCHS=\"emulated\" \
   -include csrc/cuda/emulate/emulate.h -Icsrc/include -Icsrc -I$CUDA_INC $PYINC \
   -Wno-attributes -Wno-unknown-pragmas"
 SRCS="csrc/cuda/emulate/emulate.cpp csrc/cuda/emulate/emu_runtime.cpp csrc/cuda/module.cpp
   csrc/cuda/binding_util.cpp csrc/cuda/attention_binding.cpp csrc/bindings/tensor.cpp
   csrc/bindings/params_from.cpp
   csrc/cuda/softmax.cu csrc/cuda/gemm.cu csrc/cuda/attention_simt.cu csrc/cuda/attention_launch.cu
-  csrc/cuda/attention_bwd.cu
+  csrc/cuda/attention_bwd.cu csrc/cuda/attention_hopper.cu
   csrc/cuda/attention_fwd_d64.cu csrc/cuda/attention_fwd_d96.cu csrc/cuda/attention_fwd_d128.cu
   csrc/cuda/attention_fwd_d192.cu csrc/cuda/attention_fwd_d256.cu"
 HEADERS=$(ls csrc/cuda/*.h csrc/cuda/*.cuh csrc/cuda/emulate/*.h csrc/include/attnkit/*.h csrc/bindings/tensor.h)

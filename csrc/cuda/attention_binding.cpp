@@ -138,6 +138,8 @@ void attention_entry(const std::string& fn_name, py::handle q_o, py::handle k_o,
     p.seqlen_k = cu_arg(f, cu_k_o, "cu_seqlens_k", batch, k.shape[2], up_cu_k, device, stream);
     p.cu_seqlens_q = static_cast<const int64_t*>(up_cu_q.t.data);
     p.cu_seqlens_k = static_cast<const int64_t*>(up_cu_k.t.data);
+    p.total_q = q.shape[2];
+    p.total_k = k.shape[2];
   }
   if (paged) {
     ATTNKIT_REQUIRE(f.name, cached, "block_table needs cache_seqlens");
@@ -369,7 +371,7 @@ void bind_attention(py::module_& m) {
   m.def("_last_attention_plan", [] {
     const cuda::AttentionPlan& pl = last_plan();
     py::dict d;
-    d["kernel"] = pl.decode_kernel ? "decode" : pl.tensor_cores ? "mma" : "simt";
+    d["kernel"] = pl.decode_kernel ? "decode" : pl.hopper ? "hopper" : pl.tensor_cores ? "mma" : "simt";
     d["head_dim_bucket"] = pl.head_dim_bucket;
     d["block_m"] = pl.block_m;
     d["block_n"] = pl.block_n;
@@ -383,6 +385,14 @@ void bind_attention(py::module_& m) {
         "ATTNKIT_CUDA_DECODE=1).");
   m.def("decode_kernel_enabled", &cuda::decode_kernel_enabled,
         "Whether the planner may choose the decode kernel (ATTNKIT_CUDA_DECODE=1).");
+  m.def("_set_hopper_kernel", &cuda::set_hopper_kernel_enabled, py::arg("on"),
+        "Let the planner choose the Hopper attention forward on sm_90 devices (unverified on "
+        "GPUs; default from ATTNKIT_CUDA_HOPPER=1).");
+  m.def("hopper_kernel_enabled", &cuda::hopper_kernel_enabled,
+        "Whether the planner may choose the Hopper attention forward (ATTNKIT_CUDA_HOPPER=1).");
+  m.def("hopper_kernel_built", &cuda::hopper_kernel_built,
+        "Whether this build has the Hopper attention forward (sm_90 and the CUTLASS headers at "
+        "build time).");
   m.def("attention_backward", &attention_backward_entry, py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
         py::arg("mask"), py::arg("alibi"), py::arg("batch"), py::arg("scale"), py::arg("softcap"),

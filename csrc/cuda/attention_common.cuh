@@ -257,5 +257,51 @@ __device__ __forceinline__ int64_t accum_row(const AttentionParams& p, const Blo
   return ((int64_t(split) * p.batch + bi.b) * p.num_heads + h) * p.seqlen_q + i;
 }
 
+// Epilogue of the tensor-core kernels for row r of the block (rows past bi.nrows are skipped),
+// from the thread of quad position t (columns vt * 8 + 2t + e, the mma accumulator layout):
+// out = O / l, lse = m ln2 + log l, or the split's partials. m: the row max in log2 units; l:
+// the row's whole sum; o(vt, e): the thread's unnormalized O.
+template <class T, int kVT, class OAt>
+__device__ __forceinline__ void store_row(const AttentionParams& p, const BlockInfo& bi,
+                                          const FwdLaunch& L, int r, int t, float m, float l,
+                                          OAt o) {
+  if (r >= bi.nrows) return;
+  const int Dv = int(p.head_dim_v);
+  int64_t h;
+  int i;
+  row_coords(bi, L, bi.r0 + r, h, i);
+  // l == 0: no allowed key (fully masked row) -> output 0, lse -inf. A NaN l stays NaN.
+  float inv = l == 0.0f ? 0.0f : 1.0f / l;
+  float lse = l == 0.0f ? neg_inf() : m * kLn2 + logf(l);
+  if (bi.poisoned) inv = lse = quiet_nan();
+  if (L.num_splits == 1) {
+    T* orow = static_cast<T*>(p.out) + out_row_offset(p, bi, h, i, p.out_stride);
+#pragma unroll
+    for (int vt = 0; vt < kVT; ++vt) {
+      const int col = vt * 8 + 2 * t;
+      if (col >= Dv) break;
+      const float v0 = o(vt, 0) * inv, v1 = o(vt, 1) * inv;
+      if (L.vec_store && col + 1 < Dv) {
+        *reinterpret_cast<uint32_t*>(orow + col) = pack2<T>(v0, v1);
+      } else {
+        orow[col] = store_as<T>(v0);
+        if (col + 1 < Dv) orow[col + 1] = store_as<T>(v1);
+      }
+    }
+    if (p.lse && t == 0) p.lse[out_row_offset(p, bi, h, i, p.lse_stride)] = lse;
+  } else {
+    const int64_t ar = accum_row(p, bi, h, i, int(blockIdx.z));
+    float* orow = L.o_accum + ar * Dv;
+#pragma unroll
+    for (int vt = 0; vt < kVT; ++vt) {
+      const int col = vt * 8 + 2 * t;
+      if (col >= Dv) break;
+      orow[col] = o(vt, 0) * inv;
+      if (col + 1 < Dv) orow[col + 1] = o(vt, 1) * inv;
+    }
+    if (t == 0) L.lse_accum[ar] = lse;
+  }
+}
+
 }  // namespace cuda
 }  // namespace attnkit

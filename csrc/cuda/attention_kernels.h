@@ -50,6 +50,37 @@ template <class T, int kD>
 cudaError_t launch_attention_mma(const AttentionParams& p, const FwdLaunch& L,
                                  cudaStream_t stream);
 
+// Tile shape of the Hopper kernel (attention_hopper.cuh): 3 warpgroups (a TMA producer, two
+// wgmma consumers of 64 rows each), 128 query rows, kStages K/V tiles in flight. Shared memory
+// holds 128B-swizzled panels of 64 columns (hopper.cuh): Q, then kStages K and kStages V tiles,
+// then the mbarriers; 1 KB of slack aligns the panels. The key tile shrinks with the head dim
+// so that S (kBlockN / 2 fp32) and O (kD / 2 fp32) registers fit the consumers' 232 and the
+// whole fits the 227 KB of an sm_90 block.
+template <int kD>
+struct HopperShape {
+  static constexpr int kHeadDim = kD;
+  static constexpr int kThreads = 3 * 128;
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = kD <= 128 ? 128 : kD <= 192 ? 96 : 64;
+  static constexpr int kStages = 2;
+  static constexpr int kPanels = (kD + 63) / 64;
+  static constexpr size_t kQBytes = size_t(kPanels) * kBlockM * 128;
+  static constexpr size_t kKVBytes = size_t(kPanels) * kBlockN * 128;  // one K or V tile
+  static constexpr size_t kBarrierBytes = (1 + 3 * kStages) * 8;
+  static constexpr size_t smem_bytes(size_t) {
+    return 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
+  }
+  static_assert(kD % 16 == 0 && kBlockN % 16 == 0, "wgmma k-steps of 16");
+};
+
+// Defined in attention_hopper.cu (sm_90a builds with the CUTLASS headers, and the emulator).
+// hopper_layout_ok: whether the call's tensors can be described to TMA (16-byte aligned
+// bases, strides in multiples of 16 bytes, below 2^40 bytes), checked before planning it.
+template <class T, int kD>
+cudaError_t launch_attention_hopper(const AttentionParams& p, const FwdLaunch& L,
+                                    cudaStream_t stream);
+bool hopper_layout_ok(const AttentionParams& p);
+
 // Tile shape of the decode kernel (attention_decode.cuh): 16 query rows (the GQA group's heads
 // times the few query positions) against kTileN keys per pipeline stage, 16 keys per warp.
 template <int kD>

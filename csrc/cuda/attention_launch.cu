@@ -61,6 +61,14 @@ std::atomic<bool>& decode_flag() {
   return on;
 }
 
+std::atomic<bool>& hopper_flag() {
+  static std::atomic<bool> on{[] {
+    const char* e = std::getenv("ATTNKIT_CUDA_HOPPER");
+    return e && std::strcmp(e, "1") == 0;
+  }()};
+  return on;
+}
+
 // ---- KV cache: check the metadata on the device, then append the new keys/values ----
 
 __device__ __forceinline__ int64_t load_index(const void* base, DType t, int64_t off) {
@@ -318,11 +326,15 @@ int64_t decode_pack(int64_t group, int64_t sq) {
 // head-dim bucket.
 template <class T>
 cudaError_t launch_tensor_core(const AttentionParams& p, const FwdLaunch& L, int bucket,
-                               bool decode, cudaStream_t s) {
+                               bool decode, bool hopper, cudaStream_t s) {
   cudaError_t err = cudaErrorInvalidValue;
   with_bucket<MmaShape>(bucket, [&](auto shape) {
     constexpr int kD = decltype(shape)::kHeadDim;
-    if (!decode)
+    if (hopper) {
+#ifdef ATTNKIT_HAVE_SM90_ATTENTION
+      err = launch_attention_hopper<T, kD>(p, L, s);
+#endif
+    } else if (!decode)
       err = launch_attention_mma<T, kD>(p, L, s);
     else if (p.kv_dtype == DType::i8)
       err = launch_attention_decode<T, int8_t, kD>(p, L, s);
@@ -338,6 +350,13 @@ cudaError_t launch_tensor_core(const AttentionParams& p, const FwdLaunch& L, int
 
 bool decode_kernel_enabled() { return decode_flag().load(); }
 void set_decode_kernel_enabled(bool on) { decode_flag().store(on); }
+#ifdef ATTNKIT_HAVE_SM90_ATTENTION
+bool hopper_kernel_built() { return true; }
+#else
+bool hopper_kernel_built() { return false; }
+#endif
+bool hopper_kernel_enabled() { return hopper_flag().load(); }
+void set_hopper_kernel_enabled(bool on) { hopper_flag().store(on); }
 
 const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
                            const DeviceInfo& dev, AttentionPlan* plan) {
@@ -366,10 +385,20 @@ const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
     tile_shape<DecodeShape>(plan, 2, codes);
     plan->decode_kernel = plan->smem_bytes <= size_t(dev.max_smem_optin);
   }
-  if (!plan->decode_kernel && plan->tensor_cores) {
+#ifdef ATTNKIT_HAVE_SM90_ATTENTION
+  // The Hopper kernel: sm_90 (its wgmma code is sm_90a), rows enough for its 128-row blocks
+  // without GQA packing (shorter query blocks: the mma.sync kernel packs the group's heads).
+  if (!plan->decode_kernel && plan->tensor_cores && hopper_kernel_enabled() && dev.cc_major == 9 &&
+      dev.cc_minor == 0 && p.seqlen_q >= 64 && !kv.block_table && hopper_layout_ok(p)) {
+    plan->head_dim_bucket = mma_bucket(std::max(p.head_dim, p.head_dim_v));
+    tile_shape<HopperShape>(plan, 2);
+    plan->hopper = plan->smem_bytes <= size_t(dev.max_smem_optin);
+  }
+#endif
+  if (!plan->decode_kernel && !plan->hopper && plan->tensor_cores) {
     plan->head_dim_bucket = mma_bucket(std::max(p.head_dim, p.head_dim_v));
     tile_shape<MmaShape>(plan, 2);
-  } else if (!plan->decode_kernel) {
+  } else if (!plan->decode_kernel && !plan->hopper) {
     if (half_types && !codes) return "k/v must have q's dtype";  // binding checks first; defensive
     plan->head_dim_bucket = 0;
     plan->block_m = kSimtBlockM;
@@ -388,6 +417,8 @@ const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
   // GQA packing: for short query blocks (decode), stack the query heads of a kv head.
   if (plan->decode_kernel)
     plan->pack = decode_pack(group, p.seqlen_q);
+  else if (plan->hopper)
+    plan->pack = 1;
   else
     plan->pack = (group > 1 && p.seqlen_q < plan->block_m) ? group : 1;
   plan->head_groups = p.num_heads / plan->pack;
@@ -406,7 +437,8 @@ const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
   const int64_t tiles = (plan->split_keys + plan->block_n - 1) / plan->block_n;
   // The decode kernel's blocks are small (one 16-row tile) and only stream: up to three share
   // an SM, and finer splits balance the SMs better, so it aims at four per SM.
-  const int64_t target = (plan->decode_kernel ? 4 : 2) * int64_t(dev.sm_count);
+  // The Hopper kernel's blocks take a whole SM (up to 194 KB of shared memory): one per SM.
+  const int64_t target = (plan->decode_kernel ? 4 : plan->hopper ? 1 : 2) * int64_t(dev.sm_count);
   // float64 partials would be rounded to float32: never split float64.
   if (blocks < target && tiles >= 4 && p.q_dtype != DType::f64) {
     const int64_t want = (target + blocks - 1) / blocks;
@@ -481,15 +513,17 @@ cudaError_t attention_fwd(AttentionParams p, const KvCacheArgs& kv, const Attent
     L.o_accum = reinterpret_cast<float*>(base + plan.off_o_accum);
     L.lse_accum = reinterpret_cast<float*>(base + plan.off_lse_accum);
   }
-  if (plan.tensor_cores || plan.decode_kernel) {
+  if (plan.tensor_cores || plan.decode_kernel) {  // (the Hopper kernel is a tensor-core plan)
     const int kv16 = p.kv_dtype == DType::i8 || p.kv_dtype == DType::f8e4m3 ? 16 : 8;
     L.vec_loads = rows_aligned16(p.q, p.q_stride, 8) && rows_aligned16(p.k, p.k_stride, kv16) &&
                   rows_aligned16(p.v, p.v_stride, kv16);
     L.vec_store = reinterpret_cast<uintptr_t>(p.out) % 4 == 0 && p.out_stride[0] % 2 == 0 &&
                   p.out_stride[1] % 2 == 0 && p.out_stride[2] % 2 == 0;
     err = p.q_dtype == DType::f16
-              ? launch_tensor_core<half>(p, L, plan.head_dim_bucket, plan.decode_kernel, stream)
-              : launch_tensor_core<bf16>(p, L, plan.head_dim_bucket, plan.decode_kernel, stream);
+              ? launch_tensor_core<half>(p, L, plan.head_dim_bucket, plan.decode_kernel,
+                                         plan.hopper, stream)
+              : launch_tensor_core<bf16>(p, L, plan.head_dim_bucket, plan.decode_kernel,
+                                         plan.hopper, stream);
   } else if (p.kv_dtype == DType::i8 || p.kv_dtype == DType::f8e4m3) {
     err = p.q_dtype == DType::f16    ? launch_simt_codes<half>(p, L, stream)
           : p.q_dtype == DType::bf16 ? launch_simt_codes<bf16>(p, L, stream)

@@ -311,7 +311,6 @@ __global__ void __launch_bounds__(MmaShape<kD>::kThreads, 1)
   }
 
   // ---- epilogue ----
-  T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -319,42 +318,8 @@ __global__ void __launch_bounds__(MmaShape<kD>::kThreads, 1)
       float l = row_sum[mt][hh];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const int r = warp_row0 + mt * 16 + g + 8 * hh;
-      if (r >= bi.nrows) continue;
-      int64_t h;
-      int i;
-      row_coords(bi, L, bi.r0 + r, h, i);
-      // l == 0: no allowed key (fully masked row) -> output 0, lse -inf. A NaN l stays NaN.
-      float inv = l == 0.0f ? 0.0f : 1.0f / l;
-      float lse = l == 0.0f ? neg_inf() : row_max[mt][hh] * kLn2 + logf(l);
-      if (bi.poisoned) inv = lse = quiet_nan();
-      if (L.num_splits == 1) {
-        T* orow = out + out_row_offset(p, bi, h, i, p.out_stride);
-#pragma unroll
-        for (int vt = 0; vt < kVT; ++vt) {
-          const int col = vt * 8 + 2 * t;
-          if (col >= Dv) break;
-          const float v0 = o[mt][vt][2 * hh] * inv, v1 = o[mt][vt][2 * hh + 1] * inv;
-          if (L.vec_store && col + 1 < Dv) {
-            *reinterpret_cast<uint32_t*>(orow + col) = pack2<T>(v0, v1);
-          } else {
-            orow[col] = store_as<T>(v0);
-            if (col + 1 < Dv) orow[col + 1] = store_as<T>(v1);
-          }
-        }
-        if (p.lse && t == 0) p.lse[out_row_offset(p, bi, h, i, p.lse_stride)] = lse;
-      } else {
-        const int64_t ar = accum_row(p, bi, h, i, int(blockIdx.z));
-        float* orow = L.o_accum + ar * Dv;
-#pragma unroll
-        for (int vt = 0; vt < kVT; ++vt) {
-          const int col = vt * 8 + 2 * t;
-          if (col >= Dv) break;
-          orow[col] = o[mt][vt][2 * hh] * inv;
-          if (col + 1 < Dv) orow[col + 1] = o[mt][vt][2 * hh + 1] * inv;
-        }
-        if (t == 0) L.lse_accum[ar] = lse;
-      }
+      store_row<T, kVT>(p, bi, L, warp_row0 + mt * 16 + g + 8 * hh, t, row_max[mt][hh], l,
+                        [&](int vt, int e) { return o[mt][vt][2 * hh + e]; });
     }
 }
 

@@ -45,6 +45,9 @@ const cuda::DeviceInfo& device_info(int device, const char* fn) {
     cache.resize(size_t(device) + 1);
     known.resize(size_t(device) + 1, false);
   }
+#ifdef ATTNKIT_CUDA_EMULATE
+  known[size_t(device)] = false;  // the emulated device may change (ATTNKIT_EMU_* variables)
+#endif
   if (!known[size_t(device)]) {
     cuda::DeviceInfo& d = cache[size_t(device)];
     check_cuda(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device), fn);

@@ -69,6 +69,9 @@ struct AttentionPlan {
   // The decode kernel (attention_decode.cuh) instead of the tensor-core forward: block_m 16,
   // splits cut each sequence's actual length.
   bool decode_kernel = false;
+  // The Hopper kernel (attention_hopper.cuh: TMA, wgmma, warp specialization) instead of the
+  // mma.sync forward: sm_90 devices, fp16/bf16, layouts TMA can describe, no paging.
+  bool hopper = false;
   int num_splits = 1;
   int64_t split_keys = 0;  // key range the splits cut (the longest sequence, or the capacity)
   size_t smem_bytes = 0;
@@ -81,6 +84,13 @@ struct AttentionPlan {
 // off unless ATTNKIT_CUDA_DECODE=1 is set when the module loads (or the setter turns it on).
 bool decode_kernel_enabled();
 void set_decode_kernel_enabled(bool on);
+// Whether this build has the Hopper attention forward (sm_90 among the architectures and the
+// CUTLASS headers at build time), and whether the planner may choose it: it has run only on
+// the emulator, so it is off unless ATTNKIT_CUDA_HOPPER=1 is set when the module loads (or
+// the setter turns it on).
+bool hopper_kernel_built();
+bool hopper_kernel_enabled();
+void set_hopper_kernel_enabled(bool on);
 
 // Checks what the kernels support on this device and fills the plan; returns nullptr, or a
 // message (without the function name) for a ValueError.

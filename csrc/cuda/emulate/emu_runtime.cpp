@@ -2,7 +2,9 @@
 // emulator build (linked instead of libcudart). One emulated device whose "device memory" is
 // host memory, so numpy buffers can stand in for device arrays. Its SM count and shared
 // memory limit come from ATTNKIT_EMU_SMS (default 4, so small problems take the split-KV path)
-// and ATTNKIT_EMU_SMEM (default 101376, the sm_86 / sm_89 limit).
+// and ATTNKIT_EMU_SMEM (default 101376, the sm_86 / sm_89 limit), its compute capability from
+// ATTNKIT_EMU_CC (default 86; 90 with ATTNKIT_EMU_SMEM=232448 stands for an H100/H200). They are
+// read at every query, so tests may change them between calls.
 #include <cuda_runtime_api.h>
 
 #include <cstdlib>
@@ -36,10 +38,10 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int dev
       *value = env_int("ATTNKIT_EMU_SMEM", 101376);
       break;
     case cudaDevAttrComputeCapabilityMajor:
-      *value = 8;
+      *value = env_int("ATTNKIT_EMU_CC", 86) / 10;
       break;
     case cudaDevAttrComputeCapabilityMinor:
-      *value = 6;
+      *value = env_int("ATTNKIT_EMU_CC", 86) % 10;
       break;
     case cudaDevAttrMemoryPoolsSupported:
       *value = 1;
@@ -53,8 +55,8 @@ cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp* prop, int device) {
   if (device != 0) return cudaErrorInvalidDevice;
   std::memset(prop, 0, sizeof(*prop));
   std::strncpy(prop->name, "attnkit CPU emulator", sizeof(prop->name) - 1);
-  prop->major = 8;
-  prop->minor = 6;
+  prop->major = env_int("ATTNKIT_EMU_CC", 86) / 10;
+  prop->minor = env_int("ATTNKIT_EMU_CC", 86) % 10;
   return cudaSuccess;
 }
 cudaError_t cudaRuntimeGetVersion(int* v) {

@@ -9,6 +9,7 @@
 
 #include <cstdio>
 #include <deque>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -24,6 +25,24 @@ struct Copy {
   int bytes;
 };
 
+// One thread's share of an issued wgmma: its 2 rows x 16 values of A, 16 x N/4 values of B
+// (the columns its accumulator slice holds), and where in shared memory each came from
+// (kFromRegs for A fragments), to check at the wait that nothing overwrote them meanwhile.
+constexpr uint32_t kFromRegs = 0xffffffffu;
+struct WgOp {
+  int n = 0;
+  bool bf16 = false, accumulate = false;
+  float* d = nullptr;
+  std::vector<uint16_t> a, b;       // a[row * 16 + k] (row 0/1), b[k * (n / 4) + c]
+  std::vector<uint32_t> a_at, b_at;  // smem offsets
+};
+
+struct Mbar {
+  int pending = 0, expected = 0;
+  int64_t tx = 0;
+  unsigned phase = 0;  // completed phases
+};
+
 struct Thread {
   ucontext_t ctx;  // only to start the fiber
   jmp_buf jb;      // where it yielded
@@ -33,6 +52,8 @@ struct Thread {
   bool done = false;
   std::vector<Copy> pending;             // issued, not committed
   std::deque<std::vector<Copy>> groups;  // committed, not yet waited for
+  std::vector<WgOp> wg_pending;           // wgmma issued, not committed
+  std::deque<std::vector<WgOp>> wg_groups;
 };
 
 struct Warp {
@@ -53,6 +74,7 @@ struct Block {
   int cur = 0;
   uint64_t progress = 0;
   const std::function<void()>* body = nullptr;
+  std::map<const void*, Mbar> mbars;
 };
 
 Block* g_block = nullptr;
@@ -90,9 +112,16 @@ void maybe_release_warp(Warp& w) {
   }
 }
 
+[[noreturn]] void fail(const char* what) {
+  std::fprintf(stderr, "attnkit CUDA emulator: %s (block (%u, %u, %u), thread %d)\n", what,
+               g_block->block_idx.x, g_block->block_idx.y, g_block->block_idx.z, g_block->cur);
+  std::abort();
+}
+
 void thread_main() {
   (*g_block->body)();
   Thread& t = self();
+  if (!t.wg_pending.empty() || !t.wg_groups.empty()) fail("a thread exited with wgmma in flight");
   if (!t.pending.empty() || !t.groups.empty()) {
     // A thread may exit with copies in flight only if nobody reads them: apply them anyway.
     for (auto& g : t.groups) apply(g);
@@ -121,6 +150,8 @@ void run_block(Block& b) {
     t.started = false;
     t.pending.clear();
     t.groups.clear();
+    t.wg_pending.clear();
+    t.wg_groups.clear();
     t.idx = {unsigned(i) % b.block_dim.x, (unsigned(i) / b.block_dim.x) % b.block_dim.y,
              unsigned(i) / (b.block_dim.x * b.block_dim.y)};
     getcontext(&t.ctx);
@@ -129,6 +160,7 @@ void run_block(Block& b) {
     t.ctx.uc_link = &b.sched;
     makecontext(&t.ctx, thread_main, 0);
   }
+  b.mbars.clear();
   while (b.alive > 0) {
     const uint64_t before = b.progress;
     for (int i = 0; i < b.nthreads; ++i) {
@@ -229,6 +261,191 @@ void cp_async_wait(int keep) {
   while (int(t.groups.size()) > keep) {
     apply(t.groups.front());
     t.groups.pop_front();
+  }
+}
+
+// ---- Hopper primitives ----
+
+namespace {
+
+uint16_t smem_u16(uint32_t off) {
+  uint16_t v;
+  std::memcpy(&v, g_block->smem.data() + off, 2);
+  return v;
+}
+// SWIZZLE_128B: address bits 4-6 (the 16-byte chunk in a 128-byte row) ^= bits 7-9 (the row
+// in an 8-row, 1024-byte atom).
+uint32_t swizzle128(uint32_t addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
+
+Mbar& mbar_of(uint64_t* bar) {
+  auto it = g_block->mbars.find(bar);
+  if (it == g_block->mbars.end()) fail("mbarrier used before mbarrier.init");
+  return it->second;
+}
+void mbar_settle(Mbar& m) {
+  if (m.pending == 0 && m.tx == 0) {
+    ++m.phase;
+    m.pending = m.expected;
+    ++g_block->progress;
+  }
+}
+
+// Shared-memory offset of element (mn, k) of a 128B-swizzled operand (PTX ISA, "Matrix
+// Descriptor" / canonical layouts): K-major rows of 128 bytes in 8-row groups SBO apart;
+// MN-major rows are K (128 bytes: 64 MN values), 64-value MN panels LBO apart, 8-row K groups
+// SBO apart.
+uint32_t operand_offset(uint64_t desc, bool mn_major, int mn, int k) {
+  const uint32_t start = uint32_t(desc & 0x3fff) << 4;
+  const uint32_t lbo = uint32_t((desc >> 16) & 0x3fff) << 4;
+  const uint32_t sbo = uint32_t((desc >> 32) & 0x3fff) << 4;
+  if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0)
+    fail("wgmma descriptor: only 128B-swizzled operands with base offset 0 are emulated");
+  uint32_t addr;
+  if (!mn_major)
+    addr = start + uint32_t(mn % 8) * 128 + uint32_t(mn / 8) * sbo + uint32_t(k) * 2;
+  else
+    addr = start + uint32_t(mn % 64) * 2 + uint32_t(mn / 64) * lbo + uint32_t(k % 8) * 128 + uint32_t(k / 8) * sbo;
+  addr = swizzle128(addr);
+  if (size_t(addr) + 2 > g_block->smem.size()) fail("wgmma operand outside shared memory");
+  return addr;
+}
+
+void wgmma_run(const WgOp& op) {
+  for (size_t i = 0; i < op.a_at.size(); ++i)
+    if (op.a_at[i] != kFromRegs && smem_u16(op.a_at[i]) != op.a[i])
+      fail("a wgmma's A operand in shared memory changed before wgmma.wait_group");
+  for (size_t i = 0; i < op.b_at.size(); ++i)
+    if (smem_u16(op.b_at[i]) != op.b[i]) fail("a wgmma's B operand in shared memory changed before wgmma.wait_group");
+  const int cols = op.n / 4;
+  float res[256 / 2];
+  for (int j = 0; j < op.n / 8; ++j)
+    for (int e = 0; e < 4; ++e) {
+      const int row = e >> 1, c = 2 * j + (e & 1);  // column 8j + 2t + (e & 1)
+      float acc = op.accumulate ? op.d[4 * j + e] : 0.0f;
+      for (int k = 0; k < 16; ++k)
+        acc += attnkit::cuda::bits_to_float(op.a[size_t(row * 16 + k)], op.bf16) *
+               attnkit::cuda::bits_to_float(op.b[size_t(k * cols + c)], op.bf16);
+      res[4 * j + e] = acc;
+    }
+  for (int i = 0; i < op.n / 2; ++i) op.d[i] = res[i];
+}
+
+}  // namespace
+
+uint32_t smem_offset(const void* p) {
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  const unsigned char* base = g_block->smem.data();
+  if (c < base || c >= base + g_block->smem.size()) fail("not a shared-memory address");
+  return uint32_t(c - base);
+}
+
+void mbar_init(uint64_t* bar, int count) {
+  Mbar m;
+  m.pending = m.expected = count;
+  g_block->mbars[bar] = m;
+  ++g_block->progress;
+}
+
+void mbar_arrive(uint64_t* bar, uint32_t expect_tx) {
+  Mbar& m = mbar_of(bar);
+  m.tx += expect_tx;
+  --m.pending;
+  ++g_block->progress;
+  mbar_settle(m);
+}
+
+void mbar_wait(uint64_t* bar, int parity) {
+  while (true) {
+    const Mbar& m = mbar_of(bar);
+    if (int(m.phase & 1u) != (parity & 1)) return;
+    yield();  // no progress of its own: all threads waiting with nothing in flight is a deadlock
+  }
+}
+
+void tma_load(const TmaDesc& d, uint64_t* bar, void* smem, int c0, int c1, int c2, int c3) {
+  const uint32_t dst = smem_offset(smem);
+  if (dst % 1024 != 0) fail("TMA with 128B swizzle into shared memory that is not 1024-aligned");
+  const uint32_t bytes = uint32_t(d.box_rows) * 128;
+  if (size_t(dst) + bytes > g_block->smem.size()) fail("TMA box outside shared memory");
+  const int64_t c[4] = {c0, c1, c2, c3};
+  for (int r = 0; r < d.box_rows; ++r)
+    for (int e = 0; e < 64; ++e) {
+      const int64_t x[4] = {c[0] + e, c[1] + r, c[2], c[3]};
+      uint16_t v = 0;
+      bool in = true;
+      for (int i = 0; i < 4; ++i) in = in && x[i] >= 0 && x[i] < d.dims[i];
+      if (in) {
+        const unsigned char* src = static_cast<const unsigned char*>(d.base);
+        int64_t off = 0;
+        for (int i = 0; i < 4; ++i) off += x[i] * d.strides[i];
+        std::memcpy(&v, src + off, 2);
+      }
+      std::memcpy(g_block->smem.data() + swizzle128(dst + uint32_t(r * 128 + e * 2)), &v, 2);
+    }
+  Mbar& m = mbar_of(bar);
+  m.tx -= bytes;
+  ++g_block->progress;
+  mbar_settle(m);
+}
+
+void wgmma(int n, bool bf16, uint64_t da, const uint32_t* a_regs, uint64_t db, bool b_mn_major, float* d,
+           bool accumulate) {
+  if (n % 8 != 0 || n < 8 || n > 256) fail("wgmma: N must be a multiple of 8 in [8, 256]");
+  WgOp op;
+  op.n = n;
+  op.bf16 = bf16;
+  op.accumulate = accumulate;
+  op.d = d;
+  const int l = g_block->cur % 32, g = l >> 2, t = l & 3;
+  const int w = (g_block->cur / 32) % 4;  // warp within the warpgroup: rows 16w .. 16w + 15
+  op.a.resize(32);
+  op.a_at.resize(32);
+  if (a_regs) {
+    // The mma.sync A-fragment layout per warp: a0 (g, 2t..), a1 (g+8, 2t..), a2 (g, 2t+8..),
+    // a3 (g+8, 2t+8..); the low half holds the even column.
+    uint64_t words[4] = {a_regs[0], a_regs[1], a_regs[2], a_regs[3]};
+    warp_publish(words, 4);
+    for (int row = 0; row < 2; ++row)
+      for (int k = 0; k < 16; ++k) {
+        const int reg = row + (k >= 8 ? 2 : 0), lane = g * 4 + (k % 8) / 2;
+        const uint64_t word = warp_slot(lane)[reg];
+        op.a[size_t(row * 16 + k)] = uint16_t(k % 2 ? word >> 16 : word & 0xffff);
+        op.a_at[size_t(row * 16 + k)] = kFromRegs;
+      }
+    warp_done_reading();
+  } else {
+    for (int row = 0; row < 2; ++row)
+      for (int k = 0; k < 16; ++k) {
+        const uint32_t at = operand_offset(da, false, 16 * w + g + 8 * row, k);
+        op.a_at[size_t(row * 16 + k)] = at;
+        op.a[size_t(row * 16 + k)] = smem_u16(at);
+      }
+  }
+  const int cols = n / 4;
+  op.b.resize(size_t(16 * cols));
+  op.b_at.resize(size_t(16 * cols));
+  for (int k = 0; k < 16; ++k)
+    for (int c = 0; c < cols; ++c) {
+      const int col = 8 * (c / 2) + 2 * t + (c & 1);
+      const uint32_t at = operand_offset(db, b_mn_major, col, k);
+      op.b_at[size_t(k * cols + c)] = at;
+      op.b[size_t(k * cols + c)] = smem_u16(at);
+    }
+  self().wg_pending.push_back(std::move(op));
+}
+
+void wgmma_commit() {
+  Thread& t = self();
+  t.wg_groups.push_back(std::move(t.wg_pending));
+  t.wg_pending.clear();
+}
+
+void wgmma_wait(int keep) {
+  Thread& t = self();
+  if (!t.wg_pending.empty()) fail("wgmma.wait_group with uncommitted wgmma (missing commit_group)");
+  while (int(t.wg_groups.size()) > keep) {
+    for (const WgOp& op : t.wg_groups.front()) wgmma_run(op);
+    t.wg_groups.pop_front();
   }
 }
 

@@ -29,6 +29,8 @@
 #include <functional>
 #include <type_traits>
 
+#define __grid_constant__
+
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
@@ -60,6 +62,33 @@ void warp_done_reading();
 void cp_async(void* dst, const void* src, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int keep_pending_groups);
+
+// ---- Hopper (sm_90) primitives behind csrc/cuda/hopper.cuh ----
+// Shared memory offsets stand for shared-window addresses (the swizzle patterns depend on the
+// address bits, so tiles must be 1024-aligned in offset, as on the GPU in address).
+uint32_t smem_offset(const void* p);
+// A 4-D tiled TMA descriptor over 16-bit values (dim 0 contiguous; byte strides of dims 1-3;
+// a {64, box_rows, 1, 1} box; 128-byte swizzle; out-of-bounds elements read as zero).
+struct TmaDesc {
+  const void* base;
+  int64_t dims[4];
+  int64_t strides[4];  // bytes; strides[0] = 2
+  int box_rows;
+};
+// mbarrier: arrival count per phase, transaction bytes; a phase completes when both reach 0.
+void mbar_init(uint64_t* bar, int count);
+void mbar_arrive(uint64_t* bar, uint32_t expect_tx_bytes);  // expect_tx, then one arrival
+void mbar_wait(uint64_t* bar, int parity);  // until the phase of that parity has completed
+// cp.async.bulk.tensor: the box at coords into smem (swizzled), then complete_tx on bar.
+void tma_load(const TmaDesc& d, uint64_t* bar, void* smem, int c0, int c1, int c2, int c3);
+// wgmma.mma_async m64nNk16, f32 accumulate, f16/bf16 inputs: A from the descriptor da (K-major)
+// or, if a_regs, from the warp's A fragments; B from db, K-major or MN-major. The calling
+// thread's slice of D (its rows and columns of the accumulator layout) is computed at
+// wgmma_wait; the operands are read at issue and must be unchanged at the wait (else abort).
+void wgmma(int n, bool bf16, uint64_t da, const uint32_t* a_regs, uint64_t db, bool b_mn_major, float* d,
+           bool accumulate);
+void wgmma_commit();
+void wgmma_wait(int keep_pending_groups);
 
 template <class T>
 T shfl(T v, int src_lane) {

@@ -82,6 +82,7 @@ struct AttentionParams {
 
   const int64_t* cu_seqlens_q = nullptr;
   const int64_t* cu_seqlens_k = nullptr;
+  int64_t total_q = 0, total_k = 0;  // varlen: tokens in q and in k/v (CUDA TMA bounds)
   const int64_t* seqlens_k = nullptr;
   const int64_t* block_table = nullptr;
   int64_t block_table_stride = 0;
