@@ -89,20 +89,38 @@ def check(a, b, tol, what):
     return err
 
 
-def attn_case(name, B, H, Hkv, S, D, dtype, causal, rounds):
-    """attnkit vs torch attention forward (B, H, S, D); result dict with TFLOP/s."""
+def attn_case(name, B, H, Hkv, S, D, dtype, causal, rounds, kernel=None):
+    """attnkit vs torch attention forward (B, H, S, D); result dict with TFLOP/s.
+
+    kernel "hopper": the Hopper kernel (attention_hopper.cuh; off by default until verified on
+    a GPU) is switched on for this row, and the row fails unless the planner chose it."""
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(B, H, S, D, device="cuda", dtype=dtype, generator=g)
     k = torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype, generator=g)
     v = torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype, generator=g)
     backends = flash(dtype) if Hkv == H else None
-    ours = lambda: ak.attention(q, k, v, causal=causal)
-    theirs = torch_sdpa(q, k, v, causal, backends)
-    check(ours(), theirs(), 2e-2 if dtype == torch.bfloat16 else 5e-3, name)
-    ta, tb = time_pair(ours, theirs, rounds)
+    from attnkit import _cuda_backend
+
+    mod = _cuda_backend._module()
+    was = mod.hopper_kernel_enabled() if hasattr(mod, "hopper_kernel_enabled") else None
+    if kernel == "hopper":
+        if was is None or not mod.hopper_kernel_built():
+            raise RuntimeError("this build has no Hopper attention kernel")
+        mod._set_hopper_kernel(True)
+    try:
+        ours = lambda: ak.attention(q, k, v, causal=causal)
+        theirs = torch_sdpa(q, k, v, causal, backends)
+        check(ours(), theirs(), 2e-2 if dtype == torch.bfloat16 else 5e-3, name)
+        ran = mod._last_attention_plan()["kernel"]
+        if kernel and ran != kernel:
+            raise AssertionError(f"{name}: ran the {ran} kernel, not {kernel}")
+        ta, tb = time_pair(ours, theirs, rounds)
+    finally:
+        if was is not None:
+            mod._set_hopper_kernel(was)
     flops = 4.0 * B * H * S * S * D * (0.5 if causal else 1.0)
     return dict(case=name, attnkit_ms=ta, torch_ms=tb, rate=flops / ta / 1e9, unit="TFLOP/s",
-                torch_impl="flash" if backends else "sdpa auto")
+                torch_impl=("flash" if backends else "sdpa auto") + f" (attnkit: {ran})")
 
 
 def decode_kernel(on):
@@ -238,6 +256,11 @@ CASES = [
     ("attn fp16 B8 H16 S2048 D64 causal", lambda r: attn_case("attn fp16 B8 H16 S2048 D64 causal", 8, 16, 16, 2048, 64, torch.float16, True, r)),
     ("attn bf16 B2 H16 S2048 D256 causal", lambda r: attn_case("attn bf16 B2 H16 S2048 D256 causal", 2, 16, 16, 2048, 256, torch.bfloat16, True, r)),
     ("attn bf16 GQA32/8 B4 S4096 D128 causal", lambda r: attn_case("attn bf16 GQA32/8 B4 S4096 D128 causal", 4, 32, 8, 4096, 128, torch.bfloat16, True, r)),
+    ("attn-hopper bf16 B4 H32 S4096 D128 causal", lambda r: attn_case("attn-hopper bf16 B4 H32 S4096 D128 causal", 4, 32, 32, 4096, 128, torch.bfloat16, True, r, "hopper")),
+    ("attn-hopper bf16 B4 H32 S4096 D128", lambda r: attn_case("attn-hopper bf16 B4 H32 S4096 D128", 4, 32, 32, 4096, 128, torch.bfloat16, False, r, "hopper")),
+    ("attn-hopper fp16 B8 H16 S2048 D64 causal", lambda r: attn_case("attn-hopper fp16 B8 H16 S2048 D64 causal", 8, 16, 16, 2048, 64, torch.float16, True, r, "hopper")),
+    ("attn-hopper bf16 B2 H16 S2048 D256 causal", lambda r: attn_case("attn-hopper bf16 B2 H16 S2048 D256 causal", 2, 16, 16, 2048, 256, torch.bfloat16, True, r, "hopper")),
+    ("attn-hopper bf16 GQA32/8 B4 S4096 D128 causal", lambda r: attn_case("attn-hopper bf16 GQA32/8 B4 S4096 D128 causal", 4, 32, 8, 4096, 128, torch.bfloat16, True, r, "hopper")),
     ("attn fp32 B2 H16 S1024 D64 causal", lambda r: attn_case("attn fp32 B2 H16 S1024 D64 causal", 2, 16, 16, 1024, 64, torch.float32, True, r)),
     ("decode bf16 B8 H32/8 S8192 D128", lambda r: decode_case("decode bf16 B8 H32/8 S8192 D128", 8, 32, 8, 8192, 128, torch.bfloat16, r)),
     ("decode-kernel bf16 B8 H32/8 S8192 D128", lambda r: decode_case("decode-kernel bf16 B8 H32/8 S8192 D128", 8, 32, 8, 8192, 128, torch.bfloat16, r, "decode")),

@@ -194,8 +194,8 @@ def test_cutlass_sm90_matmul(dtype):
     check(a, b, "mma")  # switched off again: the mma.sync kernel
 
 
-@pytest.mark.parametrize("decode_on", [False, True], ids=["forward-decode", "decode-kernel"])
-def test_cuda_graph_capture_and_replay(decode_on):
+@pytest.mark.parametrize("path", ["forward-decode", "decode-kernel", "hopper"])
+def test_cuda_graph_capture_and_replay(path):
     """Issue 12 item 6: every CUDA entry point captures into a CUDA graph (no host
     synchronization, scratch from the stream-ordered allocator, outputs from torch's graph
     pool), and a replay on new input values gives the eager result bit for bit. The KV-cache
@@ -223,7 +223,8 @@ def test_cuda_graph_capture_and_replay(decode_on):
                 "varlen": attnkit.attention_varlen(qv, kv_, vv, cu_q, cu_k, causal=True),
                 "quantize codes": codes, "quantize scale": scale}
 
-    with decode_kernel(decode_on):
+    # "hopper": the attention and varlen calls (>= 64 query rows) on the Hopper kernel on sm_90
+    with decode_kernel(path == "decode-kernel"), cuda_switch("hopper", path == "hopper"):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the capture, as torch asks

@@ -122,19 +122,27 @@ __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
     const unsigned char* v_tile = sV + st * S::kKVBytes;
 
     // ---- S = Q K^T ----
+    // No branch may sit between wgmma.fence and the last wgmma of a batch (ptxas then injects
+    // waits and fences): a head dim that fills the bucket runs every k-step, a shorter one
+    // skips the steps past D in a copy of the loop of its own. S needs no zeros: the first
+    // step overwrites it (scale-d 0).
     float s[kBlockN / 2];
-#pragma unroll
-    for (int i = 0; i < kBlockN / 2; ++i) s[i] = 0.0f;
     sm90::mbar_wait(&full_k[st], phase);
-    sm90::wgmma_fence();
+    auto qk = [&](auto all_steps) {
+      sm90::wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-      if (ks * 16 >= D) break;  // zero columns: skip whole k-steps (uniform)
-      const uint32_t off = (ks % 4) * 32;  // the 16-column step within the panel
-      sm90::wgmma_ss<T, kBlockN>(sm90::desc_k_major(sQw + (ks / 4) * kQPanel + off),
-                                 sm90::desc_k_major(k_tile + (ks / 4) * kKVPanel + off), s, ks > 0);
-    }
-    sm90::wgmma_commit();
+      for (int ks = 0; ks < kD / 16; ++ks) {
+        if (!decltype(all_steps)::value && ks * 16 >= D) break;
+        const uint32_t off = (ks % 4) * 32;  // the 16-column step within the panel
+        sm90::wgmma_ss<T, kBlockN>(sm90::desc_k_major(sQw + (ks / 4) * kQPanel + off),
+                                   sm90::desc_k_major(k_tile + (ks / 4) * kKVPanel + off), s, ks > 0);
+      }
+      sm90::wgmma_commit();
+    };
+    if (D > kD - 16)
+      qk(std::true_type());
+    else
+      qk(std::false_type());
     sm90::wgmma_wait<0>();
     sm90::fence_operands(s);
 
@@ -198,16 +206,21 @@ __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
     }
     if (!rare) {
       // ---- O += P V ----
-      sm90::wgmma_fence();
+      // P as A fragments, all written before the fence: registers a wgmma reads must not be
+      // written between wgmma.fence and the wgmma (PTX ISA, wgmma.fence).
+      uint32_t pa[kBlockN / 16][4];
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        uint32_t a[4];
-        a[0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-        a[1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-        a[2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-        a[3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-        sm90::wgmma_rs<T, kD>(a, sm90::desc_mn_major(v_tile + kk * 16 * sm90::kPanelBytes, kKVPanel), o);
+        pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+        pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
       }
+      sm90::fence_operands(o);
+      sm90::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk)
+        sm90::wgmma_rs<T, kD>(pa[kk], sm90::desc_mn_major(v_tile + kk * 16 * sm90::kPanelBytes, kKVPanel), o);
       sm90::wgmma_commit();
       sm90::wgmma_wait<0>();
       sm90::fence_operands(o);

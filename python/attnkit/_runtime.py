@@ -73,6 +73,8 @@ def _cuda_unverified(mod):
         out["attention_backward (ATTNKIT_CUDA_BACKWARD=1)"] = mod.backward_kernel_enabled()
     if hasattr(mod, "cutlass_gemm_built") and mod.cutlass_gemm_built():
         out["cutlass_sm90_matmul (ATTNKIT_CUDA_CUTLASS_GEMM=1)"] = mod.cutlass_gemm_enabled()
+    if hasattr(mod, "hopper_kernel_built") and mod.hopper_kernel_built():
+        out["hopper_attention (ATTNKIT_CUDA_HOPPER=1)"] = mod.hopper_kernel_enabled()
     return out
 
 
@@ -96,8 +98,8 @@ def info():
     paths that have not passed the GPU tests on a real GPU, each with whether it is on; they
     are off unless their environment variable turns them on: ``ATTNKIT_CUDA_DECODE=1`` for the
     decode kernel, ``ATTNKIT_CUDA_BACKWARD=1`` for attention_backward on device arrays,
-    ``ATTNKIT_CUDA_CUTLASS_GEMM=1`` for fp16/bf16 matmul on CUTLASS's sm90 kernel in builds
-    that have it).
+    ``ATTNKIT_CUDA_CUTLASS_GEMM=1`` for fp16/bf16 matmul on CUTLASS's sm90 kernel and
+    ``ATTNKIT_CUDA_HOPPER=1`` for the Hopper attention forward, in builds that have them).
     """
     isas = _C._isa_list()
     cuda_built, cuda_available, cuda_devices = False, False, 0
