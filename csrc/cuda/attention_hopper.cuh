@@ -3,16 +3,22 @@
 //
 // One block = 3 warpgroups for 128 query rows of one (batch, head) and one split of its keys:
 //
-//   warpgroup 0, the producer (setmaxnreg down to 40 registers; one thread works):
+//   warpgroup 0, the producer (setmaxnreg down to 24 registers; one thread works):
 //     TMA: Q (128 rows) once, then for each key tile n: wait until stage n % kStages is free,
 //     K[n] and V[n] into it, each with its own "full" mbarrier (transaction bytes)
-//   warpgroups 1 and 2, the consumers (setmaxnreg up to 232), 64 rows each:
-//     wait full_k: S = Q K^T (wgmma, both operands in smem, fp32 accumulators)
-//     scores (attention_common.cuh's pipeline where the tile needs it), online softmax in
-//     registers (as attention_mma.cuh: log2 units, lazy scale on plain tiles)
-//     wait full_v: O += P V (wgmma, P from registers: the accumulator layout of S is the A
-//     fragment layout; V MN-major in smem), then arrive on the stage's "empty" mbarrier
+//   warpgroups 1 and 2, the consumers (setmaxnreg up to 240), 64 rows each, per tile n:
+//     in its turn (named barriers: the two consumers take turns issuing GEMMs, so one's
+//     softmax overlaps the other's tensor-core work), issue S[n] = Q K[n]^T (wgmma, both
+//     operands in smem) and O += P[n-1] V[n-1] (wgmma, P from registers: the accumulator
+//     layout of S is the A fragment layout; V MN-major in smem), hand the turn over;
+//     wait for S[n] only; scores (attention_common.cuh's pipeline where the tile needs it) and
+//     online softmax in registers (as attention_mma.cuh: log2 units, lazy scale on plain
+//     tiles) while P V runs; wait for P V, free stage n-1 ("empty" mbarrier), rescale O, pack
+//     P[n]. After the last tile, its P V.
 //   out = O / l, lse (store_row, shared with the mma.sync kernel)
+//
+// This is FlashAttention-3's schedule (ping-pong consumers, softmax overlapped with the GEMMs
+// of the same warpgroup), written here from the paper's description.
 //
 // Tiles are 128B-swizzled panels of 64 columns (hopper.cuh). Head dims are bucketed like the
 // mma.sync kernel (64, 96, 128, 192, 256); the panels past D (or Dv) are not loaded: TMA zero-
@@ -23,14 +29,23 @@
 // out as in attention_mma.cuh (rare path: every warp scans the V tile, so the whole
 // warpgroup agrees without a barrier, and all skip the wgmma).
 //
-// Not yet here (it has not run on a GPU; see bench/notes/cuda.md): ping-pong scheduling of the
-// two consumers and the intra-warpgroup overlap of the next QK^T with the softmax.
+// It has not run on a GPU (bench/notes/cuda.md): the planner takes it only with
+// ATTNKIT_CUDA_HOPPER=1.
 #pragma once
 #include "attention_kernels.h"
 #include "hopper.cuh"
 
 namespace attnkit {
 namespace cuda {
+
+// Element `high` (0: the low half) of a pair of T packed in 32 bits, as float.
+template <class T>
+__device__ __forceinline__ float unpack_half(uint32_t w, bool high) {
+  const uint16_t b = uint16_t(high ? w >> 16 : w & 0xffffu);
+  T x;
+  memcpy(&x, &b, 2);
+  return to_float(x);
+}
 
 template <class T, int kD>
 __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
@@ -75,7 +90,7 @@ __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
 
   if (wg == 0) {
     // ---- producer ----
-    sm90::reg_dealloc<40>();
+    sm90::reg_dealloc<24>();
     if (tid != 0 || bi.n_begin >= bi.n_end) return;
     sm90::tma_prefetch_desc(&tq);
     sm90::tma_prefetch_desc(&tk);
@@ -102,33 +117,30 @@ __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
   }
 
   // ---- consumers ----
-  sm90::reg_alloc<232>();
+  sm90::reg_alloc<240>();
   const int warp = (tid / 32) % 4, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const int row0 = (wg - 1) * 64 + warp * 16;  // the warp's first row in the block
   const unsigned char* sQw = sQ + (wg - 1) * 64 * sm90::kPanelBytes;  // this warpgroup's rows
 
+  const int cw = wg - 1;  // consumer 0 or 1
   float o[kD / 2];
 #pragma unroll
   for (int i = 0; i < kD / 2; ++i) o[i] = 0.0f;
   float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.0f, 0.0f};  // log2 units
   const float scale_log2 = p.scale * kLog2e;
   const bool modifiers = p.mask || p.alibi_slopes || p.softcap > 0.0f;
-  if (bi.n_begin < bi.n_end) sm90::mbar_wait(bar_q, 0);
+  float s[kBlockN / 2];          // S of the newest tile, then its P (fp32)
+  uint32_t pa[kBlockN / 16][4];  // P of the tile whose P V is next, as A fragments
 
-  for (int n = bi.n_begin, it = 0; n < bi.n_end; ++n, ++it) {
-    const int st = it % kStages, phase = (it / kStages) & 1;
+  // S = Q K^T of the tile in stage st. No branch may sit between wgmma.fence and the last
+  // wgmma of a batch (ptxas then injects waits and fences): a head dim that fills the bucket
+  // runs every k-step, a shorter one skips the steps past D in a copy of the loop of its own.
+  // S needs no zeros: the first step overwrites it (scale-d 0).
+  auto issue_qk = [&](int st) {
     const unsigned char* k_tile = sK + st * S::kKVBytes;
-    const unsigned char* v_tile = sV + st * S::kKVBytes;
-
-    // ---- S = Q K^T ----
-    // No branch may sit between wgmma.fence and the last wgmma of a batch (ptxas then injects
-    // waits and fences): a head dim that fills the bucket runs every k-step, a shorter one
-    // skips the steps past D in a copy of the loop of its own. S needs no zeros: the first
-    // step overwrites it (scale-d 0).
-    float s[kBlockN / 2];
-    sm90::mbar_wait(&full_k[st], phase);
-    auto qk = [&](auto all_steps) {
+    auto steps = [&](auto all_steps) {
+      sm90::fence_operands(s);
       sm90::wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
@@ -140,15 +152,16 @@ __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
       sm90::wgmma_commit();
     };
     if (D > kD - 16)
-      qk(std::true_type());
+      steps(std::true_type());
     else
-      qk(std::false_type());
-    sm90::wgmma_wait<0>();
-    sm90::fence_operands(s);
+      steps(std::false_type());
+  };
 
-    // ---- score pipeline (attention_mma.cuh: plain tiles keep raw dot products) ----
+  // Scores and online softmax of tile n (S complete in s): s becomes P (fp32), the row state
+  // moves on; returns through alpha the factor O must be scaled by before this tile's P V.
+  auto softmax = [&](int n, float (&alpha)[2]) {
     const bool inside = tile_inside(p, bi, n, kBlockN);
-    const bool plain = inside && !modifiers && scale_log2 > 0.0f;
+    const bool plain = inside && !modifiers && scale_log2 > 0.0f;  // attention_mma.cuh
     const float mul = plain ? scale_log2 : 1.0f;
     if (!plain) {
 #pragma unroll
@@ -163,8 +176,7 @@ __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
           }
       }
     }
-
-    // ---- online softmax; each row's 4 owners (a quad) agree on the max via shuffles ----
+    // each row's 4 owners (a quad) agree on the max via shuffles
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       float mx = neg_inf();
@@ -176,14 +188,9 @@ __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
       mx *= mul;
       const float m_new = fmaxf(row_max[hh], mx);
       const float m_use = m_new == neg_inf() ? 0.0f : m_new;  // -inf guard (attention_mma.cuh)
-      const float alpha = fast_exp2(row_max[hh] - m_use);
+      alpha[hh] = fast_exp2(row_max[hh] - m_use);
       row_max[hh] = m_new;
-      row_sum[hh] *= alpha;
-#pragma unroll
-      for (int vt = 0; vt < kVT; ++vt) {
-        o[4 * vt + 2 * hh] *= alpha;
-        o[4 * vt + 2 * hh + 1] *= alpha;
-      }
+      row_sum[hh] *= alpha[hh];
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
@@ -193,81 +200,137 @@ __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
           row_sum[hh] += pr;
         }
     }
-
-    sm90::mbar_wait(&full_v[st], phase);
-    // Tiles with forced zeros in P: a non-finite V value under a masked key must not reach O
-    // (0 * NaN in the MMA). Every warp scans the whole tile, so all warps agree.
-    bool rare = false;
-    if (!inside || p.mask) {
+  };
+  auto rescale_o = [&](const float (&alpha)[2]) {
+#pragma unroll
+    for (int vt = 0; vt < kVT; ++vt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        o[4 * vt + 2 * hh] *= alpha[hh];
+        o[4 * vt + 2 * hh + 1] *= alpha[hh];
+      }
+  };
+  auto pack_p = [&] {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+  };
+  // O += P V for tile n in stage st (V landed). Returns false after doing nothing if the tile
+  // needs the rare path instead: P has forced zeros (a position bound or a mask) and V holds a
+  // non-finite value, which 0 * NaN in the MMA would let through. Every warp scans the whole V
+  // tile, so the warpgroup agrees without a barrier.
+  auto issue_pv = [&](int n, int st) -> bool {
+    const unsigned char* v_tile = sV + st * S::kKVBytes;
+    if (!tile_inside(p, bi, n, kBlockN) || p.mask) {
+      bool bad = false;
       const int chunks = v_panels * kBlockN * (sm90::kPanelBytes / 16);
       for (int c = lane; c < chunks; c += 32)
-        rare |= any_nonfinite8<T>(*reinterpret_cast<const uint4*>(v_tile + c * 16));
-      rare = __any_sync(0xffffffffu, rare);
+        bad |= any_nonfinite8<T>(*reinterpret_cast<const uint4*>(v_tile + c * 16));
+      if (__any_sync(0xffffffffu, bad)) return false;
     }
-    if (!rare) {
-      // ---- O += P V ----
-      // P as A fragments, all written before the fence: registers a wgmma reads must not be
-      // written between wgmma.fence and the wgmma (PTX ISA, wgmma.fence).
-      uint32_t pa[kBlockN / 16][4];
+    sm90::fence_operands(o);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+      sm90::wgmma_rs<T, kD>(pa[kk], sm90::desc_mn_major(v_tile + kk * 16 * sm90::kPanelBytes, kKVPanel), o);
+    sm90::wgmma_commit();
+    return true;
+  };
+  // The rare path of tile n: element by element, skipping masked keys whose P is 0 (an
+  // underflowed P still multiplies its V, so a NaN there stays NaN, as torch); P as rounded
+  // to T in pa. Key j = 16 kk + jj sits in register (jj / 8) * 2 + hh of quad lane (jj % 8) / 2,
+  // half jj % 2: a runtime loop over jj and an unrolled one over kk keep register indices static.
+  auto rare_pv = [&](int n, int st) {
+    const unsigned char* v_tile = sV + st * S::kKVBytes;
+    RowScore rrs[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) rrs[hh] = row_score(p, bi, L, bi.r0 + row0 + g + 8 * hh);
+#pragma unroll 1
+    for (int jj = 0; jj < 16; ++jj) {
+      const int src = (lane & ~3) | ((jj % 8) >> 1);
+      const bool high = jj >= 8, odd = (jj & 1) != 0;
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-        pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-        pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-        pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-      }
-      sm90::fence_operands(o);
-      sm90::wgmma_fence();
+        const int j = kk * 16 + jj;
+        float pr[2];
+        bool skip[2];
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk)
-        sm90::wgmma_rs<T, kD>(pa[kk], sm90::desc_mn_major(v_tile + kk * 16 * sm90::kPanelBytes, kKVPanel), o);
-      sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
-      sm90::fence_operands(o);
-    } else {
-      // ---- rare path: element by element, skipping masked keys whose P is 0 (an underflowed
-      // P still multiplies its V, so a NaN there stays NaN, as torch). P is rounded to T as the
-      // MMA would see it; each key's P comes from the quad lane that holds it.
-      RowScore rrs[2];
+        for (int hh = 0; hh < 2; ++hh) {
+          const uint32_t w = __shfl_sync(0xffffffffu, high ? pa[kk][2 + hh] : pa[kk][hh], src);
+          pr[hh] = unpack_half<T>(w, odd);
+          skip[hh] = pr[hh] == 0.0f && key_masked(p, bi, rrs[hh], n * kBlockN + j);
+        }
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) rrs[hh] = row_score(p, bi, L, bi.r0 + row0 + g + 8 * hh);
-      // Key j = 8 nt + jj is held by quad lane jj / 2 (element jj % 2): a runtime loop over jj
-      // and an unrolled one over nt keep every register index static (no local memory).
-#pragma unroll 1
-      for (int jj = 0; jj < 8; ++jj) {
-        const int src = (lane & ~3) | (jj >> 1);
-        const bool odd = (jj & 1) != 0;
+        for (int vt = 0; vt < kVT; ++vt) {
+          const int col = vt * 8 + 2 * t;
+          if (col >= Dv) break;
+          // V[j][col] in the swizzled panel col / 64: byte j * 128 + (col % 64) * 2, chunk ^ j % 8.
+          const uint32_t byte = uint32_t(j) * sm90::kPanelBytes + uint32_t(col % 64) * 2;
+          const T* vp = reinterpret_cast<const T*>(v_tile + (col / 64) * kKVPanel +
+                                                   (byte ^ ((uint32_t(j) & 7u) << 4)));
+          const float v0 = to_float(vp[0]), v1 = to_float(vp[1]);
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
-          const int j = nt * 8 + jj;
-          float pr[2];
-          bool skip[2];
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const float mine = odd ? s[4 * nt + 2 * hh + 1] : s[4 * nt + 2 * hh];
-            pr[hh] = to_float(store_as<T>(__shfl_sync(0xffffffffu, mine, src)));
-            skip[hh] = pr[hh] == 0.0f && key_masked(p, bi, rrs[hh], n * kBlockN + j);
-          }
-#pragma unroll
-          for (int vt = 0; vt < kVT; ++vt) {
-            const int col = vt * 8 + 2 * t;
-            if (col >= Dv) break;
-            // V[j][col] in the swizzled panel col / 64: byte j * 128 + (col % 64) * 2, chunk ^ j % 8.
-            const uint32_t byte = uint32_t(j) * sm90::kPanelBytes + uint32_t(col % 64) * 2;
-            const T* vp = reinterpret_cast<const T*>(v_tile + (col / 64) * kKVPanel +
-                                                     (byte ^ ((uint32_t(j) & 7u) << 4)));
-            const float v0 = to_float(vp[0]), v1 = to_float(vp[1]);
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh)
-              if (!skip[hh]) {
-                o[4 * vt + 2 * hh] += pr[hh] * v0;
-                o[4 * vt + 2 * hh + 1] += pr[hh] * v1;
-              }
-          }
+          for (int hh = 0; hh < 2; ++hh)
+            if (!skip[hh]) {
+              o[4 * vt + 2 * hh] += pr[hh] * v0;
+              o[4 * vt + 2 * hh + 1] += pr[hh] * v1;
+            }
         }
       }
     }
-    sm90::mbar_arrive(&empty[st]);
+  };
+
+  // The schedule (FlashAttention-3's, written here): per tile, under the scheduler barriers
+  // (named barriers 1 and 2: a consumer issues its GEMMs only in its turn, so one's softmax
+  // runs while the other's GEMMs do), issue S(n) = Q K(n)^T and O += P(n-1) V(n-1), hand the
+  // turn over, wait for S(n) only, compute its softmax while P V runs, then wait for P V,
+  // free stage n-1, rescale O and pack P(n).
+  const int tiles = bi.n_end - bi.n_begin;
+  if (tiles > 0) {
+    sm90::mbar_wait(bar_q, 0);
+    if (cw == 1) sm90::named_arrive(1, 256);  // consumer 0 goes first
+    for (int it = 0; it < tiles; ++it) {
+      const int n = bi.n_begin + it, st = it % kStages, phase = (it / kStages) & 1;
+      const int pst = (it + kStages - 1) % kStages, pphase = ((it - 1) / kStages) & 1;
+      sm90::mbar_wait(&full_k[st], phase);
+      sm90::named_sync(1 + cw, 256);
+      issue_qk(st);
+      bool pv = false;
+      if (it > 0) {
+        sm90::mbar_wait(&full_v[pst], pphase);
+        pv = issue_pv(n - 1, pst);
+        if (!pv) rare_pv(n - 1, pst);
+      }
+      sm90::named_arrive(2 - cw, 256);
+      if (pv)
+        sm90::wgmma_wait<1>();  // S(n); P V(n-1) still runs
+      else
+        sm90::wgmma_wait<0>();
+      sm90::fence_operands(s);
+      float alpha[2];
+      softmax(n, alpha);
+      if (it > 0) {
+        sm90::wgmma_wait<0>();
+        sm90::fence_operands(o);
+        sm90::mbar_arrive(&empty[pst]);
+      }
+      rescale_o(alpha);
+      pack_p();
+    }
+    const int last = bi.n_end - 1, lst = (tiles - 1) % kStages, lphase = ((tiles - 1) / kStages) & 1;
+    sm90::mbar_wait(&full_v[lst], lphase);
+    if (issue_pv(last, lst)) {
+      sm90::wgmma_wait<0>();
+      sm90::fence_operands(o);
+    } else {
+      rare_pv(last, lst);
+    }
+    sm90::mbar_arrive(&empty[lst]);
+    if (cw == 0) sm90::named_sync(1, 256);  // consumer 1's last hand-over: no arrival left pending
   }
 
   // ---- epilogue ----

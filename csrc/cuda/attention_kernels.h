@@ -54,14 +54,15 @@ cudaError_t launch_attention_mma(const AttentionParams& p, const FwdLaunch& L,
 // wgmma consumers of 64 rows each), 128 query rows, kStages K/V tiles in flight. Shared memory
 // holds 128B-swizzled panels of 64 columns (hopper.cuh): Q, then kStages K and kStages V tiles,
 // then the mbarriers; 1 KB of slack aligns the panels. The key tile shrinks with the head dim
-// so that S (kBlockN / 2 fp32) and O (kD / 2 fp32) registers fit the consumers' 232 and the
-// whole fits the 227 KB of an sm_90 block.
+// so that the registers fit the consumers' 240 and the whole fits the 227 KB of an sm_90 block.
 template <int kD>
 struct HopperShape {
   static constexpr int kHeadDim = kD;
   static constexpr int kThreads = 3 * 128;
   static constexpr int kBlockM = 128;
-  static constexpr int kBlockN = kD <= 128 ? 128 : kD <= 192 ? 96 : 64;
+  // Keys per tile: S (kBlockN / 2 fp32), P (kBlockN / 4) and O (kD / 2) live together in the
+  // overlapped schedule; at 96 (D 192) and 64 (D 256) ptxas spilled (nvcc 13.0, 240 registers).
+  static constexpr int kBlockN = kD <= 128 ? 128 : kD <= 192 ? 80 : 48;
   static constexpr int kStages = 2;
   static constexpr int kPanels = (kD + 63) / 64;
   static constexpr size_t kQBytes = size_t(kPanels) * kBlockM * 128;

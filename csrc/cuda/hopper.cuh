@@ -1,7 +1,7 @@
 // The Hopper (sm_90a) primitives the warp-specialized attention kernel uses
 // (attention_hopper.cuh): TMA tile loads into 128-byte-swizzled shared memory, mbarriers with
-// transaction counts, asynchronous warpgroup MMAs (wgmma) on shared-memory descriptors, and
-// register reconfiguration (setmaxnreg). One small vocabulary, two implementations:
+// transaction counts, named barriers, asynchronous warpgroup MMAs (wgmma) on shared-memory
+// descriptors, and register reconfiguration (setmaxnreg). One small vocabulary, two implementations:
 //
 //   * the real build: CUTLASS / CuTe's PTX wrappers (cute::SM90::GMMA atoms, cute's TMA copy
 //     ops, cutlass::arch barriers) -- the dependency the project takes for these primitives;
@@ -25,6 +25,7 @@
 #include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/arch/mma_sm90_gmma.hpp>
+#include <cute/arch/mma_sm90_gmma_ext.hpp>  // N not a multiple of 32 (key tiles of 80, 48)
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 #endif
@@ -91,6 +92,8 @@ __device__ __forceinline__ void tma_load(const TmaDesc* d, uint64_t* bar, void* 
                                          int c3) {
   ::attnkit_emu::tma_load(*d, bar, smem, c0, c1, c2, c3);
 }
+__device__ __forceinline__ void named_sync(int id, int threads) { ::attnkit_emu::named_barrier(id, threads, true); }
+__device__ __forceinline__ void named_arrive(int id, int threads) { ::attnkit_emu::named_barrier(id, threads, false); }
 __device__ __forceinline__ void wgmma_fence() {}
 __device__ __forceinline__ void wgmma_commit() { ::attnkit_emu::wgmma_commit(); }
 template <int kKeep>
@@ -134,6 +137,14 @@ __device__ __forceinline__ void tma_load(const TmaDesc* d, uint64_t* bar, void* 
   constexpr uint64_t kEvictNormal = 0x1000000000000000ull;  // L2 cache hint: the default policy
   cute::SM90_TMA_LOAD_4D::copy(d, bar, kEvictNormal, smem, c0, c1, c2, c3);
 }
+// Named barriers (bar.sync / bar.arrive) among `threads` threads; ids from 1 (0 is
+// __syncthreads'). CUTLASS offsets the id past the ones its own kernels reserve.
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  cutlass::arch::NamedBarrier::sync(uint32_t(threads), uint32_t(id));
+}
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+  cutlass::arch::NamedBarrier::arrive(uint32_t(threads), uint32_t(id));
+}
 __device__ __forceinline__ void wgmma_fence() { cute::warpgroup_arrive(); }
 __device__ __forceinline__ void wgmma_commit() { cute::warpgroup_commit_batch(); }
 template <int kKeep>
@@ -172,7 +183,9 @@ struct Gmma;
     using RS = cute::SM90::GMMA::MMA_64x##N##x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K,         \
                                                                 cute::SM90::GMMA::Major::MN>;       \
   };
+ATTNKIT_GMMA_ATOMS(48)
 ATTNKIT_GMMA_ATOMS(64)
+ATTNKIT_GMMA_ATOMS(80)
 ATTNKIT_GMMA_ATOMS(96)
 ATTNKIT_GMMA_ATOMS(128)
 ATTNKIT_GMMA_ATOMS(192)

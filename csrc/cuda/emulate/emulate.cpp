@@ -35,6 +35,13 @@ struct WgOp {
   float* d = nullptr;
   std::vector<uint16_t> a, b;       // a[row * 16 + k] (row 0/1), b[k * (n / 4) + c]
   std::vector<uint32_t> a_at, b_at;  // smem offsets
+  const uint32_t* a_regs = nullptr;  // the thread's A fragment registers, and their values
+  uint32_t a_vals[4] = {0, 0, 0, 0};
+};
+
+struct NamedBar {
+  int threads = 0, arrived = 0;
+  unsigned gen = 0;
 };
 
 struct Mbar {
@@ -54,6 +61,7 @@ struct Thread {
   std::deque<std::vector<Copy>> groups;  // committed, not yet waited for
   std::vector<WgOp> wg_pending;           // wgmma issued, not committed
   std::deque<std::vector<WgOp>> wg_groups;
+  std::map<float*, std::vector<float>> wg_acc;  // accumulators in flight: their values at issue
 };
 
 struct Warp {
@@ -75,6 +83,7 @@ struct Block {
   uint64_t progress = 0;
   const std::function<void()>* body = nullptr;
   std::map<const void*, Mbar> mbars;
+  std::map<int, NamedBar> named;
 };
 
 Block* g_block = nullptr;
@@ -152,6 +161,7 @@ void run_block(Block& b) {
     t.groups.clear();
     t.wg_pending.clear();
     t.wg_groups.clear();
+    t.wg_acc.clear();
     t.idx = {unsigned(i) % b.block_dim.x, (unsigned(i) / b.block_dim.x) % b.block_dim.y,
              unsigned(i) / (b.block_dim.x * b.block_dim.y)};
     getcontext(&t.ctx);
@@ -161,6 +171,7 @@ void run_block(Block& b) {
     makecontext(&t.ctx, thread_main, 0);
   }
   b.mbars.clear();
+  b.named.clear();
   while (b.alive > 0) {
     const uint64_t before = b.progress;
     for (int i = 0; i < b.nthreads; ++i) {
@@ -184,6 +195,15 @@ void run_block(Block& b) {
       std::abort();
     }
   }
+  for (const auto& nb : b.named)
+    if (nb.second.arrived != 0) {
+      std::fprintf(stderr,
+                   "attnkit CUDA emulator: named barrier %d of block (%u, %u, %u) has %d of %d "
+                   "arrivals pending at exit\n",
+                   nb.first, b.block_idx.x, b.block_idx.y, b.block_idx.z, nb.second.arrived,
+                   nb.second.threads);
+      std::abort();
+    }
 }
 
 }  // namespace
@@ -310,7 +330,22 @@ uint32_t operand_offset(uint64_t desc, bool mn_major, int mn, int k) {
   return addr;
 }
 
+// The registers of an in-flight wgmma belong to it until wgmma.wait_group (PTX ISA): its A
+// fragments and accumulators must hold, when it runs, what they held at issue.
+void wgmma_check_registers(const WgOp& op) {
+  if (op.a_regs)
+    for (int i = 0; i < 4; ++i)
+      if (op.a_regs[i] != op.a_vals[i]) fail("the A registers of an in-flight wgmma were written before wgmma.wait_group");
+  auto& acc = self().wg_acc;
+  auto it = acc.find(op.d);
+  if (it == acc.end()) return;  // a later wgmma of a chain on the same accumulators
+  if (std::memcmp(it->second.data(), op.d, it->second.size() * sizeof(float)) != 0)
+    fail("the accumulator registers of an in-flight wgmma were written before wgmma.wait_group");
+  acc.erase(it);
+}
+
 void wgmma_run(const WgOp& op) {
+  wgmma_check_registers(op);
   for (size_t i = 0; i < op.a_at.size(); ++i)
     if (op.a_at[i] != kFromRegs && smem_u16(op.a_at[i]) != op.a[i])
       fail("a wgmma's A operand in shared memory changed before wgmma.wait_group");
@@ -431,7 +466,13 @@ void wgmma(int n, bool bf16, uint64_t da, const uint32_t* a_regs, uint64_t db, b
       op.b_at[size_t(k * cols + c)] = at;
       op.b[size_t(k * cols + c)] = smem_u16(at);
     }
-  self().wg_pending.push_back(std::move(op));
+  if (a_regs) {
+    op.a_regs = a_regs;
+    for (int i = 0; i < 4; ++i) op.a_vals[i] = a_regs[i];
+  }
+  Thread& th = self();
+  if (!th.wg_acc.count(d)) th.wg_acc[d] = std::vector<float>(d, d + n / 2);
+  th.wg_pending.push_back(std::move(op));
 }
 
 void wgmma_commit() {
@@ -447,6 +488,22 @@ void wgmma_wait(int keep) {
     for (const WgOp& op : t.wg_groups.front()) wgmma_run(op);
     t.wg_groups.pop_front();
   }
+}
+
+void named_barrier(int id, int threads, bool wait) {
+  if (id <= 0 || id >= 16 || threads <= 0 || threads % 32 != 0) fail("named barrier: bad id or thread count");
+  NamedBar& nb = g_block->named[id];
+  if (nb.arrived == 0) nb.threads = threads;
+  if (nb.threads != threads) fail("named barrier: arrivals disagree on the thread count");
+  const unsigned gen = nb.gen;
+  ++nb.arrived;
+  ++g_block->progress;
+  if (nb.arrived == nb.threads) {
+    nb.arrived = 0;
+    ++nb.gen;
+  }
+  if (wait)
+    while (g_block->named[id].gen == gen) yield();
 }
 
 }  // namespace attnkit_emu

@@ -89,6 +89,8 @@ void wgmma(int n, bool bf16, uint64_t da, const uint32_t* a_regs, uint64_t db, b
            bool accumulate);
 void wgmma_commit();
 void wgmma_wait(int keep_pending_groups);
+// bar.sync (wait = true) / bar.arrive on named barrier id: `threads` arrivals complete it.
+void named_barrier(int id, int threads, bool wait);
 
 template <class T>
 T shfl(T v, int src_lane) {
