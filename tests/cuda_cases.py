@@ -765,8 +765,9 @@ def test_hopper_varlen_layouts_splits(dev, rng, dtype):
 
 @pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
 def test_hopper_kvcache_prefill(dev, rng, dtype):
-    """A chunk of 70 tokens appended to contiguous caches of ragged lengths and attended
-    (bottom-right causal) through the Hopper kernel; paged caches take the mma kernel."""
+    """A chunk of 70 tokens appended to caches of ragged lengths and attended (bottom-right
+    causal) through the Hopper kernel: contiguous, and paged with pages that hold whole key
+    tiles (128 here, shuffled); smaller pages take the mma kernel."""
     B, H, Hkv, D, Smax, n_new = 3, 4, 2, 64, 300, 70
     lens = np.array([0, 100, Smax - n_new])
     k_full = randn(rng, (B, Smax, Hkv, D), dtype)
@@ -780,7 +781,7 @@ def test_hopper_kvcache_prefill(dev, rng, dtype):
         k_cache[b, lens[b]:] = np.nan  # unused slots: never attended
         v_cache[b, lens[b]:] = np.nan
     ref, ref_lse = kvcache_reference(q, k_full, v_full, lens + n_new, causal=True)
-    for paged, kernel in ((None, "hopper"), (64, "mma")):
+    for paged, kernel in ((None, "hopper"), (128, "hopper"), (256, "hopper"), (64, "mma")):
         kc, vc, table = put_caches(dev, rng, k_cache, v_cache, paged)
         kw = {} if table is None else dict(block_table=dev.put(table.astype(np.int32)))
         with hopper_kernel(dev) as mod:

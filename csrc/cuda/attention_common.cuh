@@ -35,6 +35,7 @@ struct FwdLaunch {
   float* lse_accum = nullptr;  // [split][b][h][i]
   bool vec_loads = false;    // q/k/v rows are 16-byte aligned: cp.async tile loads
   bool vec_store = false;    // out rows are 4-byte aligned: paired 16-bit stores
+  int64_t num_pages = 0;     // a paged cache's pool (the Hopper kernel's TMA bounds)
 };
 
 // What one thread block computes. Positions are int: the binding limits sequence lengths to

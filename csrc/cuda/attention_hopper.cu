@@ -93,18 +93,19 @@ TmaView q_view(const AttentionParams& p) {
   return tma_view(p.head_dim, p.cu_seqlens_q ? p.total_q : p.seqlen_q, p.num_heads, p.batch,
                   p.q_stride, p.cu_seqlens_q != nullptr);
 }
-TmaView kv_view(const AttentionParams& p, int64_t cols, const int64_t st[3]) {
+// A paged cache: (columns, rows of a page, heads, pages).
+TmaView kv_view(const AttentionParams& p, int64_t cols, const int64_t st[3], int64_t num_pages) {
+  if (num_pages > 0) return tma_view(cols, p.page_size, p.num_kv_heads, num_pages, st, false);
   return tma_view(cols, p.cu_seqlens_k ? p.total_k : p.seqlen_k, p.num_kv_heads, p.batch, st,
                   p.cu_seqlens_k != nullptr);
 }
 
 }  // namespace
 
-bool hopper_layout_ok(const AttentionParams& p) {
-  if (p.block_table) return false;  // paged caches: the mma.sync kernel
+bool hopper_layout_ok(const AttentionParams& p, int64_t num_pages) {
   sm90::TmaDesc d;
-  const TmaView q = q_view(p), k = kv_view(p, p.head_dim, p.k_stride),
-                v = kv_view(p, p.head_dim_v, p.v_stride);
+  const TmaView q = q_view(p), k = kv_view(p, p.head_dim, p.k_stride, num_pages),
+                v = kv_view(p, p.head_dim_v, p.v_stride, num_pages);
   return sm90::make_tma_desc(&d, p.q, q.dims, q.bs, 128) &&
          sm90::make_tma_desc(&d, p.k, k.dims, k.bs, 64) &&
          sm90::make_tma_desc(&d, p.v, v.dims, v.bs, 64);
@@ -115,8 +116,9 @@ cudaError_t launch_attention_hopper(const AttentionParams& p, const FwdLaunch& L
                                     cudaStream_t stream) {
   using S = HopperShape<kD>;
   sm90::TmaDesc tq, tk, tv;
-  const TmaView q = q_view(p), k = kv_view(p, p.head_dim, p.k_stride),
-                v = kv_view(p, p.head_dim_v, p.v_stride);
+  const int64_t pages = p.block_table ? L.num_pages : 0;
+  const TmaView q = q_view(p), k = kv_view(p, p.head_dim, p.k_stride, pages),
+                v = kv_view(p, p.head_dim_v, p.v_stride, pages);
   if (!sm90::make_tma_desc(&tq, p.q, q.dims, q.bs, S::kBlockM) ||
       !sm90::make_tma_desc(&tk, p.k, k.dims, k.bs, S::kBlockN) ||
       !sm90::make_tma_desc(&tv, p.v, v.dims, v.bs, S::kBlockN))

@@ -4,8 +4,9 @@
 // One block = 3 warpgroups for 128 query rows of one (batch, head) and one split of its keys:
 //
 //   warpgroup 0, the producer (setmaxnreg down to 24 registers; one thread works):
-//     TMA: Q (128 rows) once, then for each key tile n: wait until stage n % kStages is free,
-//     K[n] and V[n] into it, each with its own "full" mbarrier (transaction bytes)
+//     TMA: Q (128 rows) once, then for each key tile n: K[n] and V[n] into stage n % kStages
+//     once the consumers have freed its K and its V ("empty" mbarriers), each with its own
+//     "full" mbarrier (transaction bytes); a paged cache's tiles through the block table
 //   warpgroups 1 and 2, the consumers (setmaxnreg up to 240), 64 rows each, per tile n:
 //     in its turn (named barriers: the two consumers take turns issuing GEMMs, so one's
 //     softmax overlaps the other's tensor-core work), issue S[n] = Q K[n]^T (wgmma, both
@@ -13,8 +14,8 @@
 //     layout of S is the A fragment layout; V MN-major in smem), hand the turn over;
 //     wait for S[n] only; scores (attention_common.cuh's pipeline where the tile needs it) and
 //     online softmax in registers (as attention_mma.cuh: log2 units, lazy scale on plain
-//     tiles) while P V runs; wait for P V, free stage n-1 ("empty" mbarrier), rescale O, pack
-//     P[n]. After the last tile, its P V.
+//     tiles) while P V runs; wait for P V, free V[n-1] (K[n] was freed once S[n] was done),
+//     rescale O, pack P[n]. After the last tile, its P V.
 //   out = O / l, lse (store_row, shared with the mma.sync kernel)
 //
 // This is FlashAttention-3's schedule (ping-pong consumers, softmax overlapped with the GEMMs
@@ -69,7 +70,8 @@ __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
   uint64_t* bar_q = bars;
   uint64_t* full_k = bars + 1;
   uint64_t* full_v = full_k + kStages;
-  uint64_t* empty = full_v + kStages;
+  uint64_t* empty_k = full_v + kStages;  // K is free once S is done, V once P V is
+  uint64_t* empty_v = empty_k + kStages;
 
   BlockInfo bi;
   if (!block_info<kBlockM, kBlockN>(p, L, bi)) return;  // block-uniform
@@ -82,7 +84,8 @@ __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
     for (int st = 0; st < kStages; ++st) {
       sm90::mbar_init(&full_k[st], 1);
       sm90::mbar_init(&full_v[st], 1);
-      sm90::mbar_init(&empty[st], 2 * 128);  // every consumer thread arrives
+      sm90::mbar_init(&empty_k[st], 2 * 128);  // every consumer thread arrives
+      sm90::mbar_init(&empty_v[st], 2 * 128);
     }
     sm90::fence_barrier_init();
   }
@@ -95,20 +98,27 @@ __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
     sm90::tma_prefetch_desc(&tq);
     sm90::tma_prefetch_desc(&tk);
     sm90::tma_prefetch_desc(&tv);
-    // Coordinates (column, row, head, batch); varlen tensors are one batch of all tokens.
-    const int qb = p.cu_seqlens_q ? 0 : int(bi.b), kb = p.cu_seqlens_k ? 0 : int(bi.b);
+    // Coordinates (column, row, head, batch); varlen tensors are one batch of all tokens, a
+    // paged cache is a batch of pages (a tile never straddles two: page_size % kBlockN == 0).
+    const int qb = p.cu_seqlens_q ? 0 : int(bi.b);
     sm90::mbar_arrive_expect_tx(bar_q, uint32_t(q_panels) * kQPanel);
     for (int pi = 0; pi < q_panels; ++pi)
       sm90::tma_load(&tq, bar_q, sQ + pi * kQPanel, 64 * pi, bi.q_tok + bi.r0, int(bi.hg), qb);
     for (int n = bi.n_begin, it = 0; n < bi.n_end; ++n, ++it) {
-      const int st = it % kStages;
-      if (it >= kStages) sm90::mbar_wait(&empty[st], ((it / kStages) & 1) ^ 1);
-      const int row = bi.k_tok + n * kBlockN;
+      const int st = it % kStages, free_parity = ((it / kStages) & 1) ^ 1;
+      int row = bi.k_tok + n * kBlockN, kb = p.cu_seqlens_k ? 0 : int(bi.b);
+      if (p.block_table) {
+        const int j0 = n * kBlockN;
+        kb = int(p.block_table[bi.b * p.block_table_stride + j0 / p.page_size]);
+        row = int(j0 % p.page_size);
+      }
       unsigned char* k_dst = sK + st * S::kKVBytes;
       unsigned char* v_dst = sV + st * S::kKVBytes;
+      if (it >= kStages) sm90::mbar_wait(&empty_k[st], free_parity);
       sm90::mbar_arrive_expect_tx(&full_k[st], uint32_t(q_panels) * kKVPanel);
       for (int pi = 0; pi < q_panels; ++pi)
         sm90::tma_load(&tk, &full_k[st], k_dst + pi * kKVPanel, 64 * pi, row, int(bi.hkv), kb);
+      if (it >= kStages) sm90::mbar_wait(&empty_v[st], free_parity);
       sm90::mbar_arrive_expect_tx(&full_v[st], uint32_t(v_panels) * kKVPanel);
       for (int pi = 0; pi < v_panels; ++pi)
         sm90::tma_load(&tv, &full_v[st], v_dst + pi * kKVPanel, 64 * pi, row, int(bi.hkv), kb);
@@ -287,8 +297,8 @@ __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
   // The schedule (FlashAttention-3's, written here): per tile, under the scheduler barriers
   // (named barriers 1 and 2: a consumer issues its GEMMs only in its turn, so one's softmax
   // runs while the other's GEMMs do), issue S(n) = Q K(n)^T and O += P(n-1) V(n-1), hand the
-  // turn over, wait for S(n) only, compute its softmax while P V runs, then wait for P V,
-  // free stage n-1, rescale O and pack P(n).
+  // turn over, wait for S(n) only (then K(n)'s stage is free), compute its softmax while P V
+  // runs, then wait for P V (then V(n-1)'s stage is free), rescale O and pack P(n).
   const int tiles = bi.n_end - bi.n_begin;
   if (tiles > 0) {
     sm90::mbar_wait(bar_q, 0);
@@ -311,12 +321,13 @@ __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
       else
         sm90::wgmma_wait<0>();
       sm90::fence_operands(s);
+      sm90::mbar_arrive(&empty_k[st]);
       float alpha[2];
       softmax(n, alpha);
       if (it > 0) {
         sm90::wgmma_wait<0>();
         sm90::fence_operands(o);
-        sm90::mbar_arrive(&empty[pst]);
+        sm90::mbar_arrive(&empty_v[pst]);
       }
       rescale_o(alpha);
       pack_p();
@@ -329,7 +340,7 @@ __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
     } else {
       rare_pv(last, lst);
     }
-    sm90::mbar_arrive(&empty[lst]);
+    sm90::mbar_arrive(&empty_v[lst]);
     if (cw == 0) sm90::named_sync(1, 256);  // consumer 1's last hand-over: no arrival left pending
   }
 

@@ -63,24 +63,27 @@ struct HopperShape {
   // Keys per tile: S (kBlockN / 2 fp32), P (kBlockN / 4) and O (kD / 2) live together in the
   // overlapped schedule; at 96 (D 192) and 64 (D 256) ptxas spilled (nvcc 13.0, 240 registers).
   static constexpr int kBlockN = kD <= 128 ? 128 : kD <= 192 ? 80 : 48;
-  static constexpr int kStages = 2;
+  // Stages of K/V in flight: 3 where they fit the 227 KB (all but head dim 192).
+  static constexpr int kStages = kD == 192 ? 2 : 3;
   static constexpr int kPanels = (kD + 63) / 64;
   static constexpr size_t kQBytes = size_t(kPanels) * kBlockM * 128;
   static constexpr size_t kKVBytes = size_t(kPanels) * kBlockN * 128;  // one K or V tile
-  static constexpr size_t kBarrierBytes = (1 + 3 * kStages) * 8;
+  static constexpr size_t kBarrierBytes = (1 + 4 * kStages) * 8;
   static constexpr size_t smem_bytes(size_t) {
     return 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
   }
   static_assert(kD % 16 == 0 && kBlockN % 16 == 0, "wgmma k-steps of 16");
+  static_assert(smem_bytes(2) <= 232448, "an sm_90 block's shared memory");
 };
 
 // Defined in attention_hopper.cu (sm_90a builds with the CUTLASS headers, and the emulator).
 // hopper_layout_ok: whether the call's tensors can be described to TMA (16-byte aligned
-// bases, strides in multiples of 16 bytes, below 2^40 bytes), checked before planning it.
+// bases, strides in multiples of 16 bytes, below 2^40 bytes), checked before planning it;
+// num_pages: a paged cache's pool (0: not paged).
 template <class T, int kD>
 cudaError_t launch_attention_hopper(const AttentionParams& p, const FwdLaunch& L,
                                     cudaStream_t stream);
-bool hopper_layout_ok(const AttentionParams& p);
+bool hopper_layout_ok(const AttentionParams& p, int64_t num_pages);
 
 // Tile shape of the decode kernel (attention_decode.cuh): 16 query rows (the GQA group's heads
 // times the few query positions) against kTileN keys per pipeline stage, 16 keys per warp.

@@ -387,12 +387,15 @@ const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
   }
 #ifdef ATTNKIT_HAVE_SM90_ATTENTION
   // The Hopper kernel: sm_90 (its wgmma code is sm_90a), rows enough for its 128-row blocks
-  // without GQA packing (shorter query blocks: the mma.sync kernel packs the group's heads).
+  // without GQA packing (shorter query blocks: the mma.sync kernel packs the group's heads);
+  // a paged cache whose pages hold whole key tiles.
+  const int64_t pages = kv.block_table ? kv.num_pages : 0;
   if (!plan->decode_kernel && plan->tensor_cores && hopper_kernel_enabled() && dev.cc_major == 9 &&
-      dev.cc_minor == 0 && p.seqlen_q >= 64 && !kv.block_table && hopper_layout_ok(p)) {
+      dev.cc_minor == 0 && p.seqlen_q >= 64 && hopper_layout_ok(p, pages)) {
     plan->head_dim_bucket = mma_bucket(std::max(p.head_dim, p.head_dim_v));
     tile_shape<HopperShape>(plan, 2);
-    plan->hopper = plan->smem_bytes <= size_t(dev.max_smem_optin);
+    plan->hopper = plan->smem_bytes <= size_t(dev.max_smem_optin) &&
+                   (!kv.block_table || p.page_size % plan->block_n == 0);
   }
 #endif
   if (!plan->decode_kernel && !plan->hopper && plan->tensor_cores) {
@@ -509,6 +512,7 @@ cudaError_t attention_fwd(AttentionParams p, const KvCacheArgs& kv, const Attent
   L.num_splits = plan.num_splits;
   L.split_keys = plan.split_keys;
   L.split_own_range = plan.decode_kernel;
+  L.num_pages = kv.block_table ? kv.num_pages : 0;
   if (plan.num_splits > 1) {
     L.o_accum = reinterpret_cast<float*>(base + plan.off_o_accum);
     L.lse_accum = reinterpret_cast<float*>(base + plan.off_lse_accum);
