@@ -387,6 +387,11 @@ void mbar_arrive(uint64_t* bar, uint32_t expect_tx) {
   --m.pending;
   ++g_block->progress;
   mbar_settle(m);
+  // A scheduling point: the threads this arrival releases (a producer waiting for a free
+  // stage) run before the arriving thread goes on, as they may on a GPU -- so a stage freed
+  // before its last reader's wgmma.wait_group is overwritten before that wait, and the wait
+  // aborts.
+  yield();
 }
 
 void mbar_wait(uint64_t* bar, int parity) {
@@ -504,6 +509,8 @@ void named_barrier(int id, int threads, bool wait) {
   }
   if (wait)
     while (g_block->named[id].gen == gen) yield();
+  else
+    yield();  // a scheduling point, as mbar_arrive
 }
 
 }  // namespace attnkit_emu

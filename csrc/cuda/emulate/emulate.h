@@ -10,6 +10,11 @@
 // cp.async copies are queued per thread and performed at cp.async.wait_group, so a missing
 // wait or barrier reads stale shared memory here as it could on a GPU. A barrier that can
 // never complete (divergent __syncthreads, a warp collective with exited lanes) aborts.
+// Hopper's primitives (hopper.cuh) follow the same rules: TMA copies land at issue and complete
+// their mbarrier's transaction bytes; mbarrier and named-barrier arrivals are scheduling
+// points (the threads they release run before the arriving thread goes on); a wgmma reads its
+// operands at issue, computes at wgmma.wait_group, and aborts if its shared-memory operands or
+// its registers changed in between.
 //
 // What it cannot show: real concurrency (races between warps that barriers don't order are
 // run in one fixed order), timing, and register / shared-memory limits.
