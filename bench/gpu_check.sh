@@ -2,14 +2,15 @@
 # On a GPU host: build attnkit with CUDA, run the GPU tests, the host CPU's amx variant (tests
 # and bf16 matmul / attention / backward rows, when the CPU has AMX), then the GPU benchmark
 # against torch, printing the benchmark table last. Typically 6-8 minutes on an H100/H200 host
-# with 16 cores; the stage limits below add up to 15 minutes at most. Offline: uses the Python,
+# with 16 cores; the stage limits below add up to 20 minutes at most. Offline: uses the Python,
 # torch, CMake, ninja, pybind11, scikit-build-core and nvcc already installed (pip is told
 # --no-index --no-deps --no-build-isolation).
 #
 #   bench/gpu_check.sh                    # sm_90 (H100/H200); CUDA_ARCHS="80;90" to change
-# Stage time limits: build 300 s, GPU tests 200 s, amx tests 90 s, amx bench 120 s, GPU
-# benchmark 200 s (each stage is cut, reported and the script goes on, so one slow stage still
-# leaves the others' results).
+# Stage time limits: build 300 s, Hopper kernel tests 120 s and two sanitizer runs of 90 s (on
+# an sm_90 GPU), GPU tests 200 s, amx tests 90 s, amx bench 120 s, GPU benchmark 200 s (each
+# stage is cut, reported and the script goes on, so one slow stage still leaves the others'
+# results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -41,7 +42,36 @@ fi
 $PY -c "import attnkit; i = attnkit.info(); print({k: i.get(k) for k in ('version', 'isa', 'cuda_built', 'cuda_available', 'cuda_devices', 'cuda_unverified')})" || status=1
 grep -h "attnkit: .*CUTLASS" build/gpu-check.log || true
 
-stamp "tests: GPU suite (tests/test_cuda.py, which also forces on the unverified decode kernel and backward in their own tests) and the device-array unit tests"
+# The Hopper attention kernel (attention_hopper.cuh) has run only on the CPU emulator: its own
+# tests first (a quick verdict), then one call under compute-sanitizer (synccheck: barrier
+# misuse; memcheck: out-of-bounds shared / global accesses) -- both report and go on.
+if $PY -c "import sys, torch; from attnkit import _cuda_backend as cb; m = cb._module(); sys.exit(0 if m.hopper_kernel_built() and torch.cuda.get_device_capability() == (9, 0) else 1)" 2>/dev/null; then
+  stamp "hopper: the Hopper attention kernel's tests (tests/test_cuda.py -k hopper) and compute-sanitizer"
+  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -k hopper -rs > build/gpu-hopper.log 2>&1
+  rc=$?
+  grep -E "^(FAILED|ERROR)" build/gpu-hopper.log | head -20
+  tail -2 build/gpu-hopper.log
+  [ "$rc" = 0 ] || { stamp "hopper tests FAILED or timed out (rc=$rc)"; status=1; }
+  if command -v compute-sanitizer >/dev/null 2>&1; then
+    for tool in synccheck memcheck; do
+      timeout 90 compute-sanitizer --tool $tool --error-exitcode 3 $PY -c "
+import torch, attnkit
+from attnkit import _cuda_backend as cb
+m = cb._module(); m._set_hopper_kernel(True)
+q, k, v = (torch.randn(1, 2, 200, 128, device='cuda', dtype=torch.bfloat16) for _ in range(3))
+o = attnkit.attention(q, k, v, causal=True)
+assert m._last_attention_plan()['kernel'] == 'hopper'
+ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+print('hopper under $tool: max |err|', (o.float() - ref).abs().max().item())
+" > build/gpu-hopper-$tool.log 2>&1
+      rc=$?
+      tail -4 build/gpu-hopper-$tool.log
+      [ "$rc" = 0 ] || { stamp "hopper under compute-sanitizer $tool FAILED (rc=$rc, build/gpu-hopper-$tool.log)"; status=1; }
+    done
+  fi
+fi
+
+stamp "tests: GPU suite (tests/test_cuda.py, which also forces on the unverified decode kernel, backward and Hopper kernel in their own tests) and the device-array unit tests"
 if $PY -c "import pytest" 2>/dev/null; then
   # No -x: one failing path must not hide the others; the whole log stays in build/.
   timeout 200 $PY -m pytest -q --maxfail=40 -p no:cacheprovider tests/test_cuda.py tests/test_cuda_api.py -rs \

@@ -37,7 +37,9 @@ SRCS="csrc/cuda/emulate/emulate.cpp csrc/cuda/emulate/emu_runtime.cpp csrc/cuda/
   csrc/cuda/binding_util.cpp csrc/cuda/attention_binding.cpp csrc/bindings/tensor.cpp
   csrc/bindings/params_from.cpp
   csrc/cuda/softmax.cu csrc/cuda/gemm.cu csrc/cuda/attention_simt.cu csrc/cuda/attention_launch.cu
-  csrc/cuda/attention_bwd.cu csrc/cuda/attention_hopper.cu
+  csrc/cuda/attention_bwd.cu csrc/cuda/attention_hopper.cu csrc/cuda/attention_hopper_d64.cu
+  csrc/cuda/attention_hopper_d96.cu csrc/cuda/attention_hopper_d128.cu csrc/cuda/attention_hopper_d192.cu
+  csrc/cuda/attention_hopper_d256.cu
   csrc/cuda/attention_fwd_d64.cu csrc/cuda/attention_fwd_d96.cu csrc/cuda/attention_fwd_d128.cu
   csrc/cuda/attention_fwd_d192.cu csrc/cuda/attention_fwd_d256.cu"
 HEADERS=$(ls csrc/cuda/*.h csrc/cuda/*.cuh csrc/cuda/emulate/*.h csrc/include/attnkit/*.h csrc/bindings/tensor.h)

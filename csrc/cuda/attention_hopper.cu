@@ -1,6 +1,7 @@
-// Host side of the Hopper attention forward (attention_hopper.cuh): TMA descriptors for q, k
-// and v, the launch, and the instantiations (fp16/bf16 x the head-dim buckets). Built for
-// sm_90a with the CUTLASS headers (csrc/cuda/CMakeLists.txt), and by the CPU emulator.
+// Host side of the Hopper attention forward (attention_hopper.cuh): the TMA descriptor encoder
+// and the layout check the planner calls. The launcher and the kernel are instantiated per
+// head-dim bucket in attention_hopper_d*.cu. Built for sm_90a with the CUTLASS headers
+// (csrc/cuda/CMakeLists.txt), and by the CPU emulator.
 #include "attention_hopper.cuh"
 
 #ifndef ATTNKIT_CUDA_EMULATE
@@ -69,82 +70,14 @@ bool make_tma_desc(TmaDesc* d, const void* base, const int64_t dims[4], const in
 
 }  // namespace sm90
 
-namespace {
-
-// The 4-D view (columns, rows, heads, batch) of q, k or v and its byte strides. Varlen
-// tensors are one batch of all tokens; the stride of an extent-1 dim is never used, so it is
-// replaced by a valid one (TMA checks every stride).
-struct TmaView {
-  int64_t dims[4], bs[3];
-};
-TmaView tma_view(int64_t cols, int64_t rows, int64_t heads, int64_t batch, const int64_t st[3],
-                 bool varlen) {
-  TmaView v;
-  v.dims[0] = cols;
-  v.dims[1] = rows;
-  v.dims[2] = heads;
-  v.dims[3] = varlen ? 1 : batch;
-  const int64_t ext[3] = {v.dims[1], v.dims[2], v.dims[3]};
-  const int64_t raw[3] = {st[2] * 2, st[1] * 2, st[0] * 2};
-  for (int i = 0; i < 3; ++i) v.bs[i] = ext[i] > 1 ? raw[i] : 16;
-  return v;
-}
-TmaView q_view(const AttentionParams& p) {
-  return tma_view(p.head_dim, p.cu_seqlens_q ? p.total_q : p.seqlen_q, p.num_heads, p.batch,
-                  p.q_stride, p.cu_seqlens_q != nullptr);
-}
-// A paged cache: (columns, rows of a page, heads, pages).
-TmaView kv_view(const AttentionParams& p, int64_t cols, const int64_t st[3], int64_t num_pages) {
-  if (num_pages > 0) return tma_view(cols, p.page_size, p.num_kv_heads, num_pages, st, false);
-  return tma_view(cols, p.cu_seqlens_k ? p.total_k : p.seqlen_k, p.num_kv_heads, p.batch, st,
-                  p.cu_seqlens_k != nullptr);
-}
-
-}  // namespace
-
-bool hopper_layout_ok(const AttentionParams& p, int64_t num_pages) {
-  sm90::TmaDesc d;
+bool hopper_layout_ok(const AttentionParams& p, int64_t num_pages, int block_m, int block_n) {
+  sm90::TmaDesc d;  // the descriptors the launch will build, encoded once to see they can be
   const TmaView q = q_view(p), k = kv_view(p, p.head_dim, p.k_stride, num_pages),
                 v = kv_view(p, p.head_dim_v, p.v_stride, num_pages);
-  return sm90::make_tma_desc(&d, p.q, q.dims, q.bs, 128) &&
-         sm90::make_tma_desc(&d, p.k, k.dims, k.bs, 64) &&
-         sm90::make_tma_desc(&d, p.v, v.dims, v.bs, 64);
+  return sm90::make_tma_desc(&d, p.q, q.dims, q.bs, block_m) &&
+         sm90::make_tma_desc(&d, p.k, k.dims, k.bs, block_n) &&
+         sm90::make_tma_desc(&d, p.v, v.dims, v.bs, block_n);
 }
-
-template <class T, int kD>
-cudaError_t launch_attention_hopper(const AttentionParams& p, const FwdLaunch& L,
-                                    cudaStream_t stream) {
-  using S = HopperShape<kD>;
-  sm90::TmaDesc tq, tk, tv;
-  const int64_t pages = p.block_table ? L.num_pages : 0;
-  const TmaView q = q_view(p), k = kv_view(p, p.head_dim, p.k_stride, pages),
-                v = kv_view(p, p.head_dim_v, p.v_stride, pages);
-  if (!sm90::make_tma_desc(&tq, p.q, q.dims, q.bs, S::kBlockM) ||
-      !sm90::make_tma_desc(&tk, p.k, k.dims, k.bs, S::kBlockN) ||
-      !sm90::make_tma_desc(&tv, p.v, v.dims, v.bs, S::kBlockN))
-    return cudaErrorInvalidValue;  // the planner checked hopper_layout_ok: not expected
-  auto kernel = attention_hopper_kernel<T, kD>;
-  const size_t smem = S::smem_bytes(sizeof(T));
-  cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned(p.batch * L.head_groups), unsigned(L.num_m_blocks),
-                  unsigned(L.num_splits));
-  ATTNKIT_LAUNCH(kernel, grid, S::kThreads, smem, stream, p, L, tq, tk, tv);
-  return cudaGetLastError();
-}
-
-#define ATTNKIT_INSTANTIATE_HOPPER(D)                                                      \
-  template cudaError_t launch_attention_hopper<half, D>(const AttentionParams&,            \
-                                                        const FwdLaunch&, cudaStream_t);   \
-  template cudaError_t launch_attention_hopper<bf16, D>(const AttentionParams&,            \
-                                                        const FwdLaunch&, cudaStream_t);
-ATTNKIT_INSTANTIATE_HOPPER(64)
-ATTNKIT_INSTANTIATE_HOPPER(96)
-ATTNKIT_INSTANTIATE_HOPPER(128)
-ATTNKIT_INSTANTIATE_HOPPER(192)
-ATTNKIT_INSTANTIATE_HOPPER(256)
-#undef ATTNKIT_INSTANTIATE_HOPPER
 
 }  // namespace cuda
 }  // namespace attnkit

@@ -355,5 +355,66 @@ __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
   }
 }
 
+// ---- host side: the TMA views of q, k, v and the launch ----
+
+// The 4-D view (columns, rows, heads, batch) of q, k or v and its byte strides. Varlen
+// tensors are one batch of all tokens; the stride of an extent-1 dim is never used, so it is
+// replaced by a valid one (TMA checks every stride).
+struct TmaView {
+  int64_t dims[4], bs[3];
+};
+inline TmaView tma_view(int64_t cols, int64_t rows, int64_t heads, int64_t batch, const int64_t st[3],
+                 bool varlen) {
+  TmaView v;
+  v.dims[0] = cols;
+  v.dims[1] = rows;
+  v.dims[2] = heads;
+  v.dims[3] = varlen ? 1 : batch;
+  const int64_t ext[3] = {v.dims[1], v.dims[2], v.dims[3]};
+  const int64_t raw[3] = {st[2] * 2, st[1] * 2, st[0] * 2};
+  for (int i = 0; i < 3; ++i) v.bs[i] = ext[i] > 1 ? raw[i] : 16;
+  return v;
+}
+inline TmaView q_view(const AttentionParams& p) {
+  return tma_view(p.head_dim, p.cu_seqlens_q ? p.total_q : p.seqlen_q, p.num_heads, p.batch,
+                  p.q_stride, p.cu_seqlens_q != nullptr);
+}
+// A paged cache: (columns, rows of a page, heads, pages).
+inline TmaView kv_view(const AttentionParams& p, int64_t cols, const int64_t st[3], int64_t num_pages) {
+  if (num_pages > 0) return tma_view(cols, p.page_size, p.num_kv_heads, num_pages, st, false);
+  return tma_view(cols, p.cu_seqlens_k ? p.total_k : p.seqlen_k, p.num_kv_heads, p.batch, st,
+                  p.cu_seqlens_k != nullptr);
+}
+
+template <class T, int kD>
+cudaError_t launch_attention_hopper(const AttentionParams& p, const FwdLaunch& L,
+                                    cudaStream_t stream) {
+  using S = HopperShape<kD>;
+  sm90::TmaDesc tq, tk, tv;
+  const int64_t pages = p.block_table ? L.num_pages : 0;
+  const TmaView q = q_view(p), k = kv_view(p, p.head_dim, p.k_stride, pages),
+                v = kv_view(p, p.head_dim_v, p.v_stride, pages);
+  if (!sm90::make_tma_desc(&tq, p.q, q.dims, q.bs, S::kBlockM) ||
+      !sm90::make_tma_desc(&tk, p.k, k.dims, k.bs, S::kBlockN) ||
+      !sm90::make_tma_desc(&tv, p.v, v.dims, v.bs, S::kBlockN))
+    return cudaErrorInvalidValue;  // the planner checked hopper_layout_ok: not expected
+  auto kernel = attention_hopper_kernel<T, kD>;
+  const size_t smem = S::smem_bytes(sizeof(T));
+  cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned(p.batch * L.head_groups), unsigned(L.num_m_blocks),
+                  unsigned(L.num_splits));
+  ATTNKIT_LAUNCH(kernel, grid, S::kThreads, smem, stream, p, L, tq, tk, tv);
+  return cudaGetLastError();
+}
+
+// launch_attention_hopper<half, D> and <bf16, D> (the attention_hopper_d*.cu files).
+#define ATTNKIT_INSTANTIATE_HOPPER(D)                                                      \
+  template cudaError_t launch_attention_hopper<half, D>(const AttentionParams&,            \
+                                                        const FwdLaunch&, cudaStream_t);   \
+  template cudaError_t launch_attention_hopper<bf16, D>(const AttentionParams&,            \
+                                                        const FwdLaunch&, cudaStream_t);
+
 }  // namespace cuda
 }  // namespace attnkit

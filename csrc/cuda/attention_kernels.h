@@ -78,12 +78,12 @@ struct HopperShape {
 
 // Defined in attention_hopper.cu (sm_90a builds with the CUTLASS headers, and the emulator).
 // hopper_layout_ok: whether the call's tensors can be described to TMA (16-byte aligned
-// bases, strides in multiples of 16 bytes, below 2^40 bytes), checked before planning it;
-// num_pages: a paged cache's pool (0: not paged).
+// bases, strides in multiples of 16 bytes, below 2^40 bytes) with the kernel's boxes, checked
+// when planning it; num_pages: a paged cache's pool (0: not paged).
 template <class T, int kD>
 cudaError_t launch_attention_hopper(const AttentionParams& p, const FwdLaunch& L,
                                     cudaStream_t stream);
-bool hopper_layout_ok(const AttentionParams& p, int64_t num_pages);
+bool hopper_layout_ok(const AttentionParams& p, int64_t num_pages, int block_m, int block_n);
 
 // Tile shape of the decode kernel (attention_decode.cuh): 16 query rows (the GQA group's heads
 // times the few query positions) against kTileN keys per pipeline stage, 16 keys per warp.

@@ -391,11 +391,12 @@ const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
   // a paged cache whose pages hold whole key tiles.
   const int64_t pages = kv.block_table ? kv.num_pages : 0;
   if (!plan->decode_kernel && plan->tensor_cores && hopper_kernel_enabled() && dev.cc_major == 9 &&
-      dev.cc_minor == 0 && p.seqlen_q >= 64 && hopper_layout_ok(p, pages)) {
+      dev.cc_minor == 0 && p.seqlen_q >= 64) {
     plan->head_dim_bucket = mma_bucket(std::max(p.head_dim, p.head_dim_v));
     tile_shape<HopperShape>(plan, 2);
     plan->hopper = plan->smem_bytes <= size_t(dev.max_smem_optin) &&
-                   (!kv.block_table || p.page_size % plan->block_n == 0);
+                   (!kv.block_table || p.page_size % plan->block_n == 0) &&
+                   hopper_layout_ok(p, pages, plan->block_m, plan->block_n);
   }
 #endif
   if (!plan->decode_kernel && !plan->hopper && plan->tensor_cores) {
