@@ -683,7 +683,8 @@ def test_hopper_features(dev, rng, dtype):
     for kind in ("bool", "float_inf", "keypad"):
         o, lse = run_hopper(dev, q, k, v, mask=m[kind], return_lse=True)
         check(dev, q, k, v, o, lse=lse, mask=m[kind])
-    assert (o[:, :, 0] == 0).all() or kind != "bool"
+        if kind == "bool":  # its row 0 is fully masked: zeros, lse -inf
+            assert (o[:, :, 0] == 0).all() and np.isneginf(lse[:, :, 0]).all()
     q1, k1, v1 = make_qkv(rng, 1, 3, 1, 70, 90, 128, dtype=dtype)  # MQA
     check(dev, q1, k1, v1, run_hopper(dev, q1, k1, v1, causal=True), causal=True)
 
@@ -709,8 +710,9 @@ def test_hopper_nonfinite(dev, rng, dtype):
     assert np.isfinite(o.astype(np.float32)).all()
     check(dev, q2, k2[:, :, :100], v2[:, :, :100], o, causal=True)
     assert not np.isfinite(run_hopper(dev, q, k[:, :, :150], v[:, :, :150]).astype(np.float32)).all()
-    with hopper_kernel(dev):
+    with hopper_kernel(dev) as mod:
         check_nonfinite_cases(dev, rng, 70, 150, dtype)
+        assert mod._last_attention_plan()["kernel"] == "hopper"
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=dtype_id)

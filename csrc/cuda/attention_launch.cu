@@ -441,7 +441,7 @@ const char* attention_plan(const AttentionParams& p, const KvCacheArgs& kv,
   const int64_t tiles = (plan->split_keys + plan->block_n - 1) / plan->block_n;
   // The decode kernel's blocks are small (one 16-row tile) and only stream: up to three share
   // an SM, and finer splits balance the SMs better, so it aims at four per SM.
-  // The Hopper kernel's blocks take a whole SM (up to 194 KB of shared memory): one per SM.
+  // The Hopper kernel's blocks take a whole SM (up to 225 KB of shared memory): one per SM.
   const int64_t target = (plan->decode_kernel ? 4 : plan->hopper ? 1 : 2) * int64_t(dev.sm_count);
   // float64 partials would be rounded to float32: never split float64.
   if (blocks < target && tiles >= 4 && p.q_dtype != DType::f64) {
