@@ -6,7 +6,9 @@ PTX fragment layouts, against the float64 reference: index math, tiling tails, m
 packing, split-KV + combine, paging, the cache append and the Python layer are all tested
 without a GPU. Device arrays are numpy arrays behind ``__cuda_array_interface__`` (the
 emulated runtime treats host memory as device memory); the emulated GPU has 4 SMs (so small
-problems take the split-KV path) and 99 KB of shared memory per block (the sm_86 limit).
+problems take the split-KV path) and 99 KB of shared memory per block (the sm_86 limit); the
+Hopper kernel's tests make it pose as an sm_90 with 227 KB (EmuBackend.as_sm90), and the emulator
+implements TMA, mbarriers, named barriers and wgmma for them.
 
 The module is built once into build/cuda-emu by tools/build_cuda_emulator.sh (about a minute on
 two cores); the tests are skipped if that fails for want of a compiler, pybind11 or the CUDA
