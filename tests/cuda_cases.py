@@ -255,15 +255,22 @@ def test_empty_keys_and_queries(dev, rng, dtype):
     assert run(dev, q, k, v).shape == (2, 2, 0, 8)
 
 
-@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
-def test_nan_in_masked_kv_does_not_leak(dev, rng, dtype):
-    q, k, v = make_qkv(rng, 1, 2, 2, 12, 300, 16, dtype=dtype)
+def masked_nonfinite_kv(rng, sq, D, dtype):
+    """q, k, v over 300 keys whose K/V are NaN from key 250 on and whose V is inf at key 100,
+    and the bool mask that hides exactly those keys."""
+    q, k, v = make_qkv(rng, 1, 2, 2, sq, 300, D, dtype=dtype)
     k[0, :, 250:] = np.nan
     v[0, :, 250:] = np.nan
     v[0, :, 100] = np.inf
-    mask = np.ones((1, 1, 12, 300), bool)
+    mask = np.ones((1, 1, sq, 300), bool)
     mask[..., 250:] = False
     mask[..., 100] = False
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=dtype_id)
+def test_nan_in_masked_kv_does_not_leak(dev, rng, dtype):
+    q, k, v, mask = masked_nonfinite_kv(rng, 12, 16, dtype)
     o = run(dev, q, k, v, mask=mask)
     assert np.isfinite(o.astype(np.float32)).all()
     check(dev, q, k, v, o, mask=mask)
@@ -693,13 +700,7 @@ def test_hopper_features(dev, rng, dtype):
 def test_hopper_nonfinite(dev, rng, dtype):
     """NaN / inf in masked-out K/V never reaches the output (the rare path), an attended one
     does (as torch), fully masked rows give 0 and lse -inf; the grid of the CPU tests."""
-    q, k, v = make_qkv(rng, 1, 2, 2, 70, 300, 64, dtype=dtype)
-    k[0, :, 250:] = np.nan
-    v[0, :, 250:] = np.nan
-    v[0, :, 100] = np.inf
-    mask = np.ones((1, 1, 70, 300), bool)
-    mask[..., 250:] = False
-    mask[..., 100] = False
+    q, k, v, mask = masked_nonfinite_kv(rng, 70, 64, dtype)
     o = run_hopper(dev, q, k, v, mask=mask)
     assert np.isfinite(o.astype(np.float32)).all()
     check(dev, q, k, v, o, mask=mask)

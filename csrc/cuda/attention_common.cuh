@@ -252,6 +252,53 @@ __device__ __forceinline__ bool key_masked(const AttentionParams& p, const Block
   return false;
 }
 
+// The tensor-core kernels' per-row steps on one row's share of a key tile in the mma
+// accumulator layout: the quad position t holds columns nt * 8 + 2t + e (e = 0, 1) for nt <
+// kNT; s(nt, e) is a reference to that score. Shared by attention_mma.cuh and
+// attention_hopper.cuh.
+//
+// Steps 1-5 of the pipeline (log2 units) for keys j0 + nt * 8 + 2t + e.
+template <int kNT, class SAt>
+__device__ __forceinline__ void score_row(const AttentionParams& p, const BlockInfo& bi,
+                                          const RowScore& rs, int j0, int t, SAt s) {
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) s(nt, e) = score<float>(p, bi, rs, j0 + nt * 8 + 2 * t + e, s(nt, e)) * kLog2e;
+}
+
+// Online softmax of the row (its 4 owners, a quad, agree on the max via shuffles): scores
+// times `mul` (the lazy scale of plain tiles: mul > 0, so rounding is monotonic and the max of
+// the raw scores scales to the max of the scaled ones) become P = exp2(score - m), the running
+// max m and this thread's partial sum l move on. Returns alpha, the factor the row's O must be
+// scaled by before this tile's P V.
+template <int kNT, class SAt>
+__device__ __forceinline__ float online_softmax_row(SAt s, float mul, float& row_max,
+                                                    float& row_sum) {
+  float mx = neg_inf();
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s(nt, 0), s(nt, 1)));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  mx *= mul;
+  const float m_new = fmaxf(row_max, mx);
+  // -inf guard: a row with no allowed key so far keeps m = -inf; subtracting 0 instead of -inf
+  // keeps exp2(-inf - m) = 0 (not NaN) for its scores and for the rescale.
+  const float m_use = m_new == neg_inf() ? 0.0f : m_new;
+  const float alpha = fast_exp2(row_max - m_use);
+  row_max = m_new;
+  row_sum *= alpha;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float pr = fast_exp2(fmaf(s(nt, e), mul, -m_use));
+      s(nt, e) = pr;
+      row_sum += pr;
+    }
+  return alpha;
+}
+
 // Index of row (b, h, i) in the split partials.
 __device__ __forceinline__ int64_t accum_row(const AttentionParams& p, const BlockInfo& bi,
                                              int64_t h, int i, int split) {

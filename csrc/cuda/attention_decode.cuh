@@ -236,40 +236,19 @@ __global__ void __launch_bounds__(DecodeShape<kD>::kThreads, 2)
     if (!plain) {
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int j = n16 * 16 + nt * 8 + 2 * t + e;
-            s[nt][2 * hh + e] = score<float>(p, bi, rs[hh], j, s[nt][2 * hh + e]) * kLog2e;
-          }
+        score_row<2>(p, bi, rs[hh], n16 * 16, t, [&](int nt, int e) -> float& { return s[nt][2 * hh + e]; });
     }
 
-    // ---- online softmax (a row's 4 owners agree on the max via shuffles) ----
+    // ---- online softmax (attention_common.cuh), O rescaled by its alpha ----
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      float mx = fmaxf(fmaxf(s[0][2 * hh], s[0][2 * hh + 1]), fmaxf(s[1][2 * hh], s[1][2 * hh + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      mx *= mul;
-      const float m_new = fmaxf(row_max[hh], mx);
-      const float m_use = m_new == neg_inf() ? 0.0f : m_new;  // -inf guard, as attention_mma
-      const float alpha = fast_exp2(row_max[hh] - m_use);
-      row_max[hh] = m_new;
-      row_sum[hh] *= alpha;
+      const float alpha = online_softmax_row<2>([&](int nt, int e) -> float& { return s[nt][2 * hh + e]; },
+                                                mul, row_max[hh], row_sum[hh]);
 #pragma unroll
       for (int vt = 0; vt < kVT; ++vt) {
         o[vt][2 * hh] *= alpha;
         o[vt][2 * hh + 1] *= alpha;
       }
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pr = fast_exp2(fmaf(s[nt][2 * hh + e], mul, -m_use));
-          s[nt][2 * hh + e] = pr;
-          row_sum[hh] += pr;
-        }
     }
 
     // ---- O += P V (P from S's registers: the accumulator layout is the A layout) ----

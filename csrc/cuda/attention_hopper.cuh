@@ -175,41 +175,14 @@ __global__ void __launch_bounds__(HopperShape<kD>::kThreads, 1)
     const float mul = plain ? scale_log2 : 1.0f;
     if (!plain) {
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const RowScore rs = row_score(p, bi, L, bi.r0 + row0 + g + 8 * hh);
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int j = n * kBlockN + nt * 8 + 2 * t + e;
-            s[4 * nt + 2 * hh + e] = score<float>(p, bi, rs, j, s[4 * nt + 2 * hh + e]) * kLog2e;
-          }
-      }
+      for (int hh = 0; hh < 2; ++hh)
+        score_row<kNT>(p, bi, row_score(p, bi, L, bi.r0 + row0 + g + 8 * hh), n * kBlockN, t,
+                       [&](int nt, int e) -> float& { return s[4 * nt + 2 * hh + e]; });
     }
-    // each row's 4 owners (a quad) agree on the max via shuffles
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      float mx = neg_inf();
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt)
-        mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * hh], s[4 * nt + 2 * hh + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      mx *= mul;
-      const float m_new = fmaxf(row_max[hh], mx);
-      const float m_use = m_new == neg_inf() ? 0.0f : m_new;  // -inf guard (attention_mma.cuh)
-      alpha[hh] = fast_exp2(row_max[hh] - m_use);
-      row_max[hh] = m_new;
-      row_sum[hh] *= alpha[hh];
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pr = fast_exp2(fmaf(s[4 * nt + 2 * hh + e], mul, -m_use));
-          s[4 * nt + 2 * hh + e] = pr;
-          row_sum[hh] += pr;
-        }
-    }
+    for (int hh = 0; hh < 2; ++hh)
+      alpha[hh] = online_softmax_row<kNT>([&](int nt, int e) -> float& { return s[4 * nt + 2 * hh + e]; },
+                                          mul, row_max[hh], row_sum[hh]);
   };
   auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll

@@ -164,50 +164,24 @@ __global__ void __launch_bounds__(MmaShape<kD>::kThreads, 1)
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const RowScore rs = row_score(p, bi, L, bi.r0 + warp_row0 + mt * 16 + g + 8 * hh);
-#pragma unroll
-          for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int j = n * kBlockN + nt * 8 + 2 * t + e;
-              s[mt][nt][2 * hh + e] = score<float>(p, bi, rs, j, s[mt][nt][2 * hh + e]) * kLog2e;
-            }
-        }
+        for (int hh = 0; hh < 2; ++hh)
+          score_row<kNT>(p, bi, row_score(p, bi, L, bi.r0 + warp_row0 + mt * 16 + g + 8 * hh),
+                         n * kBlockN, t, [&](int nt, int e) -> float& { return s[mt][nt][2 * hh + e]; });
     }
 
-    // ---- online softmax; each row's 4 owners (a quad) agree on the max via shuffles ----
+    // ---- online softmax (attention_common.cuh), O rescaled by its alpha ----
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        float mx = neg_inf();
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt)
-          mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hh], s[mt][nt][2 * hh + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        mx *= mul;  // (mul > 0: rounding is monotonic, so this is the max of the scaled scores)
-        const float m_new = fmaxf(row_max[mt][hh], mx);
-        // -inf guard: a row with no allowed key so far keeps m = -inf; subtracting 0 instead
-        // of -inf keeps exp2(-inf - m) = 0 (not NaN) for its scores and for the rescale.
-        const float m_use = m_new == neg_inf() ? 0.0f : m_new;
-        const float alpha = fast_exp2(row_max[mt][hh] - m_use);
-        row_max[mt][hh] = m_new;
-        row_sum[mt][hh] *= alpha;
+        const float alpha = online_softmax_row<kNT>(
+            [&](int nt, int e) -> float& { return s[mt][nt][2 * hh + e]; }, mul, row_max[mt][hh],
+            row_sum[mt][hh]);
 #pragma unroll
         for (int vt = 0; vt < kVT; ++vt) {
           o[mt][vt][2 * hh] *= alpha;
           o[mt][vt][2 * hh + 1] *= alpha;
         }
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float pr = fast_exp2(fmaf(s[mt][nt][2 * hh + e], mul, -m_use));
-            s[mt][nt][2 * hh + e] = pr;
-            row_sum[mt][hh] += pr;
-          }
       }
 
     cp_async_wait_all();  // V[n] has landed ...

@@ -50,6 +50,31 @@ struct Mbar {
   unsigned phase = 0;  // completed phases
 };
 
+// Asynchronous operations issued by a thread, committed in groups and performed at the wait
+// that retires their group (cp.async and wgmma alike).
+template <class Op>
+struct Groups {
+  std::vector<Op> pending;                  // issued, not committed
+  std::deque<std::vector<Op>> committed;    // committed, not yet waited for
+  bool empty() const { return pending.empty() && committed.empty(); }
+  void clear() {
+    pending.clear();
+    committed.clear();
+  }
+  void commit() {
+    committed.push_back(std::move(pending));
+    pending.clear();
+  }
+  // Performs the oldest groups until at most `keep` remain.
+  template <class Run>
+  void wait(int keep, Run run) {
+    while (int(committed.size()) > keep) {
+      for (const Op& op : committed.front()) run(op);
+      committed.pop_front();
+    }
+  }
+};
+
 struct Thread {
   ucontext_t ctx;  // only to start the fiber
   jmp_buf jb;      // where it yielded
@@ -57,10 +82,8 @@ struct Thread {
   std::unique_ptr<char[]> stack;
   Idx idx{0, 0, 0};
   bool done = false;
-  std::vector<Copy> pending;             // issued, not committed
-  std::deque<std::vector<Copy>> groups;  // committed, not yet waited for
-  std::vector<WgOp> wg_pending;           // wgmma issued, not committed
-  std::deque<std::vector<WgOp>> wg_groups;
+  Groups<Copy> copies;  // cp.async
+  Groups<WgOp> wgmmas;
   std::map<float*, std::vector<float>> wg_acc;  // accumulators in flight: their values at issue
 };
 
@@ -95,11 +118,9 @@ void yield() {
   if (!_setjmp(self().jb)) _longjmp(g_block->sched_jb, 1);
 }
 
-void apply(const std::vector<Copy>& group) {
-  for (const Copy& c : group) {
-    std::memset(c.dst, 0, 16);
-    if (c.bytes > 0) std::memcpy(c.dst, c.src, size_t(c.bytes));
-  }
+void apply(const Copy& c) {
+  std::memset(c.dst, 0, 16);
+  if (c.bytes > 0) std::memcpy(c.dst, c.src, size_t(c.bytes));
 }
 
 // Barrier release checks also run when a thread exits (exited threads no longer count).
@@ -130,11 +151,11 @@ void maybe_release_warp(Warp& w) {
 void thread_main() {
   (*g_block->body)();
   Thread& t = self();
-  if (!t.wg_pending.empty() || !t.wg_groups.empty()) fail("a thread exited with wgmma in flight");
-  if (!t.pending.empty() || !t.groups.empty()) {
+  if (!t.wgmmas.empty()) fail("a thread exited with wgmma in flight");
+  if (!t.copies.empty()) {
     // A thread may exit with copies in flight only if nobody reads them: apply them anyway.
-    for (auto& g : t.groups) apply(g);
-    apply(t.pending);
+    t.copies.commit();
+    t.copies.wait(0, apply);
   }
   t.done = true;
   --g_block->alive;
@@ -157,10 +178,8 @@ void run_block(Block& b) {
     Thread& t = b.threads[size_t(i)];
     t.done = false;
     t.started = false;
-    t.pending.clear();
-    t.groups.clear();
-    t.wg_pending.clear();
-    t.wg_groups.clear();
+    t.copies.clear();
+    t.wgmmas.clear();
     t.wg_acc.clear();
     t.idx = {unsigned(i) % b.block_dim.x, (unsigned(i) / b.block_dim.x) % b.block_dim.y,
              unsigned(i) / (b.block_dim.x * b.block_dim.y)};
@@ -269,20 +288,12 @@ const uint64_t* warp_slot(int lane) { return my_warp().slot[lane]; }
 void warp_done_reading() { sync_warp(); }
 
 void cp_async(void* dst, const void* src, int src_bytes) {
-  self().pending.push_back({dst, src, src_bytes});
+  self().copies.pending.push_back({dst, src, src_bytes});
 }
 void cp_async_commit() {
-  Thread& t = self();
-  t.groups.push_back(std::move(t.pending));
-  t.pending.clear();
+  self().copies.commit();
 }
-void cp_async_wait(int keep) {
-  Thread& t = self();
-  while (int(t.groups.size()) > keep) {
-    apply(t.groups.front());
-    t.groups.pop_front();
-  }
-}
+void cp_async_wait(int keep) { self().copies.wait(keep, apply); }
 
 // ---- Hopper primitives ----
 
@@ -477,22 +488,17 @@ void wgmma(int n, bool bf16, uint64_t da, const uint32_t* a_regs, uint64_t db, b
   }
   Thread& th = self();
   if (!th.wg_acc.count(d)) th.wg_acc[d] = std::vector<float>(d, d + n / 2);
-  th.wg_pending.push_back(std::move(op));
+  th.wgmmas.pending.push_back(std::move(op));
 }
 
 void wgmma_commit() {
-  Thread& t = self();
-  t.wg_groups.push_back(std::move(t.wg_pending));
-  t.wg_pending.clear();
+  self().wgmmas.commit();
 }
 
 void wgmma_wait(int keep) {
   Thread& t = self();
-  if (!t.wg_pending.empty()) fail("wgmma.wait_group with uncommitted wgmma (missing commit_group)");
-  while (int(t.wg_groups.size()) > keep) {
-    for (const WgOp& op : t.wg_groups.front()) wgmma_run(op);
-    t.wg_groups.pop_front();
-  }
+  if (!t.wgmmas.pending.empty()) fail("wgmma.wait_group with uncommitted wgmma (missing commit_group)");
+  t.wgmmas.wait(keep, wgmma_run);
 }
 
 void named_barrier(int id, int threads, bool wait) {
