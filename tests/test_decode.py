@@ -31,6 +31,25 @@ def test_decode_path_features(isa, rng, sq, H, Hkv):
         check(q, k, v, o, lse=lse, bottom_right=True, alibi=slopes, **kw)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (6, 2), (5, 1)])
+def test_decode_register_block_edges(isa, rng, dtype, H, Hkv):
+    """1, 2, 3 and 5 query rows per KV head (the scores' and P V's leftover row blocks), head
+    dims whose vectors split into every P V block (8, 4, 2, 1 vectors, a partial last one, and
+    exactly a block's count with a partial last), 77 keys (one-row decode takes 16-key groups,
+    then 4-key groups, then single keys), with and without zero P (a key-padding mask)."""
+    from attnkit import _C
+
+    B, Sk = 2, 77
+    for D, Dv in [(64, 64), (32, 250), (72, 136), (250, 40), (16, 8), (128, 200), (40, 122)]:
+        q, k, v = make_qkv(rng, B, H, Hkv, 1, Sk, D, Dv, dtype=dtype)
+        keypad = masks(rng, B, H, 1, Sk)["keypad"]
+        for kw in (dict(), dict(mask=keypad)):
+            o, lse = attnkit.attention(q, k, v, return_lse=True, **kw)
+            assert _C._last_attention_plan()["kernel"] == "decode"
+            check(q, k, v, o, lse=lse, **kw)
+
+
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("B,Hkv", [(1, 1), (1, 4), (2, 2), (4, 8)])
 def test_split_kv_long_sequences(isa, rng, layout, B, Hkv):

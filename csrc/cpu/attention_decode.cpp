@@ -39,6 +39,7 @@
 #include "gemm/pack.h"
 #include "quantize.h"
 #include "simd/dot_i8.h"
+#include "simd/transpose.h"
 #include "simd/vec.h"
 #include "threading.h"
 
@@ -188,6 +189,23 @@ struct BlockRows {
 template <class SKV>
 inline void block_rows(const AttentionParams& p, const SeqView& sv, int64_t j0, int64_t n,
                        BlockRows& br) {
+  if (!p.block_table) {  // one stride per position: kv_offset's arithmetic once per block
+    const int64_t k0 = kv_offset(p, sv, 0, j0, p.k_stride), v0 = kv_offset(p, sv, 0, j0, p.v_stride);
+    int64_t ks0 = 0, vs0 = 0;
+    if constexpr (is_code<SKV>) {
+      ks0 = kv_offset(p, sv, 0, j0, p.k_scale_stride);
+      vs0 = kv_offset(p, sv, 0, j0, p.v_scale_stride);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      br.k[j] = k0 + j * p.k_stride[2];
+      br.v[j] = v0 + j * p.v_stride[2];
+      if constexpr (is_code<SKV>) {
+        br.ks[j] = ks0 + j * p.k_scale_stride[2];
+        br.vs[j] = vs0 + j * p.v_scale_stride[2];
+      }
+    }
+    return;
+  }
   for (int64_t j = 0; j < n; ++j) {
     br.k[j] = kv_offset(p, sv, 0, j0 + j, p.k_stride);
     br.v[j] = kv_offset(p, sv, 0, j0 + j, p.v_stride);
@@ -233,6 +251,26 @@ inline void dot_block(const float* q, int64_t D, const SKV* const* k, float* s, 
   for (int ri = 0; ri < RB; ++ri) hsum4(acc[ri][0], acc[ri][1], acc[ri][2], acc[ri][3], s + ri * lds);
 }
 
+// s[u] = q . k_u for one query row and VF::N fp32 K rows (MHA decode): one accumulator per
+// key, all reduced together by hsum_n. With 4 keys per block the reductions (hsum4 and its
+// latency) were half of the scores' time at D 64 (bench/notes/decode.md, "MHA decode from L2").
+inline void dot_keys(const float* q, int64_t D, const float* const* k, float* s) {
+  VF acc[VF::N];
+  for (int u = 0; u < VF::N; ++u) acc[u] = VF::zero();
+  int64_t d = 0;
+  for (; d + 2 * VF::N <= D; d += 2 * VF::N) {
+    const VF qv = VF::load(q + d), qw = VF::load(q + d + VF::N);
+    for (int u = 0; u < VF::N; ++u)
+      acc[u] = fma(qw, VF::load(k[u] + d + VF::N), fma(qv, VF::load(k[u] + d), acc[u]));
+  }
+  for (; d < D; d += VF::N) {
+    const int w = int(imin(VF::N, D - d));
+    const VF qv = VF::load_partial(q + d, w);
+    for (int u = 0; u < VF::N; ++u) acc[u] = fma(qv, VF::load_partial(k[u] + d, w), acc[u]);
+  }
+  hsum_n(acc, s);
+}
+
 // Every cache line of a K/V row of `bytes` (>= 1) into L1. Two lines unrolled: an 8-bit row of
 // D <= 128 takes no loop (the loop's compare and branch per line were ~10% of the int8
 // decode's instructions, bench/notes/decode.md).
@@ -246,7 +284,8 @@ inline void prefetch_row(const void* row, int64_t bytes) {
 // Rows of the item: for each of its KV heads g0 + t, G heads x sq queries, rows_per_head each.
 // s[r][j] = q_r . k_j (code values for 8-bit caches: apply_code_scales scales them) for keys
 // j0..j0+n, every head of the item, reading position by position: four keys at a time, each
-// loaded K vector used by a block of rows (GQA) and each loaded q vector by four keys.
+// loaded K vector used by a block of rows (GQA) and each loaded q vector by four keys; with one
+// row per KV head, VF::N keys at a time (dot_keys).
 // q8 / qcorr (int8 caches on a CPU with dot_i8.h, every row quantized; else null): the rows'
 // int8 codes, whose integer dot products equal those of qf's integer-valued floats exactly.
 template <class SKV>
@@ -264,30 +303,46 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
   // 1.3-1.4x, fp16 MHA 1.6-1.7x and int8 MHA 1.4x slower (Emerald Rapids, 2 threads;
   // bench/notes/decode.md, "no prefetch for fp32 MHA").
   const bool prefetch = !(std::is_same<SKV, float>::value && rph == 1);
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    int64_t ahead[4];  // K rows kPrefetchKeys positions on (-1: past the item's keys)
-    for (int u = 0; u < 4; ++u) {
+  // ahead[u]: offset (at kv head 0) of the K row kPrefetchKeys positions after key j + u, -1
+  // past the item's keys or without prefetching; derived once for every head.
+  auto ahead_rows = [&](int64_t j, int nk, int64_t* ahead) {
+    for (int u = 0; u < nk; ++u) {
       const int64_t ja = j0 + j + u + kPrefetchKeys;
       ahead[u] = prefetch && ja < k_end ? kv_offset(p, sv, 0, ja, p.k_stride) : -1;
     }
-    for (int64_t t = 0; t < ng; ++t) {
-      const int64_t g = g0 + t;
-      const SKV* k[4];
-      for (int u = 0; u < 4; ++u) {
-        k[u] = K + br.k[j + u] + g * p.k_stride[1];
-        // accumulate_pv walks V head by head (a stride of Hkv rows in a position-major cache,
-        // which the hardware prefetchers do not follow): fetch the block's V rows now, in
-        // position order, while K streams; and K kPrefetchKeys positions ahead (the walk
-        // visits Hkv heads of four positions at a time, an order they follow only partly).
-        if (!prefetch) continue;
-        const char* vrow = V + (br.v[j + u] + g * p.v_stride[1]) * int64_t(sizeof(SKV));
-        prefetch_row(vrow, v_bytes);
-        if (ahead[u] >= 0) {
-          const char* kf = reinterpret_cast<const char*>(K + ahead[u] + g * p.k_stride[1]);
-          prefetch_row(kf, k_bytes);
+  };
+  // K rows of keys j..j+nk of head g into k[]. accumulate_pv walks V head by head (a stride of
+  // Hkv rows in a position-major cache, which the hardware prefetchers do not follow): fetch
+  // the block's V rows now, in position order, while K streams; and K kPrefetchKeys positions
+  // ahead (the walk visits Hkv heads of a few positions at a time, an order they follow only
+  // partly).
+  auto key_rows = [&](int64_t j, int nk, int64_t g, const int64_t* ahead, const SKV** k) {
+    for (int u = 0; u < nk; ++u) {
+      k[u] = K + br.k[j + u] + g * p.k_stride[1];
+      if (!prefetch) continue;
+      prefetch_row(V + (br.v[j + u] + g * p.v_stride[1]) * int64_t(sizeof(SKV)), v_bytes);
+      if (ahead[u] >= 0) prefetch_row(reinterpret_cast<const char*>(K + ahead[u] + g * p.k_stride[1]), k_bytes);
+    }
+  };
+  int64_t j = 0;
+  // One query row per KV head of fp32 rows (MHA decode, no prefetches): VF::N keys per
+  // reduction (dot_keys). Half-precision and 8-bit rows keep the 4-key groups below: in groups of
+  // VF::N keys their prefetches came in bursts (128 per head for fp16 D 128) and fp16 MHA ran
+  // 3-6% slower (bench/notes/decode.md, "MHA decode from L2").
+  if constexpr (std::is_same<SKV, float>::value)
+    if (rph == 1)
+      for (; j + VF::N <= n; j += VF::N)
+        for (int64_t t = 0; t < ng; ++t) {
+          const float* k[VF::N];
+          key_rows(j, VF::N, g0 + t, nullptr, k);  // (no prefetches: `ahead` is not read)
+          dot_keys(qf + t * D, D, k, s + t * lds + j);
         }
-      }
+  for (; j + 4 <= n; j += 4) {
+    int64_t ahead[4];
+    ahead_rows(j, 4, ahead);
+    for (int64_t t = 0; t < ng; ++t) {
+      const SKV* k[4];
+      key_rows(j, 4, g0 + t, ahead, k);
       const int64_t rend = (t + 1) * rph;
       int64_t r = t * rph;
       if constexpr (kHasDotI8 && std::is_same<SKV, int8_t>::value) {
@@ -300,7 +355,12 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
       }
       for (; r + kScoreRows <= rend; r += kScoreRows)
         dot_block<kScoreRows>(qf + r * D, D, k, s + r * lds + j, lds);
-      for (; r < rend; ++r) dot_block<1>(qf + r * D, D, k, s + r * lds + j, lds);
+      // the rows left (G = 3: SmolLM2, G = 6) in one block, so each K vector is loaded once
+      if constexpr (kScoreRows > 3)
+        if (rend - r == 3) dot_block<3>(qf + r * D, D, k, s + r * lds + j, lds), r += 3;
+      if constexpr (kScoreRows > 2)
+        if (rend - r == 2) dot_block<2>(qf + r * D, D, k, s + r * lds + j, lds), r += 2;
+      if (r < rend) dot_block<1>(qf + r * D, D, k, s + r * lds + j, lds);
     }
   }
   for (; j < n; ++j)  // the last few keys of a sequence, one at a time
@@ -399,15 +459,21 @@ void scale_p_by_v_rows(int64_t ng, int64_t rph, int64_t n, float* P, int64_t ldp
 // O[r][d0 .. d0 + DV vectors) += sum over the listed keys of P[r][key] V_key, for RB rows: the
 // O block stays in registers across the keys (loaded and stored once per key block), each V
 // vector is converted once for the RB rows. The last vector holds `last_w` valid lanes (O rows
-// are padded to whole vectors; V is read only up to Dv).
+// are padded to whole vectors; V is read only up to Dv). Each accumulator takes one FMA per
+// key, so with fewer than 8 of them (two FMA ports x 4 cycles of latency) the keys alternate
+// between KU sets, added at the end: a single row of D 64 ran as 4 one-vector chains at a
+// quarter of the FMA rate (bench/notes/decode.md, "MHA decode from L2").
 template <int RB, int DV, class SKV>
 inline void pv_block(const SKV* const* vrows, const int64_t* keys, int64_t nkeys, const float* P,
                      int64_t ldp, float* O, int64_t ldo, int64_t d0, int last_w) {
-  VF acc[RB][DV];
+  constexpr int KU = RB * DV >= 8 ? 1 : RB * DV >= 4 ? 2 : 4;
+  VF acc[KU][RB][DV];
   for (int ri = 0; ri < RB; ++ri)
-    for (int i = 0; i < DV; ++i) acc[ri][i] = VF::load(O + ri * ldo + d0 + i * VF::N);
-  for (int64_t e = 0; e < nkeys; ++e) {
-    const int64_t j = keys[e];
+    for (int i = 0; i < DV; ++i) {
+      acc[0][ri][i] = VF::load(O + ri * ldo + d0 + i * VF::N);
+      for (int u = 1; u < KU; ++u) acc[u][ri][i] = VF::zero();
+    }
+  auto step = [&](int64_t j, VF(&a)[RB][DV]) {
     const SKV* v = vrows[j] + d0;
     VF x[DV];
     int i0 = 0;
@@ -416,22 +482,42 @@ inline void pv_block(const SKV* const* vrows, const int64_t* keys, int64_t nkeys
     x[DV - 1] = last_w == VF::N ? load_kv(v + (DV - 1) * VF::N) : load_kv_partial(v + (DV - 1) * VF::N, last_w);
     for (int ri = 0; ri < RB; ++ri) {
       const VF pj = VF::broadcast(P + ri * ldp + j);
-      for (int i = 0; i < DV; ++i) acc[ri][i] = fma(pj, x[i], acc[ri][i]);
+      for (int i = 0; i < DV; ++i) a[ri][i] = fma(pj, x[i], a[ri][i]);
     }
-  }
+  };
+  int64_t e = 0;
+  for (; e + KU <= nkeys; e += KU)
+    for (int u = 0; u < KU; ++u) step(keys[e + u], acc[u]);
+  for (; e < nkeys; ++e) step(keys[e], acc[0]);
   for (int ri = 0; ri < RB; ++ri)
-    for (int i = 0; i < DV; ++i) acc[ri][i].store(O + ri * ldo + d0 + i * VF::N);
+    for (int i = 0; i < DV; ++i) {
+      for (int u = 1; u < KU; ++u) acc[0][ri][i] = acc[0][ri][i] + acc[u][ri][i];
+      acc[0][ri][i].store(O + ri * ldo + d0 + i * VF::N);
+    }
 }
 
-// Rows [r, r + RB) over every vector of Dv: DV vectors at a time, then one at a time.
+// Rows [r, r + RB) over every vector of Dv: DV vectors at a time, then the rest in blocks of
+// 4, 2 and 1 vectors (the last one partial when Dv is not a whole number of vectors).
 template <int RB, int DV, class SKV>
 inline void pv_rows(const SKV* const* vrows, const int64_t* keys, int64_t nkeys, const float* P,
                     int64_t ldp, float* O, int64_t ldo, int64_t Dv) {
   int64_t d0 = 0;
   for (; d0 + DV * VF::N <= Dv; d0 += DV * VF::N)
     pv_block<RB, DV>(vrows, keys, nkeys, P, ldp, O, ldo, d0, VF::N);
-  for (; d0 < Dv; d0 += VF::N)
-    pv_block<RB, 1>(vrows, keys, nkeys, P, ldp, O, ldo, d0, int(imin(VF::N, Dv - d0)));
+  int64_t rem = ceil_div(Dv - d0, VF::N);  // vectors left: DV at most, the last one partial
+  const int last_w = int(Dv - d0 - (rem - 1) * VF::N);
+  if (rem == DV) return pv_block<RB, DV>(vrows, keys, nkeys, P, ldp, O, ldo, d0, last_w);
+  if constexpr (DV > 4)
+    if (rem >= 4) {
+      pv_block<RB, 4>(vrows, keys, nkeys, P, ldp, O, ldo, d0, rem == 4 ? last_w : VF::N);
+      d0 += 4 * VF::N, rem -= 4;
+    }
+  if constexpr (DV > 2)
+    if (rem >= 2) {
+      pv_block<RB, 2>(vrows, keys, nkeys, P, ldp, O, ldo, d0, rem == 2 ? last_w : VF::N);
+      d0 += 2 * VF::N, rem -= 2;
+    }
+  if (rem == 1) pv_block<RB, 1>(vrows, keys, nkeys, P, ldp, O, ldo, d0, last_w);
 }
 
 // O[r] += sum_j P[r][j] V_j, head by head. Keys whose P is nonzero in every row of their head
@@ -452,12 +538,17 @@ void accumulate_pv(const AttentionParams& p, const SeqView& sv, int64_t g0, int6
   int64_t clean[kKeyBlock], careful[kKeyBlock];
   for (int64_t t = 0; t < ng; ++t) {
     const int64_t rbeg = t * rph, rend = rbeg + rph, vg = (g0 + t) * p.v_stride[1];
+    // bit j: key j has a zero P in some row of the head (P rows are kKeyBlock long, whole vectors)
+    static_assert(kKeyBlock <= 64 && kKeyBlock % 16 == 0, "one bit per key of a block");
+    uint64_t zero = 0;
+    if constexpr (!finite_codes)
+      for (int64_t r = rbeg; r < rend; ++r)
+        for (int64_t j = 0; j < n; j += VF::N)
+          zero |= uint64_t(lane_bits(VF::load(P + r * ldp + j) == VF::zero())) << j;
     int64_t nclean = 0, ncareful = 0;
     for (int64_t j = 0; j < n; ++j) {
       vrows[j] = Vm + br.v[j] + vg;
-      bool zero = false;
-      for (int64_t r = rbeg; r < rend && !finite_codes; ++r) zero |= P[r * ldp + j] == 0.0f;
-      if (zero)
+      if ((zero >> j) & 1)
         careful[ncareful++] = j;
       else
         clean[nclean++] = j;
@@ -465,7 +556,12 @@ void accumulate_pv(const AttentionParams& p, const SeqView& sv, int64_t g0, int6
     int64_t r = rbeg;
     for (; r + RB <= rend; r += RB)
       pv_rows<RB, DVB>(vrows, clean, nclean, P + r * ldp, ldp, O + r * ldo, ldo, Dv);
-    for (; r < rend; ++r) pv_rows<1, DV1>(vrows, clean, nclean, P + r * ldp, ldp, O + r * ldo, ldo, Dv);
+    // the rows left in one block (each V vector converted once for them)
+    if constexpr (RB > 3)
+      if (rend - r == 3) pv_rows<3, DVB>(vrows, clean, nclean, P + r * ldp, ldp, O + r * ldo, ldo, Dv), r += 3;
+    if constexpr (RB > 2)
+      if (rend - r == 2) pv_rows<2, DVB>(vrows, clean, nclean, P + r * ldp, ldp, O + r * ldo, ldo, Dv), r += 2;
+    if (r < rend) pv_rows<1, DV1>(vrows, clean, nclean, P + r * ldp, ldp, O + r * ldo, ldo, Dv);
     for (int64_t e = 0; e < ncareful; ++e)
       accumulate_one(p, sv, g0, vrows[careful[e]], rbeg, rend, j0 + careful[e], P, ldp,
                      careful[e], O, ldo);

@@ -15,7 +15,8 @@
 //   max(a, b), min(a, b)       NaN in b wins (x86 semantics: the second operand is returned
 //                              when either is NaN), so write max(limit, x) to keep a NaN x
 //   hsum(), hmax(); hsum4(a, b, c, d, out) (Vec<float>: the four sums into out[0..3])
-//   Mask: a < b, a <= b, a == b, is_nan(a); select(mask, if_true, if_false)
+//   Mask: a < b, a <= b, a == b, is_nan(a); select(mask, if_true, if_false); any(mask);
+//   lane_bits(mask) (bit i = lane i)
 // Vec<float> also has round() (to nearest even) and scale_pow2(y, n) = y * 2^n for integral n in
 // [-125, 128] and normal results (vscalefps on AVX-512, the exponent field elsewhere),
 // and the storage conversions load_cvt / store_cvt for float, f16_t and bf16_t.

@@ -63,6 +63,7 @@ struct Vec<float> {
   friend inline Mask operator|(Mask a, Mask b) { return {_mm256_or_ps(a.m, b.m)}; }
   friend inline Mask operator&(Mask a, Mask b) { return {_mm256_and_ps(a.m, b.m)}; }
   friend inline bool any(Mask a) { return _mm256_movemask_ps(a.m) != 0; }
+  friend inline uint32_t lane_bits(Mask a) { return uint32_t(_mm256_movemask_ps(a.m)); }
   friend inline Vec select(Mask m, Vec a, Vec b) { return {_mm256_blendv_ps(b.v, a.v, m.m)}; }
 
   inline float hsum() const {

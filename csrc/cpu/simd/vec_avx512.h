@@ -56,6 +56,7 @@ struct Vec<float> {
   friend inline Mask operator|(Mask a, Mask b) { return {static_cast<__mmask16>(a.m | b.m)}; }
   friend inline Mask operator&(Mask a, Mask b) { return {static_cast<__mmask16>(a.m & b.m)}; }
   friend inline bool any(Mask a) { return a.m != 0; }
+  friend inline uint32_t lane_bits(Mask a) { return a.m; }
   friend inline Vec select(Mask m, Vec a, Vec b) { return {_mm512_mask_blend_ps(m.m, b.v, a.v)}; }
 
   inline float hsum() const {

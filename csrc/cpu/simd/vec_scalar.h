@@ -119,6 +119,11 @@ struct VecArray {
     for (int i = 0; i < L; ++i) r = r || a.m[i];
     return r;
   }
+  friend inline uint32_t lane_bits(Mask a) {
+    uint32_t r = 0;
+    for (int i = 0; i < L; ++i) r |= uint32_t(a.m[i]) << i;
+    return r;
+  }
   friend inline Self select(Mask m, Self a, Self b) {
     Self r;
     for (int i = 0; i < L; ++i) r.v[i] = m.m[i] ? a.v[i] : b.v[i];
