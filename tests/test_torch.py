@@ -64,6 +64,43 @@ def test_errors_like_torch():
         at.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(3, 7, dtype=torch.bool))
 
 
+def test_attention_refusals_name_the_argument():
+    """attnkit.torch.attention (what the transformers adapter calls) hands raw pointers to the
+    kernels: a tensor on the meta device once reached them and crashed the process. Every
+    refusal is a Python error naming the function and the argument, and nothing is computed."""
+    fn = "attnkit.torch.attention"
+    q, k, v = rand(1, 2, 3, 8), rand(1, 2, 5, 8), rand(1, 2, 5, 8)
+    meta = torch.empty(1, 2, 5, 8, device="meta")
+    cases = [
+        ((q, meta, v), {}, ValueError, "k is on device meta"),
+        ((q, k, meta), {}, ValueError, "v is on device meta"),
+        ((q.to("meta"), k, v), {}, ValueError, "q is on device meta"),
+        ((q, k, v), dict(attn_mask=torch.ones(3, 5, dtype=torch.bool, device="meta")), ValueError,
+         "mask is on device meta"),
+        ((q.requires_grad_(), meta, v), {}, ValueError, "k is on device meta"),
+        ((q.int(), k.int(), v.int()), {}, TypeError, "q has unsupported dtype torch.int32"),
+        ((q, k, v), dict(attn_mask=torch.ones(3, 5, dtype=torch.int32)), TypeError,
+         "mask has unsupported dtype torch.int32"),
+        ((q.to_sparse(), k, v), {}, TypeError, "query is a torch.sparse_coo tensor"),
+        ((torch.nested.nested_tensor([torch.randn(2, 3, 8)] * 2), k, v), {}, TypeError,
+         "query is a nested tensor"),
+        ((q[0], k, v), {}, ValueError, r"query must be 4-D \(B, H, S, D\), got shape \(2, 3, 8\)"),
+        ((q, k.numpy(), v), {}, TypeError, "key must be a torch.Tensor, got ndarray"),
+        ((rand(2, 2, 3, 8), rand(3, 2, 5, 8), rand(3, 2, 5, 8)), {}, ValueError,
+         r"batch sizes 2 \(query\), 3 \(key\), 3 \(value\) do not broadcast"),
+        ((q, k, v), dict(attn_mask=torch.ones(7, 7, dtype=torch.bool)), ValueError,
+         r"attn_mask of shape \(7, 7\) does not broadcast"),
+        ((q, k, v), dict(window=(1,)), ValueError, "window must be a pair of ints"),
+    ]
+    for args, kw, exc, msg in cases:
+        with pytest.raises(exc, match=f"{fn}: {msg}"):
+            at.attention(*args, **kw)
+    # each input's batch broadcasts on its own (v with batch 1 beside k with batch 2)
+    k2, v1 = rand(2, 2, 5, 8), rand(1, 2, 5, 8)
+    ref = F.scaled_dot_product_attention(q.detach().expand(2, -1, -1, -1), k2, v1.expand(2, -1, -1, -1))
+    assert close(at.attention(q.detach(), k2, v1), ref, torch.float32)
+
+
 def test_fallback_warns_once():
     q = torch.randn(1, 2, 4, 8).to(torch.int32)
     at._warned.clear()  # "once" per process: start from a process that has not warned yet

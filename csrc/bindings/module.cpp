@@ -125,6 +125,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("_num_threads_override", &num_threads_override);
   m.def("_resolve_num_threads", &resolve_num_threads);
 
+  m.def("_register_torch", &register_torch, py::arg("tensor_type"), py::arg("strided"),
+        py::arg("dtypes"),
+        "Let every entry point read torch.Tensor arguments directly (CPU tensors only): "
+        "torch.Tensor, torch.strided and {torch dtype: dtype name}. Called by attnkit.torch.");
   m.def("_describe", &describe_numpy, py::arg("array"),
         "(ptr, shape, strides in elements or None, dtype name, writeable) of a numpy array.");
   // Test hooks (csrc/cpu/debug.h).

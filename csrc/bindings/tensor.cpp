@@ -182,6 +182,85 @@ static bool tensor_from_tuple(PyObject* tup, Tensor* t, const Where& where) {
   return true;
 }
 
+namespace {
+struct TorchTypes {
+  PyTypeObject* tensor = nullptr;
+  PyObject* strided = nullptr;
+  PyObject* dtype_obj[8] = {};
+  DType dtype[8] = {};
+  int ndtypes = 0;
+  // interned attribute names
+  PyObject *data_ptr = nullptr, *shape = nullptr, *stride = nullptr, *dtype_attr = nullptr,
+           *is_cpu = nullptr, *layout = nullptr, *is_nested = nullptr, *device = nullptr;
+};
+TorchTypes g_torch;
+
+// A new reference to obj.name (or obj.name() when call), or throws the pending Python error.
+py::object torch_attr(PyObject* obj, PyObject* name, bool call) {
+  PyObject* r = call ? PyObject_CallMethodNoArgs(obj, name) : PyObject_GetAttr(obj, name);
+  if (r == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+}  // namespace
+
+void register_torch(py::handle tensor_type, py::handle strided, py::dict dtypes) {
+  if (!PyType_Check(tensor_type.ptr())) throw_type("_register_torch: tensor_type must be a type");
+  TorchTypes t;
+  t.tensor = reinterpret_cast<PyTypeObject*>(tensor_type.inc_ref().ptr());
+  t.strided = strided.inc_ref().ptr();
+  for (auto item : dtypes) {
+    DType d;
+    const std::string name = py::str(item.second).cast<std::string>();
+    if (t.ndtypes == 8 || !dtype_from_string(name.c_str(), &d))
+      throw_value("_register_torch: bad dtype entry " + name);
+    t.dtype_obj[t.ndtypes] = item.first.inc_ref().ptr();
+    t.dtype[t.ndtypes++] = d;
+  }
+  t.data_ptr = PyUnicode_InternFromString("data_ptr");
+  t.shape = PyUnicode_InternFromString("shape");
+  t.stride = PyUnicode_InternFromString("stride");
+  t.dtype_attr = PyUnicode_InternFromString("dtype");
+  t.is_cpu = PyUnicode_InternFromString("is_cpu");
+  t.layout = PyUnicode_InternFromString("layout");
+  t.is_nested = PyUnicode_InternFromString("is_nested");
+  t.device = PyUnicode_InternFromString("device");
+  g_torch = t;  // registered once per process (attnkit.torch's import); never released
+}
+
+// A torch.Tensor on the CPU (its storage is what the kernels read and write). Torch has no
+// read-only tensors: writeable is true.
+template <class Where>
+static void tensor_from_torch(PyObject* obj, Tensor* t, const Where& where) {
+  const TorchTypes& g = g_torch;
+  if (torch_attr(obj, g.is_nested, false).ptr() == Py_True)
+    throw_type(where() + " is a nested tensor; attnkit takes dense (strided) tensors");
+  py::object layout = torch_attr(obj, g.layout, false);
+  if (layout.ptr() != g.strided)
+    throw_type(where() + " is a " + py::str(layout).cast<std::string>() +
+               " tensor; attnkit takes dense (strided) tensors");
+  if (torch_attr(obj, g.is_cpu, false).ptr() != Py_True)
+    throw_value(where() + " is on device " + py::str(torch_attr(obj, g.device, false)).cast<std::string>() +
+                "; attnkit's CPU kernels need every tensor on the CPU");
+  py::object dt = torch_attr(obj, g.dtype_attr, false);
+  int i = 0;
+  while (i < g.ndtypes && g.dtype_obj[i] != dt.ptr()) ++i;
+  if (i == g.ndtypes) throw_type(where() + " has unsupported dtype " + py::str(dt).cast<std::string>());
+  t->dtype = g.dtype[i];
+  py::object shape = torch_attr(obj, g.shape, false), strides = torch_attr(obj, g.stride, true);
+  const Py_ssize_t nd = PyTuple_GET_SIZE(shape.ptr());
+  if (nd > kMaxTensorDims)
+    throw_value(where() + " has " + std::to_string(nd) + " dimensions; at most " +
+                std::to_string(kMaxTensorDims) + " are supported");
+  t->ndim = int(nd);
+  for (Py_ssize_t d = 0; d < nd; ++d) {
+    t->shape[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), d));
+    t->strides[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), d));
+  }
+  t->data = PyLong_AsVoidPtr(torch_attr(obj, g.data_ptr, true).ptr());
+  if (PyErr_Occurred()) throw py::error_already_set();
+  t->writeable = true;
+}
+
 Tensor to_tensor(py::handle obj, const char* fn, const char* arg, bool need_writeable) {
   Tensor t;
   auto where = [&] { return std::string(fn) + ": " + arg; };
@@ -207,6 +286,8 @@ Tensor to_tensor(py::handle obj, const char* fn, const char* arg, bool need_writ
       throw_value(where() + " is not aligned to its item size; pass np.ascontiguousarray(" +
                   std::string(arg) + ")");
     t.writeable = a.writeable();
+  } else if (g_torch.tensor && PyObject_TypeCheck(obj.ptr(), g_torch.tensor)) {
+    tensor_from_torch(obj.ptr(), &t, where);
   } else if (tensor_from_tuple(obj.ptr(), &t, where)) {
     // Raw descriptor from the Python front end or attnkit.torch (already validated there).
   } else if (py::isinstance<py::tuple>(obj) && py::len(obj) == 5) {

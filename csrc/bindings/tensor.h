@@ -1,5 +1,6 @@
 // Python objects -> plain tensor descriptions, with the checks every entry point shares.
-// Accepts numpy.ndarray (ml_dtypes.bfloat16 included) and the raw tuples attnkit.torch builds:
+// Accepts numpy.ndarray (ml_dtypes.bfloat16 included), torch.Tensor once attnkit.torch has
+// registered torch's types (register_torch), and the raw tuples the front end builds:
 // (data_ptr: int, shape: tuple, strides_in_elements: tuple, dtype: str, writeable: bool).
 #pragma once
 #include <pybind11/numpy.h>
@@ -38,6 +39,12 @@ std::string shape_str(const Tensor& t);
 
 // `fn` and `arg` name the function and argument in error messages.
 Tensor to_tensor(py::handle obj, const char* fn, const char* arg, bool need_writeable);
+// torch.Tensor, its strided layout and its dtypes ({torch.float32: "float32", ...}), kept for
+// the life of the module: to_tensor then reads CPU tensors with the C API (data_ptr, shape,
+// stride) and refuses one on another device (meta, CUDA), of another layout, nested, or of a
+// dtype not in the table, before anything is written. Called by attnkit.torch at import.
+void register_torch(py::handle tensor_type, py::handle strided, py::dict dtypes);
+
 // An absent optional argument: no data, ndim -1.
 inline Tensor absent_tensor() {
   Tensor t;

@@ -6,8 +6,9 @@ The kernels are registered as ``torch.library`` custom ops (``attnkit::sdpa_forw
 traces through them, and with ``register_autograd`` for training.
 
 Zero copy: CPU tensors in float32, float16, bfloat16 (and float64) go to the kernels as raw
-pointers with their strides; nothing is copied unless the last (head) dim is not contiguous,
-in which case that operand is made contiguous first. Inputs attnkit cannot take fall back to
+pointers with their strides (the binding reads them and refuses a tensor on another device, of
+another layout or dtype); nothing is copied unless the last (head) dim is not contiguous, in
+which case that operand is made contiguous first. Inputs attnkit cannot take fall back to
 torch's own implementation with a one-time warning that says why; so do calls made under a
 torch.func transform (vmap, grad, jvp), forward-mode AD and torch.jit.trace, whose tensors or
 recorded graphs need torch's own op. TorchScript compiles the twin as torch's op.
@@ -25,7 +26,7 @@ import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
 from . import _C
-from ._torch_binding import desc as _desc
+from ._torch_binding import DTYPE_NAMES
 from ._torch_binding import rows as _rows
 from ._torch_binding import threads as _threads
 from ._torch_merge import merge_attention_states
@@ -164,6 +165,14 @@ class _CudaAttention(torch.autograd.Function):
 # ---- custom ops -------------------------------------------------------------------------------
 
 
+def _full_mask(attn_mask, shape):
+    """The mask as a (B, H, Sq, Sk) view (attention() has expanded it already: an expand op
+    costs ~1.2 us, a shape comparison ~0.2)."""
+    if attn_mask is None or attn_mask.shape == shape:
+        return attn_mask
+    return attn_mask.expand(shape)
+
+
 def _forward_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, softcap, window_left,
                   window_right, bottom_right, bshd_out, need_lse=True):
     """(B, H, Sq, D) x (B, Hkv, Sk, D) x (B, Hkv, Sk, Dv) -> out, lse (B, H, Sq) fp32.
@@ -175,15 +184,16 @@ def _forward_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, softcap
     Dv = v.shape[-1]
     if bshd_out:
         out = torch.empty((B, Sq, H, Dv), dtype=q.dtype)
-        outc = out.transpose(1, 2)
+        # its (B, H, Sq, Dv) view as a raw descriptor: a transpose op costs ~1.2 us a call
+        outc = (out.data_ptr(), (B, H, Sq, Dv), (Sq * H * Dv, Dv, H * Dv, 1), DTYPE_NAMES[q.dtype], True)
     else:
         out = outc = torch.empty((B, H, Sq, Dv), dtype=q.dtype)
     lse = torch.empty((B, H, Sq), dtype=torch.float32) if need_lse else None
-    mask = None if attn_mask is None else _desc(attn_mask.expand(B, H, Sq, k.shape[2]))
-    _C.attention(_desc(_rows(q)), _desc(_rows(k)), _desc(_rows(v)), _desc(outc, True),
-                 _desc(lse, True) if need_lse else None, mask, None, None, None, None, None, B, scale, softcap,
-                 is_causal, bottom_right, window_left, window_right, dropout_p,
-                 int(seed.item()) if dropout_p > 0 else 0, 0, _threads())
+    mask = _full_mask(attn_mask, (B, H, Sq, k.shape[2]))
+    # The binding reads the tensors itself (_torch_binding registers torch's types).
+    _C.attention(_rows(q), _rows(k), _rows(v), outc, lse, mask, None, None, None, None, None, B,
+                 scale, softcap, is_causal, bottom_right, window_left, window_right, dropout_p,
+                 int(seed.item()) if dropout_p > 0 else 0, 0, _threads(), None, None, _FN)
     return out, lse
 
 
@@ -215,10 +225,9 @@ def _backward_impl(dout, q, k, v, out, lse, attn_mask, dropout_p, is_causal, sca
     if bshd_out:
         out, dout = out.transpose(1, 2), dout.transpose(1, 2)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    mask = None if attn_mask is None else _desc(attn_mask.expand(B, H, Sq, k.shape[2]))
-    _C.attention_backward(_desc(_rows(dout)), _desc(_rows(q)), _desc(_rows(k)), _desc(_rows(v)),
-                          _desc(_rows(out)), _desc(lse), _desc(dq, True), _desc(dk, True),
-                          _desc(dv, True), mask, None, None, None, B, scale, softcap, is_causal,
+    mask = _full_mask(attn_mask, (B, H, Sq, k.shape[2]))
+    _C.attention_backward(_rows(dout), _rows(q), _rows(k), _rows(v), _rows(out), lse, dq, dk, dv,
+                          mask, None, None, None, B, scale, softcap, is_causal,
                           bottom_right, window_left, window_right, dropout_p,
                           int(seed.item()) if dropout_p > 0 else 0, 0, _threads())
     return dq, dk, dv
@@ -565,6 +574,37 @@ def _dropout_seed(dropout_p: float) -> Tensor:
     return _NO_SEED
 
 
+_FN = "attnkit.torch.attention"
+
+
+def _check_attention_args(query, key, value, attn_mask, window):
+    """attention()'s refusals that the binding cannot make itself (it checks devices, layouts,
+    dtypes and shapes when it reads each tensor): argument types, ranks, batch broadcasting,
+    the window. Returns the batch size and the three inputs' batches. (On every decode step: each torch attribute read is
+    60-150 ns, so each is read once.)"""
+    shapes = []
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{_FN}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_nested or t.layout is not torch.strided:
+            raise TypeError(f"{_FN}: {name} is a {'nested' if t.is_nested else t.layout} tensor; "
+                            "attnkit takes dense (strided) tensors")
+        shape = t.shape
+        if len(shape) != 4:
+            raise ValueError(f"{_FN}: {name} must be 4-D (B, H, S, D), got shape {tuple(shape)}")
+        shapes.append(shape[0])
+    if attn_mask is not None and not isinstance(attn_mask, Tensor):
+        raise TypeError(f"{_FN}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if window is not None and (not isinstance(window, (tuple, list)) or len(window) != 2
+                               or not all(isinstance(w, int) for w in window)):
+        raise ValueError(f"{_FN}: window must be a pair of ints (left, right), got {window!r}")
+    B = max(shapes)
+    if any(b not in (1, B) for b in shapes):
+        raise ValueError(f"{_FN}: batch sizes {shapes[0]} (query), {shapes[1]} (key), {shapes[2]} "
+                         "(value) do not broadcast")
+    return B, shapes
+
+
 def attention(query: Tensor, key: Tensor, value: Tensor, *, attn_mask: Optional[Tensor] = None,
               dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
               softcap: Optional[float] = None, window: Optional[tuple] = None,
@@ -572,12 +612,17 @@ def attention(query: Tensor, key: Tensor, value: Tensor, *, attn_mask: Optional[
     """attnkit attention on (B, H, S, D) torch tensors with autograd, and attnkit's extras
     (``softcap``, ``window=(left, right)``, bottom-right alignment, output in (B, S, H, D)
     with ``bshd_out=True``). GQA is implied by H % Hkv == 0. Used by
-    :func:`scaled_dot_product_attention` and the transformers integration."""
-    B = max(query.shape[0], key.shape[0], value.shape[0])
-    if query.shape[0] != B:
+    :func:`scaled_dot_product_attention` and the transformers integration. Errors (before any
+    work): TypeError/ValueError naming the argument, e.g. a tensor on another device than the
+    others (a CPU call needs every tensor on the CPU), a dtype other than float32, float16,
+    bfloat16, float64 (masks: bool or a float dtype), shapes that do not match or broadcast."""
+    B, batches = _check_attention_args(query, key, value, attn_mask, window)
+    if batches[0] != B:
         query = query.expand(B, *query.shape[1:])
-    if key.shape[0] != B:
-        key, value = key.expand(B, *key.shape[1:]), value.expand(B, *value.shape[1:])
+    if batches[1] != B:
+        key = key.expand(B, *key.shape[1:])
+    if batches[2] != B:
+        value = value.expand(B, *value.shape[1:])
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     if query.is_cuda:
@@ -592,6 +637,13 @@ def attention(query: Tensor, key: Tensor, value: Tensor, *, attn_mask: Optional[
             return out.transpose(1, 2).contiguous() if bshd_out else out
         return _cuda_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, softcap,
                              window, bottom_right, bshd_out)
+    if attn_mask is not None:
+        shape = (B, query.shape[1], query.shape[2], key.shape[2])
+        try:
+            attn_mask = attn_mask.expand(shape)  # a view: broadcast dims keep stride 0
+        except RuntimeError:
+            raise ValueError(f"{_FN}: attn_mask of shape {tuple(attn_mask.shape)} does not "
+                             f"broadcast to {shape}") from None
     wl, wr = window if window is not None else (-1, -1)
     out, _ = _run(
         query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale),
