@@ -297,8 +297,10 @@ def bandwidth_methods(buf, threads: int):
 
     Read (all of `buf`): each of `threads` Python threads reduces its own contiguous slice with
     an op that does far less arithmetic per byte than DRAM delivers (NumPy's SIMD max; a BLAS
-    sdot of the slice with itself, BLAS held to one thread per caller), and torch's parallel
-    sum on `threads` intra-op threads. NumPy's float sum is not used: its pairwise summation
+    sdot of the slice with itself, BLAS held to one thread per caller; a BLAS sdot of the
+    slice's first half with its second half: two streams per thread, as the decode kernel reads
+    K and V, ran 23 GB/s where one stream ran 20-21 on a 2-core Xeon, and the decode row
+    exceeded the one-stream ceiling), and torch's parallel sum on `threads` intra-op threads. NumPy's float sum is not used: its pairwise summation
     ran at ~8 GB/s per core even from L2, below DRAM speed: it measured the adder, not memory.
     Copy (read + write bytes): the first half of `buf` into the second half (each half is
     still 2x the LLC), by np.copyto per thread slice and by torch's parallel copy_.
@@ -318,12 +320,19 @@ def bandwidth_methods(buf, threads: int):
         seg = buf[rb[i] : rb[i + 1]]
         np.dot(seg, seg)
 
+    def read_dot2(i):
+        """BLAS sdot of slice i's two halves (two streams, one load per element)."""
+        seg = buf[rb[i] : rb[i + 1]]
+        m = seg.size // 2
+        np.dot(seg[:m], seg[m : 2 * m])
+
     def copy_slice(i):
         """Copy slice i of the first half into the second half."""
         np.copyto(dst[cb[i] : cb[i + 1]], src[cb[i] : cb[i + 1]])
 
     read = {"numpy max": (lambda: _parallel(read_max, parts), buf.nbytes),
-            "blas dot": (lambda: _parallel(read_dot, parts), buf.nbytes)}
+            "blas dot": (lambda: _parallel(read_dot, parts), buf.nbytes),
+            "blas dot 2 streams": (lambda: _parallel(read_dot2, parts), buf.nbytes)}
     copy = {"numpy copyto": (lambda: _parallel(copy_slice, parts), 2 * dst.nbytes)}
     torch = _torch_or_none()
     if torch is not None:
