@@ -157,19 +157,32 @@ def _overhead_case(spec):
 
     q = heads_view(sq)[0]
     _, k, v = heads_view(sk)
-    qn, kn, vn = q.numpy(), k.numpy(), v.numpy()
     causal = sq > 1
-    align = "bottom_right"  # a prefix of Sk - Sq cached tokens precedes the queries
     ak, sd = ALL_ATTENTION_FUNCTIONS["attnkit"], ALL_ATTENTION_FUNCTIONS["sdpa"]
     kw = dict(dropout=0.0, scaling=module.scaling)
     mask = None
     if causal and sq != sk:  # HF passes an explicit mask when the alignment is not top-left
         i, j = torch.arange(sq)[:, None], torch.arange(sk)[None, :]
         mask = (j <= i + sk - sq)[None, None]
+    # The kernel through the binding alone, on the same tensors and into a (B, Sq, H, D) output
+    # as the adapter returns: what the adapter's Python adds is the difference. (It was the
+    # NumPy front end, whose own Python made the difference negative.)
+    import attnkit.torch  # noqa: F401  (registers torch's types with the binding)
+
+    out_k = torch.empty(b, sq, heads, d)
+    out_kv = out_k.transpose(1, 2)  # (B, H, Sq, D) view, made once
+    mask_k = None if mask is None else mask.expand(b, heads, sq, sk)
+
+    def kernel():
+        """attnkit._C.attention on the tensors: the binding and the kernel, no Python layer."""
+        attnkit._C.attention(q, k, v, out_kv, None, mask_k, None, None, None, None,
+                             None, b, module.scaling, 0.0, causal and mask is None, True, -1, -1,
+                             0.0, 0, 0, torch.get_num_threads())
+        return out_k
+
     contenders = {
         "attnkit adapter": lambda: ak(module, q, k, v, mask, **kw)[0],
-        "attnkit kernel": lambda: attnkit.attention(qn, kn, vn, causal=causal,
-                                                    causal_align=align).transpose(0, 2, 1, 3),
+        "attnkit kernel": kernel,
         "sdpa adapter": lambda: sd(module, q, k, v, mask, **kw)[0],
         "torch sdpa": lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and mask is None).transpose(1, 2),
