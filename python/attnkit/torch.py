@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import threading
 import warnings
 from typing import Optional
@@ -610,7 +611,7 @@ def _check_attention_args(query, key, value, attn_mask, window):
     if attn_mask is not None and not isinstance(attn_mask, Tensor):
         raise TypeError(f"{_FN}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
     if window is not None and (not isinstance(window, (tuple, list)) or len(window) != 2
-                               or not all(isinstance(w, int) for w in window)):
+                               or not all(isinstance(w, numbers.Integral) for w in window)):
         raise ValueError(f"{_FN}: window must be a pair of ints (left, right), got {window!r}")
     batches = (sq[0], sk[0], sv[0])
     B = max(batches)
