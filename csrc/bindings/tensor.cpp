@@ -247,6 +247,10 @@ static void tensor_from_torch(PyObject* obj, Tensor* t, const Where& where) {
   if (i == g.ndtypes) throw_type(where() + " has unsupported dtype " + py::str(dt).cast<std::string>());
   t->dtype = g.dtype[i];
   py::object shape = torch_attr(obj, g.shape, false), strides = torch_attr(obj, g.stride, true);
+  // (a subclass's __torch_function__ may answer these with anything)
+  if (!PyTuple_Check(shape.ptr()) || !PyTuple_Check(strides.ptr()) ||
+      PyTuple_GET_SIZE(strides.ptr()) != PyTuple_GET_SIZE(shape.ptr()))
+    throw_type(where() + ": its shape and stride() are not tuples of one length");
   const Py_ssize_t nd = PyTuple_GET_SIZE(shape.ptr());
   if (nd > kMaxTensorDims)
     throw_value(where() + " has " + std::to_string(nd) + " dimensions; at most " +
