@@ -1,0 +1,169 @@
+// The decode kernel's register blocks (attention_decode.cpp; docs/ARCHITECTURE.md, "Decode"):
+// K/V rows of any storage type as fp32 registers, the score blocks (rows x keys of dot
+// products) and the P V blocks (rows x vectors of O). Included inside each ISA's namespace;
+// every function is a leaf over VF, so the kernel file keeps the item loop, the softmax pipeline
+// and the scheduling.
+#pragma once
+
+#include "common.h"
+#include "quantize.h"
+#include "simd/transpose.h"
+#include "simd/vec.h"
+
+namespace attnkit {
+namespace cpu {
+namespace ATTNKIT_ISA_NS {
+namespace decode {
+
+using VF = Vec<float>;
+
+// K/V elements as fp32 registers: float storage converted (load_cvt), 8-bit codes widened
+// (load_code). A code row's scale (times its load unit) multiplies the row's dot products (K)
+// or its P (V) instead of every element (apply_k_scales, scale_p_by_v_rows).
+template <class S>
+inline VF load_kv(const S* p) {
+  if constexpr (is_code<S>)
+    return load_code(p);
+  else
+    return load_cvt(p);
+}
+template <class S>
+inline VF load_kv_partial(const S* p, int n) {
+  if constexpr (is_code<S>)
+    return load_code_partial(p, n);
+  else
+    return load_cvt_partial(p, n);
+}
+// Two vectors of K/V elements (2N) at p.
+template <class S>
+inline void load_kv_pair(const S* p, VF& a, VF& b) {
+  if constexpr (is_code<S>) {
+    load_code_pair(p, a, b);
+  } else {
+    a = load_cvt(p);
+    b = load_cvt(p + VF::N);
+  }
+}
+
+// Register blocks: RB query rows x 4 keys of dot products (scores), RB rows x DV vectors of O
+// (P V). AVX-512 has 32 vector registers: 4 x 4 accumulators + 4 K vectors; AVX2's 16 take
+// half of that. Independent accumulators hide the FMA latency (one accumulator per row, as in
+// the first version, left the loops latency-bound at ~1 FMA per 4 cycles: bench/notes/decode.md).
+constexpr int kScoreRows = VF::N >= 16 ? 4 : 2;
+constexpr int kPvRows = VF::N >= 16 ? 4 : 2;
+
+// s[ri * lds + u] = q_{ri} . k_u for RB rows of q (row stride D) and four K rows.
+template <int RB, class SKV>
+inline void dot_block(const float* q, int64_t D, const SKV* const* k, float* s, int64_t lds) {
+  VF acc[RB][4];
+  for (int ri = 0; ri < RB; ++ri)
+    for (int u = 0; u < 4; ++u) acc[ri][u] = VF::zero();
+  int64_t d = 0;
+  for (; d + 2 * VF::N <= D; d += 2 * VF::N) {
+    VF kv[4], kw[4];
+    for (int u = 0; u < 4; ++u) load_kv_pair(k[u] + d, kv[u], kw[u]);
+    for (int ri = 0; ri < RB; ++ri) {
+      const VF qv = VF::load(q + ri * D + d), qw = VF::load(q + ri * D + d + VF::N);
+      for (int u = 0; u < 4; ++u) acc[ri][u] = fma(qw, kw[u], fma(qv, kv[u], acc[ri][u]));
+    }
+  }
+  for (; d < D; d += VF::N) {
+    const int w = int(imin(VF::N, D - d));
+    VF kv[4];
+    for (int u = 0; u < 4; ++u) kv[u] = w == VF::N ? load_kv(k[u] + d) : load_kv_partial(k[u] + d, w);
+    for (int ri = 0; ri < RB; ++ri) {
+      const VF qv = w == VF::N ? VF::load(q + ri * D + d) : VF::load_partial(q + ri * D + d, w);
+      for (int u = 0; u < 4; ++u) acc[ri][u] = fma(qv, kv[u], acc[ri][u]);
+    }
+  }
+  for (int ri = 0; ri < RB; ++ri) hsum4(acc[ri][0], acc[ri][1], acc[ri][2], acc[ri][3], s + ri * lds);
+}
+
+// s[u] = q . k_u for one query row and VF::N fp32 K rows (MHA decode): one accumulator per
+// key, all reduced together by hsum_n. With 4 keys per block the reductions (hsum4 and its
+// latency) were half of the scores' time at D 64 (bench/notes/decode.md, "MHA decode from L2").
+inline void dot_keys(const float* q, int64_t D, const float* const* k, float* s) {
+  VF acc[VF::N];
+  for (int u = 0; u < VF::N; ++u) acc[u] = VF::zero();
+  int64_t d = 0;
+  for (; d + 2 * VF::N <= D; d += 2 * VF::N) {
+    const VF qv = VF::load(q + d), qw = VF::load(q + d + VF::N);
+    for (int u = 0; u < VF::N; ++u)
+      acc[u] = fma(qw, VF::load(k[u] + d + VF::N), fma(qv, VF::load(k[u] + d), acc[u]));
+  }
+  for (; d < D; d += VF::N) {
+    const int w = int(imin(VF::N, D - d));
+    const VF qv = VF::load_partial(q + d, w);
+    for (int u = 0; u < VF::N; ++u) acc[u] = fma(qv, VF::load_partial(k[u] + d, w), acc[u]);
+  }
+  hsum_n(acc, s);
+}
+
+// O[r][d0 .. d0 + DV vectors) += sum over the listed keys of P[r][key] V_key, for RB rows: the
+// O block stays in registers across the keys (loaded and stored once per key block), each V
+// vector is converted once for the RB rows. The last vector holds `last_w` valid lanes (O rows
+// are padded to whole vectors; V is read only up to Dv). Each accumulator takes one FMA per
+// key, so with fewer than 8 of them (two FMA ports x 4 cycles of latency) the keys alternate
+// between KU sets, added at the end: a single row of D 64 ran as 4 one-vector chains at a
+// quarter of the FMA rate (bench/notes/decode.md, "MHA decode from L2").
+template <int RB, int DV, class SKV>
+inline void pv_block(const SKV* const* vrows, const int64_t* keys, int64_t nkeys, const float* P,
+                     int64_t ldp, float* O, int64_t ldo, int64_t d0, int last_w) {
+  constexpr int KU = RB * DV >= 8 ? 1 : RB * DV >= 4 ? 2 : 4;
+  VF acc[KU][RB][DV];
+  for (int ri = 0; ri < RB; ++ri)
+    for (int i = 0; i < DV; ++i) {
+      acc[0][ri][i] = VF::load(O + ri * ldo + d0 + i * VF::N);
+      for (int u = 1; u < KU; ++u) acc[u][ri][i] = VF::zero();
+    }
+  auto step = [&](int64_t j, VF(&a)[RB][DV]) {
+    const SKV* v = vrows[j] + d0;
+    VF x[DV];
+    int i0 = 0;
+    for (; i0 + 2 < DV; i0 += 2) load_kv_pair(v + i0 * VF::N, x[i0], x[i0 + 1]);
+    for (int i = i0; i < DV - 1; ++i) x[i] = load_kv(v + i * VF::N);
+    x[DV - 1] = last_w == VF::N ? load_kv(v + (DV - 1) * VF::N) : load_kv_partial(v + (DV - 1) * VF::N, last_w);
+    for (int ri = 0; ri < RB; ++ri) {
+      const VF pj = VF::broadcast(P + ri * ldp + j);
+      for (int i = 0; i < DV; ++i) a[ri][i] = fma(pj, x[i], a[ri][i]);
+    }
+  };
+  int64_t e = 0;
+  for (; e + KU <= nkeys; e += KU)
+    for (int u = 0; u < KU; ++u) step(keys[e + u], acc[u]);
+  for (; e < nkeys; ++e) step(keys[e], acc[0]);
+  for (int ri = 0; ri < RB; ++ri)
+    for (int i = 0; i < DV; ++i) {
+      for (int u = 1; u < KU; ++u) acc[0][ri][i] = acc[0][ri][i] + acc[u][ri][i];
+      acc[0][ri][i].store(O + ri * ldo + d0 + i * VF::N);
+    }
+}
+
+// Rows [r, r + RB) over every vector of Dv: DV vectors at a time, then the rest in blocks of
+// 4, 2 and 1 vectors (the last one partial when Dv is not a whole number of vectors).
+template <int RB, int DV, class SKV>
+inline void pv_rows(const SKV* const* vrows, const int64_t* keys, int64_t nkeys, const float* P,
+                    int64_t ldp, float* O, int64_t ldo, int64_t Dv) {
+  int64_t d0 = 0;
+  for (; d0 + DV * VF::N <= Dv; d0 += DV * VF::N)
+    pv_block<RB, DV>(vrows, keys, nkeys, P, ldp, O, ldo, d0, VF::N);
+  int64_t rem = ceil_div(Dv - d0, VF::N);  // vectors left: DV at most, the last one partial
+  const int last_w = int(Dv - d0 - (rem - 1) * VF::N);
+  if (rem == DV) return pv_block<RB, DV>(vrows, keys, nkeys, P, ldp, O, ldo, d0, last_w);
+  if constexpr (DV > 4)
+    if (rem >= 4) {
+      pv_block<RB, 4>(vrows, keys, nkeys, P, ldp, O, ldo, d0, rem == 4 ? last_w : VF::N);
+      d0 += 4 * VF::N, rem -= 4;
+    }
+  if constexpr (DV > 2)
+    if (rem >= 2) {
+      pv_block<RB, 2>(vrows, keys, nkeys, P, ldp, O, ldo, d0, rem == 2 ? last_w : VF::N);
+      d0 += 2 * VF::N, rem -= 2;
+    }
+  if (rem == 1) pv_block<RB, 1>(vrows, keys, nkeys, P, ldp, O, ldo, d0, last_w);
+}
+
+}  // namespace decode
+}  // namespace ATTNKIT_ISA_NS
+}  // namespace cpu
+}  // namespace attnkit
