@@ -428,3 +428,20 @@ def test_many_threads_use_a_two_dimensional_grid(isa, rng, threads):
         assert tm * tn == nt and tm > 1 and tn > 1, (nt, plan)
         assert np.array_equal(out, one), nt
     check(a, b, one)
+
+
+def test_shared_a_rows_split_in_row_quanta(isa, rng, threads):
+    """The shared A block's rows go to the thread rows in quanta of 4 rows, not whole MR-row
+    panels (gemm.cpp, kRowQuantum): a thread row's last panel may be short, and each thread
+    row's panels sit past every earlier row's in the buffer. Every split (2 to 6 threads, 1-D
+    and 2-D grids, k-blocks deep and shallow) gives one thread's bits and the float64 result."""
+    kc = _plan_for(np.float32)["kc_max"]
+    for m, k in [(37, 1600), (100, 2 * kc + 5), (512, 300)]:
+        a, b = randn(rng, (m, k), np.float32), randn(rng, (k, m), np.float32)
+        one, plan = _run_with_threads(1, a, b)
+        assert plan["shared_a"], (m, plan)
+        check(a, b, one)
+        for nt in (2, 3, 4, 6):
+            for _ in range(3):
+                out, plan = _run_with_threads(nt, a, b)
+                assert np.array_equal(out, one), (m, nt, plan)

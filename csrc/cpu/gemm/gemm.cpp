@@ -188,6 +188,19 @@ int64_t shared_a_rows(int64_t m) {
   return imin(round_up(m, Blocking<T>::MR), round_up(gemm_blocks<T>().nc, Blocking<T>::MR));
 }
 
+// The rows of a shared A block are split among the thread rows of the grid in quanta of this
+// many rows, not in whole MR-row panels: each thread row's last panel is shorter instead of
+// one thread getting a whole extra panel (512 rows = 43 panels of 12 went 22 / 21 to two
+// threads: ~5% of the product waiting at the end). A panel's height never changes its sums.
+constexpr int64_t kRowQuantum = 4;
+
+// Rows of one shared A block buffer: the block's panels, plus one panel per thread row (each
+// thread row's panels start at panel r0 / MR + its index, past every earlier row's).
+template <class T>
+int64_t shared_a_buffer_rows(int64_t m, int team) {
+  return shared_a_rows<T>(m) + int64_t(team) * Blocking<T>::MR;
+}
+
 // The shared-A order (top of this file). Measured against the shared-B order on Emerald Rapids
 // (bench/notes/matmul.md, "the shared-A order"): 2048^3 fp32 264-271 -> 292-293 GFLOP/s at 2
 // threads, 140-145 -> 151-154 at 1 thread.
@@ -197,7 +210,7 @@ void gemm_shared_a(const GemmArgs<T, S>& g, int nt, T* apack_all, T* bpack_all) 
   constexpr int MR = B::MR, NR = B::NR;
   const GemmBlocks& blk = gemm_blocks<T>();
   const int64_t m = g.m, n = g.n, k = g.k;
-  const int64_t a_rows = shared_a_rows<T>(m);
+  const int64_t a_rows = shared_a_rows<T>(m), buffer_rows = shared_a_buffer_rows<T>(m, nt);
 
   parallel_team(nt, [&] {
     const int tid = thread_id(), team = team_size();
@@ -213,22 +226,28 @@ void gemm_shared_a(const GemmArgs<T, S>& g, int nt, T* apack_all, T* bpack_all) 
     // later, once every thread has passed the barrier of the block in between.
     int64_t block_index = 0;
     for (int64_t ic = 0; ic < m; ic += a_rows) {
-      const int64_t mc = imin(a_rows, m - ic), mp = ceil_div(mc, MR);
-      int64_t rbeg, rend;
-      split_range(mp, tm, tid / tn, &rbeg, &rend);
+      const int64_t mc = imin(a_rows, m - ic);
+      // This row group's rows [r0, r1) of the block, in quanta of kRowQuantum rows, and its
+      // panels (the last one shorter) from panel index rbeg of the buffer.
+      int64_t q0, q1;
+      split_range(ceil_div(mc, kRowQuantum), tm, tid / tn, &q0, &q1);
+      const int64_t r0 = imin(q0 * kRowQuantum, mc), r1 = imin(q1 * kRowQuantum, mc);
+      const int64_t rbeg = r0 / MR + tid / tn, rend = rbeg + ceil_div(r1 - r0, MR);
       for (int64_t pc = 0; pc < k; pc += kc_step) {
         const int64_t kc = imin(kc_step, k - pc);
         const bool accumulate = pc > 0;
-        T* apack = apack_all + (team > 1 ? block_index++ % 2 : 0) * a_rows * blk.kc;
+        T* apack = apack_all + (team > 1 ? block_index++ % 2 : 0) * buffer_rows * blk.kc;
         // The threads of a row group (same rows, different columns) pack its panels together.
         // Panels sit kc_step deep whatever this block's depth: with a single-column grid there
         // is no barrier, and a thread's panels of a shallower last block must not reach into
         // the panels another thread may still be reading two blocks back.
         int64_t pbeg, pend;
         split_range(rend - rbeg, tn, tid % tn, &pbeg, &pend);
-        for (int64_t p = rbeg + pbeg; p < rbeg + pend; ++p)
-          pack_a_panel<T, S>(g.a + (ic + p * MR) * g.rs_a + pc * g.cs_a, g.rs_a, g.cs_a,
-                             int(imin(MR, mc - p * MR)), kc, apack + p * MR * kc_step);
+        for (int64_t p = pbeg; p < pend; ++p) {
+          const int64_t row = r0 + p * MR;
+          pack_a_panel<T, S>(g.a + (ic + row) * g.rs_a + pc * g.cs_a, g.rs_a, g.cs_a,
+                             int(imin(MR, r1 - row)), kc, apack + (rbeg + p) * MR * kc_step);
+        }
         if (tn > 1) {  // (every thread of the team takes the same branch)
 #pragma omp barrier
         }
@@ -236,9 +255,10 @@ void gemm_shared_a(const GemmArgs<T, S>& g, int nt, T* apack_all, T* bpack_all) 
           const int64_t nc = imin(blk.nb, col1 - jc);
           pack_b_block<T, S>(g.b + pc * g.rs_b + jc * g.cs_b, g.rs_b, g.cs_b, kc, nc, bpack);
           for (int64_t p = rbeg; p < rend; ++p) {
-            const int mr = int(imin(MR, mc - p * MR));
+            const int64_t row = r0 + (p - rbeg) * MR;
+            const int mr = int(imin(MR, r1 - row));
             const T* ap = apack + p * MR * kc_step;
-            T* cp = g.c + (ic + p * MR) * g.ldc + jc;
+            T* cp = g.c + (ic + row) * g.ldc + jc;
             for (int64_t jp = 0; jp * NR < nc; ++jp)
               ukernel_rows<T, true>(mr, kc, ap, 0, bpack + jp * kc * NR, NR, cp + jp * NR, g.ldc,
                                     accumulate, int(imin(NR, nc - jp * NR)));
@@ -369,7 +389,7 @@ struct GemmBuffers {
     if (!direct_c && !ws.reset(size_t(m * n))) return false;
     const int buffers = nt > 1 ? 2 : 1;
     if (lp.shared_a)  // one shared A block per buffer, one B block per thread
-      return apack.reset(size_t(buffers * shared_a_rows<T>(m) * blk.kc)) &&
+      return apack.reset(size_t(buffers * shared_a_buffer_rows<T>(m, nt) * blk.kc)) &&
              bpack.reset(size_t(nt * blk.kc * blk.nb));
     // The shared-B order: only the buffers of the operands it packs (a small product reads
     // both in place and packs at most B's N tail)
