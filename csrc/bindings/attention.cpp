@@ -72,11 +72,12 @@ void sequences(Prepared& pr, const std::string& fn, const Tensor& q, const Tenso
     p.cu_seqlens_k = pr.cu_k.data();
   }
   const int64_t n_new = pr.p.n_new;
-  ATTNKIT_REQUIRE(fn, n_new == 0 || !lens.empty(), "k/v need cache_seqlens");
+  // (given but empty for batch 0: then nothing is appended)
+  ATTNKIT_REQUIRE(fn, n_new == 0 || !seqlens_o.is_none(), "k/v need cache_seqlens");
   int64_t capacity = k.shape[2];
   int64_t pages = 0;
   if (!block_table_o.is_none()) {
-    ATTNKIT_REQUIRE(fn, !lens.empty(), "block_table needs cache_seqlens");
+    ATTNKIT_REQUIRE(fn, !seqlens_o.is_none(), "block_table needs cache_seqlens");
     Tensor bt = to_tensor(block_table_o, fn.c_str(), "block_table", false);
     ATTNKIT_REQUIRE(fn, bt.dtype == DType::i64 && bt.ndim == 2 && bt.shape[0] == batch,
             "block_table must be an int64 array of shape (batch, max_blocks)");

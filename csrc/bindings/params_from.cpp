@@ -1,6 +1,7 @@
 #include "params_from.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -30,7 +31,7 @@ bool quantize_params(const std::string& fn, const Tensor& x, const Tensor& q, co
     throw_value(fn + ": internal: codes " + shape_str(q) + " / scale " + shape_str(scale) +
                 " do not match x " + shape_str(x));
   const int64_t n = x.shape[nd - 1];
-  if (n > 1 && (x.strides[nd - 1] != 1 || q.strides[nd - 1] != 1))
+  if (n > 1 && x.numel() > 0 && (x.strides[nd - 1] != 1 || q.strides[nd - 1] != 1))
     throw_value(fn + ": x must be contiguous along its last dim");
   if (!q.writeable || !scale.writeable) throw_value(fn + ": internal: outputs are read-only");
   if (may_overlap(q, x) || may_overlap(scale, x) || may_overlap(q, scale))
@@ -165,9 +166,8 @@ bool softmax_params(const Tensor& x, const Tensor& out, int64_t axis, SoftmaxPar
     throw_value("softmax: out overlaps x; pass out=x (the very same array) for in place, or "
                 "a separate array");
   if (x.numel() == 0) return false;
-  for (int d = 0; d < out.ndim; ++d)
-    if (out.shape[d] > 1 && out.strides[d] == 0)
-      throw_value("softmax: out has overlapping elements (a stride-0 dimension)");
+  if (self_overlapping(out))
+    throw_value("softmax: out has overlapping elements (a stride-0 or self-overlapping view)");
   p->x = x.data;
   p->out = out.data;
   p->dtype = x.dtype;
@@ -240,9 +240,8 @@ bool gemm_params(const Tensor& a, const Tensor& b, const Tensor& out, GemmParams
     throw_value("matmul: out has shape " + shape_str(out) + " but the result has (..., " +
                 std::to_string(m) + ", " + std::to_string(n) + ")");
   if (out.numel() == 0) return false;
-  for (int d = 0; d < nd; ++d)
-    if (out.shape[d] > 1 && out.strides[d] == 0)
-      throw_value("matmul: out has overlapping elements (a stride-0 dimension)");
+  if (self_overlapping(out))
+    throw_value("matmul: out has overlapping elements (a stride-0 or self-overlapping view)");
   if (may_overlap(out, a) || may_overlap(out, b))
     throw_value("matmul: out overlaps an input (a or b); pass a separate array");
 
@@ -447,6 +446,11 @@ void attention_params(const std::string& fn, const AttentionTensors& t,
       for (const Tensor* cache : {&k, &v})
         ATTNKIT_REQUIRE(c.fn, !may_overlap(*n, *cache), "k/v overlap the caches they are appended to");
     ATTNKIT_REQUIRE(c.fn, !may_overlap(k, v), "k_cache and v_cache overlap; appending would write one into the other");
+    ATTNKIT_REQUIRE(c.fn, !self_overlapping(k) && !self_overlapping(v),
+                    "k_cache/v_cache have overlapping elements (a stride-0 or self-overlapping view); appending would write one row over another");
+    if (codes)
+      ATTNKIT_REQUIRE(c.fn, !self_overlapping(t.k_scale) && !self_overlapping(t.v_scale),
+                      "k_scale/v_scale have overlapping elements (a stride-0 or self-overlapping view)");
     if (codes)
       for (const Tensor* n : {&kn, &vn})
         for (const Tensor* sc : {&t.k_scale, &t.v_scale})
@@ -461,21 +465,35 @@ void attention_params(const std::string& fn, const AttentionTensors& t,
   }
   ATTNKIT_REQUIRE(c.fn, std::isfinite(o.scale), "scale must be finite");
   ATTNKIT_REQUIRE(c.fn, std::isfinite(o.softcap) && o.softcap >= 0, "softcap must be a finite number >= 0");
+  // Every dtype but float64 computes in float32: a larger scale or softcap would become inf.
+  if (q.dtype != DType::f64) {
+    ATTNKIT_REQUIRE(c.fn, std::fabs(o.scale) <= double(FLT_MAX),
+                    std::string("scale is beyond float32's range (3.4e38), the compute type of ") + dtype_name(q.dtype) + " inputs");
+    ATTNKIT_REQUIRE(c.fn, o.softcap <= double(FLT_MAX),
+                    std::string("softcap is beyond float32's range (3.4e38), the compute type of ") + dtype_name(q.dtype) + " inputs");
+  }
   ATTNKIT_REQUIRE(c.fn, o.window_left >= -1 && o.window_right >= -1, "window entries must be >= -1");
   ATTNKIT_REQUIRE(c.fn, o.dropout_p >= 0.0 && o.dropout_p < 1.0, "dropout_p must be in [0, 1)");
   p->scale = o.scale;
   p->softcap = o.softcap;
   p->causal = o.causal;
   p->bottom_right = o.bottom_right;
-  p->window_left = o.window_left;
-  p->window_right = o.window_right;
-  p->dropout_p = float(o.dropout_p);
+  // A window entry past any sequence the memory can hold bounds nothing: -1 (unbounded), so
+  // the kernels' i + offset + right cannot overflow (window=(-1, sys.maxsize) wrapped around
+  // and masked whole rows).
+  constexpr int64_t kUnboundedWindow = int64_t(1) << 40;
+  p->window_left = o.window_left > kUnboundedWindow ? -1 : o.window_left;
+  p->window_right = o.window_right > kUnboundedWindow ? -1 : o.window_right;
+  p->dropout_p = o.dropout_p;
   p->dropout_seed = o.seed;
   p->dropout_offset = o.offset;
 
   // Outputs never alias inputs (nor each other): the kernels read inputs after writing rows.
   // (The backward's outputs are dq/dk/dv, checked by its binding.)
   if (t.backward) return;
+  ATTNKIT_REQUIRE(c.fn, !self_overlapping(out), "out has overlapping elements (a stride-0 or self-overlapping view)");
+  if (present(t.lse))
+    ATTNKIT_REQUIRE(c.fn, !self_overlapping(t.lse), "lse has overlapping elements (a stride-0 or self-overlapping view)");
   for (const Tensor* in : {&q, &k, &v, &t.k_new, &t.v_new, &t.mask, &t.alibi, &t.k_scale, &t.v_scale}) {
     if (!present(*in)) continue;
     ATTNKIT_REQUIRE(c.fn, !may_overlap(out, *in), "out overlaps an input; pass a separate array");
@@ -501,6 +519,7 @@ void backward_grad_params(const std::string& fn, const Tensor& qt, const Tensor&
     ATTNKIT_REQUIRE(fn, t->ndim == 4 && (t->shape[3] <= 1 || t->strides[3] == 1 || t->numel() == 0),
             "gradients must be contiguous along the head dim");
   for (const Tensor* g : {&dq, &dk, &dv}) {
+    ATTNKIT_REQUIRE(fn, !self_overlapping(*g), "dq/dk/dv have overlapping elements (a stride-0 or self-overlapping view)");
     for (const Tensor* t : {&qt, &kt, &vt, &ot, &dout})
       ATTNKIT_REQUIRE(fn, !may_overlap(*g, *t), "a gradient output overlaps an input");
   }

@@ -83,6 +83,26 @@ bool may_overlap(const Tensor& a, const Tensor& b) {
   return alo < bhi && blo < ahi;
 }
 
+bool self_overlapping(const Tensor& t) {
+  if (t.numel() <= 1) return false;
+  int64_t st[kMaxTensorDims], ext[kMaxTensorDims];
+  int n = 0;
+  for (int d = 0; d < t.ndim; ++d) {
+    if (t.shape[d] <= 1) continue;
+    const int64_t s = t.strides[d] < 0 ? -t.strides[d] : t.strides[d];
+    int i = n++;
+    for (; i > 0 && st[i - 1] > s; --i) st[i] = st[i - 1], ext[i] = ext[i - 1];
+    st[i] = s;
+    ext[i] = t.shape[d];
+  }
+  int64_t span = 0;  // elements spanned by the smaller-stride dims, minus one
+  for (int i = 0; i < n; ++i) {
+    if (st[i] <= span) return true;
+    span += st[i] * (ext[i] - 1);
+  }
+  return false;
+}
+
 bool same_view(const Tensor& a, const Tensor& b) {
   if (a.data != b.data || a.ndim != b.ndim || a.dtype != b.dtype) return false;
   for (int d = 0; d < a.ndim; ++d)
@@ -113,7 +133,21 @@ void check_status(Status s, const char* fn) {
   }
 }
 
+// A dtype stored in the other byte order ('>f4' on a little-endian host): the kernels read
+// native numbers only, so such arrays are refused by name, never read as native.
+static bool byte_swapped(const py::dtype& dt) {
+  const uint16_t one = 1;
+  const bool little = *reinterpret_cast<const uint8_t*>(&one) == 1;
+  return dt.byteorder() == (little ? '>' : '<');
+}
+
+static std::string swapped_note(const py::dtype& dt) {
+  return byte_swapped(dt) ? " (non-native byte order; convert it with .astype(arr.dtype.newbyteorder('=')))"
+                          : "";
+}
+
 static bool numpy_dtype(const py::dtype& dt, DType* out) {
+  if (byte_swapped(dt)) return false;
   const char kind = dt.kind();
   const auto size = dt.itemsize();
   if (kind == 'f' && size == 4) return *out = DType::f32, true;
@@ -271,7 +305,8 @@ Tensor to_tensor(py::handle obj, const char* fn, const char* arg, bool need_writ
   if (py::isinstance<py::array>(obj)) {
     py::array a = py::reinterpret_borrow<py::array>(obj);
     if (!numpy_dtype(a.dtype(), &t.dtype))
-      throw_type(where() + " has unsupported dtype " + py::str(a.dtype()).cast<std::string>());
+      throw_type(where() + " has unsupported dtype " + py::str(a.dtype()).cast<std::string>() +
+                 swapped_note(a.dtype()));
     if (a.ndim() > kMaxTensorDims)
       throw_value(where() + " has " + std::to_string(a.ndim()) + " dimensions; at most " +
                   std::to_string(kMaxTensorDims) + " are supported");
@@ -318,6 +353,8 @@ py::tuple describe_numpy(py::handle obj) {
   std::string name;
   if (numpy_dtype(dt, &t)) {
     name = dtype_name(t);
+  } else if (byte_swapped(dt)) {  // e.g. ">f4 (non-native byte order; ...)": refused by name
+    name = py::str(dt).cast<std::string>() + swapped_note(dt);
   } else {
     name = py::str(dt.attr("name")).cast<std::string>();
   }

@@ -396,7 +396,7 @@ void tile_grads(const AttentionParams& p, const SeqView& sv, int64_t h, int64_t 
     const T* zbuf = nullptr;
     if (p.dropout_p > 0.0f) {
       const DropoutRow dr = dropout_row(p.dropout_seed, p.dropout_offset, sv.b, h,
-                                        p.num_heads, i, p.dropout_p);
+                                        p.num_heads, i, float(p.dropout_p));
       dropout_keep(dr, j0, bn, w.keep.get());
       for (int64_t j = 0; j < BNp; ++j) w.zbuf[j] = j < bn && w.keep[j] ? inv_keep : T(0);
       zbuf = w.zbuf.get();

@@ -232,7 +232,7 @@ inline void row_update(const RowCtx<double>& rc, double* srow, double* m, double
 template <class T>
 inline void dropout_row_apply(const AttentionParams& p, int64_t b, int64_t h, int64_t i,
                               int64_t j0, int64_t n, T* srow, uint8_t* keep) {
-  const DropoutRow dr = dropout_row(p.dropout_seed, p.dropout_offset, b, h, p.num_heads, i, p.dropout_p);
+  const DropoutRow dr = dropout_row(p.dropout_seed, p.dropout_offset, b, h, p.num_heads, i, float(p.dropout_p));
   dropout_keep(dr, j0, n, keep);
   const T inv = T(1) / (T(1) - T(p.dropout_p));
   for (int64_t j = 0; j < n; ++j) srow[j] = keep[j] ? srow[j] * inv : T(0);

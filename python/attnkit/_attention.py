@@ -5,6 +5,8 @@ and device arrays -- then hands canonical (B, H, S, D) views to its backend. Not
 except where documented (a head dim that is not contiguous; int32 index arrays widened to
 int64; ALiBi slopes converted to float32).
 """
+import operator
+
 import numpy as np
 
 from . import _cpu_backend
@@ -164,8 +166,13 @@ def dropout_mask(shape, dropout_p, dropout_seed):
     on a (B, H, Sq, Sk) problem: for tests and debugging of dropout at small sizes."""
     from ._front import resolve_dropout
 
-    if len(shape) != 4:
-        raise ValueError(f"dropout_mask: shape must be (B, H, Sq, Sk), got {shape}")
+    try:
+        shape = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"dropout_mask: shape must be a (B, H, Sq, Sk) tuple of ints, got "
+                        f"{shape!r}") from None
+    if len(shape) != 4 or min(shape) < 0:
+        raise ValueError(f"dropout_mask: shape must be (B, H, Sq, Sk) with sizes >= 0, got {shape}")
     p, seed = resolve_dropout(dropout_p, dropout_seed, "dropout_mask")
     out = np.empty(shape, np.bool_)
     _cpu_backend.dropout_mask(out, p, seed, shape[1])
@@ -333,6 +340,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
                 raise ValueError(f"{fn}: {name} is read-only but k/v were given to append")
         kn, vn = call.contiguous(kn, "k"), call.contiguous(vn, "v")
     if isinstance(cache_seqlens, (int, np.integer)) and not isinstance(cache_seqlens, (bool, np.bool_)):
+        if not -2**63 <= int(cache_seqlens) < 2**63:
+            raise ValueError(f"{fn}: cache_seqlens = {int(cache_seqlens)} is not an int64 length")
         cache_seqlens = np.full(B, int(cache_seqlens), np.int64)
     seqlens = call.index(cache_seqlens, "cache_seqlens", 1, to_host=False)
     if seqlens.shape != (B,):
@@ -352,7 +361,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
             b = int(np.argmax(seqlens < 0))
             raise ValueError(f"{fn}: cache_seqlens[{b}] = {int(seqlens[b])} is negative")
         if hi + n_new > capacity:
-            b = int(np.argmax(seqlens + n_new > capacity))
+            b = int(np.argmax(seqlens > capacity - n_new))  # (seqlens + n_new could wrap)
             raise ValueError(f"{fn}: cache_seqlens[{b}] = {int(seqlens[b])} plus {n_new} new tokens "
                              f"does not fit the cache capacity {capacity}")
         if isinstance(table, np.ndarray):

@@ -128,6 +128,16 @@ def resolve_softcap(softcap, fn):
     return softcap
 
 
+# A window entry this large bounds nothing any array in memory could hold: it means -1
+# (unbounded), so no index arithmetic in the kernels can overflow (the bindings do the same).
+UNBOUNDED_WINDOW = 1 << 40
+
+
+def window_entry(w):
+    """One checked window entry as the kernels take it (-1 for anything unbounded)."""
+    return -1 if w > UNBOUNDED_WINDOW else int(w)
+
+
 def resolve_window(window, fn):
     if window is None:
         return -1, -1
@@ -139,7 +149,7 @@ def resolve_window(window, fn):
             raise TypeError(f"{fn}: window entries must be ints (-1 = unbounded), got {window!r}")
         if w < -1:
             raise ValueError(f"{fn}: window entries must be >= -1 (-1 = unbounded), got {window!r}")
-        out.append(int(w))
+        out.append(window_entry(w))
     return out[0], out[1]
 
 

@@ -1,10 +1,14 @@
 """Loading the native module, ISA selection, threads and `info()`."""
+import numbers
 import os
 import threading
 
 from . import _C
 
 _isa_lock = threading.Lock()
+
+#: The most threads :func:`set_num_threads` accepts.
+MAX_THREADS = max(256, 8 * (os.cpu_count() or 1))
 
 
 # Variants ATTNKIT_CPU_ASSUME may claim (csrc/cpu/dispatch.cpp reads the variable itself).
@@ -43,16 +47,22 @@ _select_from_env()
 def set_num_threads(n):
     """Set the number of threads attnkit's kernels use.
 
-    ``n`` is a positive int; ``None`` or ``0`` removes the override, so the count follows
-    OpenMP again (``OMP_NUM_THREADS``, ``omp_set_num_threads`` or threadpoolctl).
+    ``n`` is a positive int up to ``max(256, 8 * os.cpu_count())`` (beyond that OpenMP would
+    start more threads than any machine runs well, and aborts when the OS refuses them);
+    ``None`` or ``0`` removes the override, so the count
+    follows OpenMP again (``OMP_NUM_THREADS``, ``omp_set_num_threads`` or threadpoolctl).
     The setting is process-wide and takes effect on the next call.
     """
     if n is None:
         n = 0
-    if isinstance(n, bool) or not isinstance(n, int):
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+    n = int(n)
     if n < 0:
         raise ValueError(f"set_num_threads: n must be >= 0, got {n}")
+    if n > MAX_THREADS:
+        raise ValueError(f"set_num_threads: n = {n} is more than {MAX_THREADS} threads "
+                         f"(8 x the {os.cpu_count()} CPUs, at least 256)")
     _C._set_num_threads(n)
 
 

@@ -44,6 +44,8 @@ def _check_attention_args(query, key, value, attn_mask, window):
     if window is not None and (not isinstance(window, (tuple, list)) or len(window) != 2
                                or not all(isinstance(w, numbers.Integral) for w in window)):
         raise ValueError(f"{_FN}: window must be a pair of ints (left, right), got {window!r}")
+    if window is not None and min(window) < -1:
+        raise ValueError(f"{_FN}: window entries must be >= -1 (-1 = unbounded), got {window!r}")
     batches = (sq[0], sk[0], sv[0])
     B = max(batches)
     if (batches[0] != B and batches[0] != 1) or (batches[1] != B and batches[1] != 1) or (

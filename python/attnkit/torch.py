@@ -26,6 +26,7 @@ import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
 from . import _C
+from ._front import window_entry
 from ._torch_binding import DTYPE_NAMES
 from ._torch_binding import rows as _rows
 from ._torch_binding import threads as _threads
@@ -587,7 +588,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, *, attn_mask: Optional[
         except RuntimeError:
             raise ValueError(f"{_FN}: attn_mask of shape {tuple(attn_mask.shape)} does not "
                              f"broadcast to {shape}") from None
-    wl, wr = window if window is not None else (-1, -1)
+    wl, wr = (window_entry(window[0]), window_entry(window[1])) if window is not None else (-1, -1)
     try:
         out, _ = _run(
             query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale),

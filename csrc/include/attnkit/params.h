@@ -127,7 +127,7 @@ struct AttentionParams {
   int64_t window_right = -1;
 
   // Dropout on the attention probabilities (counter-based RNG, regenerated in backward).
-  float dropout_p = 0.0f;
+  double dropout_p = 0.0;  // double: a float64 call scales kept weights by 1 / (1 - p) exactly
   uint64_t dropout_seed = 0;
   uint64_t dropout_offset = 0;
 
