@@ -1,6 +1,7 @@
 """attnkit.torch's argument checks: the errors torch's SDPA raises (for the twin) and the
 refusals of ``attention`` that the binding cannot make itself (it checks devices, layouts and
 dtypes as it reads each tensor)."""
+import math
 import numbers
 
 import torch
@@ -39,6 +40,8 @@ def _check_attention_args(query, key, value, attn_mask, window):
                 raise TypeError(f"{_FN}: {name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 4:
                 raise ValueError(f"{_FN}: {name} must be 4-D (B, H, S, D), got shape {tuple(t.shape)}")
+    if sq[3] == 0:  # (the default scale divides by its root)
+        raise ValueError(f"{_FN}: query has head dim 0")
     if attn_mask is not None and not isinstance(attn_mask, Tensor):
         raise TypeError(f"{_FN}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
     if window is not None and (not isinstance(window, (tuple, list)) or len(window) != 2
@@ -55,7 +58,7 @@ def _check_attention_args(query, key, value, attn_mask, window):
     return B, batches
 
 
-def _check_like_torch(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+def _check_like_torch(query, key, value, attn_mask, dropout_p):
     """The errors torch's SDPA raises for invalid combinations."""
     if not (query.dtype == key.dtype == value.dtype):
         raise RuntimeError("Expected query, key, and value to have the same dtype, but got "
@@ -72,11 +75,54 @@ def _check_like_torch(query, key, value, attn_mask, dropout_p, is_causal, enable
                            f"{key.shape[-2]} and {value.shape[-2]}")
     if not 0.0 <= dropout_p <= 1.0:
         raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
-    if query.dim() == 4:
-        H, Hkv = query.shape[1], key.shape[1]
-        if H != Hkv and not enable_gqa:
-            raise RuntimeError(f"Expected query and key to have the same number of heads ({H} vs "
-                               f"{Hkv}); pass enable_gqa=True for grouped-query attention")
-        if Hkv == 0 or H % Hkv != 0 or value.shape[1] != Hkv:
-            raise RuntimeError(f"number of heads in key/value must divide the number of heads in "
-                               f"query ({H} vs {Hkv})")
+    # (head counts that are not equal or grouped-query went to torch: _torch_decides)
+
+
+def _check_scalar_types(dropout_p, scale, softcap):
+    """attention()'s scalar options are numbers (a string reached float() and raised its own
+    message). attention() calls this only when one of them is not a float or None: isinstance
+    against the numbers ABC and Tensor costs ~0.5 us a value, on every decode step."""
+    for name, x in (("dropout_p", dropout_p), ("scale", scale), ("softcap", softcap)):
+        if x is not None and (isinstance(x, bool) or not isinstance(x, (numbers.Real, Tensor))):
+            raise TypeError(f"{_FN}: {name} must be a float, got {type(x).__name__}")
+
+
+def _check_grad_dtypes(query, key):
+    """Key/value match query's dtype when a backward will run (the backward takes one dtype:
+    refused here, not at .backward()). Called only with grad mode on."""
+    if (query.requires_grad or key.requires_grad) and key.dtype != query.dtype:
+        raise TypeError(f"{_FN}: key/value have dtype {key.dtype} but query has {query.dtype}; "
+                        "mixed-precision key/value are forward-only (no gradient)")
+
+
+def _torch_decides(query, key, value, scale, enable_gqa):
+    """Why a twin call goes to torch's SDPA although attnkit could read it: head counts that
+    are neither equal nor grouped-query (torch's math kernel broadcasts them), 3-D inputs whose
+    leading dims differ (with enable_gqa torch reads them as heads), a non-finite scale
+    (torch computes NaN where attnkit refuses). None when attnkit takes the call."""
+    if scale is not None and not math.isfinite(float(scale)):
+        return "a non-finite scale runs torch's SDPA"
+    if query.dim() == 3:
+        if not query.shape[0] == key.shape[0] == value.shape[0]:
+            return "3-D inputs with different leading dims run torch's SDPA"
+        return None
+    H, Hkv, Hv = query.shape[1], key.shape[1], value.shape[1]
+    if Hv != Hkv or (H != Hkv and not (enable_gqa and Hkv > 0 and H % Hkv == 0)):
+        return "head counts that are neither equal nor grouped-query run torch's SDPA"
+    return None
+
+
+def _check_twin_types(dropout_p, is_causal, scale, enable_gqa):
+    """The argument types torch's SDPA binding enforces, with its TypeError messages."""
+    def refuse(name, want, x):
+        raise TypeError(f"scaled_dot_product_attention(): argument '{name}' must be {want}, "
+                        f"not {type(x).__name__}")
+
+    for name, x in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
+        if not isinstance(x, bool):
+            refuse(name, "bool", x)
+    for name, x in (("dropout_p", dropout_p), ("scale", scale)):
+        if x is not None and not isinstance(x, numbers.Real) and not (
+                isinstance(x, Tensor) and x.numel() == 1):
+            refuse(name, "float", x)
+

@@ -25,12 +25,10 @@ import torch
 import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
-from . import _C
 from ._front import window_entry
-from ._torch_binding import DTYPE_NAMES
-from ._torch_binding import rows as _rows
-from ._torch_binding import threads as _threads
-from ._torch_checks import _FN, _check_attention_args, _check_like_torch, _refuse_layouts
+from ._torch_autograd import _run, _torch_math, _wrapped
+from ._torch_checks import (_FN, _check_attention_args, _check_grad_dtypes, _check_like_torch,
+                            _check_scalar_types, _check_twin_types, _refuse_layouts, _torch_decides)
 from ._torch_merge import merge_attention_states
 
 try:  # the attention-bias subclasses (torch >= 2.3)
@@ -61,43 +59,6 @@ def _cuda_ready() -> bool:
         return _cuda.device_count() > 0
     except ImportError:
         return False
-
-
-def _torch_math(q, k, v, attn_mask, dropout_p, is_causal, scale, softcap, window, bottom_right,
-                keep=None):
-    """attnkit's semantics in plain torch ops (materializes the scores): the autograd fallback
-    for devices without an attnkit backward, and the backward for functorch-wrapped gradients.
-    ``keep``: a given dropout keep-mask (attnkit's), instead of drawing torch's."""
-    G = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-    s = (q @ k.transpose(-1, -2)) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    Sq, Sk = q.shape[2], k.shape[2]
-    i = torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq if bottom_right else 0)
-    j = torch.arange(Sk, device=q.device)[None, :]
-    allowed = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
-    if is_causal:
-        allowed &= j <= i
-    if window is not None:
-        if window[0] >= 0:
-            allowed &= j >= i - window[0]
-        if window[1] >= 0:
-            allowed &= j <= i + window[1]
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            allowed = allowed & attn_mask
-        else:
-            s = s + attn_mask
-            allowed = allowed & (attn_mask != float("-inf"))
-    s = s.masked_fill(~allowed, float("-inf"))
-    # Fully masked rows give 0, as the kernels; a NaN from the inputs stays NaN, as there.
-    p = torch.softmax(s, -1).masked_fill(~allowed.any(-1, keepdim=True), 0.0)
-    if keep is not None:
-        p = p * keep.to(p.dtype) / (1.0 - dropout_p)
-    elif dropout_p > 0:
-        p = torch.nn.functional.dropout(p, dropout_p)
-    return p @ v
 
 
 def _cuda_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, softcap, window, bottom_right,
@@ -162,182 +123,6 @@ class _CudaAttention(torch.autograd.Function):
             dout = dout.contiguous()
         dq, dk, dv = attention_backward(dout, q, k, v, outc, lse, **ctx.opts)
         return (dq, dk, dv) + (None,) * 7
-
-
-# ---- custom ops -------------------------------------------------------------------------------
-
-
-def _full_mask(attn_mask, shape):
-    """The mask as a (B, H, Sq, Sk) view (attention() has expanded it already: an expand op
-    costs ~1.2 us, a shape comparison ~0.2)."""
-    if attn_mask is None or attn_mask.shape == shape:
-        return attn_mask
-    return attn_mask.expand(shape)
-
-
-def _forward_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, softcap, window_left,
-                  window_right, bottom_right, bshd_out, need_lse=True):
-    """(B, H, Sq, D) x (B, Hkv, Sk, D) x (B, Hkv, Sk, Dv) -> out, lse (B, H, Sq) fp32.
-
-    ``bshd_out`` returns out as a contiguous (B, Sq, H, Dv) tensor (what transformers wants).
-    ``need_lse=False`` (inference: no backward will read it) returns lse None, saving its
-    allocation on every decode step."""
-    B, H, Sq, _ = q.shape
-    Dv = v.shape[-1]
-    if bshd_out:
-        out = q.new_empty((B, Sq, H, Dv))  # (0.4 us less than torch.empty(..., dtype=))
-        # its (B, H, Sq, Dv) view as a raw descriptor: a transpose op costs ~1.2 us a call
-        outc = (out.data_ptr(), (B, H, Sq, Dv), (Sq * H * Dv, Dv, H * Dv, 1), DTYPE_NAMES[q.dtype], True)
-    else:
-        out = outc = q.new_empty((B, H, Sq, Dv))
-    lse = torch.empty((B, H, Sq), dtype=torch.float32) if need_lse else None
-    mask = _full_mask(attn_mask, (B, H, Sq, k.shape[2]))
-    # The binding reads the tensors itself (_torch_binding registers torch's types).
-    _C.attention(_rows(q), _rows(k), _rows(v), outc, lse, mask, None, None, None, None, None, B,
-                 scale, softcap, is_causal, bottom_right, window_left, window_right, dropout_p,
-                 int(seed.item()) if dropout_p > 0 else 0, 0, _threads(), None, None, _FN)
-    return out, lse
-
-
-@torch.library.custom_op("attnkit::sdpa_forward", mutates_args=(), device_types="cpu")
-def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
-                  is_causal: bool, scale: float, seed: Tensor, softcap: float, window_left: int,
-                  window_right: int, bottom_right: bool, bshd_out: bool) -> tuple[Tensor, Tensor]:
-    """The forward as a custom op (what torch.compile traces); see _forward_impl."""
-    return _forward_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, softcap,
-                         window_left, window_right, bottom_right, bshd_out)
-
-
-@_sdpa_forward.register_fake
-def _(q, k, v, attn_mask, dropout_p, is_causal, scale, seed, softcap, window_left, window_right,
-      bottom_right, bshd_out):
-    B, H, Sq, _ = q.shape
-    Dv = v.shape[-1]
-    if bshd_out:
-        out = q.new_empty((B, Sq, H, Dv))
-    else:
-        out = q.new_empty((B, H, Sq, Dv))
-    return out, q.new_empty((B, H, Sq), dtype=torch.float32)
-
-
-def _backward_impl(dout, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed, softcap,
-                   window_left, window_right, bottom_right, bshd_out):
-    """Gradients of the forward (out/dout in the layout ``bshd_out`` says)."""
-    B, H, Sq, _ = q.shape
-    if bshd_out:
-        out, dout = out.transpose(1, 2), dout.transpose(1, 2)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    mask = _full_mask(attn_mask, (B, H, Sq, k.shape[2]))
-    _C.attention_backward(_rows(dout), _rows(q), _rows(k), _rows(v), _rows(out), lse, dq, dk, dv,
-                          mask, None, None, None, B, scale, softcap, is_causal,
-                          bottom_right, window_left, window_right, dropout_p,
-                          int(seed.item()) if dropout_p > 0 else 0, 0, _threads())
-    return dq, dk, dv
-
-
-@torch.library.custom_op("attnkit::sdpa_backward", mutates_args=(), device_types="cpu")
-def _sdpa_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
-                   seed: Tensor, softcap: float, window_left: int, window_right: int,
-                   bottom_right: bool, bshd_out: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward as a custom op; see _backward_impl."""
-    return _backward_impl(dout, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed,
-                          softcap, window_left, window_right, bottom_right, bshd_out)
-
-
-def _wrapped(t) -> bool:
-    """A functorch-wrapped tensor (vmap's BatchedTensor, grad's wrapper) or a batched tensor of
-    the older torch._vmap_internals (gradcheck's batched-gradient check): no storage to read."""
-    return (torch._C._functorch.is_functorch_wrapped_tensor(t)
-            or torch._C._functorch.is_legacy_batchedtensor(t))
-
-
-def _math_backward(dout, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed, softcap,
-                   window_left, window_right, bottom_right, bshd_out):
-    """The gradients in torch ops (autograd through _torch_math, with attnkit's dropout mask),
-    for a dout the kernels cannot read: a functorch-wrapped one, e.g. vmap over the backward
-    (gradcheck's batched-gradient check)."""
-    keep = None
-    if dropout_p > 0.0:
-        from ._attention import dropout_mask
-
-        B, H, Sq, _ = q.shape
-        keep = torch.from_numpy(dropout_mask((B, H, Sq, k.shape[2]), dropout_p, int(seed.item())))
-    with torch.enable_grad():
-        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
-        o = _torch_math(qd, kd, vd, attn_mask, dropout_p, is_causal, scale, softcap,
-                        (window_left, window_right), bottom_right, keep=keep)
-        if bshd_out:
-            o = o.transpose(1, 2)
-        return torch.autograd.grad(o, (qd, kd, vd), dout)
-
-
-@_sdpa_backward.register_fake
-def _(dout, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, seed, softcap, window_left,
-      window_right, bottom_right, bshd_out):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-_OPTIONS = ("attn_mask", "dropout_p", "is_causal", "scale", "seed", "softcap", "window_left",
-            "window_right", "bottom_right", "bshd_out")
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, *opts = inputs
-    out, lse = output
-    ctx.opts = dict(zip(_OPTIONS, opts))
-    ctx.save_for_backward(q, k, v, out, lse, ctx.opts.pop("attn_mask"), ctx.opts.pop("seed"))
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
-    o = ctx.opts
-    if _wrapped(dout):
-        return tuple(_math_backward(dout, q, k, v, out, lse, attn_mask, seed=seed, **o)) + \
-            (None,) * len(_OPTIONS)
-    dq, dk, dv = torch.ops.attnkit.sdpa_backward(
-        dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, attn_mask,
-        o["dropout_p"], o["is_causal"], o["scale"], seed, o["softcap"], o["window_left"],
-        o["window_right"], o["bottom_right"], o["bshd_out"])
-    return (dq, dk, dv) + (None,) * len(_OPTIONS)
-
-
-_sdpa_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerAttention(torch.autograd.Function):
-    """Eager-mode autograd without the custom-op dispatch (which costs ~100 us of Python per
-    call, measurable in token-by-token generation). Same kernels, same results."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, *opts):
-        out, lse = _forward_impl(q, k, v, *opts)
-        ctx.opts = dict(zip(_OPTIONS, opts))
-        ctx.save_for_backward(q, k, v, out, lse, ctx.opts.pop("attn_mask"), ctx.opts.pop("seed"))
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
-        o = ctx.opts
-        if _wrapped(dout):
-            return tuple(_math_backward(dout, q, k, v, out, lse, attn_mask, seed=seed, **o)) + \
-                (None,) * len(_OPTIONS)
-        dq, dk, dv = _backward_impl(
-            dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, attn_mask,
-            o["dropout_p"], o["is_causal"], o["scale"], seed, o["softcap"], o["window_left"],
-            o["window_right"], o["bottom_right"], o["bshd_out"])
-        return (dq, dk, dv) + (None,) * len(_OPTIONS)
-
-
-def _run(q, k, v, *opts):
-    """The custom op under torch.compile; a direct call (with autograd when needed) otherwise."""
-    if torch.compiler.is_compiling():
-        return torch.ops.attnkit.sdpa_forward(q, k, v, *opts)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(q, k, v, *opts)
-    return _forward_impl(q, k, v, *opts, need_lse=False)
 
 
 # ---- context parallelism: ring attention over torch.distributed ---------------------------------
@@ -561,6 +346,11 @@ def attention(query: Tensor, key: Tensor, value: Tensor, *, attn_mask: Optional[
     others (a CPU call needs every tensor on the CPU), a dtype other than float32, float16,
     bfloat16, float64 (masks: bool or a float dtype), shapes that do not match or broadcast."""
     B, batches = _check_attention_args(query, key, value, attn_mask, window)
+    if type(dropout_p) is not float or not (scale is None or type(scale) is float) or not (
+            softcap is None or type(softcap) is float):
+        _check_scalar_types(dropout_p, scale, softcap)
+    if torch.is_grad_enabled():
+        _check_grad_dtypes(query, key)
     if batches[0] != B:
         query = query.expand(B, *query.shape[1:])
     if batches[1] != B:
@@ -616,15 +406,21 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (the backward is attnkit's). Dropout is drawn from torch's default generator, so
     ``torch.manual_seed`` reproduces it, but the mask is attnkit's, not torch's.
     Inputs attnkit cannot take (CUDA tensors without the CUDA build, nested tensors, other
-    dtypes, a mask that needs a gradient, torch.func transforms, forward-mode AD, tracing) go
-    to torch with a one-time warning. ``sdpa_kernel`` restrictions select among torch's
+    dtypes, a mask that needs a gradient, torch.func transforms, forward-mode AD, tracing) and
+    calls whose result torch's kernel choice decides (head counts that are neither equal nor
+    grouped-query, which its math kernel broadcasts; 3-D inputs with different leading dims; a
+    non-finite scale) go to torch with a one-time warning. A backward differentiated again
+    (``create_graph=True``) runs in torch ops, so second derivatives are exact. ``sdpa_kernel`` restrictions select among torch's
     kernels and do not apply to this function (they still shape the errors above).
     """
+    _check_twin_types(dropout_p, is_causal, scale, enable_gqa)
     bottom_right = False
     torch_mask, torch_causal = attn_mask, is_causal  # what torch gets if the call goes to torch
     if _CausalBias is not None and isinstance(attn_mask, _CausalBias):
         attn_mask, is_causal, bottom_right = _from_causal_bias(attn_mask, is_causal, query, key)
     reason = _unsupported(query, key, value, attn_mask)
+    if reason is None:
+        reason = _torch_decides(query, key, value, scale, enable_gqa)
     if reason is None and isinstance(dropout_p, (int, float)) and dropout_p == 1.0:
         reason = "dropout_p=1.0 (everything dropped)"
     if reason is not None:
@@ -633,7 +429,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         # Empty inputs: torch's own result (and its rules for them), no work to speak of.
         return _call_torch(query, key, value, attn_mask=torch_mask, dropout_p=dropout_p,
                            is_causal=torch_causal, scale=scale, enable_gqa=enable_gqa)
-    _check_like_torch(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    _check_like_torch(query, key, value, attn_mask, dropout_p)
     if attn_mask is not None and (is_causal or attn_mask.dim() < 2):
         _check_kernel_dependent(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                 enable_gqa)
