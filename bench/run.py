@@ -60,6 +60,37 @@ class Config:
     llc_bytes: int = dataclasses.field(default_factory=_llc_bytes)
 
 
+def _dtype_arg(name: str) -> str:
+    """--dtype through canonical_dtype, its message kept (argparse drops a ValueError's)."""
+    try:
+        return canonical_dtype(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _fail(msg: str):
+    """A usage error found after parsing: message on stderr, exit status 2 (as argparse's)."""
+    print(f"run.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _read_results(path: str, option: str) -> dict:
+    """A saved run (--load, --compare), read and checked before anything runs; SystemExit 2
+    with a message naming the option for a missing, unreadable or foreign file (exit 1 means
+    a case disagreed with its reference)."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except OSError as e:
+        _fail(f"{option} {path}: {e.strerror}")
+    except json.JSONDecodeError as e:
+        _fail(f"{option} {path}: not JSON ({e})")
+    if not isinstance(results, dict) or not isinstance(results.get("runs"), list) or not \
+            isinstance(results.get("machine"), dict):
+        _fail(f"{option} {path}: not a bench run (no 'runs' / 'machine'; write one with --json)")
+    return results
+
+
 def parse_args(argv=None):
     """Command line (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__,
@@ -72,8 +103,9 @@ def parse_args(argv=None):
     ap.add_argument("--shape", action="append",
                     help="only cases whose shape label has all these words, e.g. 'S1024' or "
                          "'H32 causal' or '4096x4096' (repeatable: any of them)")
-    ap.add_argument("--dtype", action="append", type=canonical_dtype,
-                    help="only cases of this dtype (KV dtype for decode): f32, f16, bf16 (repeatable)")
+    ap.add_argument("--dtype", action="append", type=_dtype_arg,
+                    help="only cases of this dtype (KV dtype for decode): f32, f16, bf16, f64, "
+                         "i8, fp8 (repeatable)")
     ap.add_argument("--threads", default=str(min(2, os.cpu_count() or 1)),
                     help="comma-separated thread counts, each a full pass (default 2)")
     ap.add_argument("--json", metavar="PATH", help="write machine-readable results")
@@ -232,11 +264,14 @@ def main(argv=None) -> int:
     if args.list:
         list_cases(args, cfg)
         return 0
+    old = _read_results(args.compare, "--compare") if args.compare else None
     if args.load:
-        with open(args.load) as f:
-            results = json.load(f)
+        results = _read_results(args.load, "--load")
         print_saved(results)
     else:
+        if not any(selected_specs(importlib.import_module(f"suites.{n}"), cfg, args)
+                   for n in args.suite or SUITES):
+            _fail("no case matches --suite / --shape / --dtype (--list shows what each selects)")
         t0 = time.perf_counter()
         machine = env.machine_info(args.thread_counts[0])
         cfg.llc_bytes = machine["llc"]["bytes"]
@@ -250,9 +285,7 @@ def main(argv=None) -> int:
         results["wall_s"] = time.perf_counter() - t0
     text, n_bad = report.summary(results)
     print("\n" + text)
-    if args.compare:
-        with open(args.compare) as f:
-            old = json.load(f)
+    if old is not None:
         print(report.compare(old, results))
         results["compare"] = {"old_commit": old["machine"].get("git_commit"),
                               "rows": report.compare_rows(old, results)}

@@ -32,7 +32,8 @@ def main(argv=None):
     else:
         print("no --model given: using a GPT-2 built from its config with RANDOM weights "
               "(the output is token ids of noise, not text)")
-        cfg = transformers.GPT2Config(n_layer=4, n_head=4, n_embd=128, vocab_size=1000, n_positions=256)
+        cfg = transformers.GPT2Config(n_layer=4, n_head=4, n_embd=128, vocab_size=1000, n_positions=256,
+                                      bos_token_id=999, eos_token_id=999)  # inside the vocab
         model = transformers.GPT2LMHeadModel(cfg)
         model.set_attn_implementation("attnkit")
         ids = torch.randint(0, cfg.vocab_size, (1, 8))

@@ -131,6 +131,72 @@ def ranks_disagree(rank, world):
     return _raised(lambda: at.ring_attention(q, k, v))
 
 
+def dtypes_disagree(rank, world):
+    """float32 on rank 0, float64 elsewhere: the message names the dtypes (it once printed
+    their internal codes, 1 and 2)."""
+    import attnkit.torch as at
+
+    dt = torch.float32 if rank == 0 else torch.float64
+    q = torch.randn(1, 2, 6, 8, dtype=dt)
+    return _raised(lambda: at.ring_attention(q, q, q))
+
+
+def _tiny_llama():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, hidden_size=32, intermediate_size=64,
+                                   vocab_size=64, max_position_embeddings=128)
+    return transformers.LlamaForCausalLM(cfg).float()
+
+
+def cp_padding_on_one_rank(rank, world):
+    """Left padding sits in rank 0's zigzag shard only: every rank raises (one rank raising
+    alone left the others waiting in ring_attention's collectives until the group's timeout)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return {"skipped": "transformers is not installed"}
+    import attnkit.torch as at
+    import attnkit.transformers as akt
+
+    akt.register()
+    model = _tiny_llama()
+    ids = torch.randint(0, 64, (2, 4 * world), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # zigzag: the first chunk is rank 0's
+    batch = akt.shard_inputs(ids)
+    local = at.shard_sequence(mask, 1)
+
+    def run():
+        with torch.no_grad(), akt.context_parallel(model):
+            model(**batch, attention_mask=local, use_cache=False)
+    return _raised(run)
+
+
+def cp_contiguous_batch(rank, world):
+    """shard_inputs(sharding="contiguous") with B = 2: the label shards were strided views and
+    transformers' loss (labels.view(-1)) raised; the summed loss equals one process's."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return {"skipped": "transformers is not installed"}
+    import attnkit.transformers as akt
+
+    akt.register()
+    model = _tiny_llama()
+    model.set_attn_implementation("attnkit")
+    ids = torch.randint(0, 64, (2, 4 * world + 3), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=ids, use_cache=False).loss
+        batch = akt.shard_inputs(ids, labels=ids, sharding="contiguous")
+        with akt.context_parallel(model, sharding="contiguous"):
+            loss = model(**batch, use_cache=False).loss
+    dist.all_reduce(loss)
+    return {"loss": abs(loss.item() - ref.item()) / abs(ref.item())}
+
+
 def wrong_zigzag_lengths(rank, world):
     """Causal zigzag needs the zigzag layout's lengths; contiguous pieces of 7 tokens differ."""
     import attnkit.torch as at
@@ -245,6 +311,7 @@ def jobs(world):
     if world == 2:
         # the refusals first: the group must stay usable after them
         c += [("refused_on_one_rank", refused_on_one_rank), ("ranks_disagree", ranks_disagree),
+              ("dtypes_disagree", dtypes_disagree), ("cp_padding_on_one_rank", cp_padding_on_one_rank),
               ("wrong_zigzag_lengths", wrong_zigzag_lengths), ("grad_mismatch", grad_mismatch),
               ("bad_option_everywhere", bad_option_everywhere),
               ("unshard_refused", unshard_refused)]
@@ -265,7 +332,7 @@ def jobs(world):
             seed=10)
         add("f64 causal zigzag", S=23, dtype="float64", seed=11)
         c += [("shard_round_trip", shard_round_trip), ("singleton_groups", singleton_groups),
-              ("llama", llama)]
+              ("llama", llama), ("cp_contiguous_batch", cp_contiguous_batch)]
     else:
         c += [("refused_on_one_rank", refused_on_one_rank), ("shard_round_trip", shard_round_trip)]
         S = 8 * world + 3  # does not divide by W or 2W

@@ -11,6 +11,7 @@ import copy
 import importlib
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -621,3 +622,31 @@ def test_cp_suite_runs_the_ring_on_local_processes(tmp_path, capsys):
             assert e["comm_ms"] > 0 and 0.0 <= e["hidden"] <= 1.0
     cp._POOL.close()
     cp._POOL = None
+
+
+def test_usage_errors_exit_2_before_any_work(tmp_path, monkeypatch, capsys):
+    """A --compare file that is missing was opened after the run (a full run lost, its --json
+    never written); a bad --load file was a raw traceback with exit 1 (the status of a
+    mismatch); a filter matching nothing measured the ceilings for nothing. Each is now a
+    message naming the option and exit 2, before any ceiling is measured."""
+    def no_ceilings(*a, **k):
+        raise AssertionError("ceilings measured for a call that fails")
+
+    monkeypatch.setattr(harness, "measure_ceilings", no_ceilings)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"foo": 1}')
+    cut = tmp_path / "cut.json"
+    cut.write_text('{"runs": [')
+    cases = [(["--tiny", "--suite", "softmax", "--compare", str(tmp_path / "none.json")],
+              "--compare .*none.json: No such file"),
+             (["--load", str(bad)], "--load .*bad.json: not a bench run"),
+             (["--load", str(cut)], "--load .*cut.json: not JSON"),
+             (["--tiny", "--shape", "nosuchshape"], "no case matches")]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            run.main(argv)
+        assert e.value.code == 2, argv
+        assert re.search(msg, capsys.readouterr().err), argv
+    with pytest.raises(SystemExit) as e:
+        run.parse_args(["--dtype", "f99"])
+    assert e.value.code == 2 and "unknown dtype 'f99'; use one of" in capsys.readouterr().err

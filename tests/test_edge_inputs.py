@@ -136,6 +136,10 @@ def test_argument_errors_name_the_function_and_argument(rng):
     kc = np.zeros((2, 10, 2, 8), np.float32)
     with pytest.raises(ValueError, match=r"attention_with_kvcache: cache_seqlens = 18446744073709551616 is not an int64"):
         attnkit.attention_with_kvcache(qd, kc, kc.copy(), cache_seqlens=2**64)
+    for bad in ([1, 1], True, None):
+        with pytest.raises(TypeError, match=r"attention_with_kvcache: cache_seqlens must be an int "
+                                            r"or a \(2,\) int32/int64 array"):
+            attnkit.attention_with_kvcache(qd, kc, kc.copy(), cache_seqlens=bad)
     new = np.zeros((2, 1, 2, 8), np.float32)
     with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 9223372036854775807 plus 1 new tokens"):
         attnkit.attention_with_kvcache(qd, kc, kc.copy(), k=new, v=new.copy(),

@@ -233,3 +233,10 @@ def test_torch_sequences_and_errors():
         at.merge_attention_states(torch.stack(o), torch.stack(ls).half())
     with pytest.raises(TypeError, match=f"{fn}: outs and lses must be tensors"):
         at.merge_attention_states(np.zeros((2, 2, 3)), torch.stack(ls))
+    # sequences are stacked with the function and argument named (torch.stack's errors do not)
+    with pytest.raises(ValueError, match=f"{fn}: outs is an empty sequence"):
+        at.merge_attention_states([], [])
+    with pytest.raises(ValueError, match=rf"{fn}: outs\[1\] has shape \(2, 3, 5\) but outs\[0\] has"):
+        at.merge_attention_states([o[0], torch.randn(2, 3, 5)], ls)
+    with pytest.raises(TypeError, match=rf"{fn}: lses\[1\] must be a tensor, got float"):
+        at.merge_attention_states(o, [ls[0], 1.0])

@@ -170,6 +170,10 @@ def test_disagreements_raise_on_every_rank(world_results):
     results = world_results(2)
     for name, kind, words in [
             ("ranks_disagree", "ValueError", "disagree on the query heads: rank 0 has 4, rank 1 has 2"),
+            ("dtypes_disagree", "ValueError",
+             "disagree on the dtype: rank 0 has torch.float32, rank 1 has torch.float64"),
+            ("cp_padding_on_one_rank", "ValueError", "padding (an attention_mask with zeros, on "
+             "this rank or another) is not supported"),
             ("wrong_zigzag_lengths", "ValueError", "with sharding='zigzag' the ranks must hold [3, 4]"),
             ("grad_mismatch", "ValueError", "disagree on whether a gradient is needed"),
             ("bad_option_everywhere", "ValueError", "ring_attention: layout must be 'bhsd' or 'bshd'"),
@@ -197,6 +201,8 @@ def test_llama_sharded_forward_and_training_step(world_results):
         assert r["logits"] <= FP32_TOL and r["eval_logits"] <= FP32_TOL, r
         assert r["loss"] <= FP32_TOL and r["grads"] <= 1e-4, r
         assert r["restored"] == "attnkit"
+    for r in _case(world_results(2), "cp_contiguous_batch"):
+        assert r["loss"] <= FP32_TOL, r
 
 
 # ---- in-process: the block planner and the torch-math blocks ------------------------------------

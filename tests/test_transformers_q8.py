@@ -149,6 +149,11 @@ def test_memory_is_half_of_fp16_plus_scales():
     code_bytes = sum(l.keys[:, :, :l.length].nbytes + l.values[:, :, :l.length].nbytes for l in q8.layers)
     assert code_bytes * 2 == fp16_bytes
     assert q8.nbytes() == code_bytes + scale_bytes == fp16_bytes // 2 + scale_bytes
+    # the storage: whole tensors, grown by doubling in 256-position steps
+    held = sum(t.nbytes for l in q8.layers for t in (l.keys, l.values, l.key_scale, l.value_scale))
+    cap = q8.layers[0].keys.shape[2]
+    assert q8.allocated_bytes() == held >= q8.nbytes() and cap % 256 == 0
+    assert cap == max(256, -(-q8.get_seq_length() // 256) * 256) or cap < 2 * q8.get_seq_length()
 
 
 # ---- the format's effect on greedy decoding (the issue's >= 95% of 64 tokens) ----

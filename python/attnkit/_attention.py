@@ -10,7 +10,7 @@ import operator
 import numpy as np
 
 from . import _cpu_backend
-from ._arrays import CODE_DTYPES
+from ._arrays import CODE_DTYPES, is_device_array
 from ._front import (Call, Options, check_attention_shapes, check_bool, check_float,
                      check_out_rows, check_qkv_dtypes, check_varlen, resolve_alibi, resolve_mask)
 
@@ -343,6 +343,9 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
         if not -2**63 <= int(cache_seqlens) < 2**63:
             raise ValueError(f"{fn}: cache_seqlens = {int(cache_seqlens)} is not an int64 length")
         cache_seqlens = np.full(B, int(cache_seqlens), np.int64)
+    elif not isinstance(cache_seqlens, np.ndarray) and not is_device_array(cache_seqlens):
+        raise TypeError(f"{fn}: cache_seqlens must be an int or a ({B},) int32/int64 array, got "
+                        f"{type(cache_seqlens).__name__}")
     seqlens = call.index(cache_seqlens, "cache_seqlens", 1, to_host=False)
     if seqlens.shape != (B,):
         raise ValueError(f"{fn}: cache_seqlens has shape {seqlens.shape}; expected ({B},)")

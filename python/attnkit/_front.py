@@ -124,7 +124,7 @@ def resolve_softcap(softcap, fn):
         raise TypeError(f"{fn}: softcap must be a real number or None, got {type(softcap).__name__}")
     softcap = float(softcap)
     if not math.isfinite(softcap) or softcap < 0:
-        raise ValueError(f"{fn}: softcap must be a finite number > 0 (0 or None: off), got {softcap}")
+        raise ValueError(f"{fn}: softcap must be a finite number >= 0 (0 or None: off), got {softcap}")
     return softcap
 
 

@@ -159,12 +159,23 @@ _AGREE = {"B": "the batch size", "H": "the query heads", "Hkv": "the key/value h
           "device": "the device type", "scale": "scale",
           "grad": "whether a gradient is needed (requires_grad under grad mode)"}
 
+# How a summary field's code reads in a message (the summaries travel as int64 vectors).
+_DTYPE_OF_CODE = {c: t for t, c in _DTYPES.items()}
+_SHOW = {"dtype": lambda x: _DTYPE_OF_CODE.get(x, x),
+         "layout": lambda x: repr(_LAYOUTS[x]), "sharding": lambda x: repr(_SHARDINGS[x]),
+         "device": lambda x: "cuda" if x else "cpu",
+         "is_causal": bool, "enable_gqa": bool, "grad": bool,
+         "scale": lambda x: struct.unpack("<d", struct.pack("<q", x))[0]}
+
 
 def group_info(group, fn):
     """(group, world size, rank in group) of an initialized group this process belongs to."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"{fn}: torch.distributed is not initialized; call "
                            "torch.distributed.init_process_group first")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{fn}: group must be a torch.distributed ProcessGroup or None (the "
+                        f"default group), got {type(group).__name__}")
     g = group if group is not None else dist.group.WORLD
     rank = dist.get_rank(g)
     if rank < 0:
@@ -306,8 +317,7 @@ def setup(fn, q, k, v, group, is_causal, scale, enable_gqa, layout, sharding):
         vals = [r[f] for r in rows]
         if len(set(vals)) > 1:
             j = next(i for i, x in enumerate(vals) if x != vals[0])
-            show = (lambda x: struct.unpack("<d", struct.pack("<q", x))[0]) if f == "scale" else \
-                (lambda x: x)
+            show = _SHOW.get(f, lambda x: x)
             raise ValueError(f"{fn}: the ranks disagree on {what}: rank 0 has {show(vals[0])}, "
                              f"rank {j} has {show(vals[j])}")
     q_lens = [r["Sq"] for r in rows]
@@ -691,6 +701,16 @@ def shard_sequence(x, dim, group=None, *, sharding="zigzag"):
     return torch.cat([x.narrow(dim, starts[a], sizes[a]), x.narrow(dim, starts[b], sizes[b])], dim)
 
 
+def _describe_shard(row, dim):
+    """A rank's unshard_sequence summary [ok, ndim, dim, dtype code, sharding, shape...] in
+    words."""
+    ndim, d, code, sh = row[1:5]
+    dtype = _DTYPE_OF_CODE.get(code) or (_INT_DTYPES[code - 10] if 10 <= code < 10 + len(
+        _INT_DTYPES) else code)
+    return (f"shape {tuple(row[5:5 + ndim])} (dim {d}), {dtype}, "
+            f"sharding {_SHARDINGS[sh]!r}")
+
+
 def unshard_sequence(x, dim, group=None, *, sharding="zigzag"):
     """See attnkit.torch.unshard_sequence."""
     fn = "unshard_sequence"
@@ -719,8 +739,9 @@ def unshard_sequence(x, dim, group=None, *, sharding="zigzag"):
         other = [n for i, n in enumerate(r[5:5 + r[1]]) if i != dim]
         mine = [n for i, n in enumerate(x.shape) if i != dim]
         if r[1:5] != rows[rank][1:5] or other != mine:
-            raise ValueError(f"{fn}: the ranks' shards do not agree on dims, dtype, sharding or "
-                             f"the shape outside dim {dim}: {[r[1:5 + r[1]] for r in rows]}")
+            raise ValueError(f"{fn}: the ranks' shards do not agree: "
+                             + "; ".join(f"rank {j} has {_describe_shard(r, dim)}"
+                                         for j, r in enumerate(rows)))
     if sharding == "zigzag" and shard_lengths(sum(lens), world, "zigzag") != lens:
         raise ValueError(f"{fn}: the shards hold {lens} positions, which is not the zigzag layout "
                          f"of {sum(lens)} positions over {world} ranks")

@@ -106,6 +106,25 @@ def _check_merge_args(outs, lses, fn):
         raise ValueError(f"{fn}: outs is on {outs.device} but lses on {lses.device}")
 
 
+def _stacked(parts, name, fn):
+    """A sequence of N tensors stacked into one (N, ...) tensor; a tensor as it is. Errors name
+    the function and the argument (torch.stack's do not)."""
+    if not isinstance(parts, (list, tuple)):
+        return parts
+    if not parts:
+        raise ValueError(f"{fn}: {name} is an empty sequence; pass at least one part")
+    for i, t in enumerate(parts):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name}[{i}] must be a tensor, got {type(t).__name__}")
+        if t.shape != parts[0].shape:
+            raise ValueError(f"{fn}: {name}[{i}] has shape {tuple(t.shape)} but {name}[0] has "
+                             f"{tuple(parts[0].shape)}; the parts must have one shape")
+    try:
+        return torch.stack(list(parts))
+    except RuntimeError as e:  # dtypes or devices that do not stack
+        raise ValueError(f"{fn}: the parts of {name} do not stack: {e}") from None
+
+
 def merge_attention_states(outs, lses):
     """Merge partial attention states through their log-sum-exp, differentiably.
 
@@ -119,10 +138,7 @@ def merge_attention_states(outs, lses):
     (CUDA) run torch ops. Autograd gives gradients for both outs and lses (first order).
     """
     fn = _MERGE_FN
-    if isinstance(outs, (list, tuple)):
-        outs = torch.stack(list(outs))
-    if isinstance(lses, (list, tuple)):
-        lses = torch.stack(list(lses))
+    outs, lses = _stacked(outs, "outs", fn), _stacked(lses, "lses", fn)
     _check_merge_args(outs, lses, fn)
     if torch.is_grad_enabled() and (outs.requires_grad or lses.requires_grad):
         return _MergeStates.apply(outs, lses)

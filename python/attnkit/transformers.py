@@ -138,10 +138,24 @@ _cp_stack: list = []  # (group, sharding) of the active context_parallel blocks
 
 def _ring_mask(*args, attention_mask=None, **kwargs):
     """The mask function of "attnkit_ring": no mask (ring_attention applies causality over
-    global positions). A padding mask cannot be sharded with the keys it masks: refused."""
-    if attention_mask is not None and not bool(attention_mask.all()):
+    global positions). A padding mask cannot be sharded with the keys it masks: refused on
+    every rank (one all_reduce of a flag: left padding sits in one rank's shard only, and a
+    rank that raised alone left the others waiting in ring_attention's collectives)."""
+    if attention_mask is None:
+        return None
+    padded = torch.tensor([0 if bool(attention_mask.all()) else 1], dtype=torch.int64)
+    if _cp_stack:
+        import torch.distributed as dist
+
+        from ._ring import _summary_device, group_info
+
+        g, _, _ = group_info(_cp_stack[-1][0], "attnkit.transformers context_parallel")
+        padded = padded.to(_summary_device(g))
+        dist.all_reduce(padded, op=dist.ReduceOp.MAX, group=g)
+    if int(padded.item()):
         raise ValueError("attnkit.transformers context_parallel: padding (an attention_mask with "
-                         "zeros) is not supported; pass sequences without padding")
+                         "zeros, on this rank or another) is not supported; pass sequences "
+                         "without padding")
     return None
 
 
@@ -236,7 +250,9 @@ def shard_inputs(input_ids, *, labels=None, group=None, sharding: str = "zigzag"
         raise ValueError(f"{fn}: labels must be a tensor of input_ids' shape {tuple(input_ids.shape)}")
     B, S = input_ids.shape
     positions = torch.arange(S, device=input_ids.device).unsqueeze(0).expand(B, S)
-    shard = lambda t: _atorch.shard_sequence(t, 1, group, sharding=sharding)  # noqa: E731
+    # contiguous: a contiguous shard of a (B >= 2, S) tensor is a strided view, and
+    # transformers' loss views its labels flat
+    shard = lambda t: _atorch.shard_sequence(t, 1, group, sharding=sharding).contiguous()  # noqa: E731
     out = {"input_ids": shard(input_ids), "position_ids": shard(positions)}
     if labels is not None:
         shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
@@ -348,6 +364,13 @@ class QuantizedKVLayer(_CacheLayerMixin):
         B, Hkv = self.keys.shape[:2]
         return self.length * B * Hkv * (self.keys.shape[3] + self.values.shape[3] + 8)
 
+    def allocated_bytes(self) -> int:
+        """Bytes of the storage: codes plus scales at the current capacity (>= nbytes())."""
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size()
+                   for t in (self.keys, self.values, self.key_scale, self.value_scale))
+
     def reset(self):
         self.keys = self.values = self.key_scale = self.value_scale = None
         self.length = 0
@@ -386,8 +409,9 @@ class QuantizedKVCache(_Cache):
     ``cache=``) of a model loaded with ``attn_implementation="attnkit"`` (after
     :func:`register`): new keys/values are quantized into the cache as they come, and attention
     (prefill and decode) reads the codes and scales directly, with no dequantized copy. The
-    cache takes half the bytes of a float16 cache plus 8 bytes per token and kv head
-    (:meth:`nbytes`). CPU tensors, inference only; layers are created as the model asks for
+    cached tokens take half the bytes of a float16 cache plus 8 bytes per token and kv head
+    (:meth:`nbytes`); the storage grows by doubling, in steps of 256 positions, so it holds up to
+    twice the tokens (at least 256) per layer (:meth:`allocated_bytes`). CPU tensors, inference only; layers are created as the model asks for
     them (``config`` is accepted for symmetry with transformers' caches and unused).
     """
 
@@ -400,3 +424,7 @@ class QuantizedKVCache(_Cache):
     def nbytes(self) -> int:
         """Bytes of the cached tokens over every layer: codes plus their float32 scales."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the storage over every layer (the capacity, not only the cached tokens)."""
+        return sum(layer.allocated_bytes() for layer in self.layers)
