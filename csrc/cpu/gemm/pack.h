@@ -10,6 +10,7 @@
 #include "blocking.h"
 #include "common.h"
 #include "simd/scalar_cvt.h"
+#include "simd/transpose.h"
 #include "simd/vec.h"
 
 namespace attnkit {
@@ -88,9 +89,49 @@ inline void pack_b_block(const S* b, int64_t rs_b, int64_t cs_b, int64_t kc, int
                        dst + p * kc * NR);
 }
 
+// N values of each of the m <= MR rows (row i at a + i * rs_a) into N packed k steps of MR
+// values: one N x N register transpose (rows m.. are zero vectors, which zero-fill the
+// panel's padding rows), then MR lanes stored per k. A scalar copy moved one element per load
+// and store: ~5% of a 512^3 product at 2 threads (bench/notes/matmul.md, "A packing").
+template <class T>
+inline void pack_a_block_t(const T* a, int64_t rs_a, int m, T* dst) {
+  using V = Vec<T>;
+  constexpr int MR = Blocking<T>::MR, N = V::N;
+  static_assert(MR <= N, "the transpose holds the panel's rows");
+  V v[N];
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) v[i] = i < m ? V::load(a + i * rs_a) : V::zero();
+  transpose<T>(v);
+#pragma GCC unroll 16
+  for (int j = 0; j < N; ++j) v[j].store_partial(dst + j * MR, MR);
+}
+
 template <class T, class S>
 inline void pack_a_panel(const S* a, int64_t rs_a, int64_t cs_a, int m, int64_t kc, T* dst) {
   constexpr int MR = Blocking<T>::MR;
+  // fp32 from fp32 rows: whole lines by register transposes
+  if constexpr (std::is_same<S, T>::value && std::is_same<T, float>::value &&
+                Blocking<T>::MR <= Vec<T>::N && (64 / sizeof(T)) % Vec<T>::N == 0) {
+    constexpr int64_t kLine = 64 / sizeof(T);
+    if (cs_a == 1 && kc >= kLine) {
+      const int64_t whole = kc / kLine * kLine;
+      for (int64_t k0 = 0; k0 < whole; k0 += kLine) {
+        const int64_t ahead = k0 + kPackAhead * kLine;
+        for (int i = 0; i < m; ++i) {
+          const S* row = a + i * rs_a;
+          __builtin_prefetch(ahead < kc ? row + ahead : row + MR * rs_a + (ahead - kc), 0, 3);
+        }
+        for (int64_t k = k0; k < k0 + kLine; k += Vec<T>::N)
+          pack_a_block_t<T>(a + k, rs_a, m, dst + k * MR);
+      }
+      for (int64_t k = whole; k < kc; ++k) {
+        int i = 0;
+        for (; i < m; ++i) dst[k * MR + i] = a[i * rs_a + k];
+        for (; i < MR; ++i) dst[k * MR + i] = T(0);
+      }
+      return;
+    }
+  }
   if (cs_a == 1) {  // row-major: each row is contiguous along k
     // One cache line of every row at a time, the line kPackAhead lines ahead prefetched
     // (past the end of the row: the same row of the next panel, which the caller packs
