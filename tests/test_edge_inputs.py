@@ -109,6 +109,11 @@ def test_outputs_with_overlapping_elements_are_refused(rng):
         attnkit.softmax(q, out=inter)
     with pytest.raises(ValueError, match="matmul: out has overlapping elements"):
         attnkit.matmul(q[0, 0], k[0, 0].T, out=as_strided(np.zeros(8, np.float32), (4, 6), (4, 4)))
+    # interleaved strides that do not overlap (offsets 0, 3, 2, 5, 4, 7) are accepted
+    a, b = q[0, 0, :3, :4], k[0, 0, :2, :4].T
+    out = as_strided(np.zeros(8, np.float32), (3, 2), (8, 12))
+    got = attnkit.matmul(np.ascontiguousarray(a), np.ascontiguousarray(b), out=out)
+    assert np.abs(got - a.astype(np.float64) @ b).max() <= 1e-5 * np.abs(a @ b).max()
     # a cache with overlapping rows, appended to, is refused before anything is written
     kc = np.zeros((6, 2, 8), np.float32)
     kcache = as_strided(kc, (2, 6, 2, 8), (0,) + kc.strides)

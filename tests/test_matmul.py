@@ -445,3 +445,22 @@ def test_shared_a_rows_split_in_row_quanta(isa, rng, threads):
             for _ in range(3):
                 out, plan = _run_with_threads(nt, a, b)
                 assert np.array_equal(out, one), (m, nt, plan)
+
+
+def test_shared_a_short_last_block_on_a_single_column_grid(isa, rng, threads):
+    """With more rows than one shared A block and a single-column thread grid (no barrier),
+    the short last block once placed a thread's panels where another thread could still be
+    reading them two blocks back: wrong rows in ~1% of products at 3-4 threads. Every product
+    gives one thread's bits."""
+    plan = _plan_for(np.float32)
+    rows = -(-plan["nc"] // plan["mr"]) * plan["mr"]  # shared_a_rows: one A block
+    m, k, n = 3 * rows + 112, 64, plan["nb"] + 32
+    a, b = randn(rng, (m, k), np.float32), randn(rng, (k, n), np.float32)
+    one, plan1 = _run_with_threads(1, a, b)
+    assert plan1["shared_a"], plan1
+    check(a, b, one)
+    for nt in (3, 4):
+        for i in range(60):
+            out, p = _run_with_threads(nt, a, b)
+            assert p["grid"][1] == 1, p
+            assert np.array_equal(out, one), (nt, i, np.nonzero((out != one).any(1))[0][:8])

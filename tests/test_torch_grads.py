@@ -3,7 +3,9 @@ a float mask's gradient, second derivatives, vmap over the backward, transposed 
 head counts torch broadcasts, argument types. Each was once missing, silently wrong or an
 error where torch computes a result."""
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,6 +153,17 @@ def test_twin_head_counts_torch_broadcasts(shapes, gqa):
     assert got.shape == ref.shape and rel_err(got, ref) <= 1e-12
 
 
+def test_twin_3d_batch_broadcast_stays_on_attnkit():
+    """3-D inputs whose leading dims broadcast as a batch (1 against N) are attnkit's; only
+    leading dims torch reads as heads (enable_gqa) or that do not broadcast go to torch."""
+    q, k, v = rand(3, 5, 8, seed=0), rand(1, 6, 8, seed=1), rand(1, 6, 8, seed=2)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = at.scaled_dot_product_attention(q, k, v)
+    assert got.shape == ref.shape and rel_err(got, ref) <= 1e-12
+
+
 def test_twin_argument_types_and_non_finite_scale_like_torch():
     q = rand(1, 2, 5, 8, dtype=torch.float32, seed=0)
     for kw in (dict(is_causal="no"), dict(is_causal=1), dict(scale="0.5"), dict(dropout_p="0.1"),
@@ -160,6 +173,16 @@ def test_twin_argument_types_and_non_finite_scale_like_torch():
         with pytest.raises(TypeError) as got:
             at.scaled_dot_product_attention(q, q, q, **kw)
         assert str(got.value) == str(want.value)
+    # what torch takes for its float arguments, the twin takes too (on attnkit's kernels)
+    ref = F.scaled_dot_product_attention(q, q, q, scale=0.5)
+    for kw in (dict(dropout_p=False), dict(dropout_p=np.bool_(False)), dict(scale=np.float32(0.5)),
+               dict(scale=torch.tensor(0.5)), dict(dropout_p=torch.tensor(0.0), scale=0.5)):
+        kw.setdefault("scale", 0.5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback to torch
+            got = at.scaled_dot_product_attention(q, q, q, **kw)
+        assert rel_err(got, ref) <= 2e-6, kw
+        assert rel_err(at.attention(q, q, q, **kw), ref) <= 2e-6, kw
     for s in (math.inf, math.nan):
         ref = F.scaled_dot_product_attention(q, q, q, scale=s)
         got = at.scaled_dot_product_attention(q, q, q, scale=s)

@@ -1,6 +1,8 @@
 #include "tensor.h"
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace attnkit {
 
@@ -96,11 +98,24 @@ bool self_overlapping(const Tensor& t) {
     ext[i] = t.shape[d];
   }
   int64_t span = 0;  // elements spanned by the smaller-stride dims, minus one
-  for (int i = 0; i < n; ++i) {
-    if (st[i] <= span) return true;
+  bool nested = true;
+  for (int i = 0; i < n && nested; ++i) {
+    if (st[i] == 0) return true;
+    if (st[i] <= span) nested = false;
     span += st[i] * (ext[i] - 1);
   }
-  return false;
+  if (nested) return false;
+  // Interleaved strides (e.g. 2 and 3 over 3 x 2 elements) may or may not overlap: every
+  // offset is listed and compared when that is cheap, else the view is taken as overlapping.
+  if (t.numel() > (int64_t(1) << 20)) return true;
+  std::vector<int64_t> offs(1, 0);
+  for (int i = 0; i < n; ++i) {
+    const size_t cur = offs.size();
+    for (int64_t e = 1; e < ext[i]; ++e)
+      for (size_t j = 0; j < cur; ++j) offs.push_back(offs[j] + e * st[i]);
+  }
+  std::sort(offs.begin(), offs.end());
+  return std::adjacent_find(offs.begin(), offs.end()) != offs.end();
 }
 
 bool same_view(const Tensor& a, const Tensor& b) {

@@ -4,6 +4,7 @@ dtypes as it reads each tensor)."""
 import math
 import numbers
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -78,12 +79,18 @@ def _check_like_torch(query, key, value, attn_mask, dropout_p):
     # (head counts that are not equal or grouped-query went to torch: _torch_decides)
 
 
+def _real_scalar(x) -> bool:
+    """What torch's SDPA binding takes for a float argument: a Python or NumPy real or bool
+    (``dropout_p=self.training and p`` gives False), or a one-element tensor."""
+    return isinstance(x, (numbers.Real, np.bool_)) or (isinstance(x, Tensor) and x.numel() == 1)
+
+
 def _check_scalar_types(dropout_p, scale, softcap):
     """attention()'s scalar options are numbers (a string reached float() and raised its own
     message). attention() calls this only when one of them is not a float or None: isinstance
     against the numbers ABC and Tensor costs ~0.5 us a value, on every decode step."""
     for name, x in (("dropout_p", dropout_p), ("scale", scale), ("softcap", softcap)):
-        if x is not None and (isinstance(x, bool) or not isinstance(x, (numbers.Real, Tensor))):
+        if x is not None and not _real_scalar(x):
             raise TypeError(f"{_FN}: {name} must be a float, got {type(x).__name__}")
 
 
@@ -102,9 +109,11 @@ def _torch_decides(query, key, value, scale, enable_gqa):
     (torch computes NaN where attnkit refuses). None when attnkit takes the call."""
     if scale is not None and not math.isfinite(float(scale)):
         return "a non-finite scale runs torch's SDPA"
-    if query.dim() == 3:
-        if not query.shape[0] == key.shape[0] == value.shape[0]:
-            return "3-D inputs with different leading dims run torch's SDPA"
+    if query.dim() == 3:  # attnkit reads (N, L, E) as (N, 1, L, E): N broadcasts as a batch
+        n = (query.shape[0], key.shape[0], value.shape[0])
+        if len(set(n)) > 1 and (enable_gqa or any(x not in (1, max(n)) for x in n)):
+            return "3-D inputs whose leading dims are heads to torch (enable_gqa) or do not " \
+                   "broadcast run torch's SDPA"
         return None
     H, Hkv, Hv = query.shape[1], key.shape[1], value.shape[1]
     if Hv != Hkv or (H != Hkv and not (enable_gqa and Hkv > 0 and H % Hkv == 0)):
@@ -122,7 +131,6 @@ def _check_twin_types(dropout_p, is_causal, scale, enable_gqa):
         if not isinstance(x, bool):
             refuse(name, "bool", x)
     for name, x in (("dropout_p", dropout_p), ("scale", scale)):
-        if x is not None and not isinstance(x, numbers.Real) and not (
-                isinstance(x, Tensor) and x.numel() == 1):
+        if x is not None and not _real_scalar(x):
             refuse(name, "float", x)
 

@@ -225,6 +225,15 @@ void gemm_shared_a(const GemmArgs<T, S>& g, int nt, T* apack_all, T* bpack_all) 
     // slower threads may still compute on the previous one, and a buffer is repacked two blocks
     // later, once every thread has passed the barrier of the block in between.
     int64_t block_index = 0;
+    // A row group's panels start at panel rbeg of either buffer in every block: where its rows
+    // of a full block start (r0 / MR, plus one panel per earlier row group). A shorter last
+    // block gives each group at most as many panels from the same start, so a group only ever
+    // rewrites its own panels. (With a single-column grid there is no barrier: panels placed
+    // by the short block's own split landed in a range another thread could still be reading
+    // two blocks back; m = 6256 on a 3 x 1 grid gave wrong rows in ~1% of products.)
+    int64_t f0, f1;
+    split_range(ceil_div(a_rows, kRowQuantum), tm, tid / tn, &f0, &f1);
+    const int64_t rbeg = f0 * kRowQuantum / MR + tid / tn;
     for (int64_t ic = 0; ic < m; ic += a_rows) {
       const int64_t mc = imin(a_rows, m - ic);
       // This row group's rows [r0, r1) of the block, in quanta of kRowQuantum rows, and its
@@ -232,7 +241,7 @@ void gemm_shared_a(const GemmArgs<T, S>& g, int nt, T* apack_all, T* bpack_all) 
       int64_t q0, q1;
       split_range(ceil_div(mc, kRowQuantum), tm, tid / tn, &q0, &q1);
       const int64_t r0 = imin(q0 * kRowQuantum, mc), r1 = imin(q1 * kRowQuantum, mc);
-      const int64_t rbeg = r0 / MR + tid / tn, rend = rbeg + ceil_div(r1 - r0, MR);
+      const int64_t rend = rbeg + ceil_div(r1 - r0, MR);
       for (int64_t pc = 0; pc < k; pc += kc_step) {
         const int64_t kc = imin(kc_step, k - pc);
         const bool accumulate = pc > 0;
