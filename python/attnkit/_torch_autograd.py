@@ -166,7 +166,11 @@ def _math_backward(needs, dout, q, k, v, out, lse, attn_mask, dropout_p, is_caus
     window = (window_left, window_right)
 
     def forward(*xs):
+        # half inputs in float32, as the kernels accumulate (the gradients come back in the
+        # inputs' dtypes through the casts)
+        xs = [x.float() if x is not None and x.dtype in _HALF else x for x in xs]
         o = _torch_math(*xs, dropout_p, is_causal, scale, softcap, window, bottom_right, keep=keep)
+        o = o.to(q.dtype)
         return o.transpose(1, 2) if bshd_out else o
 
     inputs = (q, k, v, attn_mask)
@@ -193,6 +197,9 @@ def _math_backward(needs, dout, q, k, v, out, lse, attn_mask, dropout_p, is_caus
                                     create_graph=create_graph)
     grads = dict(zip(want, grads))
     return tuple(grads.get(i) for i in range(4))
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _needs_math(ctx, dout) -> bool:
