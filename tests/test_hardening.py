@@ -1,6 +1,11 @@
 """Determinism, thread safety, memory leaks and 64-bit sizes, across every kernel."""
 import gc
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -142,3 +147,63 @@ def test_more_than_2_31_elements():
     assert np.abs(out[rows // 2] - ref_row).max() < 1e-6
     last = softmax_ref(x[-1:], -1)[0]
     assert np.abs(out[-1] - last).max() < 1e-6 and out[-1, -1] > 0.99
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_while_another_thread_holds_the_output_cache_lock():
+    """A fork while another thread was inside the output cache (empty_cache, or allocating a
+    large output) left the child's copy of the cache's lock held: the child's first large
+    output hung forever (13 of 30 children). The child now starts with a new lock."""
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            attnkit.empty_cache()
+
+    t = threading.Thread(target=churn)
+    t.start()
+    x = np.ones((1024, 1024), np.float32)  # a 4 MB output: from the cache
+    hung = 0
+    try:
+        for _ in range(30):
+            pid = os.fork()
+            if pid == 0:  # child: one large output, then leave at once
+                os._exit(0 if attnkit.softmax(x)[0, 0] > 0 else 3)
+            deadline = time.monotonic() + 20
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    assert os.waitstatus_to_exitcode(status) == 0
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    hung += 1
+                    break
+                time.sleep(0.005)
+    finally:
+        stop.set()
+        t.join()
+    assert hung == 0
+
+
+def test_empty_attention_allocates_nothing():
+    """No query rows: the decode kernel sized its scratch by the head dim first (D = 2^34 of an
+    empty array raised MemoryError, 2^31 reserved 8.5 GB)."""
+    e = np.empty((1, 1, 0, 2**34), np.float32)
+    out = attnkit.attention(e, e, e)
+    assert out.shape == (1, 1, 0, 2**34)
+
+
+def test_thread_count_past_the_address_space_limit_is_refused():
+    """Under `ulimit -v`, set_num_threads(256) passed and OpenMP then exited the process when
+    it could not reserve the threads' stacks; it is refused while stacks exceed half the
+    limit, and counts that fit still run."""
+    code = ("import resource, attnkit, numpy as np\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
+            "try:\n    attnkit.set_num_threads(256)\nexcept ValueError as e:\n    print('refused:', e)\n"
+            "attnkit.set_num_threads(8)\na = np.ones((256, 256), np.float32)\n"
+            "print('ok', float(attnkit.matmul(a, a)[0, 0]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "refused: set_num_threads: 256 threads reserve" in r.stdout and "ok 256.0" in r.stdout

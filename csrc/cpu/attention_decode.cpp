@@ -551,6 +551,10 @@ void combine(const AttentionParams& p, const DecodeItem& it, int64_t nchunks, in
 
 template <class SQ, class SKV>
 Status decode_typed(const AttentionParams& p) {
+  if (p.batch == 0 || p.num_heads == 0 || p.seqlen_q == 0) {  // no query rows: no scratch
+    append_new_rows(p);  // (a cache append still happens)
+    return Status::ok;
+  }
   const int64_t G = p.num_heads / p.num_kv_heads;
   // Position-major caches (head stride below row stride) are walked position by position with
   // all KV heads in one item; head-major ones one KV head per item.

@@ -115,6 +115,21 @@ def empty_cache():
         ring.empty_cache()
 
 
+def _after_fork_in_child():
+    """A fork while another thread held _lock left the child's copy locked forever (its first
+    large output then hung), and the cache half-updated: the child starts with a new lock and
+    an empty cache (buffers still used by live arrays return to it as usual)."""
+    global _lock, _free, _cached_bytes
+    _lock = threading.Lock()
+    _free = {}
+    _cached_bytes = 0
+    _released.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def cached_bytes():
     """Bytes currently held in the output cache."""
     with _lock:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import struct
 import threading
 import time
@@ -137,6 +138,15 @@ class _ScratchPool:
 
 
 _scratch = _ScratchPool()
+
+
+def _new_pool_after_fork():  # a lock held by another thread at fork() would stay held
+    global _scratch
+    _scratch = _ScratchPool()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_pool_after_fork)
 
 
 def empty_cache():

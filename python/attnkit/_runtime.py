@@ -48,7 +48,8 @@ def set_num_threads(n):
     """Set the number of threads attnkit's kernels use.
 
     ``n`` is a positive int up to ``max(256, 8 * os.cpu_count())`` (beyond that OpenMP would
-    start more threads than any machine runs well, and aborts when the OS refuses them);
+    start more threads than any machine runs well, and aborts when the OS refuses them), and
+    under an address-space limit (``ulimit -v``) whose half holds the threads' stacks;
     ``None`` or ``0`` removes the override, so the count
     follows OpenMP again (``OMP_NUM_THREADS``, ``omp_set_num_threads`` or threadpoolctl).
     The setting is process-wide and takes effect on the next call.
@@ -63,7 +64,35 @@ def set_num_threads(n):
     if n > MAX_THREADS:
         raise ValueError(f"set_num_threads: n = {n} is more than {MAX_THREADS} threads "
                          f"(8 x the {os.cpu_count()} CPUs, at least 256)")
+    room, stack = _address_space_room()
+    if room is not None and n * stack > room // 2:
+        raise ValueError(f"set_num_threads: {n} threads reserve ~{n * stack >> 20} MB of stacks, "
+                         f"more than half of the {room >> 20} MB of address space this process "
+                         f"has left under its limit (ulimit -v); OpenMP would abort the process "
+                         f"starting them")
     _C._set_num_threads(n)
+
+
+def _address_space_room():
+    """(bytes of address space left under RLIMIT_AS, or None without a limit; bytes a new
+    thread's stack reserves: the RLIMIT_STACK soft limit, 8 MB where that is unlimited)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None, 0
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft == resource.RLIM_INFINITY:
+        return None, 0
+    stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    if stack == resource.RLIM_INFINITY or stack <= 0:
+        stack = 8 << 20
+    used = 0
+    try:
+        with open("/proc/self/statm") as f:  # first field: the virtual size in pages
+            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(0, soft - used), stack
 
 
 def get_num_threads():
