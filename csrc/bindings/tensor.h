@@ -63,9 +63,10 @@ py::tuple describe_numpy(py::handle a);
 // True if the byte ranges of a and b intersect (a conservative "may share memory").
 bool may_overlap(const Tensor& a, const Tensor& b);
 bool same_view(const Tensor& a, const Tensor& b);
-// True when two elements of `t` may share memory (a stride-0 dimension of extent > 1, or a
-// view whose strides interleave): an output like that would be written by two threads.
-// Conservative: strides sorted by size must each pass the extent of the smaller ones.
+// True when two elements of `t` share memory (a stride-0 dimension of extent > 1, or strides
+// that interleave onto one address): an output like that would be written by two threads.
+// Strides sorted by size that each pass the extent of the smaller ones never overlap; other
+// (interleaved) views are checked offset by offset up to 2^20 elements, refused above.
 bool self_overlapping(const Tensor& t);
 
 [[noreturn]] void throw_value(const std::string& msg);

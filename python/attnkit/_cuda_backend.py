@@ -132,9 +132,9 @@ def _describe(obj, fn, arg, stream=None):
                    dt, device, not readonly, cai.get("stream"))
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
         try:
-            dev_type, dev_id = obj.__dlpack_device__()
+            dev_type = obj.__dlpack_device__()[0]
         except Exception:
-            dev_type, dev_id = -1, -1
+            dev_type = -1
         if dev_type in (_KDL_CUDA, _KDL_CUDA_MANAGED):
             dl_stream = 1 if not stream else stream  # 0 is not a valid DLPack stream: 1 = legacy default
             try:

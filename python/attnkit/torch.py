@@ -408,9 +408,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Inputs attnkit cannot take (CUDA tensors without the CUDA build, nested tensors, other
     dtypes, a mask that needs a gradient, torch.func transforms, forward-mode AD, tracing) and
     calls whose result torch's kernel choice decides (head counts that are neither equal nor
-    grouped-query, which its math kernel broadcasts; 3-D inputs with different leading dims; a
-    non-finite scale) go to torch with a one-time warning. A backward differentiated again
-    (``create_graph=True``) runs in torch ops, so second derivatives are exact. ``sdpa_kernel`` restrictions select among torch's
+    grouped-query, which its math kernel broadcasts; 3-D inputs whose leading dims torch reads
+    as heads or that do not broadcast; a non-finite scale) go to torch with a
+    one-time warning. A backward differentiated again (``create_graph=True``) runs in torch
+    ops, so second derivatives are exact. ``sdpa_kernel`` restrictions select among torch's
     kernels and do not apply to this function (they still shape the errors above).
     """
     _check_twin_types(dropout_p, is_causal, scale, enable_gqa)

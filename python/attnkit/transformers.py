@@ -411,8 +411,9 @@ class QuantizedKVCache(_Cache):
     (prefill and decode) reads the codes and scales directly, with no dequantized copy. The
     cached tokens take half the bytes of a float16 cache plus 8 bytes per token and kv head
     (:meth:`nbytes`); the storage grows by doubling, in steps of 256 positions, so it holds up to
-    twice the tokens (at least 256) per layer (:meth:`allocated_bytes`). CPU tensors, inference only; layers are created as the model asks for
-    them (``config`` is accepted for symmetry with transformers' caches and unused).
+    twice the tokens (at least 256) per layer (:meth:`allocated_bytes`). CPU tensors,
+    inference only; layers are created as the model asks for them (``config`` is accepted for
+    symmetry with transformers' caches and unused).
     """
 
     def __init__(self, dtype: str = "int8", config=None):

@@ -195,7 +195,8 @@ int64_t shared_a_rows(int64_t m) {
 constexpr int64_t kRowQuantum = 4;
 
 // Rows of one shared A block buffer: the block's panels, plus one panel per thread row (each
-// thread row's panels start at panel r0 / MR + its index, past every earlier row's).
+// thread row's panels start where its rows of a full block start, r0 / MR, plus its index:
+// past every earlier row's).
 template <class T>
 int64_t shared_a_buffer_rows(int64_t m, int team) {
   return shared_a_rows<T>(m) + int64_t(team) * Blocking<T>::MR;

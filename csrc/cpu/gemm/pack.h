@@ -92,7 +92,8 @@ inline void pack_b_block(const S* b, int64_t rs_b, int64_t cs_b, int64_t kc, int
 // N values of each of the m <= MR rows (row i at a + i * rs_a) into N packed k steps of MR
 // values: one N x N register transpose (rows m.. are zero vectors, which zero-fill the
 // panel's padding rows), then MR lanes stored per k. A scalar copy moved one element per load
-// and store: ~5% of a 512^3 product at 2 threads (bench/notes/matmul.md, "A packing").
+// and store: ~5% of a 512^3 product at 2 threads (bench/notes/matmul.md, "A packing by
+// register transposes").
 template <class T>
 inline void pack_a_block_t(const T* a, int64_t rs_a, int m, T* dst) {
   using V = Vec<T>;
