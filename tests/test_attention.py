@@ -570,3 +570,23 @@ def test_bf16_subnormal_scores(isa, rng):
     assert np.abs(exact - daz).max() > 0.05  # the two semantics differ visibly
     flushes = isa in ("avx512_bf16", "amx", "amx_emulated")
     assert_close(o, daz if flushes else exact, bfloat16, what="attention out")
+
+
+@pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
+def test_bf16_subnormal_values_are_attended(isa, rng):
+    """Unlike a score, a V value is the output's own magnitude: V blocks holding a subnormal bf16
+    (which vdpbf16ps and TDPBF16PS read as zero) take the exact fp32 P V. With every V value
+    subnormal the output is subnormal too, and bf16's subnormal step is 2^-133: the error stays
+    within one step (the pair kernels gave 0, a relative error of 1)."""
+    q, k, _ = make_qkv(rng, 1, 2, 1, 70, 301, 64, dtype=bfloat16)
+    v = (rng.standard_normal((1, 1, 301, 64)) * 2.0 ** -129).astype(bfloat16)
+    assert np.abs(to64(v)).max() < 2.0 ** -126 and np.count_nonzero(to64(v)) > 0
+    for causal in (False, True):
+        o = attnkit.attention(q, k, v, causal=causal)
+        ref, _ = attention_ref(q, k, v, causal=causal)
+        assert np.abs(to64(o) - ref).max() <= 2.0 ** -133, (isa, causal)
+    # one subnormal among normal values (one key block of two): the whole output as usual
+    v2 = randn(rng, (1, 1, 301, 64), bfloat16)
+    v2[0, 0, 280, 5] = np.float32(2.0 ** -130)
+    o = attnkit.attention(q, k, v2)
+    check(q, k, v2, o, use_torch=True)

@@ -278,7 +278,8 @@ def test_bf16_kernel_blocks_and_thread_counts(isa, rng, threads):
         assert plan["l1d"] == l1d, plan
     assert kc % 32 == 0 and kc // 2 * plan["nr"] * 4 <= plan["l1d"], plan
     assert mc % plan["mr"] == 0 and mc * kc // 2 * 4 <= plan["l2"] // 2, plan
-    for m, k, n in [(mc + 1, kc + 33, 45), (2 * mc + 37, 70, 99), (100, 2 * kc + 3, 70),
+    # every product above gemm_bf16.cpp's kMinMacs (2^21) for mc >= 48 (an L2 of 512 KB)
+    for m, k, n in [(mc + 1, kc + 33, 45), (2 * mc + 37, 70, 299), (100, 2 * kc + 3, 70),
                     (70, 40, nc + 5)]:
         a, b = randn(rng, (m, k), bfloat16), randn(rng, (k, n), bfloat16)
         outs = []

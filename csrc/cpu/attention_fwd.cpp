@@ -8,7 +8,8 @@
 //   O = alpha O + P V         GEMM micro-kernel: A = P in place, B = V packed in NR-column panels
 // and finally out = O / l, lse = m + log l. The avx512_bf16 variant compiles this file again
 // for bf16 q, k, v only: S = Q K^T then runs on vdpbf16ps over K packed in pair words
-// (kPairK below); the softmax and P V stay fp32. The amx variants (kTiles) compile it for bf16
+// (kPairK below), the softmax in fp32, then P rounded to bf16 and O += P V on vdpbf16ps with V
+// packed in pair panels along the keys (the layout of the tile path). The amx variants (kTiles) compile it for bf16
 // q, k, v too: S = Q K^T on AMX tiles (q packed per item in tile rows, K in the same pair
 // panels), the softmax in fp32, then P rounded to bf16 and O += P V on tiles with V packed in
 // pair panels along the keys (gemm/ukernel_amx.h). No Sq x Sk matrix exists: per-thread scratch is
@@ -76,18 +77,27 @@ uint32_t load_pair(const void*);
 #endif
 #if !defined(ATTNKIT_AMX_TILES)
 // Declared only so that the tile branches (discarded without AMX) parse.
-int64_t padded_pairs(int64_t);
 void pack_a_panel(const bf16_t*, int64_t, int64_t, int, int64_t, uint32_t*);
 void pack_a_panel_f32(const float*, int64_t, int, int64_t, uint32_t*);
 void compute_panel(int, int64_t, const uint32_t*, const uint32_t*, float*, int64_t, bool, int);
+#if !defined(ATTNKIT_ISA_AVX512_BF16)
+int64_t padded_pairs(int64_t);
 template <class RowFn>
 bool pack_rows_pairs(RowFn&&, int64_t, int64_t, int64_t, uint32_t*, int64_t);
 #endif
+#endif
 #if !defined(ATTNKIT_ISA_AVX512_BF16)
-// Declared only so that run_item's vdpbf16ps branch (discarded elsewhere) parses.
+// Declared only so that run_item's vdpbf16ps branches (discarded elsewhere) parse.
 template <bool kPackedA>
 void ukernel_bf16_rows(int, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*,
                        int64_t, bool, int);
+void round_rows_to_pairs(const float*, int64_t, int, int64_t, uint32_t*, int64_t);
+#endif
+// Variants whose bf16 path multiplies P V in bf16 (V in pair panels along the keys, P rounded).
+#if defined(ATTNKIT_ISA_AVX512_BF16) || defined(ATTNKIT_AMX_TILES)
+constexpr bool kPairPV = true;
+#else
+constexpr bool kPairPV = false;
 #endif
 
 template <class T>
@@ -129,7 +139,7 @@ struct PackCache {
   int64_t slots = 0, block_elems_k = 0, block_elems_v = 0;
   Scratch<T> k, v;
   Scratch<int64_t> tag;   // key block held by each slot (-1: none)
-  Scratch<uint8_t> nonfinite;  // the V block holds inf/NaN (see pv_with_nonfinite)
+  Scratch<uint8_t> nonfinite;  // the V block holds inf/NaN, or with pair panels a subnormal (see pv_with_nonfinite)
   SharedPack<T> shared;
 };
 
@@ -167,7 +177,8 @@ inline void pack_k_pair_row(const S* krow, int64_t D, T* kb, int64_t jj) {
 
 // Packs keys j0..j0+bn of kv head g: K transposed into NR-key panels ([D][NR] each, or pair
 // words with kPairK; keys bn..round_up(bn, NR) zero, as the S GEMM reads whole panels) and
-// V as NR-column panels ([BNp][NR] each, rows >= bn never read). *nonfinite: V holds inf/NaN.
+// V as NR-column panels ([BNp][NR] each, rows >= bn never read). *nonfinite: V holds inf/NaN
+// (or, in pair panels, a subnormal: the bf16 kernels would read it as zero).
 template <class T, class S>
 void pack_kv_block(const AttentionParams& p, const SeqView& s, int64_t g, int64_t j0, int64_t bn,
                    T* kb, T* vb, uint8_t* nonfinite) {
@@ -178,7 +189,7 @@ void pack_kv_block(const AttentionParams& p, const SeqView& s, int64_t g, int64_
     for (int64_t jj = 0; jj < round_up(bn, NR); ++jj)
       pack_k_pair_row<T, S>(jj < bn ? typed<S>(p.k) + kv_offset(p, s, g, j0 + jj, p.k_stride) : nullptr,
                             D, kb, jj);
-    if constexpr (kTiles) {  // V in pair panels along the keys, [Dvp / 32][BNp / 2][32] words
+    {  // V in pair panels along the keys, [Dvp / 32][BNp / 2][32] words
       *nonfinite = pack_rows_pairs(
           [&](int64_t jj) { return typed<S>(p.v) + kv_offset(p, s, g, j0 + jj, p.v_stride); }, bn,
           Dv, padded_pairs((bn + 1) / 2), reinterpret_cast<uint32_t*>(vb), Tiles<T>::kBlockNPad / 2 * 32);
@@ -350,9 +361,9 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
       if (p.dropout_p > 0.0f) dropout_row_apply<T>(p, s.b, h, i, j0, bn, S + r * BNp, w.keep.get());
     }
     // O += P V
-    if constexpr (pairs && kTiles) {
+    if constexpr (pairs) {
       constexpr int64_t half = BNp / 2;  // pair rows of a V panel
-      if (v_nonfinite) {
+      if (v_nonfinite) {  // inf/NaN or subnormal values in V: exact fp32
         auto v = [&](int64_t j, int64_t d) {
           const uint32_t word = vw[(d / 32) * half * 32 + ((off + j) / 2) * 32 + d % 32];
           return bf16_to_f32(uint16_t((off + j) % 2 ? word >> 16 : word & 0xffffu));
@@ -361,10 +372,19 @@ void run_item(const AttentionParams& p, const Item& it, Workspace<T>& w) {
         continue;
       }
       uint32_t* pt = w.pt.get();
-      pack_a_panel_f32(S, BNp, int(bm), bn, pt);
       const int64_t kp = padded_pairs((bn + 1) / 2);
-      for (int64_t c = 0; c < Dvp; c += 32)
-        compute_panel(int(bm), kp, pt, vw + (c / 32) * half * 32 + (off / 2) * 32, O + c, Dvp, true, 32);
+      if constexpr (kTiles) {
+        pack_a_panel_f32(S, BNp, int(bm), bn, pt);
+        for (int64_t c = 0; c < Dvp; c += 32)
+          compute_panel(int(bm), kp, pt, vw + (c / 32) * half * 32 + (off / 2) * 32, O + c, Dvp, true, 32);
+      } else {  // P rows as pair words (row stride half), read in place by the micro-kernel
+        round_rows_to_pairs(S, BNp, int(bm), bn, pt, half);
+        for (int64_t ir = 0; ir < bm; ir += MR)
+          for (int64_t c = 0; c < Dvp; c += 32)
+            ukernel_bf16_rows<false>(int(imin(MR, bm - ir)), kp, pt + ir * half, half,
+                                     vw + (c / 32) * half * 32 + (off / 2) * 32, 32,
+                                     O + ir * Dvp + c, Dvp, true, 32);
+      }
       continue;
     }
     if (v_nonfinite) {
@@ -415,7 +435,7 @@ bool init_workspace(const AttentionParams& p, Workspace<T>& w, int64_t max_sk,
   c.block_elems_v = BNp * Dvp;
   c.shared = shared;
   c.slots = shared.k ? 0 : pack_cache_slots<T>(p, max_sk);
-  if (kTiles && !w.pt.reset(size_t(BM * BNp / 2))) return false;
+  if (kPairPV && !w.pt.reset(size_t(BM * BNp / 2))) return false;
   return w.qf.reset(size_t(BM * packed_row_elems(D))) && w.s.reset(size_t(BM * BNp)) && w.o.reset(size_t(BM * Dvp)) &&
          w.m.reset(size_t(BM)) && w.l.reset(size_t(BM)) && w.add.reset(size_t(Tl::kBlockN)) && w.keep.reset(size_t(Tl::kBlockN)) &&
          c.k.reset(size_t(c.slots * c.block_elems_k)) && c.v.reset(size_t(c.slots * c.block_elems_v)) &&

@@ -116,12 +116,18 @@ inline void pack_pair_column(const bf16_t* src, int64_t n, int64_t rows, uint32_
 
 // Rows 0..kc of bf16 (row(i): a pointer to row i's first column) as pair panels along the rows:
 // panel c (columns 32c..32c+31) at dst + c * panel_words, [kpp][32] words; pair rows past
-// ceil(kc / 2) up to kpp and columns past ncols zero. Returns whether the rows hold inf/NaN.
+// ceil(kc / 2) up to kpp and columns past ncols zero. Returns whether the rows hold a value
+// the pair kernels cannot take as it is: inf/NaN, or a subnormal (which they read as zero).
 template <class RowFn>
 bool pack_rows_pairs(RowFn&& row, int64_t kc, int64_t ncols, int64_t kpp, uint32_t* dst,
                      int64_t panel_words) {
   const int64_t kp = (kc + 1) / 2;
-  const __m512i exp_mask = _mm512_set1_epi16(0x7f80);
+  const __m512i exp_mask = _mm512_set1_epi16(0x7f80), magnitude = _mm512_set1_epi16(0x7fff);
+  const __m512i one = _mm512_set1_epi16(1), limit = _mm512_set1_epi16(0x7f);
+  auto odd = [&](__m512i x) {  // inf/NaN (all-ones exponent) or subnormal (1..0x7f)
+    return _mm512_cmpeq_epi16_mask(_mm512_and_si512(x, exp_mask), exp_mask) |
+           _mm512_cmplt_epu16_mask(_mm512_sub_epi16(_mm512_and_si512(x, magnitude), one), limit);
+  };
   __mmask32 nonfinite = 0;
   for (int64_t c0 = 0; c0 < ncols; c0 += kPairPanel) {
     const int64_t nc = ncols - c0 < kPairPanel ? ncols - c0 : kPairPanel;
@@ -131,8 +137,7 @@ bool pack_rows_pairs(RowFn&& row, int64_t kc, int64_t ncols, int64_t kpp, uint32
       const __m512i r0 = _mm512_maskz_loadu_epi16(cols, row(2 * q) + c0);
       const __m512i r1 = 2 * q + 1 < kc ? _mm512_maskz_loadu_epi16(cols, row(2 * q + 1) + c0)
                                         : _mm512_setzero_si512();
-      nonfinite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(r0, exp_mask), exp_mask) |
-                   _mm512_cmpeq_epi16_mask(_mm512_and_si512(r1, exp_mask), exp_mask);
+      nonfinite |= odd(r0) | odd(r1);
       interleave_pairs(r0, r1, panel + q * kPairPanel);
     }
     std::memset(panel + kp * kPairPanel, 0, size_t(kpp - kp) * kPairPanel * 4);

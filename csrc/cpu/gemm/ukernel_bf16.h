@@ -114,6 +114,32 @@ inline void pack_a_pairs(const bf16_t* a, int64_t rs_a, int64_t cs_a, int m, int
   }
 }
 
+// Rows 0..m of fp32 values (row stride lds), columns 0..n, rounded to nearest-even bf16 into
+// rows of pair words (row stride ldd words): word j holds columns 2j (low half) and 2j + 1, an
+// odd n's last high half is zero. The A operand of ukernel_bf16<M, false>: attention's P rows.
+// vcvtne2ps2bf16 flushes subnormal fp32 inputs to zero, as vdpbf16ps would read them.
+inline void round_rows_to_pairs(const float* s, int64_t lds, int m, int64_t n, uint32_t* dst,
+                                int64_t ldd) {
+  for (int i = 0; i < m; ++i) {
+    const float* si = s + i * lds;
+    uint16_t* di = reinterpret_cast<uint16_t*>(dst + i * ldd);
+    for (int64_t j = 0; j < n; j += 32) {
+      const int64_t left = n - j;
+      if (left >= 32) {
+        const __m512bh x = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(si + j + 16), _mm512_loadu_ps(si + j));
+        _mm512_storeu_si512(di + j, (__m512i)x);
+        continue;
+      }
+      const __mmask16 lo = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+      const __mmask16 hi = left > 16 ? __mmask16((1u << (left - 16)) - 1) : __mmask16(0);
+      const __m512bh x = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, si + j + 16),
+                                             _mm512_maskz_loadu_ps(lo, si + j));
+      const int64_t words = (left + 1) / 2;  // whole pair words, the pad half zero
+      _mm512_mask_storeu_epi16(di + j, __mmask32((uint64_t(1) << (2 * words)) - 1), (__m512i)x);
+    }
+  }
+}
+
 // ---- the panel interface of gemm_bf16.cpp (ukernel_amx.h has the same names) ----
 using PanelBlocking = BlockingBf16;
 inline int64_t padded_pairs(int64_t kp) { return kp; }
