@@ -6,6 +6,7 @@ the per-round ratios and their spread are printed. Used for bench/notes/matmul.m
 variant".
 
     python bench/bf16_interleave.py --rounds 5 --threads 2
+    python bench/bf16_interleave.py --cases matmul:64:4096:4096,attention:8:256:64:causal
     ATTNKIT_CPU_ASSUME=avx512_bf16 is set for the children (a VM that hides AVX512-BF16)
 """
 import argparse
@@ -21,11 +22,15 @@ import numpy as np, ml_dtypes
 case, who, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rng = np.random.default_rng(0)
 bf = ml_dtypes.bfloat16
-def timeit(fn, reps):
-    fn()
+def timeit(fn, reps):  # best of reps, each a burst of calls lasting >= 20 ms
+    t = time.perf_counter(); fn(); once = time.perf_counter() - t
+    calls = max(1, int(0.02 / max(once, 1e-7)))
     best = 1e9
     for _ in range(reps):
-        t = time.perf_counter(); fn(); best = min(best, time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t) / calls)
     return best
 kind, *dims = case.split(":")
 if who == "torch":
@@ -36,18 +41,18 @@ else:
     import attnkit
     attnkit.set_num_threads(threads)
     assert attnkit.info()["isa"] == who, attnkit.info()["isa"]
-if kind == "matmul":
-    n = int(dims[0])
-    a = rng.standard_normal((n, n), np.float32).astype(bf)
-    b = rng.standard_normal((n, n), np.float32).astype(bf)
-    flops = 2.0 * n ** 3
+if kind == "matmul":  # matmul:N (square) or matmul:M:K:N
+    m, kk, n = (int(dims[0]),) * 3 if len(dims) == 1 else map(int, dims)
+    a = rng.standard_normal((m, kk), np.float32).astype(bf)
+    b = rng.standard_normal((kk, n), np.float32).astype(bf)
+    flops = 2.0 * m * kk * n
     if who == "torch":
-        ta, tb_, out = tb(a), tb(b), torch.empty((n, n), dtype=torch.bfloat16)
+        ta, tb_, out = tb(a), tb(b), torch.empty((m, n), dtype=torch.bfloat16)
         fn = lambda: torch.matmul(ta, tb_, out=out)
     else:
-        out = np.empty((n, n), bf)
+        out = np.empty((m, n), bf)
         fn = lambda: attnkit.matmul(a, b, out=out)
-    sec = timeit(fn, 5 if n <= 1024 else 3)
+    sec = timeit(fn, 5 if flops <= 2.2e9 else 3)
 else:  # attention:H:S:D:causal
     h, s, d, causal = int(dims[0]), int(dims[1]), int(dims[2]), dims[3] == "causal"
     q, k, v = (rng.standard_normal((1, h, s, d), np.float32).astype(bf) for _ in range(3))

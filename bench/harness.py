@@ -286,6 +286,16 @@ def _torch_or_none():
         return None
 
 
+def _attnkit_or_none():
+    """attnkit if it imports, else None."""
+    try:
+        import attnkit
+
+        return attnkit
+    except ImportError:
+        return None
+
+
 def _best_rates(fns: dict, work: dict, cfg: TimingConfig) -> dict:
     """name -> work / best round's per-call time, the callables timed interleaved."""
     t = time_interleaved(fns, cfg)
@@ -345,8 +355,11 @@ def bandwidth_methods(buf, threads: int):
 def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=None) -> dict:
     """Machine ceilings with `threads` threads, each the best of several independent methods.
 
-    sgemm: NumPy (OpenBLAS) and torch fp32 GEMMs of N x N (the faster one: torch's MKL GEMM ran
-    at 133% of NumPy's on an Emerald Rapids). read / copy: see `bandwidth_methods`, on one
+    sgemm: NumPy (OpenBLAS), torch and attnkit fp32 GEMMs of N x N (the fastest one: torch's MKL
+    GEMM ran at 133% of NumPy's on an Emerald Rapids; on a Zen 5 both libraries reached 250
+    GFLOP/s at 2 threads, half of the AVX-512 FMA rate, and attnkit's own GEMM 450, so a ceiling
+    of theirs alone put attnkit's fp32 rows at 110-180%). bf16_gemm: the same for bf16
+    (`_bf16_gemm_rates`); bf16 rows are compared with it (ceiling "bf16"). read / copy: see `bandwidth_methods`, on one
     buffer of `ceiling_buffer_bytes` (4x the LLC; the copy moves its first half into its second
     half); copy_gbs counts read + write.
     A ceiling is what the machine can do, so each method's best round (bursts of ~0.2 s) is
@@ -372,6 +385,10 @@ def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=N
     if torch is not None:
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
         fns["torch mm"] = lambda: torch.mm(ta, tb)
+    attnkit = _attnkit_or_none()
+    if attnkit is not None:
+        attnkit.set_num_threads(threads)
+        fns["attnkit matmul"] = lambda: attnkit.matmul(a, b)
     with _blas_limit(threads), _TorchThreads(threads):
         sgemm = _best_rates(fns, {k: matmul_flops(n, n, n) / 1e9 for k in fns}, cfg)
         bf16 = _bf16_gemm_rates(a, b, threads, torch, cfg)
@@ -438,8 +455,9 @@ def _bf16_gemm_rates(a, b, threads, torch, cfg) -> dict:
     return _best_rates(fns, {k: matmul_flops(n, n, n) / 1e9 for k in fns}, cfg)
 
 
-CEILING_KEYS = {"sgemm": "sgemm_gflops", "copy": "copy_gbs", "read": "read_gbs"}
-UNIT_OF_CEILING = {"sgemm": "GFLOP/s", "copy": "GB/s", "read": "GB/s"}
+CEILING_KEYS = {"sgemm": "sgemm_gflops", "bf16": "bf16_gemm_gflops", "copy": "copy_gbs",
+                "read": "read_gbs"}
+UNIT_OF_CEILING = {"sgemm": "GFLOP/s", "bf16": "GFLOP/s", "copy": "GB/s", "read": "GB/s"}
 UNIT_SCALE = {"GFLOP/s": 1e9, "GB/s": 1e9, "tok/s": 1.0}
 
 
@@ -478,7 +496,7 @@ class Case:
     attnkit's entry. Every contender's result is compared with `reference`'s (default: the
     first contender that is not the subject) by `check(result, reference_result)`, which
     returns an error message or None; this runs before timing. `work` is FLOPs (ceiling
-    "sgemm"), bytes (ceiling "copy" / "read") or tokens (unit "tok/s", no ceiling) per call.
+    "sgemm", or "bf16" for bf16 GEMM-bound rows), bytes (ceiling "copy" / "read") or tokens (unit "tok/s", no ceiling) per call.
     `derive(timings) -> dict` adds derived numbers (e.g. adapter overhead) to the row.
     `footprint` is the bytes one call streams through memory (default: `work` for the copy and
     read ceilings); against the LLC it decides whether the row is cache-resident.

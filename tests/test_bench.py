@@ -273,6 +273,24 @@ def test_quick_mode_has_the_issue_cases():
         assert n in names, n
 
 
+def test_bf16_rows_are_measured_against_the_bf16_ceiling():
+    """bf16 GEMM-bound rows (matmul, attention, backward) take the bf16 GEMM ceiling, fp32 rows
+    the sgemm one: on a CPU with a bf16 unit (AVX512-BF16 on Zen 5, AMX) a bf16 row runs past
+    the sgemm ceiling (attention bf16 at 305% of it on a Zen 5)."""
+    pytest.importorskip("ml_dtypes")
+    cfg = run.Config(mode="quick")
+    seen = set()
+    for m in ("matmul", "attention", "backward"):
+        mod = importlib.import_module(f"suites.{m}")
+        by_dtype = {}
+        for s in mod.specs(cfg):
+            by_dtype.setdefault(s.params["dtype"], s)
+        for dtype, want in (("bfloat16", "bf16"), ("float32", "sgemm")):
+            assert mod.build(by_dtype[dtype]).ceiling == want, (m, dtype)
+            seen.add((m, dtype))
+    assert len(seen) == 6
+
+
 def test_two_thread_counts_give_two_runs(tmp_path, capsys):
     """--threads 1,2: two passes, each at its own count; no bar off a TTY."""
     path = tmp_path / "t.json"
@@ -510,6 +528,7 @@ def test_measure_ceilings_takes_the_best_method():
     assert c["read_gbs"] == max(c["read_by_method"].values()) > 0
     assert c["copy_gbs"] == max(c["copy_by_method"].values()) > 0
     assert c["sgemm_gflops"] == max(c["sgemm_by_method"].values()) > 0
+    assert {"numpy sgemm", "attnkit matmul", "torch mm"} <= set(c["sgemm_by_method"])
     assert {"attnkit matmul", "torch mm"} <= set(c["bf16_gemm_by_method"])
     assert c["bf16_gemm_gflops"] == max(c["bf16_gemm_by_method"].values()) > 0
     assert c["buffer_vs_llc"] == pytest.approx(8.0)

@@ -218,7 +218,7 @@ def test_info_lists_the_kernels_each_variant_compiles():
 def test_cpu_assume_env():
     """ATTNKIT_CPU_ASSUME marks a variant supported without its CPUID bit (and says so in
     info()); it accepts only the variants a hypervisor may hide; auto never takes a variant
-    that is not verified or that has an auto_skip (avx512_bf16: slower where measured)."""
+    that is not verified or that has an auto_skip (avx512_bf16 on Intel: slower where measured)."""
     code = """
         import attnkit, json
         i = attnkit.info()
@@ -245,3 +245,33 @@ def test_cpu_assume_env():
     bad = run_py("import attnkit", dict(env, ATTNKIT_CPU_ASSUME="avx2"))
     assert bad.returncode != 0
     assert "ATTNKIT_CPU_ASSUME=avx2" in bad.stderr and "cannot assume avx2" in bad.stderr
+
+
+def _cpu_vendor():
+    """/proc/cpuinfo's vendor_id (None where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def test_auto_takes_avx512_bf16_on_amd_only():
+    """avx512_bf16 carries an auto_skip on Intel CPUs (vdpbf16ps at half the fp32 FMA FLOP rate
+    on an Emerald Rapids) and none on AMD (1.85x it on a Zen 5): auto picks it exactly there,
+    when it is supported and verified and nothing better is (amx is not verified)."""
+    i = next(x for x in attnkit.info()["isas"] if x["name"] == "avx512_bf16")
+    vendor = _cpu_vendor()
+    if not (i["compiled"] and i["supported"]) or vendor not in ("AuthenticAMD", "GenuineIntel"):
+        pytest.skip(f"avx512_bf16 does not run here (vendor {vendor})")
+    amd = vendor == "AuthenticAMD"
+    assert (i["auto_skip"] is None) == amd, i
+    r = run_py("import attnkit; print(attnkit.info()['isa'])", {"ATTNKIT_CPU": "auto"})
+    assert r.returncode == 0, r.stderr
+    if amd:
+        assert r.stdout.strip() == "avx512_bf16"
+    else:
+        assert r.stdout.strip() != "avx512_bf16"

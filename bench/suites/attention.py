@@ -165,4 +165,5 @@ def build(spec):
 
     work = attention_flops(p["B"], p["H"], p["Sq"], p["Sk"], p["D"], causal=causal, window=window)
     return Case(suite=NAME, name=spec.name, contenders=contenders, reference="torch sdpa",
-                work=work, ceiling="sgemm", check=checker(p["dtype"]), params=p)
+                work=work, ceiling="bf16" if p["dtype"] == "bfloat16" else "sgemm",
+                check=checker(p["dtype"]), params=p)

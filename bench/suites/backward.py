@@ -98,6 +98,6 @@ def build(spec):
     bwd = attention_bwd_flops(b, h, s, s, d, causal=causal)
     work = bwd if p["kind"] == "bwd" else fwd + bwd
     return Case(suite=NAME, name=spec.name, contenders=contenders, reference="torch sdpa",
-                work=work, ceiling="sgemm",
+                work=work, ceiling="bf16" if p["dtype"] == "bfloat16" else "sgemm",
                 check=lambda x, ref: close_enough(x, ref, GRAD_TOL if p["dtype"] == "float32" else GRAD_TOL_BF16),
                 params=p)

@@ -45,6 +45,7 @@ struct X86Features {
   bool avx512 = false;  // AVX-512 F, BW, DQ, VL, and the OS saves ZMM + opmask state
   bool avx512_vnni = false;  // and AVX512-VNNI (vpdpbusd): Cascade Lake, Ice Lake, Zen 4 on
   bool avx512_bf16 = false;  // and AVX512-BF16 (vdpbf16ps): Cooper Lake, Sapphire Rapids, Zen 4 on
+  bool amd = false;          // CPUID vendor AuthenticAMD (see kBf16AutoSkip)
   bool zmm_state = false;    // the OS saves ZMM + opmask state (what ATTNKIT_CPU_ASSUME needs)
   bool amx = false;          // avx512_vnni and AMX-TILE + AMX-BF16, tile state enabled by the OS
   const char* amx_why = "needs avx512_vnni (AVX-512 with VNNI), which this CPU lacks";
@@ -73,6 +74,8 @@ void detect_amx(X86Features& f, uint64_t xcr0, unsigned leaf7_edx) {
 X86Features detect_x86() {
   X86Features f;
   unsigned a, b, c, d;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return f;
+  f.amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "Auth" "enti" "cAMD"
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   const bool osxsave = c & (1u << 27), avx = c & (1u << 28);
   const bool fma = c & (1u << 12), f16c = c & (1u << 29);
@@ -96,14 +99,17 @@ X86Features detect_x86() {
 }
 #endif
 
-// Why auto passes over avx512_bf16 even where it is supported and verified: measured on the
-// Emerald Rapids it was developed on, vdpbf16ps retires at a quarter of the rate of
-// vfmadd231ps (twice the FLOP per instruction: half the FLOP rate), so its bf16 matmul and
-// attention ran slower than avx512_vnni's fp32 path over widened bf16 (bench/notes/matmul.md,
-// "avx512_bf16 variant"). Not yet measured on a CPU where it could win (Zen 4/5).
+// Why auto passes over avx512_bf16 on Intel CPUs even where it is supported and verified:
+// measured on an Emerald Rapids, vdpbf16ps retires at a quarter of the rate of vfmadd231ps
+// (twice the FLOP per instruction: half the FLOP rate), so its bf16 matmul and attention ran
+// slower than avx512_vnni's fp32 path over widened bf16 (bench/notes/matmul.md, "avx512_bf16
+// variant"); Intel's fast bf16 unit is AMX. On AMD it is taken: on a Zen 5 (family 26)
+// vdpbf16ps retires at 0.93x the rate of vfmadd231ps, 1.85x its FLOP rate, and the variant's
+// bf16 attention ran 1.7x and its matmul 1.6-1.75x avx512_vnni's (bench/notes/matmul.md,
+// "avx512_bf16 on Zen 5"). Zen 4 (AMD's first AVX512-BF16 core) has not been measured.
 constexpr const char* kBf16AutoSkip =
-    "slower than avx512_vnni where measured (Emerald Rapids: vdpbf16ps at half the fp32 FMA "
-    "FLOP rate); force it with ATTNKIT_CPU=avx512_bf16";
+    "slower than avx512_vnni on Intel CPUs where measured (Emerald Rapids: vdpbf16ps at half "
+    "the fp32 FMA FLOP rate); force it with ATTNKIT_CPU=avx512_bf16";
 // amx_emulated runs amx's tile kernels on a software model of the tiles (simd/amx.h): it
 // exists so that those kernels are tested on every AVX-512 CPU.
 constexpr const char* kEmulatedAutoSkip =
@@ -143,7 +149,9 @@ IsaInfo* mutable_isa_list() {
   // avx512_vnni on an Intel Xeon Emerald Rapids (bench/notes/decode.md, "int8 Q K on VNNI").
   // avx512_bf16 on the same Emerald Rapids (family 6 model 207, a VM whose CPUID hides
   // AVX512-BF16: run with ATTNKIT_CPU_ASSUME=avx512_bf16 ATTNKIT_CPU=avx512_bf16, the whole
-  // suite, 2005 passed; bench/notes/matmul.md, "avx512_bf16 variant"). auto still skips it (kBf16AutoSkip).
+  // suite, 2005 passed; bench/notes/matmul.md, "avx512_bf16 variant"), and on an AMD EPYC Zen 5
+  // (family 26 model 2, AVX512-BF16 in CPUID: ATTNKIT_CPU=avx512_bf16, the whole suite, 2157
+  // passed). auto skips it on Intel CPUs (kBf16AutoSkip).
   // amx has not run on an AMX CPU yet (its kernels pass the suite as amx_emulated), so auto
   // does not take it.
   // Filled once (thread-safe static initialization); ensure_tiles may later mark amx
@@ -177,6 +185,7 @@ IsaInfo* mutable_isa_list() {
     l[4].compiled = true;
 #endif
     l[4].supported = f.avx512_bf16;
+    if (f.amd) l[4].auto_skip = nullptr;  // vdpbf16ps at the FMA rate (kBf16AutoSkip)
 #if defined(ATTNKIT_HAVE_AMX_VARIANT)
     l[kAmx].compiled = true;
 #endif
