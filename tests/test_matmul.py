@@ -259,6 +259,29 @@ def test_bf16_subnormal_inputs_take_the_exact_path(isa, rng):
 
 
 @pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
+def test_bf16_subnormal_in_b_is_found_while_packing(isa, rng, threads):
+    """A single product's B is checked for subnormal bf16 as it is packed (gemm_bf16.cpp): one
+    in the last k-block and the last column panel, of B in rows and of a transposed B, on wide
+    products (threads split the columns, each packing its own B panels) and tall ones (threads
+    share the packed B), on 1-3 threads: every thread stops and the exact fp32 path runs."""
+    tiny = np.float32(2.0 ** -130)
+    for m, k, n in [(48, 1100, 300), (300, 1100, 96)]:
+        a, b = randn(rng, (m, k), bfloat16), randn(rng, (k, n), bfloat16)
+        kk, jj = k - 3, n - 2
+        a[5], a[:, kk], b[kk] = 0, 0, 0
+        a[5, kk] = np.float32(2.0 ** 126)
+        b[kk, jj] = tiny  # c[5, jj] = 2^-4 exactly; 0 if it were flushed
+        bt = np.ascontiguousarray(b.T).T
+        for nt in (1, 2, 3):
+            attnkit.set_num_threads(nt)
+            for y in (b, bt):
+                out = np.full((m, n), np.nan, np.float32).astype(bfloat16)
+                attnkit.matmul(a, y, out=out)
+                check(a, y, out)
+                assert float(out[5, jj]) == 2.0 ** -4, (m, k, n, nt, y.strides)
+
+
+@pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
 def test_bf16_kernel_blocks_and_thread_counts(isa, rng, threads):
     """The bf16 kernels (vdpbf16ps pairs, AMX tiles) past one of each block: M one past the A
     block and over it with a tail, K over two k-blocks with an odd tail, N past the B block;

@@ -11,8 +11,9 @@
 // Products that gemm.cpp reads in place (small, or few rows: bandwidth-bound) and every other
 // dtype go to the variant below. A call with a subnormal bf16 input anywhere in A or B goes
 // there too (vdpbf16ps and TDPBF16PS would read those inputs as zero): results then match the fp32 path
-// exactly. That is decided by a scan before anything is written, so a MemoryError on either
-// path leaves C untouched.
+// exactly. That is decided before anything is written (A by a scan first, a single product's B
+// as it is packed, since C is written from the fp32 workspace only at the end), so a
+// MemoryError on either path leaves C untouched.
 #include <atomic>
 
 #include "cache_sizes.h"
@@ -63,7 +64,7 @@ struct Bf16Buffers {
   bool init(int64_t m, int64_t n, int nt) {
     const PairBlocks& b = pair_blocks();
     return ws.reset(size_t(workspace_rows(m) * workspace_ld(n))) &&
-           bpack.reset(size_t(b.kcp * round_up(b.nc, Bk::NR))) &&
+           bpack.reset(size_t(padded_pairs(b.kcp) * round_up(b.nc, Bk::NR))) &&
            apack.reset(size_t(nt * b.mc * b.kcp));
   }
 };
@@ -74,19 +75,36 @@ struct Operands {
   int64_t m, n, k, rs_a, cs_a, rs_b, cs_b;
 };
 
-// ws = A B (fp32, row stride workspace_ld(n)); the inputs hold no subnormal (the caller
-// scanned them).
-void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf) {
+// Threads share the columns, not the rows, of a product wider than tall (up to 3 threads, as
+// gemm.cpp's shared-A order): each then packs exactly the B panels it uses, so no thread waits
+// for another (no barrier) and its B block stays in its own L2, and each packs all of the
+// (small) A. 64 x 4096 x 4096 on a Zen 5, 2 threads: 315 -> 505 GFLOP/s (bench/notes/matmul.md,
+// "bf16 GEMM: B packed by rows, columns split"). Taller and square products share the rows and
+// the B block (squares split by columns lost 3-13%).
+inline bool split_columns(int64_t m, int64_t n, int team) {
+  return team > 1 && team < 4 && n > m && ceil_div(n, Bk::NR) >= 2 * team;
+}
+
+// ws = A B (fp32, row stride workspace_ld(n)). A holds no subnormal (the caller scanned it); B
+// is checked as it is packed: a subnormal sets *subnormal_b and every thread stops (the caller
+// then discards ws and takes the exact fp32 path).
+void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf, std::atomic<bool>& subnormal_b) {
   constexpr int MR = Bk::MR, NR = Bk::NR;
   const PairBlocks& bl = pair_blocks();
   const int64_t m = g.m, n = g.n, k = g.k, ldc = workspace_ld(n);
+  // Each B panel sits a whole k-block deep whatever the block's depth, so that without a
+  // barrier a thread's panels of a shallower last block never reach into another's.
+  const int64_t panel_words = padded_pairs(bl.kcp) * NR;
   float* c = buf.ws.get();
   parallel_team(nt, [&] {
     const PanelThreadScope scope;
     const int tid = thread_id(), team = team_size();
     uint32_t* apack = buf.apack.get() + int64_t(tid) * bl.mc * bl.kcp;
     uint32_t* bpack = buf.bpack.get();
-    const GemmShare share = gemm_share(m, MR, tid, team);  // rows first (threading.h)
+    const bool columns = split_columns(m, n, team);
+    const GemmShare share = columns ? gemm_share(m, MR, tid, team, 1) : gemm_share(m, MR, tid, team);
+    // A thread reads only the panels it packed when its column share is its packing share.
+    const bool shared_b = share.tn != team;
     const int64_t row0 = share.row0, row1 = share.row1;
     for (int64_t jc = 0; jc < n; jc += bl.nc) {
       const int64_t nc = imin(bl.nc, n - jc);
@@ -97,10 +115,16 @@ void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf) {
         const int64_t kc = imin(2 * bl.kcp, k - pc), kp = padded_pairs((kc + 1) / 2);
         int64_t pbeg, pend;
         split_range(np, team, tid, &pbeg, &pend);
-        for (int64_t jp = pbeg; jp < pend; ++jp)
-          pack_b_panel(g.b + pc * g.rs_b + (jc + jp * NR) * g.cs_b, g.rs_b, g.cs_b, kc,
-                       int(imin(NR, nc - jp * NR)), bpack + jp * kp * NR);
+        if (pend > pbeg &&
+            pack_b_panels(g.b + pc * g.rs_b + (jc + pbeg * NR) * g.cs_b, g.rs_b, g.cs_b, kc,
+                          imin(nc, pend * NR) - pbeg * NR, bpack + pbeg * panel_words, panel_words))
+          subnormal_b = true;
+        if (shared_b) {
 #pragma omp barrier
+        }
+        // With a shared B every thread reads the flag after the same barrier, so all stop at
+        // the same block (and skip the same barriers); without one each stops on its own.
+        if (subnormal_b.load(std::memory_order_relaxed)) return;
         for (int64_t ic = row0; ic < row1; ic += bl.mc) {
           const int64_t mc = imin(bl.mc, row1 - ic);
           for (int64_t ir = 0; ir < mc; ir += MR)
@@ -110,11 +134,13 @@ void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf) {
             const int nr = int(imin(NR, nc - jp * NR));
             float* cp = c + ic * ldc + jc + jp * NR;
             for (int64_t ir = 0; ir < mc; ir += MR)
-              compute_panel(int(imin(MR, mc - ir)), kp, apack + ir * kp, bpack + jp * kp * NR,
+              compute_panel(int(imin(MR, mc - ir)), kp, apack + ir * kp, bpack + jp * panel_words,
                             cp + ir * ldc, ldc, pc > 0, nr);
           }
         }
+        if (shared_b) {
 #pragma omp barrier
+        }
       }
     }
   });
@@ -129,15 +155,16 @@ bool matrix_has_subnormal(const bf16_t* x, int64_t rows, int64_t cols, int64_t r
   return false;
 }
 
-// Whether any A or B element of any product is a subnormal bf16 (one vector read of the inputs).
-bool any_subnormal(const GemmParams& p, int64_t batch) {
+// Whether an A element (and with check_b a B element) of any product is a subnormal bf16: one
+// vector read of A (and B). A single product's B is checked as it is packed instead.
+bool any_subnormal(const GemmParams& p, int64_t batch, bool check_b) {
   const bf16_t* a = static_cast<const bf16_t*>(p.a);
   const bf16_t* b = static_cast<const bf16_t*>(p.b);
   for (int64_t bi = 0; bi < batch; ++bi) {
     const bf16_t* ai = a + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.a_batch_strides);
     const bf16_t* bbi = b + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.b_batch_strides);
     if (matrix_has_subnormal(ai, p.m, p.k, p.rs_a, p.cs_a) ||
-        matrix_has_subnormal(bbi, p.k, p.n, p.rs_b, p.cs_b))
+        (check_b && matrix_has_subnormal(bbi, p.k, p.n, p.rs_b, p.cs_b)))
       return true;
   }
   return false;
@@ -172,7 +199,9 @@ Status gemm(const GemmParams& p) {
   int64_t batch = 1;
   for (int d = 0; d < p.batch_ndim; ++d) batch *= p.batch_shape[d];
   if (batch == 0) return Status::ok;
-  if (any_subnormal(p, batch)) return avx512_vnni::kernel_table()->gemm(p);
+  // Batched products scan B too: once a product's C is stored, a later product's subnormal
+  // must not send the call to the fp32 path (whose MemoryError would leave C half written).
+  if (any_subnormal(p, batch, batch > 1)) return avx512_vnni::kernel_table()->gemm(p);
   const int nt = p.num_threads < 1 ? 1 : p.num_threads;
   Bf16Buffers buf;
   if (!buf.init(p.m, p.n, nt)) return Status::out_of_memory;
@@ -184,7 +213,10 @@ Status gemm(const GemmParams& p) {
     const bf16_t* bbi = b + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.b_batch_strides);
     bf16_t* ci = c + unravel_offset(bi, p.batch_ndim, p.batch_shape, p.c_batch_strides);
     const Operands g{ai, bbi, p.m, p.n, p.k, p.rs_a, p.cs_a, p.rs_b, p.cs_b};
-    gemm_pairs(g, nt, buf);  // no subnormal inputs (scanned above)
+    std::atomic<bool> subnormal_b{false};
+    gemm_pairs(g, nt, buf, subnormal_b);
+    // A subnormal in B (a single product: nothing is written yet): the exact fp32 path.
+    if (subnormal_b) return avx512_vnni::kernel_table()->gemm(p);
     store_c(buf.ws.get(), workspace_ld(p.n), ci, p.m, p.n, p.rs_c, p.cs_c, nt);
   }
   GemmPlanRecord r;

@@ -102,6 +102,49 @@ inline void pack_b_pairs(const bf16_t* b, int64_t rs_b, int64_t cs_b, int64_t kc
     }
 }
 
+// Columns [0, ncols) of a kc-row bf16 B (element (k, j) at b[k * rs_b + j * cs_b]) as pair
+// panels of kPairPanel columns: panel c at dst + c * panel_words, [kpp][32] words, pair rows
+// past ceil(kc / 2) up to kpp and columns past ncols zero. With contiguous rows (cs_b = 1) the
+// pair rows are walked across every panel in turn, so B is read row by row (two streams)
+// rather than panel by panel down strided rows. Returns whether B holds a subnormal bf16 (which
+// the pair kernels would read as zero), checked on the values as they are packed.
+inline bool pack_b_pair_panels(const bf16_t* b, int64_t rs_b, int64_t cs_b, int64_t kc,
+                               int64_t ncols, uint32_t* dst, int64_t panel_words, int64_t kpp) {
+  constexpr int NR = kPairPanel;
+  const int64_t kp = (kc + 1) / 2, panels = (ncols + NR - 1) / NR;
+  bool subnormal = false;
+  if (cs_b == 1) {
+    const __m512i magnitude = _mm512_set1_epi16(0x7fff), one = _mm512_set1_epi16(1);
+    const __m512i limit = _mm512_set1_epi16(0x7f);
+    __mmask32 any = 0;
+    for (int64_t p = 0; p < kp; ++p) {
+      const bf16_t* r = b + 2 * p * rs_b;
+      const bool second = 2 * p + 1 < kc;
+      for (int64_t c = 0; c < panels; ++c) {
+        const int64_t nc = ncols - c * NR;
+        const __mmask32 cols = nc >= NR ? ~__mmask32(0) : (__mmask32(1) << nc) - 1;
+        const __m512i r0 = _mm512_maskz_loadu_epi16(cols, r + c * NR);
+        const __m512i r1 = second ? _mm512_maskz_loadu_epi16(cols, r + rs_b + c * NR)
+                                  : _mm512_setzero_si512();
+        any |= _mm512_cmplt_epu16_mask(_mm512_sub_epi16(_mm512_and_si512(r0, magnitude), one), limit) |
+               _mm512_cmplt_epu16_mask(_mm512_sub_epi16(_mm512_and_si512(r1, magnitude), one), limit);
+        interleave_pairs(r0, r1, dst + c * panel_words + p * NR);
+      }
+    }
+    subnormal = any != 0;
+  } else {
+    for (int64_t c = 0; c < panels; ++c) {
+      uint32_t* panel = dst + c * panel_words;
+      pack_b_pairs(b + c * NR * cs_b, rs_b, cs_b, kc, int(ncols - c * NR < NR ? ncols - c * NR : NR), panel);
+      subnormal |= bf16_any_subnormal(reinterpret_cast<const bf16_t*>(panel), kp * NR * 2, 1);
+    }
+  }
+  if (kpp > kp)
+    for (int64_t c = 0; c < panels; ++c)
+      std::memset(dst + c * panel_words + kp * NR, 0, size_t(kpp - kp) * NR * 4);
+  return subnormal;
+}
+
 // One bf16 row of n values (null: zeros) as pair words down a panel column: dst[d * stride]
 // for d < rows holds values 2d and 2d + 1 (zero past n). K^T panels are built this way, one
 // key per column.

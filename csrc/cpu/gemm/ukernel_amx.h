@@ -49,12 +49,11 @@ inline int64_t workspace_rows(int64_t m) { return (m + 31) / 32 * 32; }
 inline int64_t workspace_ld(int64_t n) { return (n + 31) / 32 * 32; }
 using PanelThreadScope = TileScope;  // each thread configures its tiles for the region
 
-// B: kc x nr (nr <= 32) -> [kpp][32] words, zero past nr and kc.
-inline void pack_b_panel(const bf16_t* b, int64_t rs_b, int64_t cs_b, int64_t kc, int nr,
-                         uint32_t* dst) {
-  const int64_t kp = (kc + 1) / 2, kpp = padded_pairs(kp);
-  pack_b_pairs(b, rs_b, cs_b, kc, nr, dst);
-  std::memset(dst + kp * kPairPanel, 0, size_t(kpp - kp) * kPairPanel * 4);
+// B: kc x ncols -> panels of [kpp][32] words panel_words apart, zero past ncols and kc;
+// returns whether B holds a subnormal (gemm/pairs.h).
+inline bool pack_b_panels(const bf16_t* b, int64_t rs_b, int64_t cs_b, int64_t kc, int64_t ncols,
+                          uint32_t* dst, int64_t panel_words) {
+  return pack_b_pair_panels(b, rs_b, cs_b, kc, ncols, dst, panel_words, padded_pairs((kc + 1) / 2));
 }
 
 // A: m x kc (m <= 32; element (i, k) at a[i * rs_a + k * cs_a]) -> the step-major tile layout

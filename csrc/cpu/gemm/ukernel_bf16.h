@@ -148,9 +148,9 @@ inline int64_t workspace_ld(int64_t n) { return n; }
 struct PanelThreadScope {
   PanelThreadScope() {}  // no per-thread state
 };
-inline void pack_b_panel(const bf16_t* b, int64_t rs_b, int64_t cs_b, int64_t kc, int nr,
-                         uint32_t* dst) {
-  pack_b_pairs(b, rs_b, cs_b, kc, nr, dst);
+inline bool pack_b_panels(const bf16_t* b, int64_t rs_b, int64_t cs_b, int64_t kc, int64_t ncols,
+                          uint32_t* dst, int64_t panel_words) {
+  return pack_b_pair_panels(b, rs_b, cs_b, kc, ncols, dst, panel_words, (kc + 1) / 2);
 }
 inline void pack_a_panel(const bf16_t* a, int64_t rs_a, int64_t cs_a, int m, int64_t kc,
                          uint32_t* dst) {
