@@ -313,6 +313,15 @@ def test_bf16_kernel_blocks_and_thread_counts(isa, rng, threads):
         check(a, b, outs[0])
         for o in outs[1:]:
             assert np.array_equal(o.view(np.uint16), outs[0].view(np.uint16)), (m, k, n)
+    # avx512_bf16 reads A in place as pair words when k and its row stride are even: from an
+    # odd element offset (words straddling 4-byte boundaries), and packed for an odd row stride.
+    b = randn(rng, (2 * kc, 300), bfloat16)
+    for cols in (2 * kc + 10, 2 * kc + 9):
+        big = randn(rng, (130, cols), bfloat16)
+        a = big[:, 1:2 * kc + 1]
+        for nt in (1, 2):
+            attnkit.set_num_threads(nt)
+            check(a, b, attnkit.matmul(a, b))
 
 
 def _sysfs_cache_bytes(level):

@@ -106,6 +106,9 @@ void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf, std::atomic<bool>& 
     // A thread reads only the panels it packed when its column share is its packing share.
     const bool shared_b = share.tn != team;
     const int64_t row0 = share.row0, row1 = share.row1;
+    // A read in place as pair words when its rows are whole words in every k-block.
+    const bool a_in_place = kAInPlace && g.cs_a == 1 && k % 2 == 0 && g.rs_a % 2 == 0;
+    const uint32_t* aw = reinterpret_cast<const uint32_t*>(g.a);
     for (int64_t jc = 0; jc < n; jc += bl.nc) {
       const int64_t nc = imin(bl.nc, n - jc);
       const int64_t np = ceil_div(nc, NR);
@@ -127,15 +130,25 @@ void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf, std::atomic<bool>& 
         if (subnormal_b.load(std::memory_order_relaxed)) return;
         for (int64_t ic = row0; ic < row1; ic += bl.mc) {
           const int64_t mc = imin(bl.mc, row1 - ic);
-          for (int64_t ir = 0; ir < mc; ir += MR)
-            pack_a_panel(g.a + (ic + ir) * g.rs_a + pc * g.cs_a, g.rs_a, g.cs_a,
-                         int(imin(MR, mc - ir)), kc, apack + ir * kp);
+          if (!a_in_place)
+            for (int64_t ir = 0; ir < mc; ir += MR)
+              pack_a_panel(g.a + (ic + ir) * g.rs_a + pc * g.cs_a, g.rs_a, g.cs_a,
+                           int(imin(MR, mc - ir)), kc, apack + ir * kp);
           for (int64_t jp = jbeg; jp < jend; ++jp) {
             const int nr = int(imin(NR, nc - jp * NR));
             float* cp = c + ic * ldc + jc + jp * NR;
-            for (int64_t ir = 0; ir < mc; ir += MR)
-              compute_panel(int(imin(MR, mc - ir)), kp, apack + ir * kp, bpack + jp * panel_words,
-                            cp + ir * ldc, ldc, pc > 0, nr);
+            for (int64_t ir = 0; ir < mc; ir += MR) {
+              const int mr = int(imin(MR, mc - ir));
+              if constexpr (kAInPlace) {
+                if (a_in_place) {
+                  compute_panel_in_place(mr, kp, aw + ((ic + ir) * g.rs_a + pc) / 2, g.rs_a / 2,
+                                         bpack + jp * panel_words, cp + ir * ldc, ldc, pc > 0, nr);
+                  continue;
+                }
+              }
+              compute_panel(mr, kp, apack + ir * kp, bpack + jp * panel_words, cp + ir * ldc,
+                            ldc, pc > 0, nr);
+            }
           }
         }
         if (shared_b) {

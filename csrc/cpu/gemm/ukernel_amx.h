@@ -48,6 +48,9 @@ inline int64_t padded_pairs(int64_t kp) { return (kp + 15) / 16 * 16; }
 inline int64_t workspace_rows(int64_t m) { return (m + 31) / 32 * 32; }
 inline int64_t workspace_ld(int64_t n) { return (n + 31) / 32 * 32; }
 using PanelThreadScope = TileScope;  // each thread configures its tiles for the region
+constexpr bool kAInPlace = false;    // A tiles are always packed (step-major, below)
+void compute_panel_in_place(int, int64_t, const uint32_t*, int64_t, const uint32_t*, float*,
+                            int64_t, bool, int);  // declared for the discarded branch only
 
 // B: kc x ncols -> panels of [kpp][32] words panel_words apart, zero past ncols and kc;
 // returns whether B holds a subnormal (gemm/pairs.h).

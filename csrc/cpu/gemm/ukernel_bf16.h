@@ -160,6 +160,14 @@ inline void compute_panel(int m, int64_t kp, const uint32_t* a, const uint32_t* 
                           int64_t ldc, bool accumulate, int nr) {
   ukernel_bf16_rows<true>(m, kp, a, 0, b, BlockingBf16::NR, c, ldc, accumulate, nr);
 }
+// A rows read in place as pair words (row i at a + i * rs_a words): no A packing. Only for
+// rows of whole words (even k-blocks and row strides, unit column stride; gemm_bf16.cpp).
+constexpr bool kAInPlace = true;
+inline void compute_panel_in_place(int m, int64_t kp, const uint32_t* a, int64_t rs_a,
+                                   const uint32_t* b, float* c, int64_t ldc, bool accumulate,
+                                   int nr) {
+  ukernel_bf16_rows<false>(m, kp, a, rs_a, b, BlockingBf16::NR, c, ldc, accumulate, nr);
+}
 
 }  // namespace ATTNKIT_ISA_NS
 }  // namespace cpu
