@@ -164,7 +164,8 @@ def test_dtypes(isa, rng, dtype):
 
 
 # bf16 through the backward's shapes: the amx variants run the five GEMMs of a tile on AMX
-# tiles (P and dS rounded to bf16), the others the fp32 path over widened bf16. Several 96-row
+# tiles (P and dS rounded to bf16), avx512_bf16 the same tile-layout path on vdpbf16ps, the
+# others the fp32 path over widened bf16. Several 96-row
 # query tiles and 64-key blocks with ragged ends, GQA, odd head dims and Dv != D, windows
 # (tiles whose first reaching row is mid-tile), bottom-right causal with ALiBi, softcap, a
 # float mask, query chunks with partial dK/dV, dropout.
@@ -194,8 +195,8 @@ def test_bf16_shapes(isa, rng, case):
     else:
         keep = attnkit.dropout_mask((1, 2, 110, 70), 0.3, 99)
         run(rng, 1, 2, 2, 110, 70, 16, dtype=bf, dropout_p=0.3, dropout_seed=99, keep=keep, p=0.3)
-    tiles = _C._take_tile_items()["backward"]  # the backward's items on AMX tiles
-    assert (tiles > 0) == isa.startswith("amx"), (isa, tiles)
+    tiles = _C._take_tile_items()["backward"]  # the backward's items on the tile layout
+    assert (tiles > 0) == (isa.startswith("amx") or isa == "avx512_bf16"), (isa, tiles)
 
 
 def test_dropout_gradients_exact_for_realised_mask(isa, rng):
@@ -305,3 +306,28 @@ def test_nan_lse_propagates_instead_of_a_silent_zero_row(isa, rng):
     dead[0, 0, 4] = -np.inf
     dq, _, _ = attnkit.attention_backward(np.ones_like(o), q, k, v, o, dead)
     assert (dq[0, 0, 4] == 0).all()
+
+
+@pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
+def test_bf16_subnormal_inputs_give_exact_gradients(isa, rng):
+    """The bf16 tile-layout GEMMs (AMX, vdpbf16ps) read subnormal bf16 as zero, and a gradient
+    is as small as its operands: an item whose dO (or K, or V) holds one takes the exact fp32
+    path. With every dO value subnormal, dV = P^T dO is subnormal too; bf16's subnormal step is
+    2^-133 and the error stays within one (the tile path gave dV = 0). A subnormal in K alone
+    goes the same way."""
+    q, k, v = (randn(rng, (1, 2, 96, 64), bfloat16) for _ in range(3))
+    o, lse = attnkit.attention(q, k, v, return_lse=True)
+    dout = (rng.standard_normal(o.shape) * 2.0 ** -129).astype(bfloat16)
+    assert np.abs(to64(dout)).max() < 2.0 ** -126 and np.count_nonzero(to64(dout)) > 0
+    dq, dk, dv = attnkit.attention_backward(dout, q, k, v, o, lse)
+    _, _, _, rv = torch_reference_grads(q, k, v, dout)
+    assert np.abs(rv).max() > 2.0 ** -131  # what a flush to zero would lose
+    assert np.abs(to64(dv) - rv).max() <= 2.0 ** -133, isa
+    k2 = k.copy()
+    k2[0, 1, 70, 9] = np.float32(2.0 ** -130)
+    o2, lse2 = attnkit.attention(q, k2, v, return_lse=True)
+    d2 = randn(rng, o.shape, bfloat16)
+    got = attnkit.attention_backward(d2, q, k2, v, o2, lse2)
+    ref = torch_reference_grads(q, k2, v, d2)[1:]
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref):
+        assert_close(g, r, bfloat16, what=name)

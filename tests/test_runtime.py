@@ -197,8 +197,8 @@ def test_output_cache_release_never_takes_the_lock():
 
 def test_info_lists_the_kernels_each_variant_compiles():
     """Full variants own every kernel-table entry. avx512_vnni owns only attention_fwd (its int8
-    decode) and shares the rest with avx512; amx and amx_emulated own gemm, attention_fwd and
-    attention_bwd (their bf16 paths) and share the rest with avx512_vnni. The test suite runs
+    decode) and shares the rest with avx512; avx512_bf16, amx and amx_emulated own gemm,
+    attention_fwd and attention_bwd (their bf16 paths) and share the rest with avx512_vnni. The test suite runs
     the shared entries once (conftest)."""
     everything = {"softmax", "gemm", "attention_fwd", "attention_bwd", "quantize_kv",
                   "merge_attention_states"}
@@ -207,9 +207,7 @@ def test_info_lists_the_kernels_each_variant_compiles():
             assert i["kernels"] == []
         elif i["name"] == "avx512_vnni":
             assert i["kernels"] == ["attention_fwd"]
-        elif i["name"] == "avx512_bf16":
-            assert i["kernels"] == ["gemm", "attention_fwd"]
-        elif i["name"] in ("amx", "amx_emulated"):  # bf16 on tiles, on top of avx512_vnni
+        elif i["name"] in ("avx512_bf16", "amx", "amx_emulated"):  # bf16, on avx512_vnni
             assert i["kernels"] == ["gemm", "attention_fwd", "attention_bwd"]
         else:
             assert set(i["kernels"]) == everything, i

@@ -30,7 +30,15 @@
 #include "simd/math.h"
 #include "simd/vec.h"
 #include "threading.h"
+// The bf16 backward on the tile layout (run_item_tiles): GEMMs on AMX tiles (amx variants) or
+// on vdpbf16ps over the same layout (avx512_bf16).
 #if defined(ATTNKIT_AMX_TILES)
+#define ATTNKIT_BWD_TILES 1
+#include "kernels.h"
+#elif defined(ATTNKIT_ISA_AVX512_BF16)
+#define ATTNKIT_BWD_TILES 1
+#include "gemm/tile_layout.h"
+#include "gemm/ukernel_bf16.h"
 #include "kernels.h"
 #endif
 
@@ -67,7 +75,7 @@ struct BwdWork {
   Scratch<uint8_t> keep;
   Scratch<T> zbuf;  // dropout factor Z / (1-p) of one row
   bool rows_nonfinite = false;  // the item's Q or dO rows hold inf/NaN (see accumulate_unmasked)
-#if defined(ATTNKIT_AMX_TILES)
+#if defined(ATTNKIT_BWD_TILES)
   struct Tiles {  // the bf16 tile path's operands (run_item_tiles)
     Scratch<uint32_t> qa, doa, qt, dot;  // per item: q, dO rows as A tiles; q^T, dO^T as A tiles
     Scratch<uint32_t> kt, vt, kb;        // per key block: K^T, V^T pairs along the head dim; K
@@ -78,14 +86,14 @@ struct BwdWork {
 #endif
 };
 
-#if defined(ATTNKIT_AMX_TILES)
+#if defined(ATTNKIT_BWD_TILES)
 template <class T>
 bool init_tiles(const AttentionParams& p, BwdWork<T>& w, int64_t max_rows) {
   if (p.q_dtype != DType::bf16) return true;
   using Tl = BwdTiles<T>;
   const int64_t G = p.num_heads / p.num_kv_heads, R32 = round_up(max_rows, 32);
   const int64_t Dp = round_up(p.head_dim, 32), Dvp = round_up(p.head_dim_v, 32);
-  const int64_t Dw = padded_pairs((p.head_dim + 1) / 2), Dvw = padded_pairs((p.head_dim_v + 1) / 2);
+  const int64_t Dw = tiles::padded_pairs((p.head_dim + 1) / 2), Dvw = tiles::padded_pairs((p.head_dim_v + 1) / 2);
   const int64_t BNp = Tl::kBlockNPad, BM = Tl::kBlockM;
   auto& t = w.tiles;
   return t.qa.reset(size_t(G * R32 * Dw)) && t.doa.reset(size_t(G * R32 * Dvw)) &&
@@ -93,7 +101,7 @@ bool init_tiles(const AttentionParams& p, BwdWork<T>& w, int64_t max_rows) {
          t.kt.reset(size_t(BNp * Dw)) && t.vt.reset(size_t(BNp * Dvw)) &&
          t.kb.reset(size_t(Dp * BNp / 2)) && t.pb.reset(size_t(BNp * BM / 2)) &&
          t.dsb.reset(size_t(BNp * BM / 2)) &&
-         t.dsa.reset(size_t(BM / 32 * padded_pairs(BNp / 2) * 32)) &&
+         t.dsa.reset(size_t(BM / 32 * tiles::padded_pairs(BNp / 2) * 32)) &&
          t.dkt.reset(size_t(Dp * BNp)) && t.dvt.reset(size_t(Dvp * BNp)) &&
          t.dq.reset(size_t(G * R32 * Dp));
 }
@@ -488,8 +496,9 @@ void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdI
     }
 }
 
-#if defined(ATTNKIT_AMX_TILES)
-// ---- bf16 on AMX tiles (amx, amx_emulated; ARCHITECTURE.md, "ISA variants") ----
+#if defined(ATTNKIT_BWD_TILES)
+// ---- bf16 on the tile layout (ARCHITECTURE.md, "ISA variants"): AMX tiles (amx,
+// amx_emulated) or vdpbf16ps (avx512_bf16) through tiles::compute_panel ----
 // The five GEMMs of a tile on tiles, transposed where that spares a transpose of P or dS:
 //   S = Q K^T, dP = dO V^T     A: q / dO rows (A tiles, packed once per item); B: K^T / V^T in
 //                              pair panels along the head dim (per key block)
@@ -501,15 +510,29 @@ void run_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdI
 // the block's dK / dV; dQ accumulates in fp32 per item. P and dS are rounded to bf16 for their
 // GEMMs, as GPU flash kernels do. Query tiles start at multiples of 32 rows from the item's
 // first row (the rows of a tile that reach no key of the block get P = dS = 0). Returns false,
-// having written nothing, when the item's q or dO or its group's K or V hold inf/NaN: the fp32
-// path (run_item) handles those, skipping masked keys.
-bool group_kv_nonfinite(const AttentionParams& p, const SeqView& sv, int64_t g) {
+// having written nothing, when the item's q or dO or its group's K or V hold inf/NaN or a
+// subnormal (which the tile GEMMs read as zero: a gradient is as small as its operands): the
+// fp32 path (run_item) handles those exactly, skipping masked keys.
+bool group_kv_unfit(const AttentionParams& p, const SeqView& sv, int64_t g) {
   const bf16_t* K = typed<bf16_t>(p.k);
   const bf16_t* V = typed<bf16_t>(p.v);
   for (int64_t j = 0; j < sv.sk; ++j)
-    if (bf16_any_nonfinite(K + kv_offset(p, sv, g, j, p.k_stride), p.head_dim) ||
-        bf16_any_nonfinite(V + kv_offset(p, sv, g, j, p.v_stride), p.head_dim_v))
+    if (bf16_any_unfit(K + kv_offset(p, sv, g, j, p.k_stride), p.head_dim) ||
+        bf16_any_unfit(V + kv_offset(p, sv, g, j, p.v_stride), p.head_dim_v))
       return true;
+  return false;
+}
+
+bool item_rows_unfit(const AttentionParams& p, const AttentionBwdParams& bp, const BwdItem& it,
+                     const SeqView& sv) {
+  const int64_t G = p.num_heads / p.num_kv_heads;
+  const bf16_t* Q = typed<bf16_t>(p.q);
+  const bf16_t* dO = static_cast<const bf16_t*>(bp.dout);
+  for (int64_t hh = 0; hh < G; ++hh)
+    for (int64_t r = it.r0; r < it.r1; ++r)
+      if (bf16_any_unfit(Q + q_offset(p, sv, it.g * G + hh, r), p.head_dim) ||
+          bf16_any_unfit(dO + out_offset(p, sv, it.g * G + hh, r, bp.dout_stride), p.head_dim_v))
+        return true;
   return false;
 }
 
@@ -523,10 +546,10 @@ bool run_item_tiles(const AttentionParams& p, const AttentionBwdParams& bp, cons
   const SeqView sv = seq_view(p, it.b);
   const int64_t G = p.num_heads / p.num_kv_heads, rows = it.r1 - it.r0, R32 = round_up(rows, 32);
   const int64_t D = p.head_dim, Dv = p.head_dim_v, Dp = round_up(D, 32), Dvp = round_up(Dv, 32);
-  const int64_t Dw = padded_pairs((D + 1) / 2), Dvw = padded_pairs((Dv + 1) / 2);
+  const int64_t Dw = tiles::padded_pairs((D + 1) / 2), Dvw = tiles::padded_pairs((Dv + 1) / 2);
   const int64_t steps = R32 / 32, half = BM / 2 * 32;  // row steps of the item; words of a P / dS panel
   load_item<float, bf16_t, bf16_t>(p, bp, it, sv, w);
-  if (w.rows_nonfinite || group_kv_nonfinite(p, sv, it.g)) return false;
+  if (w.rows_nonfinite || item_rows_unfit(p, bp, it, sv) || group_kv_unfit(p, sv, it.g)) return false;
   auto& t = w.tiles;
   const bf16_t* Q = typed<bf16_t>(p.q);
   const bf16_t* dO = static_cast<const bf16_t*>(bp.dout);
@@ -535,14 +558,14 @@ bool run_item_tiles(const AttentionParams& p, const AttentionBwdParams& bp, cons
     auto qrow = [&](int64_t r) { return Q + q_offset(p, sv, h, it.r0 + r); };
     auto dorow = [&](int64_t r) { return dO + out_offset(p, sv, h, it.r0 + r, bp.dout_stride); };
     for (int64_t r = 0; r < rows; r += 32) {
-      pack_a_panel(qrow(r), p.q_stride[2], 1, int(imin(32, rows - r)), D, t.qa.get() + (hh * R32 + r) * Dw);
-      pack_a_panel(dorow(r), bp.dout_stride[2], 1, int(imin(32, rows - r)), Dv,
+      tiles::pack_a_panel(qrow(r), p.q_stride[2], 1, int(imin(32, rows - r)), D, t.qa.get() + (hh * R32 + r) * Dw);
+      tiles::pack_a_panel(dorow(r), bp.dout_stride[2], 1, int(imin(32, rows - r)), Dv,
                    t.doa.get() + (hh * R32 + r) * Dvw);
     }
     for (int64_t c = 0; c < Dp; c += 32)
-      pack_a_transposed(qrow, rows, D, c, R32 / 2, t.qt.get() + ((hh * (Dp / 32) + c / 32) * steps) * 512);
+      tiles::pack_a_transposed(qrow, rows, D, c, R32 / 2, t.qt.get() + ((hh * (Dp / 32) + c / 32) * steps) * 512);
     for (int64_t c = 0; c < Dvp; c += 32)
-      pack_a_transposed(dorow, rows, Dv, c, R32 / 2, t.dot.get() + ((hh * (Dvp / 32) + c / 32) * steps) * 512);
+      tiles::pack_a_transposed(dorow, rows, Dv, c, R32 / 2, t.dot.get() + ((hh * (Dvp / 32) + c / 32) * steps) * 512);
   }
   for (int64_t x = 0; x < G * R32 * Dp; ++x) t.dq[x] = 0.0f;
   float *S = w.s.get(), *dP = w.dp.get();
@@ -557,7 +580,7 @@ bool run_item_tiles(const AttentionParams& p, const AttentionBwdParams& bp, cons
         pack_pair_column(jj < bn_full ? krow(jj) : nullptr, D, Dw, t.kt.get() + (jj / 32) * Dw * 32 + jj % 32, 32);
         pack_pair_column(jj < bn_full ? vrow(jj) : nullptr, Dv, Dvw, t.vt.get() + (jj / 32) * Dvw * 32 + jj % 32, 32);
       }
-      pack_rows_pairs(krow, bn_full, D, padded_pairs((bn_full + 1) / 2), t.kb.get(), BNp / 2 * 32);
+      pack_rows_pairs(krow, bn_full, D, tiles::padded_pairs((bn_full + 1) / 2), t.kb.get(), BNp / 2 * 32);
       for (int64_t x = 0; x < Dp * BNp; ++x) t.dkt[x] = 0.0f;
       for (int64_t x = 0; x < Dvp * BNp; ++x) t.dvt[x] = 0.0f;
       for (int64_t hh = 0; hh < G; ++hh) {
@@ -566,34 +589,34 @@ bool run_item_tiles(const AttentionParams& p, const AttentionBwdParams& bp, cons
           int64_t i0, i1, bn;  // the first row aligned to 32 rows from t0 (A tiles)
           if (!tile_span(p, sv, t0, imin(t0 + BM, it.r1), j0, bn_full, 32, &i0, &i1, &bn)) continue;
           const int64_t bm = i1 - i0, bm32 = round_up(bm, 32);
-          const int64_t bnp = round_up(bn, 32), kpk = padded_pairs((bn + 1) / 2);
+          const int64_t bnp = round_up(bn, 32), kpk = tiles::padded_pairs((bn + 1) / 2);
           if (mask_block_empty(p, sv.b, h, i0, bm, j0, bn)) continue;
           const int64_t row0 = hh * rows + (i0 - it.r0);  // in load_item's arrays
           const int64_t prow = hh * R32 + (i0 - it.r0);   // in the padded tile arrays
           const int64_t step0 = (i0 - it.r0) / 32;
           for (int64_t g = 0; g < bm32; g += 32)
             for (int64_t jp = 0; jp < bnp; jp += 32) {
-              compute_panel(32, Dw, t.qa.get() + (prow + g) * Dw, t.kt.get() + (jp / 32) * Dw * 32,
+              tiles::compute_panel(32, Dw, t.qa.get() + (prow + g) * Dw, t.kt.get() + (jp / 32) * Dw * 32,
                             S + g * BNp + jp, BNp, false, 32);
-              compute_panel(32, Dvw, t.doa.get() + (prow + g) * Dvw, t.vt.get() + (jp / 32) * Dvw * 32,
+              tiles::compute_panel(32, Dvw, t.doa.get() + (prow + g) * Dvw, t.vt.get() + (jp / 32) * Dvw * 32,
                             dP + g * BNp + jp, BNp, false, 32);
             }
           tile_grads<float>(p, sv, h, i0, bm, j0, bn, bnp, row0, w);
-          pack_rows_pairs_f32(S, BNp, bm, bn, bm32 / 2, t.pb.get(), half);
-          pack_rows_pairs_f32(dP, BNp, bm, bn, bm32 / 2, t.dsb.get(), half);
+          tiles::pack_rows_pairs_f32(S, BNp, bm, bn, bm32 / 2, t.pb.get(), half);
+          tiles::pack_rows_pairs_f32(dP, BNp, bm, bn, bm32 / 2, t.dsb.get(), half);
           for (int64_t g = 0; g < bm32; g += 32)
-            pack_a_panel_f32(dP + g * BNp, BNp, int(imin(32, bm - g)), bn, t.dsa.get() + (g / 32) * kpk * 32);
+            tiles::pack_a_panel_f32(dP + g * BNp, BNp, int(imin(32, bm - g)), bn, t.dsa.get() + (g / 32) * kpk * 32);
           for (int64_t jp = 0; jp < bnp; jp += 32) {
             for (int64_t c = 0; c < Dvp; c += 32)
-              compute_panel(32, bm32 / 2, t.dot.get() + ((hh * (Dvp / 32) + c / 32) * steps + step0) * 512,
+              tiles::compute_panel(32, bm32 / 2, t.dot.get() + ((hh * (Dvp / 32) + c / 32) * steps + step0) * 512,
                             t.pb.get() + (jp / 32) * half, t.dvt.get() + c * BNp + jp, BNp, true, 32);
             for (int64_t c = 0; c < Dp; c += 32)
-              compute_panel(32, bm32 / 2, t.qt.get() + ((hh * (Dp / 32) + c / 32) * steps + step0) * 512,
+              tiles::compute_panel(32, bm32 / 2, t.qt.get() + ((hh * (Dp / 32) + c / 32) * steps + step0) * 512,
                             t.dsb.get() + (jp / 32) * half, t.dkt.get() + c * BNp + jp, BNp, true, 32);
           }
           for (int64_t g = 0; g < bm32; g += 32)
             for (int64_t c = 0; c < Dp; c += 32)
-              compute_panel(32, kpk, t.dsa.get() + (g / 32) * kpk * 32, t.kb.get() + (c / 32) * (BNp / 2 * 32),
+              tiles::compute_panel(32, kpk, t.dsa.get() + (g / 32) * kpk * 32, t.kb.get() + (c / 32) * (BNp / 2 * 32),
                             t.dq.get() + (prow + g) * Dp + c, Dp, true, 32);
         }
       }
@@ -617,7 +640,7 @@ bool run_item_tiles(const AttentionParams& p, const AttentionBwdParams& bp, cons
 template <class T, class SQ, class SKV>
 void run_any_item(const AttentionParams& p, const AttentionBwdParams& bp, const BwdItem& it,
                   BwdWork<T>& w, T* part_dk, T* part_dv) {
-#if defined(ATTNKIT_AMX_TILES)
+#if defined(ATTNKIT_BWD_TILES)
   if constexpr (std::is_same<T, float>::value && std::is_same<SQ, bf16_t>::value &&
                 std::is_same<SKV, bf16_t>::value)
     if (run_item_tiles(p, bp, it, w, part_dk, part_dv)) {
@@ -720,8 +743,9 @@ Status bwd_typed(const AttentionBwdParams& bp) {
 
 }  // namespace
 
-#if defined(ATTNKIT_AMX_TILES)
-// bf16 on tiles (run_item_tiles); every other dtype is avx512_vnni's (that is, avx512's).
+#if defined(ATTNKIT_BWD_TILES)
+// bf16 on the tile layout (run_item_tiles); every other dtype is avx512_vnni's (that is,
+// avx512's).
 Status attention_bwd(const AttentionBwdParams& bp) {
   const AttentionParams& p = bp.fwd;
   if (p.q_dtype == DType::bf16 && p.kv_dtype == DType::bf16 && p.num_kv_heads > 0 &&

@@ -28,16 +28,18 @@ const KernelTable* kernel_table() {
   return &table;
 }
 #elif defined(ATTNKIT_ISA_AVX512_BF16)
-// avx512_bf16 sits on top of avx512_vnni: bf16 matmul (gemm_bf16.cpp) and the bf16 attention
-// forward (attention_fwd.cpp's pair path) are its own; each sends the rest (other dtypes,
-// decode-shaped attention) to avx512_vnni, as does every other entry.
-Status gemm(const GemmParams& p);            // gemm_bf16.cpp
-Status attention_fwd(const AttentionParams& p);  // attention_fwd.cpp
+// avx512_bf16 sits on top of avx512_vnni: bf16 matmul (gemm_bf16.cpp), the bf16 attention
+// forward (attention_fwd.cpp's pair path) and backward (attention_bwd.cpp's tile-layout path on
+// vdpbf16ps) are its own; each sends the rest (other dtypes, decode-shaped attention) to
+// avx512_vnni, as does every other entry.
+Status gemm(const GemmParams& p);                    // gemm_bf16.cpp
+Status attention_fwd(const AttentionParams& p);      // attention_fwd.cpp
+Status attention_bwd(const AttentionBwdParams& bp);  // attention_bwd.cpp
 
 const KernelTable* kernel_table() {
   const KernelTable* base = avx512_vnni::kernel_table();
-  static const KernelTable table = {"avx512_bf16",  base->softmax,       &gemm,
-                                    &attention_fwd, base->attention_bwd, base->quantize_kv,
+  static const KernelTable table = {"avx512_bf16",  base->softmax,  &gemm,
+                                    &attention_fwd, &attention_bwd, base->quantize_kv,
                                     base->merge_attention_states};
   return &table;
 }

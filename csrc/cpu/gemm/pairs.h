@@ -49,13 +49,17 @@ inline bool bf16_any_subnormal(const bf16_t* p, int64_t n, int64_t s) {
   return any;
 }
 
-// Whether p[0..n) holds inf or NaN (an all-ones exponent), 32 at a time.
-inline bool bf16_any_nonfinite(const bf16_t* p, int64_t n) {
-  const __m512i exp_mask = _mm512_set1_epi16(0x7f80);
+// Whether p[0..n) holds a value the pair kernels cannot take as it is: inf or NaN (an
+// all-ones exponent), or a subnormal (read as zero), 32 at a time.
+inline bool bf16_any_unfit(const bf16_t* p, int64_t n) {
+  const __m512i exp_mask = _mm512_set1_epi16(0x7f80), magnitude = _mm512_set1_epi16(0x7fff);
+  const __m512i one = _mm512_set1_epi16(1), limit = _mm512_set1_epi16(0x7f);
   for (int64_t i = 0; i < n; i += 32) {
     const __mmask32 m = n - i >= 32 ? ~__mmask32(0) : (__mmask32(1) << (n - i)) - 1;
     const __m512i x = _mm512_maskz_loadu_epi16(m, p + i);
-    if (_mm512_mask_cmpeq_epi16_mask(m, _mm512_and_si512(x, exp_mask), exp_mask)) return true;
+    if (_mm512_mask_cmpeq_epi16_mask(m, _mm512_and_si512(x, exp_mask), exp_mask) |
+        _mm512_mask_cmplt_epu16_mask(m, _mm512_sub_epi16(_mm512_and_si512(x, magnitude), one), limit))
+      return true;
   }
   return false;
 }

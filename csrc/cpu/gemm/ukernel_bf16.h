@@ -169,6 +169,56 @@ inline void compute_panel_in_place(int m, int64_t kp, const uint32_t* a, int64_t
   ukernel_bf16_rows<false>(m, kp, a, rs_a, b, BlockingBf16::NR, c, ldc, accumulate, nr);
 }
 
+// ---- the tile layout (gemm/tile_layout.h) on vdpbf16ps: the attention backward's GEMMs ----
+namespace tiles {
+
+// Rows r0..r0+M of a 32-row tile-layout A panel (a points at row r0 of step 0) times a [kpp][32]
+// pair panel: C[0:M, 0:32] (+)= A B in fp32, as ukernel_bf16 (2 x 16 columns per row).
+template <int M>
+inline void panel_rows(int64_t kpp, const uint32_t* __restrict a, const uint32_t* __restrict b,
+                       float* __restrict c, int64_t ldc, bool accumulate) {
+  using V = Vec<float>;
+  __m512 acc[M][2];
+#pragma GCC unroll 16
+  for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < kpp; s += 16) {
+    const uint32_t* as = a + s * 32;  // this step: 32 rows x 16 words
+    const uint32_t* bs = b + s * kPairPanel;
+#pragma GCC unroll 2
+    for (int kk = 0; kk < 16; ++kk) {
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bs + kk * kPairPanel);
+      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bs + kk * kPairPanel + 16);
+#pragma GCC unroll 16
+      for (int i = 0; i < M; ++i) {
+        const __m512bh ai = (__m512bh)_mm512_set1_epi32(int(as[i * 16 + kk]));
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, b0);
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < M; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < 2; ++v) {
+      V x{acc[i][v]};
+      if (accumulate) x = x + V::load(c + i * ldc + v * V::N);
+      x.store(c + i * ldc + v * V::N);
+    }
+}
+
+// C[0:32, 0:32] (fp32, row stride ldc) (+)= A B over kpp pairs (a multiple of 16), A a 32-row
+// tile-layout panel, B a [kpp][32] pair panel: the contract of ukernel_amx.h's compute_panel
+// (whole 32 x 32 blocks of a padded C; m and nr are not needed). Rows in register blocks of
+// 12, 12 and 8.
+inline void compute_panel(int /*m*/, int64_t kpp, const uint32_t* a, const uint32_t* b, float* c,
+                          int64_t ldc, bool accumulate, int /*nr*/) {
+  panel_rows<12>(kpp, a, b, c, ldc, accumulate);
+  panel_rows<12>(kpp, a + 12 * 16, b, c + 12 * ldc, ldc, accumulate);
+  panel_rows<8>(kpp, a + 24 * 16, b, c + 24 * ldc, ldc, accumulate);
+}
+
+}  // namespace tiles
+
 }  // namespace ATTNKIT_ISA_NS
 }  // namespace cpu
 }  // namespace attnkit
