@@ -208,6 +208,10 @@ def _parallel(fn_for_slice, parts):
 
 
 SGEMM_N = {"tiny": 256, "quick": 2048, "full": 4096}
+# attnkit's GEMMs are also timed at this N (operands in L2): a ceiling is the best rate the
+# machine shows, and a product whose blocks stay in cache runs faster than N = 4096 (Zen 5:
+# attnkit's 512^3 at 101% of its own 4096^3 rate, a CEILING ERROR).
+CACHED_GEMM_N = 512
 # Bandwidth ceilings read a buffer of at least CEILING_LLC_FACTOR x the last-level cache (and at
 # least MIN_BUFFER): a 256 MB buffer sat inside a 300 MB L3 and an in-cache rate was taken for
 # the machine's. Rows whose data is below DRAM_FACTOR x the LLC are reported as cache-resident.
@@ -355,11 +359,12 @@ def bandwidth_methods(buf, threads: int):
 def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=None) -> dict:
     """Machine ceilings with `threads` threads, each the best of several independent methods.
 
-    sgemm: NumPy (OpenBLAS), torch and attnkit fp32 GEMMs of N x N (the fastest one: torch's MKL
-    GEMM ran at 133% of NumPy's on an Emerald Rapids; on a Zen 5 both libraries reached 250
-    GFLOP/s at 2 threads, half of the AVX-512 FMA rate, and attnkit's own GEMM 450, so a ceiling
-    of theirs alone put attnkit's fp32 rows at 110-180%). bf16_gemm: the same for bf16
-    (`_bf16_gemm_rates`); bf16 rows are compared with it (ceiling "bf16"). read / copy: see `bandwidth_methods`, on one
+    sgemm: NumPy (OpenBLAS), torch and attnkit fp32 GEMMs of N x N, and attnkit's of
+    CACHED_GEMM_N (the fastest one: torch's MKL GEMM ran at 133% of NumPy's on an Emerald
+    Rapids; on a Zen 5 both libraries reached 250 GFLOP/s at 2 threads, half of the AVX-512 FMA
+    rate, and attnkit's own GEMM 450, so a ceiling of theirs alone put attnkit's fp32 rows at
+    110-180%). bf16_gemm: the same for bf16 (`_bf16_gemm_rates`); bf16 rows are compared with it
+    (ceiling "bf16"). read / copy: see `bandwidth_methods`, on one
     buffer of `ceiling_buffer_bytes` (4x the LLC; the copy moves its first half into its second
     half); copy_gbs counts read + write.
     A ceiling is what the machine can do, so each method's best round (bursts of ~0.2 s) is
@@ -385,12 +390,18 @@ def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=N
     if torch is not None:
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
         fns["torch mm"] = lambda: torch.mm(ta, tb)
+    work = {k: matmul_flops(n, n, n) / 1e9 for k in fns}
     attnkit = _attnkit_or_none()
     if attnkit is not None:
         attnkit.set_num_threads(threads)
         fns["attnkit matmul"] = lambda: attnkit.matmul(a, b)
+        work["attnkit matmul"] = work["numpy sgemm"]
+        nc = min(n, CACHED_GEMM_N)
+        ac, bc = a[:nc, :nc].copy(), b[:nc, :nc].copy()
+        fns[f"attnkit matmul N={nc}"] = lambda: attnkit.matmul(ac, bc)
+        work[f"attnkit matmul N={nc}"] = matmul_flops(nc, nc, nc) / 1e9
     with _blas_limit(threads), _TorchThreads(threads):
-        sgemm = _best_rates(fns, {k: matmul_flops(n, n, n) / 1e9 for k in fns}, cfg)
+        sgemm = _best_rates(fns, work, cfg)
         bf16 = _bf16_gemm_rates(a, b, threads, torch, cfg)
     del a, b, fns
 
@@ -432,9 +443,10 @@ def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=N
 
 
 def _bf16_gemm_rates(a, b, threads, torch, cfg) -> dict:
-    """bf16 x bf16 -> bf16 GEMMs of the sgemm's N x N through attnkit's matmul (its best variant
-    here: AVX512-BF16 or AMX when the CPU has them) and torch (oneDNN): the machine's bf16
-    matrix rate, shown beside the sgemm ceiling (method -> GFLOP/s; {} without either)."""
+    """bf16 x bf16 -> bf16 GEMMs of the sgemm's N x N (and CACHED_GEMM_N for attnkit) through
+    attnkit's matmul (its best variant here: AVX512-BF16 or AMX when the CPU has them) and torch
+    (oneDNN): the machine's bf16 matrix rate, shown beside the sgemm ceiling (method ->
+    GFLOP/s; {} without either)."""
     n = a.shape[0]
     fns = {}
     try:
@@ -445,14 +457,18 @@ def _bf16_gemm_rates(a, b, threads, torch, cfg) -> dict:
         ab, bb = a.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16)
         attnkit.set_num_threads(threads)
         fns["attnkit matmul"] = lambda: attnkit.matmul(ab, bb)
+        nc = min(n, CACHED_GEMM_N)
+        ac, bc = ab[:nc, :nc].copy(), bb[:nc, :nc].copy()
+        fns[f"attnkit matmul N={nc}"] = lambda: attnkit.matmul(ac, bc)
     except ImportError:
-        pass
+        nc = n
     if torch is not None:
         ta, tb = torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16()
         fns["torch mm"] = lambda: torch.mm(ta, tb)
     if not fns:
         return {}
-    return _best_rates(fns, {k: matmul_flops(n, n, n) / 1e9 for k in fns}, cfg)
+    work = {k: matmul_flops(*(nc,) * 3 if k.endswith(f"N={nc}") else (n,) * 3) / 1e9 for k in fns}
+    return _best_rates(fns, work, cfg)
 
 
 CEILING_KEYS = {"sgemm": "sgemm_gflops", "bf16": "bf16_gemm_gflops", "copy": "copy_gbs",
