@@ -31,14 +31,21 @@ def test_decode_path_features(isa, rng, sq, H, Hkv):
         check(q, k, v, o, lse=lse, bottom_right=True, alibi=slopes, **kw)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, "bfloat16"])
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (6, 2), (5, 1)])
 def test_decode_register_block_edges(isa, rng, dtype, H, Hkv):
     """1, 2, 3 and 5 query rows per KV head (the scores' and P V's leftover row blocks), head
     dims whose vectors split into every P V block (8, 4, 2, 1 vectors, a partial last one, and
     exactly a block's count with a partial last), 77 keys (one-row decode takes 16-key groups,
-    then 4-key groups, then single keys), with and without zero P (a key-padding mask)."""
+    then 4-key groups, then single keys), with and without zero P (a key-padding mask). bf16 q
+    over a bf16 cache: avx512_bf16 scores on vdpbf16ps, 32 values a step (head dims that end
+    mid-step)."""
     from attnkit import _C
+
+    if dtype == "bfloat16":
+        if bfloat16 is None:
+            pytest.skip("ml_dtypes not installed")
+        dtype = bfloat16
 
     B, Sk = 2, 77
     for D, Dv in [(64, 64), (32, 250), (72, 136), (250, 40), (16, 8), (128, 200), (40, 122)]:

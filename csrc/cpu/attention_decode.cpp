@@ -84,6 +84,19 @@ struct DecodeItem {
 constexpr int64_t kMaxQuantizedD = 1024;
 inline int64_t q8_stride(int64_t D) { return round_up(D, 64); }  // bytes per int8 q row
 
+// avx512_bf16 (ARCHITECTURE.md, "ISA variants"): bf16 q over a bf16 cache scores on vdpbf16ps,
+// q's bf16 rows against the cache's rows as they are (no conversion, two products per lane);
+// the products of two bf16 are exact in fp32, so only the order of the sums changes. Its
+// attention_fwd sends only that pair of dtypes here.
+#if defined(ATTNKIT_ISA_AVX512_BF16)
+constexpr bool kBf16Dots = true;
+#else
+constexpr bool kBf16Dots = false;
+#endif
+template <class SQ, class SKV>
+constexpr bool bf16_dots = kBf16Dots && std::is_same<SQ, bf16_t>::value && std::is_same<SKV, bf16_t>::value;
+inline int64_t qb_stride(int64_t D) { return round_up(D, 32); }  // bf16 per q row (bf16 dots)
+
 // Per-thread scratch, carved from one allocation (a decode call is short: a dozen separate
 // allocations per thread were ~10k instructions of malloc, a quarter of a tiny call). acc and
 // wgt serve the split combine; q8, qs, qcorr the int8 cache's quantized q.
@@ -95,18 +108,20 @@ struct DecodeWork {
   float* qs = nullptr;          // int8 caches: each q row's scale (1 for an unquantized row)
   int8_t* q8 = nullptr;         // and its codes, rows of q8_stride(D) bytes, zero-padded
   int32_t* qcorr = nullptr;     // 128 x the sum of a row's codes (dot_i8.h)
+  uint16_t* qb = nullptr;       // bf16 dots: the q rows' bf16 bits, rows of qb_stride(D)
   // Sizes in floats, each rounded up to a cache line so every part stays 64-byte aligned.
   bool init(int64_t rows, int64_t D, int64_t Dvp, int64_t vs_count, int64_t Dv, int64_t nchunks,
-            bool quantized_q) {
+            bool quantized_q, bool bf16_q) {
     const int64_t qrows = quantized_q ? rows : 0;
-    const int64_t sizes[12] = {rows * D, rows * kKeyBlock, rows * Dvp, rows, rows, kKeyBlock,
-                               vs_count, Dv, nchunks, qrows, qrows * q8_stride(D) / 4, qrows};
-    float* parts[12];
+    const int64_t sizes[13] = {rows * D, rows * kKeyBlock, rows * Dvp, rows, rows, kKeyBlock,
+                               vs_count, Dv, nchunks, qrows, qrows * q8_stride(D) / 4, qrows,
+                               bf16_q ? rows * qb_stride(D) / 2 : 0};
+    float* parts[13];
     int64_t total = 0;
     for (int64_t n : sizes) total += round_up(imax(n, 1), 16);
     if (!all.reset(size_t(total))) return false;
     float* at = all.get();
-    for (int i = 0; i < 12; ++i) {
+    for (int i = 0; i < 13; ++i) {
       parts[i] = at;
       at += round_up(imax(sizes[i], 1), 16);
     }
@@ -114,6 +129,7 @@ struct DecodeWork {
     vs = parts[6], acc = parts[7], wgt = parts[8], qs = parts[9];
     q8 = reinterpret_cast<int8_t*>(parts[10]);
     qcorr = reinterpret_cast<int32_t*>(parts[11]);
+    qb = reinterpret_cast<uint16_t*>(parts[12]);
     return true;
   }
 };
@@ -211,7 +227,7 @@ inline void prefetch_row(const void* row, int64_t bytes) {
 template <class SKV>
 void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng, int64_t rph,
             int64_t j0, int64_t n, int64_t k_end, const BlockRows& br, const float* qf,
-            const int8_t* q8, const int32_t* qcorr, float* s, int64_t lds) {
+            const int8_t* q8, const int32_t* qcorr, const uint16_t* qb, float* s, int64_t lds) {
   const int64_t D = p.head_dim;
   const int64_t v_bytes = p.head_dim_v * int64_t(sizeof(SKV)), k_bytes = D * int64_t(sizeof(SKV));
   const SKV* K = typed<SKV>(p.k);
@@ -265,6 +281,15 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
       key_rows(j, 4, g0 + t, ahead, k);
       const int64_t rend = (t + 1) * rph;
       int64_t r = t * rph;
+      if constexpr (kBf16Dots && std::is_same<SKV, bf16_t>::value) {
+        if (qb) {  // bf16 q rows (bf16_dots)
+          const int64_t ldb = qb_stride(D);
+          for (; r + kScoreRows <= rend; r += kScoreRows)
+            dot_block_bf16<kScoreRows>(qb + r * ldb, ldb, D, k, s + r * lds + j, lds);
+          for (; r < rend; ++r) dot_block_bf16<1>(qb + r * ldb, ldb, D, k, s + r * lds + j, lds);
+          continue;
+        }
+      }
       if constexpr (kHasDotI8 && std::is_same<SKV, int8_t>::value) {
         if (q8) {
           const int64_t ld8 = q8_stride(D);
@@ -437,6 +462,8 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
     const RowId id = row_id(it.g0, G, sq, r);
     const SQ* qr = Q + q_offset(p, sv, id.h, id.i);
     for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_f32(qr[d]);
+    if constexpr (bf16_dots<SQ, SKV>)
+      for (int64_t d = 0; d < qb_stride(D); ++d) w.qb[r * qb_stride(D) + d] = d < D ? qr[d].bits : 0;
     m[r] = kNegInfF;
     l[r] = 0.0f;
     for (int64_t d = 0; d < Dvp; ++d) O[r * Dvp + d] = 0.0f;
@@ -477,7 +504,8 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
       float* Ot = O + r0 * Dvp;
       float* vst = w.vs + t0 * kKeyBlock;
       scores<SKV>(p, sv, g0, ng, rph, j0, n, k_end, br, qf + r0 * D,
-                  q8 ? q8 + r0 * q8_stride(D) : nullptr, w.qcorr + r0, St, lds);
+                  q8 ? q8 + r0 * q8_stride(D) : nullptr, w.qcorr + r0,
+                  bf16_dots<SQ, SKV> ? w.qb + r0 * qb_stride(D) : nullptr, St, lds);
       if constexpr (is_code<SKV>)
         apply_k_scales<SKV>(p, g0, ng, rph, n, br, std::is_same<SKV, int8_t>::value ? w.qs + r0 : w.qs, St,
                             lds, vst);
@@ -631,7 +659,7 @@ Status decode_typed(const AttentionParams& p) {
     DecodeWork w;
     if ((begin < end || split) &&
         !w.init(rows_max, D, Dvp, is_code<SKV> ? heads_per_item * kKeyBlock : 0, Dv, nchunks,
-                std::is_same<SKV, int8_t>::value))
+                std::is_same<SKV, int8_t>::value, bf16_dots<SQ, SKV>))
       failed = true;
 #pragma omp barrier
     // `failed` is only written before the barrier: every thread reads the same value here, so
@@ -664,6 +692,11 @@ Status decode_kv(const AttentionParams& p) {
 #if defined(ATTNKIT_ISA_AVX512_VNNI)
   // This variant's table sends int8 caches only here (kernel_table.cpp).
   return p.kv_dtype == DType::i8 ? decode_typed<SQ, int8_t>(p) : Status::invalid_argument;
+#elif defined(ATTNKIT_ISA_AVX512_BF16)
+  // This variant's attention_fwd sends bf16 q over bf16 caches only here (bf16_dots).
+  if constexpr (std::is_same<SQ, bf16_t>::value)
+    if (p.kv_dtype == DType::bf16) return decode_typed<SQ, bf16_t>(p);
+  return Status::invalid_argument;
 #else
   switch (p.kv_dtype) {
     case DType::f32:

@@ -577,12 +577,17 @@ Status dispatch_kv(const AttentionParams& p) {
 }  // namespace
 
 #if defined(ATTNKIT_ISA_AVX512_BF16) || defined(ATTNKIT_AMX_TILES)
-// bf16 q, k and v in the prefill kernel: this variant's pair (or tile) path; everything else
-// (other dtypes, decode-shaped calls, 8-bit caches) is avx512_vnni's.
+// bf16 q, k and v in the prefill kernel: this variant's pair (or tile) path, and avx512_bf16
+// decodes them too (its scores on vdpbf16ps: attention_decode.cpp, bf16_dots); everything else
+// (other dtypes, 8-bit caches) is avx512_vnni's.
 Status attention_fwd(const AttentionParams& p) {
   if (p.q_dtype == DType::bf16 && p.kv_dtype == DType::bf16 && p.num_kv_heads > 0 &&
-      p.num_heads % p.num_kv_heads == 0 && !avx512_vnni::decode_applies(p))
-    return attention_typed<float, bf16_t, bf16_t>(p);
+      p.num_heads % p.num_kv_heads == 0) {
+#if defined(ATTNKIT_ISA_AVX512_BF16)
+    if (decode_applies(p)) return attention_decode(p);
+#endif
+    if (!avx512_vnni::decode_applies(p)) return attention_typed<float, bf16_t, bf16_t>(p);
+  }
   return avx512_vnni::kernel_table()->attention_fwd(p);
 }
 #else

@@ -79,6 +79,35 @@ inline void dot_block(const float* q, int64_t D, const SKV* const* k, float* s, 
   for (int ri = 0; ri < RB; ++ri) hsum4(acc[ri][0], acc[ri][1], acc[ri][2], acc[ri][3], s + ri * lds);
 }
 
+#if defined(ATTNKIT_ISA_AVX512_BF16)
+// dot_block over bf16 K rows on vdpbf16ps (attention_decode.cpp, bf16_dots): q as bf16 rows
+// (row stride ldq, zero past D), 32 values of each K row per step, two products per lane; the
+// last step's K values past D load as zero.
+template <int RB>
+inline void dot_block_bf16(const uint16_t* q, int64_t ldq, int64_t D, const bf16_t* const* k,
+                           float* s, int64_t lds) {
+  __m512 acc[RB][4];
+  for (int ri = 0; ri < RB; ++ri)
+    for (int u = 0; u < 4; ++u) acc[ri][u] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : (__mmask32(1) << (D - d)) - 1;
+    __m512bh kv[4];
+    for (int u = 0; u < 4; ++u) kv[u] = (__m512bh)_mm512_maskz_loadu_epi16(m, k[u] + d);
+    for (int ri = 0; ri < RB; ++ri) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + ri * ldq + d);
+      for (int u = 0; u < 4; ++u) acc[ri][u] = _mm512_dpbf16_ps(acc[ri][u], qv, kv[u]);
+    }
+  }
+  for (int ri = 0; ri < RB; ++ri)
+    hsum4(VF{acc[ri][0]}, VF{acc[ri][1]}, VF{acc[ri][2]}, VF{acc[ri][3]}, s + ri * lds);
+}
+#else
+// Declared for name lookup only: callers reach it under `if constexpr (kBf16Dots)`.
+template <int RB>
+void dot_block_bf16(const uint16_t* q, int64_t ldq, int64_t D, const bf16_t* const* k, float* s,
+                    int64_t lds);
+#endif
+
 // s[u] = q . k_u for one query row and VF::N fp32 K rows (MHA decode): one accumulator per
 // key, all reduced together by hsum_n. With 4 keys per block the reductions (hsum4 and its
 // latency) were half of the scores' time at D 64 (bench/notes/decode.md, "MHA decode from L2").
