@@ -282,6 +282,30 @@ def test_bf16_subnormal_in_b_is_found_while_packing(isa, rng, threads):
 
 
 @pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
+def test_bf16_column_split_over_a_narrower_last_block(isa, rng, threads):
+    """A wide product whose threads split the columns (no barrier, each packing the B panels it
+    reads) over more than one NC block, the last one narrower: its shares start elsewhere, and
+    a fast thread must not repack a panel a slow one still reads (it did: 16-30 of 30 products
+    wrong at 64 x 4032 x 384 on 2-3 threads). Repeated, and compared bit for bit with 1 thread."""
+    from attnkit import _C
+
+    if isa not in ("avx512_bf16", "amx", "amx_emulated"):
+        pytest.skip(f"{isa} has no bf16 kernel (bf16 runs on its fp32 path)")
+    attnkit.matmul(np.ones((256, 512), bfloat16), np.ones((512, 256), bfloat16))
+    nc, nr = _C._last_gemm_plan()["nc"], _C._last_gemm_plan()["nr"]
+    for m, n, k in [(64, nc + (nc // nr - 2) * nr, 384), (48, 2 * nc + 40 * nr, 200)]:
+        a, b = randn(rng, (m, k), bfloat16), randn(rng, (k, n), bfloat16)
+        attnkit.set_num_threads(1)
+        one = attnkit.matmul(a, b)
+        check(a, b, one)
+        for nt in (2, 3):
+            attnkit.set_num_threads(nt)
+            for _ in range(8):
+                got = attnkit.matmul(a, b)
+                assert np.array_equal(got.view(np.uint16), one.view(np.uint16)), (m, n, k, nt)
+
+
+@pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
 def test_bf16_kernel_blocks_and_thread_counts(isa, rng, threads):
     """The bf16 kernels (vdpbf16ps pairs, AMX tiles) past one of each block: M one past the A
     block and over it with a tail, K over two k-blocks with an odd tail, N past the B block;

@@ -63,8 +63,10 @@ struct Bf16Buffers {
   Scratch<uint32_t> apack;   // MC x KCP words per thread
   bool init(int64_t m, int64_t n, int nt) {
     const PairBlocks& b = pair_blocks();
+    // B panels of one block, plus up to one per thread (the per-thread slots of gemm_pairs)
+    const int64_t panels = ceil_div(b.nc, Bk::NR) + nt;
     return ws.reset(size_t(workspace_rows(m) * workspace_ld(n))) &&
-           bpack.reset(size_t(padded_pairs(b.kcp) * round_up(b.nc, Bk::NR))) &&
+           bpack.reset(size_t(padded_pairs(b.kcp) * Bk::NR * panels)) &&
            apack.reset(size_t(nt * b.mc * b.kcp));
   }
 };
@@ -104,7 +106,12 @@ void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf, std::atomic<bool>& 
     const bool columns = split_columns(m, n, team);
     const GemmShare share = columns ? gemm_share(m, MR, tid, team, 1) : gemm_share(m, MR, tid, team);
     // A thread reads only the panels it packed when its column share is its packing share.
+    // Then there is no barrier, and each thread packs into a slot of the buffer of its own:
+    // the shares of a narrower last column block start elsewhere, and a thread must not pack
+    // the next block into a panel another thread is still reading (64 x 4032 x 384 on 2
+    // threads, NC = 2048: wrong results in 16 of 30 products before the slots).
     const bool shared_b = share.tn != team;
+    uint32_t* bown = bpack + int64_t(tid) * ceil_div(ceil_div(bl.nc, NR), team) * panel_words;
     const int64_t row0 = share.row0, row1 = share.row1;
     // A read in place as pair words when its rows are whole words in every k-block.
     const bool a_in_place = kAInPlace && g.cs_a == 1 && k % 2 == 0 && g.rs_a % 2 == 0;
@@ -118,9 +125,14 @@ void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf, std::atomic<bool>& 
         const int64_t kc = imin(2 * bl.kcp, k - pc), kp = padded_pairs((kc + 1) / 2);
         int64_t pbeg, pend;
         split_range(np, team, tid, &pbeg, &pend);
+        // Panel jp of the block: at jp in the shared buffer, or in the thread's own slot (its
+        // packing share is then its column share: pbeg = jbeg).
+        auto panel = [&](int64_t jp) {
+          return shared_b ? bpack + jp * panel_words : bown + (jp - jbeg) * panel_words;
+        };
         if (pend > pbeg &&
             pack_b_panels(g.b + pc * g.rs_b + (jc + pbeg * NR) * g.cs_b, g.rs_b, g.cs_b, kc,
-                          imin(nc, pend * NR) - pbeg * NR, bpack + pbeg * panel_words, panel_words))
+                          imin(nc, pend * NR) - pbeg * NR, panel(pbeg), panel_words))
           subnormal_b = true;
         if (shared_b) {
 #pragma omp barrier
@@ -142,12 +154,11 @@ void gemm_pairs(const Operands& g, int nt, Bf16Buffers& buf, std::atomic<bool>& 
               if constexpr (kAInPlace) {
                 if (a_in_place) {
                   compute_panel_in_place(mr, kp, aw + ((ic + ir) * g.rs_a + pc) / 2, g.rs_a / 2,
-                                         bpack + jp * panel_words, cp + ir * ldc, ldc, pc > 0, nr);
+                                         panel(jp), cp + ir * ldc, ldc, pc > 0, nr);
                   continue;
                 }
               }
-              compute_panel(mr, kp, apack + ir * kp, bpack + jp * panel_words, cp + ir * ldc,
-                            ldc, pc > 0, nr);
+              compute_panel(mr, kp, apack + ir * kp, panel(jp), cp + ir * ldc, ldc, pc > 0, nr);
             }
           }
         }
