@@ -198,8 +198,8 @@ def test_output_cache_release_never_takes_the_lock():
 def test_info_lists_the_kernels_each_variant_compiles():
     """Full variants own every kernel-table entry. avx512_vnni owns only attention_fwd (its int8
     decode) and shares the rest with avx512; avx512_bf16, amx and amx_emulated own gemm,
-    attention_fwd and attention_bwd (their bf16 paths) and share the rest with avx512_vnni. The test suite runs
-    the shared entries once (conftest)."""
+    attention_fwd and attention_bwd (their bf16 paths) and share the rest with avx512_vnni. The
+    test suite runs the shared entries once (conftest)."""
     everything = {"softmax", "gemm", "attention_fwd", "attention_bwd", "quantize_kv",
                   "merge_attention_states"}
     for i in attnkit.info()["isas"]:
