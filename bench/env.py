@@ -33,16 +33,21 @@ def git_dirty() -> Optional[bool]:
     return None if out is None else bool(out)
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (else platform's guess)."""
+def cpuinfo_field(key: str) -> Optional[str]:
+    """The first `key : value` of /proc/cpuinfo (None where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (else platform's guess)."""
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,

@@ -394,12 +394,7 @@ def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=N
     attnkit = _attnkit_or_none()
     if attnkit is not None:
         attnkit.set_num_threads(threads)
-        fns["attnkit matmul"] = lambda: attnkit.matmul(a, b)
-        work["attnkit matmul"] = work["numpy sgemm"]
-        nc = min(n, CACHED_GEMM_N)
-        ac, bc = a[:nc, :nc].copy(), b[:nc, :nc].copy()
-        fns[f"attnkit matmul N={nc}"] = lambda: attnkit.matmul(ac, bc)
-        work[f"attnkit matmul N={nc}"] = matmul_flops(nc, nc, nc) / 1e9
+        _add_attnkit_gemms(attnkit, a, b, fns, work)
     with _blas_limit(threads), _TorchThreads(threads):
         sgemm = _best_rates(fns, work, cfg)
         bf16 = _bf16_gemm_rates(a, b, threads, torch, cfg)
@@ -448,27 +443,36 @@ def _bf16_gemm_rates(a, b, threads, torch, cfg) -> dict:
     (oneDNN): the machine's bf16 matrix rate, shown beside the sgemm ceiling (method ->
     GFLOP/s; {} without either)."""
     n = a.shape[0]
-    fns = {}
+    fns, work = {}, {}
     try:
         import ml_dtypes
 
         import attnkit
 
-        ab, bb = a.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16)
         attnkit.set_num_threads(threads)
-        fns["attnkit matmul"] = lambda: attnkit.matmul(ab, bb)
-        nc = min(n, CACHED_GEMM_N)
-        ac, bc = ab[:nc, :nc].copy(), bb[:nc, :nc].copy()
-        fns[f"attnkit matmul N={nc}"] = lambda: attnkit.matmul(ac, bc)
+        _add_attnkit_gemms(attnkit, a.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16),
+                           fns, work)
     except ImportError:
-        nc = n
+        pass
     if torch is not None:
         ta, tb = torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16()
         fns["torch mm"] = lambda: torch.mm(ta, tb)
+        work["torch mm"] = matmul_flops(n, n, n) / 1e9
     if not fns:
         return {}
-    work = {k: matmul_flops(*(nc,) * 3 if k.endswith(f"N={nc}") else (n,) * 3) / 1e9 for k in fns}
     return _best_rates(fns, work, cfg)
+
+
+def _add_attnkit_gemms(attnkit, a, b, fns: dict, work: dict):
+    """attnkit's matmul of the N x N a @ b and of their leading CACHED_GEMM_N squares (blocks in
+    cache) into fns (name -> callable) and work (name -> GFLOP per call)."""
+    n = a.shape[0]
+    nc = min(n, CACHED_GEMM_N)
+    ac, bc = a[:nc, :nc].copy(), b[:nc, :nc].copy()
+    fns["attnkit matmul"] = lambda: attnkit.matmul(a, b)
+    work["attnkit matmul"] = matmul_flops(n, n, n) / 1e9
+    fns[f"attnkit matmul N={nc}"] = lambda: attnkit.matmul(ac, bc)
+    work[f"attnkit matmul N={nc}"] = matmul_flops(nc, nc, nc) / 1e9
 
 
 CEILING_KEYS = {"sgemm": "sgemm_gflops", "bf16": "bf16_gemm_gflops", "copy": "copy_gbs",

@@ -245,16 +245,14 @@ def test_cpu_assume_env():
     assert "ATTNKIT_CPU_ASSUME=avx2" in bad.stderr and "cannot assume avx2" in bad.stderr
 
 
-def _cpu_vendor():
-    """/proc/cpuinfo's vendor_id (None where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
+def bench_env():
+    """bench/env.py: the machine facts the bench records (cpuinfo_field reads /proc/cpuinfo)."""
+    import importlib
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module("env")
 
 
 def test_auto_takes_avx512_bf16_on_amd_only():
@@ -262,7 +260,7 @@ def test_auto_takes_avx512_bf16_on_amd_only():
     on an Emerald Rapids) and none on AMD (1.85x it on a Zen 5): auto picks it exactly there,
     when it is supported and verified and nothing better is (amx is not verified)."""
     i = next(x for x in attnkit.info()["isas"] if x["name"] == "avx512_bf16")
-    vendor = _cpu_vendor()
+    vendor = bench_env().cpuinfo_field("vendor_id")
     if not (i["compiled"] and i["supported"]) or vendor not in ("AuthenticAMD", "GenuineIntel"):
         pytest.skip(f"avx512_bf16 does not run here (vendor {vendor})")
     amd = vendor == "AuthenticAMD"

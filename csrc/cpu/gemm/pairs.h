@@ -30,18 +30,23 @@ inline uint32_t load_pair(const void* p) {  // an unaligned word (bf16 rows are 
 // 1 <= (bits & 0x7fff) <= 0x7f: a subnormal bf16 (zero exponent, nonzero mantissa).
 inline bool bf16_subnormal(uint16_t bits) { return uint16_t((bits & 0x7fffu) - 1u) < 0x7fu; }
 
+// The lanes of 32 bf16 that are subnormal (bf16_subnormal), and those the pair kernels cannot
+// take as they are: subnormal (read as zero) or inf/NaN (an all-ones exponent).
+inline __mmask32 bf16_subnormal_lanes(__m512i x) {
+  const __m512i t = _mm512_sub_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x7fff)), _mm512_set1_epi16(1));
+  return _mm512_cmplt_epu16_mask(t, _mm512_set1_epi16(0x7f));
+}
+inline __mmask32 bf16_unfit_lanes(__m512i x) {
+  const __m512i exp_mask = _mm512_set1_epi16(0x7f80);
+  return bf16_subnormal_lanes(x) | _mm512_cmpeq_epi16_mask(_mm512_and_si512(x, exp_mask), exp_mask);
+}
+
 // Whether p[0], p[s], ..., p[(n-1) s] holds a subnormal bf16; 32 at a time when s is 1.
 inline bool bf16_any_subnormal(const bf16_t* p, int64_t n, int64_t s) {
   int64_t i = 0;
   if (s == 1) {
-    const __m512i magnitude = _mm512_set1_epi16(0x7fff), one = _mm512_set1_epi16(1);
-    const __m512i limit = _mm512_set1_epi16(0x7f);
     __mmask32 any = 0;
-    for (; i + 32 <= n; i += 32) {
-      const __m512i x = _mm512_loadu_si512(p + i);
-      const __m512i t = _mm512_sub_epi16(_mm512_and_si512(x, magnitude), one);
-      any |= _mm512_cmplt_epu16_mask(t, limit);
-    }
+    for (; i + 32 <= n; i += 32) any |= bf16_subnormal_lanes(_mm512_loadu_si512(p + i));
     if (any) return true;
   }
   bool any = false;
@@ -52,14 +57,9 @@ inline bool bf16_any_subnormal(const bf16_t* p, int64_t n, int64_t s) {
 // Whether p[0..n) holds a value the pair kernels cannot take as it is: inf or NaN (an
 // all-ones exponent), or a subnormal (read as zero), 32 at a time.
 inline bool bf16_any_unfit(const bf16_t* p, int64_t n) {
-  const __m512i exp_mask = _mm512_set1_epi16(0x7f80), magnitude = _mm512_set1_epi16(0x7fff);
-  const __m512i one = _mm512_set1_epi16(1), limit = _mm512_set1_epi16(0x7f);
-  for (int64_t i = 0; i < n; i += 32) {
+  for (int64_t i = 0; i < n; i += 32) {  // lanes past n load as zero: not unfit
     const __mmask32 m = n - i >= 32 ? ~__mmask32(0) : (__mmask32(1) << (n - i)) - 1;
-    const __m512i x = _mm512_maskz_loadu_epi16(m, p + i);
-    if (_mm512_mask_cmpeq_epi16_mask(m, _mm512_and_si512(x, exp_mask), exp_mask) |
-        _mm512_mask_cmplt_epu16_mask(m, _mm512_sub_epi16(_mm512_and_si512(x, magnitude), one), limit))
-      return true;
+    if (bf16_unfit_lanes(_mm512_maskz_loadu_epi16(m, p + i))) return true;
   }
   return false;
 }
@@ -118,8 +118,6 @@ inline bool pack_b_pair_panels(const bf16_t* b, int64_t rs_b, int64_t cs_b, int6
   const int64_t kp = (kc + 1) / 2, panels = (ncols + NR - 1) / NR;
   bool subnormal = false;
   if (cs_b == 1) {
-    const __m512i magnitude = _mm512_set1_epi16(0x7fff), one = _mm512_set1_epi16(1);
-    const __m512i limit = _mm512_set1_epi16(0x7f);
     __mmask32 any = 0;
     for (int64_t p = 0; p < kp; ++p) {
       const bf16_t* r = b + 2 * p * rs_b;
@@ -130,8 +128,7 @@ inline bool pack_b_pair_panels(const bf16_t* b, int64_t rs_b, int64_t cs_b, int6
         const __m512i r0 = _mm512_maskz_loadu_epi16(cols, r + c * NR);
         const __m512i r1 = second ? _mm512_maskz_loadu_epi16(cols, r + rs_b + c * NR)
                                   : _mm512_setzero_si512();
-        any |= _mm512_cmplt_epu16_mask(_mm512_sub_epi16(_mm512_and_si512(r0, magnitude), one), limit) |
-               _mm512_cmplt_epu16_mask(_mm512_sub_epi16(_mm512_and_si512(r1, magnitude), one), limit);
+        any |= bf16_subnormal_lanes(r0) | bf16_subnormal_lanes(r1);
         interleave_pairs(r0, r1, dst + c * panel_words + p * NR);
       }
     }
@@ -169,13 +166,7 @@ template <class RowFn>
 bool pack_rows_pairs(RowFn&& row, int64_t kc, int64_t ncols, int64_t kpp, uint32_t* dst,
                      int64_t panel_words) {
   const int64_t kp = (kc + 1) / 2;
-  const __m512i exp_mask = _mm512_set1_epi16(0x7f80), magnitude = _mm512_set1_epi16(0x7fff);
-  const __m512i one = _mm512_set1_epi16(1), limit = _mm512_set1_epi16(0x7f);
-  auto odd = [&](__m512i x) {  // inf/NaN (all-ones exponent) or subnormal (1..0x7f)
-    return _mm512_cmpeq_epi16_mask(_mm512_and_si512(x, exp_mask), exp_mask) |
-           _mm512_cmplt_epu16_mask(_mm512_sub_epi16(_mm512_and_si512(x, magnitude), one), limit);
-  };
-  __mmask32 nonfinite = 0;
+  __mmask32 unfit = 0;
   for (int64_t c0 = 0; c0 < ncols; c0 += kPairPanel) {
     const int64_t nc = ncols - c0 < kPairPanel ? ncols - c0 : kPairPanel;
     const __mmask32 cols = nc >= 32 ? ~__mmask32(0) : (__mmask32(1) << nc) - 1;
@@ -184,12 +175,12 @@ bool pack_rows_pairs(RowFn&& row, int64_t kc, int64_t ncols, int64_t kpp, uint32
       const __m512i r0 = _mm512_maskz_loadu_epi16(cols, row(2 * q) + c0);
       const __m512i r1 = 2 * q + 1 < kc ? _mm512_maskz_loadu_epi16(cols, row(2 * q + 1) + c0)
                                         : _mm512_setzero_si512();
-      nonfinite |= odd(r0) | odd(r1);
+      unfit |= bf16_unfit_lanes(r0) | bf16_unfit_lanes(r1);
       interleave_pairs(r0, r1, panel + q * kPairPanel);
     }
     std::memset(panel + kp * kPairPanel, 0, size_t(kpp - kp) * kPairPanel * 4);
   }
-  return nonfinite != 0;
+  return unfit != 0;
 }
 
 }  // namespace ATTNKIT_ISA_NS
