@@ -3,10 +3,12 @@ caches with one float32 scale per (token, kv head) row.
 
 Two kinds of checks. Kernel checks compare against the float64 reference on the *dequantized*
 cache (codes * scale): the kernels compute exactly that in fp32, so they are held to the fp32
-(or q dtype) tolerance of every other attention test. One documented step is part of that
+(or q dtype) tolerance of every other attention test. Documented steps are part of that
 reference: the decode kernel over an int8 cache quantizes each q row as quantize_kv would and
 computes Q K in integers (ARCHITECTURE.md, "int8 KV caches"), so its reference attends with the
-quantized q (q_seen). Accuracy checks compare the 8-bit cache's
+quantized q (q_seen); on avx512_bf16 the decode kernel over an e4m3 cache rounds q to bf16 (also
+in q_seen) and P to bf16 ("e4m3 KV caches on vdpbf16ps"), which moves each output element by at
+most 2^-9 of sum_k P_k |v_k| / l <= 2^-9 max |v| (p_floor). Accuracy checks compare the 8-bit cache's
 output with the float cache's output: that is the format's error, bounded by the issue's 2e-2
 (int8) relative to the output's magnitude.
 """
@@ -52,14 +54,29 @@ def deq(codes, scale):
     return to64(codes) * to64(scale)[..., None]
 
 
+def rounds_to_bf16(fmt):
+    """Whether the last call was the decode kernel over an e4m3 cache on avx512_bf16, which
+    rounds q and P to bf16."""
+    return fmt == "fp8_e4m3" and _plan()["kernel"] == "decode" and attnkit._C._active_isa() == "avx512_bf16"
+
+
 def q_seen(q, fmt):
     """The query the last call attended with: decode over an int8 cache quantizes every q row
-    of D <= 1024 finite values (per batch, position and head) as quantize_kv does; any other
-    path, format or row attends with q itself."""
+    of D <= 1024 finite values (per batch, position and head) as quantize_kv does; decode over
+    an e4m3 cache on avx512_bf16 rounds q to bf16; any other path, format or row attends with q
+    itself."""
+    if rounds_to_bf16(fmt):
+        return to64(np.asarray(q).astype(bfloat16))
     if fmt != "int8" or _plan()["kernel"] != "decode" or q.shape[-1] > 1024:
         return q
     codes, scale = np_quantize(q, "int8")
     return np.where(np.isfinite(scale)[..., None], deq(codes, scale), to64(q))
+
+
+def p_floor(fmt, vq, vs):
+    """The absolute error bound that P rounded to bf16 adds to the last call's output (twice
+    2^-9 max |v|: see the module docstring), 0 where P is not rounded."""
+    return 2.0 ** -8 * float(np.nanmax(np.abs(deq(vq, vs)))) if rounds_to_bf16(fmt) else 0.0
 
 
 def same_bits(a, b):
@@ -167,7 +184,7 @@ def test_decode_over_codes_matches_dequantized_reference(isa, rng, fmt, D, H, Hk
     assert _plan()["kernel"] == "decode"
     assert (o[0] == 0).all() and np.isneginf(lse[0]).all()
     ref = ref_from_cache(q_seen(q, fmt)[1:], deq(kq, ks)[1:], deq(vq, vs)[1:], lens[1:])
-    assert_close(o[1:], ref, np.float32)
+    assert_close(o[1:], ref, np.float32, floor=p_floor(fmt, vq, vs))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -183,7 +200,8 @@ def test_half_q_gqa_mqa_and_head_major_cache(isa, rng, fmt):
             q = randn(rng, (B, 1, H, D), qd)
             o = attnkit.attention_with_kvcache(q, kq, vq, cache_seqlens=lens, k_scale=ks, v_scale=vs)
             assert o.dtype == qd
-            assert_close(o, ref_from_cache(q_seen(q, fmt), deq(kq, ks), deq(vq, vs), lens), qd)
+            assert_close(o, ref_from_cache(q_seen(q, fmt), deq(kq, ks), deq(vq, vs), lens), qd,
+                         floor=p_floor(fmt, vq, vs))
         # head-major storage, position-major view
         khm = np.ascontiguousarray(kq.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
         vhm = np.ascontiguousarray(vq.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
@@ -193,8 +211,8 @@ def test_half_q_gqa_mqa_and_head_major_cache(isa, rng, fmt):
         o1 = attnkit.attention_with_kvcache(q, kq, vq, cache_seqlens=lens, k_scale=ks, v_scale=vs)
         o2 = attnkit.attention_with_kvcache(q, khm, vhm, cache_seqlens=lens, k_scale=kshm, v_scale=vshm)
         ref = ref_from_cache(q_seen(q, fmt), deq(kq, ks), deq(vq, vs), lens)
-        assert_close(o1, ref, np.float32)
-        assert_close(o2, ref, np.float32)
+        assert_close(o1, ref, np.float32, floor=p_floor(fmt, vq, vs))
+        assert_close(o2, ref, np.float32, floor=p_floor(fmt, vq, vs))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -224,7 +242,7 @@ def test_append_quantizes_like_quantize_kv(isa, rng, fmt, sq):
         for a, a0 in zip((kq, ks, vq, vs), before):
             assert same_bits(a[~written], a0[~written]), "a row outside the appended ones changed"
         ref = ref_from_cache(q_seen(q, fmt), deq(kq, ks), deq(vq, vs), lens + sq, causal=True)
-        assert_close(o, ref, np.float32)
+        assert_close(o, ref, np.float32, floor=p_floor(fmt, vq, vs))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -253,7 +271,8 @@ def test_paged_equals_contiguous(isa, rng, fmt):
         j, r = divmod(int(lens[b]), page)
         assert same_bits(kp[perm[b, j], r], kq[b, lens[b]]) and np.array_equal(ksp[perm[b, j], r], ks[b, lens[b]])
         assert same_bits(vp[perm[b, j], r], vq[b, lens[b]]) and np.array_equal(vsp[perm[b, j], r], vs[b, lens[b]])
-    assert_close(oc, ref_from_cache(qq, deq(kq, ks), deq(vq, vs), lens + 1, causal=True), np.float32)
+    assert_close(oc, ref_from_cache(qq, deq(kq, ks), deq(vq, vs), lens + 1, causal=True), np.float32,
+                 floor=p_floor(fmt, vq, vs))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -271,14 +290,15 @@ def test_options_and_long_split_cache(isa, rng, fmt):
     assert res is out
     ref = ref_from_cache(q_seen(q, fmt), deq(kq, ks), deq(vq, vs), lens, causal=True, window=(20, 0),
                          alibi=slopes, softcap=4.0)
-    assert_close(out, ref, np.float32)
+    assert_close(out, ref, np.float32, floor=p_floor(fmt, vq, vs))
     assert np.isfinite(lse).all()
     kq, ks, vq, vs = cache8(rng, fmt, B=1, Smax=5000, Hkv=8, D=128)
     q = randn(rng, (1, 1, 32, 128), np.float32)
     o = attnkit.attention_with_kvcache(q, kq, vq, cache_seqlens=4999, k_scale=ks, v_scale=vs)
     plan = _plan()
     assert plan["kernel"] == "decode" and plan["split"] and plan["num_chunks"] > 1
-    assert_close(o, ref_from_cache(q_seen(q, fmt), deq(kq, ks), deq(vq, vs), [4999]), np.float32)
+    assert_close(o, ref_from_cache(q_seen(q, fmt), deq(kq, ks), deq(vq, vs), [4999]), np.float32,
+                 floor=p_floor(fmt, vq, vs))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -334,7 +354,8 @@ def test_head_groups_over_codes(isa, rng, fmt):
     lens = np.array([200, 77], np.int32)
     o = attnkit.attention_with_kvcache(q, kq, vq, cache_seqlens=lens, k_scale=ks, v_scale=vs)
     assert _plan()["kernel"] == "decode"
-    assert_close(o, ref_from_cache(q_seen(q, fmt), deq(kq, ks), deq(vq, vs), lens), np.float32)
+    assert_close(o, ref_from_cache(q_seen(q, fmt), deq(kq, ks), deq(vq, vs), lens), np.float32,
+                 floor=p_floor(fmt, vq, vs))
 
 
 def test_int8_decode_quantizes_q_and_only_there(isa, rng):
@@ -534,3 +555,65 @@ def test_memory_error_leaves_cache_scales_and_out_untouched(rng, sq):
         assert same_bits(kq[np.arange(B)[:, None], rows], attnkit.quantize_kv(kn, "int8")[0])
     finally:
         attnkit.set_num_threads(None)
+
+
+# ---- e4m3 caches on avx512_bf16: q and P rounded to bf16 (ARCHITECTURE.md) ----
+
+def _bf16_variant():
+    i = next(x for x in attnkit.info()["isas"] if x["name"] == "avx512_bf16")
+    if not (i["compiled"] and i["supported"]) or bfloat16 is None:
+        pytest.skip("needs a CPU with AVX512-BF16 and AVX512-VBMI")
+    from attnkit._runtime import _use_isa
+
+    return _use_isa("avx512_bf16")
+
+
+@pytest.mark.parametrize("H,Hkv,D", [(32, 8, 128), (4, 4, 59), (6, 2, 40), (3, 1, 250)])
+def test_e4m3_decode_on_bf16_stays_within_its_rounding_bound(rng, H, Hkv, D):
+    """Each output element moves from the reference on bf16 q by at most 2^-9 sum_k P_k |v_k|
+    (P rounded to bf16, the codes exact), element by element, plus the fp32 tolerance; and the
+    rounding is there to see (the output is not the fp32 one), so the bound is not vacuous.
+    Shapes: GQA, MHA and MQA rows (4, 3 and 1 rows per kv head in the P V blocks) and D tails."""
+    B, S = 2, 300
+    kq, ks, vq, vs = cache8(rng, "fp8_e4m3", B=B, Smax=S, Hkv=Hkv, D=D)
+    q = randn(rng, (B, 1, H, D), np.float32)
+    with _bf16_variant():
+        o = attnkit.attention_with_kvcache(q, kq, vq, cache_seqlens=S, k_scale=ks, v_scale=vs)
+        assert rounds_to_bf16("fp8_e4m3")
+    qb = to64(q.astype(bfloat16))
+    kd, vd = deq(kq, ks), deq(vq, vs)
+    G = H // Hkv
+    kh = np.repeat(kd.transpose(0, 2, 1, 3), G, axis=1)  # (B, H, S, D)
+    vh = np.repeat(vd.transpose(0, 2, 1, 3), G, axis=1)
+    s = np.einsum("bhd,bhsd->bhs", qb[:, 0], kh) / np.sqrt(D)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ref = np.einsum("bhs,bhsd->bhd", p, vh)[:, None]
+    bound = 2.0 ** -9 * np.einsum("bhs,bhsd->bhd", p, np.abs(vh))[:, None]
+    err = np.abs(to64(o) - ref)
+    tol = 1e-5 * output_scale(ref)
+    assert (err <= bound * 1.01 + tol).all(), float((err - bound).max())
+    assert err.max() > 10 * tol  # P was rounded: the fp32 path would sit within tol
+
+
+def test_e4m3_subnormal_p_takes_the_fp32_path(rng):
+    """A head whose P times its V rows' scales is subnormal (V values near 1e-39: even the
+    largest P, 1, times the scale is below 2^-126) keeps the fp32 P V: vcvtne2ps2bf16 flushes
+    subnormals to zero, which would make its output 0 (an error of its whole magnitude). The fp32
+    path there computes in subnormals (~2^-149 absolute per product, about 1e-5 of these values),
+    hence the 1e-3 bound. A head of normal values beside it rounds P as usual."""
+    B, S, Hkv, H, D = 1, 200, 2, 8, 64
+    v = randn(rng, (B, S, Hkv, D), np.float32)
+    v[:, :, 0] *= np.float32(3e-39)
+    kq, ks = attnkit.quantize_kv(randn(rng, (B, S, Hkv, D), np.float32), "fp8_e4m3")
+    vq, vs = attnkit.quantize_kv(v, "fp8_e4m3")
+    assert 256 * vs[:, :, 0].max() < np.finfo(np.float32).tiny  # every P' of head 0 subnormal
+    q = randn(rng, (B, 1, H, D), np.float32)
+    with _bf16_variant():
+        o = attnkit.attention_with_kvcache(q, kq, vq, cache_seqlens=S, k_scale=ks, v_scale=vs)
+        ref = ref_from_cache(q_seen(q, "fp8_e4m3"), deq(kq, ks), deq(vq, vs), [S])
+    tiny = slice(0, H // Hkv)  # the query heads of kv head 0
+    scale = output_scale(ref[:, :, tiny])
+    assert scale > 0 and np.abs(to64(o[:, :, tiny]) - ref[:, :, tiny]).max() <= 1e-3 * scale
+    assert_close(o[:, :, H // Hkv:], ref[:, :, H // Hkv:], np.float32,
+                 floor=2.0 ** -8 * float(np.abs(deq(vq, vs)[:, :, 1]).max()))

@@ -72,15 +72,24 @@ def generate(model, ids, mask, cache, n=24):
 def test_generate_equals_the_dequantized_float_cache(fmt, factory, monkeypatch):
     """Left-padded batch, GQA (and a sliding window): prefill over the codes (tile kernel),
     then decode steps (decode kernel), give the tokens and logits of a float cache holding
-    codes * scale."""
+    codes * scale. Where the decode kernel over e4m3 rounds q and P to bf16 (avx512_bf16) the
+    comparison runs on avx512_vnni, whose kernel does not: that rounding is held to its bound
+    against float64 in test_quantized_kv.py, and may flip a near-tied token of these
+    random-weight models."""
+    from attnkit._runtime import _use_isa
+
+    isa = attnkit._C._active_isa()
+    if fmt == "fp8_e4m3" and isa == "avx512_bf16":
+        isa = "avx512_vnni"
     model = make(factory)
     model.set_attn_implementation("attnkit")
     ids, mask = batch(2)
     cache = akt.QuantizedKVCache(fmt)
-    got = generate(model, ids, mask, cache)
-    if fmt == "int8":
-        quantizing_q(monkeypatch)
-    ref = generate(model, ids, mask, dequantized_cache(fmt))
+    with _use_isa(isa):
+        got = generate(model, ids, mask, cache)
+        if fmt == "int8":
+            quantizing_q(monkeypatch)
+        ref = generate(model, ids, mask, dequantized_cache(fmt))
     assert torch.equal(got.sequences, ref.sequences)
     for a, b in zip(got.logits, ref.logits):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())

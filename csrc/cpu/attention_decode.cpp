@@ -42,6 +42,9 @@
 #include "simd/dot_i8.h"
 #include "simd/vec.h"
 #include "threading.h"
+#if defined(ATTNKIT_ISA_AVX512_BF16)
+#include "gemm/ukernel_bf16.h"  // round_rows_to_pairs
+#endif
 
 namespace attnkit {
 namespace cpu {
@@ -95,7 +98,21 @@ constexpr bool kBf16Dots = false;
 #endif
 template <class SQ, class SKV>
 constexpr bool bf16_dots = kBf16Dots && std::is_same<SQ, bf16_t>::value && std::is_same<SKV, bf16_t>::value;
-inline int64_t qb_stride(int64_t D) { return round_up(D, 32); }  // bf16 per q row (bf16 dots)
+// avx512_bf16 over e4m3 caches (ARCHITECTURE.md, "e4m3 KV caches on vdpbf16ps"): the codes are
+// looked up as bf16 (code_bf16.h, exact), q is rounded to bf16 for the scores and P (times the
+// V rows' scales) for O += P V, both on vdpbf16ps. A head's key block whose P would hold a
+// subnormal takes the fp32 P V instead (vcvtne2ps2bf16 would flush it to zero). int8 caches
+// stay on avx512_vnni's kernel: the same lookups for int8 P V measured no faster
+// (bench/notes/decode.md, "e4m3 decode on vdpbf16ps").
+template <class SKV>
+constexpr bool code_pairs = kHasCodeBf16 && std::is_same<SKV, f8e4m3_t>::value;
+template <class SQ, class SKV>
+constexpr bool bf16_q = bf16_dots<SQ, SKV> || code_pairs<SKV>;
+inline int64_t qb_stride(int64_t D) { return round_up(D, 64); }  // bf16 per q row (bf16_q)
+constexpr int64_t kPairStride = kKeyBlock / 2;  // pair words per P row (code_pairs)
+struct NoCodeTables {};
+template <class SKV>  // the lookup tables in registers, where code_pairs
+using CodeTables = typename std::conditional<code_pairs<SKV>, CodeBf16<SKV>, NoCodeTables>::type;
 
 // Per-thread scratch, carved from one allocation (a decode call is short: a dozen separate
 // allocations per thread were ~10k instructions of malloc, a quarter of a tiny call). acc and
@@ -108,20 +125,21 @@ struct DecodeWork {
   float* qs = nullptr;          // int8 caches: each q row's scale (1 for an unquantized row)
   int8_t* q8 = nullptr;         // and its codes, rows of q8_stride(D) bytes, zero-padded
   int32_t* qcorr = nullptr;     // 128 x the sum of a row's codes (dot_i8.h)
-  uint16_t* qb = nullptr;       // bf16 dots: the q rows' bf16 bits, rows of qb_stride(D)
+  uint16_t* qb = nullptr;       // bf16_q: the q rows' bf16 bits, rows of qb_stride(D)
+  uint32_t* pp = nullptr;       // code_pairs: P rows as pair words, rows of kPairStride
   // Sizes in floats, each rounded up to a cache line so every part stays 64-byte aligned.
   bool init(int64_t rows, int64_t D, int64_t Dvp, int64_t vs_count, int64_t Dv, int64_t nchunks,
-            bool quantized_q, bool bf16_q) {
+            bool quantized_q, bool with_qb, bool pairs) {
     const int64_t qrows = quantized_q ? rows : 0;
-    const int64_t sizes[13] = {rows * D, rows * kKeyBlock, rows * Dvp, rows, rows, kKeyBlock,
+    const int64_t sizes[14] = {rows * D, rows * kKeyBlock, rows * Dvp, rows, rows, kKeyBlock,
                                vs_count, Dv, nchunks, qrows, qrows * q8_stride(D) / 4, qrows,
-                               bf16_q ? rows * qb_stride(D) / 2 : 0};
-    float* parts[13];
+                               with_qb ? rows * qb_stride(D) / 2 : 0, pairs ? rows * kPairStride : 0};
+    float* parts[14];
     int64_t total = 0;
     for (int64_t n : sizes) total += round_up(imax(n, 1), 16);
     if (!all.reset(size_t(total))) return false;
     float* at = all.get();
-    for (int i = 0; i < 13; ++i) {
+    for (int i = 0; i < 14; ++i) {
       parts[i] = at;
       at += round_up(imax(sizes[i], 1), 16);
     }
@@ -130,6 +148,7 @@ struct DecodeWork {
     q8 = reinterpret_cast<int8_t*>(parts[10]);
     qcorr = reinterpret_cast<int32_t*>(parts[11]);
     qb = reinterpret_cast<uint16_t*>(parts[12]);
+    pp = reinterpret_cast<uint32_t*>(parts[13]);
     return true;
   }
 };
@@ -239,6 +258,7 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
   // 1.3-1.4x, fp16 MHA 1.6-1.7x and int8 MHA 1.4x slower (Emerald Rapids, 2 threads;
   // bench/notes/decode.md, "no prefetch for fp32 MHA").
   const bool prefetch = !(std::is_same<SKV, float>::value && rph == 1);
+  const CodeTables<SKV> cb{};
   // ahead[u]: offset (at kv head 0) of the K row kPrefetchKeys positions after key j + u, -1
   // past the item's keys or without prefetching; derived once for every head.
   auto ahead_rows = [&](int64_t j, int nk, int64_t* ahead) {
@@ -289,6 +309,13 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
           for (; r < rend; ++r) dot_block_bf16<1>(qb + r * ldb, ldb, D, k, s + r * lds + j, lds);
           continue;
         }
+      }
+      if constexpr (code_pairs<SKV>) {  // bf16 q rows over e4m3 codes
+        const int64_t ldb = qb_stride(D);
+        for (; r + kScoreRows <= rend; r += kScoreRows)
+          dot_block_codes<kScoreRows>(qb + r * ldb, ldb, D, k, s + r * lds + j, lds, cb);
+        for (; r < rend; ++r) dot_block_codes<1>(qb + r * ldb, ldb, D, k, s + r * lds + j, lds, cb);
+        continue;
       }
       if constexpr (kHasDotI8 && std::is_same<SKV, int8_t>::value) {
         if (q8) {
@@ -401,6 +428,69 @@ void scale_p_by_v_rows(int64_t ng, int64_t rph, int64_t n, float* P, int64_t ldp
       }
 }
 
+#if defined(ATTNKIT_ISA_AVX512_BF16)
+// code_pairs: rows [rbeg, rend) of one head, O += P V over its clean keys on vdpbf16ps. Each row's
+// P of the clean keys (bit j of `zero` unset), in key order, is rounded to bf16 pair words
+// (pp rows), V's rows paired the same way (an odd last key pairs with itself under a P of 0:
+// a clean key's row is attended by every row, so 0 x its NaN changes nothing). Returns false,
+// having written nothing to O, when a P is subnormal (vcvtne2ps2bf16 would flush it to zero):
+// the caller then runs the fp32 P V. vrows has room for one row past n.
+template <class SKV>
+bool pv_pairs(const SKV** vrows, int64_t n, uint64_t zero, int64_t rbeg, int64_t rend,
+              const float* P, int64_t ldp, uint32_t* pp, float* O, int64_t ldo, int64_t Dv,
+              const CodeBf16<SKV>& cb) {
+  const __m512 tiny = _mm512_set1_ps(1.17549435e-38f);  // FLT_MIN
+  auto subnormal = [&](__m512 x) {
+    return _mm512_mask_cmp_ps_mask(_mm512_cmpneq_ps_mask(x, _mm512_setzero_ps()), _mm512_abs_ps(x), tiny,
+                                   _CMP_LT_OQ);
+  };
+  const SKV* packed_rows[kKeyBlock + 1];
+  const SKV** v = vrows;
+  int64_t nk = n;
+  if (!zero) {  // every key clean (the usual case): P rows as they are (zero past n)
+    for (int64_t r = rbeg; r < rend; ++r)
+      for (int64_t j = 0; j < n; j += 16)
+        if (subnormal(_mm512_loadu_ps(P + r * ldp + j))) return false;
+    round_rows_to_pairs(P + rbeg * ldp, ldp, int(rend - rbeg), n, pp, kPairStride);
+  } else {  // the clean keys' P packed in key order
+    alignas(64) float packed[kKeyBlock + 16];
+    for (int64_t r = rbeg; r < rend; ++r) {
+      int64_t c = 0;
+      __mmask16 sub = 0;
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 live = __mmask16(~(zero >> j) & (n - j >= 16 ? 0xffffu : (1u << (n - j)) - 1));
+        const __m512 x = _mm512_maskz_compress_ps(live, _mm512_loadu_ps(P + r * ldp + j));
+        sub |= subnormal(x);
+        _mm512_storeu_ps(packed + c, x);
+        c += __builtin_popcount(live);
+      }
+      if (sub) return false;
+      nk = c;
+      round_rows_to_pairs(packed, 0, 1, c, pp + (r - rbeg) * kPairStride, kPairStride);
+    }
+    nk = 0;
+    for (int64_t j = 0; j < n; ++j)
+      if (!((zero >> j) & 1)) packed_rows[nk++] = vrows[j];
+    v = packed_rows;
+  }
+  if (nk == 0) return true;
+  v[nk] = v[nk - 1];  // the odd key's partner
+  const int64_t npairs = (nk + 1) / 2, Dvp = round_up(Dv, VF::N);
+  int64_t r = rbeg;
+  const uint32_t* pr = pp;
+  for (; r + 4 <= rend; r += 4, pr += 4 * kPairStride)
+    pv_rows_pairs<4, 4>(v, npairs, pr, kPairStride, O + r * ldo, ldo, Dv, Dvp, cb);
+  if (rend - r == 3) pv_rows_pairs<3, 4>(v, npairs, pr, kPairStride, O + r * ldo, ldo, Dv, Dvp, cb);
+  if (rend - r == 2) pv_rows_pairs<2, 4>(v, npairs, pr, kPairStride, O + r * ldo, ldo, Dv, Dvp, cb);
+  if (rend - r == 1) pv_rows_pairs<1, 8>(v, npairs, pr, kPairStride, O + r * ldo, ldo, Dv, Dvp, cb);
+  return true;
+}
+#else
+template <class SKV, class Tables>
+bool pv_pairs(const SKV**, int64_t, uint64_t, int64_t, int64_t, const float*, int64_t, uint32_t*,
+              float*, int64_t, int64_t, const Tables&);  // named only
+#endif
+
 // O[r] += sum_j P[r][j] V_j, head by head. Keys whose P is nonzero in every row of their head
 // run through register blocks (pv_block); a key with a zero P in some row (masked there) takes
 // the careful path that skips those rows, so NaN/inf in a masked-out V row never reaches them.
@@ -410,13 +500,14 @@ void scale_p_by_v_rows(int64_t ng, int64_t rph, int64_t n, float* P, int64_t ldp
 template <class SKV>
 void accumulate_pv(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
                    int64_t rph, int64_t j0, int64_t n, const BlockRows& br, const float* P,
-                   int64_t ldp, float* O, int64_t ldo) {
+                   int64_t ldp, float* O, int64_t ldo, uint32_t* pp) {
   constexpr bool finite_codes = std::is_same<SKV, int8_t>::value;
   constexpr int RB = kPvRows, DV1 = VF::N >= 16 ? 8 : 4, DVB = 4;
   const int64_t Dv = p.head_dim_v;
   const SKV* Vm = typed<SKV>(p.v);
-  const SKV* vrows[kKeyBlock];
+  const SKV* vrows[kKeyBlock + 1];
   int64_t clean[kKeyBlock], careful[kKeyBlock];
+  const CodeTables<SKV> cb{};
   for (int64_t t = 0; t < ng; ++t) {
     const int64_t rbeg = t * rph, rend = rbeg + rph, vg = (g0 + t) * p.v_stride[1];
     // bit j: key j has a zero P in some row of the head (P rows are kKeyBlock long, whole vectors)
@@ -435,6 +526,8 @@ void accumulate_pv(const AttentionParams& p, const SeqView& sv, int64_t g0, int6
         clean[nclean++] = j;
     }
     int64_t r = rbeg;
+    if constexpr (code_pairs<SKV>)
+      if (pv_pairs<SKV>(vrows, n, zero, rbeg, rend, P, ldp, pp, O, ldo, Dv, cb)) r = rend;
     for (; r + RB <= rend; r += RB)
       pv_rows<RB, DVB>(vrows, clean, nclean, P + r * ldp, ldp, O + r * ldo, ldo, Dv);
     // the rows left in one block (each V vector converted once for them)
@@ -464,6 +557,9 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
     for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_f32(qr[d]);
     if constexpr (bf16_dots<SQ, SKV>)
       for (int64_t d = 0; d < qb_stride(D); ++d) w.qb[r * qb_stride(D) + d] = d < D ? qr[d].bits : 0;
+    if constexpr (code_pairs<SKV>)  // rounded to nearest even
+      for (int64_t d = 0; d < qb_stride(D); ++d)
+        w.qb[r * qb_stride(D) + d] = d < D ? f32_to_bf16(qf[r * D + d]) : 0;
     m[r] = kNegInfF;
     l[r] = 0.0f;
     for (int64_t d = 0; d < Dvp; ++d) O[r * Dvp + d] = 0.0f;
@@ -505,7 +601,7 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
       float* vst = w.vs + t0 * kKeyBlock;
       scores<SKV>(p, sv, g0, ng, rph, j0, n, k_end, br, qf + r0 * D,
                   q8 ? q8 + r0 * q8_stride(D) : nullptr, w.qcorr + r0,
-                  bf16_dots<SQ, SKV> ? w.qb + r0 * qb_stride(D) : nullptr, St, lds);
+                  bf16_q<SQ, SKV> ? w.qb + r0 * qb_stride(D) : nullptr, St, lds);
       if constexpr (is_code<SKV>)
         apply_k_scales<SKV>(p, g0, ng, rph, n, br, std::is_same<SKV, int8_t>::value ? w.qs + r0 : w.qs, St,
                             lds, vst);
@@ -515,7 +611,7 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
         row_update(rc, S + r * lds, m + r, l + r, O + r * Dvp, Dvp);
       }
       if constexpr (is_code<SKV>) scale_p_by_v_rows(ng, rph, n, St, lds, vst);
-      accumulate_pv<SKV>(p, sv, g0, ng, rph, j0, n, br, St, lds, Ot, Dvp);
+      accumulate_pv<SKV>(p, sv, g0, ng, rph, j0, n, br, St, lds, Ot, Dvp, w.pp);
     }
   }
   if (part_o) {  // split: leave the chunk's partial result
@@ -659,7 +755,7 @@ Status decode_typed(const AttentionParams& p) {
     DecodeWork w;
     if ((begin < end || split) &&
         !w.init(rows_max, D, Dvp, is_code<SKV> ? heads_per_item * kKeyBlock : 0, Dv, nchunks,
-                std::is_same<SKV, int8_t>::value, bf16_dots<SQ, SKV>))
+                std::is_same<SKV, int8_t>::value, bf16_q<SQ, SKV>, code_pairs<SKV>))
       failed = true;
 #pragma omp barrier
     // `failed` is only written before the barrier: every thread reads the same value here, so
@@ -693,9 +789,11 @@ Status decode_kv(const AttentionParams& p) {
   // This variant's table sends int8 caches only here (kernel_table.cpp).
   return p.kv_dtype == DType::i8 ? decode_typed<SQ, int8_t>(p) : Status::invalid_argument;
 #elif defined(ATTNKIT_ISA_AVX512_BF16)
-  // This variant's attention_fwd sends bf16 q over bf16 caches only here (bf16_dots).
+  // This variant's attention_fwd sends bf16 q over bf16 caches (bf16_dots) and e4m3 caches
+  // (code_pairs) only here.
   if constexpr (std::is_same<SQ, bf16_t>::value)
     if (p.kv_dtype == DType::bf16) return decode_typed<SQ, bf16_t>(p);
+  if (p.kv_dtype == DType::f8e4m3) return decode_typed<SQ, f8e4m3_t>(p);
   return Status::invalid_argument;
 #else
   switch (p.kv_dtype) {

@@ -7,6 +7,7 @@
 
 #include "common.h"
 #include "quantize.h"
+#include "simd/code_bf16.h"
 #include "simd/transpose.h"
 #include "simd/vec.h"
 
@@ -101,11 +102,106 @@ inline void dot_block_bf16(const uint16_t* q, int64_t ldq, int64_t D, const bf16
   for (int ri = 0; ri < RB; ++ri)
     hsum4(VF{acc[ri][0]}, VF{acc[ri][1]}, VF{acc[ri][2]}, VF{acc[ri][3]}, s + ri * lds);
 }
+
+// dot_block over 8-bit K rows on vdpbf16ps (attention_decode.cpp, "8-bit caches on
+// vdpbf16ps"): q as bf16 rows as above (row stride ldq, zero past D, whole 64-value blocks), K's
+// 64 codes per step looked up as bf16 (code_bf16.h), one key at a time (its two vectors and the
+// 16 accumulators stay in registers beside the tables).
+template <int RB, class S>
+inline void dot_block_codes(const uint16_t* q, int64_t ldq, int64_t D, const S* const* k, float* s,
+                            int64_t lds, const CodeBf16<S>& cb) {
+  __m512 acc[RB][4];
+  for (int ri = 0; ri < RB; ++ri)
+    for (int u = 0; u < 4; ++u) acc[ri][u] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 64) {
+    const int w = int(imin(64, D - d));
+    for (int u = 0; u < 4; ++u) {
+      __m512i a, b;
+      cb.row(k[u] + d, w, a, b);
+      for (int ri = 0; ri < RB; ++ri) {
+        const uint16_t* qr = q + ri * ldq + d;
+        acc[ri][u] = _mm512_dpbf16_ps(acc[ri][u], (__m512bh)_mm512_loadu_si512(qr), (__m512bh)a);
+        acc[ri][u] = _mm512_dpbf16_ps(acc[ri][u], (__m512bh)_mm512_loadu_si512(qr + 32), (__m512bh)b);
+      }
+    }
+  }
+  for (int ri = 0; ri < RB; ++ri)
+    hsum4(VF{acc[ri][0]}, VF{acc[ri][1]}, VF{acc[ri][2]}, VF{acc[ri][3]}, s + ri * lds);
+}
+
+// O[r][d0 .. d0 + nv vectors) += sum over key pairs e of P[r][e] . (V0_e, V1_e) for RB rows on
+// vdpbf16ps: P as rows of pair words (row stride ldp words: the bf16 of two keys' P), V as the
+// two rows of each pair (v[2e], v[2e + 1]: 8-bit codes looked up in pairs, code_bf16.h). DV vectors
+// (even) per block, nv <= DV of them inside the O row (its last one may hold lanes past Dv,
+// which read codes as zero: `valid` values from d0 are loaded). As pv_block, fewer than 8
+// accumulators alternate pairs between KU sets.
+template <int RB, int DV, class S>
+inline void pv_block_pairs(const S* const* v, int64_t npairs, const uint32_t* P,
+                           int64_t ldp, float* O, int64_t ldo, int64_t d0, int nv, int64_t valid,
+                           const CodeBf16<S>& cb) {
+  static_assert(DV % 2 == 0, "32 positions per lookup");
+  constexpr int KU = RB * DV >= 8 ? 1 : 2, U = DV / 2;
+  __m512 acc[KU][RB][DV];
+  for (int ri = 0; ri < RB; ++ri)
+    for (int i = 0; i < DV; ++i) {
+      acc[0][ri][i] = i < nv ? _mm512_loadu_ps(O + ri * ldo + d0 + i * 16) : _mm512_setzero_ps();
+      for (int u = 1; u < KU; ++u) acc[u][ri][i] = _mm512_setzero_ps();
+    }
+  __mmask32 mask[U];
+  for (int h = 0; h < U; ++h) {
+    const int64_t n = imax(0, imin(32, valid - 32 * h));
+    mask[h] = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+  }
+  auto step = [&](int64_t e, __m512(&a)[RB][DV]) {
+    for (int h = 0; h < U; ++h) {
+      __m512i x0, x1;
+      cb.pair(v[2 * e] + d0 + 32 * h, v[2 * e + 1] + d0 + 32 * h, mask[h], x0, x1);
+      for (int ri = 0; ri < RB; ++ri) {
+        const __m512bh pe = (__m512bh)_mm512_set1_epi32(int(P[ri * ldp + e]));
+        a[ri][2 * h] = _mm512_dpbf16_ps(a[ri][2 * h], pe, (__m512bh)x0);
+        a[ri][2 * h + 1] = _mm512_dpbf16_ps(a[ri][2 * h + 1], pe, (__m512bh)x1);
+      }
+    }
+  };
+  int64_t e = 0;
+  for (; e + KU <= npairs; e += KU)
+    for (int u = 0; u < KU; ++u) step(e + u, acc[u]);
+  for (; e < npairs; ++e) step(e, acc[0]);
+  for (int ri = 0; ri < RB; ++ri)
+    for (int i = 0; i < nv; ++i) {
+      for (int u = 1; u < KU; ++u) acc[0][ri][i] = _mm512_add_ps(acc[0][ri][i], acc[u][ri][i]);
+      _mm512_storeu_ps(O + ri * ldo + d0 + i * 16, acc[0][ri][i]);
+    }
+}
+
+// Rows [r, r + RB) over the O row (Dvp floats, Dv values): blocks of DV vectors, the rest in one
+// block of 4 or 2 vectors at most (the last vector possibly partial; a lone one rides in a block
+// of 2 whose second vector is neither loaded nor stored).
+template <int RB, int DV, class S>
+inline void pv_rows_pairs(const S* const* v, int64_t npairs, const uint32_t* P,
+                          int64_t ldp, float* O, int64_t ldo, int64_t Dv, int64_t Dvp,
+                          const CodeBf16<S>& cb) {
+  int64_t d0 = 0;
+  for (; d0 + DV * 16 <= Dvp; d0 += DV * 16)
+    pv_block_pairs<RB, DV>(v, npairs, P, ldp, O, ldo, d0, DV, Dv - d0, cb);
+  while (d0 < Dvp) {
+    const int nv = int(imin(4, (Dvp - d0) / 16));
+    if (nv > 2)
+      pv_block_pairs<RB, 4>(v, npairs, P, ldp, O, ldo, d0, nv, Dv - d0, cb);
+    else
+      pv_block_pairs<RB, 2>(v, npairs, P, ldp, O, ldo, d0, nv, Dv - d0, cb);
+    d0 += 16 * nv;
+  }
+}
 #else
-// Declared for name lookup only: callers reach it under `if constexpr (kBf16Dots)`.
+// Declared for name lookup only: callers reach them under `if constexpr (kBf16Dots)` or
+// `kHasCodeBf16`.
 template <int RB>
 void dot_block_bf16(const uint16_t* q, int64_t ldq, int64_t D, const bf16_t* const* k, float* s,
                     int64_t lds);
+template <int RB, class S, class Tables>
+void dot_block_codes(const uint16_t* q, int64_t ldq, int64_t D, const S* const* k, float* s,
+                     int64_t lds, const Tables& cb);
 #endif
 
 // s[u] = q . k_u for one query row and VF::N fp32 K rows (MHA decode): one accumulator per

@@ -44,7 +44,8 @@ struct X86Features {
   bool avx2 = false;    // AVX2 + FMA + F16C, and the OS saves YMM state
   bool avx512 = false;  // AVX-512 F, BW, DQ, VL, and the OS saves ZMM + opmask state
   bool avx512_vnni = false;  // and AVX512-VNNI (vpdpbusd): Cascade Lake, Ice Lake, Zen 4 on
-  bool avx512_bf16 = false;  // and AVX512-BF16 (vdpbf16ps): Cooper Lake, Sapphire Rapids, Zen 4 on
+  bool avx512_bf16 = false;  // and AVX512-BF16 (vdpbf16ps) and AVX512-VBMI: Sapphire Rapids, Zen 4 on
+  bool vbmi = false;         // AVX512-VBMI (vpermi2b; what avx512_bf16 needs beside AVX512-BF16)
   bool amd = false;          // CPUID vendor AuthenticAMD (see kBf16AutoSkip)
   bool zmm_state = false;    // the OS saves ZMM + opmask state (what ATTNKIT_CPU_ASSUME needs)
   bool amx = false;          // avx512_vnni and AMX-TILE + AMX-BF16, tile state enabled by the OS
@@ -90,11 +91,12 @@ X86Features detect_x86() {
   f.avx2 = ymm_state && avx2 && fma && f16c;
   f.avx512 = f.avx2 && zmm_state && avx512f && avx512dq && avx512bw && avx512vl;
   f.avx512_vnni = f.avx512 && (c & (1u << 11));
+  f.vbmi = f.avx512 && (c & (1u << 1));
   f.zmm_state = zmm_state;
   detect_amx(f, xcr0, d);
   unsigned a1 = 0, b1, c1, d1;
   if (__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1))  // leaf 7 subleaf 1, EAX bit 5: AVX512_BF16
-    f.avx512_bf16 = f.avx512_vnni && (a1 & (1u << 5));
+    f.avx512_bf16 = f.avx512_vnni && f.vbmi && (a1 & (1u << 5));
   return f;
 }
 #endif
@@ -122,7 +124,8 @@ constexpr const char* kEmulatedAutoSkip =
 // the OS saves ZMM state and every variant below them is supported (by CPUID or assumption),
 // so the claim is at most one feature bit. Unknown names are ignored here (the Python layer
 // reports them).
-void apply_assumptions(IsaInfo* l, bool zmm_state) {
+// avx512_bf16 also needs AVX512-VBMI, which an assumption never claims: it must be in CPUID.
+void apply_assumptions(IsaInfo* l, bool zmm_state, bool vbmi) {
   const char* env = std::getenv("ATTNKIT_CPU_ASSUME");
   if (!env || !zmm_state) return;
   for (int i = 3; i <= 4; ++i) {  // avx512_vnni, avx512_bf16
@@ -132,7 +135,7 @@ void apply_assumptions(IsaInfo* l, bool zmm_state) {
       const char* e = p;
       while (*e && *e != ',' && *e != ' ') ++e;
       if (size_t(e - p) == len && std::strncmp(p, l[i].name, len) == 0 && !l[i].supported &&
-          l[i - 1].supported) {
+          l[i - 1].supported && (i != 4 || vbmi)) {
         l[i].supported = true;
         l[i].assumed = true;
         l[i].unsupported = nullptr;
@@ -166,7 +169,7 @@ IsaInfo* mutable_isa_list() {
         {"avx512_vnni", false, false, true, false, nullptr, 2,
          "needs avx512 and AVX512-VNNI in CPUID"},
         {"avx512_bf16", false, false, true, false, kBf16AutoSkip, 3,
-         "needs avx512_vnni and AVX512-BF16 in CPUID"},
+         "needs avx512_vnni, AVX512-BF16 and AVX512-VBMI in CPUID"},
         {"amx", false, false, false, false, nullptr, 3,
          "needs avx512_vnni (AVX-512 with VNNI), which this CPU lacks"},
         {"amx_emulated", false, false, true, false, kEmulatedAutoSkip, 3,
@@ -194,7 +197,7 @@ IsaInfo* mutable_isa_list() {
 #if defined(ATTNKIT_HAVE_AMX_EMULATED_VARIANT)
     l[6].compiled = true;
 #endif
-    apply_assumptions(l, f.zmm_state);
+    apply_assumptions(l, f.zmm_state, f.vbmi);
     l[6].supported = l[3].supported;  // amx_emulated runs where avx512_vnni does (assumed too)
 #endif
     for (IsaInfo& v : l)
