@@ -235,7 +235,10 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
         dim must be contiguous (a cache is never copied). 8-bit caches: int8 or
         ``ml_dtypes.float8_e4m3fn`` (``torch.float8_e4m3fn`` on a GPU) codes under a float32,
         float16 or bfloat16 q, each row with its scale in ``k_scale`` / ``v_scale`` (see
-        :func:`quantize_kv`); the kernels read the 8-bit bytes and convert in registers.
+        :func:`quantize_kv`); the kernels read the 8-bit bytes and convert in registers. The CPU
+        decode kernel quantizes q per row to int8 over an int8 cache, and over an e4m3 cache on
+        the ``avx512_bf16`` variant rounds q and P to bf16 (docs/ARCHITECTURE.md, "int8 KV
+        caches", "e4m3 KV caches on vdpbf16ps").
     k, v : arrays, optional
         New keys/values (B, Sq_new, Hkv, D/Dv), written **in place** into the caches at
         positions ``cache_seqlens[b] ...`` before attending. Every argument is checked before
