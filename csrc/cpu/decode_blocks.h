@@ -137,15 +137,15 @@ inline void dot_block_codes(const uint16_t* q, int64_t ldq, int64_t D, const S* 
   }
 }
 
-// O[r][d0 .. d0 + nv vectors) += sum over key pairs e of P[r][e] . (V0_e, V1_e) for RB rows on
-// vdpbf16ps: P as rows of pair words (row stride ldp words: the bf16 of two keys' P), V as the
-// two rows of each pair (v[2e], v[2e + 1]: 8-bit codes looked up in pairs, code_bf16.h). DV vectors
-// (even) per block, nv <= DV of them inside the O row (its last one may hold lanes past Dv,
-// which read codes as zero: `valid` values from d0 are loaded). As pv_block, fewer than 8
-// accumulators alternate pairs between KU sets.
-template <int RB, int DV, class S>
-inline void pv_block_pairs(const S* const* v, int64_t npairs, const uint32_t* P,
-                           int64_t ldp, float* O, int64_t ldo, int64_t d0, int nv, int64_t valid,
+// O[r][d0 .. d0 + nv vectors) += sum over key pairs e of P[r][e] . (V_2e, V_2e+1) for RB rows
+// on vdpbf16ps: P as rows of pair words (row stride ldp words: the bf16 of two keys' P), V as the
+// two rows of each pair (v[2e], v[2e + 1]: 8-bit codes looked up in pairs, code_bf16.h). DV
+// vectors (even) per block, nv <= DV of them inside the O row (its last one may hold lanes past
+// Dv, which read codes as zero: `valid` values from d0 are loaded, all of them unmasked when
+// kWhole). As pv_block, fewer than 8 accumulators alternate pairs between KU sets.
+template <int RB, int DV, bool kWhole, class S>
+inline void pv_block_pairs(const S* const* v, int64_t npairs, const uint32_t* P, int64_t ldp,
+                           float* O, int64_t ldo, int64_t d0, int nv, int64_t valid,
                            const CodeBf16<S>& cb) {
   static_assert(DV % 2 == 0, "32 positions per lookup");
   constexpr int KU = RB * DV >= 8 ? 1 : 2, U = DV / 2;
@@ -161,13 +161,18 @@ inline void pv_block_pairs(const S* const* v, int64_t npairs, const uint32_t* P,
     mask[h] = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
   }
   auto step = [&](int64_t e, __m512(&a)[RB][DV]) {
+    __m512bh pe[RB];
+    for (int ri = 0; ri < RB; ++ri) pe[ri] = (__m512bh)_mm512_set1_epi32(int(P[ri * ldp + e]));
     for (int h = 0; h < U; ++h) {
       __m512i x0, x1;
-      cb.pair(v[2 * e] + d0 + 32 * h, v[2 * e + 1] + d0 + 32 * h, mask[h], x0, x1);
+      const S *r0 = v[2 * e] + d0 + 32 * h, *r1 = v[2 * e + 1] + d0 + 32 * h;
+      if constexpr (kWhole)
+        cb.pair(r0, r1, x0, x1);
+      else
+        cb.pair(r0, r1, mask[h], x0, x1);
       for (int ri = 0; ri < RB; ++ri) {
-        const __m512bh pe = (__m512bh)_mm512_set1_epi32(int(P[ri * ldp + e]));
-        a[ri][2 * h] = _mm512_dpbf16_ps(a[ri][2 * h], pe, (__m512bh)x0);
-        a[ri][2 * h + 1] = _mm512_dpbf16_ps(a[ri][2 * h + 1], pe, (__m512bh)x1);
+        a[ri][2 * h] = _mm512_dpbf16_ps(a[ri][2 * h], pe[ri], (__m512bh)x0);
+        a[ri][2 * h + 1] = _mm512_dpbf16_ps(a[ri][2 * h + 1], pe[ri], (__m512bh)x1);
       }
     }
   };
@@ -186,18 +191,17 @@ inline void pv_block_pairs(const S* const* v, int64_t npairs, const uint32_t* P,
 // block of 4 or 2 vectors at most (the last vector possibly partial; a lone one rides in a block
 // of 2 whose second vector is neither loaded nor stored).
 template <int RB, int DV, class S>
-inline void pv_rows_pairs(const S* const* v, int64_t npairs, const uint32_t* P,
-                          int64_t ldp, float* O, int64_t ldo, int64_t Dv, int64_t Dvp,
-                          const CodeBf16<S>& cb) {
+inline void pv_rows_pairs(const S* const* v, int64_t npairs, const uint32_t* P, int64_t ldp,
+                          float* O, int64_t ldo, int64_t Dv, int64_t Dvp, const CodeBf16<S>& cb) {
   int64_t d0 = 0;
-  for (; d0 + DV * 16 <= Dvp; d0 += DV * 16)
-    pv_block_pairs<RB, DV>(v, npairs, P, ldp, O, ldo, d0, DV, Dv - d0, cb);
+  for (; d0 + DV * 16 <= Dv; d0 += DV * 16)
+    pv_block_pairs<RB, DV, true>(v, npairs, P, ldp, O, ldo, d0, DV, Dv - d0, cb);
   while (d0 < Dvp) {
     const int nv = int(imin(4, (Dvp - d0) / 16));
     if (nv > 2)
-      pv_block_pairs<RB, 4>(v, npairs, P, ldp, O, ldo, d0, nv, Dv - d0, cb);
+      pv_block_pairs<RB, 4, false>(v, npairs, P, ldp, O, ldo, d0, nv, Dv - d0, cb);
     else
-      pv_block_pairs<RB, 2>(v, npairs, P, ldp, O, ldo, d0, nv, Dv - d0, cb);
+      pv_block_pairs<RB, 2, false>(v, npairs, P, ldp, O, ldo, d0, nv, Dv - d0, cb);
     d0 += 16 * nv;
   }
 }

@@ -92,14 +92,20 @@ struct CodeBf16 {
     a = zip_lo(lo, hi);
     b = zip_hi(lo, hi);
   }
-  // 32 positions of two rows (the bytes of mask k) as 2 x 16 dword lanes (v0[d], v1[d]).
+  // 32 positions of two rows as 2 x 16 dword lanes (v0[d], v1[d]); the masked form loads only
+  // the bytes of k (a row's tail), zeros elsewhere.
+  void pair(const S* v0, const S* v1, __m512i& a, __m512i& b) const {
+    pair_of(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0)),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1)), a, b);
+  }
   void pair(const S* v0, const S* v1, __mmask32 k, __m512i& a, __m512i& b) const {
-    const bool whole = k == ~__mmask32(0);  // (masked loads ran slower from DRAM, Zen 5)
-    const __m256i a0 = whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0)) : _mm256_maskz_loadu_epi8(k, v0);
-    const __m256i a1 = whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1)) : _mm256_maskz_loadu_epi8(k, v1);
-    const __m512i c = zip_lo(_mm512_castsi256_si512(a0), _mm512_castsi256_si512(a1));
+    pair_of(_mm256_maskz_loadu_epi8(k, v0), _mm256_maskz_loadu_epi8(k, v1), a, b);
+  }
+
+ private:
+  void pair_of(__m256i c0, __m256i c1, __m512i& a, __m512i& b) const {
     __m512i lo, hi;
-    lookup(c, lo, hi);
+    lookup(zip_lo(_mm512_castsi256_si512(c0), _mm512_castsi256_si512(c1)), lo, hi);
     a = zip_lo(lo, hi);
     b = zip_hi(lo, hi);
   }
