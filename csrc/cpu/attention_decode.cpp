@@ -100,8 +100,8 @@ template <class SQ, class SKV>
 constexpr bool bf16_dots = kBf16Dots && std::is_same<SQ, bf16_t>::value && std::is_same<SKV, bf16_t>::value;
 // avx512_bf16 over e4m3 caches (ARCHITECTURE.md, "e4m3 KV caches on vdpbf16ps"): the codes are
 // looked up as bf16 (code_bf16.h, exact), q is rounded to bf16 for the scores and P (times the
-// V rows' scales) for O += P V, both on vdpbf16ps. A head's key block whose P would hold a
-// subnormal takes the fp32 P V instead (vcvtne2ps2bf16 would flush it to zero). int8 caches
+// V rows' scales) for O += P V, both on vdpbf16ps. A head's key block whose P holds a value
+// below kPairMinP takes the fp32 P V instead (flushed subnormals: pv_pairs). int8 caches
 // stay on avx512_vnni's kernel: the same lookups for int8 P V measured no faster
 // (bench/notes/decode.md, "e4m3 decode on vdpbf16ps").
 template <class SKV>
@@ -433,14 +433,19 @@ void scale_p_by_v_rows(int64_t ng, int64_t rph, int64_t n, float* P, int64_t ldp
 // P of the clean keys (bit j of `zero` unset), in key order, is rounded to bf16 pair words
 // (pp rows), V's rows paired the same way (an odd last key pairs with itself under a P of 0:
 // a clean key's row is attended by every row, so 0 x its NaN changes nothing). Returns false,
-// having written nothing to O, when a P is subnormal (vcvtne2ps2bf16 would flush it to zero):
-// the caller then runs the fp32 P V. vrows has room for one row past n.
+// having written nothing to O, when a nonzero P is below kPairMinP: the caller then runs the
+// fp32 P V. vrows has room for one row past n.
+// kPairMinP = 2^-109: vcvtne2ps2bf16 flushes a subnormal P to zero, and vdpbf16ps flushes
+// subnormal products and sums; with every nonzero P at least 2^-109, each product with a
+// nonzero code (|value x 2^-8| >= 2^-17) is normal, and what a flushed sum loses (< 2^-126)
+// is below 2^-17 of any product (V values near 1e-38 came out as 0 with a FLT_MIN threshold).
+constexpr float kPairMinP = 0x1p-109f;
 template <class SKV>
 bool pv_pairs(const SKV** vrows, int64_t n, uint64_t zero, int64_t rbeg, int64_t rend,
               const float* P, int64_t ldp, uint32_t* pp, float* O, int64_t ldo, int64_t Dv,
               const CodeBf16<SKV>& cb) {
-  const __m512 tiny = _mm512_set1_ps(1.17549435e-38f);  // FLT_MIN
-  auto subnormal = [&](__m512 x) {
+  const __m512 tiny = _mm512_set1_ps(kPairMinP);
+  auto subnormal = [&](__m512 x) {  // nonzero and below kPairMinP
     return _mm512_mask_cmp_ps_mask(_mm512_cmpneq_ps_mask(x, _mm512_setzero_ps()), _mm512_abs_ps(x), tiny,
                                    _CMP_LT_OQ);
   };
@@ -485,10 +490,23 @@ bool pv_pairs(const SKV** vrows, int64_t n, uint64_t zero, int64_t rbeg, int64_t
   if (rend - r == 1) pv_rows_pairs<1, 8>(v, npairs, pr, kPairStride, O + r * ldo, ldo, Dv, Dvp, cb);
   return true;
 }
+// code_pairs: one q row rounded to bf16 (nearest even, vcvtneps2bf16: a subnormal reads as 0, as
+// vdpbf16ps would read it) into qb (n_qb words, zero past D) and back into q, which scores()
+// reads for the keys past its blocks of four. Vectorized: a scalar loop over every row of
+// every item was ~10% of an fp8 GQA call (B1 H32/8 Sk4096: 16 items of 32 rows).
+inline void round_q_rows(float* q, int64_t D, uint16_t* qb, int64_t n_qb) {
+  for (int64_t d = 0; d < n_qb; d += 16) {
+    const __mmask16 m = D - d >= 16 ? __mmask16(0xffff) : D > d ? __mmask16((1u << (D - d)) - 1) : 0;
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, q + d));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + d), h);
+    _mm512_mask_storeu_ps(q + d, m, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+}
 #else
 template <class SKV, class Tables>
 bool pv_pairs(const SKV**, int64_t, uint64_t, int64_t, int64_t, const float*, int64_t, uint32_t*,
               float*, int64_t, int64_t, const Tables&);  // named only
+void round_q_rows(float*, int64_t, uint16_t*, int64_t);  // named only
 #endif
 
 // O[r] += sum_j P[r][j] V_j, head by head. Keys whose P is nonzero in every row of their head
@@ -557,9 +575,7 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
     for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_f32(qr[d]);
     if constexpr (bf16_dots<SQ, SKV>)
       for (int64_t d = 0; d < qb_stride(D); ++d) w.qb[r * qb_stride(D) + d] = d < D ? qr[d].bits : 0;
-    if constexpr (code_pairs<SKV>)  // rounded to nearest even
-      for (int64_t d = 0; d < qb_stride(D); ++d)
-        w.qb[r * qb_stride(D) + d] = d < D ? f32_to_bf16(qf[r * D + d]) : 0;
+    if constexpr (code_pairs<SKV>) round_q_rows(qf + r * D, D, w.qb + r * qb_stride(D), qb_stride(D));
     m[r] = kNegInfF;
     l[r] = 0.0f;
     for (int64_t d = 0; d < Dvp; ++d) O[r * Dvp + d] = 0.0f;
