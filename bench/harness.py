@@ -212,6 +212,9 @@ SGEMM_N = {"tiny": 256, "quick": 2048, "full": 4096}
 # machine shows, and a product whose blocks stay in cache runs faster than N = 4096 (Zen 5:
 # attnkit's 512^3 at 101% of its own 4096^3 rate, a CEILING ERROR).
 CACHED_GEMM_N = 512
+# bf16 GEMMs are also timed (attnkit's and torch's) at these N below the sgemm's: on a Zen 5 both
+# ran 1024^3 and 2048^3 at 107-112% of their 4096^3 rate (the --full run's CEILING ERRORs).
+BF16_MID_GEMM_N = (1024, 2048)
 # Bandwidth ceilings read a buffer of at least CEILING_LLC_FACTOR x the last-level cache (and at
 # least MIN_BUFFER): a 256 MB buffer sat inside a 300 MB L3 and an in-cache rate was taken for
 # the machine's. Rows whose data is below DRAM_FACTOR x the LLC are reported as cache-resident.
@@ -438,11 +441,12 @@ def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=N
 
 
 def _bf16_gemm_rates(a, b, threads, torch, cfg) -> dict:
-    """bf16 x bf16 -> bf16 GEMMs of the sgemm's N x N (and CACHED_GEMM_N for attnkit) through
-    attnkit's matmul (its best variant here: AVX512-BF16 or AMX when the CPU has them) and torch
-    (oneDNN): the machine's bf16 matrix rate, shown beside the sgemm ceiling (method ->
-    GFLOP/s; {} without either)."""
+    """bf16 x bf16 -> bf16 GEMMs of the sgemm's N x N (and CACHED_GEMM_N for attnkit, and the
+    BF16_MID_GEMM_N below N for both) through attnkit's matmul (its best variant here:
+    AVX512-BF16 or AMX when the CPU has them) and torch (oneDNN): the machine's bf16 matrix
+    rate, shown beside the sgemm ceiling (method -> GFLOP/s; {} without either)."""
     n = a.shape[0]
+    mids = [m for m in BF16_MID_GEMM_N if CACHED_GEMM_N < m < n]
     fns, work = {}, {}
     try:
         import ml_dtypes
@@ -450,14 +454,22 @@ def _bf16_gemm_rates(a, b, threads, torch, cfg) -> dict:
         import attnkit
 
         attnkit.set_num_threads(threads)
-        _add_attnkit_gemms(attnkit, a.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16),
-                           fns, work)
+        ab, bb = a.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16)
+        _add_attnkit_gemms(attnkit, ab, bb, fns, work)
+        for m in mids:
+            am, bm = ab[:m, :m].copy(), bb[:m, :m].copy()
+            fns[f"attnkit matmul N={m}"] = lambda am=am, bm=bm: attnkit.matmul(am, bm)
+            work[f"attnkit matmul N={m}"] = matmul_flops(m, m, m) / 1e9
     except ImportError:
         pass
     if torch is not None:
         ta, tb = torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16()
         fns["torch mm"] = lambda: torch.mm(ta, tb)
         work["torch mm"] = matmul_flops(n, n, n) / 1e9
+        for m in mids:
+            tam, tbm = ta[:m, :m].contiguous(), tb[:m, :m].contiguous()
+            fns[f"torch mm N={m}"] = lambda tam=tam, tbm=tbm: torch.mm(tam, tbm)
+            work[f"torch mm N={m}"] = matmul_flops(m, m, m) / 1e9
     if not fns:
         return {}
     return _best_rates(fns, work, cfg)

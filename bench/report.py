@@ -30,7 +30,7 @@ def header(machine: dict, threads: int, described: dict, ceilings: dict, mode: s
         f"# ceilings ({threads} threads, best round of the best method):",
         f"#   sgemm {ceilings['sgemm_gflops']:.1f} GFLOP/s (N={ceilings['sgemm_n']})"
         + _methods(ceilings.get("sgemm_by_method", {}), "{:.0f}"),
-        (f"#   bf16 gemm {ceilings['bf16_gemm_gflops']:.1f} GFLOP/s (N={ceilings['sgemm_n']}, "
+        (f"#   bf16 gemm {ceilings['bf16_gemm_gflops']:.1f} GFLOP/s (N<={ceilings['sgemm_n']}, "
          "bf16 in and out)" + _methods(ceilings.get("bf16_gemm_by_method", {}), "{:.0f}") + "\n"
          if ceilings.get("bf16_gemm_gflops") else "") +
         f"#   copy {ceilings['copy_gbs']:.1f} GB/s (read + write, 2 x "

@@ -537,6 +537,19 @@ def test_measure_ceilings_takes_the_best_method():
     assert any("ceiling buffer is under 2x" in w for w in c["warnings"])
 
 
+def test_bf16_ceiling_also_times_the_middle_squares(monkeypatch):
+    """bf16 GEMMs ran 1024^3 and 2048^3 faster than 4096^3 (attnkit's and torch's, Zen 5): the
+    bf16 ceiling times both below the sgemm's N (here scaled down: N 256, middle 96, cached 64)
+    and takes the best."""
+    monkeypatch.setattr(harness, "BF16_MID_GEMM_N", (96, 512))
+    monkeypatch.setattr(harness, "CACHED_GEMM_N", 64)
+    c = harness.measure_ceilings(1, "tiny", llc_bytes=1 << 20)
+    want = {"attnkit matmul", "attnkit matmul N=64", "attnkit matmul N=96", "torch mm N=96"}
+    assert want <= set(c["bf16_gemm_by_method"])
+    assert not any("N=512" in k for k in c["bf16_gemm_by_method"])  # not above the sgemm's N
+    assert c["bf16_gemm_gflops"] == max(c["bf16_gemm_by_method"].values())
+
+
 def test_cache_resident_rows_and_ceiling_errors(capsys):
     """A read-bound row in the cache gets no %, "fits in L3" instead; one from DRAM above its
     ceiling is a CEILING ERROR in the row and the summary (the exit status stays 0)."""
