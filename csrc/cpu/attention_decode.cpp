@@ -272,12 +272,15 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
   // the block's V rows now, in position order, while K streams; and K kPrefetchKeys positions
   // ahead (the walk visits Hkv heads of a few positions at a time, an order they follow only
   // partly).
+  const int64_t ks1 = p.k_stride[1], vs1 = p.v_stride[1];  // (hoisted: p may alias the stores)
   auto key_rows = [&](int64_t j, int nk, int64_t g, const int64_t* ahead, const SKV** k) {
+    const SKV* Kg = K + g * ks1;
+    const char* Vg = V + g * vs1 * int64_t(sizeof(SKV));
     for (int u = 0; u < nk; ++u) {
-      k[u] = K + br.k[j + u] + g * p.k_stride[1];
+      k[u] = Kg + br.k[j + u];
       if (!prefetch) continue;
-      prefetch_row(V + (br.v[j + u] + g * p.v_stride[1]) * int64_t(sizeof(SKV)), v_bytes);
-      if (ahead[u] >= 0) prefetch_row(reinterpret_cast<const char*>(K + ahead[u] + g * p.k_stride[1]), k_bytes);
+      prefetch_row(Vg + br.v[j + u] * int64_t(sizeof(SKV)), v_bytes);
+      if (ahead[u] >= 0) prefetch_row(reinterpret_cast<const char*>(Kg + ahead[u]), k_bytes);
     }
   };
   int64_t j = 0;
@@ -362,13 +365,17 @@ void apply_k_scales(const AttentionParams& p, int64_t g0, int64_t ng, int64_t rp
                     const BlockRows& br, const float* qs, float* S, int64_t lds, float* vs) {
   const int64_t np = round_up(n, VF::N);  // S rows are kKeyBlock long: whole vectors
   alignas(64) float ks[kKeyBlock];
+  for (int64_t j = n; j < np; ++j) ks[j] = 0.0f;
   for (int64_t t = 0; t < ng; ++t) {
     const int64_t g = g0 + t;
     float* vt = vs + t * kKeyBlock;
-    for (int64_t j = 0; j < np; ++j) {
-      ks[j] = j < n ? p.k_scale[br.ks[j] + g * p.k_scale_stride[1]] * CodeUnit<SKV>::kUnscale : 0.0f;
-      vt[j] = j < n ? p.v_scale[br.vs[j] + g * p.v_scale_stride[1]] * CodeUnit<SKV>::kUnscale : 0.0f;
+    const float* kg = p.k_scale + g * p.k_scale_stride[1];  // (hoisted: p may alias the stores)
+    const float* vg = p.v_scale + g * p.v_scale_stride[1];
+    for (int64_t j = 0; j < n; ++j) {
+      ks[j] = kg[br.ks[j]] * CodeUnit<SKV>::kUnscale;
+      vt[j] = vg[br.vs[j]] * CodeUnit<SKV>::kUnscale;
     }
+    for (int64_t j = n; j < np; ++j) vt[j] = 0.0f;
     for (int64_t r = t * rph; r < (t + 1) * rph; ++r) {
       // (S * ks) * qs, one pass; 1 (exact) where q is not quantized
       const VF sq = VF::set1(std::is_same<SKV, int8_t>::value ? qs[r] : 1.0f);
@@ -621,11 +628,13 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
       if constexpr (is_code<SKV>)
         apply_k_scales<SKV>(p, g0, ng, rph, n, br, std::is_same<SKV, int8_t>::value ? w.qs + r0 : w.qs, St,
                             lds, vst);
-      for (int64_t r = r0; r < r0 + ng * rph; ++r) {
-        const RowId id = row_id(it.g0, G, sq, r);
-        const auto rc = row_ctx(p, sv, id.h, id.i, j0, n, w.add);
-        row_update(rc, S + r * lds, m + r, l + r, O + r * Dvp, Dvp);
-      }
+      // rows r0.. in row_id's order, counted (row_id's divisions per row and block were ~7% of
+      // an fp8 GQA call: bench/notes/decode.md, "decode: the per-block overheads")
+      for (int64_t h = g0 * G, r = r0; h < (g0 + ng) * G; ++h)
+        for (int64_t i = 0; i < sq; ++i, ++r) {
+          const auto rc = row_ctx(p, sv, h, i, j0, n, w.add);
+          row_update(rc, S + r * lds, m + r, l + r, O + r * Dvp, Dvp);
+        }
       if constexpr (is_code<SKV>) scale_p_by_v_rows(ng, rph, n, St, lds, vst);
       accumulate_pv<SKV>(p, sv, g0, ng, rph, j0, n, br, St, lds, Ot, Dvp, w.pp);
     }

@@ -119,7 +119,8 @@ inline void row_update_plain(const RowCtx<float>& rc, float* srow, float* m, flo
     e0.store(srow + j);
     vsum0 = vsum0 + e0;
   }
-  const float alpha = expf(m_old - m_new);
+  // expf(0) is 1 exactly: the libm call is skipped for the (usual) block that leaves m as it was
+  const float alpha = m_new == m_old ? 1.0f : expf(m_old - m_new);
   *l = *l * alpha + (vsum0 + vsum1).hsum();
   *m = m_new;
   if (alpha != 1.0f) {
@@ -179,7 +180,8 @@ inline void row_update(const RowCtx<float>& rc, float* srow, float* m, float* l,
     e.store(srow + j);
     vsum = vsum + e;
   }
-  const float alpha = expf(m_old - m_new);  // 0 on the first unmasked block (m_old = -inf)
+  // 0 on the first unmasked block (m_old = -inf); expf(0) = 1 exactly, without the call
+  const float alpha = m_new == m_old ? 1.0f : expf(m_old - m_new);
   *l = *l * alpha + vsum.hsum();
   *m = m_new;
   if (alpha != 1.0f) {
