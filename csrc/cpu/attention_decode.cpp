@@ -628,8 +628,8 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
       if constexpr (is_code<SKV>)
         apply_k_scales<SKV>(p, g0, ng, rph, n, br, std::is_same<SKV, int8_t>::value ? w.qs + r0 : w.qs, St,
                             lds, vst);
-      // rows r0.. in row_id's order, counted (row_id's divisions per row and block were ~7% of
-      // an fp8 GQA call: bench/notes/decode.md, "decode: the per-block overheads")
+      // rows r0.. in row_id's order, counted: no divisions per row and block (with the other
+      // trims of bench/notes/decode.md, "decode: the per-block overheads", 1-4% of a GQA call)
       for (int64_t h = g0 * G, r = r0; h < (g0 + ng) * G; ++h)
         for (int64_t i = 0; i < sq; ++i, ++r) {
           const auto rc = row_ctx(p, sv, h, i, j0, n, w.add);
