@@ -4,7 +4,7 @@
 # Any ASan/UBSan report aborts the run (non-zero exit).
 #
 #   bash tools/sanitize.sh                  # the NumPy-API kernel tests
-#   bash tools/sanitize.sh tests/test_attention.py -k masks   # any pytest arguments
+#   bash tools/sanitize.sh test_attention.py -k masks   # any pytest arguments (run in tests/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${ATTNKIT_SANITIZE_VENV:-.venv-sanitize}
