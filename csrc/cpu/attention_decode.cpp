@@ -452,7 +452,7 @@ bool pv_pairs(const SKV** vrows, int64_t n, uint64_t zero, int64_t rbeg, int64_t
               const float* P, int64_t ldp, uint32_t* pp, float* O, int64_t ldo, int64_t Dv,
               const CodeBf16<SKV>& cb) {
   const __m512 tiny = _mm512_set1_ps(kPairMinP);
-  auto subnormal = [&](__m512 x) {  // nonzero and below kPairMinP
+  auto below_min = [&](__m512 x) {  // the nonzero lanes below kPairMinP
     return _mm512_mask_cmp_ps_mask(_mm512_cmpneq_ps_mask(x, _mm512_setzero_ps()), _mm512_abs_ps(x), tiny,
                                    _CMP_LT_OQ);
   };
@@ -462,7 +462,7 @@ bool pv_pairs(const SKV** vrows, int64_t n, uint64_t zero, int64_t rbeg, int64_t
   if (!zero) {  // every key clean (the usual case): P rows as they are (zero past n)
     for (int64_t r = rbeg; r < rend; ++r)
       for (int64_t j = 0; j < n; j += 16)
-        if (subnormal(_mm512_loadu_ps(P + r * ldp + j))) return false;
+        if (below_min(_mm512_loadu_ps(P + r * ldp + j))) return false;
     round_rows_to_pairs(P + rbeg * ldp, ldp, int(rend - rbeg), n, pp, kPairStride);
   } else {  // the clean keys' P packed in key order
     alignas(64) float packed[kKeyBlock + 16];
@@ -472,12 +472,11 @@ bool pv_pairs(const SKV** vrows, int64_t n, uint64_t zero, int64_t rbeg, int64_t
       for (int64_t j = 0; j < n; j += 16) {
         const __mmask16 live = __mmask16(~(zero >> j) & (n - j >= 16 ? 0xffffu : (1u << (n - j)) - 1));
         const __m512 x = _mm512_maskz_compress_ps(live, _mm512_loadu_ps(P + r * ldp + j));
-        sub |= subnormal(x);
+        sub |= below_min(x);
         _mm512_storeu_ps(packed + c, x);
         c += __builtin_popcount(live);
       }
       if (sub) return false;
-      nk = c;
       round_rows_to_pairs(packed, 0, 1, c, pp + (r - rbeg) * kPairStride, kPairStride);
     }
     nk = 0;
@@ -499,8 +498,8 @@ bool pv_pairs(const SKV** vrows, int64_t n, uint64_t zero, int64_t rbeg, int64_t
 }
 // code_pairs: one q row rounded to bf16 (nearest even, vcvtneps2bf16: a subnormal reads as 0, as
 // vdpbf16ps would read it) into qb (n_qb words, zero past D) and back into q, which scores()
-// reads for the keys past its blocks of four. Vectorized: a scalar loop over every row of
-// every item was ~10% of an fp8 GQA call (B1 H32/8 Sk4096: 16 items of 32 rows).
+// reads for the keys past its blocks of four. Vectorized: a scalar loop writing both cost 10% of
+// an fp8 GQA call (B1 H32/8 Sk4096, 1 thread: 16 items of 32 rows).
 inline void round_q_rows(float* q, int64_t D, uint16_t* qb, int64_t n_qb) {
   for (int64_t d = 0; d < n_qb; d += 16) {
     const __mmask16 m = D - d >= 16 ? __mmask16(0xffff) : D > d ? __mmask16((1u << (D - d)) - 1) : 0;

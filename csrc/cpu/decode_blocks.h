@@ -103,10 +103,10 @@ inline void dot_block_bf16(const uint16_t* q, int64_t ldq, int64_t D, const bf16
     hsum4(VF{acc[ri][0]}, VF{acc[ri][1]}, VF{acc[ri][2]}, VF{acc[ri][3]}, s + ri * lds);
 }
 
-// dot_block over 8-bit K rows on vdpbf16ps (attention_decode.cpp, "8-bit caches on
-// vdpbf16ps"): q as bf16 rows as above (row stride ldq, zero past D, whole 64-value blocks), K's
-// 64 codes per step looked up as bf16 (code_bf16.h), one key at a time (its two vectors and the
-// 16 accumulators stay in registers beside the tables).
+// dot_block over e4m3 K rows on vdpbf16ps (attention_decode.cpp, code_pairs; ARCHITECTURE.md,
+// "e4m3 KV caches on vdpbf16ps"): q as bf16 rows as above (row stride ldq, zero past D, whole
+// 64-value blocks), K's 64 codes per step looked up as bf16 (code_bf16.h), one key at a time
+// (its two vectors and the 16 accumulators stay in registers beside the tables).
 template <int RB, class S>
 inline void dot_block_codes(const uint16_t* q, int64_t ldq, int64_t D, const S* const* k, float* s,
                             int64_t lds, const CodeBf16<S>& cb) {

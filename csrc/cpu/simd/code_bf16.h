@@ -85,7 +85,7 @@ struct CodeBf16 {
     hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, c, hi1), c, sign, 0xf8);  // | sign
   }
   // n (<= 64) codes at p as 2 x 32 bf16 words in order (zeros past n). Whole rows load unmasked:
-  // masked loads ran the DRAM-bound MHA decode 6% slower (bench/notes/decode.md).
+  // with masked loads the DRAM-bound MHA decode ran ~11% slower (bench/notes/decode.md).
   void row(const S* p, int n, __m512i& a, __m512i& b) const {
     __m512i lo, hi;
     lookup(n >= 64 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8((__mmask64(1) << n) - 1, p), lo, hi);
