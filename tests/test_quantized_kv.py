@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import attnkit
-from conftest import assert_refusals_write_nothing, poisoned
+from conftest import assert_refusals_write_nothing, isas_for, poisoned
 from reference import assert_close, bfloat16, ml_dtypes, output_scale, randn, to64
 
 from test_decode import ref_from_cache
@@ -560,8 +560,7 @@ def test_memory_error_leaves_cache_scales_and_out_untouched(rng, sq):
 # ---- e4m3 caches on avx512_bf16: q and P rounded to bf16 (ARCHITECTURE.md) ----
 
 def _bf16_variant():
-    i = next(x for x in attnkit.info()["isas"] if x["name"] == "avx512_bf16")
-    if not (i["compiled"] and i["supported"]) or bfloat16 is None:
+    if "avx512_bf16" not in isas_for(None) or bfloat16 is None:
         pytest.skip("needs a CPU with AVX512-BF16 and AVX512-VBMI")
     from attnkit._runtime import _use_isa
 

@@ -17,6 +17,7 @@ namespace ATTNKIT_ISA_NS {
 namespace decode {
 
 using VF = Vec<float>;
+constexpr int64_t kKeyBlock = 64;  // keys scored before one softmax update (attention_decode.cpp)
 
 // K/V elements as fp32 registers: float storage converted (load_cvt), 8-bit codes widened
 // (load_code). A code row's scale (times its load unit) multiplies the row's dot products (K)
