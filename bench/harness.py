@@ -454,12 +454,8 @@ def _bf16_gemm_rates(a, b, threads, torch, cfg) -> dict:
         import attnkit
 
         attnkit.set_num_threads(threads)
-        ab, bb = a.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16)
-        _add_attnkit_gemms(attnkit, ab, bb, fns, work)
-        for m in mids:
-            am, bm = ab[:m, :m].copy(), bb[:m, :m].copy()
-            fns[f"attnkit matmul N={m}"] = lambda am=am, bm=bm: attnkit.matmul(am, bm)
-            work[f"attnkit matmul N={m}"] = matmul_flops(m, m, m) / 1e9
+        _add_attnkit_gemms(attnkit, a.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16),
+                           fns, work, (CACHED_GEMM_N, *mids))
     except ImportError:
         pass
     if torch is not None:
@@ -475,16 +471,17 @@ def _bf16_gemm_rates(a, b, threads, torch, cfg) -> dict:
     return _best_rates(fns, work, cfg)
 
 
-def _add_attnkit_gemms(attnkit, a, b, fns: dict, work: dict):
-    """attnkit's matmul of the N x N a @ b and of their leading CACHED_GEMM_N squares (blocks in
-    cache) into fns (name -> callable) and work (name -> GFLOP per call)."""
+def _add_attnkit_gemms(attnkit, a, b, fns: dict, work: dict, squares=(CACHED_GEMM_N,)):
+    """attnkit's matmul of the N x N a @ b and of their leading squares of each size in `squares`
+    (at most N; CACHED_GEMM_N: blocks in cache) into fns (name -> callable) and work (name ->
+    GFLOP per call)."""
     n = a.shape[0]
-    nc = min(n, CACHED_GEMM_N)
-    ac, bc = a[:nc, :nc].copy(), b[:nc, :nc].copy()
     fns["attnkit matmul"] = lambda: attnkit.matmul(a, b)
     work["attnkit matmul"] = matmul_flops(n, n, n) / 1e9
-    fns[f"attnkit matmul N={nc}"] = lambda: attnkit.matmul(ac, bc)
-    work[f"attnkit matmul N={nc}"] = matmul_flops(nc, nc, nc) / 1e9
+    for m in (min(n, s) for s in squares):
+        am, bm = a[:m, :m].copy(), b[:m, :m].copy()
+        fns[f"attnkit matmul N={m}"] = lambda am=am, bm=bm: attnkit.matmul(am, bm)
+        work[f"attnkit matmul N={m}"] = matmul_flops(m, m, m) / 1e9
 
 
 CEILING_KEYS = {"sgemm": "sgemm_gflops", "bf16": "bf16_gemm_gflops", "copy": "copy_gbs",
