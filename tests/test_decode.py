@@ -132,6 +132,21 @@ def test_kvcache_ragged_and_append(isa, rng):
     assert_close(o[1:], ref_from_cache(q[1:], kc[1:], vc[1:], [5, 9]), np.float32)
 
 
+def to_pages(rng, kc, vc, page):
+    """The contiguous (B, Smax, Hkv, D) caches scattered into shuffled pages of `page`
+    positions (5 spare pages): (k_pages, v_pages, block_table)."""
+    B, Smax = kc.shape[:2]
+    nblk = Smax // page
+    perm = rng.permutation(B * nblk + 5)[: B * nblk].reshape(B, nblk).astype(np.int32)
+    kp = np.zeros((B * nblk + 5, page) + kc.shape[2:], kc.dtype)
+    vp = np.zeros((B * nblk + 5, page) + vc.shape[2:], vc.dtype)
+    for b in range(B):
+        for j in range(nblk):
+            kp[perm[b, j]] = kc[b, j * page:(j + 1) * page]
+            vp[perm[b, j]] = vc[b, j * page:(j + 1) * page]
+    return kp, vp, perm
+
+
 @pytest.mark.parametrize("kv", ["float32", "float16", "bfloat16"])
 def test_paged_equals_contiguous(isa, rng, kv):
     kvd = {"float32": np.float32, "float16": np.float16, "bfloat16": bfloat16}[kv]
@@ -141,14 +156,7 @@ def test_paged_equals_contiguous(isa, rng, kv):
     Smax = page * nblk
     q, kc, vc = cache_case(rng, B=B, Hkv=Hkv, Smax=Smax, kv_dtype=kvd)
     lens = np.array([1, 70, 127], np.int32)
-    # scatter the contiguous cache into shuffled pages
-    perm = rng.permutation(B * nblk + 5)[: B * nblk].reshape(B, nblk).astype(np.int32)
-    kp = np.zeros((B * nblk + 5, page, Hkv, D), kvd)
-    vp = np.zeros((B * nblk + 5, page, Hkv, D), kvd)
-    for b in range(B):
-        for j in range(nblk):
-            kp[perm[b, j]] = kc[b, j * page:(j + 1) * page]
-            vp[perm[b, j]] = vc[b, j * page:(j + 1) * page]
+    kp, vp, perm = to_pages(rng, kc, vc, page)
     kn, vn = randn(rng, (B, 1, Hkv, D), kvd), randn(rng, (B, 1, Hkv, D), kvd)
     oc = attnkit.attention_with_kvcache(q, kc, vc, k=kn, v=vn, cache_seqlens=lens)
     op = attnkit.attention_with_kvcache(q, kp, vp, k=kn, v=vn, cache_seqlens=lens, block_table=perm)
@@ -189,15 +197,69 @@ def test_half_caches_gqa_mqa(isa, rng, H, Hkv):
             assert_close(o, ref, qd)
 
 
-def test_kvcache_bit_identical_across_threads(threads, rng):
-    q, kc, vc = cache_case(rng, B=1, H=32, Hkv=8, D=128, Dv=128, Smax=4096)
-    lens = np.array([4000], np.int32)
+@pytest.mark.parametrize("H,Hkv,kv", [(32, 8, np.float32), (24, 24, np.float16), (9, 9, np.float16)])
+def test_kvcache_bit_identical_across_threads(threads, rng, H, Hkv, kv):
+    """GQA, and MHA over a half cache (the walk in address order, whose heads are grouped into
+    items by the thread count: 24 heads in 1 to 24 per item; 9 = 4 + 4 + 1)."""
+    q, kc, vc = cache_case(rng, B=1, H=H, Hkv=Hkv, D=128, Dv=128, Smax=4096, kv_dtype=kv)
     outs = []
-    for nt in (1, 2, 3):
-        attnkit.set_num_threads(nt)
-        outs.append(attnkit.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, return_lse=True))
-    for o in outs[1:]:
-        assert np.array_equal(o[0], outs[0][0]) and np.array_equal(o[1], outs[0][1])
+    for lens in (np.array([4000], np.int32), np.array([200], np.int32)):  # split, and not
+        for nt in (1, 2, 3, 5):
+            attnkit.set_num_threads(nt)
+            outs.append(attnkit.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, return_lse=True))
+            assert _last_plan()["address_order"] == (H == Hkv)
+        for o in outs[1:]:
+            assert np.array_equal(o[0], outs[0][0]) and np.array_equal(o[1], outs[0][1])
+        outs = []
+
+
+def _last_plan():
+    from attnkit import _C
+
+    return _C._last_attention_plan()
+
+
+@pytest.mark.parametrize("Hkv", [4, 7, 9])
+def test_mha_decode_in_address_order(isa, rng, Hkv):
+    """One query row per kv head over a position-major half-precision cache: the kernel reads K
+    and V in address order (plan "address_order"; ARCHITECTURE.md, "decode walks"), scores in
+    blocks of four heads with the rest padded (7 = 4 + 3 heads, 9 = 8 + 1). Against float64: D
+    tails and Dv != D, ragged lengths across key blocks (0, 1, 130, 299), a window (zero P: the
+    careful path) with NaN in V rows it masks out and in one it attends (that element's output
+    only is NaN), and paged caches, equal to contiguous ones; q in float32 and in the cache's
+    dtype (bf16 q over a bf16 cache scores on vdpbf16ps on avx512_bf16). fp32 caches and GQA
+    keep the other walk."""
+    for kvd, qd, (D, Dv) in [(kvd, qd, dims) for kvd in half_dtypes() for qd in (np.float32, kvd)
+                             for dims in [(64, 64), (72, 40), (128, 128), (59, 100)]]:
+        q, kc, vc = cache_case(rng, B=4, H=Hkv, Hkv=Hkv, D=D, Dv=Dv, Smax=304, dtype=qd, kv_dtype=kvd)
+        lens = np.array([0, 1, 130, 299], np.int32)
+        o = attnkit.attention_with_kvcache(q, kc, vc, cache_seqlens=lens)
+        assert _last_plan()["address_order"] and o.dtype == qd
+        assert (o[0] == 0).all()
+        assert_close(o[1:], ref_from_cache(q[1:], kc[1:], vc[1:], lens[1:]), qd)
+        kp, vp, table = to_pages(rng, kc, vc, 16)
+        op = attnkit.attention_with_kvcache(q, kp, vp, cache_seqlens=lens, block_table=table)
+        assert _last_plan()["address_order"] and np.array_equal(o, op)
+        # a window of 20 keys: NaN in V rows before it (head 0) is not attended; a NaN
+        # inside it (head 1, batch 3, element 5) makes that output element NaN, no other
+        vc[2:, :100, 0] = np.nan
+        vc[3, 290, 1, 5] = np.nan
+        o = attnkit.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, window=(19, 0))
+        assert _last_plan()["address_order"]
+        assert np.isnan(o[3, 0, 1, 5])
+        o[3, 0, 1, 5] = 0
+        assert np.isfinite(o).all()
+        vc[2:, :100, 0] = 0  # (the values the reference sees in the masked-out rows)
+        vc[3, 290, 1, 5] = 0
+        ref = ref_from_cache(q[1:], kc[1:], vc[1:], lens[1:], window=(19, 0))
+        ref[2, 0, 1, 5] = 0
+        assert_close(o[1:], ref, qd)
+    q, kc, vc = cache_case(rng, B=1, H=8, Hkv=8, D=64, Dv=64, Smax=64)
+    attnkit.attention_with_kvcache(q, kc, vc, cache_seqlens=64)
+    assert not _last_plan()["address_order"]  # fp32
+    q, kc, vc = cache_case(rng, B=1, H=16, Hkv=8, D=64, Dv=64, Smax=64, kv_dtype=np.float16)
+    attnkit.attention_with_kvcache(q, kc, vc, cache_seqlens=64)
+    assert not _last_plan()["address_order"]  # two query rows per kv head
 
 
 def test_kvcache_out_and_options(isa, rng):

@@ -8,7 +8,9 @@ reference: the decode kernel over an int8 cache quantizes each q row as quantize
 computes Q K in integers (ARCHITECTURE.md, "int8 KV caches"), so its reference attends with the
 quantized q (q_seen); on avx512_bf16 the decode kernel over an e4m3 cache rounds q to bf16 (also
 in q_seen) and P to bf16 ("e4m3 KV caches on vdpbf16ps"), which moves each output element by at
-most 2^-8 of sum_k P_k |v_k| / l <= 2^-8 max |v| (p_floor; bf16 keeps 8 significant bits). Accuracy checks compare the 8-bit cache's
+most 2^-8 of sum_k P_k |v_k| / l <= 2^-8 max |v| (p_floor; bf16 keeps 8 significant bits),
+except on the walk in address order (one query row per kv head over a position-major cache:
+ARCHITECTURE.md, "decode walks"), whose P V is fp32. Accuracy checks compare the 8-bit cache's
 output with the float cache's output: that is the format's error, bounded by the issue's 2e-2
 (int8) relative to the output's magnitude.
 """
@@ -73,10 +75,16 @@ def q_seen(q, fmt):
     return np.where(np.isfinite(scale)[..., None], deq(codes, scale), to64(q))
 
 
+def p_rounds_to_bf16(fmt):
+    """Whether the last call also rounded P to bf16: the e4m3 decode on avx512_bf16 except the
+    walk in address order (plan "address_order"), whose P V is fp32."""
+    return rounds_to_bf16(fmt) and not _plan()["address_order"]
+
+
 def p_floor(fmt, vq, vs):
     """The absolute error bound that P rounded to bf16 adds to the last call's output (twice
     2^-8 max |v|: see the module docstring), 0 where P is not rounded."""
-    return 2.0 ** -7 * float(np.nanmax(np.abs(deq(vq, vs)))) if rounds_to_bf16(fmt) else 0.0
+    return 2.0 ** -7 * float(np.nanmax(np.abs(deq(vq, vs)))) if p_rounds_to_bf16(fmt) else 0.0
 
 
 def same_bits(a, b):
@@ -246,11 +254,12 @@ def test_append_quantizes_like_quantize_kv(isa, rng, fmt, sq):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_paged_equals_contiguous(isa, rng, fmt):
-    B, Hkv, D, page, nblk = 3, 2, 64, 16, 8
+@pytest.mark.parametrize("H,Hkv", [(8, 2), (8, 8)])  # GQA, and MHA (the walk in address order)
+def test_paged_equals_contiguous(isa, rng, fmt, H, Hkv):
+    B, D, page, nblk = 3, 64, 16, 8
     Smax = page * nblk
     kq, ks, vq, vs = cache8(rng, fmt, B=B, Smax=Smax, Hkv=Hkv, D=D)
-    q = randn(rng, (B, 1, 8, D), np.float32)
+    q = randn(rng, (B, 1, H, D), np.float32)
     lens = np.array([1, 70, 127], np.int32)
     P = B * nblk + 5
     perm = rng.permutation(P)[: B * nblk].reshape(B, nblk).astype(np.int32)
@@ -265,7 +274,7 @@ def test_paged_equals_contiguous(isa, rng, fmt):
     oc = attnkit.attention_with_kvcache(q, kq, vq, k=kn, v=vn, cache_seqlens=lens, k_scale=ks, v_scale=vs)
     op = attnkit.attention_with_kvcache(q, kp, vp, k=kn, v=vn, cache_seqlens=lens, k_scale=ksp,
                                         v_scale=vsp, block_table=perm)
-    assert np.array_equal(oc, op)
+    assert np.array_equal(oc, op) and _plan()["address_order"] == (H == Hkv)
     qq = q_seen(q, fmt)
     for b in range(B):  # the paged append wrote the same codes and scales
         j, r = divmod(int(lens[b]), page)
@@ -382,17 +391,51 @@ def test_int8_decode_quantizes_q_and_only_there(isa, rng):
     assert_close(o, ref_from_cache(q, deq(kq, ks), deq(vq, vs), [20]), np.float32)
 
 
-def test_results_bit_identical_across_threads(threads, rng):
+@pytest.mark.parametrize("H,Hkv", [(32, 8), (24, 24), (9, 9)])
+def test_results_bit_identical_across_threads(threads, rng, H, Hkv):
+    """GQA, and MHA (the walk in address order, whose heads the thread count groups into items:
+    24 heads 1 to 24 per item; 9 = 4 + 4 + 1)."""
     for fmt in FORMATS:
-        kq, ks, vq, vs = cache8(rng, fmt, B=1, Smax=4096, Hkv=8, D=128)
-        q = randn(rng, (1, 1, 32, 128), np.float32)
+        kq, ks, vq, vs = cache8(rng, fmt, B=1, Smax=4096, Hkv=Hkv, D=128)
+        q = randn(rng, (1, 1, H, 128), np.float32)
         outs = []
-        for nt in (1, 2, 3):
+        for nt in (1, 2, 3, 5):
             attnkit.set_num_threads(nt)
             outs.append(attnkit.attention_with_kvcache(q, kq, vq, cache_seqlens=4000, k_scale=ks,
                                                        v_scale=vs, return_lse=True))
         for o in outs[1:]:
             assert np.array_equal(o[0], outs[0][0]) and np.array_equal(o[1], outs[0][1])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("Hkv", [4, 7, 9])
+def test_mha_codes_in_address_order(isa, rng, fmt, Hkv):
+    """One query row per kv head over a position-major 8-bit cache: the kernel reads K and V in
+    address order (plan "address_order"), scores in blocks of four heads with the rest padded
+    (7 = 4 + 3, 9 = 8 + 1), P V in fp32 (also for e4m3 on avx512_bf16: p_floor is 0 there).
+    Against float64 on the dequantized cache: D tails (int8's masked last 64 codes, e4m3's last
+    lookup) and Dv != D, ragged lengths (0, 1, 130, 299), and a window whose masked-out V rows
+    hold NaN scales (not attended) while one attended row's NaN scale makes its head NaN."""
+    for D, Dv in [(40, 40), (59, 100), (128, 128)]:
+        kq, ks, vq, vs = cache8(rng, fmt, B=4, Smax=304, Hkv=Hkv, D=D, Dv=Dv)
+        q = randn(rng, (4, 1, Hkv, D), np.float32)
+        lens = np.array([0, 1, 130, 299], np.int32)
+        o = attnkit.attention_with_kvcache(q, kq, vq, cache_seqlens=lens, k_scale=ks, v_scale=vs)
+        assert _plan()["address_order"] and p_floor(fmt, vq, vs) == 0
+        assert (o[0] == 0).all()
+        kd, vd = deq(kq, ks), deq(vq, vs)
+        assert_close(o[1:], ref_from_cache(q_seen(q, fmt)[1:], kd[1:], vd[1:], lens[1:]), np.float32)
+        vs[2:, :100, 0] = np.nan  # before the window
+        vs[3, 290, 1] = np.nan  # inside it
+        o = attnkit.attention_with_kvcache(q, kq, vq, cache_seqlens=lens, k_scale=ks, v_scale=vs,
+                                           window=(19, 0))
+        assert _plan()["address_order"]
+        assert np.isnan(o[3, 0, 1]).all()
+        o[3, 0, 1] = 0
+        assert np.isfinite(o).all()
+        ref = ref_from_cache(q_seen(q, fmt)[1:], kd[1:], vd[1:], lens[1:], window=(19, 0))
+        ref[2, 0, 1] = 0
+        assert_close(o[1:], ref, np.float32)
 
 
 # ---- NaN: a NaN row propagates where it is attended, and only there ----
@@ -568,15 +611,16 @@ def _bf16_variant():
 
 
 @pytest.mark.parametrize("H,Hkv,D,S", [(32, 8, 128, 300), (4, 4, 59, 303), (6, 2, 40, 302),
-                                         (3, 1, 250, 301), (4, 1, 64, 3)])
+                                         (3, 1, 250, 301), (4, 1, 64, 3), (2, 2, 128, 300)])
 def test_e4m3_decode_on_bf16_stays_within_its_rounding_bound(rng, H, Hkv, D, S):
     """Each output element moves from the reference on bf16 q by at most 2^-8 sum_k P_k |v_k|
     (P rounded to bf16, the codes exact), element by element, plus the fp32 tolerance, and lse
     is the reference's (every key scored with the bf16 q, the last S % 4 too); and the rounding
     is there to see (the output is not the fp32 one), so the bound is not vacuous. Shapes: GQA,
     MHA and MQA rows (4, 3 and 1 rows per kv head in the P V blocks), D tails, S past a
-    multiple of 4 (the keys scored one at a time) and below 4. q is scaled by 12 so that q's
-    rounding moves the scores visibly."""
+    multiple of 4 (the keys scored one at a time) and below 4. MHA over 4 kv heads takes the
+    walk in address order, whose P V is fp32: held to the fp32 tolerance there; over 2 kv heads
+    it rounds P. q is scaled by 12 so that q's rounding moves the scores visibly."""
     B = 2
     kq, ks, vq, vs = cache8(rng, "fp8_e4m3", B=B, Smax=S, Hkv=Hkv, D=D)
     q = randn(rng, (B, 1, H, D), np.float32) * np.float32(12)
@@ -584,6 +628,8 @@ def test_e4m3_decode_on_bf16_stays_within_its_rounding_bound(rng, H, Hkv, D, S):
         o, lse = attnkit.attention_with_kvcache(q, kq, vq, cache_seqlens=S, k_scale=ks, v_scale=vs,
                                                 return_lse=True)
         assert rounds_to_bf16("fp8_e4m3")
+        p_rounded = p_rounds_to_bf16("fp8_e4m3")
+        assert _plan()["address_order"] == (H == Hkv and Hkv >= 4)
     qb = to64(q.astype(bfloat16))
     kd, vd = deq(kq, ks), deq(vq, vs)
     G = H // Hkv
@@ -600,7 +646,9 @@ def test_e4m3_decode_on_bf16_stays_within_its_rounding_bound(rng, H, Hkv, D, S):
     tol = 1e-5 * output_scale(ref)
     assert (err <= bound * 1.01 + tol).all(), float((err - bound).max())
     assert np.abs(to64(lse).reshape(B, H) - lse_ref).max() <= 1e-5 * np.abs(lse_ref).max()
-    if S > 100:
+    if not p_rounded:  # the walk in address order: P V in fp32, within the fp32 tolerance
+        assert err.max() <= tol
+    elif S > 100:
         assert err.max() > 10 * tol  # P was rounded: the fp32 path would sit within tol
 
 

@@ -71,6 +71,7 @@ py::dict last_attention_plan_py() {
   d["threads"] = r.threads;
   d["pack_slots"] = r.pack_slots;
   d["shared_pack"] = bool(r.shared_pack);
+  d["address_order"] = bool(r.address_order);
   return d;
 }
 

@@ -294,20 +294,51 @@ void scores(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
   for (; j < n; ++j)  // the last few keys of a sequence, one at a time
     for (int64_t t = 0; t < ng; ++t) {
       const SKV* krow = K + br.k[j] + (g0 + t) * p.k_stride[1];
-      for (int64_t r = t * rph; r < (t + 1) * rph; ++r) {
-        VF a0 = VF::zero(), a1 = a0;
-        const float* q0 = qf + r * D;
-        int64_t d = 0;
-        for (; d + 2 * VF::N <= D; d += 2 * VF::N) {
-          a0 = fma(VF::load(q0 + d), load_kv(krow + d), a0);
-          a1 = fma(VF::load(q0 + d + VF::N), load_kv(krow + d + VF::N), a1);
-        }
-        for (; d + VF::N <= D; d += VF::N) a0 = fma(VF::load(q0 + d), load_kv(krow + d), a0);
-        if (d < D)
-          a1 = fma(VF::load_partial(q0 + d, int(D - d)), load_kv_partial(krow + d, int(D - d)), a1);
-        s[r * lds + j] = (a0 + a1).hsum();
-      }
+      for (int64_t r = t * rph; r < (t + 1) * rph; ++r) s[r * lds + j] = dot_lanes(qf + r * D, D, krow).hsum();
     }
+}
+
+// One query row per KV head over a cache whose heads lie side by side in each position
+// (position-major, paged): s[t][j] for the item's heads t, position by position, four heads at
+// a time (dot_lanes, one row after another), so K is read in address order. No software prefetch: the hardware
+// prefetchers follow one ascending stream at the full read rate, where the head-by-head walk
+// of `scores` (one stride of Hkv rows per head, with prefetches) read 30-40% slower from DRAM
+// (ARCHITECTURE.md, "decode walks"; bench/notes/decode.md, "MHA decode in address order").
+template <class SKV>
+void scores_seq(const AttentionParams& p, int64_t g0, int64_t ng, int64_t n, const BlockRows& br,
+                const float* qf, const int8_t* q8, const int32_t* qcorr, const uint16_t* qb, float* s,
+                int64_t lds) {
+  const int64_t D = p.head_dim, ks1 = p.k_stride[1], ldb = qb_stride(D), ld8 = q8_stride(D);
+  const SKV* K = typed<SKV>(p.k) + g0 * ks1;
+  const CodeTables<SKV> cb{};
+  for (int64_t j = 0; j < n; ++j) {
+    const SKV* kj = K + br.k[j];
+    // Four heads at a time, the last four padded with zero sums: every head's score takes the
+    // same reduction wherever it falls, so results do not depend on how the heads are grouped
+    // into items (which follows the thread count).
+    for (int64_t t = 0; t < ng; t += 4) {
+      const int nu = int(imin(4, ng - t));
+      float* st = s + t * lds + j;
+      if constexpr (kHasDotI8 && std::is_same<SKV, int8_t>::value)
+        if (q8) {
+          I8Acc acc[4] = {};
+          for (int u = 0; u < nu; ++u) acc[u] = dot_i8_lanes(q8 + (t + u) * ld8, qcorr[t + u], D, kj + (t + u) * ks1);
+          store_i8_sums4(acc, nu, st, lds);
+          continue;
+        }
+      VF acc[4] = {VF::zero(), VF::zero(), VF::zero(), VF::zero()};
+      for (int u = 0; u < nu; ++u) {
+        const SKV* kr = kj + (t + u) * ks1;
+        if constexpr (code_pairs<SKV>)
+          acc[u] = dot_lanes_codes(qb + (t + u) * ldb, D, kr, cb);
+        else if constexpr (kBf16Dots && std::is_same<SKV, bf16_t>::value)
+          acc[u] = qb ? dot_lanes_bf16(qb + (t + u) * ldb, D, kr) : dot_lanes(qf + (t + u) * D, D, kr);
+        else
+          acc[u] = dot_lanes(qf + (t + u) * D, D, kr);
+      }
+      store_sums4(acc, nu, st, lds);
+    }
+  }
 }
 
 // 8-bit caches, before the softmax: S[r][j] *= the scale of K row j (times its load unit), then
@@ -425,8 +456,27 @@ void accumulate_pv(const AttentionParams& p, const SeqView& sv, int64_t g0, int6
   }
 }
 
+// O[t] += P[t][j] V_j,t for one query row per KV head, position by position (V in address
+// order, as scores_seq reads K; each head's O row stays in L1 and is loaded and stored per
+// key). A zero P takes accumulate_one's careful rule, as in accumulate_pv.
+template <class SKV>
+void pv_seq(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng, int64_t j0,
+            int64_t n, const BlockRows& br, const float* P, int64_t ldp, float* O, int64_t ldo) {
+  const int64_t Dv = p.head_dim_v, vs1 = p.v_stride[1];
+  const SKV* V = typed<SKV>(p.v) + g0 * vs1;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t t = 0; t < ng; ++t) {
+      const SKV* vrow = V + br.v[j] + t * vs1;
+      const float pj = P[t * ldp + j];
+      if (pj == 0.0f)
+        accumulate_one(p, sv, g0, vrow, t, t + 1, j0 + j, P, ldp, j, O, ldo);
+      else
+        pv_row(pj, vrow, Dv, O + t * ldo);
+    }
+}
+
 template <class SQ, class SKV>
-void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len, DecodeWork& w,
+void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len, bool seq, DecodeWork& w,
               float* part_m, float* part_l, float* part_o) {
   const SeqView sv = seq_view(p, it.b);
   const int64_t G = p.num_heads / p.num_kv_heads, sq = sv.sq, rph = G * sq, R = it.ng * rph;
@@ -471,7 +521,9 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
   // accumulate_pv) fit in kBlockVBytes: with 32 heads of an fp16 cache one block's V is 512 KB,
   // and its prefetches evicted each other before use (bench/notes/decode.md, "V prefetch budget").
   // Every row is computed exactly as without groups.
-  const int64_t hg = imax(1, imin(it.ng, kBlockVBytes / (kKeyBlock * Dv * int64_t(sizeof(SKV)))));
+  // (seq: the walk in address order, decode_typed; it reads every head of a key block in one
+  // group, and prefetches nothing.)
+  const int64_t hg = seq ? it.ng : imax(1, imin(it.ng, kBlockVBytes / (kKeyBlock * Dv * int64_t(sizeof(SKV)))));
   for (int64_t j0 = k_begin; j0 < k_end; j0 += kKeyBlock) {
     const int64_t n = imin(kKeyBlock, k_end - j0);
     block_rows<SKV>(p, sv, j0, n, br);
@@ -480,9 +532,12 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
       float* St = S + r0 * lds;
       float* Ot = O + r0 * Dvp;
       float* vst = w.vs + t0 * kKeyBlock;
-      scores<SKV>(p, sv, g0, ng, rph, j0, n, k_end, br, qf + r0 * D,
-                  q8 ? q8 + r0 * q8_stride(D) : nullptr, w.qcorr + r0,
-                  bf16_q<SQ, SKV> ? w.qb + r0 * qb_stride(D) : nullptr, St, lds);
+      const int8_t* q8t = q8 ? q8 + r0 * q8_stride(D) : nullptr;
+      const uint16_t* qbt = bf16_q<SQ, SKV> ? w.qb + r0 * qb_stride(D) : nullptr;
+      if (seq)
+        scores_seq<SKV>(p, g0, ng, n, br, qf + r0 * D, q8t, w.qcorr + r0, qbt, St, lds);
+      else
+        scores<SKV>(p, sv, g0, ng, rph, j0, n, k_end, br, qf + r0 * D, q8t, w.qcorr + r0, qbt, St, lds);
       if constexpr (is_code<SKV>)
         apply_k_scales<SKV>(p, g0, ng, rph, n, br, std::is_same<SKV, int8_t>::value ? w.qs + r0 : w.qs, St,
                             lds, vst);
@@ -494,7 +549,10 @@ void run_item(const AttentionParams& p, const DecodeItem& it, int64_t chunk_len,
           row_update(rc, S + r * lds, m + r, l + r, O + r * Dvp, Dvp);
         }
       if constexpr (is_code<SKV>) scale_p_by_v_rows(ng, rph, n, St, lds, vst);
-      accumulate_pv<SKV>(p, sv, g0, ng, rph, j0, n, br, St, lds, Ot, Dvp, w.pp);
+      if (seq)
+        pv_seq<SKV>(p, sv, g0, ng, j0, n, br, St, lds, Ot, Dvp);
+      else
+        accumulate_pv<SKV>(p, sv, g0, ng, rph, j0, n, br, St, lds, Ot, Dvp, w.pp);
     }
   }
   if (part_o) {  // split: leave the chunk's partial result
@@ -594,6 +652,13 @@ Status decode_typed(const AttentionParams& p) {
     const int64_t sets_wanted = imin(p.num_kv_heads, ceil_div(2 * int64_t(nt), per_head_set));
     heads_per_item = imax(1, p.num_kv_heads / imax(1, sets_wanted));  // at least sets_wanted sets
   }
+  // One query row per KV head (MHA decode) over a position-major cache of 16-bit or 8-bit
+  // values: the items read K and V in address order (scores_seq, pv_seq). The choice depends on
+  // the shapes and dtypes only, never on the thread count (which sets heads_per_item). fp32
+  // rows keep the head-by-head walk (dot_keys, no prefetch): in address order they ran
+  // 0.91-0.98x (bench/notes/decode.md, "MHA decode in address order").
+  const bool seq = !std::is_same<SKV, float>::value && position_major && G * p.seqlen_q == 1 &&
+                   p.num_kv_heads >= 4 && p.v_stride[1] < p.v_stride[2];
   const int64_t sets = ceil_div(p.num_kv_heads, heads_per_item);
   const int64_t rows_max = heads_per_item * G * p.seqlen_q, Dv = p.head_dim_v;
   const int64_t n_items = p.batch * sets * nchunks;
@@ -626,6 +691,7 @@ Status decode_typed(const AttentionParams& p) {
   rec.chunk_keys = split ? clen : longest;
   rec.items = n_items;
   rec.threads = nt;
+  rec.address_order = seq;
   debug_record_attention_plan(rec);
   std::atomic<bool> failed{false};
   const int64_t D = p.head_dim, Dvp = round_up(Dv, VF::N);
@@ -649,7 +715,7 @@ Status decode_typed(const AttentionParams& p) {
         append_new_rows(p);  // the implied barrier: every thread then sees the new rows
       }
       for (int64_t i = begin; i < end; ++i)
-        run_item<SQ, SKV>(p, items[i], clen, w, split ? pm + i * rows_max : nullptr,
+        run_item<SQ, SKV>(p, items[i], clen, seq, w, split ? pm + i * rows_max : nullptr,
                           split ? pl + i * rows_max : nullptr,
                           split ? po + i * rows_max * Dv : nullptr);
       if (split) {

@@ -42,6 +42,8 @@ struct AttentionPlanRecord {
   int64_t pack_slots = 0;   // prefill: key blocks the per-thread K/V pack cache holds
                             // (1: the blocks are repacked on every use, a long sequence)
   int32_t shared_pack = 0;  // prefill: K/V packed once for all threads (fewer groups than threads)
+  int32_t address_order = 0;  // decode: K and V read in address order (one query row per KV head
+                              // over a position-major cache: attention_decode.cpp, scores_seq)
 };
 void debug_record_attention_plan(const AttentionPlanRecord& r);
 AttentionPlanRecord debug_last_attention_plan();

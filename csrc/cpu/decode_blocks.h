@@ -54,6 +54,29 @@ inline void load_kv_pair(const S* p, VF& a, VF& b) {
 constexpr int kScoreRows = VF::N >= 16 ? 4 : 2;
 constexpr int kPvRows = VF::N >= 16 ? 4 : 2;
 
+// One query row against one K row, unreduced: the accumulator whose lanes sum to q . k. The
+// diagonal walk (attention_decode.cpp, scores_seq) takes four of them, one row after another in
+// address order, then one hsum4; dot_lanes(...).hsum() is also the blocks' one-key tail.
+template <class SKV>
+inline VF dot_lanes(const float* q, int64_t D, const SKV* k) {
+  VF a0 = VF::zero(), a1 = a0;
+  int64_t d = 0;
+  for (; d + 2 * VF::N <= D; d += 2 * VF::N) {
+    a0 = fma(VF::load(q + d), load_kv(k + d), a0);
+    a1 = fma(VF::load(q + d + VF::N), load_kv(k + d + VF::N), a1);
+  }
+  for (; d + VF::N <= D; d += VF::N) a0 = fma(VF::load(q + d), load_kv(k + d), a0);
+  if (d < D) a1 = fma(VF::load_partial(q + d, int(D - d)), load_kv_partial(k + d, int(D - d)), a1);
+  return a0 + a1;
+}
+// s[u * lds] = the lanes' sum of a[u], u < nu (<= 4; a holds 4). Each sum takes the same
+// reduction whatever its place among the four (hsum4 is symmetric).
+inline void store_sums4(const VF* a, int nu, float* s, int64_t lds) {
+  alignas(16) float t[4];
+  hsum4(a[0], a[1], a[2], a[3], t);
+  for (int u = 0; u < nu; ++u) s[u * lds] = t[u];
+}
+
 // s[ri * lds + u] = q_{ri} . k_u for RB rows of q (row stride D) and four K rows.
 template <int RB, class SKV>
 inline void dot_block(const float* q, int64_t D, const SKV* const* k, float* s, int64_t lds) {
@@ -138,6 +161,28 @@ inline void dot_block_codes(const uint16_t* q, int64_t ldq, int64_t D, const S* 
   }
 }
 
+// dot_lanes on vdpbf16ps: a bf16 q row (zero past D, whole 64-value blocks) against one bf16 K
+// row, or one row of 8-bit codes looked up as bf16.
+inline VF dot_lanes_bf16(const uint16_t* q, int64_t D, const bf16_t* k) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : (__mmask32(1) << (D - d)) - 1;
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_maskz_loadu_epi16(m, k + d));
+  }
+  return VF{acc};
+}
+template <class S>
+inline VF dot_lanes_codes(const uint16_t* q, int64_t D, const S* k, const CodeBf16<S>& cb) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 64) {
+    __m512i a, b;
+    cb.row(k + d, int(imin(64, D - d)), a, b);
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)a);
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d + 32), (__m512bh)b);
+  }
+  return VF{acc};
+}
+
 // O[r][d0 .. d0 + nv vectors) += sum over key pairs e of P[r][e] . (V_2e, V_2e+1) for RB rows
 // on vdpbf16ps: P as rows of pair words (row stride ldp words: the bf16 of two keys' P), V as the
 // two rows of each pair (v[2e], v[2e + 1]: 8-bit codes looked up in pairs, code_bf16.h). DV
@@ -215,6 +260,9 @@ void dot_block_bf16(const uint16_t* q, int64_t ldq, int64_t D, const bf16_t* con
 template <int RB, class S, class Tables>
 void dot_block_codes(const uint16_t* q, int64_t ldq, int64_t D, const S* const* k, float* s,
                      int64_t lds, const Tables& cb);
+VF dot_lanes_bf16(const uint16_t* q, int64_t D, const bf16_t* k);
+template <class S, class Tables>
+VF dot_lanes_codes(const uint16_t* q, int64_t D, const S* k, const Tables& cb);
 #endif
 
 // s[u] = q . k_u for one query row and VF::N fp32 K rows (MHA decode): one accumulator per
@@ -235,6 +283,24 @@ inline void dot_keys(const float* q, int64_t D, const float* const* k, float* s)
     for (int u = 0; u < VF::N; ++u) acc[u] = fma(qv, VF::load_partial(k[u] + d, w), acc[u]);
   }
   hsum_n(acc, s);
+}
+
+// o[0 .. Dv) += p v for one V row (o padded to whole vectors; the lanes past Dv add p x 0): the
+// walk in address order (attention_decode.cpp, pv_seq), one (position, head) at a time.
+template <class SKV>
+__attribute__((always_inline)) inline void pv_row(float p, const SKV* v, int64_t Dv, float* o) {
+  const VF pv = VF::set1(p);
+  int64_t d = 0;
+  for (; d + 2 * VF::N <= Dv; d += 2 * VF::N) {
+    VF a, b;
+    load_kv_pair(v + d, a, b);
+    fma(pv, a, VF::load(o + d)).store(o + d);
+    fma(pv, b, VF::load(o + d + VF::N)).store(o + d + VF::N);
+  }
+  for (; d < Dv; d += VF::N) {
+    const int w = int(imin(VF::N, Dv - d));
+    fma(pv, w == VF::N ? load_kv(v + d) : load_kv_partial(v + d, w), VF::load(o + d)).store(o + d);
+  }
 }
 
 // O[r][d0 .. d0 + DV vectors) += sum over the listed keys of P[r][key] V_key, for RB rows: the

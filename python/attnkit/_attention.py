@@ -237,8 +237,9 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens
         float16 or bfloat16 q, each row with its scale in ``k_scale`` / ``v_scale`` (see
         :func:`quantize_kv`); the kernels read the 8-bit bytes and convert in registers. The CPU
         decode kernel quantizes q per row to int8 over an int8 cache, and over an e4m3 cache on
-        the ``avx512_bf16`` variant rounds q and P to bf16 (docs/ARCHITECTURE.md, "int8 KV
-        caches", "e4m3 KV caches on vdpbf16ps").
+        the ``avx512_bf16`` variant rounds q to bf16, and P too except with one query row per
+        kv head over 4 or more kv heads (docs/ARCHITECTURE.md, "int8 KV caches", "e4m3 KV
+        caches on vdpbf16ps", "Decode walks").
     k, v : arrays, optional
         New keys/values (B, Sq_new, Hkv, D/Dv), written **in place** into the caches at
         positions ``cache_seqlens[b] ...`` before attending. Every argument is checked before

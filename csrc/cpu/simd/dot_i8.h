@@ -20,6 +20,7 @@ namespace ATTNKIT_ISA_NS {
 
 #if defined(ATTNKIT_ISA_AVX512_VNNI)
 constexpr bool kHasDotI8 = true;
+using I8Acc = __m512i;  // dot_i8_lanes' accumulator
 
 namespace dot_i8_detail {
 // acc += u8 x s8, four products per 32-bit lane. Inline asm, not _mm512_dpbusd_epi32: with the
@@ -93,12 +94,40 @@ __attribute__((always_inline)) inline void dot_i8_block(const int8_t* q, int64_t
     _mm_storeu_ps(s, _mm_cvtepi32_ps(x));
   }
 }
+
+// One int8 query row (q zero-padded to whole 64-byte vectors, correction qcorr) against one K row
+// of D codes, unreduced: the int32 lanes sum to q . k (the diagonal walk of scores_seq,
+// attention_decode.cpp, whose rows are read one after another in address order).
+__attribute__((always_inline)) inline __m512i dot_i8_lanes(const int8_t* q, int32_t qcorr, int64_t D,
+                                                           const int8_t* k) {
+  const __m512i flip = _mm512_set1_epi8(int8_t(0x80));
+  __m512i acc = _mm512_maskz_set1_epi32(1, -qcorr);
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64)
+    acc = dot_i8_detail::dpbusd(acc, _mm512_xor_si512(_mm512_loadu_si512(k + d), flip), _mm512_loadu_si512(q + d));
+  if (d < D) {
+    const __m512i kx = _mm512_xor_si512(_mm512_maskz_loadu_epi8((1ull << (D - d)) - 1, k + d), flip);
+    acc = dot_i8_detail::dpbusd(acc, kx, _mm512_loadu_si512(q + d));
+  }
+  return acc;
+}
+// s[u * lds] = float(the lanes' sum of acc[u]), u < nu (<= 4; acc holds 4).
+inline void store_i8_sums4(const __m512i* acc, int nu, float* s, int64_t lds) {
+  const __m512i t = dot_i8_detail::sum4_in_lanes(acc[0], acc[1], acc[2], acc[3]);
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64(t, 1));
+  alignas(16) float f[4];
+  _mm_store_ps(f, _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1))));
+  for (int u = 0; u < nu; ++u) s[u * lds] = f[u];
+}
 #else
 constexpr bool kHasDotI8 = false;
 // Declared for name lookup only: callers reach it under `if constexpr (kHasDotI8)`.
 template <int RB>
 void dot_i8_block(const int8_t* q, int64_t ldq, const int32_t* qcorr, int64_t D,
                   const int8_t* const* k, float* s, int64_t lds);
+struct I8Acc {};
+I8Acc dot_i8_lanes(const int8_t* q, int32_t qcorr, int64_t D, const int8_t* k);
+void store_i8_sums4(const I8Acc* acc, int nu, float* s, int64_t lds);
 #endif
 
 }  // namespace ATTNKIT_ISA_NS
