@@ -27,6 +27,11 @@
 //     V head by head, a stride of Hkv rows the hardware prefetchers do not follow (it made the
 //     int8 GQA decode 1.3x faster at Sk8192: bench/notes/decode.md). (The first version, whose loops
 //     walked positions outermost, saw no gain from a prefetch of the next position.)
+//   * MHA decode (one query row per KV head) over a 16-bit or 8-bit position-major cache reads
+//     K and V in address order instead, all heads of a position one after another, with no
+//     software prefetch (scores_seq, pv_seq; ARCHITECTURE.md, "Decode walks"): one ascending
+//     stream is what the hardware prefetchers run at the full read rate, and the L1 prefetches
+//     of the head-by-head walk capped it at 47-60% of the read ceiling.
 #include <math.h>
 
 #include <atomic>
