@@ -200,10 +200,11 @@ def test_half_caches_gqa_mqa(isa, rng, H, Hkv):
 @pytest.mark.parametrize("H,Hkv,kv", [(32, 8, np.float32), (24, 24, np.float16), (9, 9, np.float16)])
 def test_kvcache_bit_identical_across_threads(threads, rng, H, Hkv, kv):
     """GQA, and MHA over a half cache (the walk in address order, whose heads are grouped into
-    items by the thread count: 24 heads in 1 to 24 per item; 9 = 4 + 4 + 1)."""
+    items by the thread count where the keys are split in few chunks: at 200 keys 24 heads go 24,
+    12, 8 or 4 to an item on 1, 2, 3 or 5 threads, 9 heads 9, 4 + 4 + 1, 3 or 1)."""
     q, kc, vc = cache_case(rng, B=1, H=H, Hkv=Hkv, D=128, Dv=128, Smax=4096, kv_dtype=kv)
     outs = []
-    for lens in (np.array([4000], np.int32), np.array([200], np.int32)):  # split, and not
+    for lens in (np.array([4000], np.int32), np.array([200], np.int32)):  # 16 key chunks, and 2
         for nt in (1, 2, 3, 5):
             attnkit.set_num_threads(nt)
             outs.append(attnkit.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, return_lse=True))

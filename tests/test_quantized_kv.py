@@ -393,18 +393,21 @@ def test_int8_decode_quantizes_q_and_only_there(isa, rng):
 
 @pytest.mark.parametrize("H,Hkv", [(32, 8), (24, 24), (9, 9)])
 def test_results_bit_identical_across_threads(threads, rng, H, Hkv):
-    """GQA, and MHA (the walk in address order, whose heads the thread count groups into items:
-    24 heads 1 to 24 per item; 9 = 4 + 4 + 1)."""
+    """GQA, and MHA (the walk in address order, whose heads the thread count groups into items
+    where the keys are split in few chunks: at 200 keys 24 heads go 24, 12, 8 or 4 to an item
+    on 1, 2, 3 or 5 threads, 9 heads 9, 4 + 4 + 1, 3 or 1; at 4000 keys all of them)."""
     for fmt in FORMATS:
         kq, ks, vq, vs = cache8(rng, fmt, B=1, Smax=4096, Hkv=Hkv, D=128)
         q = randn(rng, (1, 1, H, 128), np.float32)
-        outs = []
-        for nt in (1, 2, 3, 5):
-            attnkit.set_num_threads(nt)
-            outs.append(attnkit.attention_with_kvcache(q, kq, vq, cache_seqlens=4000, k_scale=ks,
-                                                       v_scale=vs, return_lse=True))
-        for o in outs[1:]:
-            assert np.array_equal(o[0], outs[0][0]) and np.array_equal(o[1], outs[0][1])
+        for S in (4000, 200):
+            outs = []
+            for nt in (1, 2, 3, 5):
+                attnkit.set_num_threads(nt)
+                outs.append(attnkit.attention_with_kvcache(q, kq, vq, cache_seqlens=S, k_scale=ks,
+                                                           v_scale=vs, return_lse=True))
+                assert _plan()["address_order"] == (H == Hkv)
+            for o in outs[1:]:
+                assert np.array_equal(o[0], outs[0][0]) and np.array_equal(o[1], outs[0][1])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

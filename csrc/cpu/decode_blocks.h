@@ -55,8 +55,8 @@ constexpr int kScoreRows = VF::N >= 16 ? 4 : 2;
 constexpr int kPvRows = VF::N >= 16 ? 4 : 2;
 
 // One query row against one K row, unreduced: the accumulator whose lanes sum to q . k. The
-// diagonal walk (attention_decode.cpp, scores_seq) takes four of them, one row after another in
-// address order, then one hsum4; dot_lanes(...).hsum() is also the blocks' one-key tail.
+// walk in address order (attention_decode.cpp, scores_seq) takes four of them, one head's row
+// after another, then one hsum4; dot_lanes(...).hsum() is also the blocks' one-key tail.
 template <class SKV>
 inline VF dot_lanes(const float* q, int64_t D, const SKV* k) {
   VF a0 = VF::zero(), a1 = a0;
