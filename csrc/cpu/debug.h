@@ -43,7 +43,7 @@ struct AttentionPlanRecord {
                             // (1: the blocks are repacked on every use, a long sequence)
   int32_t shared_pack = 0;  // prefill: K/V packed once for all threads (fewer groups than threads)
   int32_t address_order = 0;  // decode: K and V read in address order (one query row per KV head
-                              // over a position-major cache: attention_decode.cpp, scores_seq)
+                              // over a position-major cache: decode_stages.h, scores_seq)
 };
 void debug_record_attention_plan(const AttentionPlanRecord& r);
 AttentionPlanRecord debug_last_attention_plan();

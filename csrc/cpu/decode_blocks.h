@@ -55,7 +55,7 @@ constexpr int kScoreRows = VF::N >= 16 ? 4 : 2;
 constexpr int kPvRows = VF::N >= 16 ? 4 : 2;
 
 // One query row against one K row, unreduced: the accumulator whose lanes sum to q . k. The
-// walk in address order (attention_decode.cpp, scores_seq) takes four of them, one head's row
+// walk in address order (decode_stages.h, scores_seq) takes four of them, one head's row
 // after another, then one hsum4; dot_lanes(...).hsum() is also the blocks' one-key tail.
 template <class SKV>
 inline VF dot_lanes(const float* q, int64_t D, const SKV* k) {
@@ -105,7 +105,7 @@ inline void dot_block(const float* q, int64_t D, const SKV* const* k, float* s, 
 }
 
 #if defined(ATTNKIT_ISA_AVX512_BF16)
-// dot_block over bf16 K rows on vdpbf16ps (attention_decode.cpp, bf16_dots): q as bf16 rows
+// dot_block over bf16 K rows on vdpbf16ps (decode_stages.h, bf16_dots): q as bf16 rows
 // (row stride ldq, zero past D), 32 values of each K row per step, two products per lane; the
 // last step's K values past D load as zero.
 template <int RB>
@@ -127,7 +127,7 @@ inline void dot_block_bf16(const uint16_t* q, int64_t ldq, int64_t D, const bf16
     hsum4(VF{acc[ri][0]}, VF{acc[ri][1]}, VF{acc[ri][2]}, VF{acc[ri][3]}, s + ri * lds);
 }
 
-// dot_block over e4m3 K rows on vdpbf16ps (attention_decode.cpp, code_pairs; ARCHITECTURE.md,
+// dot_block over e4m3 K rows on vdpbf16ps (decode_stages.h, code_pairs; ARCHITECTURE.md,
 // "e4m3 KV caches on vdpbf16ps"): q as bf16 rows as above (row stride ldq, zero past D, whole
 // 64-value blocks), K's 64 codes per step looked up as bf16 (code_bf16.h), one key at a time
 // (its two vectors and the 16 accumulators stay in registers beside the tables).
@@ -286,7 +286,7 @@ inline void dot_keys(const float* q, int64_t D, const float* const* k, float* s)
 }
 
 // o[0 .. Dv) += p v for one V row (o padded to whole vectors; the lanes past Dv add p x 0): the
-// walk in address order (attention_decode.cpp, pv_seq), one (position, head) at a time.
+// walk in address order (decode_stages.h, pv_seq), one (position, head) at a time.
 template <class SKV>
 __attribute__((always_inline)) inline void pv_row(float p, const SKV* v, int64_t Dv, float* o) {
   const VF pv = VF::set1(p);

@@ -97,7 +97,7 @@ __attribute__((always_inline)) inline void dot_i8_block(const int8_t* q, int64_t
 
 // One int8 query row (q zero-padded to whole 64-byte vectors, correction qcorr) against one K row
 // of D codes, unreduced: the int32 lanes sum to q . k (the walk in address order of scores_seq,
-// attention_decode.cpp, which reads one head's row after another).
+// decode_stages.h, which reads one head's row after another).
 __attribute__((always_inline)) inline __m512i dot_i8_lanes(const int8_t* q, int32_t qcorr, int64_t D,
                                                            const int8_t* k) {
   const __m512i flip = _mm512_set1_epi8(int8_t(0x80));
