@@ -578,12 +578,12 @@ Status dispatch_kv(const AttentionParams& p) {
 
 #if defined(ATTNKIT_ISA_AVX512_BF16) || defined(ATTNKIT_AMX_TILES)
 // bf16 q, k and v in the prefill kernel: this variant's pair (or tile) path, and avx512_bf16
-// decodes them too (its scores on vdpbf16ps: attention_decode.cpp, bf16_dots), and decodes over
+// decodes them too (its scores on vdpbf16ps: decode_stages.h, bf16_dots), and decodes over
 // e4m3 caches (code_pairs); everything else (other dtypes, int8 caches, prefill over 8-bit
 // caches) is avx512_vnni's.
 Status attention_fwd(const AttentionParams& p) {
 #if defined(ATTNKIT_ISA_AVX512_BF16)
-  // e4m3 caches decode on vdpbf16ps here (attention_decode.cpp, code_pairs)
+  // e4m3 caches decode on vdpbf16ps here (decode_stages.h, code_pairs)
   if (p.kv_dtype == DType::f8e4m3 && p.num_kv_heads > 0 && p.num_heads % p.num_kv_heads == 0 &&
       decode_applies(p))
     return attention_decode(p);

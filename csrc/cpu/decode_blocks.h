@@ -162,7 +162,7 @@ inline void dot_block_codes(const uint16_t* q, int64_t ldq, int64_t D, const S* 
 }
 
 // dot_lanes on vdpbf16ps: a bf16 q row (zero past D, whole 64-value blocks) against one bf16 K
-// row, or one row of 8-bit codes looked up as bf16.
+// row, or one row of e4m3 codes looked up as bf16 (code_bf16.h).
 inline VF dot_lanes_bf16(const uint16_t* q, int64_t D, const bf16_t* k) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d += 32) {

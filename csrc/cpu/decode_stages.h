@@ -34,8 +34,9 @@ template <class SQ, class SKV>
 constexpr bool bf16_dots = kBf16Dots && std::is_same<SQ, bf16_t>::value && std::is_same<SKV, bf16_t>::value;
 // avx512_bf16 over e4m3 caches (ARCHITECTURE.md, "e4m3 KV caches on vdpbf16ps"): the codes are
 // looked up as bf16 (code_bf16.h, exact), q is rounded to bf16 for the scores and P (times the
-// V rows' scales) for O += P V, both on vdpbf16ps. A head's key block whose P holds a value
-// below kPairMinP takes the fp32 P V instead (flushed subnormals: pv_pairs). int8 caches
+// V rows' scales) for O += P V, both on vdpbf16ps (the walk in address order, pv_seq, keeps
+// P V in fp32). A head's key block whose P holds a value below kPairMinP takes the fp32 P V
+// instead (flushed subnormals: pv_pairs). int8 caches
 // stay on avx512_vnni's kernel: the same lookups for int8 P V measured no faster
 // (bench/notes/decode.md, "e4m3 decode on vdpbf16ps").
 template <class SKV>

@@ -113,7 +113,7 @@ struct CodeBf16 {
 #else
 constexpr bool kHasCodeBf16 = false;
 template <class S>
-struct CodeBf16 {};  // named only (attention_decode.cpp's CodeTables)
+struct CodeBf16 {};  // named only (decode_stages.h's CodeTables)
 #endif
 
 }  // namespace ATTNKIT_ISA_NS
