@@ -182,7 +182,8 @@ def _error_row(spec, err):
     return {"suite": spec.suite, "name": spec.name, "params": spec.params, "unit": None,
             "ceiling": None, "work": 0.0, "subject": "attnkit", "reference": None,
             "mismatch": {"build": harness._short(err)}, "timings": {}, "speedup": {}, "extra": {},
-            "footprint_bytes": None, "cache_fit": None, "ceiling_error": None}
+            "footprint_bytes": None, "cache_fit": None, "ceiling_error": None,
+            "read_beside": None}
 
 
 def run_suites(args, cfg, machine) -> list:
