@@ -69,11 +69,13 @@ inline VF dot_lanes(const float* q, int64_t D, const SKV* k) {
   if (d < D) a1 = fma(VF::load_partial(q + d, int(D - d)), load_kv_partial(k + d, int(D - d)), a1);
   return a0 + a1;
 }
-// s[u * lds] = the lanes' sum of a[u], u < nu (<= 4; a holds 4). Each sum takes the same
-// reduction whatever its place among the four (hsum4 is symmetric).
-inline void store_sums4(const VF* a, int nu, float* s, int64_t lds) {
+// s[u * lds] = the lanes' sum of a_u, u < nu (<= 4). Each sum takes the same reduction
+// whatever its place among the four (hsum4 is symmetric). Four values, not an array: an array
+// filled under a run-time count went through the stack (bench/notes/decode.md, "scores in
+// address order: the four sums in registers").
+inline void store_sums4(VF a0, VF a1, VF a2, VF a3, int nu, float* s, int64_t lds) {
   alignas(16) float t[4];
-  hsum4(a[0], a[1], a[2], a[3], t);
+  hsum4(a0, a1, a2, a3, t);
   for (int u = 0; u < nu; ++u) s[u * lds] = t[u];
 }
 

@@ -111,9 +111,9 @@ __attribute__((always_inline)) inline __m512i dot_i8_lanes(const int8_t* q, int3
   }
   return acc;
 }
-// s[u * lds] = float(the lanes' sum of acc[u]), u < nu (<= 4; acc holds 4).
-inline void store_i8_sums4(const __m512i* acc, int nu, float* s, int64_t lds) {
-  const __m512i t = dot_i8_detail::sum4_in_lanes(acc[0], acc[1], acc[2], acc[3]);
+// s[u * lds] = float(the lanes' sum of a_u), u < nu (<= 4).
+inline void store_i8_sums4(__m512i a0, __m512i a1, __m512i a2, __m512i a3, int nu, float* s, int64_t lds) {
+  const __m512i t = dot_i8_detail::sum4_in_lanes(a0, a1, a2, a3);
   const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64(t, 1));
   alignas(16) float f[4];
   _mm_store_ps(f, _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1))));
@@ -127,7 +127,7 @@ void dot_i8_block(const int8_t* q, int64_t ldq, const int32_t* qcorr, int64_t D,
                   const int8_t* const* k, float* s, int64_t lds);
 struct I8Acc {};
 I8Acc dot_i8_lanes(const int8_t* q, int32_t qcorr, int64_t D, const int8_t* k);
-void store_i8_sums4(const I8Acc* acc, int nu, float* s, int64_t lds);
+void store_i8_sums4(I8Acc a0, I8Acc a1, I8Acc a2, I8Acc a3, int nu, float* s, int64_t lds);
 #endif
 
 }  // namespace ATTNKIT_ISA_NS
