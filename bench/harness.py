@@ -359,37 +359,29 @@ def bandwidth_methods(buf, threads: int):
     return copy, read
 
 
-# The read rate beside a row: rows that read from DRAM also time a plain read of their own
-# footprint, interleaved with the contenders. On a shared VM the memory rate moved by 20-50%
-# between runs of a few minutes (Zen 5, 2026-12-01: read 51 to 84 GB/s within the hour), so a %
-# of the ceiling taken at the start of the run can land anywhere from 34% to 100% for the same
-# kernel; the rate beside the row sees the same moments as the row (bench/notes/harness.md).
-PROBE_NAME = "read beside"
-PROBE_METHODS = ("torch sum", "numpy max")  # need no BLAS thread limit around each call
+# The bandwidth beside a row: memory-bound rows from DRAM also time a plain read (read rows) or
+# copy (copy rows) of their own footprint, interleaved with the contenders. On a shared VM the
+# memory rate moved by 20-50% between runs of a few minutes (Zen 5, 2026-12-01: read 51 to 89
+# GB/s), so a % of the ceiling taken at the start of the run can land anywhere from 34% to 100%
+# for the same kernel; the rate beside the row sees the same moments as the row
+# (bench/notes/harness.md, "a read timed beside each DRAM row").
+PROBE_NAME = "bandwidth beside"
 
 
-def read_probe(nbytes: int, threads: int, by_method=None):
-    """(method, callable, bytes per call): a plain read of a fresh buffer of about `nbytes`
-    (float32, every page written first) on `threads` threads by the faster of torch's parallel
-    sum and NumPy's max over one slice per Python thread, as the ceilings rated them
-    (`by_method`, the ceilings' `read_by_method`; torch's sum when torch imports and no rate is
-    given)."""
-    torch = _torch_or_none()
-    usable = [m for m in PROBE_METHODS if m != "torch sum" or torch is not None]
-    rated = {m: (by_method or {}).get(m, 0.0) for m in usable}
-    method = max(usable, key=lambda m: (rated[m], m == "torch sum"))
-    buf = np.ones(max(1, int(nbytes) // 4), np.float32)
-    if method == "torch sum":
-        tb = torch.from_numpy(buf)
-        return method, (lambda: tb.sum()), buf.nbytes
-    parts = max(1, threads)
-    cut = np.linspace(0, buf.size, parts + 1).astype(np.int64)
-
-    def read_max(i):
-        """SIMD max over slice i."""
-        buf[cut[i] : cut[i + 1]].max()
-
-    return method, (lambda: _parallel(read_max, parts)), buf.nbytes
+def bandwidth_probe(kind: str, nbytes: int, threads: int, by_method=None):
+    """(method, callable, bytes per call) for a row of ceiling `kind` ("read" or "copy"): one of
+    `bandwidth_methods` on a fresh buffer of about `nbytes` (float32, every page written first;
+    a copy moves its first half into its second and counts both), on `threads` threads. The
+    BLAS methods are left out (each call would need a thread limit around it); of the rest the
+    one the ceilings rated fastest (`by_method`: the ceilings' `read_by_method` or
+    `copy_by_method`), torch's when nothing is rated."""
+    buf = np.ones(max(2, int(nbytes) // 4), np.float32)
+    copy, read = bandwidth_methods(buf, threads)
+    methods = {k: v for k, v in (copy if kind == "copy" else read).items() if not k.startswith("blas")}
+    rated = by_method or {}
+    method = max(methods, key=lambda m: (rated.get(m, 0.0), m.startswith("torch")))
+    fn, nb = methods[method]
+    return method, fn, nb
 
 
 def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=None) -> dict:
@@ -677,7 +669,7 @@ def run_case(case: Case, ceilings: dict, cfg: TimingConfig) -> dict:
         "footprint_bytes": None,
         "cache_fit": None,
         "ceiling_error": None,
-        "read_beside": None,
+        "beside": None,
     }
     llc = ceilings.get("llc_bytes")
     if case.ceiling in BANDWIDTH_CEILINGS:
@@ -689,16 +681,17 @@ def run_case(case: Case, ceilings: dict, cfg: TimingConfig) -> dict:
     if case.subject not in runnable:
         return row
     probe = None
-    if case.ceiling == "read" and row["cache_fit"] == "exceeds":
-        method, fn, nbytes = read_probe(row["footprint_bytes"], ceilings.get("threads", 1),
-                                        ceilings.get("read_by_method"))
-        probe = {"method": method, "bytes": nbytes}
+    if case.ceiling in BANDWIDTH_CEILINGS and row["cache_fit"] == "exceeds":
+        method, fn, nbytes = bandwidth_probe(case.ceiling, row["footprint_bytes"],
+                                             ceilings.get("threads", 1),
+                                             ceilings.get(f"{case.ceiling}_by_method"))
+        probe = {"kind": case.ceiling, "method": method, "bytes": nbytes}
         runnable[PROBE_NAME] = fn
     timings = time_interleaved(runnable, cfg)
     if probe is not None:
         t = timings.pop(PROBE_NAME)
         probe.update(gbs=probe["bytes"] / t.median_s / 1e9, **t.as_dict())
-        row["read_beside"] = probe
+        row["beside"] = probe
     ceil = ceiling_value(case.ceiling, ceilings)
     if row["cache_fit"] in ("fits", "partial"):
         ceil = None  # a % of a DRAM ceiling means nothing for data served from the cache
@@ -706,8 +699,8 @@ def run_case(case: Case, ceilings: dict, cfg: TimingConfig) -> dict:
         r = case.work / t.median_s / UNIT_SCALE[unit] if (case.work and unit) else None
         row["timings"][n] = dict(t.as_dict(), rate=r,
                                  fraction_of_ceiling=(r / ceil if (r and ceil) else None))
-        # the rate over the read beside it (medians of the same rounds), rows from DRAM only
-        row["timings"][n]["fraction_of_read_beside"] = r / probe["gbs"] if (probe and r) else None
+        # the rate over the bandwidth beside it (medians of the same rounds), rows from DRAM only
+        row["timings"][n]["fraction_of_beside"] = r / probe["gbs"] if (probe and r) else None
     subj = timings[case.subject].median_s
     row["speedup"] = {n: t.median_s / subj for n, t in timings.items() if n != case.subject}
     if case.derive is not None:

@@ -94,9 +94,9 @@ def format_row(row: dict, llc="L3") -> str:
         ratios = [f"{n} {x:.2f}x" for n, x in row["speedup"].items()]
         if ratios:
             line += "  " + ", ".join(ratios)
-    probe = row.get("read_beside")
-    if s is not None and probe and s.get("fraction_of_read_beside") is not None:
-        line += (f"  [{100 * s['fraction_of_read_beside']:.0f}% of the read beside it, "
+    probe = row.get("beside")
+    if s is not None and probe and s.get("fraction_of_beside") is not None:
+        line += (f"  [{100 * s['fraction_of_beside']:.0f}% of a {probe['kind']} beside it, "
                  f"{probe['gbs']:.1f} GB/s]")
     for k, v in row.get("extra", {}).items():
         line += f"  {k}={v:.2f}" if isinstance(v, float) else f"  {k}={v}"

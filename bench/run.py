@@ -183,7 +183,7 @@ def _error_row(spec, err):
             "ceiling": None, "work": 0.0, "subject": "attnkit", "reference": None,
             "mismatch": {"build": harness._short(err)}, "timings": {}, "speedup": {}, "extra": {},
             "footprint_bytes": None, "cache_fit": None, "ceiling_error": None,
-            "read_beside": None}
+            "beside": None}
 
 
 def run_suites(args, cfg, machine) -> list:

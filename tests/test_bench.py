@@ -42,9 +42,9 @@ CEILING_KEYS = {"sgemm_gflops", "sgemm_n", "sgemm_by_method", "bf16_gemm_gflops"
                 "buffer_vs_llc", "stat", "threads", "warnings", "wall_s"}
 ROW_KEYS = {"suite", "name", "params", "unit", "ceiling", "work", "subject", "reference",
             "mismatch", "timings", "speedup", "extra", "threads", "wall_s", "footprint_bytes",
-            "cache_fit", "ceiling_error", "read_beside"}
+            "cache_fit", "ceiling_error", "beside"}
 TIMING_KEYS = {"median_s", "min_s", "max_s", "q1_s", "q3_s", "calls", "rounds", "rate",
-               "fraction_of_ceiling", "fraction_of_read_beside"}
+               "fraction_of_ceiling", "fraction_of_beside"}
 CORE_SUITES = ["softmax", "matmul", "attention", "decode"]
 
 
@@ -573,7 +573,7 @@ def test_cache_resident_rows_and_ceiling_errors(capsys):
     assert "!!! CEILING ERROR" in report.format_row(dram)
     slow = harness.run_case(case, {"read_gbs": 1e9, "llc_bytes": 1 << 10}, cfg)
     assert slow["ceiling_error"] is None and "!!!" not in report.format_row(slow)
-    assert in_cache["read_beside"] is None and "read beside" not in line
+    assert in_cache["beside"] is None and "beside it" not in line
     text, n_bad = report.summary({"runs": [{"threads": 1, "rows": [dram, in_cache],
                                             "ceilings": {}}]})
     assert n_bad == 0 and "1 row(s) above 100% of their ceiling" in text
@@ -685,39 +685,42 @@ def test_usage_errors_exit_2_before_any_work(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and "unknown dtype 'f99'; use one of" in capsys.readouterr().err
 
 
-def test_dram_read_rows_time_a_read_beside_them(monkeypatch):
-    """A read-bound row from DRAM also times a plain read of its own footprint, interleaved
-    with its contenders: the row keeps that rate and each contender's fraction of it (medians
-    of the same rounds), the probe is neither a contender nor in the ratios, and the line
-    prints it. The faster method by the ceilings' rates is the one used."""
+def test_dram_rows_time_their_bandwidth_beside_them(monkeypatch):
+    """A memory-bound row from DRAM also times a plain read (read rows) or copy (copy rows) of
+    its own footprint, interleaved with its contenders: the row keeps that rate and each
+    contender's fraction of it (medians of the same rounds), the probe is neither a contender
+    nor in the ratios, and the line prints it. The method the ceilings rated fastest is used,
+    never a BLAS one; rows in the cache get no probe."""
     x = np.ones(1 << 16, np.float32)
-    calls = []
-
-    def slow():
-        calls.append(1)
-        return x.copy()
-
-    case = harness.Case(suite="decode", name="fake read row", work=x.nbytes, ceiling="read",
-                        contenders={"attnkit": lambda: x.copy(), "other": slow},
-                        check=lambda a, b: None)
     cfg = harness.TimingConfig(rounds=3, burst_s=0.001, gap_s=0.0, settle=False)
-    ceilings = {"read_gbs": 1e9, "llc_bytes": 1 << 10, "threads": 2,
-                "read_by_method": {"numpy max": 2.0, "torch sum": 1.0}}
-    row = harness.run_case(case, ceilings, cfg)
-    probe = row["read_beside"]
-    assert probe["method"] == "numpy max" and probe["bytes"] == x.nbytes
-    assert probe["gbs"] == pytest.approx(probe["bytes"] / probe["median_s"] / 1e9)
-    assert probe["rounds"] == 3
-    assert set(row["timings"]) == {"attnkit", "other"} and set(row["speedup"]) == {"other"}
-    for t in row["timings"].values():
-        assert t["fraction_of_read_beside"] == pytest.approx(t["rate"] / probe["gbs"])
-    line = report.format_row(row)
-    assert "of the read beside it" in line and f"{probe['gbs']:.1f} GB/s" in line
-    # torch's sum when it rates higher (or nothing is rated); rows in the cache get no probe
+    ceilings = {"read_gbs": 1e9, "copy_gbs": 1e9, "llc_bytes": 1 << 10, "threads": 2,
+                "read_by_method": {"numpy max": 2.0, "torch sum": 1.0, "blas dot": 9.0},
+                "copy_by_method": {"numpy copyto": 1.0, "torch copy_": 2.0}}
+    for kind, method in (("read", "numpy max"), ("copy", "torch copy_")):
+        if method.startswith("torch"):
+            pytest.importorskip("torch")
+        case = harness.Case(suite="decode", name="fake row", work=x.nbytes, ceiling=kind,
+                            contenders={"attnkit": lambda: x.copy(), "other": lambda: x.copy()},
+                            check=lambda a, b: None)
+        row = harness.run_case(case, ceilings, cfg)
+        probe = row["beside"]
+        assert probe["kind"] == kind and probe["method"] == method
+        assert probe["bytes"] == x.nbytes  # a copy counts its read and its write
+        assert probe["gbs"] == pytest.approx(probe["bytes"] / probe["median_s"] / 1e9)
+        assert probe["rounds"] == 3
+        assert set(row["timings"]) == {"attnkit", "other"} and set(row["speedup"]) == {"other"}
+        for t in row["timings"].values():
+            assert t["fraction_of_beside"] == pytest.approx(t["rate"] / probe["gbs"])
+        line = report.format_row(row)
+        assert f"of a {kind} beside it" in line and f"{probe['gbs']:.1f} GB/s" in line
+        cached = harness.run_case(case, dict(ceilings, llc_bytes=1 << 30), cfg)
+        assert cached["beside"] is None
+        assert all(t["fraction_of_beside"] is None for t in cached["timings"].values())
+    # the probes do what they say: a read of every element, a copy into the second half
     pytest.importorskip("torch")
-    method, fn, nbytes = harness.read_probe(1 << 20, 1, {"numpy max": 1.0, "torch sum": 3.0})
+    method, fn, nbytes = harness.bandwidth_probe("read", 1 << 20, 1, {"torch sum": 3.0})
     assert method == "torch sum" and nbytes == 1 << 20 and float(fn()) == (1 << 18)
-    assert harness.read_probe(1 << 20, 1)[0] == "torch sum"
-    cached = harness.run_case(case, dict(ceilings, llc_bytes=1 << 30), cfg)
-    assert cached["read_beside"] is None
-    assert all(t["fraction_of_read_beside"] is None for t in cached["timings"].values())
+    assert harness.bandwidth_probe("read", 1 << 20, 1)[0] == "torch sum"
+    method, fn, nbytes = harness.bandwidth_probe("copy", 1 << 20, 2, {"numpy copyto": 5.0})
+    assert method == "numpy copyto" and nbytes == 1 << 20
+    fn()
