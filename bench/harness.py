@@ -598,10 +598,14 @@ def ceiling_error(row: dict, ceilings: dict) -> Optional[str]:
     """A message when a timed contender runs above 100% of the row's ceiling, else None.
 
     Such a row means the ceiling was measured wrong (too small a buffer, an arithmetic-bound
-    op, a slower library than the one timed). Cache-resident rows carry no fraction.
+    op, a slower library than the one timed). Cache-resident rows carry no fraction. A
+    contender that stayed within the bandwidth timed beside it (`fraction_of_beside` <= 1) is
+    not an error: the machine's memory rate rose after the ceilings were taken
+    (report.moved_above).
     """
     over = [(n, t["fraction_of_ceiling"]) for n, t in row["timings"].items()
-            if t.get("fraction_of_ceiling") is not None and t["fraction_of_ceiling"] > 1.0]
+            if t.get("fraction_of_ceiling") is not None and t["fraction_of_ceiling"] > 1.0
+            and not (t.get("fraction_of_beside") is not None and t["fraction_of_beside"] <= 1.0)]
     if not over:
         return None
     c = row["ceiling"]

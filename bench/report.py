@@ -9,6 +9,14 @@ def _methods(by: dict, fmt="{:.1f}") -> str:
     return " [" + ", ".join(f"{k} {fmt.format(v)}" for k, v in by.items()) + "]" if by else ""
 
 
+def moved_above(row: dict) -> bool:
+    """Some contender ran above the start-of-run ceiling but within the bandwidth timed beside
+    it: the memory rate moved during the run (not a CEILING ERROR)."""
+    return any(t.get("fraction_of_ceiling") is not None and t["fraction_of_ceiling"] > 1.0
+               and t.get("fraction_of_beside") is not None and t["fraction_of_beside"] <= 1.0
+               for t in row["timings"].values())
+
+
 def llc_label(machine: dict) -> str:
     """'L3' (or L2/L4: the level of the machine's last-level cache; L3 when unknown)."""
     return f"L{(machine.get('llc') or {}).get('level', 3)}"
@@ -111,7 +119,7 @@ def format_row(row: dict, llc="L3") -> str:
 
 def summary(results: dict) -> tuple:
     """(text, number of failing rows): skipped suites, mismatches and the wall time."""
-    lines, bad, over, cached = [], [], [], []
+    lines, bad, over, cached, moved = [], [], [], [], []
     llc = llc_label(results.get("machine", {}))
     for run in results["runs"]:
         for suite, why in run.get("skipped", {}).items():
@@ -120,11 +128,15 @@ def summary(results: dict) -> tuple:
             lines.append(f"# !!! ceiling warning at {run['threads']} threads: {w}")
         bad += [f"{r['name']} @{run['threads']}t" for r in run["rows"] if r["mismatch"]]
         over += [f"{r['name']} @{run['threads']}t" for r in run["rows"] if r.get("ceiling_error")]
+        moved += [f"{r['name']} @{run['threads']}t" for r in run["rows"] if moved_above(r)]
         cached += [r["name"] for r in run["rows"]
                    if r.get("cache_fit") in ("fits", "partial") and r["timings"]]
     if cached:
         lines.append(f"# {len(cached)} memory-bound row(s) have data under 2x the {llc} and are "
                      f"shown as cache-resident, without a % of the DRAM ceiling")
+    if moved:
+        lines.append(f"# {len(moved)} row(s) ran above the start-of-run ceiling but within the "
+                     f"bandwidth timed beside them: the memory rate rose during the run {moved}")
     if over:
         lines.append(f"\n!!! {len(over)} row(s) above 100% of their ceiling (CEILING ERROR: the "
                      f"ceiling was measured wrong, not a fast kernel): {over}")

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -550,9 +551,18 @@ def test_bf16_ceiling_also_times_the_middle_squares(monkeypatch):
     assert c["bf16_gemm_gflops"] == max(c["bf16_gemm_by_method"].values())
 
 
-def test_cache_resident_rows_and_ceiling_errors(capsys):
+def test_cache_resident_rows_and_ceiling_errors(capsys, monkeypatch):
     """A read-bound row in the cache gets no %, "fits in L3" instead; one from DRAM above its
-    ceiling is a CEILING ERROR in the row and the summary (the exit status stays 0)."""
+    ceiling, and above the read timed beside it, is a CEILING ERROR in the row and the
+    summary (the exit status stays 0)."""
+    real_probe = harness.bandwidth_probe
+
+    def slow_probe(kind, nbytes, threads, by_method=None):
+        """The real method's name, but a call that reads 1 byte in 1 ms."""
+        method = real_probe(kind, 4096, threads, by_method)[0]
+        return method, (lambda: time.sleep(0.001)), 1
+
+    monkeypatch.setattr(harness, "bandwidth_probe", slow_probe)
     assert harness.cache_fit(100, 200) == "fits"
     assert harness.cache_fit(300, 200) == "partial"
     assert harness.cache_fit(400, 200) == "exceeds"
@@ -578,6 +588,25 @@ def test_cache_resident_rows_and_ceiling_errors(capsys):
                                             "ceilings": {}}]})
     assert n_bad == 0 and "1 row(s) above 100% of their ceiling" in text
     assert "1 memory-bound row(s)" in text
+
+
+def test_a_row_within_the_bandwidth_beside_it_is_no_ceiling_error():
+    """The start-of-run ceiling said 57 GB/s, the row ran at 62 and the read beside it at 120
+    (the VM's memory rate rose mid-run, Zen 5): not a CEILING ERROR, but a summary line. A
+    contender above both is still an error."""
+    t = {"rate": 62.5, "fraction_of_ceiling": 62.5 / 57.2, "fraction_of_beside": 62.5 / 120.0}
+    row = {"suite": "decode", "name": "decode kv=f32 B1 H32 Sq1 Sk2048 D128", "ceiling": "read",
+           "timings": {"attnkit": dict(t)}, "mismatch": {}, "cache_fit": "exceeds"}
+    ceilings = {"read_gbs": 57.2}
+    assert harness.ceiling_error(row, ceilings) is None and report.moved_above(row)
+    row["ceiling_error"] = None
+    text, n_bad = report.summary({"runs": [{"threads": 2, "rows": [row], "ceilings": {}}]})
+    assert n_bad == 0 and "memory rate rose during the run" in text and "CEILING" not in text
+    row["timings"]["other"] = dict(t, fraction_of_beside=1.2)
+    msg = harness.ceiling_error(row, ceilings)
+    assert msg and "other" in msg and "attnkit" not in msg
+    row["timings"] = {"attnkit": dict(t, fraction_of_beside=None)}  # no probe: an error
+    assert "attnkit" in harness.ceiling_error(row, ceilings) and not report.moved_above(row)
 
 
 def test_ceiling_check_runs(capsys):
