@@ -418,9 +418,13 @@ def test_mha_codes_in_address_order(isa, rng, fmt, Hkv):
     (7 = 4 + 3, 9 = 8 + 1), P V in fp32 (also for e4m3 on avx512_bf16: p_floor is 0 there).
     Against float64 on the dequantized cache: D tails (int8's masked last 64 codes, e4m3's last
     lookup) and Dv != D, ragged lengths (0, 1, 130, 299), and a window whose masked-out V rows
-    hold NaN scales (not attended) while one attended row's NaN scale makes its head NaN."""
+    hold NaN scales (not attended) while one attended row's NaN scale makes its head NaN.
+    e4m3: NaN codes in V (S.1111.111, either sign) make just their output elements NaN where
+    attended and nothing outside a window (each row's codes are tested for NaN before P V reads
+    them without the per-vector fix)."""
     for D, Dv in [(40, 40), (59, 100), (128, 128)]:
         kq, ks, vq, vs = cache8(rng, fmt, B=4, Smax=304, Hkv=Hkv, D=D, Dv=Dv)
+        vs_clean = vs.copy()
         q = randn(rng, (4, 1, Hkv, D), np.float32)
         lens = np.array([0, 1, 130, 299], np.int32)
         o = attnkit.attention_with_kvcache(q, kq, vq, cache_seqlens=lens, k_scale=ks, v_scale=vs)
@@ -439,6 +443,24 @@ def test_mha_codes_in_address_order(isa, rng, fmt, Hkv):
         ref = ref_from_cache(q_seen(q, fmt)[1:], kd[1:], vd[1:], lens[1:], window=(19, 0))
         ref[2, 0, 1] = 0
         assert_close(o[1:], ref, np.float32)
+        if fmt != "fp8_e4m3":
+            continue
+        codes = vq.view(np.uint8)
+        codes[2, 100, Hkv - 1, [3, Dv - 1]] = [0x7F, 0xFF]  # attended without a window
+        codes[3, 10, 0, 0] = 0xFF  # before the window of batch 3 (299 keys)
+        for window in (None, (19, 0)):
+            o = attnkit.attention_with_kvcache(q, kq, vq, cache_seqlens=lens, k_scale=ks,
+                                               v_scale=vs_clean, window=window)
+            assert _plan()["address_order"]
+            nan = np.zeros(o.shape, bool)
+            if window is None:
+                nan[2, 0, Hkv - 1, [3, Dv - 1]] = True
+                nan[3, 0, 0, 0] = True
+            assert (np.isnan(o) == nan).all()
+            vd = deq(vq, vs_clean)
+            ref = ref_from_cache(q_seen(q, fmt)[1:], kd[1:], vd[1:], lens[1:], window=window)
+            o[nan], ref[nan[1:]] = 0, 0
+            assert_close(o[1:], ref, np.float32)
 
 
 # ---- NaN: a NaN row propagates where it is attended, and only there ----

@@ -187,6 +187,9 @@ inline __m128i e4m3_to_f16_bits(__m128i b) {
   const __m128i nan = _mm_cmpeq_epi16(_mm_and_si128(w, low7), low7);
   return _mm_or_si128(h, _mm_and_si128(nan, _mm_set1_epi16(0x7c00)));
 }
+constexpr bool kHasE4m3Finite = false;  // (vec_avx512.h: e4m3 rows without NaN codes)
+bool e4m3_row_has_nan(const f8e4m3_t* p, int64_t n);                 // named only
+void load_code_pair_finite(const f8e4m3_t* p, Vec<float>& a, Vec<float>& b);  // named only
 inline Vec<float> load_code(const f8e4m3_t* p) {
   return {_mm256_cvtph_ps(e4m3_to_f16_bits(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
 }

@@ -205,6 +205,9 @@ inline Vec<float> load_code(const int8_t* p) {
   for (int i = 0; i < Vec<float>::N; ++i) r.v[i] = static_cast<float>(p[i]);
   return r;
 }
+constexpr bool kHasE4m3Finite = false;  // (vec_avx512.h: e4m3 rows without NaN codes)
+bool e4m3_row_has_nan(const f8e4m3_t* p, int64_t n);                 // named only
+void load_code_pair_finite(const f8e4m3_t* p, Vec<float>& a, Vec<float>& b);  // named only
 inline Vec<float> load_code(const f8e4m3_t* p) {
   Vec<float> r;
   for (int i = 0; i < Vec<float>::N; ++i) r.v[i] = f8e4m3_to_f32(p[i].bits) * CodeUnit<f8e4m3_t>::kLoaded;
