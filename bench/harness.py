@@ -686,8 +686,11 @@ def run_case(case: Case, ceilings: dict, cfg: TimingConfig) -> dict:
         return row
     probe = None
     if case.ceiling in BANDWIDTH_CEILINGS and row["cache_fit"] == "exceeds":
-        method, fn, nbytes = bandwidth_probe(case.ceiling, row["footprint_bytes"],
-                                             ceilings.get("threads", 1),
+        # the row's own footprint, at most the ceilings' buffer (>= 4x the LLC: still DRAM)
+        size = row["footprint_bytes"]
+        if ceilings.get("buffer_mb"):
+            size = min(size, int(ceilings["buffer_mb"] * 2**20))
+        method, fn, nbytes = bandwidth_probe(case.ceiling, size, ceilings.get("threads", 1),
                                              ceilings.get(f"{case.ceiling}_by_method"))
         probe = {"kind": case.ceiling, "method": method, "bytes": nbytes}
         runnable[PROBE_NAME] = fn

@@ -742,6 +742,8 @@ def test_dram_rows_time_their_bandwidth_beside_them(monkeypatch):
             assert t["fraction_of_beside"] == pytest.approx(t["rate"] / probe["gbs"])
         line = report.format_row(row)
         assert f"of a {kind} beside it" in line and f"{probe['gbs']:.1f} GB/s" in line
+        capped = harness.run_case(case, dict(ceilings, buffer_mb=0.125), cfg)  # 128 KB
+        assert capped["beside"]["bytes"] == 1 << 17
         cached = harness.run_case(case, dict(ceilings, llc_bytes=1 << 30), cfg)
         assert cached["beside"] is None
         assert all(t["fraction_of_beside"] is None for t in cached["timings"].values())
