@@ -294,8 +294,8 @@ __attribute__((always_inline)) inline void pv_row(float p, const SKV* v, int64_t
   const VF pv = VF::set1(p);
   int64_t d = 0;
   // e4m3: a row without NaN codes (the usual case) skips load_code_pair's per-vector NaN fix,
-  // after one test of its codes (fp8 MHA in cache 1.08x: bench/notes/decode.md, "e4m3 P V:
-  // one NaN test per row"); the same values, so the same sums
+  // after one test of its codes (fp8 MHA in cache 1.05-1.08x: bench/notes/decode.md, "e4m3
+  // P V: one NaN test per row"); the same values, so the same sums
   if constexpr (std::is_same<SKV, f8e4m3_t>::value && kHasE4m3Finite)
     if (!e4m3_row_has_nan(v, Dv))
       for (; d + 2 * VF::N <= Dv; d += 2 * VF::N) {

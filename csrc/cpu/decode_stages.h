@@ -227,7 +227,7 @@ void scores_seq(const AttentionParams& p, int64_t g0, int64_t ng, int64_t n, con
       const int nu = int(imin(4, ng - t));
       float* st = s + t * lds + j;
       // Head t + u's unreduced dot product, zero past the item's heads; the four are named
-      // values, not an array indexed under nu (which went through the stack: fp8 1.09x)
+      // values, not an array indexed under nu (which went through the stack: fp8 MHA 1.08x)
       if constexpr (kHasDotI8 && std::is_same<SKV, int8_t>::value)
         if (q8) {
           auto acc = [&](int u) {

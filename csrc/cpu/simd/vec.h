@@ -23,7 +23,8 @@
 // 8-bit KV codes (int8_t, f8e4m3_t): load_code(p) / load_code_partial(p, n) /
 // load_code_pair(p, a, b) (2N codes) give the codes'
 // values times CodeUnit<T>::kLoaded (1 for int8, 2^-8 for e4m3: scalar_cvt.h says why); the
-// caller folds CodeUnit<T>::kUnscale into the row's scale.
+// caller folds CodeUnit<T>::kUnscale into the row's scale. AVX-512 only (kHasE4m3Finite):
+// e4m3_row_has_nan(p, n), and load_code_pair_finite(p, a, b) for rows known to hold no NaN code.
 #pragma once
 
 #if defined(ATTNKIT_ISA_AVX512)

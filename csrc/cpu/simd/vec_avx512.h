@@ -211,8 +211,8 @@ inline void load_code_pair(const f8e4m3_t* p, Vec<float>& a, Vec<float>& b) {
   a.v = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
   b.v = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
 }
-// e4m3 rows known to hold no NaN code (the caller tested them with e4m3_nan_codes): the F16C
-// route of load_code_pair without its NaN fix, 32 codes per call.
+// e4m3 rows known to hold no NaN code (the caller tested them with e4m3_row_has_nan): the F16C
+// route of load_code_pair without its NaN fix (8 operations per 32 codes instead of 11).
 constexpr bool kHasE4m3Finite = true;
 inline bool e4m3_row_has_nan(const f8e4m3_t* p, int64_t n) {  // some code is S.1111.111
   const __m512i low7 = _mm512_set1_epi8(0x7f);
