@@ -197,18 +197,21 @@ def test_half_caches_gqa_mqa(isa, rng, H, Hkv):
             assert_close(o, ref, qd)
 
 
-@pytest.mark.parametrize("H,Hkv,kv", [(32, 8, np.float32), (24, 24, np.float16), (9, 9, np.float16)])
+@pytest.mark.parametrize("H,Hkv,kv", [(32, 8, np.float32), (24, 24, np.float16), (9, 9, np.float16),
+                                      (9, 9, np.float32)])
 def test_kvcache_bit_identical_across_threads(threads, rng, H, Hkv, kv):
-    """GQA, and MHA over a half cache (the walk in address order, whose heads are grouped into
-    items by the thread count where the keys are split in few chunks: at 200 keys 24 heads go 24,
-    12, 8 or 4 to an item on 1, 2, 3 or 5 threads, 9 heads 9, 4 + 4 + 1, 3 or 1)."""
+    """GQA, and MHA over a half cache and an fp32 one (the walk in address order, fp32 on avx2
+    and scalar only; its heads are grouped into items by the thread count where the keys are
+    split in few chunks: at 200 keys 24 heads go 24, 12, 8 or 4 to an item on 1, 2, 3 or 5
+    threads, 9 heads 9, 4 + 4 + 1, 3 or 1)."""
+    in_order = H == Hkv and (kv != np.float32 or attnkit.info()["isa"] in ("scalar", "avx2"))
     q, kc, vc = cache_case(rng, B=1, H=H, Hkv=Hkv, D=128, Dv=128, Smax=4096, kv_dtype=kv)
     outs = []
     for lens in (np.array([4000], np.int32), np.array([200], np.int32)):  # 16 key chunks, and 2
         for nt in (1, 2, 3, 5):
             attnkit.set_num_threads(nt)
             outs.append(attnkit.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, return_lse=True))
-            assert _last_plan()["address_order"] == (H == Hkv)
+            assert _last_plan()["address_order"] == in_order
         for o in outs[1:]:
             assert np.array_equal(o[0], outs[0][0]) and np.array_equal(o[1], outs[0][1])
         outs = []
@@ -228,9 +231,12 @@ def test_mha_decode_in_address_order(isa, rng, Hkv):
     tails and Dv != D, ragged lengths across key blocks (0, 1, 130, 299), a window (zero P: the
     careful path) with NaN in V rows it masks out and in one it attends (that element's output
     only is NaN), and paged caches, equal to contiguous ones; q in float32 and in the cache's
-    dtype (bf16 q over a bf16 cache scores on vdpbf16ps on avx512_bf16). fp32 caches and GQA
-    keep the other walk."""
-    for kvd, qd, (D, Dv) in [(kvd, qd, dims) for kvd in half_dtypes() for qd in (np.float32, kvd)
+    dtype (bf16 q over a bf16 cache scores on vdpbf16ps on avx512_bf16). fp32 caches take this
+    walk on the variants narrower than AVX-512 (avx2, scalar) and the other one on the AVX-512
+    variants (decode_stages.h, kFloatInAddressOrder); GQA keeps the other walk."""
+    fp32_in_order = isa in ("scalar", "avx2")
+    kv_dtypes = list(half_dtypes()) + ([np.float32] if fp32_in_order else [])
+    for kvd, qd, (D, Dv) in [(kvd, qd, dims) for kvd in kv_dtypes for qd in dict.fromkeys((np.float32, kvd))
                              for dims in [(64, 64), (72, 40), (128, 128), (59, 100)]]:
         q, kc, vc = cache_case(rng, B=4, H=Hkv, Hkv=Hkv, D=D, Dv=Dv, Smax=304, dtype=qd, kv_dtype=kvd)
         lens = np.array([0, 1, 130, 299], np.int32)
@@ -257,7 +263,7 @@ def test_mha_decode_in_address_order(isa, rng, Hkv):
         assert_close(o[1:], ref, qd)
     q, kc, vc = cache_case(rng, B=1, H=8, Hkv=8, D=64, Dv=64, Smax=64)
     attnkit.attention_with_kvcache(q, kc, vc, cache_seqlens=64)
-    assert not _last_plan()["address_order"]  # fp32
+    assert _last_plan()["address_order"] == fp32_in_order  # fp32
     q, kc, vc = cache_case(rng, B=1, H=16, Hkv=8, D=64, Dv=64, Smax=64, kv_dtype=np.float16)
     attnkit.attention_with_kvcache(q, kc, vc, cache_seqlens=64)
     assert not _last_plan()["address_order"]  # two query rows per kv head

@@ -302,12 +302,11 @@ Status decode_typed(const AttentionParams& p) {
     heads_per_item = imax(1, p.num_kv_heads / imax(1, sets_wanted));  // at least sets_wanted sets
   }
   // One query row per KV head (MHA decode) over a position-major cache of 16-bit or 8-bit
-  // values: the items read K and V in address order (scores_seq, pv_seq). The choice depends on
-  // the shapes and dtypes only, never on the thread count (which sets heads_per_item). fp32
-  // rows keep the head-by-head walk (dot_keys, no prefetch): in address order they ran
-  // 0.91-0.98x (bench/notes/decode.md, "MHA decode in address order").
-  const bool seq = !std::is_same<SKV, float>::value && position_major && G * p.seqlen_q == 1 &&
-                   p.num_kv_heads >= 4 && p.v_stride[1] < p.v_stride[2];
+  // values (fp32 too on avx2 and scalar: kFloatInAddressOrder): the items read K and V
+  // in address order (scores_seq, pv_seq). The choice depends on the shapes, the dtypes and the
+  // variant only, never on the thread count (which sets heads_per_item).
+  const bool seq = (kFloatInAddressOrder || !std::is_same<SKV, float>::value) && position_major &&
+                   G * p.seqlen_q == 1 && p.num_kv_heads >= 4 && p.v_stride[1] < p.v_stride[2];
   const int64_t sets = ceil_div(p.num_kv_heads, heads_per_item);
   const int64_t rows_max = heads_per_item * G * p.seqlen_q, Dv = p.head_dim_v;
   const int64_t n_items = p.batch * sets * nchunks;

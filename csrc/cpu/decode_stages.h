@@ -39,6 +39,14 @@ constexpr bool bf16_dots = kBf16Dots && std::is_same<SQ, bf16_t>::value && std::
 // instead (flushed subnormals: pv_pairs). int8 caches
 // stay on avx512_vnni's kernel: the same lookups for int8 P V measured no faster
 // (bench/notes/decode.md, "e4m3 decode on vdpbf16ps").
+// fp32 caches with one query row per KV head: the walk in address order on variants narrower
+// than AVX-512 (avx2, scalar), the head-by-head walk (`dot_keys`, no prefetch) on the AVX-512
+// ones. The vector width is not the cause (a replay of the loads alone read alike with 8 or 16
+// keys per reduction); it stands for the machines each walk was measured on: on a Zen 4 whose
+// VM hides AVX-512 (avx2) address order ran B1-8 H4-32 Sk 512-8192 1.3-2.1x faster at 2 threads
+// and 1.5x in cache at one; on Zen 5 (avx512_bf16) 0.98x from DRAM and 0.91x in cache
+// (bench/notes/decode.md, "fp32 MHA decode in address order on AVX2").
+constexpr bool kFloatInAddressOrder = VF::N < 16;
 template <class SKV>
 constexpr bool code_pairs = kHasCodeBf16 && std::is_same<SKV, f8e4m3_t>::value;
 template <class SQ, class SKV>
