@@ -215,6 +215,10 @@ CACHED_GEMM_N = 512
 # bf16 GEMMs are also timed (attnkit's and torch's) at these N below the sgemm's: on a Zen 5 both
 # ran 1024^3 and 2048^3 at 107-112% of their 4096^3 rate (the --full run's CEILING ERRORs).
 BF16_MID_GEMM_N = (1024, 2048)
+# torch's bf16 GEMM is first timed once at CACHED_GEMM_N; below this share of the sgemm ceiling
+# (no bf16 hardware path: 1 GFLOP/s on a CPU showing only AVX2, where one 2048^3 call took 17 s
+# and the ceilings 7 minutes) it is not timed at the larger N.
+BF16_SLOW_SHARE = 0.125
 # Bandwidth ceilings read a buffer of at least CEILING_LLC_FACTOR x the last-level cache (and at
 # least MIN_BUFFER): a 256 MB buffer sat inside a 300 MB L3 and an in-cache rate was taken for
 # the machine's. Rows whose data is below DRAM_FACTOR x the LLC are reported as cache-resident.
@@ -425,7 +429,7 @@ def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=N
         _add_attnkit_gemms(attnkit, a, b, fns, work)
     with _blas_limit(threads), _TorchThreads(threads):
         sgemm = _best_rates(fns, work, cfg)
-        bf16 = _bf16_gemm_rates(a, b, threads, torch, cfg)
+        bf16 = _bf16_gemm_rates(a, b, threads, torch, cfg, max(sgemm.values()))
     del a, b, fns
 
     data = np.ones(buf // 4, np.float32)  # written: every page is mapped before timing
@@ -466,11 +470,13 @@ def measure_ceilings(threads: int, mode="quick", llc_bytes=None, mem_available=N
     return out
 
 
-def _bf16_gemm_rates(a, b, threads, torch, cfg) -> dict:
+def _bf16_gemm_rates(a, b, threads, torch, cfg, sgemm_gflops: float) -> dict:
     """bf16 x bf16 -> bf16 GEMMs of the sgemm's N x N (and CACHED_GEMM_N for attnkit, and the
     BF16_MID_GEMM_N below N for both) through attnkit's matmul (its best variant here:
     AVX512-BF16 or AMX when the CPU has them) and torch (oneDNN): the machine's bf16 matrix
-    rate, shown beside the sgemm ceiling (method -> GFLOP/s; {} without either)."""
+    rate, shown beside the sgemm ceiling (method -> GFLOP/s; {} without either). Where one
+    torch call at CACHED_GEMM_N runs below BF16_SLOW_SHARE x `sgemm_gflops`, torch is timed at
+    that N only ("torch mm N=..."): its larger products would take minutes."""
     n = a.shape[0]
     mids = [m for m in BF16_MID_GEMM_N if CACHED_GEMM_N < m < n]
     fns, work = {}, {}
@@ -486,8 +492,18 @@ def _bf16_gemm_rates(a, b, threads, torch, cfg) -> dict:
         pass
     if torch is not None:
         ta, tb = torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16()
-        fns["torch mm"] = lambda: torch.mm(ta, tb)
-        work["torch mm"] = matmul_flops(n, n, n) / 1e9
+        m = min(n, CACHED_GEMM_N)
+        tam, tbm = ta[:m, :m].contiguous(), tb[:m, :m].contiguous()
+        torch.mm(tam, tbm)  # (first call: oneDNN's set-up)
+        t0 = time.perf_counter()
+        torch.mm(tam, tbm)
+        if matmul_flops(m, m, m) / 1e9 / (time.perf_counter() - t0) < BF16_SLOW_SHARE * sgemm_gflops:
+            fns[f"torch mm N={m}"] = lambda: torch.mm(tam, tbm)
+            work[f"torch mm N={m}"] = matmul_flops(m, m, m) / 1e9
+            mids = []
+        else:
+            fns["torch mm"] = lambda: torch.mm(ta, tb)
+            work["torch mm"] = matmul_flops(n, n, n) / 1e9
         for m in mids:
             tam, tbm = ta[:m, :m].contiguous(), tb[:m, :m].contiguous()
             fns[f"torch mm N={m}"] = lambda tam=tam, tbm=tbm: torch.mm(tam, tbm)

@@ -520,9 +520,10 @@ def test_ceiling_buffers_exceed_the_llc():
     assert harness.ceiling_buffer_bytes("tiny", 260 * mb) == 8 * mb
 
 
-def test_measure_ceilings_takes_the_best_method():
+def test_measure_ceilings_takes_the_best_method(monkeypatch):
     """Every ceiling is the best of its methods (several multi-threaded reads, no NumPy sum);
     a buffer under 2x the LLC is a warning."""
+    monkeypatch.setattr(harness, "BF16_SLOW_SHARE", 0.0)  # torch's bf16 GEMM at every N
     c = harness.measure_ceilings(2, "tiny", llc_bytes=1 << 20, mem_available=None)
     assert set(c) == CEILING_KEYS - {"wall_s"}
     assert {"numpy max", "blas dot", "blas dot 2 streams", "torch sum"} <= set(c["read_by_method"])
@@ -544,11 +545,26 @@ def test_bf16_ceiling_also_times_the_middle_squares(monkeypatch):
     and takes the best."""
     monkeypatch.setattr(harness, "BF16_MID_GEMM_N", (96, 512))
     monkeypatch.setattr(harness, "CACHED_GEMM_N", 64)
+    monkeypatch.setattr(harness, "BF16_SLOW_SHARE", 0.0)
     c = harness.measure_ceilings(1, "tiny", llc_bytes=1 << 20)
-    want = {"attnkit matmul", "attnkit matmul N=64", "attnkit matmul N=96", "torch mm N=96"}
+    want = {"attnkit matmul", "attnkit matmul N=64", "attnkit matmul N=96", "torch mm N=96", "torch mm"}
     assert want <= set(c["bf16_gemm_by_method"])
     assert not any("N=512" in k for k in c["bf16_gemm_by_method"])  # not above the sgemm's N
     assert c["bf16_gemm_gflops"] == max(c["bf16_gemm_by_method"].values())
+
+
+def test_slow_torch_bf16_gemm_is_timed_at_the_cached_size_only(monkeypatch):
+    """Where torch's bf16 GEMM runs below BF16_SLOW_SHARE of the sgemm ceiling (no bf16 hardware
+    path: one 2048^3 call took 17 s on a CPU showing only AVX2), the bf16 ceiling times it at
+    CACHED_GEMM_N only; attnkit's are all timed."""
+    pytest.importorskip("torch")
+    monkeypatch.setattr(harness, "BF16_MID_GEMM_N", (96, 512))
+    monkeypatch.setattr(harness, "CACHED_GEMM_N", 64)
+    monkeypatch.setattr(harness, "BF16_SLOW_SHARE", 1e9)  # every rate counts as slow
+    c = harness.measure_ceilings(1, "tiny", llc_bytes=1 << 20)
+    methods = set(c["bf16_gemm_by_method"])
+    assert {"attnkit matmul", "attnkit matmul N=64", "attnkit matmul N=96", "torch mm N=64"} <= methods
+    assert not {"torch mm", "torch mm N=96"} & methods
 
 
 def test_cache_resident_rows_and_ceiling_errors(capsys, monkeypatch):
