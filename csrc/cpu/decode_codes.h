@@ -21,7 +21,7 @@ namespace decode {
 // int8 caches quantize q too (ARCHITECTURE.md, "int8 KV caches"): each query row becomes int8
 // codes with one fp32 scale, absmax / 127 as quantize_kv, so Q K is a sum of integer products.
 // Those sums are exact in fp32 (|q k| <= 127^2, D <= kMaxQuantizedD: every partial sum below
-// 2^24) and in int32 (vpdpbusd), so every ISA computes the same scores bit for bit. Rows with a
+// 2^24) and in int32 (vpdpbusd on avx512_vnni, vpmaddubsw + vpmaddwd on avx2), so every ISA computes the same scores bit for bit. Rows with a
 // non-finite element keep their float values (scale 1) so NaN/inf propagate as in torch.
 constexpr int64_t kMaxQuantizedD = 1024;
 inline int64_t q8_stride(int64_t D) { return round_up(D, 64); }  // bytes per int8 q row
