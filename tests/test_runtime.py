@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import attnkit
+from reference import bfloat16
 
 
 def test_info_keys():
@@ -124,6 +125,61 @@ def test_fork_child_does_not_hang():
     assert not hung, "forked child hung in an OpenMP region"
     assert p.exitcode == 0
     assert q.get(timeout=5) < 1e-5
+
+
+def _amx_runs_here():
+    i = {x["name"]: x for x in attnkit.info()["isas"]}["amx"]
+    return i["compiled"] and i["supported"]
+
+
+def test_auto_takes_amx_where_it_runs():
+    """amx passed the whole suite on an AMX CPU (an Emerald Rapids), so auto takes it wherever
+    CPUID, XCR0 and the OS's tile data permission allow; elsewhere auto takes another variant and
+    info() says why amx cannot run."""
+    r = run_py("import attnkit, json; i = attnkit.info(); "
+               "print(json.dumps([i['isa'], {x['name']: x['unsupported'] for x in i['isas']}['amx']]))",
+               {"ATTNKIT_CPU": "auto"})
+    assert r.returncode == 0, r.stderr
+    import json
+    isa, why = json.loads(r.stdout)
+    if _amx_runs_here():
+        assert isa == "amx" and why is None
+    else:
+        assert isa != "amx"
+        assert "amx" not in attnkit.info()["isas_compiled"] or why
+
+
+def _child_bf16_matmul(q):
+    a = (np.random.default_rng(2).standard_normal((256, 512)) / 8).astype(bfloat16)
+    b = (np.random.default_rng(3).standard_normal((512, 256)) / 8).astype(bfloat16)
+    c = attnkit.matmul(a, b).astype(np.float64)
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    plan = attnkit._C._last_gemm_plan()  # the tile kernel ran (32-row micro-panels)
+    q.put((plan["elem_bytes"], plan["mr"], float(np.abs(c - ref).max() / np.abs(ref).max())))
+
+
+@pytest.mark.skipif(bfloat16 is None, reason="ml_dtypes not installed")
+def test_fork_child_runs_tiles():
+    """A bf16 matmul on AMX tiles in the parent (tile data granted, tiles configured on the
+    OpenMP threads), then one in a forked child: the child inherits the permission, configures
+    its own threads' tiles and gets the right product (bf16 rounding of C only)."""
+    if not _amx_runs_here():
+        pytest.skip("amx does not run here")
+    from attnkit._runtime import _use_isa
+    with _use_isa("amx"):
+        _child_bf16_matmul(mp.get_context("fork").SimpleQueue())  # parent: tiles in use
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=_child_bf16_matmul, args=(q,))
+        p.start()
+        p.join(60)
+        hung = p.is_alive()
+        if hung:
+            p.kill()
+        assert not hung, "forked child hung"
+        assert p.exitcode == 0
+        elem_bytes, mr, err = q.get(timeout=5)
+        assert (elem_bytes, mr) == (2, 32) and err < 2 ** -7, (elem_bytes, mr, err)
 
 
 def test_output_cache_reuses_only_dead_buffers():
@@ -260,7 +316,7 @@ def bench_env():
 def test_auto_takes_avx512_bf16_on_amd_only():
     """avx512_bf16 carries an auto_skip on Intel CPUs (vdpbf16ps at half the fp32 FMA FLOP rate
     on an Emerald Rapids) and none on AMD (1.85x it on a Zen 5): auto picks it exactly there,
-    when it is supported and verified and nothing better is (amx is not verified)."""
+    when it is supported and verified and nothing better is (amx, where the CPU has it)."""
     i = next(x for x in attnkit.info()["isas"] if x["name"] == "avx512_bf16")
     vendor = bench_env().cpuinfo_field("vendor_id")
     if not (i["compiled"] and i["supported"]) or vendor not in ("AuthenticAMD", "GenuineIntel"):

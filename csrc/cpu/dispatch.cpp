@@ -155,8 +155,9 @@ IsaInfo* mutable_isa_list() {
   // suite, 2005 passed; bench/notes/matmul.md, "avx512_bf16 variant"), and on an AMD EPYC Zen 5
   // (family 26 model 2, AVX512-BF16 in CPUID: ATTNKIT_CPU=avx512_bf16, the whole suite, 2157
   // passed). auto skips it on Intel CPUs (kBf16AutoSkip).
-  // amx has not run on an AMX CPU yet (its kernels pass the suite as amx_emulated), so auto
-  // does not take it.
+  // amx on an Intel Xeon Emerald Rapids with AMX-TILE/BF16/INT8 in CPUID (family 6 model 207,
+  // 2 cores): ATTNKIT_CPU=amx, the whole suite, 3008 passed (bench/notes/amx.md, "First run on
+  // AMX"), so auto takes it where the CPU and the OS allow it (tile data permission asked then).
   // Filled once (thread-safe static initialization); ensure_tiles may later mark amx
   // unsupported, under its lock, when the OS refuses tile data.
   static IsaInfo* const list = [] {
@@ -170,7 +171,7 @@ IsaInfo* mutable_isa_list() {
          "needs avx512 and AVX512-VNNI in CPUID"},
         {"avx512_bf16", false, false, true, false, kBf16AutoSkip, 3,
          "needs avx512_vnni, AVX512-BF16 and AVX512-VBMI in CPUID"},
-        {"amx", false, false, false, false, nullptr, 3,
+        {"amx", false, false, true, false, nullptr, 3,
          "needs avx512_vnni (AVX-512 with VNNI), which this CPU lacks"},
         {"amx_emulated", false, false, true, false, kEmulatedAutoSkip, 3,
          "needs avx512_vnni (AVX-512 with VNNI), whose kernels it uses"},
@@ -241,10 +242,11 @@ const KernelTable* table_for(int index) {
 std::atomic<const KernelTable*> g_active{nullptr};
 
 // Linux hands out tile data state per process on request (kernel 5.16+): without it the first
-// tile instruction faults. Asked only when amx is selected (at import with ATTNKIT_CPU=amx;
-// never for a CPU that merely has AMX, since auto does not take it): once granted, the
+// tile instruction faults. Asked only when amx is selected (at import, by auto on a CPU with
+// AMX or by ATTNKIT_CPU=amx; torch's oneDNN asks the same when it runs AMX): once granted, the
 // kernel refuses later alternate signal stacks smaller than the tile state for the whole
-// process, which other native libraries may set up. Granted once for the whole process
+// process, which other native libraries may set up. A refusal under auto falls back to the
+// next variant, and info() says why in amx's `unsupported`. Granted once for the whole process
 // (threads and forked children inherit it). A refusal marks amx unsupported, with errno.
 bool ensure_tiles(IsaInfo* list, int i) {
   if (i != kAmx) return true;
