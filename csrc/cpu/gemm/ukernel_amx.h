@@ -11,8 +11,8 @@
 //
 // Limits (one core of a Sapphire/Emerald Rapids): TDPBF16PS does 16 x 16 x 32 multiply-adds in
 // 16 cycles, i.e. 1024 FLOP per cycle, 16x the fp32 FMA units. A step's four tile products take
-// 64 cycles and read 2 KB of A (from L2: 32 B per cycle) and 2 KB of B (L1); the C tiles are
-// loaded and stored once per k block (KCP pairs).
+// 64 cycles and read 2 KB of A and 2 KB of B (from L2 with the KCP below: 64 B per cycle at
+// the unit's full rate); the C tiles are loaded and stored once per k block (KCP pairs).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -27,14 +27,16 @@ namespace attnkit {
 namespace cpu {
 namespace ATTNKIT_ISA_NS {
 
-// KCP k pairs per pass (a multiple of 16): the B micro-panel is KCP x 128 B = 24 KB of a 48 KB
-// L1d; an A micro-panel 32 x KCP x 4 B = 24 KB, the A block MC x KCP x 4 B = 384 KB of a 2 MB
-// L2; the B block KCP x NC x 4 B = 3 MB. These are the values for the reference caches below
-// (Sapphire / Emerald Rapids); gemm_bf16.cpp scales them to the CPU's (pair_blocks). Not tuned
-// on AMX hardware yet (none was at hand).
+// KCP k pairs per pass (a multiple of 16): 1024 k, so the C tiles make a round trip through the
+// fp32 workspace once per 1024 k; the B micro-panel (KCP x 128 B = 64 KB) and the A micro-panel
+// (32 x KCP x 4 B = 64 KB) both stream from the L2, the A block MC x KCP x 4 B = 1 MB of a 2 MB
+// L2; the B block KCP x NC x 4 B = 8 MB. Measured on an Emerald Rapids (bench/notes/amx.md,
+// "matmul: deeper k blocks"): KCP 512 ran 1.05-1.16x KCP 192 (B panel in L1d, C through the
+// workspace every 384 k), 384 in between, 768 slower. These are the values for the reference
+// caches below (Sapphire / Emerald Rapids); gemm_bf16.cpp scales them to the CPU's (pair_blocks).
 struct BlockingAmx {
   static constexpr int MR = 32, NR = kPairPanel;
-  static constexpr int64_t KCP = 192, MC = 512, NC = 4096;
+  static constexpr int64_t KCP = 512, MC = 512, NC = 4096;
   static constexpr int64_t kRefL1d = 48 << 10, kRefL2 = 2 << 20;
 };
 static_assert(BlockingAmx::KCP % 16 == 0 && BlockingAmx::MC % BlockingAmx::MR == 0 &&
