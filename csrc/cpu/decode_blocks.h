@@ -287,32 +287,45 @@ inline void dot_keys(const float* q, int64_t D, const float* const* k, float* s)
   hsum_n(acc, s);
 }
 
-// o[0 .. Dv) += p v for one V row (o padded to whole vectors; the lanes past Dv add p x 0): the
-// walk in address order (decode_stages.h, pv_seq), one (position, head) at a time.
-template <class SKV>
-__attribute__((always_inline)) inline void pv_row(float p, const SKV* v, int64_t Dv, float* o) {
-  const VF pv = VF::set1(p);
+// o[0 .. Dv) += p[0] v[0] + ... + p[U-1] v[U-1] for U V rows, added in that order (o padded to
+// whole vectors; the lanes past Dv add p x 0): the walk in address order (decode_stages.h,
+// pv_seq), U positions of one head at a time, so that o is loaded and stored once per U keys
+// rather than per key; the sums are those of U single-key passes, bit for bit.
+template <int U, class SKV>
+__attribute__((always_inline)) inline void pv_rows_seq(const float* p, const SKV* const* v,
+                                                      int64_t Dv, float* o) {
+  VF pv[U];
+  for (int u = 0; u < U; ++u) pv[u] = VF::set1(p[u]);
   int64_t d = 0;
-  // e4m3: a row without NaN codes (the usual case) skips load_code_pair's per-vector NaN fix,
-  // after one test of its codes (fp8 MHA in cache 1.05-1.08x: bench/notes/decode.md, "e4m3
-  // P V: one NaN test per row"); the same values, so the same sums
-  if constexpr (std::is_same<SKV, f8e4m3_t>::value && kHasE4m3Finite)
-    if (!e4m3_row_has_nan(v, Dv))
-      for (; d + 2 * VF::N <= Dv; d += 2 * VF::N) {
+  // whole pairs of vectors, each V row's values as load_pair gives them
+  auto pairs = [&](auto load_pair) {
+    for (; d + 2 * VF::N <= Dv; d += 2 * VF::N) {
+      VF lo = VF::load(o + d), hi = VF::load(o + d + VF::N);
+      for (int u = 0; u < U; ++u) {
         VF a, b;
-        load_code_pair_finite(v + d, a, b);
-        fma(pv, a, VF::load(o + d)).store(o + d);
-        fma(pv, b, VF::load(o + d + VF::N)).store(o + d + VF::N);
+        load_pair(v[u] + d, a, b);
+        lo = fma(pv[u], a, lo);
+        hi = fma(pv[u], b, hi);
       }
-  for (; d + 2 * VF::N <= Dv; d += 2 * VF::N) {
-    VF a, b;
-    load_kv_pair(v + d, a, b);
-    fma(pv, a, VF::load(o + d)).store(o + d);
-    fma(pv, b, VF::load(o + d + VF::N)).store(o + d + VF::N);
+      lo.store(o + d);
+      hi.store(o + d + VF::N);
+    }
+  };
+  // e4m3: rows without NaN codes (the usual case) skip load_code_pair's per-vector NaN fix,
+  // after one test of their codes (fp8 MHA in cache 1.05-1.08x: bench/notes/decode.md, "e4m3
+  // P V: one NaN test per row"); the same values, so the same sums
+  if constexpr (std::is_same<SKV, f8e4m3_t>::value && kHasE4m3Finite) {
+    bool finite = true;
+    for (int u = 0; u < U; ++u) finite = finite && !e4m3_row_has_nan(v[u], Dv);
+    if (finite) pairs([](const SKV* x, VF& a, VF& b) { load_code_pair_finite(x, a, b); });
   }
+  pairs([](const SKV* x, VF& a, VF& b) { load_kv_pair(x, a, b); });
   for (; d < Dv; d += VF::N) {
     const int w = int(imin(VF::N, Dv - d));
-    fma(pv, w == VF::N ? load_kv(v + d) : load_kv_partial(v + d, w), VF::load(o + d)).store(o + d);
+    VF acc = VF::load(o + d);
+    for (int u = 0; u < U; ++u)
+      acc = fma(pv[u], w == VF::N ? load_kv(v[u] + d) : load_kv_partial(v[u] + d, w), acc);
+    acc.store(o + d);
   }
 }
 

@@ -379,22 +379,48 @@ void accumulate_pv(const AttentionParams& p, const SeqView& sv, int64_t g0, int6
   }
 }
 
-// O[t] += P[t][j] V_j,t for one query row per KV head, position by position (V in address
-// order, as scores_seq reads K; each head's O row stays in L1 and is loaded and stored per
-// key). A zero P takes accumulate_one's careful rule, as in accumulate_pv.
+// O[t] += P[t][j] V_j,t for one query row per KV head, kPvSeqKeys positions at a time (V in
+// address order, as scores_seq reads K: that many ascending streams; each head's O row stays
+// in L1 and is loaded and stored once per kPvSeqKeys keys, in registers between them). The
+// keys are added one after the other as a single-key walk adds them. A zero P takes
+// accumulate_one's careful rule, as in accumulate_pv (its group then goes key by key).
+constexpr int kPvSeqKeys = 4;
 template <class SKV>
 void pv_seq(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng, int64_t j0,
             int64_t n, const BlockRows& br, const float* P, int64_t ldp, float* O, int64_t ldo) {
+  constexpr int U = kPvSeqKeys;
   const int64_t Dv = p.head_dim_v, vs1 = p.v_stride[1];
   const SKV* V = typed<SKV>(p.v) + g0 * vs1;
-  for (int64_t j = 0; j < n; ++j)
+  int64_t j = 0;
+  for (; j + U <= n; j += U)
+    for (int64_t t = 0; t < ng; ++t) {
+      const SKV* vrows[U];
+      float pj[U];
+      bool zero = false;
+      for (int u = 0; u < U; ++u) {
+        vrows[u] = V + br.v[j + u] + t * vs1;
+        pj[u] = P[t * ldp + j + u];
+        zero = zero || pj[u] == 0.0f;
+      }
+      if (!zero) {
+        pv_rows_seq<U>(pj, vrows, Dv, O + t * ldo);
+        continue;
+      }
+      for (int u = 0; u < U; ++u) {
+        if (pj[u] == 0.0f)
+          accumulate_one(p, sv, g0, vrows[u], t, t + 1, j0 + j + u, P, ldp, j + u, O, ldo);
+        else
+          pv_rows_seq<1>(pj + u, vrows + u, Dv, O + t * ldo);
+      }
+    }
+  for (; j < n; ++j)
     for (int64_t t = 0; t < ng; ++t) {
       const SKV* vrow = V + br.v[j] + t * vs1;
       const float pj = P[t * ldp + j];
       if (pj == 0.0f)
         accumulate_one(p, sv, g0, vrow, t, t + 1, j0 + j, P, ldp, j, O, ldo);
       else
-        pv_row(pj, vrow, Dv, O + t * ldo);
+        pv_rows_seq<1>(&pj, &vrow, Dv, O + t * ldo);
     }
 }
 
