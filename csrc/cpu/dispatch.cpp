@@ -245,9 +245,9 @@ std::atomic<const KernelTable*> g_active{nullptr};
 // tile instruction faults. Asked only when amx is selected (at import, by auto on a CPU with
 // AMX or by ATTNKIT_CPU=amx; torch's oneDNN asks the same when it runs AMX): once granted, the
 // kernel refuses later alternate signal stacks smaller than the tile state for the whole
-// process, which other native libraries may set up. A refusal under auto falls back to the
-// next variant, and info() says why in amx's `unsupported`. Granted once for the whole process
-// (threads and forked children inherit it). A refusal marks amx unsupported, with errno.
+// process, which other native libraries may set up. Granted once for the whole process
+// (threads and forked children inherit it). A refusal marks amx unsupported, with errno in
+// info()'s `unsupported`; under auto the next variant is taken.
 bool ensure_tiles(IsaInfo* list, int i) {
   if (i != kAmx) return true;
   static std::mutex mu;
