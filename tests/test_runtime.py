@@ -110,13 +110,12 @@ def _child_softmax(q):
     q.put(float(np.abs(y.sum(-1) - 1).max()))
 
 
-def test_fork_child_does_not_hang():
-    # Run a parallel kernel in the parent first: that is what breaks libgomp after fork().
-    x = np.random.default_rng(0).standard_normal((256, 4096)).astype(np.float32)
-    attnkit.softmax(x)
+def _in_forked_child(target):
+    """Run target(queue) in a forked child; asserts it neither hangs nor fails, returns what it
+    put on the queue."""
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    p = ctx.Process(target=_child_softmax, args=(q,))
+    p = ctx.Process(target=target, args=(q,))
     p.start()
     p.join(60)
     hung = p.is_alive()
@@ -124,7 +123,14 @@ def test_fork_child_does_not_hang():
         p.kill()
     assert not hung, "forked child hung in an OpenMP region"
     assert p.exitcode == 0
-    assert q.get(timeout=5) < 1e-5
+    return q.get(timeout=5)
+
+
+def test_fork_child_does_not_hang():
+    # Run a parallel kernel in the parent first: that is what breaks libgomp after fork().
+    x = np.random.default_rng(0).standard_normal((256, 4096)).astype(np.float32)
+    attnkit.softmax(x)
+    assert _in_forked_child(_child_softmax) < 1e-5
 
 
 def _amx_runs_here():
@@ -168,17 +174,7 @@ def test_fork_child_runs_tiles():
     from attnkit._runtime import _use_isa
     with _use_isa("amx"):
         _child_bf16_matmul(mp.get_context("fork").SimpleQueue())  # parent: tiles in use
-        ctx = mp.get_context("fork")
-        q = ctx.Queue()
-        p = ctx.Process(target=_child_bf16_matmul, args=(q,))
-        p.start()
-        p.join(60)
-        hung = p.is_alive()
-        if hung:
-            p.kill()
-        assert not hung, "forked child hung"
-        assert p.exitcode == 0
-        elem_bytes, mr, err = q.get(timeout=5)
+        elem_bytes, mr, err = _in_forked_child(_child_bf16_matmul)
         assert (elem_bytes, mr) == (2, 32) and err < 2 ** -7, (elem_bytes, mr, err)
 
 

@@ -391,6 +391,15 @@ void pv_seq(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
   constexpr int U = kPvSeqKeys;
   const int64_t Dv = p.head_dim_v, vs1 = p.v_stride[1];
   const SKV* V = typed<SKV>(p.v) + g0 * vs1;
+  // one key of one head: accumulate_one's careful rule for a zero P
+  auto one_key = [&](int64_t jj, int64_t t) {
+    const SKV* vrow = V + br.v[jj] + t * vs1;
+    const float pj = P[t * ldp + jj];
+    if (pj == 0.0f)
+      accumulate_one(p, sv, g0, vrow, t, t + 1, j0 + jj, P, ldp, jj, O, ldo);
+    else
+      pv_rows_seq<1>(&pj, &vrow, Dv, O + t * ldo);
+  };
   int64_t j = 0;
   for (; j + U <= n; j += U)
     for (int64_t t = 0; t < ng; ++t) {
@@ -402,26 +411,13 @@ void pv_seq(const AttentionParams& p, const SeqView& sv, int64_t g0, int64_t ng,
         pj[u] = P[t * ldp + j + u];
         zero = zero || pj[u] == 0.0f;
       }
-      if (!zero) {
+      if (!zero)
         pv_rows_seq<U>(pj, vrows, Dv, O + t * ldo);
-        continue;
-      }
-      for (int u = 0; u < U; ++u) {
-        if (pj[u] == 0.0f)
-          accumulate_one(p, sv, g0, vrows[u], t, t + 1, j0 + j + u, P, ldp, j + u, O, ldo);
-        else
-          pv_rows_seq<1>(pj + u, vrows + u, Dv, O + t * ldo);
-      }
+      else
+        for (int u = 0; u < U; ++u) one_key(j + u, t);
     }
   for (; j < n; ++j)
-    for (int64_t t = 0; t < ng; ++t) {
-      const SKV* vrow = V + br.v[j] + t * vs1;
-      const float pj = P[t * ldp + j];
-      if (pj == 0.0f)
-        accumulate_one(p, sv, g0, vrow, t, t + 1, j0 + j, P, ldp, j, O, ldo);
-      else
-        pv_rows_seq<1>(&pj, &vrow, Dv, O + t * ldo);
-    }
+    for (int64_t t = 0; t < ng; ++t) one_key(j, t);
 }
 
 }  // namespace decode
